@@ -1,0 +1,101 @@
+"""Turning the user's arrays and tensors into (address, element count, dtype) for the core.
+
+Accepted: numpy arrays (bfloat16 through ml_dtypes), objects with ``__dlpack__`` (torch CPU
+tensors, JAX and others; torch tensors do not expose the buffer protocol), and anything with
+the buffer protocol. Nothing here copies: the core reads and writes the caller's memory, and
+the caller's object is kept alive until the collective is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Tuple
+
+import numpy as np
+
+from . import _core
+
+DTYPES: Tuple[str, ...] = tuple(_core.DTYPES)
+FLOATING = ("float16", "bfloat16", "float32", "float64")
+
+# DLPack device types that are host memory the CPU can read and write.
+_DLPACK_HOST_DEVICES = {1: "cpu", 3: "cuda pinned host"}
+
+
+@dataclass(frozen=True)
+class Buffer:
+    obj: Any  # the caller's object: kept alive while the core uses its memory
+    address: int
+    count: int  # elements
+    dtype: str
+    shape: Tuple[int, ...]
+
+    @property
+    def dtype_code(self) -> int:
+        return DTYPES.index(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * np.dtype(_numpy_dtype(self.dtype)).itemsize
+
+
+def _numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def _unsupported_dtype(name: str) -> TypeError:
+    return TypeError(f"dtype {name} is not supported; use one of {', '.join(DTYPES)}")
+
+
+def view(x: Any, *, writable: bool, what: str = "buffer") -> Buffer:
+    """The memory of x. TypeError for kinds, dtypes and layouts the core cannot use."""
+    if isinstance(x, np.ndarray):
+        return _view_numpy(x, x, writable, what)
+    if hasattr(x, "__dlpack__"):
+        return _view_dlpack(x, what)
+    try:
+        memory = memoryview(x)
+    except TypeError:
+        raise TypeError(
+            f"{what} must be a numpy array, a tensor with __dlpack__ (e.g. a torch CPU tensor) "
+            f"or an object with the buffer protocol, not {type(x).__name__}"
+        ) from None
+    return _view_numpy(np.asarray(memory), x, writable, what)
+
+
+def _view_numpy(array: np.ndarray, owner: Any, writable: bool, what: str) -> Buffer:
+    name = array.dtype.name
+    if name not in DTYPES:
+        raise _unsupported_dtype(name)
+    if not array.flags.c_contiguous:
+        raise TypeError(f"{what} must be C-contiguous; pass np.ascontiguousarray(x) and copy back")
+    if writable and not array.flags.writeable:
+        raise TypeError(f"{what} is read-only, but this collective writes its result into it")
+    return Buffer(owner, array.__array_interface__["data"][0], array.size, name, array.shape)
+
+
+def _view_dlpack(x: Any, what: str) -> Buffer:
+    try:
+        capsule = x.__dlpack__()
+    except (RuntimeError, TypeError, BufferError) as error:
+        raise TypeError(f"{what} cannot be exported through DLPack: {error}") from error
+    address, count, dtype_code, device_type, contiguous = _core.dlpack_info(capsule)
+    if device_type not in _DLPACK_HOST_DEVICES:
+        raise TypeError(
+            f"{what} lives on a device (DLPack device type {device_type}); this build of "
+            "collectives handles host memory only: move it to the CPU first"
+        )
+    if not contiguous:
+        raise TypeError(f"{what} must be contiguous; pass x.contiguous() and copy back")
+    return Buffer(x, address, count, DTYPES[dtype_code], tuple(getattr(x, "shape", (count,))))
+
+
+def empty_like_kind(x: Any, shape: Tuple[int, ...], dtype: str) -> Any:
+    """A new, uninitialised array of x's kind: a tensor for a tensor (x.new_empty), else numpy."""
+    if not isinstance(x, np.ndarray) and hasattr(x, "new_empty"):
+        return x.new_empty(shape)
+    return np.empty(shape, dtype=_numpy_dtype(dtype))

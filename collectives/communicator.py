@@ -1,0 +1,296 @@
+"""The Communicator: collectives among the workers of a job."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import weakref
+from typing import Any, List, Optional
+
+import numpy as np
+
+from . import _buffers, _core, errors
+from ._bootstrap import Bootstrap, bootstrap
+from ._config import Config
+from .errors import CollectiveError
+
+__all__ = ["Communicator", "Work", "init"]
+
+logger = logging.getLogger("collectives")
+
+OPS = tuple(_core.OPS)
+# How often a waiting thread returns to Python, so that Ctrl-C is handled promptly.
+_WAIT_SLICE_SECONDS = 0.1
+
+
+class Work:
+    """A collective in flight. wait() returns its result or raises its error."""
+
+    def __init__(self, comm: "Communicator", core_work: Any, result: Any, keep_alive: tuple):
+        self._comm = comm
+        self._core_work = core_work
+        self._result = result
+        self._keep_alive = keep_alive  # the buffers the core reads and writes
+
+    def wait(self, timeout: Optional[float] = None) -> Any:
+        """Block until done; return the result (the buffer, or the new array).
+
+        `timeout` only bounds this wait (the collective's own deadline is the communicator's
+        timeout): collectives.TimeoutError if it passes first, and the collective goes on.
+        """
+        remaining = timeout
+        try:
+            while not self._core_work.wait_for(
+                _WAIT_SLICE_SECONDS if remaining is None else min(_WAIT_SLICE_SECONDS, remaining)
+            ):
+                if remaining is not None:
+                    remaining -= _WAIT_SLICE_SECONDS
+                    if remaining <= 0:
+                        raise errors.TimeoutError(
+                            f"wait(timeout={timeout}) passed before the collective finished"
+                        )
+        except KeyboardInterrupt:
+            # The core may still write into the buffers: end the collective before they can be
+            # freed. The communicator cannot continue without its peers anyway.
+            self._comm._interrupt()
+            raise
+        return self._result
+
+    def done(self) -> bool:
+        return self._core_work.done()
+
+
+class Communicator:
+    """Collectives among `size` workers; create it with collectives.init()."""
+
+    def __init__(self, boot: Bootstrap, config: Config):
+        self._boot = boot
+        self._config = config
+        self._pid = os.getpid()
+        self._pending: List[Work] = []
+        options = _core.Options()
+        options.timeout_seconds = config.timeout
+        options.segment_bytes = config.ring_segment_bytes or 0
+        options.debug = config.debug
+        self._core = _core.Communicator(
+            boot.rank, boot.size, boot.peer_fds, boot.peer_names, options
+        )
+        _live.add(self)
+        try:
+            self._check_settings_agree()
+        except BaseException:
+            self.close()
+            raise
+        logger.debug("rank %d of %d ready (%s)", self.rank, self.size, config.as_dict())
+
+    # -- identity -----------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._boot.rank
+
+    @property
+    def size(self) -> int:
+        return self._boot.size
+
+    @property
+    def mpi_comm(self):
+        """The workers-only MPI communicator when launched by mpirun, else None."""
+        return self._boot.mpi_comm
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    # -- collectives --------------------------------------------------------------------------
+    def allreduce(self, x, op: str = "sum"):
+        """Reduce x over all ranks, in place; returns x."""
+        return self.allreduce_async(x, op).wait()
+
+    def allreduce_async(self, x, op: str = "sum") -> Work:
+        buf = _buffers.view(x, writable=True)
+        code = self._op_code(op, buf.dtype)
+        return self._submit(self._live_core().allreduce(buf.address, buf.count, buf.dtype_code, code), x, (x,))
+
+    def allgather(self, x):
+        """A new array of x's kind, shape (size, *x.shape): row r is rank r's x."""
+        return self.allgather_async(x).wait()
+
+    def allgather_async(self, x) -> Work:
+        buf = _buffers.view(x, writable=False)
+        out = _buffers.empty_like_kind(x, (self.size, *buf.shape), buf.dtype)
+        out_buf = _buffers.view(out, writable=True, what="output")
+        work = self._live_core().allgather(buf.address, out_buf.address, buf.count, buf.dtype_code)
+        return self._submit(work, out, (x, out))
+
+    def broadcast(self, x, root: int = 0):
+        """Overwrite x with root's x, in place; returns x."""
+        return self.broadcast_async(x, root).wait()
+
+    def broadcast_async(self, x, root: int = 0) -> Work:
+        self._check_root(root)
+        buf = _buffers.view(x, writable=True)
+        return self._submit(self._live_core().broadcast(buf.address, buf.count, buf.dtype_code, root), x, (x,))
+
+    def reduce_scatter(self, x, op: str = "sum"):
+        """This rank's part of x reduced over all ranks: rows [rank*k, (rank+1)*k), k = len(x)//size."""
+        return self.reduce_scatter_async(x, op).wait()
+
+    def reduce_scatter_async(self, x, op: str = "sum") -> Work:
+        buf = _buffers.view(x, writable=False)
+        code = self._op_code(op, buf.dtype)
+        rows = buf.shape[0] if buf.shape else buf.count
+        if rows % self.size:
+            raise ValueError(
+                f"reduce_scatter needs len(x) divisible by the communicator size: len(x) = {rows}, "
+                f"size = {self.size}; pad x to a multiple of {self.size}"
+            )
+        part_shape = (rows // self.size, *buf.shape[1:])
+        out = _buffers.empty_like_kind(x, part_shape, buf.dtype)
+        out_buf = _buffers.view(out, writable=True, what="output")
+        work = self._live_core().reduce_scatter(buf.address, out_buf.address, out_buf.count, buf.dtype_code, code)
+        return self._submit(work, out, (x, out))
+
+    def barrier(self) -> None:
+        """Return once every rank has entered the barrier."""
+        self._submit(self._live_core().barrier(), None, ()).wait()
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Local: every waiter on this rank wakes with CollectiveError; peers are told."""
+        if self._owned_here():
+            self._core.abort(f"rank {self.rank} called abort()")
+
+    def close(self) -> None:
+        """Local and idempotent: tell peers goodbye, close the connections and the store."""
+        if not self._owned_here():
+            return
+        core, self._core = self._core, None
+        _live.discard(self)
+        core.close()
+        self._pending.clear()
+        self._boot.close()
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core is None else "open"
+        return f"<collectives.Communicator rank {self.rank} of {self.size}, {state}>"
+
+    # -- internals ----------------------------------------------------------------------------
+    def _owned_here(self) -> bool:
+        # A forked child (a DataLoader worker) shares the parent's sockets: it must never
+        # close or use them, or it would break the parent's communicator.
+        return self._core is not None and os.getpid() == self._pid
+
+    def _live_core(self):
+        if self._core is None:
+            raise CollectiveError("the communicator is closed; create a new one with collectives.init()")
+        if os.getpid() != self._pid:
+            raise CollectiveError(
+                "this communicator belongs to the parent process; a forked child must create its own"
+            )
+        return self._core
+
+    def _submit(self, core_work: Any, result: Any, keep_alive: tuple) -> Work:
+        work = Work(self, core_work, result, keep_alive)
+        # Hold every unfinished collective, so its buffers outlive it even if the caller
+        # drops the Work without waiting.
+        self._pending = [w for w in self._pending if not w.done()]
+        self._pending.append(work)
+        return work
+
+    def _interrupt(self) -> None:
+        core = self._core
+        if core is not None and os.getpid() == self._pid:
+            core.abort(f"rank {self.rank} was interrupted (KeyboardInterrupt)")
+            for work in self._pending:
+                try:
+                    while not work._core_work.wait_for(_WAIT_SLICE_SECONDS):
+                        pass
+                except CollectiveError:
+                    pass
+
+    @staticmethod
+    def _op_code(op: str, dtype: str) -> int:
+        if op not in OPS:
+            raise ValueError(f"op {op!r} is not one of {', '.join(OPS)}")
+        if op == "avg" and dtype not in _buffers.FLOATING:
+            raise ValueError(f"op 'avg' needs a floating dtype, not {dtype}: use 'sum' and divide")
+        return OPS.index(op)
+
+    def _check_root(self, root: int) -> None:
+        if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
+            raise ValueError(f"root {root!r} is not a rank of this {self.size}-rank communicator")
+
+    def _check_settings_agree(self) -> None:
+        """Settings that every rank must share are compared once, at start-up."""
+        if self.size == 1:
+            return
+        mine = str(self._config.must_match()).encode()
+        digest = np.frombuffer(hashlib.sha256(mine).digest()[:8], dtype=np.uint8).copy()
+        everyone = self.allgather(digest)
+        differing = [r for r in range(self.size) if not np.array_equal(everyone[r], everyone[0])]
+        if differing:
+            raise ValueError(
+                f"ranks {differing} have settings that differ from rank 0's "
+                f"(algorithm, ring segment size, connections per peer); this rank has "
+                f"{self._config.must_match()}: set the same COLLECTIVES_* values on every rank"
+            )
+
+
+# Communicators alive in this process: closed at exit (so that peers see a goodbye, not a
+# lost connection) and disowned in forked children.
+_live: "weakref.WeakSet[Communicator]" = weakref.WeakSet()
+# A child keeps its parent's core objects unreachable but never destroys them: destroying
+# one would join threads that do not exist in the child and close the parent's sockets.
+_inherited_from_parent: list = []
+
+
+def _close_all_at_exit() -> None:
+    for comm in list(_live):
+        try:
+            comm.close()
+        except Exception:  # exit must go on; the peers see the connection end instead
+            logger.exception("closing %r at exit failed", comm)
+
+
+def _disown_in_child() -> None:
+    for comm in list(_live):
+        _inherited_from_parent.append(comm._core)
+    _live.clear()
+
+
+atexit.register(_close_all_at_exit)
+os.register_at_fork(after_in_child=_disown_in_child)
+
+
+def init(
+    rank: Optional[int] = None,
+    size: Optional[int] = None,
+    rendezvous: Optional[str] = None,
+    algorithm: Optional[str] = None,
+    timeout: Optional[float] = None,
+) -> Communicator:
+    """A communicator among this job's workers.
+
+    With no arguments, reads the launcher's environment: mpirun (OpenMPI, MPICH), torchrun,
+    or COLLECTIVES_RANK/SIZE/RENDEZVOUS. With nothing set, a size-1 communicator.
+    """
+    overrides = {"algorithm": algorithm, "timeout": timeout}
+    config = Config.from_env({k: v for k, v in overrides.items() if v is not None})
+    if config.algorithm not in ("auto", "ring"):
+        raise ValueError(
+            f"algorithm {config.algorithm!r} is not available in this version; use 'ring' or 'auto'"
+        )
+    boot = bootstrap(rank=rank, size=size, rendezvous=rendezvous, config=config)
+    try:
+        return Communicator(boot, config)
+    except BaseException:
+        boot.close()
+        raise

@@ -1,0 +1,42 @@
+// What every collective algorithm gets: the transport, the collective's identity (for frame
+// headers and messages), its deadline and its tuning. One function per algorithm file.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "common/error.h"
+#include "kernels/reduce.h"
+#include "transport/frame.h"
+#include "transport/tcp_transport.h"
+
+namespace collectives {
+
+struct AlgorithmContext {
+  TcpTransport& transport;
+  CollectiveTag tag;
+  Deadline deadline;
+  size_t segment_bytes;  // pipelining granularity; 0 = choose from the message size
+  std::vector<char>& scratch;  // staging memory reused across collectives
+
+  int rank() const { return transport.rank(); }
+  int size() const { return transport.size(); }
+  void wait(const TransportRequest& request) const { transport.wait(request, deadline); }
+};
+
+// Elements per pipelined message when the largest message of a collective holds
+// `largest_message_elems` elements (ctx.segment_bytes, or a size-dependent default).
+size_t segment_elements(const AlgorithmContext& ctx, size_t largest_message_elems);
+
+// Pipelined ring (reduce-scatter, then all-gather); in place. count elements of tag.dtype.
+void allreduce_ring(const AlgorithmContext& ctx, void* data, size_t count);
+// output holds size() * count elements; block r receives rank r's input.
+void allgather_ring(const AlgorithmContext& ctx, const void* input, void* output, size_t count);
+// input holds size() * count elements; output receives this rank's reduced block of count.
+void reduce_scatter_ring(const AlgorithmContext& ctx, const void* input, void* output, size_t count);
+// Pipelined chain from root; in place.
+void broadcast_chain(const AlgorithmContext& ctx, void* data, size_t count, int root);
+// Dissemination barrier: ceil(log2(size)) rounds of empty messages.
+void barrier_dissemination(const AlgorithmContext& ctx);
+
+}  // namespace collectives

@@ -1,0 +1,167 @@
+#include "communicator.h"
+
+#include <cstdio>
+#include <stdexcept>
+
+namespace collectives {
+
+bool Work::wait_for(double seconds) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (!finished_.wait_for(lock, std::chrono::duration<double>(seconds), [&] { return done_; })) {
+    return false;
+  }
+  if (error_) std::rethrow_exception(error_);
+  return true;
+}
+
+bool Work::done() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return done_;
+}
+
+void Work::finish(std::exception_ptr error) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  done_ = true;
+  error_ = error;
+  finished_.notify_all();
+}
+
+Communicator::Communicator(int rank, int size, std::vector<std::vector<int>> peer_fds,
+                           std::vector<std::string> peer_names, CommunicatorOptions options)
+    : rank_(rank),
+      size_(size),
+      options_(options),
+      transport_(std::make_unique<TcpTransport>(rank, size, std::move(peer_fds),
+                                                std::move(peer_names))) {
+  if (!(options.timeout_seconds > 0)) throw std::invalid_argument("timeout must be positive");
+  executor_ = std::thread([this] { execute_loop(); });
+}
+
+Communicator::~Communicator() { close(); }
+
+std::shared_ptr<Work> Communicator::enqueue(CollectiveTag tag,
+                                            std::function<void(const AlgorithmContext&)> run) {
+  auto work = std::make_shared<Work>();
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closing_) throw CollectiveError("the communicator is closed");
+  tag.seq = next_seq_++;
+  if (!failure_.empty()) {
+    work->finish(std::make_exception_ptr(CollectiveError(
+        tag.describe() + " on rank " + std::to_string(rank_) +
+        ": the communicator was aborted by an earlier failure (" + failure_ +
+        "); create a new one")));
+    return work;
+  }
+  queue_.push_back(Task{tag, std::move(run), work});
+  queued_.notify_one();
+  return work;
+}
+
+void Communicator::execute_loop() {
+  for (;;) {
+    Task task;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      queued_.wait(lock, [&] { return closing_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      task = std::move(queue_.front());
+      queue_.pop_front();
+      running_ = true;
+    }
+    const std::string what = task.tag.describe();
+    if (options_.debug) log(what + ": start");
+    AlgorithmContext ctx{*transport_, task.tag, deadline_after(options_.timeout_seconds),
+                         options_.segment_bytes, scratch_};
+    try {
+      task.run(ctx);
+      if (options_.debug) log(what + ": done");
+      task.work->finish(nullptr);
+    } catch (const std::exception& e) {
+      // The first failure aborts the communicator: the transport has already told the peers,
+      // and every collective after this one fails at once instead of waiting on them.
+      std::string message = what + " failed on rank " + std::to_string(rank_) + ": " + e.what();
+      if (options_.debug) log(message);
+      transport_->abort(e.what());
+      bool timed_out = dynamic_cast<const TimeoutError*>(&e) != nullptr;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (failure_.empty()) failure_ = message;
+      }
+      task.work->finish(timed_out ? std::make_exception_ptr(TimeoutError(message))
+                                  : std::make_exception_ptr(CollectiveError(message)));
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    running_ = false;
+  }
+}
+
+std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType dtype,
+                                              ReduceOp op) {
+  return enqueue({CollectiveKind::kAllreduce, 0, count, dtype, op},
+                 [=](const AlgorithmContext& ctx) { allreduce_ring(ctx, data, count); });
+}
+
+std::shared_ptr<Work> Communicator::allgather(const void* input, void* output, size_t count,
+                                              DataType dtype) {
+  return enqueue({CollectiveKind::kAllgather, 0, count, dtype, ReduceOp::kSum},
+                 [=](const AlgorithmContext& ctx) { allgather_ring(ctx, input, output, count); });
+}
+
+std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType dtype, int root) {
+  if (root < 0 || root >= size_) {
+    throw std::invalid_argument("root " + std::to_string(root) + " is not a rank of a " +
+                                std::to_string(size_) + "-rank communicator");
+  }
+  return enqueue({CollectiveKind::kBroadcast, 0, count, dtype, ReduceOp::kSum,
+                  static_cast<uint32_t>(root)},
+                 [=](const AlgorithmContext& ctx) { broadcast_chain(ctx, data, count, root); });
+}
+
+std::shared_ptr<Work> Communicator::reduce_scatter(const void* input, void* output, size_t count,
+                                                   DataType dtype, ReduceOp op) {
+  return enqueue({CollectiveKind::kReduceScatter, 0, count, dtype, op},
+                 [=](const AlgorithmContext& ctx) {
+                   reduce_scatter_ring(ctx, input, output, count);
+                 });
+}
+
+std::shared_ptr<Work> Communicator::barrier() {
+  return enqueue({CollectiveKind::kBarrier, 0, 0, DataType::kUInt8, ReduceOp::kSum},
+                 [](const AlgorithmContext& ctx) { barrier_dissemination(ctx); });
+}
+
+void Communicator::abort(const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (failure_.empty()) failure_ = reason;
+  }
+  transport_->abort(reason);
+}
+
+void Communicator::close() {
+  std::deque<Task> abandoned;
+  bool running;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closing_) return;
+    closing_ = true;
+    running = running_;
+    abandoned.swap(queue_);
+    queued_.notify_one();
+  }
+  // A collective still in flight cannot finish without this rank: end it now, and let the
+  // peers know why, rather than keep them waiting for their timeout.
+  if (running) transport_->abort("rank " + std::to_string(rank_) + " closed its communicator during a collective");
+  for (auto& task : abandoned) {
+    task.work->finish(std::make_exception_ptr(
+        CollectiveError(task.tag.describe() + ": the communicator was closed before it ran")));
+  }
+  executor_.join();
+  transport_.reset();
+}
+
+void Communicator::log(const std::string& line) const {
+  std::fprintf(stderr, "[collectives rank %d] %s\n", rank_, line.c_str());
+}
+
+}  // namespace collectives

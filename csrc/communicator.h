@@ -1,0 +1,97 @@
+// A communicator runs collectives among `size` ranks over one TcpTransport. Collectives are
+// queued and executed one at a time, in call order, by the communicator's own thread, so
+// async calls from any thread keep the order every rank must agree on, and the caller
+// (Python, with the GIL released) only waits.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "algorithms/algorithm.h"
+#include "common/error.h"
+#include "common/types.h"
+#include "transport/tcp_transport.h"
+
+namespace collectives {
+
+struct CommunicatorOptions {
+  double timeout_seconds = 300;
+  size_t segment_bytes = 0;  // 0: chosen per message size
+  bool debug = false;        // log each collective's phases on stderr
+};
+
+// One queued collective. Waiting rethrows the collective's CollectiveError or TimeoutError.
+class Work {
+ public:
+  // True once finished (rethrowing its failure); false if `seconds` passed first.
+  bool wait_for(double seconds);
+  bool done();
+
+ private:
+  friend class Communicator;
+  void finish(std::exception_ptr error);
+
+  std::mutex mutex_;
+  std::condition_variable finished_;
+  bool done_ = false;
+  std::exception_ptr error_;
+};
+
+class Communicator {
+ public:
+  Communicator(int rank, int size, std::vector<std::vector<int>> peer_fds,
+               std::vector<std::string> peer_names, CommunicatorOptions options);
+  ~Communicator();
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+
+  // Buffers must stay valid until the returned Work is done.
+  std::shared_ptr<Work> allreduce(void* data, size_t count, DataType dtype, ReduceOp op);
+  std::shared_ptr<Work> allgather(const void* input, void* output, size_t count, DataType dtype);
+  std::shared_ptr<Work> broadcast(void* data, size_t count, DataType dtype, int root);
+  std::shared_ptr<Work> reduce_scatter(const void* input, void* output, size_t count,
+                                       DataType dtype, ReduceOp op);
+  std::shared_ptr<Work> barrier();
+
+  // Local: every pending and later collective fails with CollectiveError; peers are told.
+  void abort(const std::string& reason);
+  // Local, idempotent: fails what is still queued, tells peers goodbye, closes the sockets.
+  void close();
+
+ private:
+  struct Task {
+    CollectiveTag tag;
+    std::function<void(const AlgorithmContext&)> run;
+    std::shared_ptr<Work> work;
+  };
+  std::shared_ptr<Work> enqueue(CollectiveTag tag, std::function<void(const AlgorithmContext&)> run);
+  void execute_loop();
+  void log(const std::string& line) const;
+
+  const int rank_;
+  const int size_;
+  const CommunicatorOptions options_;
+  std::unique_ptr<TcpTransport> transport_;
+  std::vector<char> scratch_;  // the executor's staging memory
+
+  std::mutex mutex_;  // guards the fields below
+  std::condition_variable queued_;
+  std::deque<Task> queue_;
+  uint64_t next_seq_ = 0;
+  bool closing_ = false;
+  bool running_ = false;  // the executor is inside a collective
+  std::string failure_;  // set once a collective failed: the communicator is aborted
+  std::thread executor_;
+};
+
+}  // namespace collectives

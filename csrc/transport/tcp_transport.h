@@ -1,0 +1,89 @@
+// TCP transport: one progress thread per communicator drives every socket through epoll
+// (no busy polling). Callers post sends and receives, which complete asynchronously; a
+// socket sends and receives different messages at once (full duplex), and several sockets
+// per peer can share a peer's traffic.
+//
+// Messages on one socket are matched in order: the n-th receive posted for a socket takes the
+// n-th frame that arrives on it, and its header must be the one expected. A frame that arrives
+// before its receive is posted stays parked in the kernel (the socket is not read further), so
+// payloads go straight into the posted buffer and a fast sender is held back by TCP itself.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/error.h"
+#include "transport/frame.h"
+
+namespace collectives {
+
+struct TransportOperation;
+using TransportRequest = std::shared_ptr<TransportOperation>;
+
+class TcpTransport {
+ public:
+  // peer_fds[p]: connected, authenticated sockets to rank p (empty for this rank); the
+  // transport owns them from here on. peer_names[p] names rank p in error messages.
+  TcpTransport(int rank, int size, std::vector<std::vector<int>> peer_fds,
+               std::vector<std::string> peer_names);
+  ~TcpTransport();
+  TcpTransport(const TcpTransport&) = delete;
+  TcpTransport& operator=(const TcpTransport&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  const std::string& peer_name(int peer) const { return peer_names_[peer]; }
+
+  // The message goes on connection (header.unit % connections to that peer), so that both
+  // ends agree on which socket carries it. `data` must stay valid until the request is done.
+  TransportRequest send(int peer, const FrameHeader& header, const void* data);
+  TransportRequest recv(int peer, const FrameHeader& expected, void* data);
+
+  // Blocks until the request is done. Throws CollectiveError if the transport failed, and
+  // TimeoutError at the deadline (after aborting the transport, so peers learn of it).
+  void wait(const TransportRequest& request, Deadline deadline);
+
+  // Fails every pending and future request with `reason` and tells every peer (an abort
+  // frame where a socket is between frames, then shutdown). Idempotent; first reason wins.
+  void abort(const std::string& reason, bool timed_out = false);
+
+ private:
+  struct Connection;
+  TransportRequest post(int peer, const FrameHeader& header, void* data, bool is_send);
+  void progress_loop();
+  void handle_readable(Connection& conn);
+  void handle_writable(Connection& conn);
+  void update_interest(Connection& conn);
+  void fail(const std::string& reason, bool timed_out);
+  void notify_peers_of_failure();
+  void say_goodbye();
+  void peer_closed(Connection& conn);
+  void complete(TransportOperation& op);
+  void wake();
+  void throw_failure();
+
+  const int rank_;
+  const int size_;
+  const std::vector<std::string> peer_names_;
+  std::vector<std::vector<std::unique_ptr<Connection>>> connections_;  // [peer][index]
+
+  int epoll_fd_ = -1;
+  int wake_fd_ = -1;  // eventfd: posts and aborts wake the progress thread
+
+  std::mutex mutex_;  // guards queues, completion flags and the failure fields below
+  std::condition_variable completed_;
+  bool failed_ = false;
+  bool failure_timed_out_ = false;
+  bool peers_notified_ = false;
+  bool stopping_ = false;
+  std::string failure_;
+
+  std::thread progress_thread_;
+};
+
+}  // namespace collectives

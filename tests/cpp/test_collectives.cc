@@ -1,0 +1,249 @@
+// Ranks as threads in one process, over real loopback TCP: every collective against a
+// sequential reference, and the failure paths (disagreeing ranks, abort). Built and run
+// under AddressSanitizer and UndefinedBehaviorSanitizer in CI.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "communicator.h"
+
+using namespace collectives;
+
+namespace {
+
+int failures = 0;
+
+void check(bool ok, const std::string& what) {
+  if (!ok) {
+    ++failures;
+    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+  }
+}
+
+// peer_fds[r][p]: `connections` loopback sockets between r and p.
+std::vector<std::vector<std::vector<int>>> loopback_mesh(int size, int connections) {
+  std::vector<std::vector<std::vector<int>>> fds(size, std::vector<std::vector<int>>(size));
+  for (int i = 0; i < size; ++i) {
+    for (int j = i + 1; j < size; ++j) {
+      for (int c = 0; c < connections; ++c) {
+        int listener = socket(AF_INET, SOCK_STREAM, 0);
+        sockaddr_in addr{};
+        addr.sin_family = AF_INET;
+        addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        socklen_t len = sizeof(addr);
+        if (bind(listener, reinterpret_cast<sockaddr*>(&addr), len) != 0 || listen(listener, 1) != 0 ||
+            getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+          throw std::runtime_error("loopback listen failed");
+        }
+        int client = socket(AF_INET, SOCK_STREAM, 0);
+        if (connect(client, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
+          throw std::runtime_error("loopback connect failed");
+        }
+        int server = accept(listener, nullptr, nullptr);
+        close(listener);
+        fds[i][j].push_back(server);
+        fds[j][i].push_back(client);
+      }
+    }
+  }
+  return fds;
+}
+
+struct Job {
+  std::vector<std::unique_ptr<Communicator>> comms;
+  Job(int size, int connections = 1, size_t segment_bytes = 0, double timeout = 30) {
+    auto fds = loopback_mesh(size, connections);
+    std::vector<std::string> names;
+    for (int r = 0; r < size; ++r) names.push_back("rank " + std::to_string(r));
+    CommunicatorOptions options;
+    options.timeout_seconds = timeout;
+    options.segment_bytes = segment_bytes;
+    for (int r = 0; r < size; ++r) {
+      comms.push_back(std::make_unique<Communicator>(r, size, fds[r], names, options));
+    }
+  }
+  // Runs body(rank) on one thread per rank; returns each rank's exception text ("" if none).
+  std::vector<std::string> run(const std::function<void(int)>& body) {
+    std::vector<std::string> errors(comms.size());
+    std::vector<std::thread> threads;
+    for (size_t r = 0; r < comms.size(); ++r) {
+      threads.emplace_back([&, r] {
+        try {
+          body(static_cast<int>(r));
+        } catch (const std::exception& e) {
+          errors[r] = e.what();
+          if (errors[r].empty()) errors[r] = "?";
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    return errors;
+  }
+};
+
+void wait(const std::shared_ptr<Work>& work) {
+  while (!work->wait_for(1.0)) {
+  }
+}
+
+template <typename T>
+DataType dtype_of();
+template <> DataType dtype_of<float>() { return DataType::kFloat32; }
+template <> DataType dtype_of<double>() { return DataType::kFloat64; }
+template <> DataType dtype_of<int32_t>() { return DataType::kInt32; }
+template <> DataType dtype_of<int8_t>() { return DataType::kInt8; }
+
+// Small integers: every sum, product and average is exact or rounded once, identically.
+template <typename T>
+std::vector<T> rank_data(int rank, size_t count, unsigned seed) {
+  std::mt19937 gen(seed * 131 + rank);
+  std::uniform_int_distribution<int> dist(-3, 3);
+  std::vector<T> v(count);
+  for (auto& x : v) x = static_cast<T>(dist(gen));
+  return v;
+}
+
+template <typename T>
+void test_allreduce(Job& job, ReduceOp op, size_t count, unsigned seed) {
+  const int size = static_cast<int>(job.comms.size());
+  std::vector<std::vector<T>> data(size);
+  for (int r = 0; r < size; ++r) data[r] = rank_data<T>(r, count, seed);
+  std::vector<T> expected = data[0];
+  for (int r = 1; r < size; ++r) {
+    reduce_into(expected.data(), data[r].data(), count, dtype_of<T>(), op, SimdLevel::kScalar);
+  }
+  if (op == ReduceOp::kAvg) divide(expected.data(), count, dtype_of<T>(), size, SimdLevel::kScalar);
+  auto errors = job.run([&](int r) {
+    wait(job.comms[r]->allreduce(data[r].data(), count, dtype_of<T>(), op));
+  });
+  std::string what = "allreduce " + std::string(to_string(dtype_of<T>())) + " " + to_string(op) +
+                     " count " + std::to_string(count) + " size " + std::to_string(size);
+  for (int r = 0; r < size; ++r) {
+    check(errors[r].empty(), what + ": rank " + std::to_string(r) + " raised " + errors[r]);
+    check(data[r] == expected,
+          what + ": wrong result on rank " + std::to_string(r));
+  }
+}
+
+void test_other_collectives(Job& job, size_t count) {
+  const int size = static_cast<int>(job.comms.size());
+  std::string where = " count " + std::to_string(count) + " size " + std::to_string(size);
+  // allgather: block r of every output is rank r's input.
+  std::vector<std::vector<int32_t>> in(size), out(size, std::vector<int32_t>(count * size));
+  for (int r = 0; r < size; ++r) in[r] = rank_data<int32_t>(r, count, 7);
+  auto errors = job.run([&](int r) {
+    wait(job.comms[r]->allgather(in[r].data(), out[r].data(), count, DataType::kInt32));
+  });
+  for (int r = 0; r < size; ++r) {
+    check(errors[r].empty(), "allgather raised " + errors[r]);
+    for (int b = 0; b < size; ++b) {
+      check(std::equal(in[b].begin(), in[b].end(), out[r].begin() + b * count),
+            "allgather block " + std::to_string(b) + " on rank " + std::to_string(r) + where);
+    }
+  }
+  // broadcast from every root.
+  for (int root = 0; root < size; ++root) {
+    std::vector<std::vector<int32_t>> data(size);
+    for (int r = 0; r < size; ++r) data[r] = rank_data<int32_t>(r, count, 11);
+    auto expected = data[root];
+    errors = job.run([&](int r) {
+      wait(job.comms[r]->broadcast(data[r].data(), count, DataType::kInt32, root));
+    });
+    for (int r = 0; r < size; ++r) {
+      check(errors[r].empty() && data[r] == expected,
+            "broadcast root " + std::to_string(root) + " rank " + std::to_string(r) + where);
+    }
+  }
+  // reduce_scatter: rank r gets block r of the sum.
+  std::vector<std::vector<int32_t>> full(size), part(size, std::vector<int32_t>(count));
+  std::vector<int32_t> sum(count * size, 0);
+  for (int r = 0; r < size; ++r) {
+    full[r] = rank_data<int32_t>(r, count * size, 13);
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += full[r][i];
+  }
+  errors = job.run([&](int r) {
+    wait(job.comms[r]->reduce_scatter(full[r].data(), part[r].data(), count, DataType::kInt32,
+                                      ReduceOp::kSum));
+  });
+  for (int r = 0; r < size; ++r) {
+    check(errors[r].empty() && std::equal(part[r].begin(), part[r].end(), sum.begin() + r * count),
+          "reduce_scatter rank " + std::to_string(r) + where);
+  }
+  errors = job.run([&](int r) { wait(job.comms[r]->barrier()); });
+  for (int r = 0; r < size; ++r) check(errors[r].empty(), "barrier raised " + errors[r]);
+}
+
+void test_mismatch_fails_everywhere() {
+  Job job(3, 1, 0, 20);
+  std::vector<std::vector<float>> data(3, std::vector<float>(1001, 1.0f));
+  auto errors = job.run([&](int r) {
+    size_t count = r == 1 ? 1001 : 1000;  // rank 1 disagrees
+    wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+  });
+  for (int r = 0; r < 3; ++r) {
+    check(!errors[r].empty(), "mismatch: rank " + std::to_string(r) + " did not raise");
+    check(errors[r].find("allreduce #0") != std::string::npos,
+          "mismatch message names the collective: " + errors[r]);
+  }
+  // The communicator is aborted: the next collective fails at once.
+  auto later = job.run([&](int r) { wait(job.comms[r]->barrier()); });
+  for (int r = 0; r < 3; ++r) check(!later[r].empty(), "collective after a failure must fail");
+}
+
+void test_abort_wakes_peers() {
+  Job job(2, 1, 0, 30);
+  std::vector<float> data(10, 1.0f);
+  auto errors = job.run([&](int r) {
+    if (r == 0) {
+      job.comms[0]->abort("test abort");
+      return;
+    }
+    wait(job.comms[1]->allreduce(data.data(), data.size(), DataType::kFloat32, ReduceOp::kSum));
+  });
+  check(errors[1].find("test abort") != std::string::npos,
+        "abort reason reaches the peer: '" + errors[1] + "'");
+}
+
+}  // namespace
+
+int main() {
+  for (int size = 1; size <= 5; ++size) {
+    for (int connections : {1, 2}) {
+      // A small segment size gives many pipelined segments per block.
+      for (size_t segment : {size_t{0}, size_t{4096}}) {
+        Job job(size, connections, segment);
+        unsigned seed = 1;
+        for (size_t count : {size_t{0}, size_t{1}, size_t{2}, size_t{5}, size_t{997}, size_t{100003}}) {
+          for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax,
+                              ReduceOp::kProd}) {
+            test_allreduce<float>(job, op, count, ++seed);
+            test_allreduce<int32_t>(job, op == ReduceOp::kAvg ? ReduceOp::kSum : op, count, ++seed);
+          }
+          test_allreduce<double>(job, ReduceOp::kAvg, count, ++seed);
+          test_allreduce<int8_t>(job, ReduceOp::kSum, count, ++seed);
+          test_other_collectives(job, count);
+        }
+      }
+    }
+  }
+  test_mismatch_fails_everywhere();
+  test_abort_wakes_peers();
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("test_collectives: all checks passed\n");
+  return 0;
+}
