@@ -1,0 +1,83 @@
+"""Every collective, dtype and op against numpy, on 1-5 real processes over real sockets.
+
+Each rank count's whole matrix runs inside one job (one process per rank, started once), and
+property-based cases are drawn here by hypothesis and sent to the ranks in a file.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import collective_cases as cases_lib
+
+HERE = Path(__file__).resolve().parent
+
+RANK_SCRIPT = f"""
+import json, sys
+sys.path.insert(0, {str(HERE)!r})  # collective_cases only: the tests folder holds no package
+import collective_cases
+import collectives as cc
+
+cases = json.loads(open(sys.argv[1]).read())
+with cc.init() as comm:
+    problems = []
+    for case in cases:
+        problems += collective_cases.run_case(comm, case)
+    print(json.dumps({{"rank": comm.rank, "size": comm.size, "cases": len(cases), "problems": problems[:20]}}))
+"""
+
+COUNTS = [0, 1, 2, 3, 7, 13, 1009, 65537, 300007]
+
+
+def run_job(run_ranks, tmp_path, size, cases, env=None, timeout=240):
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(cases))
+    results = run_ranks(RANK_SCRIPT, size, args=[str(path)], env=env, timeout=timeout)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stderr[-4000:]}"
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["cases"] == len(cases) and report["size"] == size
+        assert report["problems"] == [], "\n".join(report["problems"])
+
+
+def test_the_installed_package_is_tested():
+    import collectives
+
+    source_tree = HERE.parent.parent / "collectives"
+    assert Path(collectives.__file__).resolve().parent != source_tree.resolve(), (
+        "tests import the source folder, which would hide a missing compiled module: "
+        "run pytest from tests/ against the installed package (scripts/test)"
+    )
+    assert hasattr(collectives, "_core")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
+def test_matrix(run_ranks, tmp_path, size):
+    run_job(run_ranks, tmp_path, size, cases_lib.matrix(size, COUNTS))
+
+
+def test_many_segments_and_connections(run_ranks, tmp_path):
+    """Tiny segments (hundreds per block) striped over two sockets per peer."""
+    env = {"COLLECTIVES_RING_SEGMENT_BYTES": "4K", "COLLECTIVES_CONNECTIONS_PER_PEER": "2"}
+    run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 5, 4099, 100003]), env=env)
+
+
+@st.composite
+def drawn_case(draw):
+    dtype = draw(st.sampled_from(cases_lib.DTYPES))
+    return dict(
+        collective="allreduce",
+        dtype=dtype,
+        op=draw(st.sampled_from(cases_lib.valid_ops(dtype))),
+        count=draw(st.integers(0, 200_000)),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cases=st.lists(drawn_case(), min_size=12, max_size=12))
+def test_drawn_cases(run_ranks, tmp_path_factory, cases):
+    run_job(run_ranks, tmp_path_factory.mktemp("drawn"), 3, cases)
