@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import hashlib
 import logging
 import os
@@ -247,9 +248,6 @@ class Communicator:
 # Communicators alive in this process: closed at exit (so that peers see a goodbye, not a
 # lost connection) and disowned in forked children.
 _live: "weakref.WeakSet[Communicator]" = weakref.WeakSet()
-# A child keeps its parent's core objects unreachable but never destroys them: destroying
-# one would join threads that do not exist in the child and close the parent's sockets.
-_inherited_from_parent: list = []
 
 
 def _close_all_at_exit() -> None:
@@ -261,8 +259,12 @@ def _close_all_at_exit() -> None:
 
 
 def _disown_in_child() -> None:
+    # The child must never destroy its copy of a parent's core object: that would join
+    # threads that do not exist in the child, and say goodbye on the parent's sockets. One
+    # reference that is never dropped keeps it alive until the child exits, even through
+    # interpreter finalisation.
     for comm in list(_live):
-        _inherited_from_parent.append(comm._core)
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(comm._core))
     _live.clear()
 
 

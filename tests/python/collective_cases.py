@@ -74,10 +74,13 @@ def check_equal(what, got, want):
     got = np.asarray(got)
     if got.shape != want.shape or got.dtype != want.dtype:
         return [f"{what}: got {got.dtype}{got.shape}, want {want.dtype}{want.shape}"]
-    same = got.view(np.uint8) == want.view(np.uint8) if got.size else np.array([True])
-    if not same.all():
-        wrong = int((got != want).sum())
-        return [f"{what}: {wrong} wrong elements, e.g. got {got.ravel()[:4]} want {want.ravel()[:4]}"]
+    # Bit for bit: -0.0 is not 0.0, and a NaN must be the same NaN.
+    bits = np.dtype(f"u{got.dtype.itemsize}")
+    wrong = np.flatnonzero(got.view(bits).ravel() != want.view(bits).ravel())
+    if wrong.size:
+        first = wrong[0]
+        return [f"{what}: {wrong.size} wrong elements, first at {first}: "
+                f"got {got.ravel()[first]!r}, want {want.ravel()[first]!r}"]
     return []
 
 

@@ -1,0 +1,186 @@
+"""Failures reach every rank as the documented exception, naming the collective and the peer.
+
+Ranks are independent processes (no launcher kills the survivors for us). Each scenario is
+paired with the same job without the fault and the same timeout, which must complete.
+"""
+
+import json
+import signal
+import time
+
+import pytest
+
+SCENARIO_SCRIPT = r"""
+import json, os, signal, sys, threading, time
+import numpy as np
+import collectives as cc
+
+scenario = sys.argv[1]
+parent = os.getpid()
+rank = int(os.environ["COLLECTIVES_RANK"])
+if scenario == "protocol" and rank == 1:
+    import collectives._handshake as handshake
+    handshake.PROTOCOL_VERSION += 1  # this process really speaks another version
+result = {"rank": rank}
+try:
+    comm = cc.init()
+    x = np.ones(100_000, dtype=np.float32)
+    for step in range(5):
+        if scenario == "mismatch" and rank == 1 and step == 2:
+            x = np.ones(99_999, dtype=np.float32)  # disagrees on the length
+        if scenario == "killed" and rank == 2 and step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if scenario == "abort" and rank == 2 and step == 2:
+            time.sleep(3)  # rank 0 is waiting for this rank when it aborts
+        if scenario in ("hang", "interrupt") and rank == 2 and step == 2:
+            time.sleep(2 * comm.config.timeout)  # silent, but alive: no connection ends
+        if scenario == "abort" and rank == 0 and step == 2:
+            threading.Timer(0.5, comm.abort).start()
+        if scenario == "interrupt" and rank == 0 and step == 2:
+            interrupted_at = []
+            threading.Timer(1.0, lambda: (interrupted_at.append(time.monotonic()),
+                                          os.kill(os.getpid(), signal.SIGINT))).start()
+        if scenario == "fork" and step == 2:
+            child = os.fork()
+            if child == 0:  # a DataLoader-like worker that exits through the normal path
+                comm.close()
+                sys.exit(0)
+            os.waitpid(child, 0)
+        x[:] = 1
+        comm.allreduce(x)
+        assert (x == comm.size).all()
+    comm.barrier()
+    comm.close()
+    result["ok"] = True
+except BaseException as error:
+    if os.getpid() != parent:
+        raise  # the forked child leaves through the normal exit path
+    result.update(error_type=type(error).__name__, message=str(error),
+                  is_collective_error=isinstance(error, cc.CollectiveError))
+    if isinstance(error, KeyboardInterrupt):
+        result["interrupt_latency"] = time.monotonic() - interrupted_at[0]
+print(json.dumps(result), flush=True)
+"""
+
+
+def reports(results):
+    out = []
+    for result in results:
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        assert lines, f"a rank printed no report (rc {result.returncode}):\n{result.stderr[-3000:]}"
+        out.append(json.loads(lines[-1]))
+    return out
+
+
+def run_scenario(run_ranks, scenario, size, timeout_s=10.0, ranks=None, env=None):
+    env = {"COLLECTIVES_TIMEOUT": str(timeout_s), **(env or {})}
+    return run_ranks(SCENARIO_SCRIPT, size, args=[scenario], env=env, ranks=ranks, timeout=timeout_s * 4 + 30)
+
+
+@pytest.mark.parametrize("scenario", ["healthy", "fork"])
+def test_healthy_job_with_the_same_timeout_completes(run_ranks, scenario):
+    for report in reports(run_scenario(run_ranks, scenario, 3)):
+        assert report.get("ok"), report
+
+
+def test_mismatched_lengths_fail_on_every_rank(run_ranks):
+    start = time.monotonic()
+    found = reports(run_scenario(run_ranks, "mismatch", 3))
+    assert time.monotonic() - start < 30  # reported, not waited out
+    for report in found:
+        assert report["error_type"] == "CollectiveError", report
+        assert "allreduce #" in report["message"] and "rank " in report["message"], report
+    # At least one rank saw the disagreement itself and says what differed.
+    assert any("99999" in r["message"] or "100000" in r["message"] for r in found), found
+
+
+def test_killed_rank_fails_the_survivors_naming_it(run_ranks):
+    results = run_scenario(run_ranks, "killed", 4)
+    survivors = [r for r in results if r.returncode != -signal.SIGKILL]
+    assert len(survivors) == 3
+    for report in reports(survivors):
+        assert report["is_collective_error"], report
+        assert "rank 2" in report["message"], report
+        assert "allreduce #" in report["message"], report
+
+
+def test_a_silent_rank_times_out_everywhere(run_ranks):
+    start = time.monotonic()
+    results = run_scenario(run_ranks, "hang", 3, timeout_s=3.0)
+    survivors = [r for i, r in enumerate(results) if i != 2]
+    for report in reports(survivors):
+        assert report["error_type"] == "TimeoutError", report
+        assert "rank 2" in report["message"] or "timed out" in report["message"], report
+    assert time.monotonic() - start < 60
+
+
+def test_wrong_secret_is_refused_on_every_rank(run_ranks):
+    results = run_ranks(SCENARIO_SCRIPT, 3, args=["healthy"], env={"COLLECTIVES_TIMEOUT": "10"},
+                        rank_env=lambda r: {"COLLECTIVES_TOKEN": "not-the-job-secret"} if r == 1 else None,
+                        timeout=60)
+    for report in reports(results):
+        assert report["is_collective_error"], report
+        assert "not-the-job-secret" not in report["message"]
+        assert "rank" in report["message"], report
+    assert any(r["error_type"] == "AuthenticationError" for r in reports(results))
+
+
+def test_other_protocol_version_is_refused_at_connect(run_ranks):
+    found = reports(run_scenario(run_ranks, "protocol", 2))
+    for report in found:
+        assert report["is_collective_error"], report
+    assert any(r["error_type"] == "ProtocolVersionError" for r in found), found
+    assert any("protocol" in r["message"] for r in found), found
+
+
+def test_abort_wakes_local_waiters_and_fails_peers(run_ranks):
+    for report in reports(run_scenario(run_ranks, "abort", 3)):
+        assert report["is_collective_error"], report
+        assert "abort" in report["message"], report
+
+
+def test_ctrl_c_during_a_wait_raises_keyboard_interrupt_promptly(run_ranks):
+    results = run_scenario(run_ranks, "interrupt", 3, timeout_s=10.0)
+    interrupted = reports(results)[0]
+    assert interrupted["error_type"] == "KeyboardInterrupt", interrupted
+    assert interrupted["interrupt_latency"] < 1.0, interrupted
+
+
+BAD_ARGUMENTS_SCRIPT = r"""
+import json
+import numpy as np
+import collectives as cc
+
+comm = cc.init()
+cases = {
+    "avg of integers": (ValueError, lambda: comm.allreduce(np.ones(4, np.int32), op="avg")),
+    "unknown op": (ValueError, lambda: comm.allreduce(np.ones(4, np.float32), op="mean")),
+    "unsupported dtype": (TypeError, lambda: comm.allreduce(np.ones(4, np.complex64))),
+    "not contiguous": (TypeError, lambda: comm.allreduce(np.ones((4, 4), np.float32)[:, 0])),
+    "read-only": (TypeError, lambda: comm.allreduce(np.frombuffer(b"\0" * 16, np.float32))),
+    "not a buffer": (TypeError, lambda: comm.allreduce([1.0, 2.0])),
+    "indivisible reduce_scatter": (ValueError, lambda: comm.reduce_scatter(np.ones(comm.size * 2 + 1, np.float32))),
+    "root out of range": (ValueError, lambda: comm.broadcast(np.ones(4, np.float32), root=comm.size)),
+}
+raised = {}
+for name, (expected, call) in cases.items():
+    try:
+        call()
+        raised[name] = "nothing"
+    except expected as error:
+        raised[name] = "ok" if str(error) else "empty message"
+    except Exception as error:
+        raised[name] = f"{type(error).__name__}: {error}"
+x = np.ones(10, np.float32)
+comm.allreduce(x)  # nothing was sent by the bad calls: the job goes on
+print(json.dumps({"raised": raised, "sum_ok": bool((x == comm.size).all())}))
+comm.close()
+"""
+
+
+def test_bad_arguments_raise_before_anything_is_sent(run_ranks):
+    for result in run_ranks(BAD_ARGUMENTS_SCRIPT, 3, timeout=60):
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert all(v == "ok" for v in report["raised"].values()), report
+        assert report["sum_ok"]
