@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import hashlib
 import logging
 import os
 import weakref
@@ -79,11 +78,6 @@ class Communicator:
             boot.rank, boot.size, boot.peer_fds, boot.peer_names, options
         )
         _live.add(self)
-        try:
-            self._check_settings_agree()
-        except BaseException:
-            self.close()
-            raise
         logger.debug("rank %d of %d ready (%s)", self.rank, self.size, config.as_dict())
 
     # -- identity -----------------------------------------------------------------------------
@@ -229,21 +223,6 @@ class Communicator:
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
             raise ValueError(f"root {root!r} is not a rank of this {self.size}-rank communicator")
 
-    def _check_settings_agree(self) -> None:
-        """Settings that every rank must share are compared once, at start-up."""
-        if self.size == 1:
-            return
-        mine = str(self._config.must_match()).encode()
-        digest = np.frombuffer(hashlib.sha256(mine).digest()[:8], dtype=np.uint8).copy()
-        everyone = self.allgather(digest)
-        differing = [r for r in range(self.size) if not np.array_equal(everyone[r], everyone[0])]
-        if differing:
-            raise ValueError(
-                f"ranks {differing} have settings that differ from rank 0's "
-                f"(algorithm, ring segment size, connections per peer); this rank has "
-                f"{self._config.must_match()}: set the same COLLECTIVES_* values on every rank"
-            )
-
 
 # Communicators alive in this process: closed at exit (so that peers see a goodbye, not a
 # lost connection) and disowned in forked children.
@@ -290,6 +269,12 @@ def init(
         raise ValueError(
             f"algorithm {config.algorithm!r} is not available in this version; use 'ring' or 'auto'"
         )
+    if config.debug and not logger.handlers:
+        # COLLECTIVES_DEBUG=1: start-up steps here, each collective's phases from the core.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[collectives %(process)d] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
     boot = bootstrap(rank=rank, size=size, rendezvous=rendezvous, config=config)
     try:
         return Communicator(boot, config)

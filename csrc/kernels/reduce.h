@@ -19,6 +19,8 @@ const char* to_string(SimdLevel level);
 // dst[i] = dst[i] (op) src[i] for i < count. kAvg reduces as kSum (the division is separate,
 // see divide()). Every level gives bit-identical results to kScalar. Integers wrap as in
 // numpy; float16/bfloat16 are widened to float32, combined, and rounded back to nearest-even.
+// dst and src may be the same buffer but must not otherwise overlap; any alignment is fine.
+// The NaN and signed-zero rules are spelled out in kernels/reduce_impl.h.
 void reduce_into(void* dst, const void* src, size_t count, DataType dtype, ReduceOp op,
                  SimdLevel level);
 inline void reduce_into(void* dst, const void* src, size_t count, DataType dtype, ReduceOp op) {

@@ -1,0 +1,51 @@
+"""collectives-info: what this installation is and the settings a job would run with."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__, _core
+from ._config import Config
+
+
+def describe() -> dict:
+    return {
+        "version": __version__,
+        "protocol_version": _core.PROTOCOL_VERSION,
+        "python": sys.version.split()[0],
+        "build": {
+            "simd_level": _core.SIMD_LEVEL,
+            "simd_levels_supported": list(_core.kernels.levels()),
+            "transports": ["tcp"],
+            "cuda": False,
+            "ucx": False,
+        },
+        "settings": Config.from_env().as_dict(),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="collectives-info", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        info = describe()
+    except ValueError as error:  # a malformed COLLECTIVES_* variable
+        print(f"collectives-info: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"collectives {info['version']} (protocol {info['protocol_version']}, Python {info['python']})")
+    for key, value in info["build"].items():
+        print(f"  {key:<22} {value}")
+    print("effective settings:")
+    for key, value in info["settings"].items():
+        print(f"  {key:<32} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
