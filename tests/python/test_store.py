@@ -1,0 +1,232 @@
+"""The job's key-value store, over real sockets on 127.0.0.1."""
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from collectives import _store
+from collectives._store import MAX_VALUE_BYTES, StoreClient, StoreServer
+from collectives.errors import CollectiveError, TimeoutError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def server():
+    srv = StoreServer("127.0.0.1", 0).start()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def client(server):
+    c = StoreClient("127.0.0.1", server.port, timeout=10)
+    yield c
+    c.close()
+
+
+def _closed_by_peer(sock: socket.socket, within: float = 5.0) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_set_get_add_check_wait(server, client):
+    client.set("a", b"\x00\x01binary")
+    assert client.get("a") == b"\x00\x01binary"
+    client.set("a", b"replaced")
+    assert client.get("a") == b"replaced"
+    client.set("empty", b"")
+    assert client.get("empty") == b""
+    assert client.add("n", 5) == 5
+    assert client.add("n", -2) == 3
+    assert client.get("n") == b"3"
+    assert client.check(["a", "n"])
+    assert not client.check(["a", "absent"])
+    client.wait(["a", "n"], timeout=1)
+    other = StoreClient("127.0.0.1", server.port, timeout=5)
+    try:
+        assert other.get("a") == b"replaced"  # one store for every client
+    finally:
+        other.close()
+
+
+def test_get_times_out_naming_the_key(client):
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="'nowhere'"):
+        client.get("nowhere", timeout=0.3)
+    assert 0.25 < time.monotonic() - start < 3
+    client.set("k", b"v")  # the connection is still usable after a timeout
+    assert client.get("k", timeout=0) == b"v"
+
+
+def test_wait_names_the_missing_keys(client):
+    client.set("here", b"1")
+    with pytest.raises(TimeoutError) as info:
+        client.wait(["here", "gone1", "gone2"], timeout=0.2)
+    assert "'gone1'" in str(info.value) and "'gone2'" in str(info.value) and "'here'" not in str(info.value)
+
+
+def test_get_waits_for_a_set_from_another_client(server, client):
+    def later():
+        time.sleep(0.3)
+        with_other = StoreClient("127.0.0.1", server.port, timeout=5)
+        with_other.set("late", b"value")
+        with_other.close()
+
+    threading.Thread(target=later).start()
+    start = time.monotonic()
+    assert client.get("late", timeout=10) == b"value"
+    assert time.monotonic() - start < 3  # woken by the set, not by its timeout
+
+
+def test_client_waits_for_a_server_that_starts_later(free_port):
+    port = free_port()
+    servers = []
+
+    def start_later():
+        time.sleep(0.5)
+        servers.append(StoreServer("127.0.0.1", port).start())
+
+    thread = threading.Thread(target=start_later)
+    thread.start()
+    try:
+        c = StoreClient("127.0.0.1", port, timeout=10)
+        c.set("x", b"1")
+        assert c.get("x") == b"1"
+        c.close()
+    finally:
+        thread.join()
+        for srv in servers:
+            srv.close()
+
+
+def test_client_gives_up_at_its_deadline(free_port):
+    port = free_port()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=f"127.0.0.1:{port}"):
+        StoreClient("127.0.0.1", port, timeout=0.5)
+    assert time.monotonic() - start < 3
+
+
+@pytest.mark.parametrize("request_bytes", [
+    struct.pack("!BHI", 1, 2, MAX_VALUE_BYTES + 1),  # a field longer than allowed
+    struct.pack("!BH", 1, 60000),  # too many fields
+    struct.pack("!BHI", 99, 1, 1) + b"k",  # unknown request
+    struct.pack("!BHI", 2, 2, 1) + b"k" + struct.pack("!I", 3) + b"abc",  # GET whose timeout is not 8 bytes
+    struct.pack("!BHI", 1, 2, 0) + struct.pack("!I", 1) + b"v",  # an empty key
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+], ids=["oversize", "fields", "unknown-op", "bad-timeout", "empty-key", "http"])
+def test_a_bad_request_closes_only_its_connection(server, client, request_bytes):
+    blocked = {}
+
+    def wait_for_key():
+        blocked["value"] = client.get("after", timeout=10)
+
+    waiter = threading.Thread(target=wait_for_key)
+    waiter.start()  # a client blocked in the server while the bad one comes and goes
+    bad = socket.create_connection(("127.0.0.1", server.port))
+    bad.sendall(request_bytes)
+    assert _closed_by_peer(bad)
+    bad.close()
+    setter = StoreClient("127.0.0.1", server.port, timeout=5)
+    setter.set("after", b"fine")
+    waiter.join(timeout=10)
+    assert blocked["value"] == b"fine"
+    assert setter.add("count", 1) == 1
+    setter.close()
+
+
+def test_client_checks_sizes_and_types(client):
+    with pytest.raises(ValueError, match="at most"):
+        client.set("big", bytes(MAX_VALUE_BYTES + 1))
+    with pytest.raises(TypeError):
+        client.set("s", "not bytes")
+    with pytest.raises(ValueError):
+        client.get("")
+    client.set("big", bytes(MAX_VALUE_BYTES))  # the bound itself is fine
+    assert len(client.get("big")) == MAX_VALUE_BYTES
+
+
+def test_add_to_a_value_that_is_no_integer(client):
+    client.set("text", b"abc")
+    with pytest.raises(CollectiveError, match="not an integer"):
+        client.add("text", 1)
+    assert client.get("text") == b"abc"
+
+
+def test_the_store_is_bounded(server, client, monkeypatch):
+    monkeypatch.setattr(_store, "MAX_STORE_BYTES", 1000)
+    client.set("a", bytes(900))
+    with pytest.raises(CollectiveError, match="full"):
+        client.set("b", bytes(200))
+    client.set("a", bytes(10))  # replacing frees the old value's room
+    client.set("b", bytes(200))
+
+
+def test_connections_are_bounded():
+    srv = StoreServer("127.0.0.1", 0, max_connections=2).start()
+    try:
+        first = StoreClient("127.0.0.1", srv.port, timeout=5)
+        second = StoreClient("127.0.0.1", srv.port, timeout=5)
+        first.set("k", b"v")
+        extra = socket.create_connection(("127.0.0.1", srv.port))
+        assert _closed_by_peer(extra)
+        extra.close()
+        assert second.get("k") == b"v"
+        first.close()
+        second.close()
+    finally:
+        srv.close()
+
+
+def test_closing_the_server_wakes_blocked_clients():
+    srv = StoreServer("127.0.0.1", 0).start()
+    c = StoreClient("127.0.0.1", srv.port, timeout=30)
+    errors = []
+
+    def blocked_get():
+        try:
+            c.get("never", timeout=30)
+        except CollectiveError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=blocked_get)
+    thread.start()
+    time.sleep(0.2)
+    start = time.monotonic()
+    srv.close()
+    thread.join(timeout=5)
+    assert time.monotonic() - start < 3
+    assert errors and "lost the connection" in str(errors[0])
+    with pytest.raises(CollectiveError):
+        c.set("k", b"v")
+    c.close()
+
+
+def test_close_with_linger_lets_clients_read_then_returns():
+    srv = StoreServer("127.0.0.1", 0).start()
+    c = StoreClient("127.0.0.1", srv.port, timeout=5)
+    c.set("notice", b"bye")
+
+    def read_then_leave():
+        time.sleep(0.3)
+        assert c.get("notice") == b"bye"
+        c.close()
+
+    thread = threading.Thread(target=read_then_leave)
+    thread.start()
+    start = time.monotonic()
+    srv.close(linger=10)
+    assert time.monotonic() - start < 5  # returned when the client left, not after 10 s
+    thread.join()
+
+
+def test_address_in_use_is_a_clear_error(server):
+    with pytest.raises(CollectiveError, match=f"127.0.0.1:{server.port}"):
+        StoreServer("127.0.0.1", server.port)
