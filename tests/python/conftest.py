@@ -164,6 +164,11 @@ def _mpirun_path() -> Optional[str]:
     return str(beside) if beside.exists() else shutil.which("mpirun")
 
 
+def _is_mpich(mpirun: str) -> bool:
+    """MPICH installs mpichversion beside its mpirun (the mpich wheel and distributions)."""
+    return (Path(mpirun).parent / "mpichversion").exists()
+
+
 def run_mpirun(script: str, n: int, *, env: EnvArg = None, mpirun_args: Sequence[str] = (),
                timeout: float = 60.0) -> RankResult:
     """Runs the Python source ``script`` under ``mpirun -np n`` and returns mpirun's
@@ -178,9 +183,11 @@ def run_mpirun(script: str, n: int, *, env: EnvArg = None, mpirun_args: Sequence
         run_env = _clean_environ()
         run_env.update(PYTHONUNBUFFERED="1", OMPI_MCA_btl="self,tcp")
         _apply(run_env, env)
-        command = [mpirun, "-np", str(n), "--oversubscribe"]
-        if os.geteuid() == 0:
-            command.append("--allow-run-as-root")
+        command = [mpirun, "-np", str(n)]
+        if not _is_mpich(mpirun):  # Open MPI's flags; MPICH's hydra neither needs nor takes them
+            command.append("--oversubscribe")
+            if os.geteuid() == 0:
+                command.append("--allow-run-as-root")
         command += [*mpirun_args, sys.executable, str(workdir / "rank_script.py")]
         return _spawn_and_wait([command], [run_env], timeout, workdir, ["mpirun"])[0]
     finally:

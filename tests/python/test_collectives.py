@@ -65,6 +65,21 @@ def test_many_segments_and_connections(run_ranks, tmp_path):
     run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 5, 4099, 100003]), env=env)
 
 
+@pytest.mark.mpi
+def test_under_mpirun(run_mpirun, tmp_path):
+    """Bootstrapped over MPI (Open MPI or MPICH, whichever mpirun is installed)."""
+    size = 3
+    cases = cases_lib.matrix(size, [0, 1, 1009, 65537])
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(cases))
+    result = run_mpirun(RANK_SCRIPT.replace("sys.argv[1]", repr(str(path))), size, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == list(range(size))
+    for report in reports:
+        assert report["problems"] == [], "\n".join(report["problems"])
+
+
 @st.composite
 def drawn_case(draw):
     dtype = draw(st.sampled_from(cases_lib.DTYPES))
