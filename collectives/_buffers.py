@@ -24,7 +24,7 @@ _DLPACK_HOST_DEVICES = {1: "cpu", 3: "cuda pinned host"}
 
 @dataclass(frozen=True)
 class Buffer:
-    obj: Any  # the caller's object: kept alive while the core uses its memory
+    obj: Any  # what keeps the memory alive (and exported) while the core uses it
     address: int
     count: int  # elements
     dtype: str
@@ -64,13 +64,16 @@ def view(x: Any, *, writable: bool, what: str = "buffer") -> Buffer:
             f"{what} must be a numpy array, a tensor with __dlpack__ (e.g. a torch CPU tensor) "
             f"or an object with the buffer protocol, not {type(x).__name__}"
         ) from None
-    return _view_numpy(np.asarray(memory), x, writable, what)
+    # The export itself is held: while it lives, x cannot be resized or freed under us.
+    return _view_numpy(np.asarray(memory), memory, writable, what)
 
 
 def _view_numpy(array: np.ndarray, owner: Any, writable: bool, what: str) -> Buffer:
     name = array.dtype.name
     if name not in DTYPES:
         raise _unsupported_dtype(name)
+    if not array.dtype.isnative:
+        raise TypeError(f"{what} is {array.dtype.str} (not this machine's byte order); pass x.astype(x.dtype.newbyteorder('='))")
     if not array.flags.c_contiguous:
         raise TypeError(f"{what} must be C-contiguous; pass np.ascontiguousarray(x) and copy back")
     if writable and not array.flags.writeable:
@@ -83,7 +86,7 @@ def _view_dlpack(x: Any, what: str) -> Buffer:
         capsule = x.__dlpack__()
     except (RuntimeError, TypeError, BufferError) as error:
         raise TypeError(f"{what} cannot be exported through DLPack: {error}") from error
-    address, count, dtype_code, device_type, contiguous = _core.dlpack_info(capsule)
+    address, count, dtype_code, device_type, contiguous, owner = _core.dlpack_info(capsule)
     if device_type not in _DLPACK_HOST_DEVICES:
         raise TypeError(
             f"{what} lives on a device (DLPack device type {device_type}); this build of "
@@ -91,7 +94,7 @@ def _view_dlpack(x: Any, what: str) -> Buffer:
         )
     if not contiguous:
         raise TypeError(f"{what} must be contiguous; pass x.contiguous() and copy back")
-    return Buffer(x, address, count, DTYPES[dtype_code], tuple(getattr(x, "shape", (count,))))
+    return Buffer((x, owner), address, count, DTYPES[dtype_code], tuple(getattr(x, "shape", (count,))))
 
 
 def empty_like_kind(x: Any, shape: Tuple[int, ...], dtype: str) -> Any:

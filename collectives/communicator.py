@@ -106,7 +106,7 @@ class Communicator:
     def allreduce_async(self, x, op: str = "sum") -> Work:
         buf = _buffers.view(x, writable=True)
         code = self._op_code(op, buf.dtype)
-        return self._submit(self._live_core().allreduce(buf.address, buf.count, buf.dtype_code, code), x, (x,))
+        return self._submit(self._live_core().allreduce(buf.address, buf.count, buf.dtype_code, code), x, (buf,))
 
     def allgather(self, x):
         """A new array of x's kind, shape (size, *x.shape): row r is rank r's x."""
@@ -117,7 +117,7 @@ class Communicator:
         out = _buffers.empty_like_kind(x, (self.size, *buf.shape), buf.dtype)
         out_buf = _buffers.view(out, writable=True, what="output")
         work = self._live_core().allgather(buf.address, out_buf.address, buf.count, buf.dtype_code)
-        return self._submit(work, out, (x, out))
+        return self._submit(work, out, (buf, out_buf))
 
     def broadcast(self, x, root: int = 0):
         """Overwrite x with root's x, in place; returns x."""
@@ -126,7 +126,7 @@ class Communicator:
     def broadcast_async(self, x, root: int = 0) -> Work:
         self._check_root(root)
         buf = _buffers.view(x, writable=True)
-        return self._submit(self._live_core().broadcast(buf.address, buf.count, buf.dtype_code, root), x, (x,))
+        return self._submit(self._live_core().broadcast(buf.address, buf.count, buf.dtype_code, root), x, (buf,))
 
     def reduce_scatter(self, x, op: str = "sum"):
         """This rank's part of x reduced over all ranks: rows [rank*k, (rank+1)*k), k = len(x)//size."""
@@ -145,7 +145,7 @@ class Communicator:
         out = _buffers.empty_like_kind(x, part_shape, buf.dtype)
         out_buf = _buffers.view(out, writable=True, what="output")
         work = self._live_core().reduce_scatter(buf.address, out_buf.address, out_buf.count, buf.dtype_code, code)
-        return self._submit(work, out, (x, out))
+        return self._submit(work, out, (buf, out_buf))
 
     def barrier(self) -> None:
         """Return once every rank has entered the barrier."""

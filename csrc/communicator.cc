@@ -1,6 +1,7 @@
 #include "communicator.h"
 
-#include <cstdio>
+#include <unistd.h>
+
 #include <stdexcept>
 
 namespace collectives {
@@ -28,12 +29,14 @@ void Work::finish(std::exception_ptr error) {
 
 Communicator::Communicator(int rank, int size, std::vector<std::vector<int>> peer_fds,
                            std::vector<std::string> peer_names, CommunicatorOptions options)
-    : rank_(rank),
-      size_(size),
-      options_(options),
-      transport_(std::make_unique<TcpTransport>(rank, size, std::move(peer_fds),
-                                                std::move(peer_names))) {
-  if (!(options.timeout_seconds > 0)) throw std::invalid_argument("timeout must be positive");
+    : rank_(rank), size_(size), options_(options) {
+  if (!(options.timeout_seconds > 0)) {
+    for (auto& fds : peer_fds) {
+      for (int fd : fds) ::close(fd);  // they were handed over: close them on every path
+    }
+    throw std::invalid_argument("timeout must be positive");
+  }
+  transport_ = std::make_unique<TcpTransport>(rank, size, std::move(peer_fds), std::move(peer_names));
   executor_ = std::thread([this] { execute_loop(); });
 }
 
@@ -69,29 +72,34 @@ void Communicator::execute_loop() {
       running_ = true;
     }
     const std::string what = task.tag.describe();
-    if (options_.debug) log(what + ": start");
     AlgorithmContext ctx{*transport_, task.tag, deadline_after(options_.timeout_seconds),
-                         options_.segment_bytes, scratch_};
+                         options_.segment_bytes, scratch_, options_.debug};
+    std::exception_ptr error;
     try {
+      ctx.log("start");
       task.run(ctx);
-      if (options_.debug) log(what + ": done");
-      task.work->finish(nullptr);
+      ctx.log("done");
     } catch (const std::exception& e) {
-      // The first failure aborts the communicator: the transport has already told the peers,
-      // and every collective after this one fails at once instead of waiting on them.
+      // The first failure aborts the communicator: the peers are told, and every collective
+      // after this one fails at once instead of waiting on them. The transport lets go of
+      // this collective's buffers before the caller hears of the failure.
       std::string message = what + " failed on rank " + std::to_string(rank_) + ": " + e.what();
-      if (options_.debug) log(message);
+      ctx.log(std::string("failed: ") + e.what());
       transport_->abort(e.what());
+      transport_->quiesce();
       bool timed_out = dynamic_cast<const TimeoutError*>(&e) != nullptr;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (failure_.empty()) failure_ = message;
-      }
-      task.work->finish(timed_out ? std::make_exception_ptr(TimeoutError(message))
-                                  : std::make_exception_ptr(CollectiveError(message)));
+      error = timed_out ? std::make_exception_ptr(TimeoutError(message))
+                        : std::make_exception_ptr(CollectiveError(message));
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (failure_.empty()) failure_ = message;
     }
-    std::lock_guard<std::mutex> lock(mutex_);
-    running_ = false;
+    {
+      // Not running any more before the caller wakes: a close() right after a collective
+      // must not take it for one still in flight.
+      std::lock_guard<std::mutex> lock(mutex_);
+      running_ = false;
+    }
+    task.work->finish(error);
   }
 }
 
@@ -131,10 +139,9 @@ std::shared_ptr<Work> Communicator::barrier() {
 }
 
 void Communicator::abort(const std::string& reason) {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (failure_.empty()) failure_ = reason;
-  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!transport_) return;  // closed already
+  if (failure_.empty()) failure_ = reason;
   transport_->abort(reason);
 }
 
@@ -157,11 +164,12 @@ void Communicator::close() {
         CollectiveError(task.tag.describe() + ": the communicator was closed before it ran")));
   }
   executor_.join();
-  transport_.reset();
-}
-
-void Communicator::log(const std::string& line) const {
-  std::fprintf(stderr, "[collectives rank %d] %s\n", rank_, line.c_str());
+  std::unique_ptr<TcpTransport> transport;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    transport.swap(transport_);
+  }
+  transport.reset();  // says goodbye to the peers and closes the sockets
 }
 
 }  // namespace collectives

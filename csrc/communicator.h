@@ -76,7 +76,6 @@ class Communicator {
   };
   std::shared_ptr<Work> enqueue(CollectiveTag tag, std::function<void(const AlgorithmContext&)> run);
   void execute_loop();
-  void log(const std::string& line) const;
 
   const int rank_;
   const int size_;

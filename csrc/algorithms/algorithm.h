@@ -18,10 +18,13 @@ struct AlgorithmContext {
   Deadline deadline;
   size_t segment_bytes;  // pipelining granularity; 0 = choose from the message size
   std::vector<char>& scratch;  // staging memory reused across collectives
+  bool debug;                  // COLLECTIVES_DEBUG: log each phase on stderr
 
   int rank() const { return transport.rank(); }
   int size() const { return transport.size(); }
   void wait(const TransportRequest& request) const { transport.wait(request, deadline); }
+  // "[collectives rank R] allreduce #7 (sum, 1000 x float32): <phase>", when debugging.
+  void log(const std::string& phase) const;
 };
 
 // Elements per pipelined message when the largest message of a collective holds

@@ -26,19 +26,6 @@ std::vector<size_t> even_blocks(size_t count, int blocks) {
   return offsets;
 }
 
-size_t segment_elements(const AlgorithmContext& ctx, size_t largest_message_elems) {
-  size_t element = element_size(ctx.tag.dtype);
-  size_t bytes = ctx.segment_bytes;
-  if (bytes == 0) {
-    // Several segments per message keep the pipeline busy; below a floor the per-message
-    // overhead dominates, above a ceiling the first and last segments (which cannot overlap
-    // anything) cost too much. Measured on loopback and 500 Mbit/s links: see RESULTS.md.
-    constexpr size_t kFloor = 256 << 10, kCeiling = 1 << 20;
-    bytes = std::clamp(largest_message_elems * element / 8, kFloor, kCeiling);
-  }
-  return std::max<size_t>(1, bytes / element);
-}
-
 void run_ring(const AlgorithmContext& ctx, char* buffer, const std::vector<size_t>& offsets,
               const std::vector<RingStep>& steps) {
   const int size = ctx.size();
@@ -108,6 +95,11 @@ void run_ring(const AlgorithmContext& ctx, char* buffer, const std::vector<size_
     }
     if (step.finalize) divide(home, part.length, ctx.tag.dtype, size);
     if (i + kRecvWindow < arrivals.size()) post_recv(i + kRecvWindow);  // the slot is free
+    if (ctx.debug && (i + 1 == arrivals.size() || arrivals[i + 1].first != s)) {
+      ctx.log("ring step " + std::to_string(s + 1) + "/" + std::to_string(steps.size()) +
+              " received block " + std::to_string(step.recv_block) + " from rank " +
+              std::to_string(left));
+    }
     // The block just received is the one the next step sends: pass this segment on.
     if (s + 1 < steps.size()) post_send(s + 1, j);
   }

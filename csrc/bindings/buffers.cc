@@ -79,18 +79,23 @@ py::tuple dlpack_info(py::capsule capsule) {
   }
   uintptr_t address = reinterpret_cast<uintptr_t>(t.data) + t.byte_offset;
   int device_type = t.device.device_type;
-  // We consumed the capsule: mark it used and release the producer's hold. The caller's
-  // reference to the tensor object keeps the memory alive for the collective.
+  // Consumed: the producer's capsule is marked used, and the memory is ours until the owner
+  // returned here is released (the caller holds it until the collective is done), which
+  // calls the producer's deleter as the DLPack protocol asks.
   capsule.set_name("used_dltensor");
-  if (managed->deleter) managed->deleter(managed);
-  return py::make_tuple(address, count, static_cast<int>(dtype), device_type, contiguous);
+  py::capsule owner(managed, [](void* p) {
+    auto* tensor = static_cast<DLManagedTensor*>(p);
+    if (tensor->deleter) tensor->deleter(tensor);
+  });
+  return py::make_tuple(address, count, static_cast<int>(dtype), device_type, contiguous, owner);
 }
 
 }  // namespace
 
 void bind_buffers(py::module_& m) {
   m.def("dlpack_info", &dlpack_info, py::arg("capsule"),
-        "(address, count, dtype_code, device_type, contiguous) of a DLPack capsule, which it consumes.");
+        "(address, count, dtype_code, device_type, contiguous, owner) of a DLPack capsule, "
+        "which it consumes; keep `owner` until the memory is no longer used.");
 }
 
 }  // namespace collectives

@@ -27,16 +27,18 @@ PYBIND11_MODULE(_core, m) {
   m.attr("OPS") = py::make_tuple("sum", "avg", "min", "max", "prod");  // index = ReduceOp code
   m.attr("SIMD_LEVEL") = to_string(best_simd_level());
 
+  // Held for the life of the process on purpose: a static py::object would be destroyed
+  // after the interpreter is gone.
   py::module_ errors = py::module_::import("collectives.errors");
-  static py::object collective_error = errors.attr("CollectiveError");
-  static py::object timeout_error = errors.attr("TimeoutError");
+  static PyObject* collective_error = py::object(errors.attr("CollectiveError")).release().ptr();
+  static PyObject* timeout_error = py::object(errors.attr("TimeoutError")).release().ptr();
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const TimeoutError& e) {
-      PyErr_SetString(timeout_error.ptr(), e.what());
+      PyErr_SetString(timeout_error, e.what());
     } catch (const CollectiveError& e) {
-      PyErr_SetString(collective_error.ptr(), e.what());
+      PyErr_SetString(collective_error, e.what());
     }
   });
 

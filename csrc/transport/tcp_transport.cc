@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -19,28 +20,29 @@ namespace collectives {
 struct TransportOperation {
   int peer = 0;
   bool is_send = false;
-  FrameHeader header;    // the header to send, or the one expected
-  char* data = nullptr;  // payload (header.nbytes bytes)
+  FrameHeader header;        // the header to send, or the one expected
+  char* data = nullptr;      // payload (header.nbytes bytes)
   uint64_t transferred = 0;  // header + payload bytes moved so far (progress thread only)
-  bool done = false;         // guarded by the transport's mutex
+  bool done = false;         // guarded by the transport's mutex: finished, well or not
+  bool ok = false;           // guarded by the transport's mutex: every byte moved
   std::vector<char> owned;   // payload storage for frames the transport makes itself
 };
 
 struct TcpTransport::Connection {
-  int fd = -1;
+  FileDescriptor fd;
   int peer = 0;
   std::deque<TransportRequest> sends;  // guarded by mutex_
   std::deque<TransportRequest> recvs;  // guarded by mutex_
+  bool peer_closed = false;            // guarded by mutex_: the peer said goodbye
 
   // Progress thread only:
   TransportRequest sending;
   TransportRequest receiving;
   FrameHeader incoming;
   size_t incoming_header_bytes = 0;
-  bool parked = false;  // a header is in `incoming`, waiting for a receive to be posted
-  uint32_t interest = 0;
-  bool closed = false;       // no longer polled: after a failure, or the peer's goodbye
-  bool peer_closed = false;  // guarded by mutex_: the peer said goodbye
+  bool parked = false;    // a header is in `incoming`, waiting for a receive to be posted
+  uint32_t interest = 0;  // events registered with epoll; 0 = not registered
+  bool closed = false;    // no longer polled: after a failure, or the peer's goodbye
 };
 
 namespace {
@@ -49,8 +51,14 @@ constexpr size_t kHeaderBytes = sizeof(FrameHeader);
 // Bytes moved on one socket before the loop turns to the others, so one busy peer cannot
 // starve the rest.
 constexpr uint64_t kFairnessBudget = 4 << 20;
+// How long a closing rank waits for room in a socket's buffer to say goodbye (its peer may
+// still be draining the last collective's data), and a failing rank to say why.
+constexpr int kGoodbyeMillis = 10000;
+constexpr int kAbortNoticeMillis = 1000;
 
 std::string errno_text(int err) { return std::strerror(err); }
+
+bool would_block(int err) { return err == EAGAIN || err == EWOULDBLOCK || err == EINTR; }
 
 void set_nonblocking(int fd) {
   int flags = fcntl(fd, F_GETFL, 0);
@@ -61,42 +69,62 @@ void set_nonblocking(int fd) {
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+// Writes a whole small frame on a non-blocking socket, waiting for room until the deadline.
+bool write_frame(int fd, const FrameHeader& header, const std::string& payload, int millis) {
+  std::string bytes(reinterpret_cast<const char*>(&header), kHeaderBytes);
+  bytes += payload;
+  Deadline deadline = deadline_after(millis / 1000.0);
+  size_t written = 0;
+  while (written < bytes.size()) {
+    ssize_t n = ::send(fd, bytes.data() + written, bytes.size() - written, MSG_NOSIGNAL);
+    if (n > 0) {
+      written += n;
+      continue;
+    }
+    if (n < 0 && !would_block(errno)) return false;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) return false;
+    pollfd pfd{fd, POLLOUT, 0};
+    poll(&pfd, 1, static_cast<int>(left.count()));
+  }
+  return true;
+}
+
 }  // namespace
 
 TcpTransport::TcpTransport(int rank, int size, std::vector<std::vector<int>> peer_fds,
                            std::vector<std::string> peer_names)
     : rank_(rank), size_(size), peer_names_(std::move(peer_names)) {
+  // Own every socket first, so that each is closed whatever fails below.
+  connections_.resize(peer_fds.size());
+  for (size_t peer = 0; peer < peer_fds.size(); ++peer) {
+    for (int fd : peer_fds[peer]) {
+      auto conn = std::make_unique<Connection>();
+      conn->fd = FileDescriptor(fd);
+      conn->peer = static_cast<int>(peer);
+      connections_[peer].push_back(std::move(conn));
+    }
+  }
   if (size < 1 || rank < 0 || rank >= size) throw std::invalid_argument("rank out of range");
   if (static_cast<int>(peer_fds.size()) != size || static_cast<int>(peer_names_.size()) != size) {
     throw std::invalid_argument("need one list of sockets and one name per rank");
   }
-  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
-  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (epoll_fd_ < 0 || wake_fd_ < 0) throw std::runtime_error("epoll/eventfd: " + errno_text(errno));
+  epoll_fd_ = FileDescriptor(epoll_create1(EPOLL_CLOEXEC));
+  wake_fd_ = FileDescriptor(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (epoll_fd_.get() < 0 || wake_fd_.get() < 0) {
+    throw std::runtime_error("epoll/eventfd: " + errno_text(errno));
+  }
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.ptr = nullptr;  // the wake-up eventfd
-  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_fd_, &ev);
-
-  connections_.resize(size);
+  epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev);
   for (int peer = 0; peer < size; ++peer) {
-    if (peer == rank) continue;
-    if (peer_fds[peer].empty()) {
+    if (peer != rank && connections_[peer].empty()) {
       throw std::invalid_argument("no connection to " + peer_names_[peer]);
     }
-    for (int fd : peer_fds[peer]) {
-      auto conn = std::make_unique<Connection>();
-      conn->fd = fd;
-      conn->peer = peer;
-      set_nonblocking(fd);
-      conn->interest = EPOLLIN;
-      epoll_event cev{};
-      cev.events = conn->interest;
-      cev.data.ptr = conn.get();
-      if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &cev) < 0) {
-        throw std::runtime_error("epoll_ctl: " + errno_text(errno));
-      }
-      connections_[peer].push_back(std::move(conn));
+    for (auto& conn : connections_[peer]) {
+      set_nonblocking(conn->fd.get());
+      update_interest(*conn);
     }
   }
   progress_thread_ = std::thread([this] { progress_loop(); });
@@ -110,17 +138,12 @@ TcpTransport::~TcpTransport() {
   wake();
   progress_thread_.join();
   say_goodbye();
-  for (auto& peer : connections_) {
-    for (auto& conn : peer) close(conn->fd);
-  }
-  close(wake_fd_);
-  close(epoll_fd_);
 }
 
 void TcpTransport::wake() {
   uint64_t one = 1;
   // A full eventfd counter already means "wake up"; nothing is lost if this write fails.
-  [[maybe_unused]] ssize_t ignored = write(wake_fd_, &one, sizeof(one));
+  [[maybe_unused]] ssize_t ignored = write(wake_fd_.get(), &one, sizeof(one));
 }
 
 TransportRequest TcpTransport::send(int peer, const FrameHeader& header, const void* data) {
@@ -141,21 +164,19 @@ TransportRequest TcpTransport::post(int peer, const FrameHeader& header, void* d
   auto& conns = connections_.at(peer);
   Connection& conn = *conns[header.unit % conns.size()];
   auto& queue = is_send ? conn.sends : conn.recvs;
-  bool was_idle;
+  bool was_idle, peer_gone = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (conn.peer_closed && !failed_) {
-      failed_ = true;
-      failure_ = peer_names_[peer] + " has closed its communicator";
-      completed_.notify_all();
+    if (failed_ || conn.peer_closed) {
+      op->done = true;  // not ok: wait() reports the failure
+      peer_gone = !failed_;
+    } else {
+      was_idle = queue.empty();
+      queue.push_back(op);
     }
-    if (failed_) {
-      op->done = true;  // wait() reports the failure
-      return op;
-    }
-    was_idle = queue.empty();
-    queue.push_back(op);
   }
+  if (peer_gone) abort(peer_names_[peer] + " has closed its communicator");
+  if (op->done) return op;
   // An idle socket has no EPOLLOUT interest, and a parked one waits for exactly this receive:
   // the progress thread must be told. Otherwise the next readiness event finds the request.
   if (was_idle) wake();
@@ -177,15 +198,11 @@ void TcpTransport::wait(const TransportRequest& request, Deadline deadline) {
       lock.unlock();
       abort(reason, true);
       lock.lock();
-      break;
     }
   }
-  if (request->done && !failed_) return;
-  throw_failure();
-}
-
-void TcpTransport::throw_failure() {
-  // Called with mutex_ held and failed_ set.
+  // A request that completed stays good even if the transport failed afterwards.
+  if (request->ok) return;
+  completed_.wait(lock, [&] { return quiesced_; });  // the caller may free buffers next
   if (failure_timed_out_) throw TimeoutError(failure_);
   throw CollectiveError(failure_);
 }
@@ -193,6 +210,11 @@ void TcpTransport::throw_failure() {
 void TcpTransport::abort(const std::string& reason, bool timed_out) {
   fail(reason, timed_out);
   wake();
+}
+
+void TcpTransport::quiesce() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  completed_.wait(lock, [&] { return quiesced_; });
 }
 
 void TcpTransport::fail(const std::string& reason, bool timed_out) {
@@ -204,47 +226,51 @@ void TcpTransport::fail(const std::string& reason, bool timed_out) {
   completed_.notify_all();
 }
 
+bool TcpTransport::has_failed() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return failed_;
+}
+
 void TcpTransport::complete(TransportOperation& op) {
   std::lock_guard<std::mutex> lock(mutex_);
   op.done = true;
+  op.ok = true;
   completed_.notify_all();
 }
 
 void TcpTransport::progress_loop() {
   epoll_event events[64];
   for (;;) {
+    bool stopping, failed;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (stopping_) return;
+      stopping = stopping_;
+      failed = failed_;
     }
-    int n = epoll_wait(epoll_fd_, events, 64, -1);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      fail("epoll_wait failed: " + errno_text(errno), false);
+    if (failed) {
+      notify_peers_of_failure();
       return;
     }
+    if (stopping) return;
+    int n = epoll_wait(epoll_fd_.get(), events, 64, -1);
+    if (n < 0) {
+      if (errno != EINTR) fail("epoll_wait failed: " + errno_text(errno), false);
+      continue;
+    }
     bool woken = false;
-    for (int i = 0; i < n; ++i) {
+    for (int i = 0; i < n && !has_failed(); ++i) {
       auto* conn = static_cast<Connection*>(events[i].data.ptr);
       if (conn == nullptr) {
         uint64_t count;
-        [[maybe_unused]] ssize_t ignored = read(wake_fd_, &count, sizeof(count));
+        [[maybe_unused]] ssize_t ignored = read(wake_fd_.get(), &count, sizeof(count));
         woken = true;
         continue;
       }
       if (conn->closed) continue;
       if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) handle_readable(*conn);
-      if (events[i].events & EPOLLOUT) handle_writable(*conn);
+      if (!conn->closed && (events[i].events & EPOLLOUT)) handle_writable(*conn);
     }
-    bool failed;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      failed = failed_;
-    }
-    if (failed) {
-      notify_peers_of_failure();
-      continue;
-    }
+    if (has_failed()) continue;
     // New sends and receives were posted: start them now rather than on the next readiness
     // event, which for an idle socket would never come.
     for (auto& peer : connections_) {
@@ -266,13 +292,17 @@ void TcpTransport::update_interest(Connection& conn) {
     std::lock_guard<std::mutex> lock(mutex_);
     want_write = conn.sending != nullptr || !conn.sends.empty();
   }
+  // A parked socket is not polled for reading: its next bytes belong to a receive not yet
+  // posted, and a hang-up reported meanwhile would wake the loop for nothing, forever. It is
+  // read again (and a dead peer noticed) once that receive is posted.
   uint32_t interest = (conn.parked ? 0u : uint32_t{EPOLLIN}) | (want_write ? uint32_t{EPOLLOUT} : 0u);
   if (interest == conn.interest) return;
-  conn.interest = interest;
   epoll_event ev{};
   ev.events = interest;
   ev.data.ptr = &conn;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, conn.fd, &ev);
+  int op = interest == 0 ? EPOLL_CTL_DEL : conn.interest == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+  epoll_ctl(epoll_fd_.get(), op, conn.fd.get(), &ev);
+  conn.interest = interest;
 }
 
 void TcpTransport::handle_readable(Connection& conn) {
@@ -281,11 +311,12 @@ void TcpTransport::handle_readable(Connection& conn) {
   while (budget > 0) {
     if (!conn.receiving) {
       if (conn.incoming_header_bytes < kHeaderBytes) {
-        ssize_t got = ::recv(conn.fd, reinterpret_cast<char*>(&conn.incoming) + conn.incoming_header_bytes,
+        ssize_t got = ::recv(conn.fd.get(),
+                             reinterpret_cast<char*>(&conn.incoming) + conn.incoming_header_bytes,
                              kHeaderBytes - conn.incoming_header_bytes, 0);
         if (got == 0) return fail(who + " closed the connection (process exited or was killed?)", false);
         if (got < 0) {
-          if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+          if (would_block(errno)) return;
           return fail("connection to " + who + " failed: " + errno_text(errno), false);
         }
         conn.incoming_header_bytes += got;
@@ -308,6 +339,7 @@ void TcpTransport::handle_readable(Connection& conn) {
       } else {
         {
           std::lock_guard<std::mutex> lock(mutex_);
+          if (failed_) return;  // posted buffers may be handed back from here on
           conn.parked = conn.recvs.empty();
           if (!conn.parked) {
             conn.receiving = conn.recvs.front();
@@ -316,18 +348,16 @@ void TcpTransport::handle_readable(Connection& conn) {
         }
         if (conn.parked) return;
         std::string why = mismatch(conn.receiving->header, h);
-        if (!why.empty()) {
-          return fail(who + " sent " + why, false);
-        }
+        if (!why.empty()) return fail(who + " sent " + why, false);
       }
     }
     TransportOperation& op = *conn.receiving;
     uint64_t want = op.header.nbytes - op.transferred;
     if (want > 0) {
-      ssize_t got = ::recv(conn.fd, op.data + op.transferred, std::min(want, budget), 0);
+      ssize_t got = ::recv(conn.fd.get(), op.data + op.transferred, std::min(want, budget), 0);
       if (got == 0) return fail(who + " closed the connection (process exited or was killed?)", false);
       if (got < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+        if (would_block(errno)) return;
         return fail("connection to " + who + " failed: " + errno_text(errno), false);
       }
       op.transferred += got;
@@ -352,7 +382,7 @@ void TcpTransport::handle_writable(Connection& conn) {
   while (budget > 0) {
     if (!conn.sending) {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (conn.sends.empty()) return;
+      if (failed_ || conn.sends.empty()) return;
       conn.sending = conn.sends.front();
       conn.sends.pop_front();
     }
@@ -372,9 +402,9 @@ void TcpTransport::handle_writable(Connection& conn) {
     msghdr msg{};
     msg.msg_iov = iov;
     msg.msg_iovlen = iovcnt;
-    ssize_t sent = sendmsg(conn.fd, &msg, MSG_NOSIGNAL);
+    ssize_t sent = sendmsg(conn.fd.get(), &msg, MSG_NOSIGNAL);
     if (sent < 0) {
-      if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+      if (would_block(errno)) return;
       return fail("connection to " + who + " failed: " + errno_text(errno), false);
     }
     op.transferred += sent;
@@ -390,30 +420,32 @@ void TcpTransport::handle_writable(Connection& conn) {
 void TcpTransport::peer_closed(Connection& conn) {
   // The peer sends nothing after its goodbye: stop polling, so the end of stream (or a reset
   // once it closes) that follows is not taken for a failure.
-  epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, conn.fd, nullptr);
+  if (conn.interest != 0) epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, conn.fd.get(), nullptr);
+  conn.interest = 0;
   conn.closed = true;
-  bool expecting;
+  bool owed;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     conn.peer_closed = true;
-    expecting = !conn.recvs.empty();
+    owed = !conn.recvs.empty() || !conn.sends.empty() || conn.sending != nullptr;
   }
-  if (expecting) {
-    fail(peer_names_[conn.peer] + " closed its communicator while this rank still expects data from it", false);
+  if (owed) {
+    fail(peer_names_[conn.peer] + " closed its communicator while this rank still exchanges data with it",
+         false);
   }
 }
 
 void TcpTransport::say_goodbye() {
-  // Called once the progress thread has stopped. Nothing is in flight: a collective returns
-  // only when its sends are done, so the goodbye follows the last frame on each socket.
+  // The progress thread has stopped. Nothing is in flight: a collective returns only when its
+  // sends are in the kernel, so the goodbye follows the last frame on each socket.
+  if (quiesced_) return;  // failed: the peers were told why instead
   FrameHeader goodbye;
   goodbye.kind = static_cast<uint8_t>(FrameKind::kGoodbye);
   for (auto& peer : connections_) {
     for (auto& conn : peer) {
-      if (conn->closed || failed_) continue;
-      [[maybe_unused]] ssize_t ignored =
-          ::send(conn->fd, &goodbye, kHeaderBytes, MSG_NOSIGNAL | MSG_DONTWAIT);
-      shutdown(conn->fd, SHUT_WR);
+      if (conn->closed) continue;
+      write_frame(conn->fd.get(), goodbye, "", kGoodbyeMillis);
+      shutdown(conn->fd.get(), SHUT_WR);
     }
   }
 }
@@ -423,9 +455,7 @@ void TcpTransport::notify_peers_of_failure() {
   bool timed_out;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (peers_notified_) return;
-    peers_notified_ = true;
-    reason = failure_.substr(0, kMaxAbortReason);
+    reason = failure_;
     timed_out = failure_timed_out_;
   }
   // Peers hear "rank R aborted: <reason>", so every rank's error names the first cause.
@@ -437,20 +467,21 @@ void TcpTransport::notify_peers_of_failure() {
   abort_header.nbytes = text.size();
   for (auto& peer : connections_) {
     for (auto& conn : peer) {
+      if (conn->closed) continue;
       // A frame half-written cannot be interrupted; that peer sees the shutdown instead.
       bool between_frames = !conn->sending || conn->sending->transferred == 0;
-      if (between_frames) {
-        iovec iov[2] = {{&abort_header, kHeaderBytes}, {text.data(), text.size()}};
-        msghdr msg{};
-        msg.msg_iov = iov;
-        msg.msg_iovlen = 2;
-        [[maybe_unused]] ssize_t ignored = sendmsg(conn->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-      }
-      shutdown(conn->fd, SHUT_RDWR);
-      epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, conn->fd, nullptr);
+      if (between_frames) write_frame(conn->fd.get(), abort_header, text, kAbortNoticeMillis);
+      shutdown(conn->fd.get(), SHUT_RDWR);
+      if (conn->interest != 0) epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, conn->fd.get(), nullptr);
+      conn->interest = 0;
       conn->closed = true;
+      conn->sending.reset();
+      conn->receiving.reset();
     }
   }
+  std::lock_guard<std::mutex> lock(mutex_);
+  quiesced_ = true;
+  completed_.notify_all();
 }
 
 }  // namespace collectives

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/file_descriptor.h"
 #include "transport/frame.h"
 
 namespace collectives {
@@ -51,6 +52,8 @@ class TcpTransport {
   // Fails every pending and future request with `reason` and tells every peer (an abort
   // frame where a socket is between frames, then shutdown). Idempotent; first reason wins.
   void abort(const std::string& reason, bool timed_out = false);
+  // After abort(): blocks until no socket or posted buffer will be touched again.
+  void quiesce();
 
  private:
   struct Connection;
@@ -65,21 +68,24 @@ class TcpTransport {
   void peer_closed(Connection& conn);
   void complete(TransportOperation& op);
   void wake();
-  void throw_failure();
+  bool has_failed();
 
   const int rank_;
   const int size_;
   const std::vector<std::string> peer_names_;
   std::vector<std::vector<std::unique_ptr<Connection>>> connections_;  // [peer][index]
 
-  int epoll_fd_ = -1;
-  int wake_fd_ = -1;  // eventfd: posts and aborts wake the progress thread
+  FileDescriptor epoll_fd_;
+  FileDescriptor wake_fd_;  // eventfd: posts and aborts wake the progress thread
 
   std::mutex mutex_;  // guards queues, completion flags and the failure fields below
   std::condition_variable completed_;
   bool failed_ = false;
   bool failure_timed_out_ = false;
-  bool peers_notified_ = false;
+  // Set once, after a failure, when the progress thread has told the peers and will never
+  // touch a socket or a posted buffer again: only then may a failed wait() return, since the
+  // caller may free its buffers as soon as it does.
+  bool quiesced_ = false;
   bool stopping_ = false;
   std::string failure_;
 

@@ -96,3 +96,38 @@ def drawn_case(draw):
 @given(cases=st.lists(drawn_case(), min_size=12, max_size=12))
 def test_drawn_cases(run_ranks, tmp_path_factory, cases):
     run_job(run_ranks, tmp_path_factory.mktemp("drawn"), 3, cases)
+
+
+KINDS_SCRIPT = """
+import json
+import numpy as np
+import torch
+import collectives as cc
+
+with cc.init() as comm:
+    n, r = comm.size, comm.rank
+    checks = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int64):
+        t = torch.full((3, 5), r + 1, dtype=dtype)
+        assert comm.allreduce(t) is t
+        checks[f"allreduce {dtype}"] = bool((t == n * (n + 1) // 2).all())
+    gathered = comm.allgather(torch.arange(4, dtype=torch.float32) + r)
+    checks["allgather is a tensor"] = isinstance(gathered, torch.Tensor) and gathered.shape == (n, 4)
+    checks["allgather rows"] = all(bool((gathered[i] == torch.arange(4) + i).all()) for i in range(n))
+    part = comm.reduce_scatter(torch.ones(2 * n, 3, dtype=torch.float64), op="avg")
+    checks["reduce_scatter avg"] = isinstance(part, torch.Tensor) and part.shape == (2, 3) and bool((part == 1).all())
+    b = bytearray(np.full(4, r, np.int32).tobytes())
+    comm.broadcast(b, root=n - 1)
+    checks["broadcast into a bytearray"] = np.frombuffer(b, np.int32).tolist() == [n - 1] * 4
+    works = [comm.allreduce_async(torch.ones(1000) * i) for i in range(8)]
+    checks["async in flight"] = all(bool((w.wait() == n * i).all()) for i, w in enumerate(works))
+    print(json.dumps(checks))
+"""
+
+
+def test_torch_tensors_and_buffers(run_ranks):
+    pytest.importorskip("torch")
+    for result in run_ranks(KINDS_SCRIPT, 3, timeout=120):
+        assert result.returncode == 0, result.stderr[-3000:]
+        checks = json.loads(result.stdout.strip().splitlines()[-1])
+        assert all(checks.values()), checks

@@ -159,6 +159,7 @@ cases = {
     "not contiguous": (TypeError, lambda: comm.allreduce(np.ones((4, 4), np.float32)[:, 0])),
     "read-only": (TypeError, lambda: comm.allreduce(np.frombuffer(b"\0" * 16, np.float32))),
     "not a buffer": (TypeError, lambda: comm.allreduce([1.0, 2.0])),
+    "foreign byte order": (TypeError, lambda: comm.allreduce(np.ones(4, ">f4"))),
     "indivisible reduce_scatter": (ValueError, lambda: comm.reduce_scatter(np.ones(comm.size * 2 + 1, np.float32))),
     "root out of range": (ValueError, lambda: comm.broadcast(np.ones(4, np.float32), root=comm.size)),
 }
