@@ -60,7 +60,9 @@ class TcpTransport {
   TransportRequest post(int peer, const FrameHeader& header, void* data, bool is_send);
   void progress_loop();
   void handle_readable(Connection& conn);
-  void handle_writable(Connection& conn);
+  // Write queued frames until the socket is full; true when nothing is left to write.
+  bool handle_writable(Connection& conn);
+  bool write_queued(Connection& conn);  // the same, with conn.write_mutex held
   void update_interest(Connection& conn);
   void fail(const std::string& reason, bool timed_out);
   void notify_peers_of_failure();
