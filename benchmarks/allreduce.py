@@ -55,6 +55,9 @@ MIN_SAMPLE_S = 0.020  # --iters auto: a timed sample lasts at least this long
 CALIBRATION_S = 0.005  # ... as extrapolated from a warm-up batch that lasted this long
 ROUND_BUDGET_S = 4.0  # rounds per size: as many as fit in this, from --pairs to 4 x --pairs
 BATCH_BYTES = 64 << 20  # a batch's buffers hold at most max(--max, this)
+# Above this busy fraction of all cores during the timed all-reduces, the CPU and not the
+# links may have limited the result: the row is flagged cpu_bound and does not count.
+CPU_BOUND_UTIL = 0.90
 
 
 class Collectives:
@@ -127,11 +130,43 @@ class Mpi:
         self.comm.Free()
 
 
+def link_counters(ifname):
+    """(bytes sent, bytes received) so far on this host's interface."""
+    stats = f"/sys/class/net/{ifname}/statistics"
+    with open(f"{stats}/tx_bytes") as tx, open(f"{stats}/rx_bytes") as rx:
+        return int(tx.read()), int(rx.read())
+
+
+def cpu_jiffies():
+    """(busy, total) jiffies of all cores together, from /proc/stat (the machine's, not a
+    namespace's: on the emulated cluster every host shares the same cores)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+class Usage:
+    """What one system's timed samples cost: link bytes per all-reduce, CPU busy fraction."""
+
+    def __init__(self):
+        self.tx = self.rx = self.allreduces = 0
+        self.busy = self.total = 0
+
+    def add(self, link_delta, cpu_delta, allreduces):
+        self.tx += link_delta[0]
+        self.rx += link_delta[1]
+        self.busy += cpu_delta[0]
+        self.total += cpu_delta[1]
+        self.allreduces += allreduces
+
+
 class Bench:
     """The inputs, expected results and work buffers of one run, and timed samples on them."""
 
     def __init__(self, world, args):
         self.world = world
+        self.link = args.link
         reduce, low, high = OPS[args.op]
         itemsize = np.dtype(args.dtype).itemsize
         count = args.max // itemsize
@@ -146,17 +181,25 @@ class Bench:
         self.expected = total.astype(args.dtype)
         self.work = np.empty(max(args.max, BATCH_BYTES) // itemsize, args.dtype)
 
-    def sample(self, system, count, iters):
-        """(seconds per all-reduce, slowest rank; wrong elements, all ranks)."""
+    def sample(self, system, count, iters, usage=None):
+        """(seconds per all-reduce, slowest rank; wrong elements, all ranks). With --link, adds
+        this sample's link bytes (this rank's host) and CPU use to `usage`."""
         rows = self.work[: iters * count].reshape(iters, count)
         np.copyto(rows, self.pristine[:count])
         bufs = system.wrap(rows)
         allreduce = system.allreduce
         self.world.Barrier()
+        if usage is not None and self.link:
+            link, cpu = link_counters(self.link), cpu_jiffies()
         start = time.perf_counter()
         for buf in bufs:
             allreduce(buf)
         seconds = time.perf_counter() - start
+        if usage is not None and self.link:
+            self.world.Barrier()  # every rank's traffic is in the counters
+            link_after, cpu_after = link_counters(self.link), cpu_jiffies()
+            usage.add((link_after[0] - link[0], link_after[1] - link[1]),
+                      (cpu_after[0] - cpu[0], cpu_after[1] - cpu[1]), iters)
         wrong = int(np.count_nonzero(rows != self.expected[:count]))
         return self.world.allreduce(seconds, op=MPI.MAX) / iters, self.world.allreduce(wrong)
 
@@ -175,18 +218,19 @@ class Bench:
 
 
 def measure(bench, systems, count, args):
-    """{system name: (iters, rounds, seconds per all-reduce in each round, wrong)}."""
+    """{system name: (iters, rounds, seconds per all-reduce in each round, wrong, Usage)}."""
     plans = {s.name: bench.plan(s, count, args.iters) for s in systems}
     round_s = sum(iters * seconds for iters, seconds in plans.values())
     rounds = max(args.pairs, min(4 * args.pairs, math.floor(ROUND_BUDGET_S / round_s)))
     times = {s.name: [] for s in systems}
     wrong = dict.fromkeys(times, 0)
+    usage = {name: Usage() for name in times}
     for _ in range(rounds):
         for system in systems:
-            seconds, bad = bench.sample(system, count, plans[system.name][0])
+            seconds, bad = bench.sample(system, count, plans[system.name][0], usage[system.name])
             times[system.name].append(seconds)
             wrong[system.name] += bad
-    return {name: (plans[name][0], rounds, times[name], wrong[name]) for name in times}
+    return {name: (plans[name][0], rounds, times[name], wrong[name], usage[name]) for name in times}
 
 
 def parse_args():
@@ -207,6 +251,9 @@ def parse_args():
         help="comma-separated, from collectives,gloo,mpi (default all)")
     add("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     add("--json", metavar="FILE", help="write the result rows to FILE (rank 0)")
+    add("--link", metavar="IFNAME",
+        help="count the bytes each rank's host sends and receives on IFNAME during the timed "
+        "all-reduces, and the CPU use (one rank per host; for the emulated cluster)")
     args = parser.parse_args()
     if not 1 <= args.min <= args.max:
         parser.error("need 1 <= --min <= --max")
@@ -264,6 +311,25 @@ def start_systems(names, world, hosts, op):
     return systems, notes
 
 
+def usage_fields(world, usage):
+    """Row fields from every rank's Usage: link bytes per host and all-reduce (mean over
+    hosts, and each host's), CPU busy fraction of the machine."""
+    per_host = world.gather((MPI.Get_processor_name(), usage.tx / usage.allreduces,
+                             usage.rx / usage.allreduces))
+    if world.rank != 0:
+        return {}
+    cpu_util = usage.busy / usage.total if usage.total else None
+    return {
+        "link_bytes": {
+            "tx_per_host": sum(tx for _, tx, _ in per_host) / len(per_host),
+            "rx_per_host": sum(rx for _, _, rx in per_host) / len(per_host),
+            "per_host": {host: {"tx": tx, "rx": rx} for host, tx, rx in per_host},
+        },
+        "cpu_util": cpu_util,
+        "cpu_bound": cpu_util is not None and cpu_util > CPU_BOUND_UTIL,
+    }
+
+
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -299,7 +365,7 @@ def main():
         measured = measure(bench, systems, count, args)
         results, ratios = {}, {}
         for system in systems:
-            iters, rounds, times, wrong = measured[system.name]
+            iters, rounds, times, wrong, usage = measured[system.name]
             seconds = _common.median(times)
             algbw, busbw = _common.allreduce_bandwidths(nbytes, seconds, ranks)
             results[system.name] = (seconds, algbw, busbw, wrong)
@@ -314,7 +380,7 @@ def main():
                 reducers=0, bytes=nbytes, count=count, dtype=args.dtype, op=args.op,
                 iters=iters, rounds=rounds, time_s=seconds, times_s=times, algbw_GBps=algbw,
                 busbw_GBps=busbw, speedup_vs_gloo=speedups["gloo"], speedup_vs_mpi=speedups["mpi"],
-                wrong=wrong, commit=commit,
+                wrong=wrong, commit=commit, **usage_fields(world, usage) if args.link else {},
             ))
         if world.rank == 0:
             print(table.line(nbytes, count, args.dtype, args.op, results, ratios), flush=True)
