@@ -7,7 +7,8 @@ Builds a testbed (benchmarks/testbed.py: one network namespace per host, each li
 tc tbf in both directions), measures the links' TCP goodput B, and runs benchmarks/allreduce.py
 across the hosts under mpirun: every system on the same random buffers, alternating systems
 for at least --pairs rounds, every result checked. All systems are pinned to the testbed's
-interface (eth0) and to one compute thread per rank. Each row adds to allreduce.py's the link
+interface (eth0) and to one compute thread per rank; COLLECTIVES_* variables set here reach
+every rank. Each row adds to allreduce.py's the link
 figures: the bound for a worker-only all-reduce at goodput B, algbw <= B*n/(2(n-1)) (a ring
 reaches it, no algorithm among the workers alone beats it), the fraction of it reached, the
 bytes that crossed each host's link per all-reduce (a ring moves 2(n-1)/n of the buffer each
@@ -74,6 +75,7 @@ def run_job(bed, sizes, args):
             "PYTHONPATH": str(HERE),
         }
         pinned = {  # the same interface and one compute thread per rank, for every system
+            **{key: value for key, value in os.environ.items() if key.startswith("COLLECTIVES_")},
             "COLLECTIVES_SOCKET_IFNAME": testbed.IFNAME, "GLOO_SOCKET_IFNAME": testbed.IFNAME,
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
         }
