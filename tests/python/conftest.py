@@ -8,6 +8,7 @@ never the source tree.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -35,6 +36,17 @@ class RankResult(NamedTuple):
     returncode: int
     stdout: str
     stderr: str
+
+    def reports(self) -> List[dict]:
+        """Every stdout line that is a JSON object: what the rank scripts printed as reports
+        (one per rank; several for an mpirun job)."""
+        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
+
+    def report(self) -> dict:
+        """The rank's last JSON report; fails the test, showing stderr, if it printed none."""
+        found = self.reports()
+        assert found, f"no report (rc {self.returncode}); stderr:\n{self.stderr[-3000:]}"
+        return found[-1]
 
 
 def _clean_environ() -> Dict[str, str]:

@@ -53,12 +53,7 @@ b.close()
 
 
 def _reports(results):
-    reports = []
-    for r in results:
-        lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
-        assert lines, f"rc {r.returncode}, no report; stderr:\n{r.stderr}"
-        reports.append(json.loads(lines[-1]))
-    return reports
+    return [r.report() for r in results]
 
 
 def _check_mesh(results, n, cpp=1):
@@ -92,7 +87,7 @@ def test_torchrun_variables(run_ranks):
 def test_mpirun(run_mpirun):
     result = run_mpirun(MESH_SCRIPT, 3, env={"COLLECTIVES_TIMEOUT": "30"}, timeout=90)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    reports = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
+    reports = sorted(result.reports(),
                      key=lambda rep: rep["rank"])
     assert [rep["rank"] for rep in reports] == [0, 1, 2]
     assert all(rep["mpi"] and rep["size"] == 3 and rep["fds"].count(1) == 2 for rep in reports)

@@ -38,7 +38,7 @@ def run_job(run_ranks, tmp_path, size, cases, env=None, timeout=240):
     results = run_ranks(RANK_SCRIPT, size, args=[str(path)], env=env, timeout=timeout)
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stderr[-4000:]}"
-        report = json.loads(result.stdout.strip().splitlines()[-1])
+        report = result.report()
         assert report["cases"] == len(cases) and report["size"] == size
         assert report["problems"] == [], "\n".join(report["problems"])
 
@@ -74,7 +74,7 @@ def test_under_mpirun(run_mpirun, tmp_path):
     path.write_text(json.dumps(cases))
     result = run_mpirun(RANK_SCRIPT.replace("sys.argv[1]", repr(str(path))), size, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    reports = result.reports()
     assert sorted(r["rank"] for r in reports) == list(range(size))
     for report in reports:
         assert report["problems"] == [], "\n".join(report["problems"])
@@ -129,5 +129,5 @@ def test_torch_tensors_and_buffers(run_ranks):
     pytest.importorskip("torch")
     for result in run_ranks(KINDS_SCRIPT, 3, timeout=120):
         assert result.returncode == 0, result.stderr[-3000:]
-        checks = json.loads(result.stdout.strip().splitlines()[-1])
+        checks = result.report()
         assert all(checks.values()), checks

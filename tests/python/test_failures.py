@@ -4,7 +4,6 @@ Ranks are independent processes (no launcher kills the survivors for us). Each s
 paired with the same job without the fault and the same timeout, which must complete.
 """
 
-import json
 import signal
 import time
 
@@ -64,12 +63,7 @@ print(json.dumps(result), flush=True)
 
 
 def reports(results):
-    out = []
-    for result in results:
-        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        assert lines, f"a rank printed no report (rc {result.returncode}):\n{result.stderr[-3000:]}"
-        out.append(json.loads(lines[-1]))
-    return out
+    return [result.report() for result in results]
 
 
 def run_scenario(run_ranks, scenario, size, timeout_s=10.0, ranks=None, env=None):
@@ -182,6 +176,6 @@ comm.close()
 def test_bad_arguments_raise_before_anything_is_sent(run_ranks):
     for result in run_ranks(BAD_ARGUMENTS_SCRIPT, 3, timeout=60):
         assert result.returncode == 0, result.stderr[-3000:]
-        report = json.loads(result.stdout.strip().splitlines()[-1])
+        report = result.report()
         assert all(v == "ok" for v in report["raised"].values()), report
         assert report["sum_ok"]
