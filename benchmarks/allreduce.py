@@ -37,6 +37,7 @@ import numpy as np
 from mpi4py import MPI
 
 import _common
+import testbed
 
 logger = logging.getLogger("allreduce")
 
@@ -55,9 +56,6 @@ MIN_SAMPLE_S = 0.020  # --iters auto: a timed sample lasts at least this long
 CALIBRATION_S = 0.005  # ... as extrapolated from a warm-up batch that lasted this long
 ROUND_BUDGET_S = 4.0  # rounds per size: as many as fit in this, from --pairs to 4 x --pairs
 BATCH_BYTES = 64 << 20  # a batch's buffers hold at most max(--max, this)
-# Above this busy fraction of all cores during the timed all-reduces, the CPU and not the
-# links may have limited the result: the row is flagged cpu_bound and does not count.
-CPU_BOUND_UTIL = 0.90
 
 
 class Collectives:
@@ -137,28 +135,24 @@ def link_counters(ifname):
         return int(tx.read()), int(rx.read())
 
 
-def cpu_jiffies():
-    """(busy, total) jiffies of all cores together, from /proc/stat (the machine's, not a
-    namespace's: on the emulated cluster every host shares the same cores)."""
-    with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
 class Usage:
-    """What one system's timed samples cost: link bytes per all-reduce, CPU busy fraction."""
+    """What one system's timed samples cost: link bytes per all-reduce, and the machine's CPU
+    busy fraction (/proc/stat is not per namespace: every emulated host shares the cores)."""
 
     def __init__(self):
         self.tx = self.rx = self.allreduces = 0
-        self.busy = self.total = 0
+        self.busy_seconds = self.seconds = 0.0
 
-    def add(self, link_delta, cpu_delta, allreduces):
+    def add(self, link_delta, cpu, seconds, allreduces):
         self.tx += link_delta[0]
         self.rx += link_delta[1]
-        self.busy += cpu_delta[0]
-        self.total += cpu_delta[1]
+        self.busy_seconds += cpu.util * seconds
+        self.seconds += seconds
         self.allreduces += allreduces
+
+    @property
+    def cpu_util(self):
+        return self.busy_seconds / self.seconds if self.seconds else None
 
 
 class Bench:
@@ -190,16 +184,15 @@ class Bench:
         allreduce = system.allreduce
         self.world.Barrier()
         if usage is not None and self.link:
-            link, cpu = link_counters(self.link), cpu_jiffies()
+            link, cpu = link_counters(self.link), testbed.CpuSampler().start()
         start = time.perf_counter()
         for buf in bufs:
             allreduce(buf)
         seconds = time.perf_counter() - start
         if usage is not None and self.link:
             self.world.Barrier()  # every rank's traffic is in the counters
-            link_after, cpu_after = link_counters(self.link), cpu_jiffies()
-            usage.add((link_after[0] - link[0], link_after[1] - link[1]),
-                      (cpu_after[0] - cpu[0], cpu_after[1] - cpu[1]), iters)
+            link_after = link_counters(self.link)
+            usage.add((link_after[0] - link[0], link_after[1] - link[1]), cpu.stop(), seconds, iters)
         wrong = int(np.count_nonzero(rows != self.expected[:count]))
         return self.world.allreduce(seconds, op=MPI.MAX) / iters, self.world.allreduce(wrong)
 
@@ -318,7 +311,7 @@ def usage_fields(world, usage):
                              usage.rx / usage.allreduces))
     if world.rank != 0:
         return {}
-    cpu_util = usage.busy / usage.total if usage.total else None
+    cpu_util = usage.cpu_util
     return {
         "link_bytes": {
             "tx_per_host": sum(tx for _, tx, _ in per_host) / len(per_host),
@@ -326,7 +319,7 @@ def usage_fields(world, usage):
             "per_host": {host: {"tx": tx, "rx": rx} for host, tx, rx in per_host},
         },
         "cpu_util": cpu_util,
-        "cpu_bound": cpu_util is not None and cpu_util > CPU_BOUND_UTIL,
+        "cpu_bound": cpu_util is not None and cpu_util > testbed.CPU_BOUND_UTIL,
     }
 
 

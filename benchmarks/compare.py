@@ -29,6 +29,9 @@ import testbed
 
 HERE = Path(__file__).resolve().parent
 SYSTEMS = ("collectives", "gloo", "mpi")
+# Under mpirun the ranks bootstrap over MPI, and the job's secret is made there.
+NOT_FORWARDED = {"COLLECTIVES_RANK", "COLLECTIVES_SIZE", "COLLECTIVES_RENDEZVOUS", "COLLECTIVES_TOKEN",
+                 "COLLECTIVES_TOKEN_FILE"}
 
 
 def parse_args():
@@ -75,16 +78,18 @@ def run_job(bed, sizes, args):
             "PYTHONPATH": str(HERE),
         }
         pinned = {  # the same interface and one compute thread per rank, for every system
-            **{key: value for key, value in os.environ.items() if key.startswith("COLLECTIVES_")},
             "COLLECTIVES_SOCKET_IFNAME": testbed.IFNAME, "GLOO_SOCKET_IFNAME": testbed.IFNAME,
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
         }
+        env.update(pinned)
+        # Settings reach the ranks by name (-x NAME: mpirun copies the value), so that nothing
+        # secret lands on a command line; the launch variables stay MPI's own business.
+        forwarded = sorted(key for key in env if key.startswith("COLLECTIVES_") and key not in NOT_FORWARDED)
         command = [
             str(mpirun), "--host", env["TESTBED_MPI_HOSTS"], "--prtemca", "plm_ssh_agent", env["TESTBED_SSH_AGENT"],
             "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", testbed.IFNAME,
             "--mca", "oob_tcp_if_include", testbed.IFNAME,
-            *[arg for key, value in pinned.items() for arg in ("-x", f"{key}={value}")],
-            "-x", "PYTHONPATH",
+            *[arg for key in [*pinned, *forwarded, "PYTHONPATH"] for arg in ("-x", key)],
             sys.executable, str(HERE / "allreduce.py"), "--min", str(min(sizes)), "--max", str(max(sizes)),
             "--factor", "4", "--pairs", str(args.pairs), "--systems", args.systems,
             "--link", testbed.IFNAME, "--json", str(rows_file),
@@ -95,14 +100,18 @@ def run_job(bed, sizes, args):
         return json.loads(rows_file.read_text())
 
 
+def ring_bound(goodput_GBps, hosts):
+    """The algbw no all-reduce among `hosts` workers can beat on links of goodput B: each
+    host must send and receive 2(n-1)/n of the buffer, so algbw <= B*n/(2(n-1))."""
+    return goodput_GBps * hosts / (2 * (hosts - 1))
+
+
 def with_link_figures(row, bed):
     """The row, with the testbed's rate, goodput, tc and the bound fraction filled in."""
-    n = row["hosts"]
     goodput = bed.goodput_bps / 8 / 1e9  # GB/s
-    bound = goodput * n / (2 * (n - 1))
     return {
         **row, "transport": "emulated", "rate_gbps": bed.rate_bps / 1e9, "goodput_GBps": goodput,
-        "tc": bed.tc_description(), "bound_fraction": row["algbw_GBps"] / bound,
+        "tc": bed.tc_description(), "bound_fraction": row["algbw_GBps"] / ring_bound(goodput, row["hosts"]),
     }
 
 
@@ -110,7 +119,7 @@ def print_rows(rows, bed):
     n = rows[0]["hosts"]
     print(f"# {n} hosts, {bed.tc_description()}")
     print(f"# goodput B = {bed.goodput_bps / 1e6:.1f} Mbit/s per link and direction; "
-          f"bound algbw <= B*n/(2(n-1)) = {bed.goodput_bps / 8e9 * n / (2 * (n - 1)):.4f} GB/s; "
+          f"bound algbw <= B*n/(2(n-1)) = {ring_bound(bed.goodput_bps / 8e9, n):.4f} GB/s; "
           f"a ring moves 2(n-1)/n = {2 * (n - 1) / n:.2f} x size per host each way")
     print(f"# {'system':<12} {'size':>10} {'time ms':>9} {'algbw':>7} {'busbw':>7} {'bound':>6} "
           f"{'vs gloo':>8} {'#wrong':>6} {'tx/size':>8} {'rx/size':>8} {'cpu':>5}")
@@ -136,8 +145,7 @@ def plot(rows, path):
         series = sorted((r["bytes"], r["algbw_GBps"]) for r in rows if (r["system"], r["hosts"]) == key)
         axes.plot([s for s, _ in series], [b for _, b in series], marker="o", label=f"{key[0]}, {key[1]} hosts")
     for n in sorted({r["hosts"] for r in rows}):
-        bound = next(r for r in rows if r["hosts"] == n)
-        limit = bound["goodput_GBps"] * n / (2 * (n - 1))
+        limit = ring_bound(next(r["goodput_GBps"] for r in rows if r["hosts"] == n), n)
         axes.axhline(limit, linestyle=":", color="grey")
         axes.annotate(f"ring bound, {n} hosts", (min(r["bytes"] for r in rows), limit), fontsize=8)
     axes.set_xscale("log", base=2)

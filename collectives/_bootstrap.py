@@ -29,7 +29,7 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from . import _handshake, _netif
 from ._config import Config
@@ -203,7 +203,7 @@ def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config
         else:
             job_id = exchange.get("job", f"rank 0 did not start the job at {rendezvous} within {config.timeout:g} s")
         peer_fds, peer_names = _connect_workers(rank, size, config, secret, job_id, deadline, exchange,
-                                                _netif.advertise_address(config.socket_ifname, toward))
+                                                lambda: _netif.advertise_address(config.socket_ifname, toward))
     except Exception as e:
         exchange.publish_failure(e)
         raise
@@ -231,15 +231,26 @@ def _bootstrap_mpi(rendezvous: Optional[str], rendezvous_source: str, config: Co
 
     # Worker 0 makes the secret (or takes COLLECTIVES_TOKEN, which processes launched
     # outside this mpirun need too), the job id, and the address the others route toward.
+    # A failure here travels in the broadcast itself: a rank that raised instead of joining
+    # the next MPI call would leave the others blocked in it for good.
     shared = None
     if world.rank == workers[0]:
-        address = _netif.advertise_address(config.socket_ifname, "127.0.0.1" if one_host else None)
-        shared = (read_secret(env) or secrets.token_bytes(_SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES), address)
-    secret, job_id, address0 = world.bcast(shared, root=workers[0])
-    address = address0 if rank == 0 else _netif.advertise_address(config.socket_ifname, address0)
+        try:
+            address = _netif.advertise_address(config.socket_ifname, "127.0.0.1" if one_host else None)
+            shared = (read_secret(env) or secrets.token_bytes(_SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES),
+                      address)
+        except (OSError, ValueError, CollectiveError) as e:
+            shared = e
+    shared = world.bcast(shared, root=workers[0])
+    if isinstance(shared, Exception):
+        if rank == 0:
+            raise shared
+        raise CollectiveError(f"worker 0 could not start the job: {shared}")
+    secret, job_id, address0 = shared
 
-    peer_fds, peer_names = _connect_workers(rank, size, config, secret, job_id, deadline,
-                                            _MpiExchange(mpi_comm), address)
+    peer_fds, peer_names = _connect_workers(
+        rank, size, config, secret, job_id, deadline, _MpiExchange(mpi_comm),
+        lambda: address0 if rank == 0 else _netif.advertise_address(config.socket_ifname, address0))
     store = server = None
     if rendezvous is not None:  # others (reducers started on their own) meet the job there
         host, port = _parse_address(rendezvous, rendezvous_source)
@@ -377,7 +388,8 @@ class _StoreExchange:
 
 
 class _MpiExchange:
-    """Exchanges addresses over MPI; mpirun itself ends the job when a process fails."""
+    """Exchanges addresses over MPI. Failures before the exchange travel in it (every worker
+    joins it, failed or not); connecting afterwards is bounded by the deadline."""
 
     def __init__(self, comm: Any):
         self.comm = comm
@@ -390,16 +402,29 @@ class _MpiExchange:
 
 
 def _connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id: bytes, deadline: float,
-                     exchange: Any, address: str) -> Tuple[List[List[int]], List[str]]:
+                     exchange: Any, find_address: Callable[[], str]) -> Tuple[List[List[int]], List[str]]:
     """Publishes this worker's address, checks that all agree, and builds the mesh."""
     if size == 1:
         return [[]], [f"rank {rank} (this process)"]
-    listener = _netif.listen(address, config.port_range)
+    # A worker that cannot listen still publishes (why), so that every worker fails alike
+    # rather than one raising while the others wait for its address.
+    listener = None
     try:
+        address = find_address()
+        listener = _netif.listen(address, config.port_range)
         port = listener.getsockname()[1]
         record = {"host": address, "port": port, "hostname": socket.gethostname(),
                   "protocol": _handshake.PROTOCOL_VERSION, "settings": (("size", size),) + config.must_match()}
+    except (OSError, ValueError, CollectiveError) as e:
+        local_failure = e
+        record = {"failed": f"{type(e).__name__}: {e}"}
+    try:
         records = [json.loads(r) for r in exchange.allgather(json.dumps(record).encode())]
+        if listener is None:
+            raise local_failure
+        failed = [f"rank {p}: {r['failed']}" for p, r in enumerate(records) if "failed" in r]
+        if failed:
+            raise CollectiveError("workers could not start: " + "; ".join(failed))
         _check_records(records)
         names = [f"rank {p} ({r['host']}:{r['port']})" if p != rank else f"rank {p} (this process)"
                  for p, r in enumerate(records)]
@@ -408,7 +433,8 @@ def _connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id
                      job_id, deadline)
         peer_fds = mesh.build(exchange)
     finally:
-        listener.close()
+        if listener is not None:
+            listener.close()
     log.info("rank %d of %d (%s:%d): connected to %d peers, %d connection(s) each, in %.2f s",
              rank, size, address, port, size - 1, config.connections_per_peer, time.monotonic() - started)
     return peer_fds, names

@@ -18,8 +18,8 @@ from . import _core
 DTYPES: Tuple[str, ...] = tuple(_core.DTYPES)
 FLOATING = ("float16", "bfloat16", "float32", "float64")
 
-# DLPack device types that are host memory the CPU can read and write.
-_DLPACK_HOST_DEVICES = {1: "cpu", 3: "cuda pinned host"}
+# DLPack device types that are host memory the CPU can read and write: CPU, CUDA pinned host.
+_DLPACK_HOST_DEVICES = frozenset({1, 3})
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,6 @@ class Buffer:
     @property
     def dtype_code(self) -> int:
         return DTYPES.index(self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.count * np.dtype(_numpy_dtype(self.dtype)).itemsize
 
 
 def _numpy_dtype(name: str):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import atexit
+import builtins
 import ctypes
 import logging
 import os
+import time
 import weakref
 from typing import Any, List, Optional
 
 import numpy as np
 
-from . import _buffers, _core, errors
+from . import _buffers, _core
 from ._bootstrap import Bootstrap, bootstrap
 from ._config import Config
 from .errors import CollectiveError
@@ -37,26 +39,28 @@ class Work:
     def wait(self, timeout: Optional[float] = None) -> Any:
         """Block until done; return the result (the buffer, or the new array).
 
-        `timeout` only bounds this wait (the collective's own deadline is the communicator's
-        timeout): collectives.TimeoutError if it passes first, and the collective goes on.
+        `timeout` bounds only this wait, not the collective (whose deadline is the
+        communicator's timeout): the builtin TimeoutError if it passes first, and the
+        collective goes on.
         """
-        remaining = timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while not self._core_work.wait_for(
-                _WAIT_SLICE_SECONDS if remaining is None else min(_WAIT_SLICE_SECONDS, remaining)
-            ):
-                if remaining is not None:
-                    remaining -= _WAIT_SLICE_SECONDS
-                    if remaining <= 0:
-                        raise errors.TimeoutError(
-                            f"wait(timeout={timeout}) passed before the collective finished"
-                        )
+            while not self._core_work.wait_for(self._slice(deadline)):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise builtins.TimeoutError(f"wait(timeout={timeout}) passed before the collective finished")
         except KeyboardInterrupt:
-            # The core may still write into the buffers: end the collective before they can be
-            # freed. The communicator cannot continue without its peers anyway.
+            # The caller may reuse the buffers as soon as this returns: end the collective
+            # first. The communicator cannot go on without its peers anyway.
             self._comm._interrupt()
             raise
         return self._result
+
+    @staticmethod
+    def _slice(deadline: Optional[float]) -> float:
+        # Short waits, so that Ctrl-C is handled promptly between them.
+        if deadline is None:
+            return _WAIT_SLICE_SECONDS
+        return min(_WAIT_SLICE_SECONDS, max(0.0, deadline - time.monotonic()))
 
     def done(self) -> bool:
         return self._core_work.done()
@@ -195,15 +199,14 @@ class Communicator:
     def _submit(self, core_work: Any, result: Any, keep_alive: tuple) -> Work:
         work = Work(self, core_work, result, keep_alive)
         # Hold every unfinished collective, so its buffers outlive it even if the caller
-        # drops the Work without waiting.
-        self._pending = [w for w in self._pending if not w.done()]
+        # drops the Work without waiting (held first, pruned after).
         self._pending.append(work)
+        self._pending = [w for w in self._pending if w is work or not w.done()]
         return work
 
     def _interrupt(self) -> None:
-        core = self._core
-        if core is not None and os.getpid() == self._pid:
-            core.abort(f"rank {self.rank} was interrupted (KeyboardInterrupt)")
+        if self._owned_here():
+            self._core.abort(f"rank {self.rank} was interrupted (KeyboardInterrupt)")
             for work in self._pending:
                 try:
                     while not work._core_work.wait_for(_WAIT_SLICE_SECONDS):
@@ -268,6 +271,10 @@ def init(
     if config.algorithm not in ("auto", "ring"):
         raise ValueError(
             f"algorithm {config.algorithm!r} is not available in this version; use 'ring' or 'auto'"
+        )
+    if config.num_reducers:
+        raise ValueError(
+            "COLLECTIVES_NUM_REDUCERS is set, but this version has no reduction server; unset it"
         )
     if config.debug and not logger.handlers:
         # COLLECTIVES_DEBUG=1: start-up steps here, each collective's phases from the core.

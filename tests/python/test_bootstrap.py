@@ -352,3 +352,26 @@ def test_data_sockets_are_tuned():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         # left to the kernel's autotuning (a fixed size would switch it off)
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == default_buffer
+
+
+BAD_INTERFACE_ON_ONE_RANK = """
+import json, os
+if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK")) == "1":
+    os.environ["COLLECTIVES_SOCKET_IFNAME"] = "=no-such-interface"
+import collectives as cc
+try:
+    cc.init().close()
+    print(json.dumps({"error": None}))
+except Exception as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+"""
+
+
+@pytest.mark.mpi
+def test_mpirun_failure_on_one_rank_reaches_every_rank(run_mpirun):
+    """A local failure before the address exchange must not leave the others blocked in MPI."""
+    result = run_mpirun(BAD_INTERFACE_ON_ONE_RANK, 3, env={"COLLECTIVES_TIMEOUT": "30"}, timeout=60)
+    reports = result.reports()
+    assert len(reports) == 3, result.stdout + result.stderr
+    assert all(r["error"] for r in reports), reports
+    assert all("no-such-interface" in r["message"] for r in reports), reports
