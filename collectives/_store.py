@@ -33,6 +33,11 @@ MAX_VALUE_BYTES = 1 << 20
 MAX_FIELDS = 4096  # keys in one WAIT
 MAX_STORE_BYTES = 64 << 20  # all keys and values together
 MAX_CONNECTIONS = 4096
+# One request's fields together: a SET of the largest value, or a WAIT on many keys. The
+# server reads at most this much before it acts, so a stranger cannot make it allocate more.
+MAX_MESSAGE_BYTES = 2 * MAX_VALUE_BYTES
+# Once a request has begun, the rest of it must arrive within this long.
+MESSAGE_TIMEOUT_S = 30.0
 
 _SET, _GET, _ADD, _WAIT = 1, 2, 3, 4
 _OK, _TIMEOUT, _ERROR = 0, 1, 2
@@ -75,10 +80,13 @@ def _read_message(sock: socket.socket, max_field_bytes: int) -> Tuple[int, List[
     if nfields > MAX_FIELDS + 1:
         raise _Malformed(f"{nfields} fields (at most {MAX_FIELDS + 1})")
     fields = []
+    total = 0
     for _ in range(nfields):
         (length,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
-        if length > max_field_bytes:
-            raise _Malformed(f"a field of {length} bytes (at most {max_field_bytes})")
+        total += length
+        if length > max_field_bytes or total > MAX_MESSAGE_BYTES:
+            raise _Malformed(f"a field of {length} bytes (at most {max_field_bytes}, and "
+                             f"{MAX_MESSAGE_BYTES} in one request)")
         fields.append(_recv_exact(sock, length))
     return code, fields
 
@@ -173,10 +181,17 @@ class StoreServer:
         peer = f"{addr[0]}:{addr[1]}"
         try:
             while True:
+                conn.settimeout(None)  # a client may stay idle between requests for a whole job
                 try:
+                    if not conn.recv(1, socket.MSG_PEEK):
+                        return
+                    conn.settimeout(MESSAGE_TIMEOUT_S)  # ... but not stall half-way through one
                     op, fields = _read_message(conn, MAX_VALUE_BYTES)
                 except EOFError:
                     return
+                except socket.timeout:
+                    raise _Malformed(f"a request stalled for {MESSAGE_TIMEOUT_S:g} s") from None
+                conn.settimeout(None)  # a GET may wait as long as its own timeout
                 conn.sendall(self._execute(op, fields))
         except _Malformed as e:
             log.warning("store: closing the connection from %s: malformed request: %s", peer, e)
@@ -220,7 +235,10 @@ class StoreServer:
                 except ValueError:
                     return _pack(_ERROR, [b"the value of this key is not an integer"])
                 value = str(total).encode()
-                self._bytes += len(key) + len(value) - self._entry_bytes(key)
+                grown = self._bytes + len(key) + len(value) - self._entry_bytes(key)
+                if grown > MAX_STORE_BYTES:
+                    return _pack(_ERROR, [b"the store is full (%d bytes)" % MAX_STORE_BYTES])
+                self._bytes = grown
                 self._data[key] = value
                 self._cond.notify_all()
             return _pack(_OK, [_I64.pack(total)])

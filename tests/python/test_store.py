@@ -121,7 +121,10 @@ def test_client_gives_up_at_its_deadline(free_port):
     struct.pack("!BHI", 2, 2, 1) + b"k" + struct.pack("!I", 3) + b"abc",  # GET whose timeout is not 8 bytes
     struct.pack("!BHI", 1, 2, 0) + struct.pack("!I", 1) + b"v",  # an empty key
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-], ids=["oversize", "fields", "unknown-op", "bad-timeout", "empty-key", "http"])
+    # a WAIT whose many allowed-size fields add up to more than one request may hold
+    struct.pack("!BHQ", 4, 4097, 0)[:3] + struct.pack("!I", 8) + bytes(8)
+    + (struct.pack("!I", MAX_VALUE_BYTES) + bytes(MAX_VALUE_BYTES)) * 2 + struct.pack("!I", MAX_VALUE_BYTES),
+], ids=["oversize", "fields", "unknown-op", "bad-timeout", "empty-key", "http", "oversize-total"])
 def test_a_bad_request_closes_only_its_connection(server, client, request_bytes):
     blocked = {}
 
