@@ -1,8 +1,9 @@
 """Exceptions raised by collectives.
 
-Every failure of a collective or of start-up is a :class:`CollectiveError`, so that one
-``except cc.CollectiveError`` catches them all; the subclasses say what kind of failure
-it was for callers that want to react differently.
+Every failure of a collective, and of start-up once peers are involved (unreachable,
+refused, timed out), is a :class:`CollectiveError`, so that one ``except cc.CollectiveError``
+catches them all; the subclasses say what kind of failure it was. Bad arguments and
+settings raise ValueError or TypeError before anything is sent.
 """
 
 __all__ = ["CollectiveError", "TimeoutError", "ProtocolVersionError", "AuthenticationError"]

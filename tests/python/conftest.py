@@ -38,9 +38,17 @@ class RankResult(NamedTuple):
     stderr: str
 
     def reports(self) -> List[dict]:
-        """Every stdout line that is a JSON object: what the rank scripts printed as reports
-        (one per rank; several for an mpirun job)."""
-        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
+        """Every JSON object that starts a stdout line: what the rank scripts printed as
+        reports (one per rank; several for an mpirun job, whose launcher may join two ranks'
+        lines into one, as MPICH's hydra does)."""
+        decoder, found, text, at = json.JSONDecoder(), [], self.stdout, 0
+        while True:
+            if not text.startswith("{", at):  # not right after a report: the next line's
+                at = text.find("\n{", at) + 1
+                if at == 0:
+                    return found
+            report, at = decoder.raw_decode(text, at)
+            found.append(report)
 
     def report(self) -> dict:
         """The rank's last JSON report; fails the test, showing stderr, if it printed none."""
