@@ -70,6 +70,7 @@ class Communicator:
     """Collectives among `size` workers; create it with collectives.init()."""
 
     def __init__(self, boot: Bootstrap, config: Config):
+        self._core = None
         self._boot = boot
         self._config = config
         self._pid = os.getpid()
@@ -170,6 +171,15 @@ class Communicator:
         core.close()
         self._pending.clear()
         self._boot.close()
+
+    def __del__(self) -> None:
+        # Collected together with unfinished collectives (a cycle through their Works): stop
+        # the core before the buffers those Works hold can be freed.
+        if self._core is not None:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - nothing can be raised from here
+                logger.exception("closing %r on collection failed", self)
 
     def __enter__(self) -> "Communicator":
         return self
