@@ -18,8 +18,10 @@ Run as root (it creates network namespaces).
 """
 
 import argparse
+import datetime
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +52,9 @@ def parse_args():
     add("--reducers", type=int, default=0, help="reducer hosts (the reduction server; not available yet)")
     add("--json", metavar="FILE", help="write all result rows to FILE")
     add("--plot", metavar="PNG", help="with --sweep: plot algbw against size per system to PNG")
+    add("--results", metavar="MD",
+        help="also rewrite the block between the compare.py markers in MD (benchmarks/RESULTS.md) "
+        "with this run's table, command and date")
     args = parser.parse_args()
     try:
         args.hosts = [int(h) for h in args.hosts.split(",")]
@@ -134,6 +139,43 @@ def print_rows(rows, bed):
               f"{row['cpu_util']:>5.0%}{flag}")
 
 
+MARK_BEGIN = "<!-- compare.py: begin (generated; rerun the command below to regenerate) -->"
+MARK_END = "<!-- compare.py: end -->"
+
+
+def markdown(rows, command):
+    """This run as a RESULTS.md block: the command, the date, the commit, the table."""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [MARK_BEGIN, "", f"{when}, commit {rows[0]['commit']}. Regenerate with:", "", "```",
+             command, "```", ""]
+    for hosts in sorted({r["hosts"] for r in rows}):
+        first = next(r for r in rows if r["hosts"] == hosts)
+        lines += [f"{hosts} hosts; {first['tc']}; goodput B = {first['goodput_GBps'] * 8e3:.1f} Mbit/s; "
+                  f"bound {ring_bound(first['goodput_GBps'], hosts):.4f} GB/s", ""]
+        lines += ["| system | size | time (ms) | algbw (GB/s) | busbw (GB/s) | of bound | vs gloo | #wrong "
+                  "| tx/size | rx/size | cpu |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for row in (r for r in rows if r["hosts"] == hosts):
+            link, ratio = row["link_bytes"], row["speedup_vs_gloo"]
+            flag = " (cpu_bound: does not count)" if row["cpu_bound"] else ""
+            lines.append(
+                f"| {row['system']} | {row['bytes']} | {row['time_s'] * 1e3:.1f} | {row['algbw_GBps']:.4f} "
+                f"| {row['busbw_GBps']:.4f} | {row['bound_fraction']:.1%} | "
+                f"{'-' if ratio is None else f'{ratio:.2f}x'} | {row['wrong']} | "
+                f"{link['tx_per_host'] / row['bytes']:.3f} | {link['rx_per_host'] / row['bytes']:.3f} | "
+                f"{row['cpu_util']:.0%}{flag} |")
+        lines.append("")
+    return "\n".join(lines + [MARK_END])
+
+
+def update_results(path, block):
+    text = Path(path).read_text()
+    begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"{path} has no block between the compare.py markers ({MARK_BEGIN} ... {MARK_END})")
+    Path(path).write_text(text[:begin] + block + text[end + len(MARK_END):])
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -173,6 +215,10 @@ def main():
     if args.plot:
         plot(everything, args.plot)
         print(f"# plotted to {args.plot}")
+    if args.results:
+        command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        update_results(args.results, markdown(everything, command))
+        print(f"# rewrote the compare.py block of {args.results}")
 
 
 if __name__ == "__main__":
