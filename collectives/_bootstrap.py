@@ -25,7 +25,6 @@ import logging
 import os
 import queue
 import secrets
-import selectors
 import socket
 import threading
 import time
@@ -592,28 +591,18 @@ class _Mesh:
                                   f"{e.strerror or e}; has it exited? (its log says why)") from None
 
     def _accept_loop(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.listener, selectors.EVENT_READ)
-            selector.register(self.wake_r, selectors.EVENT_READ)
-            while True:
-                for key, _ in selector.select():
-                    if key.fileobj is self.wake_r:
-                        return
-                    try:
-                        conn, addr = self.listener.accept()
-                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                        continue
-                    with self.lock:
-                        busy = self.pending >= _MAX_PENDING_HANDSHAKES
-                        if not busy:
-                            self.pending += 1
-                    if busy:
-                        log.warning("rank %d: refused a connection from %s:%d: %d handshakes are under way",
-                                    self.rank, addr[0], addr[1], _MAX_PENDING_HANDSHAKES)
-                        conn.close()
-                        continue
-                    threading.Thread(target=self._accept_one, args=(conn,), name="collectives-handshake",
-                                     daemon=True).start()
+        for conn, addr in _netif.accepted(self.listener, self.wake_r):
+            with self.lock:
+                busy = self.pending >= _MAX_PENDING_HANDSHAKES
+                if not busy:
+                    self.pending += 1
+            if busy:
+                log.warning("rank %d: refused a connection from %s:%d: %d handshakes are under way",
+                            self.rank, addr[0], addr[1], _MAX_PENDING_HANDSHAKES)
+                conn.close()
+                continue
+            threading.Thread(target=self._accept_one, args=(conn,), name="collectives-handshake",
+                             daemon=True).start()
 
     def _accept_one(self, conn: socket.socket) -> None:
         try:

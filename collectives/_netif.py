@@ -6,13 +6,14 @@ import errno
 import fcntl
 import ipaddress
 import logging
+import selectors
 import socket
 import struct
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from .errors import CollectiveError
 
-__all__ = ["advertise_address", "interface_address", "is_loopback", "listen", "names_loopback", "tune_socket"]
+__all__ = ["accepted", "advertise_address", "interface_address", "is_loopback", "listen", "names_loopback", "tune_socket"]
 
 log = logging.getLogger("collectives")
 
@@ -135,3 +136,19 @@ def listen(address: str, port_range: Optional[Tuple[int, int]]) -> socket.socket
             raise CollectiveError(f"cannot listen on {address}:{port}: {e.strerror or e}") from e
     raise CollectiveError(f"every port of COLLECTIVES_PORT_RANGE={port_range[0]}-{port_range[1]} is in use "
                           f"on {address}: widen the range, or stop what holds those ports")
+
+
+def accepted(listener: socket.socket, wake: socket.socket) -> Iterator[Tuple[socket.socket, tuple]]:
+    """(connection, address) for each peer that connects to the non-blocking ``listener``,
+    until ``wake`` becomes readable (the owner is closing)."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(listener, selectors.EVENT_READ)
+        selector.register(wake, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is wake:
+                    return
+                try:
+                    yield listener.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue

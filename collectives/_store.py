@@ -15,13 +15,13 @@ anyone who can reach it can read it.
 from __future__ import annotations
 
 import logging
-import selectors
 import socket
 import struct
 import threading
 import time
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from . import _netif
 from .errors import CollectiveError, TimeoutError
 
 __all__ = ["StoreServer", "StoreClient", "MAX_KEY_BYTES", "MAX_VALUE_BYTES"]
@@ -152,30 +152,20 @@ class StoreServer:
         self._wake_w.close()
 
     def _accept_loop(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._listener, selectors.EVENT_READ)
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                for key, _ in selector.select():
-                    if key.fileobj is self._wake_r:
-                        return
-                    try:
-                        conn, addr = self._listener.accept()
-                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                        continue
-                    with self._cond:
-                        refuse = self._closed or len(self._conns) >= self._max_connections
-                        if not refuse:
-                            self._conns.add(conn)
-                    if refuse:
-                        log.warning("store: refusing a connection from %s:%d: %d connections are open already",
-                                    addr[0], addr[1], self._max_connections)
-                        conn.close()
-                        continue
-                    conn.setblocking(True)
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    threading.Thread(target=self._serve_connection, args=(conn, addr),
-                                     name="collectives-store-conn", daemon=True).start()
+        for conn, addr in _netif.accepted(self._listener, self._wake_r):
+            with self._cond:
+                refuse = self._closed or len(self._conns) >= self._max_connections
+                if not refuse:
+                    self._conns.add(conn)
+            if refuse:
+                log.warning("store: refusing a connection from %s:%d: %d connections are open already",
+                            addr[0], addr[1], self._max_connections)
+                conn.close()
+                continue
+            conn.setblocking(True)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve_connection, args=(conn, addr),
+                             name="collectives-store-conn", daemon=True).start()
 
     def _serve_connection(self, conn: socket.socket, addr: tuple) -> None:
         peer = f"{addr[0]}:{addr[1]}"

@@ -23,11 +23,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import pytest
 
-# Variables that a launcher around the test run (mpirun, torchrun, a CI job) may have set
-# and that would change how a rank process starts.
-_LAUNCHER_PREFIXES = ("COLLECTIVES_", "OMPI_", "PMI_", "PMIX_", "MV2_", "PRTE_", "TORCHELASTIC_")
-_LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                   "MASTER_PORT")
+from launch_env import clean_environ
 
 EnvArg = Optional[Dict[str, Optional[str]]]
 
@@ -55,11 +51,6 @@ class RankResult(NamedTuple):
         found = self.reports()
         assert found, f"no report (rc {self.returncode}); stderr:\n{self.stderr[-3000:]}"
         return found[-1]
-
-
-def _clean_environ() -> Dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
 
 
 def _apply(env: Dict[str, str], changes: EnvArg) -> None:
@@ -152,7 +143,7 @@ def run_ranks(script: str, n: int, *, launcher: Optional[str] = "collectives", e
     workdir = Path(tempfile.mkdtemp(prefix="collectives-ranks-"))
     try:
         (workdir / "rank_script.py").write_text(script)
-        common = _clean_environ()
+        common = clean_environ()
         common["PYTHONUNBUFFERED"] = "1"
         if launcher == "collectives":
             common.update(COLLECTIVES_SIZE=str(n), COLLECTIVES_RENDEZVOUS=f"127.0.0.1:{free_port()}",
@@ -200,7 +191,7 @@ def run_mpirun(script: str, n: int, *, env: EnvArg = None, mpirun_args: Sequence
     workdir = Path(tempfile.mkdtemp(prefix="collectives-mpi-"))
     try:
         (workdir / "rank_script.py").write_text(script)
-        run_env = _clean_environ()
+        run_env = clean_environ()
         run_env.update(PYTHONUNBUFFERED="1", OMPI_MCA_btl="self,tcp")
         _apply(run_env, env)
         command = [mpirun, "-np", str(n)]

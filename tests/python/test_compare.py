@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch_env import clean_environ
 
 COMPARE_PY = Path(__file__).resolve().parents[2] / "benchmarks" / "compare.py"
 REQUIRED = ("ip", "tc", "unshare", "nsenter")
@@ -28,7 +29,7 @@ KEYS = {"system", "algorithm", "hosts", "reducers", "rate_gbps", "goodput_GBps",
 def test_compare_rows_carry_the_link_figures(tmp_path):
     pytest.importorskip("torch")
     rows_file = tmp_path / "rows.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COLLECTIVES_", "OMPI_", "PMIX_", "PRTE_"))}
+    env = clean_environ()
     done = subprocess.run([sys.executable, str(COMPARE_PY), "--hosts", "2", "--rate", "50mbit", "--size", "1M",
                            "--pairs", "2", "--json", str(rows_file)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=170)

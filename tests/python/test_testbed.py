@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launch_env import clean_environ
 
 TESTBED_PY = Path(__file__).resolve().parents[2] / "benchmarks" / "testbed.py"
 _spec = importlib.util.spec_from_file_location("testbed", TESTBED_PY)
@@ -37,13 +38,10 @@ pytestmark = [pytest.mark.testbed, pytest.mark.timeout(60),
 RATE = "20mbit"
 RATE_BPS = 20e6
 BURST = 256 << 10
-# Variables of a launcher around the test run that would change how a job starts.
-_LAUNCHER_PREFIXES = ("COLLECTIVES_", "OMPI_", "PMI_", "PMIX_", "PRTE_", "TORCHELASTIC_", "TESTBED_")
-_LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _job_env(bed, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
+    env = clean_environ()
     env.update(bed.env(), PYTHONUNBUFFERED="1", **extra)
     return env
 
