@@ -28,13 +28,24 @@ void Work::finish(std::exception_ptr error) {
 }
 
 Communicator::Communicator(int rank, int size, std::vector<std::vector<int>> peer_fds,
-                           std::vector<std::string> peer_names, CommunicatorOptions options)
+                           std::vector<std::string> peer_names, CommunicatorOptions options,
+                           std::vector<int> reducer_fds, std::vector<std::string> reducer_names)
     : rank_(rank), size_(size), options_(options) {
+  // The sockets were handed over: owned from here on, whatever fails below.
+  if (!reducer_fds.empty()) {
+    reducers_ = std::make_unique<ReducerChannels>(std::move(reducer_fds), std::move(reducer_names));
+  }
   if (!(options.timeout_seconds > 0)) {
     for (auto& fds : peer_fds) {
-      for (int fd : fds) ::close(fd);  // they were handed over: close them on every path
+      for (int fd : fds) ::close(fd);
     }
     throw std::invalid_argument("timeout must be positive");
+  }
+  if (options.reduction_server && !reducers_) {
+    for (auto& fds : peer_fds) {
+      for (int fd : fds) ::close(fd);
+    }
+    throw std::invalid_argument("the reduction_server algorithm needs reducers");
   }
   transport_ = std::make_unique<TcpTransport>(rank, size, std::move(peer_fds), std::move(peer_names));
   executor_ = std::thread([this] { execute_loop(); });
@@ -87,6 +98,8 @@ void Communicator::execute_loop() {
       ctx.log(std::string("failed: ") + e.what());
       transport_->abort(e.what());
       transport_->quiesce();
+      // Ending the reducers' connections without goodbye makes them tell the other workers.
+      if (reducers_) reducers_->close(false);
       bool timed_out = dynamic_cast<const TimeoutError*>(&e) != nullptr;
       error = timed_out ? std::make_exception_ptr(TimeoutError(message))
                         : std::make_exception_ptr(CollectiveError(message));
@@ -105,6 +118,13 @@ void Communicator::execute_loop() {
 
 std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType dtype,
                                               ReduceOp op) {
+  if (options_.reduction_server) {
+    return enqueue({CollectiveKind::kAllreduce, 0, count, dtype, op},
+                   [=](const AlgorithmContext& ctx) {
+                     allreduce_reduction_server(ctx, *reducers_,
+                                                options_.reduction_server_settings, data, count);
+                   });
+  }
   return enqueue({CollectiveKind::kAllreduce, 0, count, dtype, op},
                  [=](const AlgorithmContext& ctx) { allreduce_ring(ctx, data, count); });
 }
@@ -138,11 +158,16 @@ std::shared_ptr<Work> Communicator::barrier() {
                  [](const AlgorithmContext& ctx) { barrier_dissemination(ctx); });
 }
 
+std::vector<ReducerStat> Communicator::reducer_stats() const {
+  return reducers_ ? reducers_->stats() : std::vector<ReducerStat>{};
+}
+
 void Communicator::abort(const std::string& reason) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!transport_) return;  // closed already
   if (failure_.empty()) failure_ = reason;
   transport_->abort(reason);
+  if (reducers_) reducers_->cancel(reason);
 }
 
 void Communicator::close() {
@@ -158,12 +183,21 @@ void Communicator::close() {
   }
   // A collective still in flight cannot finish without this rank: end it now, and let the
   // peers know why, rather than keep them waiting for their timeout.
-  if (running) transport_->abort("rank " + std::to_string(rank_) + " closed its communicator during a collective");
+  if (running) {
+    const std::string reason =
+        "rank " + std::to_string(rank_) + " closed its communicator during a collective";
+    transport_->abort(reason);
+    if (reducers_) reducers_->cancel(reason);
+  }
   for (auto& task : abandoned) {
     task.work->finish(std::make_exception_ptr(
         CollectiveError(task.tag.describe() + ": the communicator was closed before it ran")));
   }
   executor_.join();
+  if (reducers_) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reducers_->close(failure_.empty());  // a goodbye tells them this is no failure
+  }
   std::unique_ptr<TcpTransport> transport;
   {
     std::lock_guard<std::mutex> lock(mutex_);

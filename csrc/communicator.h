@@ -16,6 +16,7 @@
 
 #include "algorithms/algorithm.h"
 #include "common/error.h"
+#include "reduction_server/client.h"
 #include "common/types.h"
 #include "transport/tcp_transport.h"
 
@@ -25,6 +26,8 @@ struct CommunicatorOptions {
   double timeout_seconds = 300;
   size_t segment_bytes = 0;  // 0: chosen per message size
   bool debug = false;        // log each collective's phases on stderr
+  bool reduction_server = false;  // allreduce goes through the reducers
+  ReductionServerSettings reduction_server_settings;
 };
 
 // One queued collective. Waiting rethrows the collective's CollectiveError or TimeoutError.
@@ -46,8 +49,10 @@ class Work {
 
 class Communicator {
  public:
+  // reducer_fds[r]: the connected, authenticated socket to reducer r (none: no reducers).
   Communicator(int rank, int size, std::vector<std::vector<int>> peer_fds,
-               std::vector<std::string> peer_names, CommunicatorOptions options);
+               std::vector<std::string> peer_names, CommunicatorOptions options,
+               std::vector<int> reducer_fds = {}, std::vector<std::string> reducer_names = {});
   ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
@@ -62,6 +67,8 @@ class Communicator {
   std::shared_ptr<Work> reduce_scatter(const void* input, void* output, size_t count,
                                        DataType dtype, ReduceOp op);
   std::shared_ptr<Work> barrier();
+  // Bytes exchanged with each reducer, and whether it is still in use.
+  std::vector<ReducerStat> reducer_stats() const;
 
   // Local: every pending and later collective fails with CollectiveError; peers are told.
   void abort(const std::string& reason);
@@ -81,6 +88,7 @@ class Communicator {
   const int size_;
   const CommunicatorOptions options_;
   std::unique_ptr<TcpTransport> transport_;
+  std::unique_ptr<ReducerChannels> reducers_;  // null without reducers
   std::vector<char> scratch_;  // the executor's staging memory
 
   std::mutex mutex_;  // guards the fields below

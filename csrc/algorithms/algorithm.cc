@@ -20,9 +20,12 @@ size_t segment_elements(const AlgorithmContext& ctx, size_t largest_message_elem
 }
 
 void AlgorithmContext::log(const std::string& phase) const {
-  if (!debug) return;
+  if (debug) note(phase);
+}
+
+void AlgorithmContext::note(const std::string& event) const {
   std::fprintf(stderr, "[collectives rank %d] %s: %s\n", rank(), tag.describe().c_str(),
-               phase.c_str());
+               event.c_str());
 }
 
 }  // namespace collectives

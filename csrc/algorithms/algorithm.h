@@ -25,6 +25,8 @@ struct AlgorithmContext {
   void wait(const TransportRequest& request) const { transport.wait(request, deadline); }
   // "[collectives rank R] allreduce #7 (sum, 1000 x float32): <phase>", when debugging.
   void log(const std::string& phase) const;
+  // The same line, always: for events a user must hear of (a reducer failed).
+  void note(const std::string& event) const;
 };
 
 // Elements per pipelined message when the largest message of a collective holds
@@ -41,5 +43,19 @@ void reduce_scatter_ring(const AlgorithmContext& ctx, const void* input, void* o
 void broadcast_chain(const AlgorithmContext& ctx, void* data, size_t count, int root);
 // Dissemination barrier: ceil(log2(size)) rounds of empty messages.
 void barrier_dissemination(const AlgorithmContext& ctx);
+// Element-wise max of `values` over all ranks, in place, by dissemination as the barrier;
+// its messages are units first_unit, first_unit + 1, ... of ctx.tag.
+void agree_max(const AlgorithmContext& ctx, uint32_t* values, size_t n, uint32_t first_unit);
+
+class ReducerChannels;
+struct ReductionServerSettings {
+  size_t chunk_bytes = 0;  // 0: chosen per message size
+  int inflight = 0;        // unanswered chunks per reducer; 0: the default
+  double heartbeat_timeout = 10;
+  bool fallback_ring = false;  // with every reducer gone, finish on the ring instead of failing
+};
+// All-reduce through the job's reducers (reduction_server.cc); in place.
+void allreduce_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reducers,
+                                const ReductionServerSettings& settings, void* data, size_t count);
 
 }  // namespace collectives

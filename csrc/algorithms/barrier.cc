@@ -1,19 +1,28 @@
+#include <algorithm>
+
 #include "algorithms/algorithm.h"
 
 namespace collectives {
 
-void barrier_dissemination(const AlgorithmContext& ctx) {
+void agree_max(const AlgorithmContext& ctx, uint32_t* values, size_t n, uint32_t first_unit) {
   const int size = ctx.size(), rank = ctx.rank();
-  // Round k: tell rank+2^k, hear from rank-2^k. After round k each rank has (indirectly)
-  // heard from the 2^(k+1) ranks before it, so after ceil(log2(size)) rounds from all.
-  uint32_t round = 0;
-  for (int distance = 1; distance < size; distance *= 2, ++round) {
-    FrameHeader header = ctx.tag.header(round, 0);
-    auto sent = ctx.transport.send((rank + distance) % size, header, nullptr);
-    auto heard = ctx.transport.recv((rank - distance % size + size) % size, header, nullptr);
+  // Round k: send what this rank holds to rank+2^k, take the max with what rank-2^k sent.
+  // After round k a rank holds the max over the 2^(k+1) ranks ending at itself (some counted
+  // twice once 2^(k+1) > size, which a max does not mind), so after ceil(log2(size))
+  // rounds, over all of them.
+  std::vector<uint32_t> heard_values(n);
+  uint32_t unit = first_unit;
+  for (int distance = 1; distance < size; distance *= 2, ++unit) {
+    FrameHeader header = ctx.tag.header(unit, n * sizeof(uint32_t));
+    auto sent = ctx.transport.send((rank + distance) % size, header, values);
+    auto heard = ctx.transport.recv((rank - distance % size + size) % size, header,
+                                    heard_values.data());
     ctx.wait(heard);
     ctx.wait(sent);
+    for (size_t i = 0; i < n; ++i) values[i] = std::max(values[i], heard_values[i]);
   }
 }
+
+void barrier_dissemination(const AlgorithmContext& ctx) { agree_max(ctx, nullptr, 0, 0); }
 
 }  // namespace collectives

@@ -8,6 +8,7 @@
 #include "bindings/kernels.h"
 #include "communicator.h"
 #include "kernels/reduce.h"
+#include "reduction_server/server.h"
 #include "transport/frame.h"
 
 namespace py = pybind11;
@@ -55,13 +56,69 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<>())
       .def_readwrite("timeout_seconds", &CommunicatorOptions::timeout_seconds)
       .def_readwrite("segment_bytes", &CommunicatorOptions::segment_bytes)
-      .def_readwrite("debug", &CommunicatorOptions::debug);
+      .def_readwrite("debug", &CommunicatorOptions::debug)
+      .def_readwrite("reduction_server", &CommunicatorOptions::reduction_server)
+      .def_property(
+          "rs_chunk_bytes",
+          [](const CommunicatorOptions& o) { return o.reduction_server_settings.chunk_bytes; },
+          [](CommunicatorOptions& o, size_t v) { o.reduction_server_settings.chunk_bytes = v; })
+      .def_property(
+          "rs_inflight",
+          [](const CommunicatorOptions& o) { return o.reduction_server_settings.inflight; },
+          [](CommunicatorOptions& o, int v) { o.reduction_server_settings.inflight = v; })
+      .def_property(
+          "rs_heartbeat_timeout",
+          [](const CommunicatorOptions& o) { return o.reduction_server_settings.heartbeat_timeout; },
+          [](CommunicatorOptions& o, double v) { o.reduction_server_settings.heartbeat_timeout = v; })
+      .def_property(
+          "rs_fallback_ring",
+          [](const CommunicatorOptions& o) { return o.reduction_server_settings.fallback_ring; },
+          [](CommunicatorOptions& o, bool v) { o.reduction_server_settings.fallback_ring = v; });
+
+  py::class_<ReducerOptions>(m, "ReducerOptions")
+      .def(py::init<>())
+      .def_readwrite("threads", &ReducerOptions::threads)
+      .def_readwrite("max_memory_bytes", &ReducerOptions::max_memory_bytes)
+      .def_readwrite("heartbeat_interval_seconds", &ReducerOptions::heartbeat_interval_seconds)
+      .def_readwrite("debug", &ReducerOptions::debug);
+
+  py::class_<ReductionServer>(m, "ReductionServer")
+      .def(py::init<std::vector<int>, std::vector<std::string>, ReducerOptions>(),
+           py::arg("worker_fds"), py::arg("worker_names"), py::arg("options"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("serve", &ReductionServer::serve, py::call_guard<py::gil_scoped_release>(),
+           "Serve the job until every worker has said goodbye; CollectiveError if it fails.")
+      .def("stop", &ReductionServer::stop, py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](const ReductionServer& s) {
+        ReducerStats st = s.stats();
+        py::dict d;
+        d["bytes_received"] = st.bytes_received;
+        d["bytes_sent"] = st.bytes_sent;
+        d["chunks_reduced"] = st.chunks_reduced;
+        d["elements_reduced"] = st.elements_reduced;
+        d["workers_connected"] = st.workers_connected;
+        return d;
+      });
 
   py::class_<Communicator>(m, "Communicator")
       .def(py::init<int, int, std::vector<std::vector<int>>, std::vector<std::string>,
-                    CommunicatorOptions>(),
+                    CommunicatorOptions, std::vector<int>, std::vector<std::string>>(),
            py::arg("rank"), py::arg("size"), py::arg("peer_fds"), py::arg("peer_names"),
-           py::arg("options"), py::call_guard<py::gil_scoped_release>())
+           py::arg("options"), py::arg("reducer_fds") = std::vector<int>{},
+           py::arg("reducer_names") = std::vector<std::string>{},
+           py::call_guard<py::gil_scoped_release>())
+      .def("reducer_stats", [](const Communicator& c) {
+        py::list result;
+        for (const auto& st : c.reducer_stats()) {
+          py::dict d;
+          d["name"] = st.name;
+          d["alive"] = st.alive;
+          d["bytes_sent"] = st.bytes_sent;
+          d["bytes_received"] = st.bytes_received;
+          result.append(d);
+        }
+        return result;
+      })
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
       .def(

@@ -34,4 +34,10 @@ inline void divide(void* data, size_t count, DataType dtype, double divisor) {
   divide(data, count, dtype, divisor, best_simd_level());
 }
 
+// Conversions between float16/bfloat16 and float32, for sums kept in float32 and rounded
+// once (the reduction server's). narrow() rounds to nearest-even, as reduce_into() does.
+// std::invalid_argument for other dtypes.
+void widen(float* dst, const void* src, size_t count, DataType dtype);
+void narrow(void* dst, const float* src, size_t count, DataType dtype);
+
 }  // namespace collectives

@@ -15,6 +15,8 @@
 #include <deque>
 #include <stdexcept>
 
+#include "transport/socket.h"
+
 namespace collectives {
 
 struct TransportOperation {
@@ -60,40 +62,6 @@ constexpr uint64_t kFairnessBudget = 4 << 20;
 // still be draining the last collective's data), and a failing rank to say why.
 constexpr int kGoodbyeMillis = 10000;
 constexpr int kAbortNoticeMillis = 1000;
-
-std::string errno_text(int err) { return std::strerror(err); }
-
-bool would_block(int err) { return err == EAGAIN || err == EWOULDBLOCK || err == EINTR; }
-
-void set_nonblocking(int fd) {
-  int flags = fcntl(fd, F_GETFL, 0);
-  if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
-    throw std::runtime_error("fcntl(O_NONBLOCK) failed: " + errno_text(errno));
-  }
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-}
-
-// Writes a whole small frame on a non-blocking socket, waiting for room until the deadline.
-bool write_frame(int fd, const FrameHeader& header, const std::string& payload, int millis) {
-  std::string bytes(reinterpret_cast<const char*>(&header), kHeaderBytes);
-  bytes += payload;
-  Deadline deadline = deadline_after(millis / 1000.0);
-  size_t written = 0;
-  while (written < bytes.size()) {
-    ssize_t n = ::send(fd, bytes.data() + written, bytes.size() - written, MSG_NOSIGNAL);
-    if (n > 0) {
-      written += n;
-      continue;
-    }
-    if (n < 0 && !would_block(errno)) return false;
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) return false;
-    pollfd pfd{fd, POLLOUT, 0};
-    poll(&pfd, 1, static_cast<int>(left.count()));
-  }
-  return true;
-}
 
 }  // namespace
 
@@ -244,6 +212,11 @@ void TcpTransport::fail(const std::string& reason, bool timed_out) {
 bool TcpTransport::has_failed() {
   std::lock_guard<std::mutex> lock(mutex_);
   return failed_;
+}
+
+std::string TcpTransport::failure() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return failed_ ? failure_ : std::string();
 }
 
 void TcpTransport::complete(TransportOperation& op) {

@@ -54,6 +54,10 @@ class TcpTransport {
   void abort(const std::string& reason, bool timed_out = false);
   // After abort(): blocks until no socket or posted buffer will be touched again.
   void quiesce();
+  // Why the transport failed (a peer aborted or died, or abort() was called); empty while it
+  // has not. For loops that wait on other sockets too (the reduction server's clients), so
+  // that they do not outwait a failed job.
+  std::string failure();
 
  private:
   struct Connection;

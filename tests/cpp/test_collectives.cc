@@ -1,11 +1,6 @@
 // Ranks as threads in one process, over real loopback TCP: every collective against a
 // sequential reference, and the failure paths (disagreeing ranks, abort). Built and run
 // under AddressSanitizer and UndefinedBehaviorSanitizer in CI.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -17,86 +12,12 @@
 #include <thread>
 #include <vector>
 
-#include "communicator.h"
+#include "harness.h"
 
 using namespace collectives;
+using namespace collectives::testing;
 
 namespace {
-
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    ++failures;
-    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-  }
-}
-
-// peer_fds[r][p]: `connections` loopback sockets between r and p.
-std::vector<std::vector<std::vector<int>>> loopback_mesh(int size, int connections) {
-  std::vector<std::vector<std::vector<int>>> fds(size, std::vector<std::vector<int>>(size));
-  for (int i = 0; i < size; ++i) {
-    for (int j = i + 1; j < size; ++j) {
-      for (int c = 0; c < connections; ++c) {
-        int listener = socket(AF_INET, SOCK_STREAM, 0);
-        sockaddr_in addr{};
-        addr.sin_family = AF_INET;
-        addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        socklen_t len = sizeof(addr);
-        if (bind(listener, reinterpret_cast<sockaddr*>(&addr), len) != 0 || listen(listener, 1) != 0 ||
-            getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-          throw std::runtime_error("loopback listen failed");
-        }
-        int client = socket(AF_INET, SOCK_STREAM, 0);
-        if (connect(client, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
-          throw std::runtime_error("loopback connect failed");
-        }
-        int server = accept(listener, nullptr, nullptr);
-        close(listener);
-        fds[i][j].push_back(server);
-        fds[j][i].push_back(client);
-      }
-    }
-  }
-  return fds;
-}
-
-struct Job {
-  std::vector<std::unique_ptr<Communicator>> comms;
-  Job(int size, int connections = 1, size_t segment_bytes = 0, double timeout = 30) {
-    auto fds = loopback_mesh(size, connections);
-    std::vector<std::string> names;
-    for (int r = 0; r < size; ++r) names.push_back("rank " + std::to_string(r));
-    CommunicatorOptions options;
-    options.timeout_seconds = timeout;
-    options.segment_bytes = segment_bytes;
-    for (int r = 0; r < size; ++r) {
-      comms.push_back(std::make_unique<Communicator>(r, size, fds[r], names, options));
-    }
-  }
-  // Runs body(rank) on one thread per rank; returns each rank's exception text ("" if none).
-  std::vector<std::string> run(const std::function<void(int)>& body) {
-    std::vector<std::string> errors(comms.size());
-    std::vector<std::thread> threads;
-    for (size_t r = 0; r < comms.size(); ++r) {
-      threads.emplace_back([&, r] {
-        try {
-          body(static_cast<int>(r));
-        } catch (const std::exception& e) {
-          errors[r] = e.what();
-          if (errors[r].empty()) errors[r] = "?";
-        }
-      });
-    }
-    for (auto& t : threads) t.join();
-    return errors;
-  }
-};
-
-void wait(const std::shared_ptr<Work>& work) {
-  while (!work->wait_for(1.0)) {
-  }
-}
 
 template <typename T>
 DataType dtype_of();

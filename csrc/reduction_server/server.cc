@@ -1,0 +1,584 @@
+#include "reduction_server/server.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "common/error.h"
+#include "kernels/reduce.h"
+#include "transport/frame.h"
+#include "transport/socket.h"
+
+namespace collectives {
+namespace {
+
+constexpr size_t kHeaderBytes = sizeof(FrameHeader);
+// Bytes read from one worker before the loop turns to the others.
+constexpr uint64_t kFairnessBudget = 4 << 20;
+constexpr int kAbortNoticeMillis = 1000;
+// Elements summed per pass over the N contributions: the partial sum stays in cache while
+// each contribution streams through it.
+constexpr size_t kTileElements = 16 << 10;
+// A worker that stops reading is still a worker; one whose link is cut is found by TCP
+// keepalive after about kKeepIdle + kKeepCount * kKeepInterval seconds.
+constexpr int kKeepIdle = 30, kKeepInterval = 5, kKeepCount = 3;
+
+// The job cannot go on; every worker is told `what`.
+struct JobFailure {
+  std::string what;
+};
+
+// One chunk (seq, unit) of one all-reduce, from its first contribution until every worker
+// has its sum.
+struct Slot {
+  FrameHeader header;                          // as the first contribution announced it
+  std::vector<std::unique_ptr<char[]>> parts;  // [worker]; parts[0] becomes the sum
+  int arrived = 0;                             // complete contributions
+  int unanswered = 0;                          // workers whose copy of the sum is not yet written
+};
+using SlotKey = std::pair<uint64_t, uint32_t>;  // (seq, unit)
+
+struct OutFrame {
+  FrameHeader header;
+  std::shared_ptr<Slot> slot;  // the sum's owner, for data frames
+  size_t sent = 0;             // header + payload bytes written
+  const char* payload() const { return slot ? slot->parts[0].get() : nullptr; }
+};
+
+struct WorkerConnection {
+  FileDescriptor fd;
+  int rank = 0;
+  std::string name;
+  FrameHeader incoming;
+  size_t header_bytes = 0;        // of `incoming`, read so far
+  std::shared_ptr<Slot> receiving;  // the slot whose payload is being read
+  std::string abort_reason;       // the payload of an abort frame being read
+  uint64_t payload_bytes = 0;     // of the frame being read, read so far
+  std::deque<OutFrame> out;
+  uint64_t held = 0;  // bytes of its chunks here whose sum it has not fully received
+  bool paused = false;   // not read while it holds its share of the memory
+  bool goodbye = false;
+  bool closed = false;
+  uint32_t interest = 0;
+};
+
+bool is_half(DataType dtype) {
+  return dtype == DataType::kFloat16 || dtype == DataType::kBFloat16;
+}
+
+// Sums slot.parts into parts[0], in worker-rank order: ((p0 + p1) + p2) + ... for every
+// element, whatever the tiling, so the result is the same bit for bit on every run, for
+// every chunk size and every number of reducers.
+void sum_parts(Slot& slot, std::vector<float>& acc, std::vector<float>& widened) {
+  const auto dtype = static_cast<DataType>(slot.header.dtype);
+  const auto op = static_cast<ReduceOp>(slot.header.op);
+  const size_t element = element_size(dtype);
+  const size_t count = slot.header.nbytes / element;
+  const int workers = static_cast<int>(slot.parts.size());
+  char* sum = slot.parts[0].get();
+  for (size_t begin = 0; begin < count; begin += kTileElements) {
+    const size_t n = std::min(kTileElements, count - begin);
+    const size_t offset = begin * element;
+    if (is_half(dtype)) {
+      // float16/bfloat16: summed in float32 and rounded once at the end.
+      acc.resize(kTileElements);
+      widened.resize(kTileElements);
+      widen(acc.data(), sum + offset, n, dtype);
+      for (int w = 1; w < workers; ++w) {
+        widen(widened.data(), slot.parts[w].get() + offset, n, dtype);
+        reduce_into(acc.data(), widened.data(), n, DataType::kFloat32, op);
+      }
+      if (op == ReduceOp::kAvg) divide(acc.data(), n, DataType::kFloat32, workers);
+      narrow(sum + offset, acc.data(), n, dtype);
+    } else {
+      for (int w = 1; w < workers; ++w) {
+        reduce_into(sum + offset, slot.parts[w].get() + offset, n, dtype, op);
+      }
+      if (op == ReduceOp::kAvg) divide(sum + offset, n, dtype, workers);
+    }
+  }
+  for (int w = 1; w < workers; ++w) slot.parts[w].reset();
+}
+
+// Threads that sum complete slots while the event loop goes on moving bytes; a finished
+// slot goes back to the loop through done() and a write to wake_fd.
+class SummingPool {
+ public:
+  SummingPool(int threads, int wake_fd) : wake_fd_(wake_fd) {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { run(); });
+  }
+  ~SummingPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    queued_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  void submit(std::shared_ptr<Slot> slot) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      todo_.push_back(std::move(slot));
+    }
+    queued_.notify_one();
+  }
+  std::vector<std::shared_ptr<Slot>> done() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::exchange(done_, {});
+  }
+
+ private:
+  void run() {
+    std::vector<float> acc, widened;
+    for (;;) {
+      std::shared_ptr<Slot> slot;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        queued_.wait(lock, [&] { return stopping_ || !todo_.empty(); });
+        if (stopping_) return;
+        slot = std::move(todo_.front());
+        todo_.pop_front();
+      }
+      sum_parts(*slot, acc, widened);  // headers were checked: dtype and op are valid
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        done_.push_back(std::move(slot));
+      }
+      uint64_t one = 1;
+      [[maybe_unused]] ssize_t ignored = write(wake_fd_, &one, sizeof(one));
+    }
+  }
+
+  const int wake_fd_;
+  std::mutex mutex_;
+  std::condition_variable queued_;
+  std::deque<std::shared_ptr<Slot>> todo_;
+  std::vector<std::shared_ptr<Slot>> done_;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace
+
+struct ReductionServer::State {
+  State(std::vector<int> fds, std::vector<std::string> names, ReducerOptions opts);
+  void serve();
+  void read_from(WorkerConnection& w);
+  void on_header(WorkerConnection& w);
+  void on_payload(WorkerConnection& w);
+  void answer(const std::shared_ptr<Slot>& slot);
+  void flush(WorkerConnection& w);
+  void frame_written(WorkerConnection& w, const OutFrame& frame);
+  void connection_lost(WorkerConnection& w, const std::string& why);
+  void send_heartbeats();
+  void update_interest(WorkerConnection& w);
+  void close(WorkerConnection& w);
+  void tell_everyone(const std::string& reason);
+  std::string describe_chunk(const FrameHeader& h) const;
+
+  const ReducerOptions options;
+  std::vector<WorkerConnection> workers;
+  uint64_t per_worker_budget;
+  FileDescriptor epoll_fd, wake_fd;
+  std::unique_ptr<SummingPool> pool;
+  std::map<SlotKey, std::shared_ptr<Slot>> filling;  // slots still missing contributions
+  size_t unfinished = 0;  // slots created and not yet answered to every worker
+  int open_connections = 0;
+  std::string goodbye_from;  // the first worker that said goodbye
+  std::atomic<bool> stop_requested{false};
+  std::atomic<uint64_t> bytes_received{0}, bytes_sent{0}, chunks_reduced{0},
+      elements_reduced{0};
+  std::atomic<int> connected{0};
+};
+
+ReductionServer::State::State(std::vector<int> fds, std::vector<std::string> names,
+                              ReducerOptions opts)
+    : options(opts), workers(fds.size()) {
+  for (size_t k = 0; k < fds.size(); ++k) workers[k].fd = FileDescriptor(fds[k]);
+  if (fds.empty() || names.size() != fds.size()) {
+    throw std::invalid_argument("a reducer needs one socket and one name per worker");
+  }
+  // Each worker's chunks may take half of its share; the sums being written take the rest.
+  per_worker_budget = std::max<uint64_t>(1, options.max_memory_bytes / (2 * workers.size()));
+  epoll_fd = FileDescriptor(epoll_create1(EPOLL_CLOEXEC));
+  wake_fd = FileDescriptor(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (epoll_fd.get() < 0 || wake_fd.get() < 0) {
+    throw std::runtime_error("epoll/eventfd: " + errno_text(errno));
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.ptr = nullptr;
+  epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, wake_fd.get(), &ev);
+  for (size_t k = 0; k < workers.size(); ++k) {
+    WorkerConnection& w = workers[k];
+    w.rank = static_cast<int>(k);
+    w.name = names[k];
+    set_nonblocking(w.fd.get());
+    int one = 1;
+    setsockopt(w.fd.get(), SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    setsockopt(w.fd.get(), IPPROTO_TCP, TCP_KEEPIDLE, &kKeepIdle, sizeof(kKeepIdle));
+    setsockopt(w.fd.get(), IPPROTO_TCP, TCP_KEEPINTVL, &kKeepInterval, sizeof(kKeepInterval));
+    setsockopt(w.fd.get(), IPPROTO_TCP, TCP_KEEPCNT, &kKeepCount, sizeof(kKeepCount));
+    update_interest(w);
+  }
+  open_connections = static_cast<int>(workers.size());
+  connected = open_connections;
+  int threads = options.threads > 0
+                    ? options.threads
+                    : static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
+  pool = std::make_unique<SummingPool>(threads, wake_fd.get());
+}
+
+std::string ReductionServer::State::describe_chunk(const FrameHeader& h) const {
+  return "chunk " + std::to_string(h.unit) + " (" + std::to_string(h.nbytes) + " bytes) of " +
+         describe(h);
+}
+
+void ReductionServer::State::update_interest(WorkerConnection& w) {
+  uint32_t wanted = 0;
+  if (!w.closed) {
+    if (!w.paused) wanted |= EPOLLIN;
+    if (!w.out.empty()) wanted |= EPOLLOUT;
+  }
+  if (wanted == w.interest) return;
+  epoll_event ev{};
+  ev.events = wanted;
+  ev.data.ptr = &w;
+  if (w.interest == 0) {
+    epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, w.fd.get(), &ev);
+  } else if (wanted == 0) {
+    epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, w.fd.get(), nullptr);
+  } else {
+    epoll_ctl(epoll_fd.get(), EPOLL_CTL_MOD, w.fd.get(), &ev);
+  }
+  w.interest = wanted;
+}
+
+void ReductionServer::State::close(WorkerConnection& w) {
+  if (w.closed) return;
+  w.closed = true;
+  update_interest(w);
+  w.out.clear();
+  w.fd.reset();
+  --open_connections;
+  connected = open_connections;
+}
+
+void ReductionServer::State::serve() {
+  const int heartbeat_millis =
+      std::max(1, static_cast<int>(options.heartbeat_interval_seconds * 1000));
+  Deadline next_heartbeat = deadline_after(options.heartbeat_interval_seconds);
+  std::vector<epoll_event> events(workers.size() + 1);
+  while (open_connections > 0) {
+    int n = epoll_wait(epoll_fd.get(), events.data(), static_cast<int>(events.size()),
+                       heartbeat_millis);
+    if (n < 0 && errno != EINTR) throw std::runtime_error("epoll_wait: " + errno_text(errno));
+    if (stop_requested) {
+      for (auto& w : workers) close(w);
+      return;
+    }
+    for (int i = 0; i < n; ++i) {
+      auto* w = static_cast<WorkerConnection*>(events[i].data.ptr);
+      if (w == nullptr) {
+        uint64_t count;
+        [[maybe_unused]] ssize_t ignored = read(wake_fd.get(), &count, sizeof(count));
+        for (auto& slot : pool->done()) answer(slot);
+        continue;
+      }
+      if (w->closed) continue;
+      if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) read_from(*w);
+      if (!w->closed && (events[i].events & EPOLLOUT)) flush(*w);
+    }
+    if (Clock::now() >= next_heartbeat) {
+      send_heartbeats();
+      next_heartbeat = deadline_after(options.heartbeat_interval_seconds);
+    }
+  }
+}
+
+void ReductionServer::State::read_from(WorkerConnection& w) {
+  uint64_t budget = kFairnessBudget;
+  while (budget > 0 && !w.closed) {
+    char* into;
+    size_t want;
+    const bool in_header = w.header_bytes < kHeaderBytes;
+    if (in_header) {
+      if (w.held >= per_worker_budget) {
+        // Its earlier chunks wait for the other workers: read on once their sums are out.
+        w.paused = true;
+        update_interest(w);
+        return;
+      }
+      into = reinterpret_cast<char*>(&w.incoming) + w.header_bytes;
+      want = kHeaderBytes - w.header_bytes;
+    } else {
+      into = (w.receiving ? w.receiving->parts[w.rank].get() : w.abort_reason.data()) +
+             w.payload_bytes;
+      want = std::min<uint64_t>(w.incoming.nbytes - w.payload_bytes, budget);
+    }
+    ssize_t n = ::recv(w.fd.get(), into, want, 0);
+    if (n == 0) return connection_lost(w, "closed its connection");
+    if (n < 0) {
+      if (would_block(errno)) return;
+      return connection_lost(w, "lost its connection (" + errno_text(errno) + ")");
+    }
+    bytes_received += n;
+    budget -= std::min<uint64_t>(budget, n);
+    if (in_header) {
+      w.header_bytes += n;
+      if (w.header_bytes == kHeaderBytes) on_header(w);
+    } else {
+      w.payload_bytes += n;
+      if (w.payload_bytes == w.incoming.nbytes) on_payload(w);
+    }
+  }
+}
+
+void ReductionServer::State::on_header(WorkerConnection& w) {
+  const FrameHeader& h = w.incoming;
+  if (h.magic != kFrameMagic || h.version != kProtocolVersion) {
+    throw JobFailure{w.name + " sent a frame that is not collectives protocol " +
+                     std::to_string(kProtocolVersion) + " (a corrupted stream, or another version)"};
+  }
+  w.payload_bytes = 0;
+  switch (static_cast<FrameKind>(h.kind)) {
+    case FrameKind::kHeartbeat:
+      w.header_bytes = 0;
+      return;
+    case FrameKind::kGoodbye:
+      w.header_bytes = 0;
+      w.goodbye = true;
+      if (goodbye_from.empty()) goodbye_from = w.name;
+      if (unfinished > 0) {
+        // It left while chunks were pending here: the workers gave this reducer up.
+        throw JobFailure{""};
+      }
+      return;
+    case FrameKind::kAbort:
+      if (h.nbytes > kMaxAbortReason) {
+        throw JobFailure{w.name + " sent an abort notice of " + std::to_string(h.nbytes) + " bytes"};
+      }
+      w.abort_reason.assign(h.nbytes, '\0');
+      if (h.nbytes == 0) on_payload(w);
+      return;
+    case FrameKind::kData:
+      break;
+    default:
+      throw JobFailure{w.name + " sent a frame of unknown kind " + std::to_string(h.kind)};
+  }
+  if (h.collective != static_cast<uint8_t>(CollectiveKind::kAllreduce) ||
+      h.dtype >= kNumDataTypes || h.op >= kNumReduceOps) {
+    throw JobFailure{w.name + " sent " + describe(h) + ", which reducers do not serve"};
+  }
+  const auto dtype = static_cast<DataType>(h.dtype);
+  const size_t element = element_size(dtype);
+  if (h.nbytes == 0 || h.nbytes % element != 0 || h.nbytes / element > h.count ||
+      (static_cast<ReduceOp>(h.op) == ReduceOp::kAvg && !is_floating(dtype))) {
+    throw JobFailure{w.name + " sent a malformed " + describe_chunk(h)};
+  }
+  if (h.nbytes > per_worker_budget) {
+    throw JobFailure{w.name + " sent a " + describe_chunk(h) + ", but this reducer holds at most " +
+                     std::to_string(per_worker_budget) + " bytes per worker (--max-memory " +
+                     std::to_string(options.max_memory_bytes) + " over " +
+                     std::to_string(workers.size()) + " workers): lower COLLECTIVES_RS_CHUNK_BYTES "
+                     "or start the reducers with more --max-memory"};
+  }
+  if (!goodbye_from.empty()) {
+    throw JobFailure{w.name + " sent " + describe_chunk(h) + " after " + goodbye_from +
+                     " closed its communicator"};
+  }
+  auto& slot = filling[{h.seq, h.unit}];
+  if (!slot) {
+    slot = std::make_shared<Slot>();
+    slot->header = h;
+    slot->parts.resize(workers.size());
+    ++unfinished;
+  } else {
+    const FrameHeader& first = slot->header;
+    if (first.count != h.count || first.dtype != h.dtype || first.op != h.op ||
+        first.nbytes != h.nbytes) {
+      throw JobFailure{"workers disagree on " + describe(first) + ": " + w.name + " sent " +
+                       describe_chunk(h) + " where another sent " + describe_chunk(first) +
+                       "; every worker must call the same all-reduces in the same order with "
+                       "the same length, dtype and op"};
+    }
+    if (slot->parts[w.rank]) {
+      throw JobFailure{w.name + " sent " + describe_chunk(h) + " twice"};
+    }
+  }
+  slot->parts[w.rank].reset(new char[h.nbytes]);
+  w.receiving = slot;
+  w.held += h.nbytes;
+}
+
+void ReductionServer::State::on_payload(WorkerConnection& w) {
+  w.header_bytes = 0;
+  if (!w.receiving) {
+    throw JobFailure{w.name + " aborted the job: " + w.abort_reason};
+  }
+  std::shared_ptr<Slot> slot = std::move(w.receiving);
+  if (++slot->arrived < static_cast<int>(workers.size())) return;
+  filling.erase({slot->header.seq, slot->header.unit});
+  pool->submit(std::move(slot));
+}
+
+void ReductionServer::State::answer(const std::shared_ptr<Slot>& slot) {
+  ++chunks_reduced;
+  elements_reduced += slot->header.nbytes / element_size(static_cast<DataType>(slot->header.dtype));
+  if (options.debug) {
+    std::cerr << "[collectives reducer] summed " + describe_chunk(slot->header) + "\n";
+  }
+  for (auto& w : workers) {
+    if (w.closed) continue;
+    ++slot->unanswered;
+    w.out.push_back(OutFrame{slot->header, slot});
+  }
+  if (slot->unanswered == 0) --unfinished;
+  for (auto& w : workers) {
+    if (!w.closed) flush(w);
+  }
+}
+
+void ReductionServer::State::flush(WorkerConnection& w) {
+  while (!w.out.empty()) {
+    OutFrame& frame = w.out.front();
+    const size_t total = kHeaderBytes + (frame.slot ? frame.header.nbytes : 0);
+    iovec iov[2];
+    int parts = 0;
+    if (frame.sent < kHeaderBytes) {
+      iov[parts++] = {reinterpret_cast<char*>(&frame.header) + frame.sent, kHeaderBytes - frame.sent};
+      if (frame.slot) iov[parts++] = {const_cast<char*>(frame.payload()), frame.header.nbytes};
+    } else {
+      iov[parts++] = {const_cast<char*>(frame.payload()) + (frame.sent - kHeaderBytes),
+                      total - frame.sent};
+    }
+    msghdr message{};
+    message.msg_iov = iov;
+    message.msg_iovlen = parts;
+    ssize_t n = ::sendmsg(w.fd.get(), &message, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (would_block(errno)) break;
+      return connection_lost(w, "lost its connection (" + errno_text(errno) + ")");
+    }
+    bytes_sent += n;
+    frame.sent += n;
+    if (frame.sent < total) continue;
+    OutFrame written = std::move(frame);
+    w.out.pop_front();
+    frame_written(w, written);
+  }
+  update_interest(w);
+}
+
+void ReductionServer::State::frame_written(WorkerConnection& w, const OutFrame& frame) {
+  if (!frame.slot) return;
+  w.held -= frame.header.nbytes;
+  if (w.paused && w.held < per_worker_budget) {
+    w.paused = false;
+    update_interest(w);
+  }
+  if (--frame.slot->unanswered == 0) --unfinished;
+}
+
+void ReductionServer::State::connection_lost(WorkerConnection& w, const std::string& why) {
+  if (w.goodbye) return close(w);
+  throw JobFailure{w.name + " " + why + " without saying goodbye: it died, or its link failed"};
+}
+
+void ReductionServer::State::send_heartbeats() {
+  // Only to workers with chunks here: those are waiting on this reducer.
+  for (auto& w : workers) {
+    if (w.closed || w.held == 0 || !w.out.empty()) continue;
+    FrameHeader beat;
+    beat.kind = static_cast<uint8_t>(FrameKind::kHeartbeat);
+    w.out.push_back(OutFrame{beat, nullptr});
+    flush(w);
+  }
+}
+
+void ReductionServer::State::tell_everyone(const std::string& reason) {
+  FrameHeader notice;
+  notice.kind = static_cast<uint8_t>(FrameKind::kAbort);
+  const std::string text = reason.substr(0, kMaxAbortReason);
+  notice.nbytes = text.size();
+  for (auto& w : workers) {
+    if (w.closed) continue;
+    // Only between frames: in the middle of one, the notice would corrupt the stream, and
+    // the end of the connection tells the worker enough.
+    if (w.out.empty() || w.out.front().sent == 0) {
+      write_frame(w.fd.get(), notice, text, kAbortNoticeMillis);
+    }
+    ::shutdown(w.fd.get(), SHUT_WR);
+  }
+  // Closing with unread data would reset the connections, and a reset can destroy the notice
+  // before the worker reads it: read (and drop) what they still send until they close.
+  Deadline until = deadline_after(kAbortNoticeMillis / 1000.0);
+  std::vector<char> sink(64 << 10);
+  for (auto& w : workers) {
+    while (!w.closed && Clock::now() < until) {
+      ssize_t n = ::recv(w.fd.get(), sink.data(), sink.size(), 0);
+      if (n == 0 || (n < 0 && !would_block(errno))) break;
+      if (n < 0) {
+        pollfd pfd{w.fd.get(), POLLIN, 0};
+        poll(&pfd, 1, 10);
+      }
+    }
+  }
+}
+
+ReductionServer::ReductionServer(std::vector<int> worker_fds, std::vector<std::string> worker_names,
+                                 ReducerOptions options)
+    : state_(std::make_unique<State>(std::move(worker_fds), std::move(worker_names), options)) {}
+
+ReductionServer::~ReductionServer() = default;
+
+void ReductionServer::serve() {
+  try {
+    state_->serve();
+  } catch (const JobFailure& failure) {
+    if (failure.what.empty()) {
+      // The workers gave this reducer up (took it for dead): closing every connection makes
+      // those still waiting on it move its chunks to the other reducers now.
+      for (auto& w : state_->workers) state_->close(w);
+      throw CollectiveError(state_->goodbye_from +
+                            " stopped using this reducer while chunks were pending here: the "
+                            "workers took it for dead (their logs say why)");
+    }
+    state_->tell_everyone("reducer: " + failure.what);
+    for (auto& w : state_->workers) state_->close(w);
+    throw CollectiveError(failure.what);
+  }
+}
+
+void ReductionServer::stop() {
+  state_->stop_requested = true;
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t ignored = write(state_->wake_fd.get(), &one, sizeof(one));
+}
+
+ReducerStats ReductionServer::stats() const {
+  ReducerStats s;
+  s.bytes_received = state_->bytes_received;
+  s.bytes_sent = state_->bytes_sent;
+  s.chunks_reduced = state_->chunks_reduced;
+  s.elements_reduced = state_->elements_reduced;
+  s.workers_connected = state_->connected;
+  return s;
+}
+
+}  // namespace collectives

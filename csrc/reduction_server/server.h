@@ -1,0 +1,71 @@
+// The reducer: a CPU process that sums all-reduce chunks for the N workers of one job.
+//
+// Protocol (each worker has one authenticated connection to each reducer):
+//  - A worker sends a chunk of its buffer as a kData frame: the all-reduce's sequence number,
+//    dtype, op and element count, and `unit` = the chunk's index in the buffer.
+//  - Once all N workers have sent chunk (seq, unit), the reducer sums the N contributions in
+//    worker-rank order (float16/bfloat16 in float32, rounded once; avg divided once by N) and
+//    sends the sum to every worker as a kData frame with the same header.
+//  - While a worker has chunks here that are not yet answered, the reducer sends it a
+//    kHeartbeat frame every heartbeat interval, so that the worker can tell a silent reducer
+//    (dead, or its link cut) from a slow job.
+//  - kGoodbye from a worker: it will send nothing more. When every worker has said goodbye
+//    and closed, serve() returns. A goodbye while chunks are still pending means that the
+//    workers stopped using this reducer (they took it for dead): the reducer closes every
+//    connection, so that workers still waiting on it re-shard at once.
+//  - A worker whose connection ends without goodbye has died, and a frame that breaks the
+//    protocol or disagrees with another worker's for the same chunk is a bug or a mismatch:
+//    either way the job cannot go on, so the reducer sends kAbort with the reason to every
+//    worker and serve() throws CollectiveError.
+// Reducers keep no state between chunks, so a worker can send a chunk to any reducer: that
+// is how workers move the chunks of a dead reducer onto the others.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/file_descriptor.h"
+
+namespace collectives {
+
+struct ReducerOptions {
+  int threads = 0;                          // summing threads; 0: up to 4, one per core
+  size_t max_memory_bytes = size_t(1) << 30;  // chunks held at once, all workers together
+  double heartbeat_interval_seconds = 0.25;
+  bool debug = false;  // log each chunk on stderr
+};
+
+struct ReducerStats {
+  uint64_t bytes_received = 0;
+  uint64_t bytes_sent = 0;
+  uint64_t chunks_reduced = 0;
+  uint64_t elements_reduced = 0;
+  int workers_connected = 0;
+};
+
+class ReductionServer {
+ public:
+  // worker_fds[k]: the connected, authenticated socket of worker k (the server owns them).
+  ReductionServer(std::vector<int> worker_fds, std::vector<std::string> worker_names,
+                  ReducerOptions options);
+  ~ReductionServer();
+  ReductionServer(const ReductionServer&) = delete;
+  ReductionServer& operator=(const ReductionServer&) = delete;
+
+  // Serves the job until every worker has said goodbye (returns) or it fails (throws
+  // CollectiveError after telling the workers why). Call once.
+  void serve();
+  // From any thread: serve() closes every connection and returns soon. The workers take
+  // this reducer for dead and move its chunks to the others.
+  void stop();
+  ReducerStats stats() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace collectives

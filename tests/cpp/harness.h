@@ -1,0 +1,155 @@
+// What the C++ tests share: checks, loopback sockets, and a job of ranks as threads (with
+// reducers as threads too, for the reduction server).
+#pragma once
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "communicator.h"
+#include "reduction_server/server.h"
+
+namespace collectives {
+namespace testing {
+
+inline int failures = 0;
+
+inline void check(bool ok, const std::string& what) {
+  if (!ok) {
+    ++failures;
+    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+  }
+}
+
+// A connected pair of loopback TCP sockets: {accepted end, connecting end}.
+inline std::pair<int, int> loopback_pair() {
+  int listener = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  if (bind(listener, reinterpret_cast<sockaddr*>(&addr), len) != 0 || listen(listener, 1) != 0 ||
+      getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    throw std::runtime_error("loopback listen failed");
+  }
+  int client = socket(AF_INET, SOCK_STREAM, 0);
+  if (connect(client, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
+    throw std::runtime_error("loopback connect failed");
+  }
+  int server = accept(listener, nullptr, nullptr);
+  close(listener);
+  return {server, client};
+}
+
+// peer_fds[r][p]: `connections` loopback sockets between r and p.
+inline std::vector<std::vector<std::vector<int>>> loopback_mesh(int size, int connections) {
+  std::vector<std::vector<std::vector<int>>> fds(size, std::vector<std::vector<int>>(size));
+  for (int i = 0; i < size; ++i) {
+    for (int j = i + 1; j < size; ++j) {
+      for (int c = 0; c < connections; ++c) {
+        auto [server, client] = loopback_pair();
+        fds[i][j].push_back(server);
+        fds[j][i].push_back(client);
+      }
+    }
+  }
+  return fds;
+}
+
+// `size` ranks and `num_reducers` reducers (each serving on its own thread), connected over
+// loopback. With reducers, options.reduction_server decides whether allreduce uses them. The
+// last `silent_reducers` of them never answer, like a hung host or a cut link.
+struct Job {
+  std::vector<std::unique_ptr<Communicator>> comms;
+  std::vector<std::unique_ptr<ReductionServer>> reducers;
+  std::vector<int> silent_fds;
+  std::vector<std::string> reducer_errors;  // what each reducer's serve() threw
+  std::vector<std::thread> reducer_threads;
+
+  Job(int size, int connections = 1, size_t segment_bytes = 0, double timeout = 30)
+      : Job(size, 0, [&] {
+          CommunicatorOptions options;
+          options.timeout_seconds = timeout;
+          options.segment_bytes = segment_bytes;
+          return options;
+        }(), connections) {}
+
+  Job(int size, int num_reducers, CommunicatorOptions options, int connections = 1,
+      ReducerOptions reducer_options = {}, int silent_reducers = 0) {
+    auto fds = loopback_mesh(size, connections);
+    std::vector<std::string> names, reducer_names;
+    for (int r = 0; r < size; ++r) names.push_back("rank " + std::to_string(r));
+    for (int k = 0; k < num_reducers; ++k) reducer_names.push_back("reducer " + std::to_string(k));
+    // reducer_fds[r][k] joins rank r and reducer k.
+    std::vector<std::vector<int>> reducer_fds(size), worker_fds(num_reducers);
+    for (int r = 0; r < size; ++r) {
+      for (int k = 0; k < num_reducers; ++k) {
+        auto [at_reducer, at_worker] = loopback_pair();
+        worker_fds[k].push_back(at_reducer);
+        reducer_fds[r].push_back(at_worker);
+      }
+    }
+    const int serving = num_reducers - silent_reducers;
+    for (int k = serving; k < num_reducers; ++k) {
+      silent_fds.insert(silent_fds.end(), worker_fds[k].begin(), worker_fds[k].end());
+    }
+    reducer_errors.resize(serving);
+    for (int k = 0; k < serving; ++k) {
+      reducers.push_back(std::make_unique<ReductionServer>(worker_fds[k], names, reducer_options));
+    }
+    for (int k = 0; k < serving; ++k) {
+      reducer_threads.emplace_back([this, k] {
+        try {
+          reducers[k]->serve();
+        } catch (const std::exception& e) {
+          reducer_errors[k] = e.what();
+        }
+      });
+    }
+    for (int r = 0; r < size; ++r) {
+      comms.push_back(std::make_unique<Communicator>(r, size, fds[r], names, options,
+                                                     reducer_fds[r], reducer_names));
+    }
+  }
+
+  ~Job() {
+    comms.clear();  // goodbyes: the reducers' serve() returns
+    for (auto& t : reducer_threads) t.join();
+    for (int fd : silent_fds) close(fd);
+  }
+
+  // Runs body(rank) on one thread per rank; returns each rank's exception text ("" if none).
+  std::vector<std::string> run(const std::function<void(int)>& body) {
+    std::vector<std::string> errors(comms.size());
+    std::vector<std::thread> threads;
+    for (size_t r = 0; r < comms.size(); ++r) {
+      threads.emplace_back([&, r] {
+        try {
+          body(static_cast<int>(r));
+        } catch (const std::exception& e) {
+          errors[r] = e.what();
+          if (errors[r].empty()) errors[r] = "?";
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    return errors;
+  }
+};
+
+inline void wait(const std::shared_ptr<Work>& work) {
+  while (!work->wait_for(1.0)) {
+  }
+}
+
+}  // namespace testing
+}  // namespace collectives

@@ -1,0 +1,232 @@
+// The reduction server with workers and reducers as threads over loopback TCP: every result
+// against a left fold over ranks, bit for bit, for several N, R and chunk sizes; reducers that
+// stop or go silent mid-sequence; no reducer left; workers that disagree.
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "harness.h"
+#include "kernels/reduce.h"
+
+using namespace collectives;
+using namespace collectives::testing;
+
+namespace {
+
+CommunicatorOptions reducer_options(size_t chunk_bytes, bool fallback_ring = false) {
+  CommunicatorOptions options;
+  options.timeout_seconds = 30;
+  options.reduction_server = true;
+  options.reduction_server_settings.chunk_bytes = chunk_bytes;
+  options.reduction_server_settings.heartbeat_timeout = 1.0;
+  options.reduction_server_settings.fallback_ring = fallback_ring;
+  return options;
+}
+
+// Exponents from 2^-20 to 2^20: float sums of these depend on the order of the additions, so
+// equal bits mean the same order.
+std::vector<float> spread_floats(int rank, size_t count, unsigned seed) {
+  std::mt19937 gen(seed * 7919 + rank);
+  std::uniform_real_distribution<float> mantissa(-1, 1);
+  std::uniform_int_distribution<int> exponent(-20, 20);
+  std::vector<float> v(count);
+  for (auto& x : v) x = std::ldexp(mantissa(gen), exponent(gen));
+  return v;
+}
+
+// ((x0 + x1) + x2) + ... element by element, as numpy's left fold over ranks.
+std::vector<float> left_fold(const std::vector<std::vector<float>>& data) {
+  std::vector<float> sum = data[0];
+  for (size_t r = 1; r < data.size(); ++r) {
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += data[r][i];
+  }
+  return sum;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+std::string describe_job(int workers, int reducers, size_t chunk, size_t count) {
+  return std::to_string(workers) + " workers, " + std::to_string(reducers) + " reducers, chunk " +
+         std::to_string(chunk) + " B, count " + std::to_string(count);
+}
+
+void test_sum_is_left_fold(int workers, int reducers, size_t chunk, size_t count) {
+  Job job(workers, reducers, reducer_options(chunk));
+  const std::string what = describe_job(workers, reducers, chunk, count);
+  for (unsigned seed = 0; seed < 3; ++seed) {
+    std::vector<std::vector<float>> data(workers);
+    for (int r = 0; r < workers; ++r) data[r] = spread_floats(r, count, seed);
+    const auto expected = left_fold(data);
+    auto errors = job.run([&](int r) {
+      wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+    });
+    for (int r = 0; r < workers; ++r) {
+      check(errors[r].empty(), what + ": rank " + std::to_string(r) + " raised " + errors[r]);
+      check(same_bits(data[r], expected), what + ": rank " + std::to_string(r) +
+                                              " differs from the left fold over ranks");
+    }
+  }
+}
+
+// float16 and bfloat16 contributions are summed in float32 and rounded once; avg divides
+// that sum once.
+void test_half_sums_in_float32(DataType dtype, ReduceOp op) {
+  const int workers = 3;
+  const size_t count = 5001;
+  Job job(workers, 2, reducer_options(1024));
+  std::vector<std::vector<uint16_t>> data(workers, std::vector<uint16_t>(count));
+  std::vector<float> sum(count, 0), widened(count);
+  for (int r = 0; r < workers; ++r) {
+    auto values = spread_floats(r, count, 11);
+    narrow(data[r].data(), values.data(), count, dtype);
+    widen(widened.data(), data[r].data(), count, dtype);
+    for (size_t i = 0; i < count; ++i) sum[i] = r == 0 ? widened[i] : sum[i] + widened[i];
+  }
+  if (op == ReduceOp::kAvg) {
+    for (auto& x : sum) x /= workers;
+  }
+  std::vector<uint16_t> expected(count);
+  narrow(expected.data(), sum.data(), count, dtype);
+  auto errors = job.run([&](int r) {
+    wait(job.comms[r]->allreduce(data[r].data(), count, dtype, op));
+  });
+  const std::string what = std::string(to_string(dtype)) + " " + to_string(op);
+  for (int r = 0; r < workers; ++r) {
+    check(errors[r].empty(), what + ": rank " + std::to_string(r) + " raised " + errors[r]);
+    check(data[r] == expected, what + ": not the float32 sum rounded once on rank " +
+                                   std::to_string(r));
+  }
+}
+
+void test_integers_and_avg() {
+  const int workers = 4;
+  const size_t count = 777;
+  Job job(workers, 3, reducer_options(256));
+  std::vector<std::vector<int32_t>> ints(workers, std::vector<int32_t>(count));
+  std::vector<std::vector<double>> doubles(workers, std::vector<double>(count));
+  std::vector<int32_t> int_sum(count, 0);
+  std::vector<double> avg(count, 0);
+  for (int r = 0; r < workers; ++r) {
+    for (size_t i = 0; i < count; ++i) {
+      ints[r][i] = static_cast<int32_t>(i * 31 + r * 1000003);
+      doubles[r][i] = 0.1 * static_cast<double>(i) + r;
+      int_sum[i] += ints[r][i];
+      avg[i] += doubles[r][i];
+    }
+  }
+  for (auto& x : avg) x /= workers;
+  auto errors = job.run([&](int r) {
+    wait(job.comms[r]->allreduce(ints[r].data(), count, DataType::kInt32, ReduceOp::kSum));
+    wait(job.comms[r]->allreduce(doubles[r].data(), count, DataType::kFloat64, ReduceOp::kAvg));
+  });
+  for (int r = 0; r < workers; ++r) {
+    check(errors[r].empty(), "int32 sum, float64 avg: rank " + std::to_string(r) + " raised " +
+                                 errors[r]);
+    check(ints[r] == int_sum, "int32 sum wrong on rank " + std::to_string(r));
+    check(doubles[r] == avg, "float64 avg wrong on rank " + std::to_string(r));
+  }
+}
+
+// A long sequence of all-reduces while a reducer fails: every result is still right, and the
+// workers stop using the failed reducer. `silent`: it hangs (no heartbeat) instead of closing.
+void test_reducer_fails_midway(bool silent) {
+  const int workers = 3, reducers = 3, rounds = 30;
+  const size_t count = 300000;
+  Job job(workers, reducers, reducer_options(64 << 10), 1, {}, silent ? 1 : 0);
+  std::vector<std::vector<float>> data(workers);
+  std::thread stopper;
+  if (!silent) {
+    stopper = std::thread([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(150));
+      job.reducers[1]->stop();
+    });
+  }
+  std::vector<std::vector<std::vector<float>>> inputs(rounds, std::vector<std::vector<float>>(workers));
+  for (int round = 0; round < rounds; ++round) {
+    for (int r = 0; r < workers; ++r) inputs[round][r] = spread_floats(r, count, 100 + round);
+  }
+  std::vector<int> wrong(workers, 0);
+  auto errors = job.run([&](int r) {
+    for (int round = 0; round < rounds; ++round) {
+      std::vector<float> x = inputs[round][r];
+      wait(job.comms[r]->allreduce(x.data(), count, DataType::kFloat32, ReduceOp::kSum));
+      if (!same_bits(x, left_fold(inputs[round]))) ++wrong[r];
+    }
+  });
+  if (stopper.joinable()) stopper.join();
+  const int failed = silent ? reducers - 1 : 1;
+  const std::string what = silent ? "a silent reducer" : "a reducer stopped midway";
+  for (int r = 0; r < workers; ++r) {
+    check(errors[r].empty(), what + ": rank " + std::to_string(r) + " raised " + errors[r]);
+    check(wrong[r] == 0, what + ": " + std::to_string(wrong[r]) + " wrong results on rank " +
+                             std::to_string(r));
+    auto stats = job.comms[r]->reducer_stats();
+    check(!stats[failed].alive, what + ": rank " + std::to_string(r) + " still uses it");
+  }
+}
+
+void test_no_reducer_left(bool fallback_ring) {
+  const int workers = 3;
+  const size_t count = 10000;
+  Job job(workers, 2, reducer_options(4096, fallback_ring));
+  for (auto& reducer : job.reducers) reducer->stop();
+  std::vector<std::vector<float>> data(workers);
+  for (int r = 0; r < workers; ++r) data[r] = std::vector<float>(count, static_cast<float>(r + 1));
+  auto errors = job.run([&](int r) {
+    wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+  });
+  for (int r = 0; r < workers; ++r) {
+    if (fallback_ring) {
+      check(errors[r].empty(), "ring fallback: rank " + std::to_string(r) + " raised " + errors[r]);
+      check(data[r] == std::vector<float>(count, 6.0f), "ring fallback: wrong sum");
+    } else {
+      check(errors[r].find("reducers failed") != std::string::npos,
+            "no reducer left: rank " + std::to_string(r) + " raised '" + errors[r] +
+                "', expected a CollectiveError naming the failed reducers");
+    }
+  }
+}
+
+void test_disagreeing_workers_fail_everywhere() {
+  const int workers = 3;
+  Job job(workers, 2, reducer_options(1024));
+  std::vector<std::vector<float>> data(workers, std::vector<float>(4000, 1.0f));
+  auto errors = job.run([&](int r) {
+    const size_t count = r == 1 ? 3000 : 4000;
+    wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+  });
+  for (int r = 0; r < workers; ++r) {
+    check(errors[r].find("workers disagree") != std::string::npos,
+          "disagreeing counts: rank " + std::to_string(r) + " raised '" + errors[r] +
+              "', expected the reducer's message that workers disagree");
+  }
+}
+
+}  // namespace
+
+int main() {
+  for (int workers : {1, 2, 3, 4}) {
+    for (int reducers : {1, 2, 3, 5}) {
+      test_sum_is_left_fold(workers, reducers, 4096, 1);
+      test_sum_is_left_fold(workers, reducers, 4096, 10007);
+    }
+  }
+  for (size_t chunk : {size_t(4), size_t(1000), size_t(1) << 20}) test_sum_is_left_fold(3, 2, chunk, 54321);
+  test_half_sums_in_float32(DataType::kFloat16, ReduceOp::kSum);
+  test_half_sums_in_float32(DataType::kBFloat16, ReduceOp::kSum);
+  test_half_sums_in_float32(DataType::kBFloat16, ReduceOp::kAvg);
+  test_integers_and_avg();
+  test_reducer_fails_midway(false);
+  test_reducer_fails_midway(true);
+  test_no_reducer_left(false);
+  test_no_reducer_left(true);
+  test_disagreeing_workers_fail_everywhere();
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all reduction server tests passed\n");
+  return 0;
+}
