@@ -167,6 +167,56 @@ void test_reducer_fails_midway(bool silent) {
   }
 }
 
+// Reads exactly n bytes from a blocking socket.
+bool read_exactly(int fd, void* into, size_t n) {
+  char* p = static_cast<char*>(into);
+  while (n > 0) {
+    ssize_t got = ::recv(fd, p, n, 0);
+    if (got <= 0) return false;
+    p += got;
+    n -= static_cast<size_t>(got);
+  }
+  return true;
+}
+
+// A reducer that dies having answered one worker and not the others: it sums the first chunk
+// it gets and sends the sum to worker 0 only, then ends every connection. The workers must
+// take that chunk from worker 0 (not from another reducer, and never as a wrong sum).
+void test_reducer_dies_after_answering_one_worker() {
+  const int workers = 3;
+  const size_t count = 40000;
+  Job job(workers, 2, reducer_options(16 << 10), 1, {}, 1);
+  std::thread script([&] {
+    std::vector<FrameHeader> headers(workers);
+    std::vector<std::vector<float>> parts(workers);
+    for (int w = 0; w < workers; ++w) {
+      if (!read_exactly(job.silent_fds[w], &headers[w], sizeof(FrameHeader))) return;
+      parts[w].resize(headers[w].nbytes / sizeof(float));
+      if (!read_exactly(job.silent_fds[w], parts[w].data(), headers[w].nbytes)) return;
+    }
+    const auto sum = left_fold(parts);
+    ::send(job.silent_fds[0], &headers[0], sizeof(FrameHeader), MSG_NOSIGNAL);
+    ::send(job.silent_fds[0], sum.data(), headers[0].nbytes, MSG_NOSIGNAL);
+    for (int fd : job.silent_fds) ::shutdown(fd, SHUT_WR);
+    char sink[4096];
+    for (int fd : job.silent_fds) {
+      while (::recv(fd, sink, sizeof(sink), 0) > 0) {
+      }
+    }
+  });
+  std::vector<std::vector<float>> data(workers);
+  for (int r = 0; r < workers; ++r) data[r] = spread_floats(r, count, 77);
+  const auto expected = left_fold(data);
+  auto errors = job.run([&](int r) {
+    wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+  });
+  script.join();
+  for (int r = 0; r < workers; ++r) {
+    check(errors[r].empty(), "answered one worker: rank " + std::to_string(r) + " raised " + errors[r]);
+    check(same_bits(data[r], expected), "answered one worker: wrong sum on rank " + std::to_string(r));
+  }
+}
+
 void test_no_reducer_left(bool fallback_ring) {
   const int workers = 3;
   const size_t count = 10000;
@@ -220,6 +270,7 @@ int main() {
   test_integers_and_avg();
   test_reducer_fails_midway(false);
   test_reducer_fails_midway(true);
+  test_reducer_dies_after_answering_one_worker();
   test_no_reducer_left(false);
   test_no_reducer_left(true);
   test_disagreeing_workers_fail_everywhere();
