@@ -52,6 +52,12 @@ struct Slot {
   int unanswered = 0;                          // workers whose copy of the sum is not yet written
 };
 using SlotKey = std::pair<uint64_t, uint32_t>;  // (seq, unit)
+SlotKey key_of(const FrameHeader& h) {
+  // Copies first: a packed header's fields may not be bound to references.
+  const uint64_t seq = h.seq;
+  const uint32_t unit = h.unit;
+  return {seq, unit};
+}
 
 struct OutFrame {
   FrameHeader header;
@@ -402,7 +408,7 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
     throw JobFailure{w.name + " sent " + describe_chunk(h) + " after " + goodbye_from +
                      " closed its communicator"};
   }
-  auto& slot = filling[{h.seq, h.unit}];
+  auto& slot = filling[key_of(h)];
   if (!slot) {
     slot = std::make_shared<Slot>();
     slot->header = h;
@@ -433,7 +439,7 @@ void ReductionServer::State::on_payload(WorkerConnection& w) {
   }
   std::shared_ptr<Slot> slot = std::move(w.receiving);
   if (++slot->arrived < static_cast<int>(workers.size())) return;
-  filling.erase({slot->header.seq, slot->header.unit});
+  filling.erase(key_of(slot->header));
   pool->submit(std::move(slot));
 }
 
