@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cstdio>
 #include <stdexcept>
 
 namespace collectives {
@@ -33,7 +34,12 @@ Communicator::Communicator(int rank, int size, std::vector<std::vector<int>> pee
     : rank_(rank), size_(size), options_(options) {
   // The sockets were handed over: owned from here on, whatever fails below.
   if (!reducer_fds.empty()) {
-    reducers_ = std::make_unique<ReducerChannels>(std::move(reducer_fds), std::move(reducer_names));
+    const auto& settings = options.reduction_server_settings;
+    reducers_ = std::make_unique<ReducerChannels>(
+        std::move(reducer_fds), std::move(reducer_names), default_inflight(settings),
+        settings.heartbeat_timeout, [rank](const std::string& event) {
+          std::fprintf(stderr, "[collectives rank %d] %s\n", rank, event.c_str());
+        });
   }
   if (!(options.timeout_seconds > 0)) {
     for (auto& fds : peer_fds) {
@@ -54,7 +60,8 @@ Communicator::Communicator(int rank, int size, std::vector<std::vector<int>> pee
 Communicator::~Communicator() { close(); }
 
 std::shared_ptr<Work> Communicator::enqueue(CollectiveTag tag,
-                                            std::function<void(const AlgorithmContext&)> run) {
+                                            std::function<void(const AlgorithmContext&)> run,
+                                            PostFunction post) {
   auto work = std::make_shared<Work>();
   std::lock_guard<std::mutex> lock(mutex_);
   if (closing_) throw CollectiveError("the communicator is closed");
@@ -66,9 +73,44 @@ std::shared_ptr<Work> Communicator::enqueue(CollectiveTag tag,
         "); create a new one")));
     return work;
   }
-  queue_.push_back(Task{tag, std::move(run), work});
+  Task task;
+  task.tag = tag;
+  task.run = std::move(run);
+  task.work = work;
+  if (post) {
+    task.reduction = reductions_enqueued_++;
+    task.post = std::move(post);
+  }
+  queue_.push_back(std::move(task));
+  post_ahead_locked();
   queued_.notify_one();
   return work;
+}
+
+/*
+ * Reduction i is assigned over the reducers alive after reduction i-2 (all of them for the
+ * first two). Every worker knows that set by the time it may post reduction i, which is as
+ * soon as i-1 is running, since i-2 has then finished with an agreement; so a worker posts
+ * one reduction ahead, and every worker's chunks still go to the same reducers. A reducer
+ * that failed meanwhile loses the chunks posted to it, and the reduction recovers them.
+ */
+void Communicator::post_ahead_locked() {
+  for (auto& task : queue_) {
+    if (task.reduction < 0 || task.posted) continue;
+    if (task.reduction > reductions_finished_ + 1) return;
+    post_locked(task);
+  }
+}
+
+void Communicator::post_locked(Task& task) {
+  std::vector<int> view;
+  if (task.reduction < 2) {
+    for (int r = 0; r < reducers_->count(); ++r) view.push_back(r);
+  } else {
+    view = views_.at(task.reduction - 2);
+  }
+  task.post(task.tag, view);
+  task.posted = true;
 }
 
 void Communicator::execute_loop() {
@@ -81,6 +123,7 @@ void Communicator::execute_loop() {
       task = std::move(queue_.front());
       queue_.pop_front();
       running_ = true;
+      if (task.reduction >= 0 && !task.posted && failure_.empty()) post_locked(task);
     }
     const std::string what = task.tag.describe();
     AlgorithmContext ctx{*transport_, task.tag, deadline_after(options_.timeout_seconds),
@@ -111,6 +154,12 @@ void Communicator::execute_loop() {
       // must not take it for one still in flight.
       std::lock_guard<std::mutex> lock(mutex_);
       running_ = false;
+      if (task.reduction >= 0 && !error) {
+        views_[task.reduction] = reducers_->alive();
+        views_.erase(views_.begin(), views_.lower_bound(task.reduction - 1));
+        reductions_finished_ = task.reduction + 1;
+        post_ahead_locked();
+      }
     }
     task.work->finish(error);
   }
@@ -119,11 +168,17 @@ void Communicator::execute_loop() {
 std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType dtype,
                                               ReduceOp op) {
   if (options_.reduction_server) {
-    return enqueue({CollectiveKind::kAllreduce, 0, count, dtype, op},
-                   [=](const AlgorithmContext& ctx) {
-                     allreduce_reduction_server(ctx, *reducers_,
-                                                options_.reduction_server_settings, data, count);
-                   });
+    ReducerChannels* reducers = reducers_.get();
+    const ReductionServerSettings* settings = &options_.reduction_server_settings;
+    auto posted = std::make_shared<PostedReduction>();
+    return enqueue(
+        {CollectiveKind::kAllreduce, 0, count, dtype, op},
+        [=](const AlgorithmContext& ctx) {
+          finish_reduction_server(ctx, *reducers, *settings, *posted, data, count);
+        },
+        [=](const CollectiveTag& tag, const std::vector<int>& view) {
+          *posted = post_reduction_server(tag, *reducers, *settings, view, data, count);
+        });
   }
   return enqueue({CollectiveKind::kAllreduce, 0, count, dtype, op},
                  [=](const AlgorithmContext& ctx) { allreduce_ring(ctx, data, count); });
@@ -189,14 +244,17 @@ void Communicator::close() {
     transport_->abort(reason);
     if (reducers_) reducers_->cancel(reason);
   }
+  executor_.join();
+  if (reducers_) {
+    // Before the abandoned collectives fail: some may have been posted ahead, and their
+    // buffers may be freed as soon as they fail. A goodbye tells the reducers that this
+    // is no failure.
+    std::lock_guard<std::mutex> lock(mutex_);
+    reducers_->close(failure_.empty() && !running && abandoned.empty());
+  }
   for (auto& task : abandoned) {
     task.work->finish(std::make_exception_ptr(
         CollectiveError(task.tag.describe() + ": the communicator was closed before it ran")));
-  }
-  executor_.join();
-  if (reducers_) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    reducers_->close(failure_.empty());  // a goodbye tells them this is no failure
   }
   std::unique_ptr<TcpTransport> transport;
   {

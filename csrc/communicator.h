@@ -8,6 +8,7 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -76,13 +77,22 @@ class Communicator {
   void close();
 
  private:
+  using PostFunction = std::function<void(const CollectiveTag&, const std::vector<int>& view)>;
   struct Task {
     CollectiveTag tag;
     std::function<void(const AlgorithmContext&)> run;
     std::shared_ptr<Work> work;
+    // Reduction-server all-reduces only: their number among them, and their first half,
+    // which may run ahead of `run` (see post_ahead_locked).
+    int64_t reduction = -1;
+    PostFunction post;
+    bool posted = false;
   };
-  std::shared_ptr<Work> enqueue(CollectiveTag tag, std::function<void(const AlgorithmContext&)> run);
+  std::shared_ptr<Work> enqueue(CollectiveTag tag, std::function<void(const AlgorithmContext&)> run,
+                                PostFunction post = nullptr);
   void execute_loop();
+  void post_ahead_locked();
+  void post_locked(Task& task);
 
   const int rank_;
   const int size_;
@@ -98,6 +108,9 @@ class Communicator {
   bool closing_ = false;
   bool running_ = false;  // the executor is inside a collective
   std::string failure_;  // set once a collective failed: the communicator is aborted
+  int64_t reductions_enqueued_ = 0;
+  int64_t reductions_finished_ = 0;
+  std::map<int64_t, std::vector<int>> views_;  // reducers alive after reduction i
   std::thread executor_;
 };
 

@@ -7,6 +7,7 @@
 
 #include "common/error.h"
 #include "kernels/reduce.h"
+#include "reduction_server/client.h"
 #include "transport/frame.h"
 #include "transport/tcp_transport.h"
 
@@ -47,15 +48,29 @@ void barrier_dissemination(const AlgorithmContext& ctx);
 // its messages are units first_unit, first_unit + 1, ... of ctx.tag.
 void agree_max(const AlgorithmContext& ctx, uint32_t* values, size_t n, uint32_t first_unit);
 
-class ReducerChannels;
 struct ReductionServerSettings {
-  size_t chunk_bytes = 0;  // 0: chosen per message size
+  size_t chunk_bytes = 0;  // 0: the default (reduction_server.cc)
   int inflight = 0;        // unanswered chunks per reducer; 0: the default
   double heartbeat_timeout = 10;
   bool fallback_ring = false;  // with every reducer gone, finish on the ring instead of failing
 };
-// All-reduce through the job's reducers (reduction_server.cc); in place.
-void allreduce_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reducers,
-                                const ReductionServerSettings& settings, void* data, size_t count);
+int default_inflight(const ReductionServerSettings& settings);
+
+// An all-reduce through the reducers (reduction_server.cc), in two halves, so that the next
+// all-reduce's chunks can be on the wire while this one finishes. In place.
+struct PostedReduction {
+  ShardBatchHandle batch;
+  size_t chunk_elems = 0;
+};
+// Sends the chunks of all-reduce `tag` (count elements at data) to the reducers of `view`,
+// which must be the same on every worker.
+PostedReduction post_reduction_server(const CollectiveTag& tag, ReducerChannels& reducers,
+                                      const ReductionServerSettings& settings,
+                                      const std::vector<int>& view, void* data, size_t count);
+// Waits for the sums, agrees with the other workers on what is missing anywhere, and
+// recovers it; returns once every worker holds every sum.
+void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reducers,
+                             const ReductionServerSettings& settings,
+                             const PostedReduction& posted, void* data, size_t count);
 
 }  // namespace collectives

@@ -1,7 +1,8 @@
 // All-reduce through reducers: each worker sends every chunk of its buffer once, to the
 // reducer that owns it, and receives the chunk's sum once (protocol in
 // reduction_server/server.h). Chunks to all reducers are in flight at once, so a worker sends
-// chunk k+1 while chunk k is being summed and its sum comes back.
+// chunk k+1 while chunk k is being summed and its sum comes back, and the communicator posts
+// the next all-reduce's chunks before this one has finished.
 //
 // Recovery. A reducer that fails takes with it the chunks it had not answered, and it may have
 // answered a chunk to some workers and not to others. So after the exchange the workers agree,
@@ -29,56 +30,80 @@ size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-void allreduce_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reducers,
-                                const ReductionServerSettings& settings, void* data,
-                                size_t count) {
+int default_inflight(const ReductionServerSettings& settings) {
+  return settings.inflight > 0 ? settings.inflight : kDefaultInflight;
+}
+
+namespace {
+
+/*
+ * Chunk c spans elements [c * chunk_elems, min((c + 1) * chunk_elems, count)). A chunk holds at
+ * most chunk_bytes, and a buffer of at least R elements has at least R chunks, so that every
+ * reducer shares the load. Chunk c goes to reducer view[(c + seq) % view.size()]: consecutive
+ * chunks to consecutive reducers, rotated by the sequence number so that all-reduces of one
+ * chunk spread over all reducers too.
+ */
+size_t chunk_elements(const ReductionServerSettings& settings, DataType dtype, size_t count,
+                      size_t reducers) {
+  const size_t chunk_bytes = settings.chunk_bytes ? settings.chunk_bytes : kDefaultChunkBytes;
+  const size_t elems = std::max<size_t>(1, chunk_bytes / element_size(dtype));
+  return reducers > 0 ? std::min(elems, ceil_div(count, reducers)) : elems;
+}
+
+ShardBatchHandle post_chunks(const CollectiveTag& tag, ReducerChannels& reducers,
+                             const std::vector<int>& view, char* bytes, size_t count,
+                             size_t chunk_elems, const std::vector<size_t>& which) {
+  const size_t element = element_size(tag.dtype);
+  std::vector<ShardTransfer> transfers;
+  for (size_t c : which) {
+    ShardTransfer t;
+    t.reducer = view[(c + tag.seq) % view.size()];
+    const size_t first = c * chunk_elems, length = std::min(chunk_elems, count - first);
+    t.header = tag.header(static_cast<uint32_t>(c), length * element);
+    t.data = bytes + first * element;
+    transfers.push_back(t);
+  }
+  return reducers.post(std::move(transfers));
+}
+
+}  // namespace
+
+PostedReduction post_reduction_server(const CollectiveTag& tag, ReducerChannels& reducers,
+                                      const ReductionServerSettings& settings,
+                                      const std::vector<int>& view, void* data, size_t count) {
+  PostedReduction posted;
+  posted.chunk_elems = chunk_elements(settings, tag.dtype, count, view.size());
+  if (count == 0 || view.empty()) return posted;
+  std::vector<size_t> all(ceil_div(count, posted.chunk_elems));
+  for (size_t c = 0; c < all.size(); ++c) all[c] = c;
+  posted.batch = post_chunks(tag, reducers, view, static_cast<char*>(data), count,
+                             posted.chunk_elems, all);
+  return posted;
+}
+
+void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reducers,
+                             const ReductionServerSettings& settings,
+                             const PostedReduction& posted, void* data, size_t count) {
   if (count == 0) return;
   const size_t element = element_size(ctx.tag.dtype);
   const int workers = ctx.size();
   const int num_reducers = reducers.count();
   char* bytes = static_cast<char*>(data);
-
-  /*
-   * Chunk c spans elements [c * chunk_elems, min((c + 1) * chunk_elems, count)). A chunk holds
-   * at most chunk_bytes, and a buffer of at least R elements has at least R chunks, so that
-   * every reducer shares the load. Chunk c goes to reducer alive[(c + seq) % alive.size()]:
-   * consecutive chunks to consecutive reducers, rotated by the sequence number so that
-   * all-reduces of one chunk spread over all reducers too. Every worker computes the same
-   * plan: alive() only changes at the agreements below.
-   */
-  const size_t chunk_bytes = settings.chunk_bytes ? settings.chunk_bytes : kDefaultChunkBytes;
-  size_t chunk_elems = std::max<size_t>(1, chunk_bytes / element);
-  const size_t initially_alive = reducers.alive().size();
-  if (initially_alive > 0) chunk_elems = std::min(chunk_elems, ceil_div(count, initially_alive));
+  const size_t chunk_elems = posted.chunk_elems;
   const size_t chunks = ceil_div(count, chunk_elems);
   auto offset = [&](size_t c) { return c * chunk_elems; };
   auto length = [&](size_t c) { return std::min(chunk_elems, count - offset(c)); };
-  const int inflight = settings.inflight > 0 ? settings.inflight : kDefaultInflight;
+  auto job_failure = [&] { return ctx.transport.failure(); };
 
   std::vector<bool> have(chunks, false);
-  auto reduce_on_reducers = [&](const std::vector<size_t>& which) {
-    const std::vector<int> alive = reducers.alive();
-    std::vector<ShardTransfer> transfers;
-    for (size_t c : which) {
-      ShardTransfer t;
-      t.reducer = alive[(c + ctx.tag.seq) % alive.size()];
-      t.header = ctx.tag.header(static_cast<uint32_t>(c), length(c) * element);
-      t.data = bytes + offset(c) * element;
-      transfers.push_back(t);
-    }
-    ctx.log("sending " + std::to_string(which.size()) + " chunk(s) to " +
-            std::to_string(alive.size()) + " reducer(s)");
-    reducers.exchange(
-        transfers, inflight, settings.heartbeat_timeout, ctx.deadline,
-        [&] { return ctx.transport.failure(); }, [&](const std::string& event) { ctx.note(event); });
-    for (const auto& t : transfers) {
+  auto collect = [&](const ShardBatchHandle& batch) {
+    if (!batch) return;
+    reducers.wait(batch, ctx.deadline, job_failure);
+    for (const auto& t : batch->transfers) {
       if (t.state == ShardTransfer::State::kDone) have[t.header.unit] = true;
     }
   };
-
-  std::vector<size_t> all(chunks);
-  for (size_t c = 0; c < chunks; ++c) all[c] = c;
-  if (initially_alive > 0) reduce_on_reducers(all);
+  collect(posted.batch);
 
   for (uint32_t attempt = 0;; ++attempt) {
     /*
@@ -111,9 +136,10 @@ void allreduce_reduction_server(const AlgorithmContext& ctx, ReducerChannels& re
       (votes[givers + c] ? from_peers : from_reducers).push_back(c);
     }
     if (from_peers.empty() && from_reducers.empty()) return;
+    const std::vector<int> survivors = reducers.alive();
     ctx.note("recovering: " + std::to_string(from_peers.size()) +
              " chunk(s) from the workers that have them, " + std::to_string(from_reducers.size()) +
-             " chunk(s) summed again by " + std::to_string(reducers.alive().size()) +
+             " chunk(s) summed again by " + std::to_string(survivors.size()) +
              " surviving reducer(s)");
 
     for (size_t c : from_peers) {
@@ -125,8 +151,8 @@ void allreduce_reduction_server(const AlgorithmContext& ctx, ReducerChannels& re
       have[c] = true;
     }
     if (from_reducers.empty()) continue;
-    if (!reducers.alive().empty()) {
-      reduce_on_reducers(from_reducers);
+    if (!survivors.empty()) {
+      collect(post_chunks(ctx.tag, reducers, survivors, bytes, count, chunk_elems, from_reducers));
     } else if (settings.fallback_ring) {
       ctx.note("no reducer is left: finishing " + std::to_string(from_reducers.size()) +
                " chunk(s) on the ring (COLLECTIVES_RS_FALLBACK=ring)");

@@ -1,20 +1,23 @@
 // A worker's connections to the job's reducers (protocol in reduction_server/server.h).
 //
-// exchange() sends chunks of the worker's buffer to reducers and receives their sums into the
-// same place. Unlike the ring's transport, where any failure ends the job, a reducer that
-// fails only loses its chunks: its connection ended, or it sent nothing (no sum, no
-// heartbeat) for heartbeat_timeout while it held our chunks. The caller then moves those
+// A progress thread sends chunks of the workers' buffers to reducers and receives their sums
+// into the same place; chunks of several all-reduces can be in flight at once (post() them
+// in order, wait() for each). Unlike the ring's transport, where any failure ends the job, a
+// reducer that fails only loses its chunks: its connection ended, or it sent nothing (no
+// sum, no heartbeat) for heartbeat_timeout while it owed us sums. The caller moves those
 // chunks elsewhere. A sum is received into staging memory and copied into the buffer only
 // once complete, so a reducer that dies mid-frame leaves the worker's contribution intact
 // for the next reducer.
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/error.h"
@@ -26,10 +29,17 @@ namespace collectives {
 struct ShardTransfer {
   enum class State { kQueued, kDone, kLost };
   int reducer = 0;
-  FrameHeader header;  // unit = chunk index, nbytes = chunk bytes
+  FrameHeader header;    // unit = chunk index, nbytes = chunk bytes
   char* data = nullptr;  // the chunk: sent from here, the sum received into here
   State state = State::kQueued;
 };
+
+// The transfers of one all-reduce; their states are final once wait() returned.
+struct ShardBatch {
+  std::vector<ShardTransfer> transfers;
+  size_t unfinished = 0;  // guarded by the channels' mutex
+};
+using ShardBatchHandle = std::shared_ptr<ShardBatch>;
 
 struct ReducerStat {
   std::string name;
@@ -40,46 +50,65 @@ struct ReducerStat {
 
 class ReducerChannels {
  public:
-  // fds[r]: the connected, authenticated socket to reducer r (owned from here on).
-  ReducerChannels(std::vector<int> fds, std::vector<std::string> names);
+  // fds[r]: the connected, authenticated socket to reducer r (owned from here on). At most
+  // `inflight` chunks per reducer are unanswered at a time. `log` tells the user of a
+  // reducer's failure (called from the progress thread).
+  ReducerChannels(std::vector<int> fds, std::vector<std::string> names, int inflight,
+                  double heartbeat_timeout, std::function<void(const std::string&)> log);
   ~ReducerChannels();
   ReducerChannels(const ReducerChannels&) = delete;
   ReducerChannels& operator=(const ReducerChannels&) = delete;
 
   int count() const { return static_cast<int>(reducers_.size()); }
-  // Reducers still in use, in index order (the same on every worker: see abandon()).
+  // Reducers not abandoned, in index order.
   std::vector<int> alive() const;
   const std::string& name(int reducer) const;
 
-  // Runs every transfer until it is kDone or kLost (its reducer failed, which is logged with
-  // `log`). At most `inflight` chunks per reducer are unanswered at a time; they are sent in
-  // the order given. Throws CollectiveError if a reducer relays a job failure (an abort
-  // frame), if `job_failure()` turns non-empty (another worker failed; checked every few
-  // milliseconds) or if cancel() is called; TimeoutError at the deadline.
-  void exchange(std::vector<ShardTransfer>& transfers, int inflight, double heartbeat_timeout,
-                Deadline deadline, const std::function<std::string()>& job_failure,
-                const std::function<void(const std::string&)>& log);
-  // Stops using a reducer: says goodbye (so that it can tell this from a death) and closes.
-  // Workers abandon the same reducers at the same point of the same collective, so alive()
-  // stays equal across workers.
+  // Queues the transfers of one all-reduce, after those posted before; the buffers must
+  // stay valid until wait() returned for it or close() was called. Transfers to an
+  // abandoned reducer are lost at once.
+  ShardBatchHandle post(std::vector<ShardTransfer> transfers);
+  // Blocks until each transfer of `batch` is kDone or kLost. Throws CollectiveError if a
+  // reducer relays a job failure (an abort frame), if `job_failure()` turns non-empty
+  // (another worker failed; checked every few milliseconds) or if cancel() is called;
+  // TimeoutError at the deadline.
+  void wait(const ShardBatchHandle& batch, Deadline deadline,
+            const std::function<std::string()>& job_failure);
+  // Stops using a reducer: says goodbye (so that it can tell this from a death) and closes;
+  // its unfinished transfers are lost.
   void abandon(int reducer);
-  // From any thread: a running or later exchange() throws CollectiveError(reason).
+  // From any thread: a running or later wait() throws CollectiveError(reason).
   void cancel(const std::string& reason);
-  // Goodbye to every reducer still in use (clean) or just close (after a failure, so that
-  // the reducers tell the other workers).
+  // Stops the progress thread (no buffer is touched afterwards), then says goodbye to every
+  // reducer still in use (clean) or just closes (after a failure, so that the reducers tell
+  // the other workers). Idempotent.
   void close(bool clean);
   std::vector<ReducerStat> stats() const;
 
  private:
   struct Reducer;
-  void lose(Reducer& reducer, std::vector<ShardTransfer>& transfers, const std::string& why,
-            const std::function<void(const std::string&)>& log);
+  void progress_loop();
+  bool write_some(Reducer& reducer);
+  bool read_some(Reducer& reducer);
+  void lose(Reducer& reducer, const std::string& why);
+  void settle(ShardBatch& batch, ShardTransfer& transfer, ShardTransfer::State state);
+  void abandon_locked(Reducer& reducer, bool goodbye);
+  void update_interest(Reducer& reducer);
+  void fail(const std::string& reason);
   void wake();
 
+  const int inflight_;
+  const double heartbeat_timeout_;
+  const std::function<void(const std::string&)> log_;
   std::vector<std::unique_ptr<Reducer>> reducers_;
   FileDescriptor epoll_fd_, wake_fd_;
-  mutable std::mutex mutex_;  // guards cancelled_ and the sockets' lifetime against close()
-  std::string cancelled_;
+
+  mutable std::mutex mutex_;  // guards everything below and each Reducer's exchange state
+  std::condition_variable settled_;
+  std::string failure_;  // a reducer relayed a job failure, or cancel() was called
+  bool stopping_ = false;
+  bool closed_ = false;
+  std::thread progress_thread_;
 };
 
 }  // namespace collectives

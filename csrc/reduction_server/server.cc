@@ -196,6 +196,11 @@ struct ReductionServer::State {
   void close(WorkerConnection& w);
   void tell_everyone(const std::string& reason);
   std::string describe_chunk(const FrameHeader& h) const;
+  // What a chunk costs its sender's share of memory: its bytes and the slot's bookkeeping,
+  // so that many tiny chunks cannot outgrow the bound either.
+  uint64_t charge(const FrameHeader& h) const {
+    return h.nbytes + sizeof(Slot) + workers.size() * sizeof(std::unique_ptr<char[]>) + 128;
+  }
 
   const ReducerOptions options;
   std::vector<WorkerConnection> workers;
@@ -429,7 +434,7 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
   }
   slot->parts[w.rank].reset(new char[h.nbytes]);
   w.receiving = slot;
-  w.held += h.nbytes;
+  w.held += charge(h);
 }
 
 void ReductionServer::State::on_payload(WorkerConnection& w) {
@@ -493,7 +498,7 @@ void ReductionServer::State::flush(WorkerConnection& w) {
 
 void ReductionServer::State::frame_written(WorkerConnection& w, const OutFrame& frame) {
   if (!frame.slot) return;
-  w.held -= frame.header.nbytes;
+  w.held -= charge(frame.header);
   if (w.paused && w.held < per_worker_budget) {
     w.paused = false;
     update_interest(w);
@@ -565,7 +570,7 @@ void ReductionServer::serve() {
                             " stopped using this reducer while chunks were pending here: the "
                             "workers took it for dead (their logs say why)");
     }
-    state_->tell_everyone("reducer: " + failure.what);
+    state_->tell_everyone(failure.what);
     for (auto& w : state_->workers) state_->close(w);
     throw CollectiveError(failure.what);
   }

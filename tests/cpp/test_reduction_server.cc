@@ -167,6 +167,45 @@ void test_reducer_fails_midway(bool silent) {
   }
 }
 
+// Back-to-back async all-reduces, as DDP issues one per bucket: the next one's chunks go out
+// while the one before finishes; a reducer that stops meanwhile costs nothing but time.
+void test_many_in_flight(bool stop_one) {
+  const int workers = 3, reducers = 3, rounds = 24;
+  const size_t count = 100000;
+  Job job(workers, reducers, reducer_options(32 << 10));
+  std::vector<std::vector<std::vector<float>>> inputs(rounds, std::vector<std::vector<float>>(workers));
+  for (int round = 0; round < rounds; ++round) {
+    for (int r = 0; r < workers; ++r) inputs[round][r] = spread_floats(r, count, 500 + round);
+  }
+  std::thread stopper;
+  if (stop_one) {
+    stopper = std::thread([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      job.reducers[0]->stop();
+    });
+  }
+  std::vector<int> wrong(workers, 0);
+  auto errors = job.run([&](int r) {
+    std::vector<std::vector<float>> x(rounds);
+    std::vector<std::shared_ptr<Work>> works;
+    for (int round = 0; round < rounds; ++round) {
+      x[round] = inputs[round][r];
+      works.push_back(job.comms[r]->allreduce(x[round].data(), count, DataType::kFloat32, ReduceOp::kSum));
+    }
+    for (int round = 0; round < rounds; ++round) {
+      wait(works[round]);
+      if (!same_bits(x[round], left_fold(inputs[round]))) ++wrong[r];
+    }
+  });
+  if (stopper.joinable()) stopper.join();
+  const std::string what = std::string("many in flight") + (stop_one ? ", a reducer stopped" : "");
+  for (int r = 0; r < workers; ++r) {
+    check(errors[r].empty(), what + ": rank " + std::to_string(r) + " raised " + errors[r]);
+    check(wrong[r] == 0, what + ": " + std::to_string(wrong[r]) + " wrong results on rank " +
+                             std::to_string(r));
+  }
+}
+
 // Reads exactly n bytes from a blocking socket.
 bool read_exactly(int fd, void* into, size_t n) {
   char* p = static_cast<char*>(into);
@@ -271,6 +310,8 @@ int main() {
   test_reducer_fails_midway(false);
   test_reducer_fails_midway(true);
   test_reducer_dies_after_answering_one_worker();
+  test_many_in_flight(false);
+  test_many_in_flight(true);
   test_no_reducer_left(false);
   test_no_reducer_left(true);
   test_disagreeing_workers_fail_everywhere();
