@@ -6,6 +6,9 @@ so each rank checks its own result against numpy without shipping arrays between
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64")
@@ -135,3 +138,34 @@ def matrix(size, counts):
                           count=3 * size * 101, seed=seed))
     cases.append(dict(collective="allreduce", dtype="float32", op="sum", count=1000, seed=seed + 1, **{"async": True}))
     return cases
+
+
+# The rank processes' script: runs the cases in the JSON file named by its argument.
+RANK_SCRIPT = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})  # collective_cases only: the tests folder holds no package
+import collective_cases
+import collectives as cc
+
+cases = json.loads(open(sys.argv[1]).read())
+with cc.init() as comm:
+    problems = []
+    for case in cases:
+        problems += collective_cases.run_case(comm, case)
+    print(json.dumps({{"rank": comm.rank, "size": comm.size, "cases": len(cases), "problems": problems[:20]}}))
+"""
+
+
+def run_job(run_ranks, tmp_path, size, cases, env=None, timeout=240, reducers=0):
+    """Runs `cases` in one job of `size` processes (and `reducers` reducers) started by the
+    run_ranks fixture; fails the test with every problem a rank found."""
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(cases))
+    results = run_ranks(RANK_SCRIPT, size, args=[str(path)], env=env, timeout=timeout, reducers=reducers)
+    for rank, result in enumerate(results[:size]):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stderr[-4000:]}"
+        report = result.report()
+        assert report["cases"] == len(cases) and report["size"] == size
+        assert report["problems"] == [], "\n".join(report["problems"])
+    for index, result in enumerate(results[size:]):
+        assert result.returncode == 0, f"reducer {index} failed:\n{result.stderr[-4000:]}"

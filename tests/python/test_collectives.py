@@ -15,32 +15,7 @@ import collective_cases as cases_lib
 
 HERE = Path(__file__).resolve().parent
 
-RANK_SCRIPT = f"""
-import json, sys
-sys.path.insert(0, {str(HERE)!r})  # collective_cases only: the tests folder holds no package
-import collective_cases
-import collectives as cc
-
-cases = json.loads(open(sys.argv[1]).read())
-with cc.init() as comm:
-    problems = []
-    for case in cases:
-        problems += collective_cases.run_case(comm, case)
-    print(json.dumps({{"rank": comm.rank, "size": comm.size, "cases": len(cases), "problems": problems[:20]}}))
-"""
-
 COUNTS = [0, 1, 2, 3, 7, 13, 1009, 65537, 300007]
-
-
-def run_job(run_ranks, tmp_path, size, cases, env=None, timeout=240):
-    path = tmp_path / "cases.json"
-    path.write_text(json.dumps(cases))
-    results = run_ranks(RANK_SCRIPT, size, args=[str(path)], env=env, timeout=timeout)
-    for rank, result in enumerate(results):
-        assert result.returncode == 0, f"rank {rank} failed:\n{result.stderr[-4000:]}"
-        report = result.report()
-        assert report["cases"] == len(cases) and report["size"] == size
-        assert report["problems"] == [], "\n".join(report["problems"])
 
 
 def test_the_installed_package_is_tested():
@@ -56,13 +31,13 @@ def test_the_installed_package_is_tested():
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
 def test_matrix(run_ranks, tmp_path, size):
-    run_job(run_ranks, tmp_path, size, cases_lib.matrix(size, COUNTS))
+    cases_lib.run_job(run_ranks, tmp_path, size, cases_lib.matrix(size, COUNTS))
 
 
 def test_many_segments_and_connections(run_ranks, tmp_path):
     """Tiny segments (hundreds per block) striped over two sockets per peer."""
     env = {"COLLECTIVES_RING_SEGMENT_BYTES": "4K", "COLLECTIVES_CONNECTIONS_PER_PEER": "2"}
-    run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 5, 4099, 100003]), env=env)
+    cases_lib.run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 5, 4099, 100003]), env=env)
 
 
 @pytest.mark.mpi
@@ -72,7 +47,7 @@ def test_under_mpirun(run_mpirun, tmp_path):
     cases = cases_lib.matrix(size, [0, 1, 1009, 65537])
     path = tmp_path / "cases.json"
     path.write_text(json.dumps(cases))
-    result = run_mpirun(RANK_SCRIPT.replace("sys.argv[1]", repr(str(path))), size, timeout=240)
+    result = run_mpirun(cases_lib.RANK_SCRIPT.replace("sys.argv[1]", repr(str(path))), size, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     reports = result.reports()
     assert sorted(r["rank"] for r in reports) == list(range(size))
@@ -95,7 +70,7 @@ def drawn_case(draw):
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cases=st.lists(drawn_case(), min_size=12, max_size=12))
 def test_drawn_cases(run_ranks, tmp_path_factory, cases):
-    run_job(run_ranks, tmp_path_factory.mktemp("drawn"), 3, cases)
+    cases_lib.run_job(run_ranks, tmp_path_factory.mktemp("drawn"), 3, cases)
 
 
 KINDS_SCRIPT = """
