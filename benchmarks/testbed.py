@@ -1,7 +1,7 @@
 """An emulated cluster on one machine: hosts as namespaces on a bridge, each link limited by tc.
 
     python benchmarks/testbed.py --hosts N --rate 500mbit [--burst 256kb] [--loss 0.1%]
-        [--delay 50us] [--per-host K] [--summary F] -- COMMAND...
+        [--delay 50us] [--tcp-cc cubic] [--per-host K] [--summary F] -- COMMAND...
 
 Each emulated host hN is a network namespace with its own UTS (hostname hN), IPC and mount
 namespace: its /dev/shm is a tmpfs of its own, so POSIX and System V shared memory of one
@@ -14,7 +14,10 @@ touches the machine's own network. Each link is limited in both directions by tc
 burst and a queue of TBF_LATENCY): on eth0 (the host's upload) and on the switch port
 (its download). --loss drops that fraction of the packets arriving at each host (nftables,
 random drop, so each direction of a link loses it). This kernel has no netem, so --delay
-stops with an error unless the kernel has it.
+stops with an error unless the kernel has it. Every host's TCP uses the congestion control
+--tcp-cc (default cubic, Linux's own default), whatever the machine's default is: it decides
+how flows share a link (this machine defaults to bbr, whose bandwidth and RTT probing lose
+2-3% of the bytes on these shallow queues and stall single flows for 200 ms at a time).
 
 Before COMMAND runs, the links' TCP goodput B is measured: one bulk TCP transfer per link,
 h0->h1, h1->h2, ..., the last host back to h0, one at a time (--goodput-seconds each after
@@ -28,6 +31,7 @@ environment extended by:
     TESTBED_RATE         the rate as given (500mbit); TESTBED_RATE_BPS the same in bits/s
     TESTBED_BURST        tbf's burst in bytes
     TESTBED_LOSS         the loss as a fraction (0.001), or empty
+    TESTBED_TCP_CC       the hosts' TCP congestion control (cubic)
     TESTBED_TC           the link settings in words, for result rows
     TESTBED_GOODPUT_BPS  B in bits/s (empty when not measured)
     TESTBED_EXEC         the path of testbed_exec: "$TESTBED_EXEC h1 CMD ARGS..." runs CMD on h1
@@ -48,7 +52,7 @@ during it (all cores, from /proc/stat); a run in which the CPU was more than 90%
 (CPU_BOUND_UTIL) is flagged cpu_bound with a warning: there the links were not the
 bottleneck and the figures do not count. --summary F writes a JSON object: the settings
 (hosts [{name, address}], per_host, rate, rate_bps, burst_bytes, tbf_latency, loss, delay,
-tc), goodput_bps, goodput_bps_per_link {"h0->h1": bps}, command, returncode, seconds,
+tcp_cc, tc), goodput_bps, goodput_bps_per_link {"h0->h1": bps}, command, returncode, seconds,
 link_bytes {host: {tx, rx}} (bytes that crossed each link during COMMAND, Ethernet headers
 included), dropped_packets {host: n} (by --loss), cpu_util, cpu_util_per_core and
 cpu_bound. Everything the run created
@@ -342,7 +346,8 @@ class Testbed:
     """
 
     def __init__(self, hosts: int, rate: str = "500mbit", burst: str = "256kb", loss: Optional[str] = None,
-                 delay: Optional[str] = None, per_host: int = 1, goodput_seconds: float = 1.0) -> None:
+                 delay: Optional[str] = None, per_host: int = 1, goodput_seconds: float = 1.0,
+                 tcp_cc: str = "cubic") -> None:
         if not 1 <= hosts <= 250:
             raise ValueError(f"hosts must be between 1 and 250, not {hosts}")
         if per_host < 1:
@@ -352,6 +357,7 @@ class Testbed:
         self.burst_bytes = parse_burst(burst)
         self.loss = parse_loss(loss) if loss is not None else None
         self.delay = parse_delay(delay) if delay is not None else None
+        self.tcp_cc = tcp_cc
         self.per_host = per_host
         self.goodput_seconds = goodput_seconds
         pid = os.getpid()
@@ -381,6 +387,10 @@ class Testbed:
     def start(self) -> None:
         """Creates the hosts, the switch and the links, then measures the goodput."""
         check_prerequisites(loss=self.loss is not None)
+        available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+        if self.tcp_cc not in available:
+            raise TestbedError(f"TCP congestion control {self.tcp_cc!r} is not available here "
+                               f"(available: {', '.join(available)})")
         remove_stale()
         log.info("creating %d hosts, links %s", len(self.hosts), self.tc_description())
         self.state_dir.mkdir(parents=True)
@@ -423,8 +433,8 @@ class Testbed:
     def _add_host(self, host: Host, hosts_file: Path) -> None:
         self._add_netns(host.netns)
         ns = ["ip", "netns", "exec", host.netns]
-        _run(ns + ["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
-                   "net.ipv6.conf.default.disable_ipv6=1"])  # no IPv6 chatter on the links
+        _run(ns + ["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",  # no IPv6 chatter on the links
+                   "net.ipv6.conf.default.disable_ipv6=1", f"net.ipv4.tcp_congestion_control={self.tcp_cc}"])
         _run(["ip", "-n", self.switch_netns, "link", "add", host.name, "type", "veth", "peer", "name", IFNAME,
               "netns", host.netns])
         _run(["ip", "-n", self.switch_netns, "link", "set", host.name, "master", "br0", "up"])
@@ -500,6 +510,7 @@ class Testbed:
             "TESTBED_RATE_BPS": str(self.rate_bps),
             "TESTBED_BURST": str(self.burst_bytes),
             "TESTBED_LOSS": "" if self.loss is None else f"{self.loss:g}",
+            "TESTBED_TCP_CC": self.tcp_cc,
             "TESTBED_TC": self.tc_description(),
             "TESTBED_GOODPUT_BPS": "" if self.goodput_bps is None else f"{self.goodput_bps:.0f}",
             "TESTBED_EXEC": str(EXEC_HELPER),
@@ -521,7 +532,7 @@ class Testbed:
 
     def tc_description(self) -> str:
         text = (f"tbf rate {self.rate} burst {self.burst_bytes} latency {TBF_LATENCY} on both ends of each "
-                f"link, mtu 1500")
+                f"link, mtu 1500, tcp {self.tcp_cc}")
         if self.loss is not None:
             text += f"; loss {self.loss * 100:g}% per direction (nftables random drop)"
         if self.delay is not None:
@@ -621,6 +632,7 @@ class Testbed:
             "tbf_latency": TBF_LATENCY,
             "loss": self.loss,
             "delay": self.delay,
+            "tcp_cc": self.tcp_cc,
             "tc": self.tc_description(),
             "goodput_bps": self.goodput_bps,
             "goodput_bps_per_link": self.goodput_bps_per_link,
@@ -672,6 +684,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--burst", default="256kb", help="tbf burst (tc units: kb = 1024 bytes; default 256kb)")
     parser.add_argument("--loss", help="packet loss per direction, e.g. 0.1%% (nftables random drop)")
     parser.add_argument("--delay", help="one-way delay, e.g. 50us (needs netem, which this kernel lacks)")
+    parser.add_argument("--tcp-cc", default="cubic", help="the hosts' TCP congestion control (default cubic)")
     parser.add_argument("--per-host", type=int, default=1, metavar="K", help="processes (mpirun slots) per host")
     parser.add_argument("--goodput-seconds", type=float, default=1.0,
                         help="length of each link's goodput measurement (0 skips it; default 1)")
@@ -688,6 +701,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     try:
         testbed = Testbed(args.hosts, rate=args.rate, burst=args.burst, loss=args.loss, delay=args.delay,
+                          tcp_cc=args.tcp_cc,
                           per_host=args.per_host, goodput_seconds=args.goodput_seconds)
     except ValueError as e:
         parser.error(str(e))

@@ -15,6 +15,12 @@ j < i (connections_per_peer sockets each) and accepts from every j > i, and each
 passes the HMAC handshake, which tells the acceptor who connected. One deadline
 (config.timeout) bounds it all. A worker that fails posts its error to the store (when
 there is one) so that the others fail at once with its message instead of at the deadline.
+
+Reducers (collectives-reducer) are met last: each worker connects once to each of them.
+Under mpirun they are processes of the same (MPMD) job and publish their addresses over
+MPI; otherwise worker 0 publishes the job's id, size and COLLECTIVES_NUM_REDUCERS in the
+store, and each reducer claims an index there and publishes its address (see
+collectives.reduction_server).
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from . import _handshake, _netif
 from ._config import Config
-from ._handshake import JOB_ID_BYTES, ROLE_WORKER, PeerHello, client_handshake, server_handshake
+from ._handshake import (JOB_ID_BYTES, ROLE_REDUCER, ROLE_WORKER, PeerHello, client_handshake,
+                         server_handshake)
 from ._store import StoreClient, StoreServer
 from .errors import AuthenticationError, CollectiveError, ProtocolVersionError, TimeoutError
 
-__all__ = ["Bootstrap", "bootstrap", "bootstrap_with_store", "read_secret"]
+__all__ = ["Bootstrap", "bootstrap", "bootstrap_with_store", "read_secret", "publish_job", "meet_reducers"]
 
 log = logging.getLogger("collectives")
 
@@ -50,8 +57,6 @@ _NOTICE_GRACE_S = 1.0
 # Worker 0, failing, keeps serving the store this long at most so that the others can
 # read its failure notice; it stops as soon as they have all disconnected.
 _ABORT_LINGER_S = 5.0
-# Accepted connections whose handshake is under way; more are closed at once.
-_MAX_PENDING_HANDSHAKES = 256
 _ERRORS = {cls.__name__: cls for cls in (TimeoutError, AuthenticationError, ProtocolVersionError)}
 
 
@@ -70,9 +75,12 @@ class Bootstrap:
     mpi_comm: Optional[Any]  # workers-only MPI communicator under mpirun
     secret: bytes = dataclasses.field(repr=False)  # in memory only; never logged
     job_id: bytes = dataclasses.field(repr=False)  # random per job; binds handshakes to it
+    # reducer_fds[i]: one connected, authenticated, blocking socket fd to reducer i
+    reducer_fds: List[int] = dataclasses.field(default_factory=list)
+    reducer_names: List[str] = dataclasses.field(default_factory=list)  # "reducer i (host:port)"
 
     def close(self) -> None:
-        """Closes the store client and server (not peer_fds: the core owns those). Idempotent."""
+        """Closes the store client and server (not the fds: the core owns those). Idempotent."""
         if self.store is not None:
             self.store.close()
         if self.store_server is not None:
@@ -97,13 +105,15 @@ def bootstrap(rank: Optional[int] = None, size: Optional[int] = None, rendezvous
     rank, rank_source = _setting(rank, "rank", env, "COLLECTIVES_RANK")
     size, size_source = _setting(size, "size", env, "COLLECTIVES_SIZE")
 
+    if rank is None and size is None and launched_by_mpirun(env):
+        # There the job's reducers are counted, and the settings checked, over MPI.
+        return _bootstrap_mpi(rendezvous, rendezvous_source, config, env)
+    config.check_runnable()
     if rank is not None or size is not None:
         if rank is None or size is None:
             given = rank_source if rank is not None else size_source
             raise ValueError(f"{given} is set but not both of rank and size: set COLLECTIVES_RANK and "
                              "COLLECTIVES_SIZE (or pass rank= and size=) together")
-    elif any(name in env for name in _MPI_VARIABLES):
-        return _bootstrap_mpi(rendezvous, rendezvous_source, config, env)
     elif "RANK" in env and "WORLD_SIZE" in env:
         rank, rank_source = _setting(None, "RANK", env, "RANK")
         size, size_source = _setting(None, "WORLD_SIZE", env, "WORLD_SIZE")
@@ -160,6 +170,10 @@ _NO_SECRET = ("collectives needs a secret shared by the processes of this job to
               "COLLECTIVES_TOKEN_FILE to the path of a file that holds it")
 
 
+def launched_by_mpirun(environ: Mapping[str, str]) -> bool:
+    return any(name in environ for name in _MPI_VARIABLES)
+
+
 def read_secret(environ: Optional[Mapping[str, str]] = None) -> Optional[bytes]:
     """The job's secret from COLLECTIVES_TOKEN or COLLECTIVES_TOKEN_FILE, or None if neither is set."""
     env = os.environ if environ is None else environ
@@ -191,71 +205,217 @@ def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config
     ``toward`` is a host on the workers' network (the store's host) from which to pick
     the local address to advertise; ``prefix`` keeps apart the keys of several jobs that
     share one store; ``rendezvous`` names the store in messages; ``deadline`` (a
-    time.monotonic() value) defaults to config.timeout from now.
+    time.monotonic() value) defaults to config.timeout from now. With
+    config.num_reducers, the reducers meet the workers in this store too.
     """
     deadline = time.monotonic() + config.timeout if deadline is None else deadline
     exchange = _StoreExchange(store, prefix, rank, size, deadline, config.timeout, rendezvous)
+    peer_fds: List[List[int]] = []
     try:
         if rank == 0:
             job_id = secrets.token_bytes(JOB_ID_BYTES)
-            store.set(prefix + "job", job_id)
+            publish_job(store, job_id, size, config.num_reducers, prefix=prefix)
         else:
             job_id = exchange.get("job", f"rank 0 did not start the job at {rendezvous} within {config.timeout:g} s")
         peer_fds, peer_names = _connect_workers(rank, size, config, secret, job_id, deadline, exchange,
                                                 lambda: _netif.advertise_address(config.socket_ifname, toward))
+        reducer_fds, reducer_names = meet_reducers(store, rank, size, secret, job_id, config, prefix=prefix,
+                                                   rendezvous=rendezvous, deadline=deadline)
     except Exception as e:
+        _close_fds(fd for fds in peer_fds for fd in fds)
         exchange.publish_failure(e)
         raise
-    return Bootstrap(rank, size, peer_fds, peer_names, store, None, None, secret, job_id)
+    return Bootstrap(rank, size, peer_fds, peer_names, store, None, None, secret, job_id, reducer_fds, reducer_names)
+
+
+def publish_job(store: Any, job_id: bytes, size: int, num_reducers: int, *, prefix: str = "collectives/") -> None:
+    """Worker 0's part: what a reducer reads from the store to join the job."""
+    store.set(prefix + "size", str(size).encode())
+    store.set(prefix + "num_reducers", str(num_reducers).encode())
+    store.set(prefix + "job", job_id)  # last: once it is there, so are the others
+
+
+def meet_reducers(store: Any, rank: int, size: int, secret: bytes, job_id: bytes, config: Config, *,
+                  prefix: str = "collectives/", rendezvous: str = "the store",
+                  deadline: Optional[float] = None) -> Tuple[List[int], List[str]]:
+    """Connects this worker to each of the job's config.num_reducers reducers, which publish
+    their addresses in ``store`` (a store-like object, as for :func:`bootstrap_with_store`)
+    once worker 0 has called :func:`publish_job` there. Returns (fds, names) by reducer
+    index; ([], []) for a job without reducers.
+    """
+    deadline = time.monotonic() + config.timeout if deadline is None else deadline
+    waits = _StoreWaits(store, prefix, deadline, config.timeout)
+    records, missing = waits.wait_all([f"reducer/{index}" for index in range(config.num_reducers)])
+    if missing:
+        many = len(missing) > 1
+        raise TimeoutError(
+            f"{_plural(missing, 'reducer', 'reducers')} of {config.num_reducers} did not publish "
+            f"{'their addresses' if many else 'its address'} at the rendezvous {rendezvous} within "
+            f"{config.timeout:g} s: start {'them' if many else 'it'} with `collectives-reducer --rendezvous "
+            f"{rendezvous}` (and the job's COLLECTIVES_TOKEN), or set COLLECTIVES_NUM_REDUCERS to the number "
+            "of reducers you start")
+    return _connect_reducers([json.loads(r) for r in records], rank, config, secret, job_id, deadline)
+
+
+def reducer_record(listener: socket.socket) -> Dict[str, Any]:
+    """What a reducer publishes so that workers can reach it."""
+    host, port = listener.getsockname()[:2]
+    return {"host": host, "port": port, "hostname": socket.gethostname(), "protocol": _handshake.PROTOCOL_VERSION}
+
+
+def check_reducer_records(records: List[Dict[str, Any]]) -> None:
+    """Every worker (and under mpirun every reducer) runs this on the same records, so all
+    of them raise, and alike. A reducer that could not listen publishes why, as "failed"."""
+    failed = [f"reducer {index}: {r['failed']}" for index, r in enumerate(records) if "failed" in r]
+    if failed:
+        raise CollectiveError("reducers could not start: " + "; ".join(failed))
+    for index, record in enumerate(records):
+        _check_protocol(f"reducer {index}", record)
+
+
+def _connect_reducers(records: List[Dict[str, Any]], rank: int, config: Config, secret: bytes, job_id: bytes,
+                      deadline: float) -> Tuple[List[int], List[str]]:
+    check_reducer_records(records)
+    names = [f"reducer {index} ({r['host']}:{r['port']})" for index, r in enumerate(records)]
+    socks: List[socket.socket] = []
+    try:
+        for index, record in enumerate(records):
+            socks.append(_dial((record["host"], record["port"]), f"rank {rank}", names[index], deadline,
+                               config.timeout))
+            client_handshake(socks[-1], secret, rank, index, 0,
+                             min(time.monotonic() + config.handshake_timeout, deadline), job_id=job_id,
+                             peer_role=ROLE_REDUCER)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    if socks:
+        log.info("rank %d: connected to %d reducer(s)", rank, len(socks))
+    return [sock.detach() for sock in socks], names
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _bootstrap_mpi(rendezvous: Optional[str], rendezvous_source: str, config: Config,
                    env: Mapping[str, str]) -> Bootstrap:
+    job = MpiJob(mpi_world(env), ROLE_WORKER)
+    mpi_comm = job.comm
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    deadline = time.monotonic() + config.timeout
+
+    # Each worker checks its settings against the reducers in the job, and worker 0 makes
+    # the secret (or takes COLLECTIVES_TOKEN, which processes launched outside this mpirun
+    # need too), the job id, and the address the others route toward. A failure travels in
+    # the exchange itself: a process that raised instead of joining the next MPI call would
+    # leave the others blocked in it for good.
+    mine: Any = None
+    try:
+        config = _count_mpi_reducers(config, len(job.reducers), rendezvous)
+        if rank == 0:
+            address = _netif.advertise_address(config.socket_ifname, "127.0.0.1" if job.one_host else None)
+            mine = (read_secret(env) or secrets.token_bytes(_SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES), address)
+    except (OSError, ValueError, CollectiveError) as e:
+        mine = e
+    secret, job_id, address0 = job.start(mine)
+    reducer_records = job.reducer_records(None) if job.reducers else []
+
+    peer_fds, peer_names = _connect_workers(
+        rank, size, config, secret, job_id, deadline, _MpiExchange(mpi_comm),
+        lambda: address0 if rank == 0 else _netif.advertise_address(config.socket_ifname, address0))
+    store = server = None
+    try:
+        if rendezvous is not None:  # others (reducers started on their own) meet the job there
+            host, port = _parse_address(rendezvous, rendezvous_source)
+            server = _serve_store(host, port) if rank == 0 else None
+            store = StoreClient(host, port, timeout=max(1.0, deadline - time.monotonic()))
+            if rank == 0:
+                publish_job(store, job_id, size, config.num_reducers)
+        if job.reducers:
+            reducer_fds, reducer_names = _connect_reducers(reducer_records, rank, config, secret, job_id, deadline)
+        elif config.num_reducers:
+            reducer_fds, reducer_names = meet_reducers(store, rank, size, secret, job_id, config,
+                                                       rendezvous=rendezvous, deadline=deadline)
+        else:
+            reducer_fds, reducer_names = [], []
+    except BaseException:
+        _close_fds(fd for fds in peer_fds for fd in fds)
+        for closable in (store, server):
+            if closable is not None:
+                closable.close()
+        raise
+    return Bootstrap(rank, size, peer_fds, peer_names, store, server, mpi_comm, secret, job_id, reducer_fds,
+                     reducer_names)
+
+
+def _count_mpi_reducers(config: Config, count: int, rendezvous: Optional[str]) -> Config:
+    """The settings for an mpirun job that holds ``count`` reducer processes."""
+    if count:
+        if config.num_reducers not in (0, count):
+            raise ValueError(f"COLLECTIVES_NUM_REDUCERS={config.num_reducers}, but this mpirun job holds {count} "
+                             "reducer processes: unset it, or make the two agree")
+        config = dataclasses.replace(config, num_reducers=count)
+    elif config.num_reducers and rendezvous is None:
+        raise ValueError(
+            f"COLLECTIVES_NUM_REDUCERS={config.num_reducers}, but this mpirun job holds no reducers: launch them "
+            "in it (mpirun -np N python train.py : -np R collectives-reducer), or set COLLECTIVES_RENDEZVOUS=HOST:PORT "
+            "where reducers started on their own (collectives-reducer --rendezvous HOST:PORT) meet the job")
+    config.check_runnable()
+    return config
+
+
+def mpi_world(env: Mapping[str, str]) -> Any:
+    """mpi4py's COMM_WORLD, for a process that mpirun started."""
     try:
         from mpi4py import MPI
     except ImportError as e:
         found = next(name for name in _MPI_VARIABLES if name in env)
         raise ImportError(f"this process was started by mpirun ({found} is set) but mpi4py is not installed: "
                           "pip install mpi4py, or launch with COLLECTIVES_RANK/SIZE/RENDEZVOUS instead") from e
-    world = MPI.COMM_WORLD
-    role = ROLE_WORKER
-    # Every process says what it is, so that workers and reducers of one MPMD job can
-    # tell each other apart; each role gets its own communicator, ordered as in COMM_WORLD.
-    members = world.allgather((role, socket.gethostname()))
-    workers = [r for r, (member_role, _) in enumerate(members) if member_role == ROLE_WORKER]
-    mpi_comm = world.Split(color=role, key=world.rank)
-    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
-    deadline = time.monotonic() + config.timeout
-    one_host = len({hostname for _, hostname in members}) == 1
+    return MPI.COMM_WORLD
 
-    # Worker 0 makes the secret (or takes COLLECTIVES_TOKEN, which processes launched
-    # outside this mpirun need too), the job id, and the address the others route toward.
-    # A failure here travels in the broadcast itself: a rank that raised instead of joining
-    # the next MPI call would leave the others blocked in it for good.
-    shared = None
-    if world.rank == workers[0]:
-        try:
-            address = _netif.advertise_address(config.socket_ifname, "127.0.0.1" if one_host else None)
-            shared = (read_secret(env) or secrets.token_bytes(_SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES),
-                      address)
-        except (OSError, ValueError, CollectiveError) as e:
-            shared = e
-    shared = world.bcast(shared, root=workers[0])
-    if isinstance(shared, Exception):
-        if rank == 0:
-            raise shared
-        raise CollectiveError(f"worker 0 could not start the job: {shared}")
-    secret, job_id, address0 = shared
 
-    peer_fds, peer_names = _connect_workers(
-        rank, size, config, secret, job_id, deadline, _MpiExchange(mpi_comm),
-        lambda: address0 if rank == 0 else _netif.advertise_address(config.socket_ifname, address0))
-    store = server = None
-    if rendezvous is not None:  # others (reducers started on their own) meet the job there
-        host, port = _parse_address(rendezvous, rendezvous_source)
-        server = _serve_store(host, port) if rank == 0 else None
-        store = StoreClient(host, port, timeout=max(1.0, deadline - time.monotonic()))
-    return Bootstrap(rank, size, peer_fds, peer_names, store, server, mpi_comm, secret, job_id)
+class MpiJob:
+    """The processes of one mpirun job, workers and reducers (one MPMD job), as each of them
+    sees it. Every process makes the same MPI_COMM_WORLD calls in the same order: this
+    constructor, then :meth:`start`, then, where the job holds reducers,
+    :meth:`reducer_records`."""
+
+    def __init__(self, world: Any, role: int):
+        self.world = world
+        # Every process says what it is, so that workers and reducers of one MPMD job can
+        # tell each other apart; each role gets its own communicator, ordered as in COMM_WORLD.
+        self.members: List[Tuple[int, str]] = world.allgather((role, socket.gethostname()))
+        self.comm = world.Split(color=role, key=world.rank)
+        self.workers = [r for r, (member_role, _) in enumerate(self.members) if member_role == ROLE_WORKER]
+        self.reducers = [r for r, (member_role, _) in enumerate(self.members) if member_role == ROLE_REDUCER]
+        self.one_host = len({hostname for _, hostname in self.members}) == 1
+
+    def _name(self, world_rank: int) -> str:
+        if world_rank in self.workers:
+            return f"rank {self.workers.index(world_rank)}"
+        return f"reducer {self.reducers.index(world_rank)}"
+
+    def start(self, mine: Any) -> Tuple[bytes, bytes, str]:
+        """(secret, job id, worker 0's address), which worker 0 gives as ``mine``; any
+        process may give its failure instead, and then every process raises."""
+        gathered = self.world.allgather(mine)
+        failed = [r for r, item in enumerate(gathered) if isinstance(item, Exception)]
+        if self.world.rank in failed:
+            raise gathered[self.world.rank]
+        if failed:
+            raise CollectiveError("; ".join(f"{self._name(r)} could not start the job: {gathered[r]}" for r in failed))
+        return gathered[self.workers[0]]
+
+    def reducer_records(self, mine: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Every reducer's address record, by reducer index: reducers give theirs as
+        ``mine`` (see reducer_record, or {"failed": why}), workers None."""
+        gathered = self.world.allgather(mine)
+        records = [gathered[r] for r in self.reducers]
+        check_reducer_records(records)
+        return records
 
 
 def _serve_store(host: str, port: int) -> StoreServer:
@@ -312,14 +472,13 @@ def _plural(ranks: List[int], one: str, many: str) -> str:
     return f"{one} {ranks[0]}" if len(ranks) == 1 else f"{many} {', '.join(map(str, ranks))}"
 
 
-class _StoreExchange:
-    """Exchanges addresses and failure notices through the store."""
+class _StoreWaits:
+    """Waits for keys of a job's store until a deadline, failing at once instead when a
+    worker posts its failure there."""
 
-    def __init__(self, store: Any, prefix: str, rank: int, size: int, deadline: float, timeout: float,
-                 rendezvous: str):
-        self.store, self.prefix, self.rank, self.size = store, prefix, rank, size
-        self.deadline, self.timeout, self.rendezvous = deadline, timeout, rendezvous
-        self.notified = False  # our failure came from another worker's notice
+    def __init__(self, store: Any, prefix: str, deadline: float, timeout: float):
+        self.store, self.prefix, self.deadline, self.timeout = store, prefix, deadline, timeout
+        self.notified = False  # our failure came from a worker's notice
 
     def get(self, key: str, timeout_message: str) -> bytes:
         """The value of ``key`` once set; TimeoutError(timeout_message) at the deadline."""
@@ -327,6 +486,18 @@ class _StoreExchange:
         if value is None:
             raise TimeoutError(timeout_message)
         return value
+
+    def wait_all(self, keys: List[str]) -> Tuple[List[bytes], List[int]]:
+        """(the values of all ``keys``, []) once they are set; at the deadline ([], the
+        indices of the keys still missing)."""
+        values = []
+        for index, key in enumerate(keys):
+            value = self._wait(key)
+            if value is None:
+                missing = [i for i in range(index, len(keys)) if not self.store.check([self.prefix + keys[i]])]
+                return [], missing or [index]
+            values.append(value)
+        return values, []
 
     def _wait(self, key: str) -> Optional[bytes]:
         while True:
@@ -338,27 +509,8 @@ class _StoreExchange:
                 if remaining <= _ABORT_POLL_S:
                     return None
 
-    def allgather(self, record: bytes) -> List[bytes]:
-        if self.store.add(f"{self.prefix}claim/{self.rank}", 1) > 1:
-            raise CollectiveError(f"two processes claim rank {self.rank} of this job: give each process its "
-                                  "own COLLECTIVES_RANK (or RANK)")
-        self.store.set(f"{self.prefix}addr/{self.rank}", record)
-        records = []
-        for peer in range(self.size):
-            value = self._wait(f"addr/{peer}")
-            if value is None:
-                missing = [p for p in range(peer, self.size)
-                           if not self.store.check([f"{self.prefix}addr/{p}"])] or [peer]
-                many = len(missing) > 1
-                raise TimeoutError(
-                    f"{_plural(missing, 'rank', 'ranks')} of {self.size} did not publish "
-                    f"{'their addresses' if many else 'its address'} within {self.timeout:g} s: "
-                    f"{'are they' if many else 'is it'} running, and using the same rendezvous ({self.rendezvous})?")
-            records.append(value)
-        return records
-
     def raise_if_aborted(self, store_may_be_gone: bool = False, wait: float = 0.0) -> None:
-        """Raises another worker's failure if it posts one within ``wait`` seconds.
+        """Raises a worker's failure if it posts one within ``wait`` seconds.
         ``store_may_be_gone``: once the addresses are exchanged, worker 0 may finish and
         close the store at any time."""
         try:
@@ -372,6 +524,29 @@ class _StoreExchange:
         self.notified = True
         cls = _ERRORS.get(notice.get("error"), CollectiveError)
         raise cls(f"{notice.get('message')} (reported by rank {notice.get('rank')})")
+
+
+class _StoreExchange(_StoreWaits):
+    """Exchanges the workers' addresses and failure notices through the store."""
+
+    def __init__(self, store: Any, prefix: str, rank: int, size: int, deadline: float, timeout: float,
+                 rendezvous: str):
+        super().__init__(store, prefix, deadline, timeout)
+        self.rank, self.size, self.rendezvous = rank, size, rendezvous
+
+    def allgather(self, record: bytes) -> List[bytes]:
+        if self.store.add(f"{self.prefix}claim/{self.rank}", 1) > 1:
+            raise CollectiveError(f"two processes claim rank {self.rank} of this job: give each process its "
+                                  "own COLLECTIVES_RANK (or RANK)")
+        self.store.set(f"{self.prefix}addr/{self.rank}", record)
+        records, missing = self.wait_all([f"addr/{peer}" for peer in range(self.size)])
+        if missing:
+            many = len(missing) > 1
+            raise TimeoutError(
+                f"{_plural(missing, 'rank', 'ranks')} of {self.size} did not publish "
+                f"{'their addresses' if many else 'its address'} within {self.timeout:g} s: "
+                f"{'are they' if many else 'is it'} running, and using the same rendezvous ({self.rendezvous})?")
+        return records
 
     def publish_failure(self, error: Exception) -> None:
         """Tells the other workers why this one failed, unless it learnt it from them or
@@ -441,12 +616,8 @@ def _connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id
 
 def _check_records(records: List[Dict[str, Any]]) -> None:
     """Every worker runs this on the same records, so all of them raise, and alike."""
-    mine = _handshake.PROTOCOL_VERSION
     for peer, record in enumerate(records):
-        if record.get("protocol") != mine:
-            raise ProtocolVersionError(
-                f"rank {peer} (on {record.get('hostname')}) speaks collectives protocol {record.get('protocol')}, "
-                f"this process speaks {mine}: install the same collectives version on every host")
+        _check_protocol(f"rank {peer}", record)
     reference = dict(records[0]["settings"])
     differences = [f"rank {p} has {name}={value!r} where rank 0 has {reference.get(name)!r}"
                    for p, record in enumerate(records) for name, value in record["settings"]
@@ -463,9 +634,36 @@ def _check_records(records: List[Dict[str, Any]]) -> None:
             "interface that connects the hosts, or use a rendezvous address that the other hosts reach")
 
 
+def _check_protocol(name: str, record: Dict[str, Any]) -> None:
+    mine = _handshake.PROTOCOL_VERSION
+    if record.get("protocol") != mine:
+        raise ProtocolVersionError(
+            f"{name} (on {record.get('hostname')}) speaks collectives protocol {record.get('protocol')}, "
+            f"this process speaks {mine}: install the same collectives version on every host")
+
+
+def _dial(address: Tuple[str, int], me: str, peer: str, deadline: float, timeout: float) -> socket.socket:
+    """A socket connected to ``peer`` (a name for messages) at ``address``, by the deadline."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        _netif.tune_socket(sock)
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.connect(address)
+        return sock
+    except socket.timeout:
+        sock.close()
+        raise TimeoutError(f"{me} could not connect to {peer} within {timeout:g} s: is the network between "
+                           "them open?") from None
+    except OSError as e:
+        sock.close()
+        # Peers listen before they publish their addresses, and stop only once all who
+        # should have connected: a refusal means that it is gone.
+        raise CollectiveError(f"{me} could not connect to {peer}: {e.strerror or e}; has it exited? "
+                              "(its log says why)") from None
+
+
 class _Mesh:
-    """Connects to the lower ranks (one thread) while accepting from the higher ones (one
-    thread, plus one per handshake under way, so that a silent stranger delays nobody)."""
+    """Connects to the lower ranks (one thread) while accepting from the higher ones."""
 
     def __init__(self, listener: socket.socket, addresses: List[Tuple[str, int]], names: List[str], rank: int,
                  size: int, config: Config, secret: bytes, job_id: bytes, deadline: float):
@@ -474,18 +672,14 @@ class _Mesh:
         self.secret, self.job_id, self.deadline = secret, job_id, deadline
         self.events: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
         self.lock = threading.Lock()
-        self.cancelled = False  # guarded by lock, as are the two below
+        self.cancelled = False  # guarded by lock, as is claimed
         self.claimed: Set[Tuple[int, int]] = set()
-        self.pending = 0
-        self.wake_r, self.wake_w = socket.socketpair()
 
     def build(self, exchange: Any) -> List[List[int]]:
         cpp = self.config.connections_per_peer
         expected = {(p, i) for p in range(self.size) if p != self.rank for i in range(cpp)}
         got: Dict[Tuple[int, int], socket.socket] = {}
-        self.listener.setblocking(False)
-        acceptor = threading.Thread(target=self._accept_loop, name="collectives-accept", daemon=True)
-        acceptor.start()
+        acceptor = _handshake.Acceptor(self.listener, self._authenticate, self._accepted, self._refused).start()
         threading.Thread(target=self._connect_loop, name="collectives-connect", daemon=True).start()
         try:
             while len(got) < len(expected):
@@ -509,9 +703,7 @@ class _Mesh:
             raise
         finally:
             self._stop()
-            acceptor.join()
-            self.wake_r.close()
-            self.wake_w.close()
+            acceptor.stop()
         peer_fds: List[List[int]] = [[] for _ in range(self.size)]
         for (peer, index) in sorted(got):
             sock = got[(peer, index)]
@@ -552,7 +744,6 @@ class _Mesh:
                 break
             if kind == "socket":
                 payload[2].close()
-        self.wake_w.send(b"\0")
 
     def _handshake_deadline(self) -> float:
         return min(time.monotonic() + self.config.handshake_timeout, self.deadline)
@@ -561,7 +752,8 @@ class _Mesh:
         try:
             for peer in range(self.rank):
                 for index in range(self.config.connections_per_peer):
-                    sock = self._dial(peer)
+                    sock = _dial(self.addresses[peer], f"rank {self.rank}", self.names[peer], self.deadline,
+                                 self.config.timeout)
                     try:
                         client_handshake(sock, self.secret, self.rank, peer, index, self._handshake_deadline(),
                                          job_id=self.job_id)
@@ -572,57 +764,20 @@ class _Mesh:
         except Exception as e:  # noqa: BLE001 - handed to the main thread, which raises it
             self._post("error", e)
 
-    def _dial(self, peer: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            _netif.tune_socket(sock)
-            sock.settimeout(max(0.001, self.deadline - time.monotonic()))
-            sock.connect(self.addresses[peer])
-            return sock
-        except socket.timeout:
-            sock.close()
-            raise TimeoutError(f"rank {self.rank} could not connect to {self.names[peer]} within "
-                               f"{self.config.timeout:g} s: is the network between them open?") from None
-        except OSError as e:
-            sock.close()
-            # It listened before publishing its address, and stops only when all its
-            # peers have connected: a refusal means that it is gone.
-            raise CollectiveError(f"rank {self.rank} could not connect to {self.names[peer]}: "
-                                  f"{e.strerror or e}; has it exited? (its log says why)") from None
+    def _authenticate(self, conn: socket.socket) -> PeerHello:
+        return server_handshake(conn, self.secret, self.rank, self._handshake_deadline(), job_id=self.job_id,
+                                check=self._claim)
 
-    def _accept_loop(self) -> None:
-        for conn, addr in _netif.accepted(self.listener, self.wake_r):
-            with self.lock:
-                busy = self.pending >= _MAX_PENDING_HANDSHAKES
-                if not busy:
-                    self.pending += 1
-            if busy:
-                log.warning("rank %d: refused a connection from %s:%d: %d handshakes are under way",
-                            self.rank, addr[0], addr[1], _MAX_PENDING_HANDSHAKES)
-                conn.close()
-                continue
-            threading.Thread(target=self._accept_one, args=(conn,), name="collectives-handshake",
-                             daemon=True).start()
+    def _accepted(self, hello: PeerHello, conn: socket.socket) -> None:
+        self._post("socket", (hello.rank, hello.conn_index, conn))
 
-    def _accept_one(self, conn: socket.socket) -> None:
-        try:
-            conn.setblocking(True)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            hello = server_handshake(conn, self.secret, self.rank, self._handshake_deadline(),
-                                     job_id=self.job_id, check=self._claim)
-        except (AuthenticationError, ProtocolVersionError) as e:
+    def _refused(self, address: str, error: Exception) -> None:
+        if isinstance(error, (AuthenticationError, ProtocolVersionError)):
             # a process of this job with another secret or version: the job cannot start
-            conn.close()
-            self._post("error", e)
-        except (CollectiveError, OSError) as e:
-            # a stranger, or a stray connection: drop it and keep waiting for the real peers
-            conn.close()
-            log.warning("rank %d: dropped an incoming connection: %s", self.rank, e)
+            self._post("error", error)
         else:
-            self._post("socket", (hello.rank, hello.conn_index, conn))
-        finally:
-            with self.lock:
-                self.pending -= 1
+            # a stranger, or a stray connection: keep waiting for the real peers
+            log.warning("rank %d: dropped an incoming connection from %s: %s", self.rank, address, error)
 
     def _claim(self, hello: PeerHello) -> Optional[str]:
         if hello.role != ROLE_WORKER:

@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 __all__ = ["Config", "ALGORITHMS"]
 
 ALGORITHMS = ("auto", "ring", "hierarchical", "reduction_server")
+# What workers do when every reducer has failed: raise CollectiveError, or go on with the ring.
+RS_FALLBACKS = ("error", "ring")
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -32,16 +34,22 @@ def _parse_seconds(value: Any, name: str) -> float:
     return seconds
 
 
-def _parse_algorithm(value: Any, name: str) -> str:
-    algorithm = str(value).strip().lower()
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"{name}={value!r} is not an algorithm; choose one of {', '.join(ALGORITHMS)}")
-    return algorithm
+def _choice(choices: Tuple[str, ...], what: str) -> Callable[[Any, str], str]:
+    def parse(value: Any, name: str) -> str:
+        choice = str(value).strip().lower()
+        if choice not in choices:
+            raise ValueError(f"{name}={value!r} is not {what}; choose one of {', '.join(choices)}")
+        return choice
+    return parse
+
+
+def _is_auto(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto"))
 
 
 def _parse_bytes(value: Any, name: str) -> Optional[int]:
     """A byte count such as 65536, 512K or 1M (binary units); None, "" or "auto" is None."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+    if _is_auto(value):
         return None
     if isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is not a byte count (e.g. 524288, 512K or 1M)")
@@ -69,6 +77,11 @@ def _parse_int(value: Any, name: str, minimum: int) -> int:
     if number < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
     return number
+
+
+def _parse_optional_count(value: Any, name: str) -> Optional[int]:
+    """An integer >= 1; None, "" or "auto" is None (the core's default)."""
+    return None if _is_auto(value) else _parse_int(value, name, 1)
 
 
 def _parse_ifname(value: Any, name: str) -> Optional[str]:
@@ -111,7 +124,7 @@ def _parse_bool(value: Any, name: str) -> bool:
 # field name -> (environment variable, parser); the order is that of Config's fields.
 _FIELDS: Mapping[str, Tuple[str, Callable[[Any, str], Any]]] = {
     "timeout": ("COLLECTIVES_TIMEOUT", _parse_seconds),
-    "algorithm": ("COLLECTIVES_ALGORITHM", _parse_algorithm),
+    "algorithm": ("COLLECTIVES_ALGORITHM", _choice(ALGORITHMS, "an algorithm")),
     "ring_segment_bytes": ("COLLECTIVES_RING_SEGMENT_BYTES", _parse_bytes),
     "connections_per_peer": ("COLLECTIVES_CONNECTIONS_PER_PEER", lambda v, n: _parse_int(v, n, 1)),
     "socket_ifname": ("COLLECTIVES_SOCKET_IFNAME", _parse_ifname),
@@ -119,6 +132,10 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[Any, str], Any]]] = {
     "debug": ("COLLECTIVES_DEBUG", _parse_bool),
     "num_reducers": ("COLLECTIVES_NUM_REDUCERS", lambda v, n: _parse_int(v, n, 0)),
     "handshake_timeout": ("COLLECTIVES_HANDSHAKE_TIMEOUT", _parse_seconds),
+    "rs_chunk_bytes": ("COLLECTIVES_RS_CHUNK_BYTES", _parse_bytes),
+    "rs_inflight": ("COLLECTIVES_RS_INFLIGHT", _parse_optional_count),
+    "rs_heartbeat_timeout": ("COLLECTIVES_RS_HEARTBEAT_TIMEOUT", _parse_seconds),
+    "rs_fallback": ("COLLECTIVES_RS_FALLBACK", _choice(RS_FALLBACKS, "a fallback")),
 }
 
 
@@ -135,12 +152,22 @@ class Config:
     debug: bool = False
     num_reducers: int = 0
     handshake_timeout: float = 30.0
+    rs_chunk_bytes: Optional[int] = None  # None: the core's default
+    rs_inflight: Optional[int] = None  # None: the core's default
+    rs_heartbeat_timeout: float = 10.0
+    rs_fallback: str = "error"
 
     def __post_init__(self) -> None:
         # Checked on construction too, so that Config(...) built by hand is as safe as
         # from_env(); parsing an already-valid value gives it back unchanged.
         for name, (_, parse) in _FIELDS.items():
             object.__setattr__(self, name, parse(getattr(self, name), name))
+        # Only where there are reducers: a short COLLECTIVES_TIMEOUT alone is no mistake.
+        if self.num_reducers and self.rs_heartbeat_timeout >= self.timeout:
+            raise ValueError(
+                f"COLLECTIVES_RS_HEARTBEAT_TIMEOUT={self.rs_heartbeat_timeout:g} s must be shorter than "
+                f"COLLECTIVES_TIMEOUT={self.timeout:g} s, so that workers notice a silent reducer and go on "
+                "without it before the collective times out: lower the first or raise the second")
 
     @classmethod
     def from_env(cls, overrides: Optional[Mapping[str, Any]] = None,
@@ -165,7 +192,28 @@ class Config:
     def must_match(self) -> Tuple[Tuple[str, Any], ...]:
         """(name, value) pairs that every rank of a job must agree on, checked at init."""
         return tuple((name, getattr(self, name))
-                     for name in ("algorithm", "ring_segment_bytes", "connections_per_peer"))
+                     for name in ("algorithm", "ring_segment_bytes", "connections_per_peer", "num_reducers",
+                                  "rs_chunk_bytes", "rs_inflight", "rs_fallback"))
+
+    @property
+    def effective_algorithm(self) -> str:
+        """The algorithm that allreduce runs: "auto" is the reduction server where there
+        are reducers, else the ring."""
+        if self.algorithm == "auto":
+            return "reduction_server" if self.num_reducers else "ring"
+        return self.algorithm
+
+    def check_runnable(self) -> None:
+        """ValueError if the algorithm asked for cannot run; called once the job's reducers
+        are counted (num_reducers)."""
+        if self.algorithm == "hierarchical":
+            raise ValueError("algorithm 'hierarchical' is not available in this version; use 'ring', "
+                             "'reduction_server' or 'auto'")
+        if self.algorithm == "reduction_server" and not self.num_reducers:
+            raise ValueError(
+                "algorithm 'reduction_server' needs reducers, and this job has none: launch them with "
+                "`mpirun -np N python train.py : -np R collectives-reducer`, or start R of them with "
+                "`collectives-reducer --rendezvous HOST:PORT` and set COLLECTIVES_NUM_REDUCERS=R on every worker")
 
     def as_dict(self) -> dict:
         """Effective settings keyed by environment variable, for ``collectives-info``."""

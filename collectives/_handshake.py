@@ -25,14 +25,15 @@ import hmac
 import secrets
 import socket
 import struct
+import threading
 import time
 from typing import Callable, NamedTuple, Optional
 
-from . import _core
+from . import _core, _netif
 from .errors import AuthenticationError, CollectiveError, ProtocolVersionError, TimeoutError
 
-__all__ = ["PROTOCOL_VERSION", "ROLE_WORKER", "ROLE_REDUCER", "JOB_ID_BYTES", "PeerHello",
-           "client_handshake", "server_handshake", "describe_peer"]
+__all__ = ["PROTOCOL_VERSION", "ROLE_WORKER", "ROLE_REDUCER", "JOB_ID_BYTES", "MAX_PENDING_HANDSHAKES", "PeerHello",
+           "Acceptor", "client_handshake", "server_handshake", "describe_peer"]
 
 # The wire protocol's one version number lives in the core (transport/frame.h); the
 # handshake refuses peers of another version before any frame is exchanged.
@@ -40,6 +41,9 @@ PROTOCOL_VERSION = _core.PROTOCOL_VERSION
 ROLE_WORKER = 0
 ROLE_REDUCER = 1
 JOB_ID_BYTES = 16
+# Accepted connections whose handshake is under way; more are closed at once, so that
+# strangers cannot make a process start threads without limit.
+MAX_PENDING_HANDSHAKES = 256
 
 _MAGIC = b"COLL"
 _PREFIX = struct.Struct("!4sH")
@@ -268,3 +272,70 @@ def server_handshake(sock: socket.socket, secret: bytes, my_rank: int, deadline:
     channel.send(_STATUS.pack(_OK) + _text(""), "verdict")
     sock.settimeout(None)
     return peer_hello
+
+
+class Acceptor:
+    """Accepts connections on a listening socket, in a thread, and authenticates each in a
+    thread of its own, so that a silent stranger delays nobody.
+
+    ``authenticate(conn)`` runs the server side of the handshake (usually
+    :func:`server_handshake` with a ``check``). The connections that pass it go to
+    ``on_peer(hello, conn)``; each one that fails, or that arrives while
+    MAX_PENDING_HANDSHAKES are under way, is closed and its ``(address, error)`` goes to
+    ``on_refused``. Both are called from the acceptor's threads, also after :meth:`stop`
+    for handshakes that were under way.
+    """
+
+    def __init__(self, listener: socket.socket, authenticate: Callable[[socket.socket], PeerHello],
+                 on_peer: Callable[[PeerHello, socket.socket], None],
+                 on_refused: Callable[[str, Exception], None]):
+        self._listener = listener
+        self._authenticate, self._on_peer, self._on_refused = authenticate, on_peer, on_refused
+        self._lock = threading.Lock()
+        self._pending = 0  # guarded by _lock
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "Acceptor":
+        self._listener.setblocking(False)
+        self._thread = threading.Thread(target=self._accept_loop, name="collectives-accept", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stops accepting; idempotent. The listener stays open (its owner closes it)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._wake_w.send(b"\0")
+        thread.join()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _accept_loop(self) -> None:
+        for conn, addr in _netif.accepted(self._listener, self._wake_r):
+            address = f"{addr[0]}:{addr[1]}"
+            with self._lock:
+                busy = self._pending >= MAX_PENDING_HANDSHAKES
+                if not busy:
+                    self._pending += 1
+            if busy:
+                conn.close()
+                self._on_refused(address, CollectiveError(f"{MAX_PENDING_HANDSHAKES} handshakes are under way"))
+                continue
+            threading.Thread(target=self._accept_one, args=(conn, address), name="collectives-handshake",
+                             daemon=True).start()
+
+    def _accept_one(self, conn: socket.socket, address: str) -> None:
+        try:
+            conn.setblocking(True)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = self._authenticate(conn)
+        except (CollectiveError, OSError) as e:
+            conn.close()
+            self._on_refused(address, e)
+        else:
+            self._on_peer(hello, conn)
+        finally:
+            with self._lock:
+                self._pending -= 1

@@ -5,11 +5,12 @@ from __future__ import annotations
 import atexit
 import builtins
 import ctypes
+import dataclasses
 import logging
 import os
 import time
 import weakref
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -72,17 +73,26 @@ class Communicator:
     def __init__(self, boot: Bootstrap, config: Config):
         self._core = None
         self._boot = boot
-        self._config = config
+        # Under mpirun the reducers were counted at launch, not by COLLECTIVES_NUM_REDUCERS.
+        self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_fds))
         self._pid = os.getpid()
         self._pending: List[Work] = []
         options = _core.Options()
         options.timeout_seconds = config.timeout
         options.segment_bytes = config.ring_segment_bytes or 0
         options.debug = config.debug
+        options.reduction_server = self.algorithm == "reduction_server"
+        options.rs_chunk_bytes = config.rs_chunk_bytes or 0
+        options.rs_inflight = config.rs_inflight or 0
+        options.rs_heartbeat_timeout = config.rs_heartbeat_timeout
+        options.rs_fallback_ring = config.rs_fallback == "ring"
         self._core = _core.Communicator(
-            boot.rank, boot.size, boot.peer_fds, boot.peer_names, options
+            boot.rank, boot.size, boot.peer_fds, boot.peer_names, options, boot.reducer_fds, boot.reducer_names
         )
         _live.add(self)
+        if boot.reducer_fds:
+            logger.info("rank %d of %d: allreduce runs %s; %d reducer(s) connected", self.rank, self.size,
+                        self.algorithm, len(boot.reducer_fds))
         logger.debug("rank %d of %d ready (%s)", self.rank, self.size, config.as_dict())
 
     # -- identity -----------------------------------------------------------------------------
@@ -102,6 +112,15 @@ class Communicator:
     @property
     def config(self) -> Config:
         return self._config
+
+    @property
+    def algorithm(self) -> str:
+        """The algorithm that allreduce runs: "ring" or "reduction_server" ("auto" resolved)."""
+        return self._config.effective_algorithm
+
+    def reducer_stats(self) -> List[Dict[str, Any]]:
+        """Per reducer, by index: {name, alive, bytes_sent, bytes_received} as this worker saw it."""
+        return self._live_core().reducer_stats()
 
     # -- collectives --------------------------------------------------------------------------
     def allreduce(self, x, op: str = "sum"):
@@ -274,18 +293,12 @@ def init(
     """A communicator among this job's workers.
 
     With no arguments, reads the launcher's environment: mpirun (OpenMPI, MPICH), torchrun,
-    or COLLECTIVES_RANK/SIZE/RENDEZVOUS. With nothing set, a size-1 communicator.
+    or COLLECTIVES_RANK/SIZE/RENDEZVOUS. With nothing set, a size-1 communicator. Reducers
+    (collectives-reducer) in the mpirun job, or COLLECTIVES_NUM_REDUCERS of them started on
+    their own, serve allreduce (algorithm "auto" or "reduction_server").
     """
     overrides = {"algorithm": algorithm, "timeout": timeout}
     config = Config.from_env({k: v for k, v in overrides.items() if v is not None})
-    if config.algorithm not in ("auto", "ring"):
-        raise ValueError(
-            f"algorithm {config.algorithm!r} is not available in this version; use 'ring' or 'auto'"
-        )
-    if config.num_reducers:
-        raise ValueError(
-            "COLLECTIVES_NUM_REDUCERS is set, but this version has no reduction server; unset it"
-        )
     if config.debug and not logger.handlers:
         # COLLECTIVES_DEBUG=1: start-up steps here, each collective's phases from the core.
         handler = logging.StreamHandler()

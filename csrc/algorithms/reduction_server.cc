@@ -19,8 +19,14 @@
 namespace collectives {
 namespace {
 
-// Defaults, measured on the emulated cluster (benchmarks/RESULTS.md, issue 4).
-constexpr size_t kDefaultChunkBytes = 1 << 20;
+// Defaults, measured on the emulated cluster (benchmarks/RESULTS.md, issue 4). A reducer
+// returns a chunk's sum only once the chunk has come in whole from every worker, and the R
+// chunks in flight share a worker's link: so the first sums come back after about
+// R * chunk / B, and the last ones after the link has gone quiet for as long. Cutting each
+// reducer's share into kChunksPerReducer chunks keeps those two waits near 2 / 64 of the
+// transfer; the floor keeps frames large against their per-frame costs.
+constexpr size_t kChunksPerReducer = 64;
+constexpr size_t kMinChunkBytes = 64 << 10, kMaxChunkBytes = 4 << 20;
 constexpr int kDefaultInflight = 4;
 // Units of the agreement messages: agreement a uses kUnitsPerAgreement * a onwards, one
 // per dissemination round (at most 32 rounds for 2^32 workers).
@@ -45,8 +51,12 @@ namespace {
  */
 size_t chunk_elements(const ReductionServerSettings& settings, DataType dtype, size_t count,
                       size_t reducers) {
-  const size_t chunk_bytes = settings.chunk_bytes ? settings.chunk_bytes : kDefaultChunkBytes;
-  const size_t elems = std::max<size_t>(1, chunk_bytes / element_size(dtype));
+  const size_t element = element_size(dtype);
+  const size_t chunk_bytes =
+      settings.chunk_bytes ? settings.chunk_bytes
+                           : std::clamp(count * element / (kChunksPerReducer * std::max<size_t>(1, reducers)),
+                                        kMinChunkBytes, kMaxChunkBytes);
+  const size_t elems = std::max<size_t>(1, chunk_bytes / element);
   return reducers > 0 ? std::min(elems, ceil_div(count, reducers)) : elems;
 }
 

