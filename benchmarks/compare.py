@@ -37,8 +37,8 @@ timed all-reduces, scaled by that host's link bytes over its reducer's own byte 
 the CPU use during the timed all-reduces; a row over 90% CPU is flagged cpu_bound: there the
 2 cores, not the links, may have set the pace, and the figure does not count.
 
---results MD rewrites a named generated block of MD (benchmarks/RESULTS.md): "ring" for runs
-without reducers, "reducers" for runs with them, each between its markers
+--results MD rewrites the generated block of MD (benchmarks/RESULTS.md) named after the run's
+configuration ("ring 4,8 500mbit", "reducers 4+4 500mbit"), between its markers
     <!-- compare.py: begin NAME (generated; rerun the command below to regenerate) -->
     <!-- compare.py: end NAME -->
 so one command regenerates each. Run as root (it creates network namespaces).
@@ -70,7 +70,6 @@ NOT_FORWARDED = {"COLLECTIVES_RANK", "COLLECTIVES_SIZE", "COLLECTIVES_RENDEZVOUS
 RENDEZVOUS_PORT = 29600  # on h0: the job's store, where reducers meet the workers
 REDUCER_EXIT_S = 60.0  # after the job, how long reducers get to notice it ended and exit
 REDUCER_STOP_S = 10.0  # after SIGTERM, before SIGKILL
-BLOCKS = ("ring", "reducers")  # the names of RESULTS.md's generated blocks
 
 
 def _counts(text, option, least):
@@ -418,15 +417,17 @@ def print_rows(rows):
                     print("      " + line)
 
 
-def block_name(reducers):
-    """The RESULTS.md block a run writes: 'reducers' if any R > 0, else 'ring'."""
-    return "reducers" if any(reducers) else "ring"
+def block_name(hosts, reducers, rate):
+    """The RESULTS.md block a run writes, named by what it ran: 'ring 4,8 500mbit',
+    'reducers 4+4 500mbit'."""
+    workers = ",".join(map(str, hosts))
+    if any(reducers):
+        return f"reducers {workers}+{','.join(map(str, reducers))} {rate}"
+    return f"ring {workers} {rate}"
 
 
 def markers(name):
     """(begin, end) markers of the named generated block."""
-    if name not in BLOCKS:
-        raise ValueError(f"block name {name!r}: one of {', '.join(BLOCKS)}")
     return (f"<!-- compare.py: begin {name} (generated; rerun the command below to regenerate) -->",
             f"<!-- compare.py: end {name} -->")
 
@@ -551,7 +552,7 @@ def main(argv=None):
         plot(everything, args.plot)
         print(f"# plotted to {args.plot}")
     if args.results:
-        name = block_name(args.reducers)
+        name = block_name(args.hosts, args.reducers, args.rate)
         command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         update_results(args.results, markdown(everything, command, name), name)
         print(f"# rewrote the '{name}' block of {args.results}")

@@ -147,12 +147,10 @@ def test_row_label_names_the_algorithm_of_collectives():
     assert compare.row_label(_row(system="gloo", algorithm="gloo")) == "gloo"
 
 
-def test_block_name_follows_reducers():
-    assert compare.block_name([0]) == "ring"
-    assert compare.block_name([1, 2, 4]) == "reducers"
-    assert compare.block_name([0, 4]) == "reducers"
-    with pytest.raises(ValueError):
-        compare.markers("other")
+def test_block_name_is_the_configuration():
+    assert compare.block_name([4, 8], [0], "500mbit") == "ring 4,8 500mbit"
+    assert compare.block_name([4], [1, 2, 4], "250mbit") == "reducers 4+1,2,4 250mbit"
+    assert compare.block_name([8], [8], "250mbit") == "reducers 8+8 250mbit"
 
 
 def _results_file(tmp_path):
@@ -208,9 +206,9 @@ def test_a_missing_block_is_refused_with_the_markers_to_add(tmp_path):
         compare.update_results(path, "NEW", "ring")
 
 
-def test_the_repositorys_results_file_has_both_blocks():
+def test_the_repositorys_results_file_has_the_bars_blocks():
     text = (BENCHMARKS / "RESULTS.md").read_text()
-    for name in compare.BLOCKS:
+    for name in ("ring 4,8 500mbit", "reducers 4+4 500mbit", "reducers 8+8 250mbit"):
         begin, end = compare.markers(name)
         assert text.count(begin) == 1 and text.count(end) == 1 and text.index(begin) < text.index(end)
 

@@ -1,6 +1,7 @@
 """Launching reducers: settings, store mode (COLLECTIVES_* and torchrun workers, reducers
 started by `collectives-reducer --rendezvous`), the MPMD mpirun job, and the refusals (a
-missing reducer, one too many, a wrong secret, strangers at a reducer's port).
+missing reducer, one too many, a wrong secret, strangers at a reducer's port); and losing
+them mid-job (SIGTERM, SIGKILL, all of them).
 
 Every job checks its all-reduces against numpy; the reduction server's numerics have tests
 of their own.
@@ -352,6 +353,75 @@ def test_sigterm_stops_a_reducer_quietly_and_the_others_take_over(run_ranks, tmp
     assert survivor.returncode == 0, survivor.stderr[-4000:]
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
     assert "stopped by SIGTERM" in stopped.stderr and "Traceback" not in stopped.stderr
+
+
+def test_sigkill_of_a_reducer_mid_sequence_loses_nothing(run_ranks, tmp_path):
+    running, stop = tmp_path / "running", tmp_path / "stop"
+    running.mkdir()
+
+    def kill_reducer_1(procs):
+        _wait_for(lambda: len(list(running.iterdir())) == 3, "the workers to start")
+        time.sleep(0.5)
+        procs["reducer 1"].kill()
+        time.sleep(1.5)  # all-reduces without it
+        stop.touch()
+
+    results = run_ranks(WORKER_SCRIPT, 3, reducers=3, timeout=150, during=kill_reducer_1,
+                        env={"COLLECTIVES_TIMEOUT": "60", "COLLECTIVES_RS_HEARTBEAT_TIMEOUT": "5",
+                             "TEST_STOP_FILE": str(stop), "TEST_RUNNING_DIR": str(running)})
+    killed = None
+    for result in results[:3]:
+        assert result.returncode == 0, result.stderr[-4000:]
+        report = result.report()
+        assert report["ok"] and report["steps"] > 0, report  # every result checked against numpy
+        dead = [i for i, s in enumerate(report["reducers"]) if not s["alive"]]
+        assert len(dead) == 1 and killed in (None, dead[0]), report
+        killed = dead[0]
+        # The survivors took over: each moved more than the dead one did before it died.
+        survivors = [s for i, s in enumerate(report["reducers"]) if i != killed]
+        assert all(s["bytes_sent"] > report["reducers"][killed]["bytes_sent"] for s in survivors), report
+        assert "failed: it" in result.stderr and "go to the other reducers" in result.stderr, result.stderr
+        assert "on the ring" not in result.stderr  # no fallback (it is off by default, too)
+    assert results[3 + 1].returncode == -signal.SIGKILL
+    assert all(r.returncode == 0 for i, r in enumerate(results[3:]) if i != 1)
+
+
+KILL_ALL_SCRIPT = r'''
+import json, os, time
+from pathlib import Path
+import numpy as np
+import collectives as cc
+
+with cc.init() as comm:
+    Path(os.environ["TEST_RUNNING_DIR"], str(comm.rank)).touch()
+    started = time.monotonic()
+    try:
+        while True:
+            comm.allreduce(np.ones(100000, np.float32))
+    except cc.CollectiveError as e:
+        print(json.dumps({"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - started}))
+'''
+
+
+def test_killing_every_reducer_fails_every_worker_within_the_timeout(run_ranks, tmp_path):
+    running = tmp_path / "running"
+    running.mkdir()
+
+    def kill_all(procs):
+        _wait_for(lambda: len(list(running.iterdir())) == 2, "the workers to start")
+        time.sleep(0.3)
+        for label in ("reducer 0", "reducer 1"):
+            procs[label].kill()
+
+    results = run_ranks(KILL_ALL_SCRIPT, 2, reducers=2, timeout=120, during=kill_all,
+                        env={"COLLECTIVES_TIMEOUT": "30", "COLLECTIVES_RS_HEARTBEAT_TIMEOUT": "5",
+                             "TEST_RUNNING_DIR": str(running)})
+    for result in results[:2]:
+        assert result.returncode == 0, result.stderr[-4000:]
+        report = result.report()
+        assert report["error"] == "CollectiveError", report
+        assert "all 2 reducers failed" in report["message"] and "COLLECTIVES_RS_FALLBACK=ring" in report["message"]
+        assert report["seconds"] < 30, report  # well within the collective timeout
 
 
 # --- mpirun: one MPMD job -------------------------------------------------------------------

@@ -32,7 +32,7 @@ def _unmet():
     return f"{', '.join(missing)} not found (apt-get install iproute2 util-linux)" if missing else None
 
 
-pytestmark = [pytest.mark.testbed, pytest.mark.timeout(60),
+pytestmark = [pytest.mark.testbed, pytest.mark.timeout(120),
               pytest.mark.skipif(_unmet() is not None, reason=_unmet() or "")]
 
 RATE = "20mbit"
@@ -117,6 +117,9 @@ def test_hosts_have_their_own_name_address_and_limited_links(bed):
                              check=True).stdout
         assert out.splitlines()[0] == h.name
         assert f"{h.address}/15" in out and "tbf" in out
+        cc = subprocess.run(bed.exec_prefix(h) + ["cat", "/proc/sys/net/ipv4/tcp_congestion_control"],
+                            capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        assert cc == "cubic", "every host's TCP uses --tcp-cc, whatever the machine's default"
     # Goodput is measured, and tbf counts frames: it is below the rate.
     assert 0.5 * RATE_BPS < bed.goodput_bps < RATE_BPS
     assert set(bed.goodput_bps_per_link) == {"h0->h1", "h1->h2", "h2->h0"}
@@ -124,6 +127,7 @@ def test_hosts_have_their_own_name_address_and_limited_links(bed):
     assert env["TESTBED_HOSTS"] == "h0=198.18.0.1,h1=198.18.0.2,h2=198.18.0.3"
     assert env["TESTBED_MPI_HOSTS"] == "h0:1,h1:1,h2:1"
     assert int(env["TESTBED_BURST"]) == BURST and env["TESTBED_RATE_BPS"] == "20000000"
+    assert env["TESTBED_TCP_CC"] == "cubic" and "tcp cubic" in env["TESTBED_TC"]
 
 
 def _lower_bound_s(total_bytes):
@@ -207,6 +211,66 @@ def test_job_runs_across_hosts_and_leaves_nothing_behind(tmp_path):
     assert not _processes_in(inodes)
     assert not any(_alive(pid) for pid in pids)
     assert not state_dir.exists()
+
+
+# All-reduces through two reducers, each checked against numpy, until TEST_STOP_FILE exists.
+REDUCER_JOB = r"""
+import json, os
+from pathlib import Path
+import numpy as np
+import collectives as cc
+
+with cc.init() as comm:
+    Path(os.environ["TEST_RUNNING_DIR"], str(comm.rank)).touch()
+    steps = wrong = 0
+    while True:
+        stop = np.array([os.path.exists(os.environ["TEST_STOP_FILE"])], np.int32)
+        comm.broadcast(stop, root=0)  # rank 0 decides, so that both do as many steps
+        if stop[0]:
+            break
+        steps += 1
+        inputs = [np.random.default_rng([steps, r]).integers(-3, 4, 50000).astype(np.float32) for r in range(2)]
+        x = inputs[comm.rank].copy()
+        comm.allreduce(x)
+        wrong += int(not np.array_equal(x, inputs[0] + inputs[1]))
+    print(json.dumps({"steps": steps, "wrong": wrong, "reducers": comm.reducer_stats()}))
+"""
+
+
+def test_a_reducer_whose_link_is_cut_is_dropped_and_nothing_is_lost(tmp_path):
+    """Workers on h0 and h1, reducers on h2 and h3; h3's interface goes down mid-sequence, so
+    its reducer falls silent (no reset, no end of stream): the workers' heartbeat deadline
+    finds it, and h2's reducer takes over."""
+    running, stop = tmp_path / "running", tmp_path / "stop"
+    running.mkdir()
+    (tmp_path / "job.py").write_text(REDUCER_JOB)
+    with testbed.Testbed(hosts=4, rate="100mbit", goodput_seconds=0) as tb:
+        h0, h1, h2, h3 = tb.hosts
+        common = dict(COLLECTIVES_RENDEZVOUS=f"{h0.address}:29600", COLLECTIVES_TOKEN=secrets.token_hex(16),
+                      COLLECTIVES_NUM_REDUCERS="2", COLLECTIVES_SOCKET_IFNAME="eth0", COLLECTIVES_TIMEOUT="60",
+                      COLLECTIVES_RS_HEARTBEAT_TIMEOUT="2", TEST_STOP_FILE=str(stop), TEST_RUNNING_DIR=str(running))
+        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+        for host in (h2, h3):
+            tb.run_on(host, [sys.executable, "-m", "collectives.reduction_server", "--rendezvous",
+                             common["COLLECTIVES_RENDEZVOUS"]], env=_job_env(tb, **common), **pipes)
+        workers = [tb.run_on(host, [sys.executable, "job.py"], env=_job_env(
+            tb, COLLECTIVES_RANK=str(rank), COLLECTIVES_SIZE="2", **common), **pipes)
+            for rank, host in enumerate((h0, h1))]
+        deadline = time.monotonic() + 60
+        while len(list(running.iterdir())) < 2:
+            assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "the workers did not start"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        subprocess.run(tb.exec_prefix(h3) + ["ip", "link", "set", "eth0", "down"], check=True, timeout=10)
+        time.sleep(5.0)  # past the heartbeat deadline, and more all-reduces after it
+        stop.touch()
+        outputs = [w.communicate(timeout=60) for w in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-4000:]
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["wrong"] == 0 and report["steps"] > 0, report
+        assert sorted(s["alive"] for s in report["reducers"]) == [False, True], report
+        assert "sent nothing (no sum, no heartbeat) for 2 s" in err, err[-4000:]
 
 
 MPI_JOB = r"""
