@@ -2,7 +2,6 @@
 
 #include <errno.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -79,15 +78,6 @@ ReducerChannels::ReducerChannels(std::vector<int> fds, std::vector<std::string> 
   if (names.size() != fds.size()) {
     throw std::invalid_argument("need one name per reducer connection");
   }
-  epoll_fd_ = FileDescriptor(epoll_create1(EPOLL_CLOEXEC));
-  wake_fd_ = FileDescriptor(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
-  if (epoll_fd_.get() < 0 || wake_fd_.get() < 0) {
-    throw std::runtime_error("epoll/eventfd: " + errno_text(errno));
-  }
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.ptr = nullptr;
-  epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev);
   for (auto& reducer : reducers_) set_nonblocking(reducer->fd.get());
   progress_thread_ = std::thread([this] { progress_loop(); });
 }
@@ -104,10 +94,7 @@ std::vector<int> ReducerChannels::alive() const {
 
 const std::string& ReducerChannels::name(int reducer) const { return reducers_[reducer]->name; }
 
-void ReducerChannels::wake() {
-  uint64_t one = 1;
-  [[maybe_unused]] ssize_t ignored = write(wake_fd_.get(), &one, sizeof(one));
-}
+void ReducerChannels::wake() { poller_.wake(); }
 
 ShardBatchHandle ReducerChannels::post(std::vector<ShardTransfer> transfers) {
   auto batch = std::make_shared<ShardBatch>();
@@ -181,8 +168,7 @@ void ReducerChannels::abandon(int index) {
 void ReducerChannels::abandon_locked(Reducer& reducer, bool goodbye) {
   if (!reducer.alive) return;
   reducer.alive = false;
-  if (reducer.interest != 0) epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, reducer.fd.get(), nullptr);
-  reducer.interest = 0;
+  reducer.interest = poller_.watch(reducer.fd.get(), reducer.interest, 0, &reducer);
   // Best effort, and never in the middle of a frame, which it would corrupt: the end of the
   // connection says enough then.
   if (goodbye && !reducer.mid_frame()) {
@@ -233,13 +219,7 @@ void ReducerChannels::update_interest(Reducer& reducer) {
     if (!reducer.queue.empty() || !reducer.waiting.empty()) wanted = EPOLLIN;
     if (reducer.may_send(inflight_)) wanted |= EPOLLOUT;
   }
-  if (wanted == reducer.interest) return;
-  epoll_event ev{};
-  ev.events = wanted;
-  ev.data.ptr = &reducer;
-  int op = reducer.interest == 0 ? EPOLL_CTL_ADD : wanted == 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
-  epoll_ctl(epoll_fd_.get(), op, reducer.fd.get(), &ev);
-  reducer.interest = wanted;
+  reducer.interest = poller_.watch(reducer.fd.get(), reducer.interest, wanted, &reducer);
 }
 
 bool ReducerChannels::write_some(Reducer& reducer) {
@@ -370,15 +350,10 @@ void ReducerChannels::progress_loop() {
       update_interest(*reducer);
     }
     lock.unlock();
-    int n = epoll_wait(epoll_fd_.get(), events, 16, kPollMillis);
+    int n = poller_.wait(events, 16, kPollMillis);
     lock.lock();
     for (int i = 0; i < n && !stopping_; ++i) {
       auto* reducer = static_cast<Reducer*>(events[i].data.ptr);
-      if (reducer == nullptr) {
-        uint64_t count;
-        [[maybe_unused]] ssize_t ignored = read(wake_fd_.get(), &count, sizeof(count));
-        continue;
-      }
       if (!reducer->alive) continue;
       if ((events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !read_some(*reducer)) continue;
       if (events[i].events & EPOLLOUT) write_some(*reducer);

@@ -23,6 +23,7 @@
 #include "common/error.h"
 #include "common/file_descriptor.h"
 #include "transport/frame.h"
+#include "transport/socket.h"
 
 namespace collectives {
 
@@ -101,7 +102,7 @@ class ReducerChannels {
   const double heartbeat_timeout_;
   const std::function<void(const std::string&)> log_;
   std::vector<std::unique_ptr<Reducer>> reducers_;
-  FileDescriptor epoll_fd_, wake_fd_;
+  Poller poller_;
 
   mutable std::mutex mutex_;  // guards everything below and each Reducer's exchange state
   std::condition_variable settled_;

@@ -5,7 +5,6 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -122,10 +121,10 @@ void sum_parts(Slot& slot, std::vector<float>& acc, std::vector<float>& widened)
 }
 
 // Threads that sum complete slots while the event loop goes on moving bytes; a finished
-// slot goes back to the loop through done() and a write to wake_fd.
+// slot goes back to the loop through done() and a wake-up of its poller.
 class SummingPool {
  public:
-  SummingPool(int threads, int wake_fd) : wake_fd_(wake_fd) {
+  SummingPool(int threads, Poller& poller) : poller_(poller) {
     for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { run(); });
   }
   ~SummingPool() {
@@ -165,12 +164,11 @@ class SummingPool {
         std::lock_guard<std::mutex> lock(mutex_);
         done_.push_back(std::move(slot));
       }
-      uint64_t one = 1;
-      [[maybe_unused]] ssize_t ignored = write(wake_fd_, &one, sizeof(one));
+      poller_.wake();
     }
   }
 
-  const int wake_fd_;
+  Poller& poller_;
   std::mutex mutex_;
   std::condition_variable queued_;
   std::deque<std::shared_ptr<Slot>> todo_;
@@ -205,7 +203,7 @@ struct ReductionServer::State {
   const ReducerOptions options;
   std::vector<WorkerConnection> workers;
   uint64_t per_worker_budget;
-  FileDescriptor epoll_fd, wake_fd;
+  Poller poller;
   std::unique_ptr<SummingPool> pool;
   std::map<SlotKey, std::shared_ptr<Slot>> filling;  // slots still missing contributions
   size_t unfinished = 0;  // slots created and not yet answered to every worker
@@ -226,15 +224,6 @@ ReductionServer::State::State(std::vector<int> fds, std::vector<std::string> nam
   }
   // Each worker's chunks may take half of its share; the sums being written take the rest.
   per_worker_budget = std::max<uint64_t>(1, options.max_memory_bytes / (2 * workers.size()));
-  epoll_fd = FileDescriptor(epoll_create1(EPOLL_CLOEXEC));
-  wake_fd = FileDescriptor(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
-  if (epoll_fd.get() < 0 || wake_fd.get() < 0) {
-    throw std::runtime_error("epoll/eventfd: " + errno_text(errno));
-  }
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.ptr = nullptr;
-  epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, wake_fd.get(), &ev);
   for (size_t k = 0; k < workers.size(); ++k) {
     WorkerConnection& w = workers[k];
     w.rank = static_cast<int>(k);
@@ -252,7 +241,7 @@ ReductionServer::State::State(std::vector<int> fds, std::vector<std::string> nam
   int threads = options.threads > 0
                     ? options.threads
                     : static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
-  pool = std::make_unique<SummingPool>(threads, wake_fd.get());
+  pool = std::make_unique<SummingPool>(threads, poller);
 }
 
 std::string ReductionServer::State::describe_chunk(const FrameHeader& h) const {
@@ -266,18 +255,7 @@ void ReductionServer::State::update_interest(WorkerConnection& w) {
     if (!w.paused) wanted |= EPOLLIN;
     if (!w.out.empty()) wanted |= EPOLLOUT;
   }
-  if (wanted == w.interest) return;
-  epoll_event ev{};
-  ev.events = wanted;
-  ev.data.ptr = &w;
-  if (w.interest == 0) {
-    epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, w.fd.get(), &ev);
-  } else if (wanted == 0) {
-    epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, w.fd.get(), nullptr);
-  } else {
-    epoll_ctl(epoll_fd.get(), EPOLL_CTL_MOD, w.fd.get(), &ev);
-  }
-  w.interest = wanted;
+  w.interest = poller.watch(w.fd.get(), w.interest, wanted, &w);
 }
 
 void ReductionServer::State::close(WorkerConnection& w) {
@@ -296,21 +274,18 @@ void ReductionServer::State::serve() {
   Deadline next_heartbeat = deadline_after(options.heartbeat_interval_seconds);
   std::vector<epoll_event> events(workers.size() + 1);
   while (open_connections > 0) {
-    int n = epoll_wait(epoll_fd.get(), events.data(), static_cast<int>(events.size()),
-                       heartbeat_millis);
+    bool woken;
+    int n = poller.wait(events.data(), static_cast<int>(events.size()), heartbeat_millis, &woken);
     if (n < 0 && errno != EINTR) throw std::runtime_error("epoll_wait: " + errno_text(errno));
     if (stop_requested) {
       for (auto& w : workers) close(w);
       return;
     }
+    if (woken) {
+      for (auto& slot : pool->done()) answer(slot);
+    }
     for (int i = 0; i < n; ++i) {
       auto* w = static_cast<WorkerConnection*>(events[i].data.ptr);
-      if (w == nullptr) {
-        uint64_t count;
-        [[maybe_unused]] ssize_t ignored = read(wake_fd.get(), &count, sizeof(count));
-        for (auto& slot : pool->done()) answer(slot);
-        continue;
-      }
       if (w->closed) continue;
       if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) read_from(*w);
       if (!w->closed && (events[i].events & EPOLLOUT)) flush(*w);
@@ -578,8 +553,7 @@ void ReductionServer::serve() {
 
 void ReductionServer::stop() {
   state_->stop_requested = true;
-  uint64_t one = 1;
-  [[maybe_unused]] ssize_t ignored = write(state_->wake_fd.get(), &one, sizeof(one));
+  state_->poller.wake();
 }
 
 ReducerStats ReductionServer::stats() const {

@@ -5,7 +5,9 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <stdexcept>
@@ -45,6 +47,48 @@ bool write_frame(int fd, const FrameHeader& header, const std::string& payload, 
     poll(&pfd, 1, static_cast<int>(left.count()));
   }
   return true;
+}
+
+Poller::Poller()
+    : epoll_fd_(epoll_create1(EPOLL_CLOEXEC)), wake_fd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
+  if (epoll_fd_.get() < 0 || wake_fd_.get() < 0) {
+    throw std::runtime_error("epoll/eventfd: " + errno_text(errno));
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.ptr = nullptr;  // the wake-up eventfd
+  epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev);
+}
+
+uint32_t Poller::watch(int fd, uint32_t watched, uint32_t wanted, void* data) {
+  if (wanted == watched) return wanted;
+  epoll_event ev{};
+  ev.events = wanted;
+  ev.data.ptr = data;
+  const int op = wanted == 0 ? EPOLL_CTL_DEL : watched == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+  epoll_ctl(epoll_fd_.get(), op, fd, &ev);
+  return wanted;
+}
+
+int Poller::wait(epoll_event* events, int max, int millis, bool* woken) {
+  if (woken) *woken = false;
+  int n = epoll_wait(epoll_fd_.get(), events, max, millis);
+  int kept = 0;
+  for (int i = 0; i < n; ++i) {
+    if (events[i].data.ptr != nullptr) {
+      events[kept++] = events[i];
+      continue;
+    }
+    uint64_t count;
+    [[maybe_unused]] ssize_t ignored = read(wake_fd_.get(), &count, sizeof(count));
+    if (woken) *woken = true;
+  }
+  return n < 0 ? n : kept;
+}
+
+void Poller::wake() {
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t ignored = write(wake_fd_.get(), &one, sizeof(one));
 }
 
 }  // namespace collectives

@@ -2,8 +2,12 @@
 // transport, the reduction server and its clients).
 #pragma once
 
+#include <sys/epoll.h>
+
+#include <cstdint>
 #include <string>
 
+#include "common/file_descriptor.h"
 #include "transport/frame.h"
 
 namespace collectives {
@@ -17,5 +21,23 @@ void set_nonblocking(int fd);
 // false if the socket failed or stayed full. For the rare frames sent outside the data path
 // (goodbye, abort).
 bool write_frame(int fd, const FrameHeader& header, const std::string& payload, int millis);
+
+// An epoll set for one event loop, with an eventfd through which other threads wake it.
+class Poller {
+ public:
+  Poller();  // std::runtime_error if the kernel refuses
+  // Makes the events watched on fd `wanted` (0: none, unregistered), given that `watched`
+  // are watched now, with `data` (never null) handed back by wait(); returns `wanted`.
+  uint32_t watch(int fd, uint32_t watched, uint32_t wanted, void* data);
+  // Waits up to `millis` (-1: without end) for socket events; returns how many it put in
+  // `events` (-1 on error, errno set), and in *woken whether wake() was called meanwhile.
+  int wait(epoll_event* events, int max, int millis, bool* woken = nullptr);
+  // From any thread. A full eventfd counter already means "wake up": nothing is lost if the
+  // write fails.
+  void wake();
+
+ private:
+  FileDescriptor epoll_fd_, wake_fd_;
+};
 
 }  // namespace collectives

@@ -6,7 +6,6 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -82,15 +81,6 @@ TcpTransport::TcpTransport(int rank, int size, std::vector<std::vector<int>> pee
   if (static_cast<int>(peer_fds.size()) != size || static_cast<int>(peer_names_.size()) != size) {
     throw std::invalid_argument("need one list of sockets and one name per rank");
   }
-  epoll_fd_ = FileDescriptor(epoll_create1(EPOLL_CLOEXEC));
-  wake_fd_ = FileDescriptor(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
-  if (epoll_fd_.get() < 0 || wake_fd_.get() < 0) {
-    throw std::runtime_error("epoll/eventfd: " + errno_text(errno));
-  }
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.ptr = nullptr;  // the wake-up eventfd
-  epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev);
   for (int peer = 0; peer < size; ++peer) {
     if (peer != rank && connections_[peer].empty()) {
       throw std::invalid_argument("no connection to " + peer_names_[peer]);
@@ -113,11 +103,7 @@ TcpTransport::~TcpTransport() {
   say_goodbye();
 }
 
-void TcpTransport::wake() {
-  uint64_t one = 1;
-  // A full eventfd counter already means "wake up"; nothing is lost if this write fails.
-  [[maybe_unused]] ssize_t ignored = write(wake_fd_.get(), &one, sizeof(one));
-}
+void TcpTransport::wake() { poller_.wake(); }
 
 TransportRequest TcpTransport::send(int peer, const FrameHeader& header, const void* data) {
   return post(peer, header, const_cast<void*>(data), /*is_send=*/true);
@@ -240,20 +226,14 @@ void TcpTransport::progress_loop() {
       return;
     }
     if (stopping) return;
-    int n = epoll_wait(epoll_fd_.get(), events, 64, -1);
+    bool woken;
+    int n = poller_.wait(events, 64, -1, &woken);
     if (n < 0) {
       if (errno != EINTR) fail("epoll_wait failed: " + errno_text(errno), false);
       continue;
     }
-    bool woken = false;
     for (int i = 0; i < n && !has_failed(); ++i) {
       auto* conn = static_cast<Connection*>(events[i].data.ptr);
-      if (conn == nullptr) {
-        uint64_t count;
-        [[maybe_unused]] ssize_t ignored = read(wake_fd_.get(), &count, sizeof(count));
-        woken = true;
-        continue;
-      }
       if (conn->closed) continue;
       if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) handle_readable(*conn);
       if (!conn->closed && (events[i].events & EPOLLOUT)) handle_writable(*conn);
@@ -285,13 +265,7 @@ void TcpTransport::update_interest(Connection& conn) {
   // posted, and a hang-up reported meanwhile would wake the loop for nothing, forever. It is
   // read again (and a dead peer noticed) once that receive is posted.
   uint32_t interest = (conn.parked ? 0u : uint32_t{EPOLLIN}) | (want_write ? uint32_t{EPOLLOUT} : 0u);
-  if (interest == conn.interest) return;
-  epoll_event ev{};
-  ev.events = interest;
-  ev.data.ptr = &conn;
-  int op = interest == 0 ? EPOLL_CTL_DEL : conn.interest == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
-  epoll_ctl(epoll_fd_.get(), op, conn.fd.get(), &ev);
-  conn.interest = interest;
+  conn.interest = poller_.watch(conn.fd.get(), conn.interest, interest, &conn);
 }
 
 void TcpTransport::handle_readable(Connection& conn) {
@@ -416,8 +390,7 @@ bool TcpTransport::write_queued(Connection& conn) {
 void TcpTransport::peer_closed(Connection& conn) {
   // The peer sends nothing after its goodbye: stop polling, so the end of stream (or a reset
   // once it closes) that follows is not taken for a failure.
-  if (conn.interest != 0) epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, conn.fd.get(), nullptr);
-  conn.interest = 0;
+  conn.interest = poller_.watch(conn.fd.get(), conn.interest, 0, &conn);
   conn.closed = true;
   bool owed;
   {
@@ -470,8 +443,7 @@ void TcpTransport::notify_peers_of_failure() {
       bool between_frames = !conn->sending || conn->sending->transferred == 0;
       if (between_frames) write_frame(conn->fd.get(), abort_header, text, kAbortNoticeMillis);
       shutdown(conn->fd.get(), SHUT_RDWR);
-      if (conn->interest != 0) epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, conn->fd.get(), nullptr);
-      conn->interest = 0;
+      conn->interest = poller_.watch(conn->fd.get(), conn->interest, 0, conn.get());
       conn->closed = true;
       conn->sending.reset();
       conn->receiving.reset();

@@ -20,6 +20,7 @@
 #include "common/error.h"
 #include "common/file_descriptor.h"
 #include "transport/frame.h"
+#include "transport/socket.h"
 
 namespace collectives {
 
@@ -81,8 +82,7 @@ class TcpTransport {
   const std::vector<std::string> peer_names_;
   std::vector<std::vector<std::unique_ptr<Connection>>> connections_;  // [peer][index]
 
-  FileDescriptor epoll_fd_;
-  FileDescriptor wake_fd_;  // eventfd: posts and aborts wake the progress thread
+  Poller poller_;  // posts and aborts wake the progress thread
 
   std::mutex mutex_;  // guards queues, completion flags and the failure fields below
   std::condition_variable completed_;
