@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <stdexcept>
 
@@ -32,73 +33,81 @@ Communicator::Communicator(int rank, int size, std::vector<std::vector<int>> pee
                            std::vector<std::string> peer_names, CommunicatorOptions options,
                            std::vector<int> reducer_fds, std::vector<std::string> reducer_names)
     : rank_(rank), size_(size), options_(options) {
-  // The sockets were handed over: owned from here on, whatever fails below.
+  std::string refused;
+  if (!(options.timeout_seconds > 0)) refused = "timeout must be positive";
+  if (options.reduction_server && reducer_fds.empty()) {
+    refused = "the reduction_server algorithm needs reducers";
+  }
+  if (!refused.empty()) {
+    // The sockets were handed over: closed on every path.
+    for (auto& fds : peer_fds) {
+      for (int fd : fds) ::close(fd);
+    }
+    for (int fd : reducer_fds) ::close(fd);
+    throw std::invalid_argument(refused);
+  }
   if (!reducer_fds.empty()) {
     const auto& settings = options.reduction_server_settings;
-    reducers_ = std::make_unique<ReducerChannels>(
-        std::move(reducer_fds), std::move(reducer_names), default_inflight(settings),
-        settings.heartbeat_timeout, [rank](const std::string& event) {
-          std::fprintf(stderr, "[collectives rank %d] %s\n", rank, event.c_str());
-        });
-  }
-  if (!(options.timeout_seconds > 0)) {
-    for (auto& fds : peer_fds) {
-      for (int fd : fds) ::close(fd);
+    try {
+      reducers_ = std::make_unique<ReducerChannels>(
+          std::move(reducer_fds), std::move(reducer_names), default_inflight(settings),
+          settings.heartbeat_timeout, [rank](const std::string& event) {
+            std::fprintf(stderr, "[collectives rank %d] %s\n", rank, event.c_str());
+          });
+    } catch (...) {
+      for (auto& fds : peer_fds) {
+        for (int fd : fds) ::close(fd);
+      }
+      throw;
     }
-    throw std::invalid_argument("timeout must be positive");
   }
-  if (options.reduction_server && !reducers_) {
-    for (auto& fds : peer_fds) {
-      for (int fd : fds) ::close(fd);
-    }
-    throw std::invalid_argument("the reduction_server algorithm needs reducers");
-  }
+  // It owns its sockets before anything in it can throw.
   transport_ = std::make_unique<TcpTransport>(rank, size, std::move(peer_fds), std::move(peer_names));
   executor_ = std::thread([this] { execute_loop(); });
 }
 
 Communicator::~Communicator() { close(); }
 
-std::shared_ptr<Work> Communicator::enqueue(CollectiveTag tag,
-                                            std::function<void(const AlgorithmContext&)> run,
-                                            PostFunction post) {
-  auto work = std::make_shared<Work>();
+std::shared_ptr<Work> Communicator::enqueue(Task task) {
+  task.work = std::make_shared<Work>();
   std::lock_guard<std::mutex> lock(mutex_);
   if (closing_) throw CollectiveError("the communicator is closed");
-  tag.seq = next_seq_++;
+  task.tag.seq = next_seq_++;
   if (!failure_.empty()) {
-    work->finish(std::make_exception_ptr(CollectiveError(
-        tag.describe() + " on rank " + std::to_string(rank_) +
+    task.work->finish(std::make_exception_ptr(CollectiveError(
+        task.tag.describe() + " on rank " + std::to_string(rank_) +
         ": the communicator was aborted by an earlier failure (" + failure_ +
         "); create a new one")));
-    return work;
+    return task.work;
   }
-  Task task;
-  task.tag = tag;
-  task.run = std::move(run);
-  task.work = work;
-  if (post) {
-    task.reduction = reductions_enqueued_++;
-    task.post = std::move(post);
-  }
+  if (task.posted) task.reduction = reductions_enqueued_++;
   queue_.push_back(std::move(task));
   post_ahead_locked();
   queued_.notify_one();
-  return work;
+  return queue_.back().work;
 }
 
 /*
- * Reduction i is assigned over the reducers alive after reduction i-2 (all of them for the
- * first two). Every worker knows that set by the time it may post reduction i, which is as
- * soon as i-1 is running, since i-2 has then finished with an agreement; so a worker posts
- * one reduction ahead, and every worker's chunks still go to the same reducers. A reducer
- * that failed meanwhile loses the chunks posted to it, and the reduction recovers them.
+ * Reduction i is assigned over the reducers that reduction i-2 ended with by agreement (all of
+ * them for the first two). Every worker knows that set by the time it may post reduction i,
+ * which is as soon as i-1 is running, since i-2 has then finished; so a worker posts one
+ * reduction ahead, and every worker's chunks still go to the same reducers. A reducer that
+ * failed meanwhile loses the chunks posted to it, and the reduction recovers them. A
+ * reduction whose buffer an earlier unfinished collective reads or writes waits for it.
  */
 void Communicator::post_ahead_locked() {
+  if (!failure_.empty()) return;
+  std::vector<MemoryRange> earlier = running_memory_;
   for (auto& task : queue_) {
-    if (task.reduction < 0 || task.posted) continue;
-    if (task.reduction > reductions_finished_ + 1) return;
-    post_locked(task);
+    const bool clear = std::none_of(earlier.begin(), earlier.end(), [&](const MemoryRange& m) {
+      return std::any_of(task.memory.begin(), task.memory.end(),
+                         [&](const MemoryRange& mine) { return mine.overlaps(m); });
+    });
+    if (task.reduction >= 0 && !task.posted->posted) {
+      if (task.reduction > reductions_finished_ + 1 || !clear) return;
+      post_locked(task);
+    }
+    earlier.insert(earlier.end(), task.memory.begin(), task.memory.end());
   }
 }
 
@@ -109,8 +118,8 @@ void Communicator::post_locked(Task& task) {
   } else {
     view = views_.at(task.reduction - 2);
   }
-  task.post(task.tag, view);
-  task.posted = true;
+  *task.posted = post_reduction_server(task.tag, *reducers_, options_.reduction_server_settings,
+                                       view, task.data, task.tag.count);
 }
 
 void Communicator::execute_loop() {
@@ -122,8 +131,16 @@ void Communicator::execute_loop() {
       if (queue_.empty()) return;
       task = std::move(queue_.front());
       queue_.pop_front();
+      if (!failure_.empty()) {
+        // Queued before the failure: it cannot run without the peers it lost.
+        task.work->finish(std::make_exception_ptr(CollectiveError(
+            task.tag.describe() + " on rank " + std::to_string(rank_) +
+            ": the communicator was aborted by an earlier failure (" + failure_ + ")")));
+        continue;
+      }
       running_ = true;
-      if (task.reduction >= 0 && !task.posted && failure_.empty()) post_locked(task);
+      running_memory_ = task.memory;
+      if (task.reduction >= 0 && !task.posted->posted) post_locked(task);
     }
     const std::string what = task.tag.describe();
     AlgorithmContext ctx{*transport_, task.tag, deadline_after(options_.timeout_seconds),
@@ -154,8 +171,9 @@ void Communicator::execute_loop() {
       // must not take it for one still in flight.
       std::lock_guard<std::mutex> lock(mutex_);
       running_ = false;
+      running_memory_.clear();
       if (task.reduction >= 0 && !error) {
-        views_[task.reduction] = reducers_->alive();
+        views_[task.reduction] = task.posted->agreed;
         views_.erase(views_.begin(), views_.lower_bound(task.reduction - 1));
         reductions_finished_ = task.reduction + 1;
         post_ahead_locked();
@@ -165,29 +183,42 @@ void Communicator::execute_loop() {
   }
 }
 
+namespace {
+
+MemoryRange bytes_of(const void* data, size_t count, DataType dtype) {
+  const char* begin = static_cast<const char*>(data);
+  return {begin, begin + count * element_size(dtype)};
+}
+
+}  // namespace
+
 std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType dtype,
                                               ReduceOp op) {
+  Task task;
+  task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
+  task.memory = {bytes_of(data, count, dtype)};
   if (options_.reduction_server) {
     ReducerChannels* reducers = reducers_.get();
     const ReductionServerSettings* settings = &options_.reduction_server_settings;
     auto posted = std::make_shared<PostedReduction>();
-    return enqueue(
-        {CollectiveKind::kAllreduce, 0, count, dtype, op},
-        [=](const AlgorithmContext& ctx) {
-          finish_reduction_server(ctx, *reducers, *settings, *posted, data, count);
-        },
-        [=](const CollectiveTag& tag, const std::vector<int>& view) {
-          *posted = post_reduction_server(tag, *reducers, *settings, view, data, count);
-        });
+    task.posted = posted;
+    task.data = data;
+    task.run = [=](const AlgorithmContext& ctx) {
+      finish_reduction_server(ctx, *reducers, *settings, *posted, data, count);
+    };
+  } else {
+    task.run = [=](const AlgorithmContext& ctx) { allreduce_ring(ctx, data, count); };
   }
-  return enqueue({CollectiveKind::kAllreduce, 0, count, dtype, op},
-                 [=](const AlgorithmContext& ctx) { allreduce_ring(ctx, data, count); });
+  return enqueue(std::move(task));
 }
 
 std::shared_ptr<Work> Communicator::allgather(const void* input, void* output, size_t count,
                                               DataType dtype) {
-  return enqueue({CollectiveKind::kAllgather, 0, count, dtype, ReduceOp::kSum},
-                 [=](const AlgorithmContext& ctx) { allgather_ring(ctx, input, output, count); });
+  Task task;
+  task.tag = {CollectiveKind::kAllgather, 0, count, dtype, ReduceOp::kSum};
+  task.memory = {bytes_of(input, count, dtype), bytes_of(output, count * size_, dtype)};
+  task.run = [=](const AlgorithmContext& ctx) { allgather_ring(ctx, input, output, count); };
+  return enqueue(std::move(task));
 }
 
 std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType dtype, int root) {
@@ -195,22 +226,27 @@ std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType
     throw std::invalid_argument("root " + std::to_string(root) + " is not a rank of a " +
                                 std::to_string(size_) + "-rank communicator");
   }
-  return enqueue({CollectiveKind::kBroadcast, 0, count, dtype, ReduceOp::kSum,
-                  static_cast<uint32_t>(root)},
-                 [=](const AlgorithmContext& ctx) { broadcast_chain(ctx, data, count, root); });
+  Task task;
+  task.tag = {CollectiveKind::kBroadcast, 0, count, dtype, ReduceOp::kSum, static_cast<uint32_t>(root)};
+  task.memory = {bytes_of(data, count, dtype)};
+  task.run = [=](const AlgorithmContext& ctx) { broadcast_chain(ctx, data, count, root); };
+  return enqueue(std::move(task));
 }
 
 std::shared_ptr<Work> Communicator::reduce_scatter(const void* input, void* output, size_t count,
                                                    DataType dtype, ReduceOp op) {
-  return enqueue({CollectiveKind::kReduceScatter, 0, count, dtype, op},
-                 [=](const AlgorithmContext& ctx) {
-                   reduce_scatter_ring(ctx, input, output, count);
-                 });
+  Task task;
+  task.tag = {CollectiveKind::kReduceScatter, 0, count, dtype, op};
+  task.memory = {bytes_of(input, count * size_, dtype), bytes_of(output, count, dtype)};
+  task.run = [=](const AlgorithmContext& ctx) { reduce_scatter_ring(ctx, input, output, count); };
+  return enqueue(std::move(task));
 }
 
 std::shared_ptr<Work> Communicator::barrier() {
-  return enqueue({CollectiveKind::kBarrier, 0, 0, DataType::kUInt8, ReduceOp::kSum},
-                 [](const AlgorithmContext& ctx) { barrier_dissemination(ctx); });
+  Task task;
+  task.tag = {CollectiveKind::kBarrier, 0, 0, DataType::kUInt8, ReduceOp::kSum};
+  task.run = [](const AlgorithmContext& ctx) { barrier_dissemination(ctx); };
+  return enqueue(std::move(task));
 }
 
 std::vector<ReducerStat> Communicator::reducer_stats() const {

@@ -31,6 +31,13 @@ struct CommunicatorOptions {
   ReductionServerSettings reduction_server_settings;
 };
 
+// Bytes a collective reads or writes.
+struct MemoryRange {
+  const char* begin;
+  const char* end;
+  bool overlaps(const MemoryRange& other) const { return begin < other.end && other.begin < end; }
+};
+
 // One queued collective. Waiting rethrows the collective's CollectiveError or TimeoutError.
 class Work {
  public:
@@ -77,19 +84,18 @@ class Communicator {
   void close();
 
  private:
-  using PostFunction = std::function<void(const CollectiveTag&, const std::vector<int>& view)>;
   struct Task {
     CollectiveTag tag;
     std::function<void(const AlgorithmContext&)> run;
     std::shared_ptr<Work> work;
+    std::vector<MemoryRange> memory;
     // Reduction-server all-reduces only: their number among them, and their first half,
-    // which may run ahead of `run` (see post_ahead_locked).
+    // which may be posted ahead of `run` (see post_ahead_locked).
     int64_t reduction = -1;
-    PostFunction post;
-    bool posted = false;
+    std::shared_ptr<PostedReduction> posted;
+    void* data = nullptr;
   };
-  std::shared_ptr<Work> enqueue(CollectiveTag tag, std::function<void(const AlgorithmContext&)> run,
-                                PostFunction post = nullptr);
+  std::shared_ptr<Work> enqueue(Task task);
   void execute_loop();
   void post_ahead_locked();
   void post_locked(Task& task);
@@ -107,6 +113,7 @@ class Communicator {
   uint64_t next_seq_ = 0;
   bool closing_ = false;
   bool running_ = false;  // the executor is inside a collective
+  std::vector<MemoryRange> running_memory_;  // what the collective in flight reads or writes
   std::string failure_;  // set once a collective failed: the communicator is aborted
   int64_t reductions_enqueued_ = 0;
   int64_t reductions_finished_ = 0;

@@ -129,8 +129,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="a file that holds the job's secret, instead of COLLECTIVES_TOKEN")
     parser.add_argument("--threads", type=_arg(lambda v, n: _parse_int(v, n, 0), "--threads"), default=0,
                         help="threads that sum; 0 (default): as many as suit this host's cores")
-    parser.add_argument("--max-memory", type=_arg(_parse_bytes, "--max-memory"), default=1 << 30, metavar="SIZE",
-                        help="bound on the memory that chunks in flight take, e.g. 512M (default 1G)")
+    parser.add_argument("--max-memory", type=_arg(_parse_bytes, "--max-memory"), default=0, metavar="SIZE",
+                        help="bound on the memory that chunks in flight take, all workers together, e.g. 4G "
+                             "(default: 256M per worker)")
     parser.add_argument("--heartbeat-interval", type=_arg(_parse_seconds, "--heartbeat-interval"), default=0.25,
                         metavar="SECONDS", help="how often to tell idle workers that this reducer is alive (default "
                                                 "0.25); keep it well below their COLLECTIVES_RS_HEARTBEAT_TIMEOUT")

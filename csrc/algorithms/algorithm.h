@@ -59,8 +59,11 @@ int default_inflight(const ReductionServerSettings& settings);
 // An all-reduce through the reducers (reduction_server.cc), in two halves, so that the next
 // all-reduce's chunks can be on the wire while this one finishes. In place.
 struct PostedReduction {
-  ShardBatchHandle batch;
+  bool posted = false;
+  ShardBatchHandle batch;  // null when there was nothing to send
   size_t chunk_elems = 0;
+  std::vector<int> view;    // the reducers the chunks were assigned over
+  std::vector<int> agreed;  // after finish: the reducers every worker still uses
 };
 // Sends the chunks of all-reduce `tag` (count elements at data) to the reducers of `view`,
 // which must be the same on every worker.
@@ -68,9 +71,9 @@ PostedReduction post_reduction_server(const CollectiveTag& tag, ReducerChannels&
                                       const ReductionServerSettings& settings,
                                       const std::vector<int>& view, void* data, size_t count);
 // Waits for the sums, agrees with the other workers on what is missing anywhere, and
-// recovers it; returns once every worker holds every sum.
+// recovers it; returns once every worker holds every sum, with posted.agreed set.
 void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reducers,
-                             const ReductionServerSettings& settings,
-                             const PostedReduction& posted, void* data, size_t count);
+                             const ReductionServerSettings& settings, PostedReduction& posted,
+                             void* data, size_t count);
 
 }  // namespace collectives

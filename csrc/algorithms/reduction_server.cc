@@ -83,6 +83,8 @@ PostedReduction post_reduction_server(const CollectiveTag& tag, ReducerChannels&
                                       const ReductionServerSettings& settings,
                                       const std::vector<int>& view, void* data, size_t count) {
   PostedReduction posted;
+  posted.posted = true;
+  posted.view = view;
   posted.chunk_elems = chunk_elements(settings, tag.dtype, count, view.size());
   if (count == 0 || view.empty()) return posted;
   std::vector<size_t> all(ceil_div(count, posted.chunk_elems));
@@ -93,8 +95,9 @@ PostedReduction post_reduction_server(const CollectiveTag& tag, ReducerChannels&
 }
 
 void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reducers,
-                             const ReductionServerSettings& settings,
-                             const PostedReduction& posted, void* data, size_t count) {
+                             const ReductionServerSettings& settings, PostedReduction& posted,
+                             void* data, size_t count) {
+  posted.agreed = posted.view;
   if (count == 0) return;
   const size_t element = element_size(ctx.tag.dtype);
   const int workers = ctx.size();
@@ -135,7 +138,11 @@ void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reduc
     }
     agree_max(ctx, votes.data(), votes.size(), attempt * kUnitsPerAgreement);
 
+    // From here on, the reducers in use are those that no worker has lost: the same set on
+    // every worker, whatever each one's progress thread has seen since it voted.
+    posted.agreed.clear();
     for (int r = 0; r < num_reducers; ++r) {
+      if (!votes[r]) posted.agreed.push_back(r);
       if (votes[r] && alive_here[r]) {
         ctx.note(reducers.name(r) + " failed for another worker: this worker stops using it too");
         reducers.abandon(r);
@@ -147,7 +154,7 @@ void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reduc
       (votes[givers + c] ? from_peers : from_reducers).push_back(c);
     }
     if (from_peers.empty() && from_reducers.empty()) return;
-    const std::vector<int> survivors = reducers.alive();
+    const std::vector<int>& survivors = posted.agreed;
     ctx.note("recovering: " + std::to_string(from_peers.size()) +
              " chunk(s) from the workers that have them, " + std::to_string(from_reducers.size()) +
              " chunk(s) summed again by " + std::to_string(survivors.size()) +

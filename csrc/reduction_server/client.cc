@@ -1,6 +1,7 @@
 #include "reduction_server/client.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -59,8 +60,17 @@ struct ReducerChannels::Reducer {
   uint32_t interest = 0;
 
   bool mid_frame() const { return sending && sent_bytes > 0; }
+  // The queue is ordered by all-reduce, oldest first, and each all-reduce has a window of its
+  // own: chunks of an all-reduce posted ahead can never hold back the recovery of an older
+  // one, which every worker needs first (the order in which the workers post them differs).
   bool may_send(int inflight) const {
-    return sending || (!queue.empty() && waiting.size() < static_cast<size_t>(inflight));
+    if (sending) return true;
+    if (queue.empty()) return false;
+    const uint64_t seq = queue.front().transfer().header.seq;
+    const auto same = std::count_if(waiting.begin(), waiting.end(), [&](const Ref& ref) {
+      return ref.transfer().header.seq == seq;
+    });
+    return same < inflight;
   }
 };
 
@@ -108,7 +118,10 @@ ShardBatchHandle ReducerChannels::post(std::vector<ShardTransfer> transfers) {
       continue;
     }
     if (reducer.queue.empty() && reducer.waiting.empty()) reducer.last_heard = Clock::now();
-    reducer.queue.push_back(Ref{batch, i});
+    const uint64_t seq = batch->transfers[i].header.seq;
+    auto after = reducer.queue.end();  // behind its own all-reduce and every older one
+    while (after != reducer.queue.begin() && std::prev(after)->transfer().header.seq > seq) --after;
+    reducer.queue.insert(after, Ref{batch, i});
     update_interest(reducer);
   }
   return batch;
@@ -169,13 +182,7 @@ void ReducerChannels::abandon_locked(Reducer& reducer, bool goodbye) {
   if (!reducer.alive) return;
   reducer.alive = false;
   reducer.interest = poller_.watch(reducer.fd.get(), reducer.interest, 0, &reducer);
-  // Best effort, and never in the middle of a frame, which it would corrupt: the end of the
-  // connection says enough then.
-  if (goodbye && !reducer.mid_frame()) {
-    FrameHeader goodbye;
-    goodbye.kind = static_cast<uint8_t>(FrameKind::kGoodbye);
-    write_frame(reducer.fd.get(), goodbye, "", 0);
-  }
+  if (goodbye) say_goodbye(reducer);
   for (auto& ref : reducer.queue) settle(*ref.batch, ref.transfer(), ShardTransfer::State::kLost);
   for (auto& ref : reducer.waiting) settle(*ref.batch, ref.transfer(), ShardTransfer::State::kLost);
   reducer.queue.clear();
@@ -183,6 +190,52 @@ void ReducerChannels::abandon_locked(Reducer& reducer, bool goodbye) {
   reducer.sending.reset();
   reducer.receiving.reset();
   reducer.fd.reset();
+}
+
+/*
+ * A reducer that may still be alive must hear a goodbye, or it takes this worker for dead and
+ * aborts the whole job. So: finish the frame being written (its buffer is still valid: its
+ * all-reduce waits on this mutex), say goodbye, end the stream, and read away what the
+ * reducer sent meanwhile, since closing with unread bytes would reset the connection and
+ * could destroy the goodbye. Every step is bounded: a silent reducer costs kGoodbyeMillis.
+ */
+void ReducerChannels::say_goodbye(Reducer& reducer) {
+  const int fd = reducer.fd.get();
+  const Deadline deadline = deadline_after(kGoodbyeMillis / 1000.0);
+  auto wait_until = [&](short events) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) return false;
+    pollfd pfd{fd, events, 0};
+    return poll(&pfd, 1, static_cast<int>(left.count())) > 0;
+  };
+  if (reducer.sending) {
+    ShardTransfer& t = reducer.sending->transfer();
+    const uint64_t total = kHeaderBytes + t.header.nbytes;
+    while (reducer.sent_bytes < total) {
+      const char* from = reducer.sent_bytes < kHeaderBytes
+                             ? reinterpret_cast<const char*>(&t.header) + reducer.sent_bytes
+                             : t.data + (reducer.sent_bytes - kHeaderBytes);
+      const uint64_t left = reducer.sent_bytes < kHeaderBytes ? kHeaderBytes - reducer.sent_bytes
+                                                              : total - reducer.sent_bytes;
+      ssize_t n = ::send(fd, from, left, MSG_NOSIGNAL);
+      if (n > 0) {
+        reducer.sent_bytes += n;
+      } else if ((n < 0 && !would_block(errno)) || !wait_until(POLLOUT)) {
+        return;  // it is gone or silent: the end of the connection says enough
+      }
+    }
+  }
+  FrameHeader goodbye;
+  goodbye.kind = static_cast<uint8_t>(FrameKind::kGoodbye);
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  if (!write_frame(fd, goodbye, "", std::max<int>(0, static_cast<int>(left.count())))) return;
+  ::shutdown(fd, SHUT_WR);
+  char sink[4096];
+  for (;;) {
+    ssize_t n = ::recv(fd, sink, sizeof(sink), 0);
+    if (n == 0 || (n < 0 && !would_block(errno))) return;
+    if (n < 0 && !wait_until(POLLIN)) return;
+  }
 }
 
 void ReducerChannels::close(bool clean) {
@@ -194,15 +247,7 @@ void ReducerChannels::close(bool clean) {
   wake();
   progress_thread_.join();
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto& reducer : reducers_) {
-    if (!reducer->alive) continue;
-    if (clean && !reducer->mid_frame()) {
-      FrameHeader goodbye;
-      goodbye.kind = static_cast<uint8_t>(FrameKind::kGoodbye);
-      write_frame(reducer->fd.get(), goodbye, "", kGoodbyeMillis);
-    }
-    abandon_locked(*reducer, false);
-  }
+  for (auto& reducer : reducers_) abandon_locked(*reducer, clean);
 }
 
 std::vector<ReducerStat> ReducerChannels::stats() const {

@@ -94,6 +94,7 @@ class ReducerChannels {
   void lose(Reducer& reducer, const std::string& why);
   void settle(ShardBatch& batch, ShardTransfer& transfer, ShardTransfer::State state);
   void abandon_locked(Reducer& reducer, bool goodbye);
+  void say_goodbye(Reducer& reducer);
   void update_interest(Reducer& reducer);
   void fail(const std::string& reason);
   void wake();

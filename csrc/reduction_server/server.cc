@@ -36,6 +36,9 @@ constexpr size_t kTileElements = 16 << 10;
 // A worker that stops reading is still a worker; one whose link is cut is found by TCP
 // keepalive after about kKeepIdle + kKeepCount * kKeepInterval seconds.
 constexpr int kKeepIdle = 30, kKeepInterval = 5, kKeepCount = 3;
+// Bytes of chunks one worker may have here when --max-memory is not given: two windows of
+// the largest default chunks (4 x 4M each) fit four times over.
+constexpr uint64_t kDefaultWorkerShare = 128 << 20;
 
 // The job cannot go on; every worker is told `what`.
 struct JobFailure {
@@ -76,7 +79,6 @@ struct WorkerConnection {
   uint64_t payload_bytes = 0;     // of the frame being read, read so far
   std::deque<OutFrame> out;
   uint64_t held = 0;  // bytes of its chunks here whose sum it has not fully received
-  bool paused = false;   // not read while it holds its share of the memory
   bool goodbye = false;
   bool closed = false;
   uint32_t interest = 0;
@@ -223,7 +225,9 @@ ReductionServer::State::State(std::vector<int> fds, std::vector<std::string> nam
     throw std::invalid_argument("a reducer needs one socket and one name per worker");
   }
   // Each worker's chunks may take half of its share; the sums being written take the rest.
-  per_worker_budget = std::max<uint64_t>(1, options.max_memory_bytes / (2 * workers.size()));
+  per_worker_budget = options.max_memory_bytes
+                          ? std::max<uint64_t>(1, options.max_memory_bytes / (2 * workers.size()))
+                          : kDefaultWorkerShare;
   for (size_t k = 0; k < workers.size(); ++k) {
     WorkerConnection& w = workers[k];
     w.rank = static_cast<int>(k);
@@ -252,7 +256,7 @@ std::string ReductionServer::State::describe_chunk(const FrameHeader& h) const {
 void ReductionServer::State::update_interest(WorkerConnection& w) {
   uint32_t wanted = 0;
   if (!w.closed) {
-    if (!w.paused) wanted |= EPOLLIN;
+    wanted |= EPOLLIN;
     if (!w.out.empty()) wanted |= EPOLLOUT;
   }
   w.interest = poller.watch(w.fd.get(), w.interest, wanted, &w);
@@ -304,12 +308,6 @@ void ReductionServer::State::read_from(WorkerConnection& w) {
     size_t want;
     const bool in_header = w.header_bytes < kHeaderBytes;
     if (in_header) {
-      if (w.held >= per_worker_budget) {
-        // Its earlier chunks wait for the other workers: read on once their sums are out.
-        w.paused = true;
-        update_interest(w);
-        return;
-      }
       into = reinterpret_cast<char*>(&w.incoming) + w.header_bytes;
       want = kHeaderBytes - w.header_bytes;
     } else {
@@ -377,16 +375,20 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
       (static_cast<ReduceOp>(h.op) == ReduceOp::kAvg && !is_floating(dtype))) {
     throw JobFailure{w.name + " sent a malformed " + describe_chunk(h)};
   }
-  if (h.nbytes > per_worker_budget) {
-    throw JobFailure{w.name + " sent a " + describe_chunk(h) + ", but this reducer holds at most " +
-                     std::to_string(per_worker_budget) + " bytes per worker (--max-memory " +
-                     std::to_string(options.max_memory_bytes) + " over " +
-                     std::to_string(workers.size()) + " workers): lower COLLECTIVES_RS_CHUNK_BYTES "
-                     "or start the reducers with more --max-memory"};
+  /*
+   * A worker holds at most two all-reduces' windows of chunks here (one posted ahead), so one
+   * within its window never reaches its share with sane settings. Beyond it the job stops
+   * with the reason rather than the reducer growing; it does not stop reading instead, since
+   * the chunks behind may be the ones every worker needs first.
+   */
+  if (w.held + charge(h) > per_worker_budget) {
+    throw JobFailure{w.name + " has more than " + std::to_string(per_worker_budget) +
+                     " bytes of chunks at this reducer (its share of --max-memory over " +
+                     std::to_string(workers.size()) + " workers): lower COLLECTIVES_RS_CHUNK_BYTES " +
+                     "or COLLECTIVES_RS_INFLIGHT, or start the reducers with more --max-memory"};
   }
   if (!goodbye_from.empty()) {
-    throw JobFailure{w.name + " sent " + describe_chunk(h) + " after " + goodbye_from +
-                     " closed its communicator"};
+    throw JobFailure{""};  // data after a goodbye: the workers are giving this reducer up
   }
   auto& slot = filling[key_of(h)];
   if (!slot) {
@@ -474,10 +476,6 @@ void ReductionServer::State::flush(WorkerConnection& w) {
 void ReductionServer::State::frame_written(WorkerConnection& w, const OutFrame& frame) {
   if (!frame.slot) return;
   w.held -= charge(frame.header);
-  if (w.paused && w.held < per_worker_budget) {
-    w.paused = false;
-    update_interest(w);
-  }
   if (--frame.slot->unanswered == 0) --unfinished;
 }
 
@@ -542,7 +540,7 @@ void ReductionServer::serve() {
       // those still waiting on it move its chunks to the other reducers now.
       for (auto& w : state_->workers) state_->close(w);
       throw CollectiveError(state_->goodbye_from +
-                            " stopped using this reducer while chunks were pending here: the "
+                            " stopped using this reducer while it still had work here: the "
                             "workers took it for dead (their logs say why)");
     }
     state_->tell_everyone(failure.what);

@@ -10,9 +10,9 @@
 //    kHeartbeat frame every heartbeat interval, so that the worker can tell a silent reducer
 //    (dead, or its link cut) from a slow job.
 //  - kGoodbye from a worker: it will send nothing more. When every worker has said goodbye
-//    and closed, serve() returns. A goodbye while chunks are still pending means that the
-//    workers stopped using this reducer (they took it for dead): the reducer closes every
-//    connection, so that workers still waiting on it re-shard at once.
+//    and closed, serve() returns. A goodbye while chunks are still pending, or chunks after a
+//    goodbye, mean that the workers stopped using this reducer (they took it for dead): the
+//    reducer closes every connection, so that workers still waiting on it re-shard at once.
 //  - A worker whose connection ends without goodbye has died, and a frame that breaks the
 //    protocol or disagrees with another worker's for the same chunk is a bug or a mismatch:
 //    either way the job cannot go on, so the reducer sends kAbort with the reason to every
@@ -33,7 +33,8 @@ namespace collectives {
 
 struct ReducerOptions {
   int threads = 0;                          // summing threads; 0: up to 4, one per core
-  size_t max_memory_bytes = size_t(1) << 30;  // chunks held at once, all workers together
+  // Chunks held at once, all workers together; 0: 128 MiB per worker.
+  size_t max_memory_bytes = 0;
   double heartbeat_interval_seconds = 0.25;
   bool debug = false;  // log each chunk on stderr
 };

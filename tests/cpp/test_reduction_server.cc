@@ -206,6 +206,56 @@ void test_many_in_flight(bool stop_one) {
   }
 }
 
+// An all-reduce queued behind another on the same buffer must wait for its sums before its
+// own chunks go out (it is not posted ahead).
+void test_same_buffer_twice() {
+  const int workers = 3;
+  const size_t count = 1000;  // one chunk per reducer: the second would go out at once
+  Job job(workers, 2, reducer_options(4096));
+  std::vector<std::vector<float>> data(workers);
+  for (int r = 0; r < workers; ++r) data[r] = std::vector<float>(count, static_cast<float>(r + 1));
+  auto errors = job.run([&](int r) {
+    auto first = job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum);
+    auto second = job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum);
+    wait(first);
+    wait(second);
+  });
+  for (int r = 0; r < workers; ++r) {
+    check(errors[r].empty(), "same buffer twice: rank " + std::to_string(r) + " raised " + errors[r]);
+    check(data[r] == std::vector<float>(count, 18.0f), "same buffer twice: wrong sum on rank " +
+                                                           std::to_string(r) + " (want 3 x 6)");
+  }
+}
+
+// A failure with several all-reduces queued (some posted ahead, some not): each fails with
+// CollectiveError, none crashes or hangs.
+void test_failure_with_reductions_queued() {
+  const int workers = 2, queued = 5;
+  const size_t count = 200000;
+  Job job(workers, 2, reducer_options(4096));
+  std::vector<std::vector<std::vector<float>>> data(workers, std::vector<std::vector<float>>(queued));
+  auto errors = job.run([&](int r) {
+    std::vector<std::shared_ptr<Work>> works;
+    for (int i = 0; i < queued; ++i) {
+      data[r][i].assign(count, 1.0f);
+      works.push_back(job.comms[r]->allreduce(data[r][i].data(), count, DataType::kFloat32, ReduceOp::kSum));
+    }
+    if (r == 1) job.comms[r]->abort("rank 1 gives up");
+    int failed = 0;
+    for (auto& work : works) {
+      try {
+        wait(work);
+      } catch (const CollectiveError&) {
+        ++failed;
+      }
+    }
+    if (failed == 0) throw std::runtime_error("no all-reduce failed");
+  });
+  for (int r = 0; r < workers; ++r) {
+    check(errors[r].empty(), "failure with reductions queued: rank " + std::to_string(r) + ": " + errors[r]);
+  }
+}
+
 // Reads exactly n bytes from a blocking socket.
 bool read_exactly(int fd, void* into, size_t n) {
   char* p = static_cast<char*>(into);
@@ -311,6 +361,8 @@ int main() {
   test_reducer_fails_midway(true);
   test_reducer_dies_after_answering_one_worker();
   test_many_in_flight(false);
+  test_same_buffer_twice();
+  test_failure_with_reductions_queued();
   test_many_in_flight(true);
   test_no_reducer_left(false);
   test_no_reducer_left(true);
