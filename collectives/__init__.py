@@ -5,10 +5,18 @@
     comm.allreduce(x)           # in place, sum over all workers
 """
 
+import os as _os
+
 from .errors import CollectiveError, TimeoutError  # noqa: A004 (cc.TimeoutError on purpose)
 
 from . import _core  # noqa: E402  (imports collectives.errors)
 from .communicator import Communicator, Work, init  # noqa: E402
+
+# The framework plugins live in plugins/ (plugins/torch is installed as collectives/torch): in a
+# source checkout, `import collectives.torch` finds them there.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "CMakeLists.txt")) and _os.path.isdir(_os.path.join(_checkout, "plugins")):
+    __path__.append(_os.path.join(_checkout, "plugins"))
 
 __version__ = "0.1.0"
 PROTOCOL_VERSION = _core.PROTOCOL_VERSION

@@ -196,7 +196,8 @@ def read_secret(environ: Optional[Mapping[str, str]] = None) -> Optional[bytes]:
 
 def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config: Config, *,
                          toward: Optional[str] = None, prefix: str = "collectives/",
-                         rendezvous: str = "the store", deadline: Optional[float] = None) -> Bootstrap:
+                         rendezvous: str = "the store", deadline: Optional[float] = None,
+                         reducer_rendezvous: Optional[str] = None) -> Bootstrap:
     """Connects the workers over a store that they share: any object with
     ``set(key, bytes)``, ``get(key, timeout) -> bytes`` (raising collectives'
     TimeoutError), ``add(key, int) -> int``, ``check(keys) -> bool`` and ``close()``, such
@@ -206,11 +207,14 @@ def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config
     the local address to advertise; ``prefix`` keeps apart the keys of several jobs that
     share one store; ``rendezvous`` names the store in messages; ``deadline`` (a
     time.monotonic() value) defaults to config.timeout from now. With
-    config.num_reducers, the reducers meet the workers in this store too.
+    config.num_reducers, the reducers meet the workers in this store too, or, given
+    ``reducer_rendezvous`` (HOST:PORT; for a store that reducers cannot use, such as
+    torch.distributed's), in a collectives store that worker 0 serves there.
     """
     deadline = time.monotonic() + config.timeout if deadline is None else deadline
     exchange = _StoreExchange(store, prefix, rank, size, deadline, config.timeout, rendezvous)
     peer_fds: List[List[int]] = []
+    meeting, server = store, None  # where the reducers meet the job
     try:
         if rank == 0:
             job_id = secrets.token_bytes(JOB_ID_BYTES)
@@ -219,13 +223,23 @@ def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config
             job_id = exchange.get("job", f"rank 0 did not start the job at {rendezvous} within {config.timeout:g} s")
         peer_fds, peer_names = _connect_workers(rank, size, config, secret, job_id, deadline, exchange,
                                                 lambda: _netif.advertise_address(config.socket_ifname, toward))
-        reducer_fds, reducer_names = meet_reducers(store, rank, size, secret, job_id, config, prefix=prefix,
-                                                   rendezvous=rendezvous, deadline=deadline)
+        if reducer_rendezvous is not None and config.num_reducers:
+            meeting, server = _open_job_store(reducer_rendezvous, "COLLECTIVES_RENDEZVOUS", rank, size, job_id,
+                                              config.num_reducers, deadline)
+            reducer_fds, reducer_names = meet_reducers(meeting, rank, size, secret, job_id, config,
+                                                       rendezvous=reducer_rendezvous, deadline=deadline)
+        else:
+            reducer_fds, reducer_names = meet_reducers(store, rank, size, secret, job_id, config, prefix=prefix,
+                                                       rendezvous=rendezvous, deadline=deadline)
     except Exception as e:
         _close_fds(fd for fds in peer_fds for fd in fds)
+        for closable in (meeting, server):
+            if closable is not store and closable is not None:
+                closable.close()
         exchange.publish_failure(e)
         raise
-    return Bootstrap(rank, size, peer_fds, peer_names, store, None, None, secret, job_id, reducer_fds, reducer_names)
+    return Bootstrap(rank, size, peer_fds, peer_names, meeting, server, None, secret, job_id, reducer_fds,
+                     reducer_names)
 
 
 def publish_job(store: Any, job_id: bytes, size: int, num_reducers: int, *, prefix: str = "collectives/") -> None:
@@ -328,11 +342,8 @@ def _bootstrap_mpi(rendezvous: Optional[str], rendezvous_source: str, config: Co
     store = server = None
     try:
         if rendezvous is not None:  # others (reducers started on their own) meet the job there
-            host, port = _parse_address(rendezvous, rendezvous_source)
-            server = _serve_store(host, port) if rank == 0 else None
-            store = StoreClient(host, port, timeout=max(1.0, deadline - time.monotonic()))
-            if rank == 0:
-                publish_job(store, job_id, size, config.num_reducers)
+            store, server = _open_job_store(rendezvous, rendezvous_source, rank, size, job_id, config.num_reducers,
+                                            deadline)
         if job.reducers:
             reducer_fds, reducer_names = _connect_reducers(reducer_records, rank, config, secret, job_id, deadline)
         elif config.num_reducers:
@@ -416,6 +427,26 @@ class MpiJob:
         records = [gathered[r] for r in self.reducers]
         check_reducer_records(records)
         return records
+
+
+def _open_job_store(rendezvous: str, source: str, rank: int, size: int, job_id: bytes, num_reducers: int,
+                    deadline: float) -> Tuple[StoreClient, Optional[StoreServer]]:
+    """The collectives store at ``rendezvous`` (HOST:PORT, from ``source``) where reducers
+    started on their own meet the job: worker 0 serves it and publishes the job there;
+    every worker connects to it. Returns (client, server or None)."""
+    host, port = _parse_address(rendezvous, source)
+    server = _serve_store(host, port) if rank == 0 else None
+    store = None
+    try:
+        store = StoreClient(host, port, timeout=max(1.0, deadline - time.monotonic()))
+        if rank == 0:
+            publish_job(store, job_id, size, num_reducers)
+    except BaseException:
+        for closable in (store, server):
+            if closable is not None:
+                closable.close()
+        raise
+    return store, server
 
 
 def _serve_store(host: str, port: int) -> StoreServer:

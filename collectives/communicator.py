@@ -173,7 +173,10 @@ class Communicator:
 
     def barrier(self) -> None:
         """Return once every rank has entered the barrier."""
-        self._submit(self._live_core().barrier(), None, ()).wait()
+        self.barrier_async().wait()
+
+    def barrier_async(self) -> Work:
+        return self._submit(self._live_core().barrier(), None, ())
 
     # -- lifetime -----------------------------------------------------------------------------
     def abort(self) -> None:

@@ -1,0 +1,488 @@
+"""collectives.torch: the torch.distributed backend "collectives" and the DDP comm hooks.
+
+DDP trained with collectives (ring, reducers; as the backend and as comm hooks) ends where DDP
+on gloo ends, with a negative control; every ProcessGroup method against gloo's result; async
+futures; a rank that fails mid-training fails the others; destroy_process_group frees all;
+collectives.torch.init_process_group() under mpirun. Rank processes run under the torchrun
+launcher of conftest's run_ranks (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+"""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+import collectives as cc  # noqa: E402
+import collectives.torch as cctorch  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+# The same model, seed and per-rank data trained for a few steps by DDP over several groups
+# or hooks; prints each run's parameters' distance from DDP on gloo and their bytes' hash
+# (equal on every rank). argv[1]: "backend" (collectives is the default group, gloo a
+# subgroup) or "hooks" (gloo is the default group; buckets go through a Communicator).
+DDP_SCRIPT = r'''
+import hashlib, json, os, sys
+import torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+import collectives as cc
+import collectives.torch
+from collectives.torch import hooks
+
+def train(group=None, hook=None, state=None, steps=6):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+    ddp = DDP(model, process_group=group, bucket_cap_mb=0.01)  # several buckets
+    if hook is not None:
+        ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rank = dist.get_rank()
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        opt.zero_grad()
+        F.mse_loss(ddp(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+def summing_hook(comm, bucket):  # the negative control: forgets to divide by the world size
+    future = torch.futures.Future()
+    future.set_result(comm.allreduce(bucket.buffer()))
+    return future
+
+def report(params, reference):
+    return {"max_diff": (params - reference).abs().max().item(),
+            "close": torch.allclose(params, reference, rtol=1e-5, atol=1e-6),
+            "sha": hashlib.sha256(params.numpy().tobytes()).hexdigest()}
+
+runs, info = {}, {}
+if sys.argv[1] == "backend":
+    dist.init_process_group("collectives")
+    gloo = dist.new_group(backend="gloo")
+    reference = train(gloo)
+    runs["collectives"] = train()
+    comm = dist.group.WORLD.communicator
+else:
+    dist.init_process_group("gloo")
+    comm = cc.init()
+    reference = train()
+    runs["allreduce_hook"] = train(hook=hooks.allreduce_hook, state=comm)
+    runs["summing_hook"] = train(hook=summing_hook, state=comm)
+    for name in ("fp16_compress_hook", "bf16_compress_hook"):
+        runs[name] = train(hook=getattr(hooks, name), state=comm)
+info = {"algorithm": comm.algorithm, "reducer_bytes": sum(r["bytes_received"] for r in comm.reducer_stats())}
+print(json.dumps({"runs": {name: report(p, reference) for name, p in runs.items()}, **info}))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("mode", ["backend", "hooks"])
+@pytest.mark.parametrize("reducers", [0, 2])
+def test_ddp_ends_where_ddp_on_gloo_ends(run_ranks, free_port, mode, reducers):
+    env, reducer_args = {}, []
+    if reducers and mode == "backend":  # the hooks meet them at MASTER_PORT+1, torchrun's default
+        rendezvous = f"127.0.0.1:{free_port()}"
+        env, reducer_args = {"COLLECTIVES_RENDEZVOUS": rendezvous}, [f"--rendezvous={rendezvous}"]
+    results = run_ranks(DDP_SCRIPT, 3, launcher="torchrun", args=[mode], env=env, reducers=reducers,
+                        reducer_args=reducer_args, timeout=180)
+    reports = [r.report() for r in results[:3]]
+    for report in reports:
+        assert report["algorithm"] == ("reduction_server" if reducers else "ring")
+        assert (report["reducer_bytes"] > 0) == bool(reducers)
+    for name in reports[0]["runs"]:
+        runs = [report["runs"][name] for report in reports]
+        assert len({run["sha"] for run in runs}) == 1, f"{name}: the ranks' parameters differ"
+        if name == "summing_hook":  # the negative control: the check must catch it
+            assert not any(run["close"] for run in runs), runs
+        elif name.endswith("compress_hook"):  # gradients rounded to 16 bits on the wire
+            assert all(run["max_diff"] < 1e-3 for run in runs), (name, runs)
+        else:
+            assert all(run["close"] for run in runs), (name, runs)
+    for result in results[3:]:
+        assert result.returncode == 0, result.stderr
+
+
+# Every ProcessGroup method on the collectives group (made with init_method tcp://) against
+# the same call on a gloo group, plus a collectives subgroup and the refusals. Prints the
+# failures.
+METHODS_SCRIPT = r'''
+import json, os, warnings
+import torch, torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import collectives.torch
+
+warnings.simplefilter("ignore", FutureWarning)  # all_gather_into_tensor's new name, and others
+rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+dist.init_process_group("collectives", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                        rank=rank, world_size=size)
+ours, gloo = dist.group.WORLD, dist.new_group(backend="gloo")
+failures, checked = [], 0
+
+def data(dtype, n=37, seed=0, low=-3, high=4):
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    return torch.randint(low, high, (n,), generator=g).to(dtype)
+
+def check(name, run, exact=True):
+    global checked
+    a, b = run(ours), run(gloo)
+    for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+        same = torch.equal(x, y) if exact else torch.allclose(x, y, rtol=1e-6, atol=1e-6)
+        if not same:
+            failures.append(f"{name}: {x.tolist()[:8]} != gloo's {y.tolist()[:8]}")
+    checked += 1
+
+def all_reduce(dtype, op, low=-3, high=4):
+    def run(group):
+        x = data(dtype, low=low, high=high)
+        dist.all_reduce(x, op=op, group=group)
+        return x
+    return run
+
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8):
+    for op in (dist.ReduceOp.SUM, dist.ReduceOp.MIN, dist.ReduceOp.MAX):
+        check(f"all_reduce {dtype} {op}", all_reduce(dtype, op))
+    check(f"all_reduce {dtype} PRODUCT", all_reduce(dtype, dist.ReduceOp.PRODUCT, low=1, high=3))
+check("all_reduce uint8", all_reduce(torch.uint8, dist.ReduceOp.SUM, low=0, high=9))
+
+def average(group):  # gloo has no AVG: its sum, divided
+    x = data(torch.float32)
+    dist.all_reduce(x, op=dist.ReduceOp.AVG if group is ours else dist.ReduceOp.SUM, group=group)
+    return x if group is ours else x / size
+check("all_reduce AVG", average, exact=False)
+
+def broadcast(group):
+    x = data(torch.int64, seed=rank)
+    dist.broadcast(x, src=1, group=group)
+    return x
+check("broadcast", broadcast)
+
+def all_gather(group):
+    out = [torch.empty(37) for _ in range(size)]
+    dist.all_gather(out, data(torch.float32), group=group)
+    return out
+check("all_gather", all_gather)
+
+def all_gather_into_tensor(shape):
+    def run(group):  # gloo takes only the concatenated shape
+        out = torch.empty(shape if group is ours else (size * 37,))
+        dist.all_gather_into_tensor(out, data(torch.float32), group=group)
+        return out.view(shape)
+    return run
+check("all_gather_into_tensor", all_gather_into_tensor((size * 37,)))
+check("all_gather_into_tensor stacked", all_gather_into_tensor((size, 37)))
+
+def reduce_scatter_tensor(op):
+    def run(group):
+        out = torch.empty(5, dtype=torch.int64)
+        dist.reduce_scatter_tensor(out, data(torch.int64, n=5 * size), op=op, group=group)
+        return out
+    return run
+check("reduce_scatter_tensor SUM", reduce_scatter_tensor(dist.ReduceOp.SUM))
+check("reduce_scatter_tensor MAX", reduce_scatter_tensor(dist.ReduceOp.MAX))
+
+def reduce_scatter(group):
+    out = torch.empty(5)
+    dist.reduce_scatter(out, list(data(torch.float32, n=5 * size).chunk(size)), group=group)
+    return out
+check("reduce_scatter", reduce_scatter)
+
+def all_reduce_coalesced(group):
+    xs = [data(torch.float32, n=7), data(torch.float32, n=11, seed=1)]
+    dist.all_reduce_coalesced(xs, group=group)
+    return xs
+check("all_reduce_coalesced", all_reduce_coalesced)
+
+def coalescing_manager(group):  # how FSDP and the functional API coalesce
+    xs = [data(torch.float32, n=7), data(torch.float32, n=11, seed=1)]
+    with dist._coalescing_manager(group=group, async_ops=True) as cm:
+        for x in xs:
+            dist.all_reduce(x, group=group)
+    cm.wait()
+    outs = [torch.empty(size * 3), torch.empty(size * 4)]
+    with dist._coalescing_manager(group=group, async_ops=True) as cm:
+        for out, n in zip(outs, (3, 4)):
+            dist.all_gather_into_tensor(out, data(torch.float32, n=n), group=group)
+    cm.wait()
+    parts = [torch.empty(3), torch.empty(4)]
+    with dist._coalescing_manager(group=group, async_ops=True) as cm:
+        for part, n in zip(parts, (3, 4)):
+            dist.reduce_scatter_tensor(part, data(torch.float32, n=n * size), group=group)
+    cm.wait()
+    return xs + outs + parts
+check("coalesced forms", coalescing_manager)
+
+def functional(group):
+    x = data(torch.float32)
+    return [funcol.all_reduce(x, "sum", group).wait(), funcol.all_gather_tensor(x, 0, group).wait(),
+            funcol.reduce_scatter_tensor(data(torch.float32, n=3 * size), "sum", 0, group).wait()]
+check("functional collectives", functional)
+
+def objects(group):
+    gathered = [None] * size
+    dist.all_gather_object(gathered, {"rank": rank}, group=group)
+    sent = [{"from": rank}]
+    dist.broadcast_object_list(sent, src=2, group=group)
+    return torch.tensor([g["rank"] for g in gathered] + [sent[0]["from"]])
+check("all_gather_object, broadcast_object_list", objects)
+
+dist.barrier(group=ours)
+sub = dist.new_group(ranks=[0, 2], backend="collectives")
+if rank in (0, 2):
+    x = torch.full((9,), float(rank + 1))
+    dist.all_reduce(x, group=sub)
+    if not torch.equal(x, torch.full((9,), 4.0)) or dist.get_world_size(sub) != 2:
+        failures.append(f"subgroup of ranks 0 and 2: {x.tolist()}")
+    checked += 1
+
+def refused(name, call, error, words):
+    global checked
+    try:
+        call()
+        failures.append(f"{name} did not raise")
+    except error as e:
+        if not all(w in str(e) for w in words):
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+    checked += 1
+
+x = torch.ones(4)
+refused("reduce", lambda: dist.reduce(x, dst=0), NotImplementedError, ["reduce"])
+refused("gather", lambda: dist.gather(x, [torch.ones(4) for _ in range(size)] if rank == 0 else None, dst=0),
+        NotImplementedError, ["gather"])
+refused("send", lambda: dist.send(x, dst=(rank + 1) % size), NotImplementedError, ["send"])
+refused("all_to_all_single", lambda: dist.all_to_all_single(torch.empty(size), torch.ones(size)),
+        NotImplementedError, ["all_to_all_single"])
+refused("BAND", lambda: dist.all_reduce(torch.ones(4, dtype=torch.int64), op=dist.ReduceOp.BAND),
+        NotImplementedError, ["BAND", "SUM"])
+refused("a meta tensor", lambda: dist.all_reduce(torch.empty(4, device="meta")), TypeError, ["meta", "CPU"])
+refused("a short output", lambda: dist.all_gather_into_tensor(torch.empty(3), torch.ones(4)), ValueError,
+        ["all_gather_into_tensor", "expected 12"])
+dist.barrier()
+print(json.dumps({"rank": rank, "failures": failures, "checked": checked}))
+dist.destroy_process_group()
+'''
+
+
+def test_every_method_matches_gloo(run_ranks):
+    for result in run_ranks(METHODS_SCRIPT, 3, launcher="torchrun", timeout=180):
+        report = result.report()
+        assert report["failures"] == [], report["failures"]
+        assert report["checked"] >= 48
+
+
+# Rank 1 joins late: rank 0's async all-reduce returns at once, not done, and its future
+# completes (value: the tensors) when rank 1 has joined; then many back to back.
+ASYNC_SCRIPT = r'''
+import json, os, time
+import torch, torch.distributed as dist
+import collectives.torch
+
+dist.init_process_group("collectives")
+rank = dist.get_rank()
+if rank == 1:
+    time.sleep(1.5)
+x = torch.full((1000,), float(rank + 1))
+started = time.monotonic()
+work = dist.all_reduce(x, async_op=True)
+issued_s, done_at_issue = time.monotonic() - started, work.is_completed()
+doubled = work.get_future().then(lambda f: f.value()[0] * 2).wait()
+waited_s = time.monotonic() - started
+xs = [torch.full((100_000,), float(rank + i)) for i in range(8)]
+works = [dist.all_reduce(t, async_op=True) for t in xs]
+values = torch.futures.collect_all([w.get_future() for w in works]).wait()
+many_ok = all(torch.equal(v.value()[0], torch.full((100_000,), float(1 + 2 * i))) for i, v in enumerate(values))
+value_ok = torch.equal(doubled, torch.full((1000,), 6.0)) and torch.equal(x, torch.full((1000,), 3.0))
+print(json.dumps({"rank": rank, "issued_s": issued_s, "done_at_issue": done_at_issue, "waited_s": waited_s,
+                  "value_ok": value_ok, "many_ok": many_ok, "all_completed": all(w.is_completed() for w in works)}))
+dist.destroy_process_group()
+'''
+
+
+def test_async_work_returns_at_once_and_its_future_completes(run_ranks):
+    reports = [r.report() for r in run_ranks(ASYNC_SCRIPT, 2, launcher="torchrun", timeout=120)]
+    for report in reports:
+        assert report["value_ok"] and report["many_ok"] and report["all_completed"], report
+    early = reports[0]
+    assert early["issued_s"] < 0.5 and not early["done_at_issue"], early
+    assert early["waited_s"] > 1.0, early
+
+
+# DDP on 3 ranks; rank 1 raises at step 3. The others must raise too, naming the cause.
+FAILING_RANK_SCRIPT = r'''
+import datetime, json, sys
+import torch, torch.distributed as dist, torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+import collectives.torch
+
+dist.init_process_group("collectives", timeout=datetime.timedelta(seconds=60))
+rank = dist.get_rank()
+model = DDP(nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 8)))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+try:
+    for step in range(1000):
+        if rank == 1 and step == 3:
+            raise RuntimeError("rank 1 fails on purpose")
+        opt.zero_grad()
+        model(torch.randn(16, 32)).sum().backward()
+        opt.step()
+except Exception as e:
+    print(json.dumps({"rank": rank, "step": step, "error": f"{type(e).__name__}: {e}"}))
+    sys.exit(1)
+print(json.dumps({"rank": rank, "step": step}))
+'''
+
+
+def test_a_rank_that_raises_mid_training_makes_the_others_raise(run_ranks):
+    results = run_ranks(FAILING_RANK_SCRIPT, 3, launcher="torchrun", timeout=120)
+    for result in results:
+        report = result.report()
+        assert result.returncode == 1 and "error" in report, report
+        assert report["step"] <= 4, report  # no rank trained on alone
+    for result in (results[0], results[2]):
+        assert "rank 1" in result.report()["error"], result.report()
+
+
+# 20 cycles of init_process_group (file://) + a subgroup + collectives + destroy: the
+# threads, file descriptors and sockets after the last equal those after the first.
+CYCLES_SCRIPT = r'''
+import gc, json, os, sys, threading
+import torch, torch.distributed as dist
+import collectives.torch
+
+rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+def target(fd):
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # the listing's own fd, closed since
+        return ""
+
+def resources():
+    gc.collect()
+    fds = os.listdir("/proc/self/fd")
+    sockets = sum(1 for fd in fds if target(fd).startswith("socket:"))
+    return {"threads": threading.active_count(), "native_threads": len(os.listdir("/proc/self/task")),
+            "fds": len(fds), "sockets": sockets,
+            "ours": sorted(t.name for t in threading.enumerate() if t.name.startswith("collectives"))}
+
+seen = []
+for cycle in range(20):
+    dist.init_process_group("collectives", init_method=f"file://{sys.argv[1]}/store{cycle}", rank=rank,
+                            world_size=size)
+    sub = dist.new_group(backend="collectives")
+    x = torch.ones(1000)
+    dist.all_reduce(x)
+    dist.all_reduce(x, group=sub)
+    dist.barrier()
+    ok = torch.equal(x, torch.full((1000,), float(size * size)))
+    dist.destroy_process_group()
+    seen.append(dict(resources(), ok=ok))
+print(json.dumps({"rank": rank, "first": seen[0], "last": seen[-1], "all_ok": all(s["ok"] for s in seen)}))
+'''
+
+
+def test_destroy_process_group_frees_everything(run_ranks, tmp_path):
+    for result in run_ranks(CYCLES_SCRIPT, 2, launcher="torchrun", args=[str(tmp_path)], timeout=200):
+        report = result.report()
+        assert report["all_ok"], report
+        assert report["last"] == report["first"], report
+        assert report["last"]["ours"] == [], report
+
+
+# collectives.torch.init_process_group() under mpirun, here an MPMD job with a reducer: DDP
+# ends where DDP on a gloo subgroup ends.
+MPI_SCRIPT = r'''
+import json
+import torch, torch.distributed as dist, torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+import collectives.torch
+
+collectives.torch.init_process_group()
+gloo = dist.new_group(backend="gloo")
+
+def train(group):
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    ddp = DDP(model, process_group=group)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        g = torch.Generator().manual_seed(step * 10 + dist.get_rank())
+        opt.zero_grad()
+        ddp(torch.randn(4, 8, generator=g)).sum().backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+close = torch.allclose(train(None), train(gloo), rtol=1e-5, atol=1e-6)
+print(json.dumps({"rank": dist.get_rank(), "size": dist.get_world_size(), "close": close,
+                  "algorithm": dist.group.WORLD.communicator.algorithm}))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.mpi
+def test_init_process_group_under_mpirun_with_a_reducer(run_mpirun):
+    result = run_mpirun(MPI_SCRIPT, 2, reducers=1, timeout=120)
+    reports = result.reports()
+    assert result.returncode == 0 and len(reports) == 2, result.stderr[-3000:]
+    for report in reports:
+        assert report["size"] == 2 and report["close"] and report["algorithm"] == "reduction_server", report
+
+
+# One process each: the settings that are refused before anything is sent.
+REFUSALS_SCRIPT = r'''
+import json, os, sys, tempfile
+import torch.distributed as dist
+import collectives.torch
+
+def refused(**env):
+    os.environ.update(env)
+    try:
+        dist.init_process_group("collectives", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=2)
+    except ValueError as e:
+        return str(e)
+    return "accepted"
+
+print(json.dumps({"no_token": refused(),
+                  "no_rendezvous": refused(COLLECTIVES_TOKEN="t", COLLECTIVES_NUM_REDUCERS="1")}))
+'''
+
+
+def test_missing_settings_are_refused_with_what_to_set(run_ranks):
+    report = run_ranks(REFUSALS_SCRIPT, 1, launcher=None, timeout=60)[0].report()
+    assert "COLLECTIVES_TOKEN" in report["no_token"], report
+    assert "COLLECTIVES_RENDEZVOUS" in report["no_rendezvous"], report
+
+
+def test_import_registers_the_backend_for_the_cpu():
+    assert "collectives" in dist.Backend.backend_list
+    devices = dist.Backend.backend_capability["collectives"]
+    assert devices == (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error path of a machine without CUDA")
+def test_device_tensors_without_cuda_are_refused_naming_the_device():
+    group = cctorch.ProcessGroup(cc.init(rank=0, size=1))
+    try:
+        with pytest.raises(TypeError, match="meta.*move it to the CPU"):
+            group.allreduce([torch.empty(4, device="meta")])
+        with pytest.raises(TypeError, match="meta"):
+            group.allgather([[torch.empty(4)]], [torch.empty(4, device="meta")])
+    finally:
+        group.shutdown()
+
+
+def test_a_group_over_a_given_communicator_and_hooks_in_one_process():
+    comm = cc.init(rank=0, size=1)
+    group = cctorch.ProcessGroup(comm)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2), process_group=group)
+        model.register_comm_hook(comm, cctorch.hooks.bf16_compress_hook)  # DDP refuses torch's own here
+        model(torch.ones(3, 4)).sum().backward()
+        assert torch.allclose(model.module.bias.grad, torch.full((2,), 3.0))
+        assert group.name() == "collectives" and (group.rank(), group.size()) == (0, 1)
+    finally:
+        group.shutdown()
+    assert "closed" in repr(comm)  # the group owned it
+    with pytest.raises(cc.CollectiveError, match="closed"):
+        group.allreduce([torch.ones(1)])
