@@ -57,6 +57,10 @@ _NOTICE_GRACE_S = 1.0
 # Worker 0, failing, keeps serving the store this long at most so that the others can
 # read its failure notice; it stops as soon as they have all disconnected.
 _ABORT_LINGER_S = 5.0
+# How often a process waiting for the others of its mpirun job looks at its deadline.
+_MPI_POLL_S = 0.02
+# Set once a process has met reducers in its mpirun job: they serve that one communicator.
+_mpi_job_had_reducers = False
 _ERRORS = {cls.__name__: cls for cls in (TimeoutError, AuthenticationError, ProtocolVersionError)}
 
 
@@ -315,7 +319,7 @@ def _close_fds(fds) -> None:
 
 def _bootstrap_mpi(rendezvous: Optional[str], rendezvous_source: str, config: Config,
                    env: Mapping[str, str]) -> Bootstrap:
-    job = MpiJob(mpi_world(env), ROLE_WORKER)
+    job = MpiJob(mpi_world(env), ROLE_WORKER, time.monotonic() + config.timeout)
     mpi_comm = job.comm
     rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
     deadline = time.monotonic() + config.timeout
@@ -394,14 +398,31 @@ class MpiJob:
     constructor, then :meth:`start`, then, where the job holds reducers,
     :meth:`reducer_records`."""
 
-    def __init__(self, world: Any, role: int):
+    def __init__(self, world: Any, role: int, deadline: float):
+        global _mpi_job_had_reducers
+        if _mpi_job_had_reducers:
+            raise CollectiveError(
+                "this mpirun job's reducers serve the first communicator that its workers made, and no other: "
+                "under mpirun with reducers, make one communicator per process and keep it (or start reducers "
+                "on their own, collectives-reducer --rendezvous, for jobs that make several)")
         self.world = world
+        # A process that never joins (a worker that bootstraps otherwise) must not leave the
+        # others blocked in MPI for good: they meet at a barrier that can be given up.
+        arrived = world.Ibarrier()
+        while not arrived.Test():
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    "not every process of this mpirun job reached collectives' start-up in time: under mpirun, "
+                    "every worker calls collectives.init() (with no rank or size given) and every reducer runs "
+                    "collectives-reducer; or start reducers on their own with --rendezvous")
+            time.sleep(_MPI_POLL_S)
         # Every process says what it is, so that workers and reducers of one MPMD job can
         # tell each other apart; each role gets its own communicator, ordered as in COMM_WORLD.
         self.members: List[Tuple[int, str]] = world.allgather((role, socket.gethostname()))
         self.comm = world.Split(color=role, key=world.rank)
         self.workers = [r for r, (member_role, _) in enumerate(self.members) if member_role == ROLE_WORKER]
         self.reducers = [r for r, (member_role, _) in enumerate(self.members) if member_role == ROLE_REDUCER]
+        _mpi_job_had_reducers = bool(self.reducers)
         self.one_host = len({hostname for _, hostname in self.members}) == 1
 
     def _name(self, world_rank: int) -> str:

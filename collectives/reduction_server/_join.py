@@ -76,7 +76,7 @@ def join(rendezvous: Optional[str], environ: Mapping[str, str], config: Config,
 
 def _join_mpi(environ: Mapping[str, str], config: Config, deadline: float,
               on_index: Callable[[int], None]) -> Optional[Joined]:
-    job = MpiJob(mpi_world(environ), ROLE_REDUCER)
+    job = MpiJob(mpi_world(environ), ROLE_REDUCER, deadline)
     index = job.comm.Get_rank()
     job.comm.Free()
     if not job.workers:

@@ -83,18 +83,14 @@ class ProcessGroup(dist.ProcessGroup):
 
     def allgather(self, output_tensors: List[List[torch.Tensor]], input_tensors: List[torch.Tensor],
                   opts: Any = None) -> Work:
-        steps = []
-        for outputs, tensor in zip(output_tensors, input_tensors):
-            _check_count(len(outputs), self._comm.size, "allgather needs one output tensor per rank")
-            for output in outputs:
-                _check_count(output.numel(), tensor.numel(), "allgather needs output tensors of the input's size")
-            steps.append(self._gather(tensor, lambda rows, outputs=outputs: [o.copy_(r.view(o.shape))
-                                                                             for o, r in zip(outputs, rows)]))
-        return self._start(output_tensors, steps)
+        return self._start(output_tensors, self._allgather_steps(output_tensors, input_tensors))
 
     def allgather_coalesced(self, output_lists: List[List[torch.Tensor]], input_list: List[torch.Tensor],
                             opts: Any = None) -> Work:
-        return self.allgather(output_lists, input_list, opts)
+        # torch lays the outputs out [rank][input]; allgather's are [input][rank].
+        _check_count(len(output_lists), self._comm.size, "allgather_coalesced needs one output list per rank")
+        by_input = [[outputs[i] for outputs in output_lists] for i in range(len(input_list))]
+        return self._start(output_lists, self._allgather_steps(by_input, input_list))
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Work:  # noqa: A002
         return self._start([output], [self._gather_into(output, input)])
@@ -143,17 +139,32 @@ class ProcessGroup(dist.ProcessGroup):
     def _start(self, result: Any, steps: List[Step]) -> Work:
         return Work(self._completer.future(steps, result))
 
+    def _allgather_steps(self, output_tensors: List[List[torch.Tensor]],
+                         input_tensors: List[torch.Tensor]) -> List[Step]:
+        """output_tensors[i][r] receives rank r's input_tensors[i]."""
+        steps = []
+        for outputs, tensor in zip(output_tensors, input_tensors):
+            _check_count(len(outputs), self._comm.size, "allgather needs one output tensor per rank")
+            for output in outputs:
+                _check_count(output.numel(), tensor.numel(), "allgather needs output tensors of the input's size")
+                _check_dtype(output, tensor, "allgather")
+            steps.append(self._gather(tensor, lambda rows, outputs=outputs: [o.copy_(r.view(o.shape))
+                                                                             for o, r in zip(outputs, rows)]))
+        return steps
+
     def _gather(self, tensor: torch.Tensor, finish: Callable[[torch.Tensor], Any]) -> Step:
         return self._comm.allgather_async(to_host(tensor)), finish
 
     def _gather_into(self, output: torch.Tensor, tensor: torch.Tensor) -> Step:
         _check_count(output.numel(), tensor.numel() * self._comm.size,
                      "all_gather_into_tensor needs an output of size * the input's elements")
+        _check_dtype(output, tensor, "all_gather_into_tensor")
         return self._gather(tensor, lambda rows: output.copy_(rows.view(output.shape)))
 
     def _scatter_into(self, output: torch.Tensor, tensor: torch.Tensor, op: str) -> Step:
         _check_count(tensor.numel(), output.numel() * self._comm.size,
                      "reduce_scatter_tensor needs an input of size * the output's elements")
+        _check_dtype(output, tensor, "reduce_scatter")
         rows = to_host(tensor).reshape(self._comm.size, -1)
         return self._comm.reduce_scatter_async(rows, op), lambda part: output.copy_(part.view(output.shape))
 
@@ -190,11 +201,18 @@ def _check_count(count: int, expected: int, what: str) -> None:
         raise ValueError(f"{what}: got {count}, expected {expected}")
 
 
+def _check_dtype(output: torch.Tensor, tensor: torch.Tensor, what: str) -> None:
+    if output.dtype != tensor.dtype:
+        raise TypeError(f"{what} needs the output tensors in the input's dtype: got {output.dtype}, "
+                        f"expected {tensor.dtype}")
+
+
 # -- the backend's creator ----------------------------------------------------------------------
 def create(options: Any, pg_options: Any) -> ProcessGroup:
     """What torch.distributed calls (extended API) to make a group of this backend: bootstraps
     the group's workers over the torch store it is handed, or, given a Communicator as
     ``pg_options``, wraps that one."""
+    global _reducers_held_by
     if pg_options is not None:
         if not isinstance(pg_options, cc.Communicator):
             raise TypeError(f"pg_options of the collectives backend must be a collectives.Communicator (or None), "
@@ -202,8 +220,10 @@ def create(options: Any, pg_options: Any) -> ProcessGroup:
         if (pg_options.rank, pg_options.size) != (options.group_rank, options.group_size):
             raise ValueError(f"the communicator is rank {pg_options.rank} of {pg_options.size}, but the group "
                              f"wants rank {options.group_rank} of {options.group_size}")
-        return ProcessGroup(pg_options)
-    global _reducers_held_by
+        group = ProcessGroup(pg_options)
+        if pg_options.config.num_reducers:
+            _reducers_held_by = group
+        return group
     ranks = options.global_ranks_in_group
     # Only the group that spans the whole job can use its reducers (and only one at a time).
     spans_job = not ranks or len(ranks) == dist.get_world_size()

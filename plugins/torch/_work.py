@@ -3,6 +3,8 @@ the core has finished a collective, and tensors staged where the core can reach 
 
 from __future__ import annotations
 
+import time
+
 import queue
 import threading
 from typing import Any, Callable, List, Optional, Tuple
@@ -81,6 +83,9 @@ def _value(future: torch.futures.Future) -> Any:
     return future.value()  # raises the exception that the future holds
 
 
+_WAIT_SLICE_SECONDS = 0.05
+
+
 class Work(dist._Work):
     """What a collective of the process group returns: wait() and get_future(), as DDP and
     torch.distributed use them."""
@@ -91,8 +96,11 @@ class Work(dist._Work):
         self._chained = chained(future)
 
     def wait(self, timeout: Any = None) -> bool:
-        # The communicator's own timeout bounds every collective.
-        self._future.wait()
+        # The communicator's own timeout bounds every collective. Short waits, so that Ctrl-C
+        # is handled promptly between them (a future's wait() blocks in C++ until done).
+        while not self._future.done():
+            time.sleep(_WAIT_SLICE_SECONDS)
+        self._future.wait()  # raises the collective's error
         self._chained.wait()  # done right after, and then so is get_future()
         return True
 
@@ -107,7 +115,7 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor the core reads and writes: ``tensor`` itself on the CPU; for a CUDA tensor a
     copy in pinned host memory (the core is not built against CUDA here)."""
     if tensor.device.type == "cpu":
-        return tensor
+        return tensor.detach()  # the same memory; a parameter that requires grad may not be exported
     if tensor.device.type == "cuda" and torch.cuda.is_available():
         staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         staged.copy_(tensor)  # waits for the tensor's stream
@@ -120,4 +128,4 @@ def in_place(tensor: torch.Tensor, start: Callable[[torch.Tensor], cc.Work]) -> 
     """Starts an in-place collective on ``tensor`` (on its host copy for a CUDA tensor)."""
     host = to_host(tensor)
     work = start(host)
-    return work, (None if host is tensor else lambda _: tensor.copy_(host))
+    return work, (None if tensor.device.type == "cpu" else lambda _: tensor.copy_(host))

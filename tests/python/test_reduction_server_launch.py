@@ -443,6 +443,32 @@ def test_mpmd_job(run_mpirun, tmp_path):
     assert all(f["totals"]["bytes_received"] > 0 for f in found), found
 
 
+SECOND_INIT_SCRIPT = r'''
+import json
+import numpy as np
+import collectives as cc
+with cc.init() as comm:
+    x = np.ones(1000, np.float32)
+    comm.allreduce(x)
+    rank, algorithm = comm.rank, comm.algorithm
+try:
+    cc.init()
+    error = None
+except cc.CollectiveError as e:
+    error = str(e)
+print(json.dumps({"rank": rank, "algorithm": algorithm, "sum": float(x[0]), "error": error}))
+'''
+
+
+@pytest.mark.mpi
+def test_a_second_communicator_in_an_mpmd_job_is_refused_not_hung(run_mpirun):
+    result = run_mpirun(SECOND_INIT_SCRIPT, 2, reducers=1, env={"COLLECTIVES_TIMEOUT": "60"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for report in result.reports():
+        assert report["algorithm"] == "reduction_server" and report["sum"] == 2.0, report
+        assert "serve the first communicator" in report["error"], report
+
+
 @pytest.mark.mpi
 def test_mpmd_reducer_count_that_disagrees_fails_every_process(run_mpirun, tmp_path):
     result = run_mpirun(WORKER_SCRIPT, 2, reducers=1, reducer_args=_stats_args(tmp_path),
