@@ -91,6 +91,14 @@ def allreduce_bandwidths(nbytes, seconds, ranks):
     return algbw, algbw * 2 * (ranks - 1) / ranks
 
 
+def link_counters(ifname):
+    """(bytes sent, bytes received) so far on this host's interface (on an emulated host, its
+    own: the testbed's hosts see their network namespace's /sys)."""
+    stats = f"/sys/class/net/{ifname}/statistics"
+    with open(f"{stats}/tx_bytes") as tx, open(f"{stats}/rx_bytes") as rx:
+        return int(tx.read()), int(rx.read())
+
+
 def git_commit():
     """The commit of the checkout these benchmarks live in, or None."""
     try:

@@ -152,13 +152,6 @@ class Mpi:
         self.comm.Free()
 
 
-def link_counters(ifname):
-    """(bytes sent, bytes received) so far on this host's interface."""
-    stats = f"/sys/class/net/{ifname}/statistics"
-    with open(f"{stats}/tx_bytes") as tx, open(f"{stats}/rx_bytes") as rx:
-        return int(tx.read()), int(rx.read())
-
-
 def reducer_counters(system):
     """The system's per-reducer byte counters (see Collectives.reducer_counters), or None."""
     counters = getattr(system, "reducer_counters", None)
@@ -222,7 +215,7 @@ class Bench:
         allreduce = system.allreduce
         self.world.Barrier()
         if usage is not None and self.link:
-            link, cpu = link_counters(self.link), testbed.CpuSampler().start()
+            link, cpu = _common.link_counters(self.link), testbed.CpuSampler().start()
             reducers = reducer_counters(system)
         start = time.perf_counter()
         for buf in bufs:
@@ -230,7 +223,7 @@ class Bench:
         seconds = time.perf_counter() - start
         if usage is not None and self.link:
             self.world.Barrier()  # every rank's traffic is in the counters
-            link_after = link_counters(self.link)
+            link_after = _common.link_counters(self.link)
             usage.add((link_after[0] - link[0], link_after[1] - link[1]), cpu.stop(), seconds, iters,
                       reducers, reducer_counters(system))
         wrong = int(np.count_nonzero(rows != self.expected[:count]))

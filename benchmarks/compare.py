@@ -68,6 +68,11 @@ SYSTEMS = ("collectives", "gloo", "mpi")
 NOT_FORWARDED = {"COLLECTIVES_RANK", "COLLECTIVES_SIZE", "COLLECTIVES_RENDEZVOUS", "COLLECTIVES_TOKEN",
                  "COLLECTIVES_TOKEN_FILE", "COLLECTIVES_NUM_REDUCERS"}
 RENDEZVOUS_PORT = 29600  # on h0: the job's store, where reducers meet the workers
+# The same interface and one compute thread per rank, for every system.
+PINNED_ENV = {
+    "COLLECTIVES_SOCKET_IFNAME": testbed.IFNAME, "GLOO_SOCKET_IFNAME": testbed.IFNAME,
+    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+}
 REDUCER_EXIT_S = 60.0  # after the job, how long reducers get to notice it ended and exit
 REDUCER_STOP_S = 10.0  # after SIGTERM, before SIGKILL
 
@@ -191,13 +196,26 @@ class Reducer:
             return ""
 
 
-def _secret_file(directory):
+def secret_file(directory):
     """A fresh job secret in a file only this user can read; its path."""
     path = Path(directory) / "token"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(secrets.token_hex(32) + "\n")
     return path
+
+
+def base_env():
+    """This process's environment without the launch variables that each job sets itself."""
+    return {key: value for key, value in os.environ.items() if key not in NOT_FORWARDED}
+
+
+def reducer_job_env(bed, work, reducers):
+    """What workers and reducers of a job with `reducers` reducers share: the rendezvous on
+    h0 (where worker 0 serves the store the reducers meet the job at), the reducer count and
+    the job's secret in a fresh file of the directory `work` (never on a command line)."""
+    return {"COLLECTIVES_RENDEZVOUS": f"{bed.hosts[0].address}:{RENDEZVOUS_PORT}",
+            "COLLECTIVES_NUM_REDUCERS": str(reducers), "COLLECTIVES_TOKEN_FILE": str(secret_file(work))}
 
 
 def start_reducers(bed, hosts, rendezvous, env, work, reducers):
@@ -223,6 +241,23 @@ def wait_reducers(reducers, timeout):
     return [r.host.name for r in reducers if r.proc.poll() is None]
 
 
+def print_reducer_logs(reducers):
+    """The end of each reducer's log, on stderr (after a failed job)."""
+    for reducer in reducers:
+        print(f"# reducer on {reducer.host.name} (exit {reducer.proc.poll()}), its log's end:\n"
+              f"{reducer.log_tail()}", file=sys.stderr)
+
+
+def finish_reducers(reducers):
+    """After a job that ended well: waits for its reducers to exit on their own (they do once
+    every worker has closed), warning about and stopping those that do not."""
+    lingering = wait_reducers(reducers, REDUCER_EXIT_S)
+    if lingering:
+        print(f"# warning: the reducers on {', '.join(lingering)} did not exit within {REDUCER_EXIT_S:g} s "
+              "of the job's end; stopping them", file=sys.stderr)
+    stop_reducers(reducers)
+
+
 def stop_reducers(reducers):
     """SIGTERM to each reducer still running (it then writes its stats), SIGKILL if it lingers."""
     for reducer in reducers:
@@ -237,6 +272,24 @@ def stop_reducers(reducers):
             reducer.proc.wait()
 
 
+def reducer_figures(reducers, links):
+    """{host: {"address", "exit", "index", "link_bytes", "outcome", "totals"}} of the job's
+    reducers once they have ended: their --stats-json reports and the bytes that crossed
+    their hosts' links (links: testbed.link_bytes_delta over the job)."""
+    found = {}
+    for reducer in reducers:
+        stats = reducer.stats()
+        if stats is None:
+            print(f"# warning: the reducer on {reducer.host.name} wrote no stats; its log's end:\n"
+                  f"{reducer.log_tail()}", file=sys.stderr)
+        found[reducer.host.name] = {
+            "address": reducer.host.address, "exit": reducer.proc.returncode,
+            "index": stats.get("reducer") if stats else None, "link_bytes": links[reducer.host.name],
+            "outcome": stats.get("outcome") if stats else None, "totals": (stats or {}).get("totals"),
+        }
+    return found
+
+
 # -- the job
 
 def run_job(bed, args, workers, reducers):
@@ -249,23 +302,13 @@ def run_job(bed, args, workers, reducers):
     with tempfile.TemporaryDirectory(prefix="cc-compare-") as work:
         rows_file = Path(work) / "rows.json"
         os.chmod(work, 0o755)
-        base = {key: value for key, value in os.environ.items() if key not in NOT_FORWARDED}
+        base, pinned = base_env(), PINNED_ENV
+        job = reducer_job_env(bed, work, reducers) if reducers else {}
         env = {
             **base, **bed.env(),
             "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-            "PYTHONPATH": str(HERE),
+            "PYTHONPATH": str(HERE), **pinned, **job,
         }
-        pinned = {  # the same interface and one compute thread per rank, for every system
-            "COLLECTIVES_SOCKET_IFNAME": testbed.IFNAME, "GLOO_SOCKET_IFNAME": testbed.IFNAME,
-            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-        }
-        env.update(pinned)
-        job = {}
-        if reducers:
-            rendezvous = f"{bed.hosts[0].address}:{RENDEZVOUS_PORT}"
-            job = {"COLLECTIVES_RENDEZVOUS": rendezvous, "COLLECTIVES_NUM_REDUCERS": str(reducers),
-                   "COLLECTIVES_TOKEN_FILE": str(_secret_file(work))}
-            env.update(job)
         # Settings reach the ranks by name (-x NAME: mpirun copies the value), so that nothing
         # secret lands on a command line; the launch variables stay MPI's own business.
         forwarded = sorted(key for key in env if key.startswith("COLLECTIVES_") and key not in NOT_FORWARDED)
@@ -286,29 +329,13 @@ def run_job(bed, args, workers, reducers):
                                {**base, **bed.env(), **pinned, **job, "PYTHONUNBUFFERED": "1"}, work, started)
             proc = bed.run_on("h0", command, env=env, cwd=work)
             if proc.wait() != 0:
-                for reducer in started:
-                    print(f"# reducer on {reducer.host.name} (exit {reducer.proc.poll()}), its log's end:\n"
-                          f"{reducer.log_tail()}", file=sys.stderr)
+                print_reducer_logs(started)
                 raise SystemExit(f"the benchmark job failed (exit {proc.returncode})")
-            lingering = wait_reducers(started, REDUCER_EXIT_S)
-            if lingering:
-                print(f"# warning: the reducers on {', '.join(lingering)} did not exit within {REDUCER_EXIT_S:g} s "
-                      "of the job's end; stopping them", file=sys.stderr)
+            finish_reducers(started)
         finally:
             stop_reducers(started)
         links = testbed.link_bytes_delta(links_before, bed.link_bytes())
-        reducer_info = {}
-        for reducer in started:
-            stats = reducer.stats()
-            if stats is None:
-                print(f"# warning: the reducer on {reducer.host.name} wrote no stats; its log's end:\n"
-                      f"{reducer.log_tail()}", file=sys.stderr)
-            reducer_info[reducer.host.name] = {
-                "address": reducer.host.address, "exit": reducer.proc.returncode,
-                "index": stats.get("reducer") if stats else None, "link_bytes": links[reducer.host.name],
-                "outcome": stats.get("outcome") if stats else None, "totals": (stats or {}).get("totals"),
-            }
-        return json.loads(rows_file.read_text()), reducer_info
+        return json.loads(rows_file.read_text()), reducer_figures(started, links)
 
 
 def reducer_host_bytes(row, reducer_info):
@@ -426,10 +453,10 @@ def block_name(hosts, reducers, rate):
     return f"ring {workers} {rate}"
 
 
-def markers(name):
-    """(begin, end) markers of the named generated block."""
-    return (f"<!-- compare.py: begin {name} (generated; rerun the command below to regenerate) -->",
-            f"<!-- compare.py: end {name} -->")
+def markers(name, tool="compare.py"):
+    """(begin, end) markers of the named generated block that `tool` (a benchmark's file name) writes."""
+    return (f"<!-- {tool}: begin {name} (generated; rerun the command below to regenerate) -->",
+            f"<!-- {tool}: end {name} -->")
 
 
 def markdown(rows, command, name):
@@ -461,12 +488,12 @@ def markdown(rows, command, name):
     return "\n".join(lines + [end])
 
 
-def update_results(path, block, name):
+def update_results(path, block, name, tool="compare.py"):
     """Replaces the named block of the file (between its markers, inclusive) with block."""
-    begin, end = markers(name)
+    begin, end = markers(name, tool)
     text = Path(path).read_text()
     # The begin marker's parenthesis may have been edited by hand: match up to its "-->".
-    found = re.search(r"<!-- compare\.py: begin " + re.escape(name) + r"(?:\s[^>]*)?-->", text)
+    found = re.search(r"<!-- " + re.escape(tool) + r": begin " + re.escape(name) + r"(?:\s[^>]*)?-->", text)
     stop = text.find(end, found.end()) if found else -1
     if found is None or stop < 0:
         raise SystemExit(f"{path} has no '{name}' block: put the two lines\n{begin}\n{end}\nwhere this run's "

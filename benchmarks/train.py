@@ -1,0 +1,553 @@
+"""DDP training throughput on the emulated cluster: torch gloo, collectives ring and the
+collectives reduction server, on the same hosts, rate, model and run (issue 5).
+
+    python benchmarks/train.py --hosts 4 --reducers 4 --rate 500mbit [--bucket-cap-mb 25,64] [--steps K]
+        [--json F] [--results benchmarks/RESULTS.md]
+
+Builds a testbed (benchmarks/testbed.py) of N worker hosts and R reducer hosts, every link at
+the same rate, and starts one worker process per worker host with the variables torchrun
+sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR = h0, MASTER_PORT), and, with R > 0, one
+reducer on each reducer host, as compare.py does (`python -m collectives.reduction_server
+--rendezvous H0:PORT`; COLLECTIVES_RENDEZVOUS and COLLECTIVES_NUM_REDUCERS on the workers;
+the job's secret in a file of the run, COLLECTIVES_TOKEN_FILE). Every worker process holds
+one process group per system: the default group and a second group on gloo, and two groups
+of the "collectives" backend: the first spans the job and so gets the reducers (algorithm
+reduction_server), the second runs the ring. All are pinned to the testbed's interface and
+to one compute thread per worker.
+
+The workload is fixed: an MLP of --layers (6) square layers of --width (2048) with ReLU and a
+16-way classifier, 25.2 M parameters (100.8 MB of float32 gradients), trained with SGD
+(lr 0.01) on a fixed random batch of --batch (32) samples per worker, cross-entropy loss.
+Its compute is small on purpose: one step takes about 0.16 s on one core of this machine,
+so with 4 workers on its 2 cores about 0.3 s, against 1.7-2.6 s to move 100 MB over
+500 Mbit/s links; communication dominates, as on a cluster whose NICs are the bottleneck.
+(--width/--layers/--batch exist for the tests' tiny runs; the issue's figures use the
+defaults.)
+
+For each --bucket-cap-mb (default 25 and 64) every system gets a model of its own, built
+from the same seed (DDP's bucket_cap_mb set, init_sync off: the copies start equal), and
+the systems take turns, one training step each per round, the order rotating from round to
+round: "none" (the same model and batch, no DDP, no all-reduce: the step time without
+communication), gloo, collectives ring, collectives reduction server. Before each step the
+workers meet at a barrier; a step is forward, backward (with DDP's all-reduces, overlapping
+the backward pass bucket by bucket) and the optimizer step; its time is the slowest
+worker's. --warmup rounds (default 2: DDP rebuilds its buckets after its first step) are
+not counted, then --steps timed rounds (default 10). Per system and bucket size a row gives
+the median step time, samples/s (N x batch / step time), the median over rounds of the
+paired ratio t_gloo / t_system (above 1: faster than gloo), the communication share
+1 - t_none / t_system, the medians of forward, backward and optimizer time, DDP's own
+per-step timing of the backward pass (compute, all-reduce from the first bucket's start to
+the last's end, and their overlap; DDP's runtime logging, sampled every step), the floor of
+moving the gradients over the links (ring: 2(n-1)/n x S / B per worker, reduction server:
+S / (B min(1, R/N))), the bytes each worker host sent and received per step over S, the
+machine's CPU use during the system's steps (a row above 90% is flagged cpu_bound: there
+the 2 cores, not the links, may have set the pace, and the figure does not count), and
+whether the parameters ended identical on every rank (a SHA-256 of each rank's parameters,
+allgathered).
+
+--results MD rewrites the block "ddp N+R RATE" of MD (benchmarks/RESULTS.md) between
+    <!-- train.py: begin NAME (generated; rerun the command below to regenerate) -->
+    <!-- train.py: end NAME -->
+Run as root (it creates network namespaces).
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+import compare
+import testbed
+
+HERE = Path(__file__).resolve().parent
+# One training step each per round, in this order (rotated from round to round). "none" is
+# the model without DDP: the step time without communication.
+SYSTEMS = ("none", "gloo", "ring", "reduction_server")
+COMM_SYSTEMS = SYSTEMS[1:]
+LABELS = {"none": "no communication", "gloo": "gloo", "ring": "collectives ring",
+          "reduction_server": "collectives reduction_server"}
+MASTER_PORT = 29500  # on h0: torch's store (compare.RENDEZVOUS_PORT holds the reducers' store)
+LEARNING_RATE = 0.01
+CLASSES = 16
+BAR = 1.3  # issue 5: reduction server >= 1.3x gloo samples/s at 4 workers + 4 reducers, 500 Mbit/s
+WORKER_POLL_S = 0.5
+# DDP's runtime logging (nanoseconds), sampled every step: the backward pass's compute, its
+# all-reduces (first bucket's start to last bucket's end) and how much of them overlapped.
+DDP_TIMES = {"ddp_backward_compute_s": "backward_compute_time", "ddp_backward_comm_s": "backward_comm_time",
+             "ddp_overlap_s": "backward_compute_comm_overlap_time"}
+
+
+def _positive_numbers(text, option):
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes a number or a comma-separated list, e.g. 25,64, not {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"{option}: every value must be above 0, not {text!r}")
+    return [int(v) if v == int(v) else v for v in values]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--hosts", type=int, default=4, help="worker hosts N, one worker process each (default 4)")
+    add("--reducers", type=int, default=4,
+        help="reducer hosts R beside them, one reducer each (default 4; 0: no reduction-server row)")
+    add("--rate", default="500mbit", help="each link's rate, both directions (default 500mbit)")
+    add("--burst", default="256kb", help="tbf burst (default 256kb)")
+    add("--tcp-cc", default="cubic", help="the hosts' TCP congestion control (default cubic; see testbed.py)")
+    add("--bucket-cap-mb", default="25,64", help="DDP bucket_cap_mb, or a comma-separated list (default 25,64)")
+    add("--steps", type=int, default=10, help="timed rounds: one step per system each (default 10)")
+    add("--warmup", type=int, default=2, help="rounds before them, not counted (default 2)")
+    add("--batch", type=int, default=32, help="samples per worker and step (default 32)")
+    add("--width", type=int, default=2048, help="the MLP's width (default 2048; change only for tests)")
+    add("--layers", type=int, default=6, help="its square layers (default 6; change only for tests)")
+    add("--timeout", type=float, default=600.0, help="every process group's timeout, seconds (default 600)")
+    add("--json", metavar="FILE", help="write the result rows to FILE")
+    add("--results", metavar="MD",
+        help="also rewrite this run's generated block ('ddp N+R RATE') in MD (benchmarks/RESULTS.md)")
+    # Set by the driver for the worker processes it starts on the hosts.
+    add("--worker-report", metavar="FILE", help=argparse.SUPPRESS)
+    add("--link", default=testbed.IFNAME, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.hosts < 2:
+        parser.error("--hosts must be at least 2 (DDP across the links needs 2 workers)")
+    if args.reducers < 0:
+        parser.error("--reducers must be 0 or more")
+    if args.hosts + args.reducers > 250:
+        parser.error("--hosts plus --reducers: the testbed has room for at most 250 hosts")
+    for name in ("steps", "batch", "width", "layers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
+    if args.timeout <= 0:
+        parser.error("--timeout must be above 0")
+    try:
+        args.bucket_caps = _positive_numbers(args.bucket_cap_mb, "--bucket-cap-mb")
+        testbed.parse_rate(args.rate)
+        testbed.parse_burst(args.burst)
+    except ValueError as e:
+        parser.error(str(e))
+    args.systems = [s for s in SYSTEMS if s != "reduction_server" or args.reducers]
+    return args
+
+
+def parameter_count(width, layers, classes=CLASSES):
+    """The MLP's parameters: `layers` square layers with biases, then the classifier."""
+    return layers * (width * width + width) + width * classes + classes
+
+
+# -- the worker: one process per worker host
+
+def worker(args):
+    """One worker of the job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment);
+    worker 0 writes the job's raw figures to --worker-report."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import collectives.torch  # noqa: F401 - registers the backend "collectives"
+
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=args.timeout)
+    dist.init_process_group("gloo", timeout=timeout)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    systems = args.systems
+    groups = {}
+    # The first collectives group that spans the job gets its reducers; the next runs the ring.
+    if "reduction_server" in systems:
+        groups["reduction_server"] = dist.new_group(backend="collectives", timeout=timeout)
+    groups["ring"] = dist.new_group(backend="collectives", timeout=timeout)
+    groups["gloo"] = dist.new_group(backend="gloo", timeout=timeout)
+    algorithms = {"gloo": "gloo", "none": "none"}
+    for name in ("ring", "reduction_server"):
+        if name in groups:
+            algorithms[name] = groups[name].communicator.algorithm
+            if algorithms[name] != name:
+                raise RuntimeError(f"the collectives group meant for {name} runs {algorithms[name]}")
+
+    def build_model():
+        torch.manual_seed(0)  # every system and every rank: the same initial parameters
+        layers = []
+        for _ in range(args.layers):
+            layers += [nn.Linear(args.width, args.width), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(args.width, CLASSES))
+
+    generator = torch.Generator().manual_seed(1000 + rank)  # each worker its own fixed batch
+    inputs = torch.randn(args.batch, args.width, generator=generator)
+    targets = torch.randint(0, CLASSES, (args.batch,), generator=generator)
+
+    def train_step(module, optimizer):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(module(inputs), targets)
+        forward = time.perf_counter()
+        loss.backward()  # DDP: returns once every bucket's all-reduce is done
+        backward = time.perf_counter()
+        optimizer.step()
+        end = time.perf_counter()
+        return {"step_s": end - start, "forward_s": forward - start, "backward_s": backward - forward,
+                "optimizer_s": end - backward}
+
+    def parameters(model):
+        return [p.detach() for p in model.parameters()]
+
+    phases = []
+    for cap in args.bucket_caps:
+        models = {name: build_model() for name in systems}
+        runners = {"none": models["none"]}
+        for name in systems[1:]:
+            runners[name] = DDP(models[name], process_group=groups[name], bucket_cap_mb=cap, init_sync=False)
+            runners[name]._set_ddp_runtime_logging_sample_rate(1)
+        optimizers = {name: torch.optim.SGD(models[name].parameters(), lr=LEARNING_RATE) for name in systems}
+        record = {name: {} for name in systems}
+        cpu = {name: [] for name in systems}
+        for round_ in range(args.warmup + args.steps):
+            turn, last = round_ % len(systems), {}
+            for name in systems[turn:] + systems[:turn]:
+                dist.barrier()
+                link = _common.link_counters(args.link)
+                sampler = testbed.CpuSampler().start()
+                figures = train_step(runners[name], optimizers[name])
+                sampler.stop()
+                link_after = _common.link_counters(args.link)
+                last[name] = figures["step_s"]
+                if round_ < args.warmup:
+                    continue
+                figures["tx"], figures["rx"] = link_after[0] - link[0], link_after[1] - link[1]
+                if name != "none":
+                    logged = runners[name]._get_ddp_logging_data()
+                    figures.update({key: logged.get(field, 0) / 1e9 for key, field in DDP_TIMES.items()})
+                for key, value in figures.items():
+                    record[name].setdefault(key, []).append(value)
+                cpu[name].append([sampler.util, figures["step_s"]])
+            if rank == 0:
+                print(f"# bucket_cap_mb {cap:g}, {'warm-up ' if round_ < args.warmup else ''}round "
+                      f"{round_ + 1 - (0 if round_ < args.warmup else args.warmup)}, rank 0's steps: "
+                      + ", ".join(f"{name} {last[name]:.3f} s" for name in systems), flush=True)
+        gloo_params = parameters(models["gloo"])
+        for name in systems[1:]:
+            digest = hashlib.sha256()
+            for p in parameters(models[name]):
+                digest.update(p.contiguous().numpy())
+            record[name]["hash"] = digest.hexdigest()
+            record[name]["max_abs_diff_vs_gloo"] = max(
+                float((a - b).abs().max()) for a, b in zip(parameters(models[name]), gloo_params))
+        buckets = {name: [int(b) for b in str(runners[name]._get_ddp_logging_data().get("rebuilt_bucket_sizes", ""))
+                          .replace(",", " ").split()] for name in systems[1:]}
+        everyone = [None] * size
+        dist.all_gather_object(everyone, record)
+        phases.append({"bucket_cap_mb": cap, "buckets": buckets, "ranks": everyone, "cpu": cpu})
+        del runners, models, optimizers
+    if rank == 0:
+        report = {"world": size, "systems": systems, "algorithms": algorithms,
+                  "params": parameter_count(args.width, args.layers), "width": args.width, "layers": args.layers,
+                  "classes": CLASSES, "batch": args.batch, "lr": LEARNING_RATE, "warmup": args.warmup,
+                  "steps": args.steps, "phases": phases}
+        Path(args.worker_report).write_text(json.dumps(report) + "\n")
+    dist.destroy_process_group()
+
+
+# -- from the job's raw figures to rows
+
+def comm_floor_s(algorithm, grad_bytes, goodput_GBps, hosts, reducers):
+    """The least time the gradients' all-reduce takes on links of goodput B: the bytes each
+    worker host must move each way over B (ring and gloo: 2(n-1)/n x S; the reduction server:
+    S / min(1, R/N)); 0 without communication."""
+    if algorithm == "none":
+        return 0.0
+    limit = compare.bound(algorithm, goodput_GBps, hosts, reducers)  # algbw, GB/s
+    return grad_bytes / (limit * 1e9)
+
+
+def _slowest(ranks, name, key):
+    """Per round, the largest value over ranks."""
+    return [max(values) for values in zip(*(r[name][key] for r in ranks))]
+
+
+def _mean_over_ranks(ranks, name, key):
+    return [statistics.fmean(values) for values in zip(*(r[name][key] for r in ranks))]
+
+
+def rows_from_report(report, setting):
+    """One row per (bucket cap, system) from the workers' report. setting: hosts, reducers,
+    rate_gbps, goodput_GBps, tc, commit."""
+    rows = []
+    hosts, reducers = setting["hosts"], setting["reducers"]
+    grad_bytes = report["params"] * 4
+    for phase in report["phases"]:
+        ranks = phase["ranks"]
+        times = {name: _slowest(ranks, name, "step_s") for name in report["systems"]}
+        none = statistics.median(times["none"]) if "none" in times else None
+        for name in report["systems"]:
+            algorithm = report["algorithms"][name]
+            median = statistics.median(times[name])
+            cpu = phase["cpu"][name]
+            busy = sum(util * seconds for util, seconds in cpu)
+            seconds = sum(seconds for _, seconds in cpu)
+            cpu_util = busy / seconds if seconds else None
+            hashes = [r[name].get("hash") for r in ranks]
+            tx, rx = (statistics.median(_mean_over_ranks(ranks, name, key)) for key in ("tx", "rx"))
+            row = {
+                "system": "collectives" if name in ("ring", "reduction_server") else name,
+                "algorithm": algorithm, "hosts": hosts, "reducers": reducers,
+                "rate_gbps": setting["rate_gbps"], "goodput_GBps": setting["goodput_GBps"], "tc": setting["tc"],
+                "bucket_cap_mb": phase["bucket_cap_mb"], "buckets_bytes": phase["buckets"].get(name),
+                "params": report["params"], "grad_bytes": grad_bytes, "batch": report["batch"],
+                "width": report["width"], "layers": report["layers"],
+                "warmup": report["warmup"], "steps": report["steps"],
+                "step_time_s": median, "step_times_s": times[name],
+                "samples_per_s": hosts * report["batch"] / median,
+                "speedup_vs_gloo": (_common.paired_ratio(times["gloo"], times[name]) if "gloo" in times else None),
+                "compute_time_s": none,
+                "comm_share": None if none is None or name == "none" else 1 - none / median,
+                "comm_floor_s": comm_floor_s(algorithm, grad_bytes, setting["goodput_GBps"], hosts, reducers),
+                "link_bytes": {"tx_per_step": tx, "rx_per_step": rx},
+                "cpu_util": cpu_util,
+                # Without communication the step is all compute: the CPU is its bottleneck by design.
+                "cpu_bound": (None if name == "none"
+                              else cpu_util is not None and cpu_util > testbed.CPU_BOUND_UTIL),
+                "params_identical": None if name == "none" else len(set(hashes)) == 1 and None not in hashes,
+                "max_abs_diff_vs_gloo": None if name == "none" else max(r[name]["max_abs_diff_vs_gloo"] for r in ranks),
+                "commit": setting["commit"],
+            }
+            for key in ("forward_s", "backward_s", "optimizer_s", *(DDP_TIMES if name != "none" else ())):
+                row[key] = statistics.median(_slowest(ranks, name, key))
+            rows.append(row)
+    return rows
+
+
+def bar_lines(rows):
+    """The issue's bar (reduction server >= 1.3x gloo samples/s), per bucket cap, in words."""
+    lines = []
+    for row in rows:
+        if row["algorithm"] != "reduction_server":
+            continue
+        config = f"{row['hosts']} workers + {row['reducers']} reducer{'s' if row['reducers'] != 1 else ''}"
+        met = row["speedup_vs_gloo"] >= BAR and not row["cpu_bound"]
+        lines.append(f"bar ({config}): reduction server {row['speedup_vs_gloo']:.2f}x gloo samples/s at "
+                     f"bucket_cap_mb {row['bucket_cap_mb']:g}, need >= {BAR}: "
+                     + ("PASS" if met else "FAIL" + (" (cpu_bound: does not count)" if row["cpu_bound"] else "")))
+    return lines
+
+
+def heading(first):
+    """The lines that head a run's table: hosts, tc, goodput, model, workload."""
+    n, r = first["hosts"], first["reducers"]
+    lines = [f"{n} worker hosts" + (f" + {r} reducer host{'s' if r > 1 else ''}" if r else "") + f"; {first['tc']}",
+             f"goodput B = {first['goodput_GBps'] * 8e3:.1f} Mbit/s per link and direction",
+             f"model: MLP, {first['layers']} x {first['width']}x{first['width']} + classifier ({CLASSES}), "
+             f"{first['params'] / 1e6:.1f} M parameters = {first['grad_bytes'] / 1e6:.1f} MB of float32 gradients "
+             f"(S); batch {first['batch']} per worker, SGD; {first['steps']} timed rounds after {first['warmup']} "
+             "warm-up, the systems alternating step by step"]
+    return lines
+
+
+def _ms(value):
+    return "-" if value is None else f"{value * 1e3:.0f}"
+
+
+def _cells(row):
+    """The table's cells of one row."""
+    ratio, share, link = row["speedup_vs_gloo"], row["comm_share"], row["link_bytes"]
+    ddp = ("-" if row["algorithm"] == "none" else
+           f"{_ms(row['ddp_backward_compute_s'])}/{_ms(row['ddp_backward_comm_s'])}/{_ms(row['ddp_overlap_s'])}")
+    flag = " cpu_bound: does not count" if row["cpu_bound"] else ""
+    same = {True: "yes", False: "NO", None: "-"}[row["params_identical"]]
+    return [LABELS[row["algorithm"]],
+            f"{row['bucket_cap_mb']:g}", _ms(row["step_time_s"]), f"{row['samples_per_s']:.1f}",
+            "-" if ratio is None else f"{ratio:.2f}x", "-" if share is None else f"{share:.0%}",
+            f"{_ms(row['forward_s'])}/{_ms(row['backward_s'])}/{_ms(row['optimizer_s'])}", ddp,
+            _ms(row["comm_floor_s"]), f"{link['tx_per_step'] / row['grad_bytes']:.3f}",
+            f"{link['rx_per_step'] / row['grad_bytes']:.3f}",
+            "-" if row["cpu_util"] is None else format(row["cpu_util"], ".0%"), same + flag]
+
+
+COLUMNS = ("system", "bucket MB", "step ms", "samples/s", "vs gloo", "comm share", "fwd/bwd/opt ms",
+           "DDP bwd compute/comm/overlap ms", "comm floor ms", "tx/S", "rx/S", "cpu", "params identical")
+
+
+def print_rows(rows):
+    for line in heading(rows[0]):
+        print("# " + line)
+    table = [list(COLUMNS)] + [_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    for index, line in enumerate(table):
+        text = "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        print(("# " if index == 0 else "  ") + text)
+    for line in bar_lines(rows):
+        print("# " + line)
+
+
+def reducer_lines(rows):
+    """A line per reducer host of the run: its link's bytes over the whole job (every bucket
+    size, warm-up included), its CPU use and how it ended."""
+    info = next((r.get("reducer_hosts") for r in rows if r.get("reducer_hosts")), None) or {}
+    lines = []
+    for host, figures in sorted(info.items(), key=lambda item: int(item[0][1:])):
+        totals = figures.get("totals") or {}
+        lines.append(f"{host} (reducer {figures['index']}): {figures['link_bytes']['rx'] / 1e6:.0f} MB in, "
+                     f"{figures['link_bytes']['tx'] / 1e6:.0f} MB out over its link during the job; CPU "
+                     f"{totals.get('cpu_percent', 0):.0f}% of a core; outcome {figures['outcome']}")
+    return lines
+
+
+def block_name(hosts, reducers, rate):
+    """The RESULTS.md block a run writes: 'ddp 4+4 500mbit'."""
+    return f"ddp {hosts}+{reducers} {rate}"
+
+
+def markdown(rows, command, name):
+    """This run as a RESULTS.md block: the command, the date, the commit, the table, the bar."""
+    begin, end = compare.markers(name, "train.py")
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [begin, "", f"{when}, commit {rows[0]['commit']}. Regenerate with:", "", "```", command, "```", "",
+             "; ".join(heading(rows[0])), "",
+             "| " + " | ".join(COLUMNS) + " |", "| --- " + "| ---: " * (len(COLUMNS) - 1) + "|"]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    lines += [""] + [f"- {line}" for line in bar_lines(rows)]
+    buckets = sorted({(r["bucket_cap_mb"], tuple(r["buckets_bytes"] or ())) for r in rows
+                      if r["algorithm"] != "none"})
+    lines += [f"- DDP's buckets at bucket_cap_mb {cap:g}: " + ", ".join(f"{b / 1e6:.1f}" for b in sizes) + " MB"
+              for cap, sizes in buckets]
+    lines += [f"- {line}" for line in reducer_lines(rows)]
+    return "\n".join(lines + ["", end])
+
+
+# -- the driver
+
+def _stop(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + compare.REDUCER_STOP_S
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _tail(path, lines=25):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_job(bed, args):
+    """The workers on the first N hosts, a reducer on each of the next R; (the workers'
+    report, the reducers' figures, the link bytes of every host over the job)."""
+    workers, reducers = args.hosts, args.reducers
+    with tempfile.TemporaryDirectory(prefix="cc-train-") as work:
+        os.chmod(work, 0o755)
+        # The torch backend authenticates its connections also without reducers: a secret always.
+        job = (compare.reducer_job_env(bed, work, reducers) if reducers
+               else {"COLLECTIVES_TOKEN_FILE": str(compare.secret_file(work))})
+        env = {**compare.base_env(), **bed.env(), **compare.PINNED_ENV, **job, "PYTHONUNBUFFERED": "1"}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        report_file = Path(work) / "report.json"
+        command = [sys.executable, str(HERE / "train.py"), "--worker-report", str(report_file),
+                   "--link", testbed.IFNAME, "--hosts", str(workers), "--reducers", str(reducers),
+                   "--bucket-cap-mb", ",".join(f"{c:g}" for c in args.bucket_caps), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--width", str(args.width),
+                   "--layers", str(args.layers), "--timeout", str(args.timeout)]
+        started, procs, logs = [], [], []
+        links_before = bed.link_bytes()
+        try:
+            if reducers:
+                compare.start_reducers(bed, bed.hosts[workers:workers + reducers], job["COLLECTIVES_RENDEZVOUS"],
+                                       env, work, started)
+            for rank, host in enumerate(bed.hosts[:workers]):
+                torchrun = {"RANK": str(rank), "WORLD_SIZE": str(workers), "LOCAL_RANK": "0",
+                            "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank),
+                            "MASTER_ADDR": bed.hosts[0].address, "MASTER_PORT": str(MASTER_PORT)}
+                log = Path(work) / f"worker-{host.name}.log"
+                logs.append(log)
+                with open(log, "wb") as out:  # worker 0 writes its progress to this process's stdout
+                    procs.append(bed.run_on(host, command, env={**env, **torchrun}, cwd=work,
+                                            stdin=subprocess.DEVNULL, stdout=None if rank == 0 else out,
+                                            stderr=None if rank == 0 else subprocess.STDOUT))
+            while True:
+                codes = [proc.poll() for proc in procs]
+                failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+                if failed:
+                    _stop(procs)
+                    for i in failed:
+                        if i:
+                            print(f"# worker {i} on {bed.hosts[i].name} (exit {codes[i]}), its log's end:\n"
+                                  f"{_tail(logs[i])}", file=sys.stderr)
+                    compare.print_reducer_logs(started)
+                    raise SystemExit(f"the training job failed: worker{'s' if len(failed) > 1 else ''} "
+                                     f"{', '.join(map(str, failed))} exited with "
+                                     f"{', '.join(str(codes[i]) for i in failed)}")
+                if all(code == 0 for code in codes):
+                    break
+                time.sleep(WORKER_POLL_S)
+            compare.finish_reducers(started)
+        finally:
+            _stop(procs)
+            compare.stop_reducers(started)
+        links = testbed.link_bytes_delta(links_before, bed.link_bytes())
+        return json.loads(report_file.read_text()), compare.reducer_figures(started, links)
+
+
+def setting_of(bed, args):
+    return {"hosts": args.hosts, "reducers": args.reducers, "rate_gbps": bed.rate_bps / 1e9,
+            "goodput_GBps": bed.goodput_bps / 8 / 1e9, "tc": bed.tc_description(), "commit": _common.git_commit()}
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker_report:
+        worker(args)
+        return
+    signal.signal(signal.SIGTERM, _interrupt)  # cleaned up as after Ctrl-C
+    with testbed.Testbed(hosts=args.hosts + args.reducers, rate=args.rate, burst=args.burst,
+                         tcp_cc=args.tcp_cc) as bed:
+        report, reducer_info = run_job(bed, args)
+        rows = rows_from_report(report, setting_of(bed, args))
+    for row in rows:
+        if row["algorithm"] == "reduction_server":
+            row["reducer_hosts"] = reducer_info
+    print_rows(rows)
+    for line in reducer_lines(rows):
+        print("# " + line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"# wrote {len(rows)} rows to {args.json}")
+    if args.results:
+        name = block_name(args.hosts, args.reducers, args.rate)
+        command = "python benchmarks/train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        compare.update_results(args.results, markdown(rows, command, name), name, "train.py")
+        print(f"# rewrote the '{name}' block of {args.results}")
+    if any(row["params_identical"] is False for row in rows):
+        raise SystemExit("the parameters differ across ranks for "
+                         + ", ".join(LABELS[r["algorithm"]] for r in rows if r["params_identical"] is False))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("# interrupted; the workers and reducers were stopped and the testbed removed", file=sys.stderr)
+        sys.exit(130)

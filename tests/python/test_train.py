@@ -1,0 +1,217 @@
+"""benchmarks/train.py: arguments, rows and RESULTS.md block (unit level), and, as root on the
+testbed, one short DDP run of every system end to end."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launch_env import clean_environ
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+TRAIN_PY = BENCHMARKS / "train.py"
+RESULTS_MD = BENCHMARKS / "RESULTS.md"
+
+
+def _load_train():
+    sys.path.insert(0, str(BENCHMARKS))  # train.py imports _common, compare and testbed by name
+    try:
+        spec = importlib.util.spec_from_file_location("train_under_test", TRAIN_PY)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+train = _load_train()
+
+KEYS = {"system", "algorithm", "hosts", "reducers", "rate_gbps", "goodput_GBps", "tc", "bucket_cap_mb", "params",
+        "grad_bytes", "batch", "step_time_s", "step_times_s", "samples_per_s", "speedup_vs_gloo", "compute_time_s",
+        "comm_share", "comm_floor_s", "forward_s", "backward_s", "optimizer_s", "link_bytes", "cpu_util",
+        "cpu_bound", "params_identical", "commit"}
+
+
+# -- unit level
+
+def test_defaults_are_the_issues_workload():
+    args = train.parse_args([])
+    assert (args.hosts, args.reducers, args.rate, args.bucket_caps) == (4, 4, "500mbit", [25, 64])
+    assert args.systems == ["none", "gloo", "ring", "reduction_server"]
+    params = train.parameter_count(args.width, args.layers)
+    assert 24e6 < params < 26e6  # about 25 M parameters: 100 MB of float32 gradients
+    assert 0.98e8 < 4 * params < 1.02e8
+
+
+def test_arguments():
+    args = train.parse_args(["--hosts", "2", "--reducers", "0", "--bucket-cap-mb", "0.5,25", "--steps", "3",
+                             "--warmup", "0", "--json", "rows.json"])
+    assert (args.hosts, args.reducers, args.bucket_caps, args.steps, args.warmup) == (2, 0, [0.5, 25], 3, 0)
+    assert args.systems == ["none", "gloo", "ring"]  # no reducers: no reduction-server row
+    assert args.worker_report is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hosts", "1"], "--hosts must be at least 2"),
+    (["--reducers", "-1"], "--reducers must be 0 or more"),
+    (["--bucket-cap-mb", "0"], "must be above 0"),
+    (["--bucket-cap-mb", "25,x"], "comma-separated list"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--rate", "fast"], "rate 'fast'"),
+    (["--hosts", "200", "--reducers", "60"], "at most 250 hosts"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_comm_floor_is_the_bytes_each_worker_link_moves_over_b():
+    mb = 1e8  # S bytes of gradients; B = 0.05 GB/s
+    assert train.comm_floor_s("none", mb, 0.05, 4, 4) == 0
+    assert train.comm_floor_s("gloo", mb, 0.05, 4, 4) == pytest.approx(1.5 * mb / 0.05e9)  # 2(n-1)/n of S
+    assert train.comm_floor_s("ring", mb, 0.05, 4, 0) == pytest.approx(1.5 * mb / 0.05e9)
+    assert train.comm_floor_s("reduction_server", mb, 0.05, 4, 4) == pytest.approx(mb / 0.05e9)  # S once
+    assert train.comm_floor_s("reduction_server", mb, 0.05, 4, 2) == pytest.approx(2 * mb / 0.05e9)  # R < N
+
+
+SETTING = {"hosts": 2, "reducers": 2, "rate_gbps": 0.5, "goodput_GBps": 0.06, "tc": "tbf rate 500mbit",
+           "commit": "abc"}
+
+
+def _report(times, hashes=None, cpu=0.5):
+    """A workers' report of one bucket cap: times[system] = [[rank 0, rank 1] per round]."""
+    systems = list(times)
+    ranks = []
+    for rank in range(2):
+        record = {}
+        for name in systems:
+            steps = [per_rank[rank] for per_rank in times[name]]
+            record[name] = {"step_s": steps, "forward_s": [0.01] * len(steps), "backward_s": [s - 0.02 for s in steps],
+                            "optimizer_s": [0.01] * len(steps), "tx": [1.5e6] * len(steps), "rx": [1.5e6] * len(steps)}
+            if name != "none":
+                record[name].update({key: [0.1] * len(steps) for key in train.DDP_TIMES},
+                                    hash=(hashes or {}).get(name, ["same", "same"])[rank],
+                                    max_abs_diff_vs_gloo=0.0)
+        ranks.append(record)
+    return {"world": 2, "systems": systems, "params": 250_000, "width": 500, "layers": 1, "classes": 16, "batch": 8,
+            "warmup": 1, "steps": len(times["none"]), "lr": 0.01,
+            "algorithms": {"none": "none", "gloo": "gloo", "ring": "ring", "reduction_server": "reduction_server"},
+            "phases": [{"bucket_cap_mb": 25, "buckets": {name: [1_000_000] for name in systems[1:]},
+                        "ranks": ranks, "cpu": {name: [[cpu, 1.0]] * len(times[name]) for name in systems}}]}
+
+
+def test_rows_take_the_slowest_rank_per_round_and_pair_the_rounds():
+    times = {"none": [[0.1, 0.2], [0.2, 0.1], [0.2, 0.2]],
+             "gloo": [[3.0, 2.0], [2.0, 2.0], [1.0, 1.5]],
+             "ring": [[3.0, 3.0], [2.0, 1.0], [1.5, 1.5]],
+             "reduction_server": [[1.0, 2.0], [1.0, 1.0], [1.0, 0.5]]}
+    rows = train.rows_from_report(_report(times), SETTING)
+    assert [r["algorithm"] for r in rows] == ["none", "gloo", "ring", "reduction_server"]
+    assert [r["system"] for r in rows] == ["none", "gloo", "collectives", "collectives"]
+    by = {r["algorithm"]: r for r in rows}
+    for row in rows:
+        assert KEYS <= set(row), KEYS - set(row)
+    assert by["gloo"]["step_times_s"] == [3.0, 2.0, 1.5]  # the slowest rank of each round
+    assert by["gloo"]["step_time_s"] == 2.0
+    assert by["gloo"]["samples_per_s"] == pytest.approx(2 * 8 / 2.0)  # N x batch / step
+    # Paired per round: gloo/rs = 3/2, 2/1, 1.5/1 -> median 1.5 (not the ratio of the medians, 2.0).
+    assert by["reduction_server"]["speedup_vs_gloo"] == pytest.approx(1.5)
+    assert by["ring"]["speedup_vs_gloo"] == pytest.approx(1.0)
+    assert by["gloo"]["speedup_vs_gloo"] == 1.0
+    assert by["none"]["compute_time_s"] == 0.2 and by["none"]["comm_share"] is None
+    assert by["gloo"]["comm_share"] == pytest.approx(1 - 0.2 / 2.0)
+    assert by["reduction_server"]["comm_floor_s"] == pytest.approx(1e6 / 0.06e9)
+    assert by["gloo"]["comm_floor_s"] == pytest.approx(1e6 / 0.06e9)  # 2 hosts: 2(n-1)/n = 1
+    assert all(r["params_identical"] for r in rows[1:]) and by["none"]["params_identical"] is None
+    assert by["gloo"]["link_bytes"]["tx_per_step"] == 1.5e6
+    assert by["none"]["cpu_bound"] is None and by["gloo"]["cpu_bound"] is False  # compute alone: no flag
+    assert by["gloo"]["ddp_backward_comm_s"] == 0.1
+
+
+def test_parameters_that_differ_across_ranks_are_reported_and_cpu_bound_runs_flagged():
+    times = {name: [[1.0, 1.0]] * 3 for name in train.SYSTEMS}
+    rows = train.rows_from_report(_report(times, hashes={"ring": ["a", "b"]}, cpu=0.95), SETTING)
+    by = {r["algorithm"]: r for r in rows}
+    assert by["ring"]["params_identical"] is False and by["gloo"]["params_identical"] is True
+    assert by["gloo"]["cpu_bound"] is True and by["none"]["cpu_bound"] is None
+    assert train.bar_lines(rows) == [
+        "bar (2 workers + 2 reducers): reduction server 1.00x gloo samples/s at bucket_cap_mb 25, need >= 1.3: "
+        "FAIL (cpu_bound: does not count)"]
+
+
+def test_the_bar_is_met_at_1_3x_gloo():
+    times = {"none": [[0.1, 0.1]] * 3, "gloo": [[1.3, 1.3]] * 3, "ring": [[1.3, 1.3]] * 3,
+             "reduction_server": [[1.0, 1.0]] * 3}
+    rows = train.rows_from_report(_report(times), SETTING)
+    assert train.bar_lines(rows)[0].endswith("need >= 1.3: PASS")
+
+
+def test_the_results_block_is_rewritten_alone(tmp_path, capsys):
+    times = {name: [[1.0, 1.0]] * 3 for name in train.SYSTEMS}
+    rows = train.rows_from_report(_report(times), SETTING)
+    name = train.block_name(4, 4, "500mbit")
+    assert name == "ddp 4+4 500mbit"
+    begin, end = train.compare.markers(name, "train.py")
+    other_begin, other_end = train.compare.markers("reducers 4+4 500mbit")
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"top\n{other_begin}\nKEEP\n{other_end}\n{begin}\nOLD\n{end}\nbottom\n")
+    train.compare.update_results(path, train.markdown(rows, "python benchmarks/train.py --hosts 4", name), name,
+                                 "train.py")
+    text = path.read_text()
+    assert "OLD" not in text and "KEEP" in text and text.startswith("top\n") and text.endswith("bottom\n")
+    assert "python benchmarks/train.py --hosts 4" in text and "| collectives reduction_server | 25 |" in text
+    assert "FAIL" in text and "DDP's buckets at bucket_cap_mb 25: 1.0 MB" in text
+    train.print_rows(rows)  # the same table on stdout
+    assert "collectives ring" in capsys.readouterr().out
+
+
+def test_the_repositorys_results_file_has_the_ddp_block():
+    begin, end = train.compare.markers(train.block_name(4, 4, "500mbit"), "train.py")
+    text = RESULTS_MD.read_text()
+    assert begin.split(" (")[0] in text and end in text
+
+
+# -- end to end, on the testbed (root)
+
+def _netns_left():
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith("cc-tb-")]
+
+
+@pytest.mark.testbed
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the testbed creates network namespaces")
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("ip", "tc", "unshare", "nsenter")),
+                    reason="needs iproute2 and util-linux")
+def test_ddp_on_every_system_across_hosts(tmp_path):
+    # A tiny model (2 x 64x64) at a low rate: this checks the wiring, not the speed. One
+    # reducer for two workers: its link carries both workers' gradients (the bottleneck here).
+    pytest.importorskip("torch")
+    rows_file = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(TRAIN_PY), "--hosts", "2", "--reducers", "1", "--rate", "100mbit",
+                           "--width", "64", "--layers", "2", "--batch", "4", "--bucket-cap-mb", "0.02,1",
+                           "--steps", "3", "--warmup", "1", "--timeout", "60", "--json", str(rows_file)],
+                          env=clean_environ(), cwd=tmp_path, capture_output=True, text=True, timeout=85)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    assert [(r["algorithm"], r["bucket_cap_mb"]) for r in rows] == [
+        (name, cap) for cap in (0.02, 1) for name in ("none", "gloo", "ring", "reduction_server")]
+    for row in rows:
+        assert KEYS <= set(row), KEYS - set(row)
+        assert row["hosts"] == 2 and row["reducers"] == 1 and len(row["step_times_s"]) == 3
+        assert row["params"] == train.parameter_count(64, 2) and row["step_time_s"] > 0
+        if row["algorithm"] != "none":
+            assert row["params_identical"] is True, row
+            assert row["max_abs_diff_vs_gloo"] < 1e-4, row  # the same training, summed in another order
+            assert row["link_bytes"]["tx_per_step"] >= row["grad_bytes"] / 2, row  # the gradients crossed
+    small = next(r for r in rows if r["algorithm"] == "gloo" and r["bucket_cap_mb"] == 0.02)
+    assert len(small["buckets_bytes"]) > 1  # 20 KB buckets: several per step
+    rs = next(r for r in rows if r["algorithm"] == "reduction_server")
+    assert [info["outcome"] for info in rs["reducer_hosts"].values()] == ["ok"]
+    assert "collectives reduction_server" in done.stdout and "bar (2 workers + 1 reducer)" in done.stdout
+    assert not _netns_left()
