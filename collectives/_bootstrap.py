@@ -124,6 +124,10 @@ def bootstrap(rank: Optional[int] = None, size: Optional[int] = None, rendezvous
         if rendezvous is None:
             rendezvous, rendezvous_source = _torchrun_rendezvous(env), "MASTER_ADDR:MASTER_PORT+1"
     else:
+        if config.num_reducers:
+            raise ValueError(f"COLLECTIVES_NUM_REDUCERS={config.num_reducers} is set, but no launcher is: start the "
+                             "workers with mpirun or torchrun, or set COLLECTIVES_RANK, COLLECTIVES_SIZE and "
+                             "COLLECTIVES_RENDEZVOUS (where the reducers meet the job)")
         log.info("collectives: no launcher found (no COLLECTIVES_RANK/COLLECTIVES_SIZE, mpirun or torchrun "
                  "variables): this is a job of one process")
         return _alone()

@@ -180,7 +180,9 @@ class WorkerGate:
                         f"{'are they' if many else 'is it'} running? ({'their logs say' if many else 'its log says'} "
                         "why)")
                 self.changed.wait(min(remaining, _POLL_S))
-            raise_if_aborted()
+                complete = len(self.connections) == self.size
+            if not complete:  # once all are in, worker 0 may close the store at any time
+                raise_if_aborted()
         names = [f"rank {rank} ({_peer_address(connections[rank])})" for rank in range(self.size)]
         log.info("all %d workers connected in %.2f s", self.size, time.monotonic() - started)
         return [connections[rank].detach() for rank in range(self.size)], names
