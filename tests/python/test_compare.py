@@ -2,7 +2,6 @@
 root on the testbed, end to end: every system's row with link figures, and the reduction
 server with its reducers on hosts of their own."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,25 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_env import clean_environ
+from launch_env import BENCHMARKS, clean_environ, load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 COMPARE_PY = BENCHMARKS / "compare.py"
 REQUIRED = ("ip", "tc", "unshare", "nsenter")
 
 
-def _load_compare():
-    sys.path.insert(0, str(BENCHMARKS))  # compare.py imports _common and testbed by name
-    try:
-        spec = importlib.util.spec_from_file_location("compare_under_test", COMPARE_PY)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-compare = _load_compare()
+compare = load_benchmark("compare")
 
 testbed_only = [
     pytest.mark.testbed,

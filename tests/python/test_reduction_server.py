@@ -5,7 +5,6 @@ numpy's left fold over ranks.
 """
 
 import hashlib
-import json
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """benchmarks/train.py: arguments, rows and RESULTS.md block (unit level), and, as root on the
 testbed, one short DDP run of every system end to end."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,25 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch_env import clean_environ
+from launch_env import BENCHMARKS, clean_environ, load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 TRAIN_PY = BENCHMARKS / "train.py"
 RESULTS_MD = BENCHMARKS / "RESULTS.md"
 
 
-def _load_train():
-    sys.path.insert(0, str(BENCHMARKS))  # train.py imports _common, compare and testbed by name
-    try:
-        spec = importlib.util.spec_from_file_location("train_under_test", TRAIN_PY)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-train = _load_train()
+train = load_benchmark("train")
 
 KEYS = {"system", "algorithm", "hosts", "reducers", "rate_gbps", "goodput_GBps", "tc", "bucket_cap_mb", "params",
         "grad_bytes", "batch", "step_time_s", "step_times_s", "samples_per_s", "speedup_vs_gloo", "compute_time_s",
