@@ -828,12 +828,11 @@ class _Mesh:
         self._post("socket", (hello.rank, hello.conn_index, conn))
 
     def _refused(self, address: str, error: Exception) -> None:
-        if isinstance(error, (AuthenticationError, ProtocolVersionError)):
-            # a process of this job with another secret or version: the job cannot start
-            self._post("error", error)
-        else:
-            # a stranger, or a stray connection: keep waiting for the real peers
-            log.warning("rank %d: dropped an incoming connection from %s: %s", self.rank, address, error)
+        # Whoever failed the handshake, this worker keeps waiting for its real peers: a stranger
+        # must not be able to stop the job's start. A worker of this job with another secret
+        # fails on its own side and posts why (which ends the wait here too); one with another
+        # protocol version is caught from the published records before anyone connects.
+        log.warning("rank %d: dropped an incoming connection from %s: %s", self.rank, address, error)
 
     def _claim(self, hello: PeerHello) -> Optional[str]:
         if hello.role != ROLE_WORKER:

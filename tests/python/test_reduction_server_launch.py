@@ -325,6 +325,37 @@ def test_strangers_at_a_reducer_do_not_disturb_the_job(run_ranks, tmp_path, free
     assert token not in log
 
 
+def test_strangers_at_a_workers_port_do_not_stop_the_start(run_ranks, free_port):
+    """While rank 0 waits for rank 1 (which starts late), a stranger sends rank 0 a hello of
+    another protocol version and one with a wrong secret: rank 0 drops both and the job starts."""
+    port = free_port()
+    outcomes = {}
+
+    def strangers(procs):
+        store = StoreClient("127.0.0.1", port, timeout=20)
+        record = json.loads(store.get("collectives/addr/0", timeout=20))
+        job_id = store.get("collectives/job", timeout=20)
+        store.close()
+        address = (record["host"], record["port"])
+        with socket.create_connection(address) as sock:
+            sock.sendall(b"COLL" + (_handshake.PROTOCOL_VERSION + 7).to_bytes(2, "big"))
+            sock.settimeout(20)
+            outcomes["version"] = sock.recv(64)
+        with socket.create_connection(address) as sock:
+            try:
+                _handshake.client_handshake(sock, b"not the secret", 1, 0, 0, time.monotonic() + 20, job_id=job_id)
+                outcomes["secret"] = "accepted"
+            except CollectiveError as e:
+                outcomes["secret"] = type(e).__name__
+
+    results = run_ranks(WORKER_SCRIPT, 2, timeout=120, during=strangers,
+                        env={"COLLECTIVES_TIMEOUT": "60", "COLLECTIVES_RENDEZVOUS": f"127.0.0.1:{port}"},
+                        rank_env=lambda rank: {"TEST_DELAY": "3"} if rank == 1 else None)
+    _check_workers(results, 2, 0, algorithm="ring")
+    assert outcomes["secret"] == AuthenticationError.__name__, outcomes
+    assert "dropped an incoming connection" in results[0].stderr
+
+
 def test_sigterm_stops_a_reducer_quietly_and_the_others_take_over(run_ranks, tmp_path):
     running, stop = tmp_path / "running", tmp_path / "stop"
     running.mkdir()
