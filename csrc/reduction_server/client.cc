@@ -51,10 +51,8 @@ struct ReducerChannels::Reducer {
   std::vector<Ref> waiting;  // sent or being sent, sum not yet received
   std::optional<Ref> sending;  // being written
   uint64_t sent_bytes = 0;     // of its header + payload
-  FrameHeader incoming;
-  size_t header_bytes = 0;
+  FrameReader reader;
   std::optional<Ref> receiving;  // whose sum is being read (none: an abort notice)
-  uint64_t payload_bytes = 0;
   std::vector<char> staging;  // the frame being read; a sum is copied into place once whole
   Clock::time_point last_heard;
   uint32_t interest = 0;
@@ -304,18 +302,9 @@ bool ReducerChannels::write_some(Reducer& reducer) {
 }
 
 bool ReducerChannels::read_some(Reducer& reducer) {
+  FrameReader& reader = reducer.reader;
   for (;;) {
-    char* into;
-    size_t want;
-    const bool in_header = reducer.header_bytes < kHeaderBytes;
-    if (in_header) {
-      into = reinterpret_cast<char*>(&reducer.incoming) + reducer.header_bytes;
-      want = kHeaderBytes - reducer.header_bytes;
-    } else {
-      into = reducer.staging.data() + reducer.payload_bytes;
-      want = reducer.incoming.nbytes - reducer.payload_bytes;
-    }
-    ssize_t n = ::recv(reducer.fd.get(), into, want, 0);
+    ssize_t n = ::recv(reducer.fd.get(), reader.next(), reader.wanted(UINT64_MAX), 0);
     if (n == 0 || (n < 0 && !would_block(errno))) {
       lose(reducer, n == 0 ? "closed the connection" : "lost the connection (" + errno_text(errno) + ")");
       return false;
@@ -323,17 +312,17 @@ bool ReducerChannels::read_some(Reducer& reducer) {
     if (n < 0) return true;
     reducer.bytes_received += n;
     reducer.last_heard = Clock::now();
-    if (in_header) {
-      reducer.header_bytes += n;
-      if (reducer.header_bytes < kHeaderBytes) continue;
-      const FrameHeader& h = reducer.incoming;
+    const FrameReader::Event event = reader.advance(n);
+    if (event == FrameReader::Event::kNone) continue;
+    if (event == FrameReader::Event::kHeader) {
+      const FrameHeader& h = reader.header();
       std::string violation;
       const auto kind = static_cast<FrameKind>(h.kind);
       reducer.receiving.reset();
       if (h.magic != kFrameMagic || h.version != kProtocolVersion) {
         violation = "sent a frame that is not collectives protocol " + std::to_string(kProtocolVersion);
       } else if (kind == FrameKind::kHeartbeat) {
-        reducer.header_bytes = 0;
+        reader.next_frame();
         continue;
       } else if (kind == FrameKind::kAbort) {
         if (h.nbytes > kMaxAbortReason) violation = "sent an oversized abort notice";
@@ -356,14 +345,10 @@ bool ReducerChannels::read_some(Reducer& reducer) {
         return false;
       }
       reducer.staging.resize(h.nbytes);
-      reducer.payload_bytes = 0;
-      if (h.nbytes > 0) continue;
-    } else {
-      reducer.payload_bytes += n;
-      if (reducer.payload_bytes < reducer.incoming.nbytes) continue;
+      if (!reader.read_payload_into(reducer.staging.data())) continue;
     }
     // A whole frame is in.
-    reducer.header_bytes = 0;
+    reader.next_frame();
     if (!reducer.receiving) {  // an abort notice: the job failed
       fail(reducer.name + ": " + std::string(reducer.staging.begin(), reducer.staging.end()));
       abandon_locked(reducer, false);

@@ -72,11 +72,9 @@ struct WorkerConnection {
   FileDescriptor fd;
   int rank = 0;
   std::string name;
-  FrameHeader incoming;
-  size_t header_bytes = 0;        // of `incoming`, read so far
+  FrameReader reader;
   std::shared_ptr<Slot> receiving;  // the slot whose payload is being read
   std::string abort_reason;       // the payload of an abort frame being read
-  uint64_t payload_bytes = 0;     // of the frame being read, read so far
   std::deque<OutFrame> out;
   uint64_t held = 0;  // bytes of its chunks here whose sum it has not fully received
   bool goodbye = false;
@@ -304,18 +302,7 @@ void ReductionServer::State::serve() {
 void ReductionServer::State::read_from(WorkerConnection& w) {
   uint64_t budget = kFairnessBudget;
   while (budget > 0 && !w.closed) {
-    char* into;
-    size_t want;
-    const bool in_header = w.header_bytes < kHeaderBytes;
-    if (in_header) {
-      into = reinterpret_cast<char*>(&w.incoming) + w.header_bytes;
-      want = kHeaderBytes - w.header_bytes;
-    } else {
-      into = (w.receiving ? w.receiving->parts[w.rank].get() : w.abort_reason.data()) +
-             w.payload_bytes;
-      want = std::min<uint64_t>(w.incoming.nbytes - w.payload_bytes, budget);
-    }
-    ssize_t n = ::recv(w.fd.get(), into, want, 0);
+    ssize_t n = ::recv(w.fd.get(), w.reader.next(), w.reader.wanted(budget), 0);
     if (n == 0) return connection_lost(w, "closed its connection");
     if (n < 0) {
       if (would_block(errno)) return;
@@ -323,29 +310,26 @@ void ReductionServer::State::read_from(WorkerConnection& w) {
     }
     bytes_received += n;
     budget -= std::min<uint64_t>(budget, n);
-    if (in_header) {
-      w.header_bytes += n;
-      if (w.header_bytes == kHeaderBytes) on_header(w);
-    } else {
-      w.payload_bytes += n;
-      if (w.payload_bytes == w.incoming.nbytes) on_payload(w);
+    switch (w.reader.advance(n)) {
+      case FrameReader::Event::kHeader: on_header(w); break;
+      case FrameReader::Event::kFrame: on_payload(w); break;
+      case FrameReader::Event::kNone: break;
     }
   }
 }
 
 void ReductionServer::State::on_header(WorkerConnection& w) {
-  const FrameHeader& h = w.incoming;
+  const FrameHeader& h = w.reader.header();
   if (h.magic != kFrameMagic || h.version != kProtocolVersion) {
     throw JobFailure{w.name + " sent a frame that is not collectives protocol " +
                      std::to_string(kProtocolVersion) + " (a corrupted stream, or another version)"};
   }
-  w.payload_bytes = 0;
   switch (static_cast<FrameKind>(h.kind)) {
     case FrameKind::kHeartbeat:
-      w.header_bytes = 0;
+      w.reader.next_frame();
       return;
     case FrameKind::kGoodbye:
-      w.header_bytes = 0;
+      w.reader.next_frame();
       w.goodbye = true;
       if (goodbye_from.empty()) goodbye_from = w.name;
       if (unfinished > 0) {
@@ -358,7 +342,7 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
         throw JobFailure{w.name + " sent an abort notice of " + std::to_string(h.nbytes) + " bytes"};
       }
       w.abort_reason.assign(h.nbytes, '\0');
-      if (h.nbytes == 0) on_payload(w);
+      if (w.reader.read_payload_into(w.abort_reason.data())) on_payload(w);
       return;
     case FrameKind::kData:
       break;
@@ -410,12 +394,13 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
     }
   }
   slot->parts[w.rank].reset(new char[h.nbytes]);
+  w.reader.read_payload_into(slot->parts[w.rank].get());  // nbytes > 0, checked above
   w.receiving = slot;
   w.held += charge(h);
 }
 
 void ReductionServer::State::on_payload(WorkerConnection& w) {
-  w.header_bytes = 0;
+  w.reader.next_frame();
   if (!w.receiving) {
     throw JobFailure{w.name + " aborted the job: " + w.abort_reason};
   }
