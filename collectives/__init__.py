@@ -9,7 +9,12 @@ import os as _os
 
 from .errors import CollectiveError, TimeoutError  # noqa: A004 (cc.TimeoutError on purpose)
 
-from . import _core  # noqa: E402  (imports collectives.errors)
+try:
+    from . import _core  # noqa: E402  (imports collectives.errors)
+except ImportError as _error:
+    from ._source_checkout import missing_core_message
+
+    raise ImportError(missing_core_message(_os.path.dirname(_os.path.abspath(__file__)), _error)) from None
 from .communicator import Communicator, Work, init  # noqa: E402
 
 # The framework plugins live in plugins/ (plugins/torch is installed as collectives/torch): in a

@@ -17,7 +17,8 @@ samples per second, and prints a sample of generated text at the end.
     # gloo for the job, only the gradient buckets through collectives (a comm hook):
     torchrun --nproc-per-node 4 examples/torch_ddp.py --backend gloo --hook fp16
 
-Needs torch and rich (pip install 'collectives[torch]' rich).
+Needs torch and rich: the `examples` extra (pip install '/path/to/this/checkout[examples]'; scripts/demo
+puts them into .venv).
 """
 
 import argparse
