@@ -1,6 +1,6 @@
-"""Shared test helpers: run rank processes with hard timeouts, find free ports, run mpirun.
+"""Shared test helpers: run rank processes with hard timeouts, reserve ports, run mpirun.
 
-Tests get them as fixtures (``def test_x(run_ranks, free_port): ...``), since with
+Tests get them as fixtures (``def test_x(run_ranks, reserve_port): ...``), since with
 ``--import-mode=importlib`` this file cannot be imported by name. Rank processes run a
 script from a temporary directory, so they import the installed ``collectives`` package,
 never the source tree.
@@ -8,8 +8,11 @@ never the source tree.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -20,7 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import pytest
 
@@ -65,22 +68,93 @@ def _apply(env: Dict[str, str], changes: EnvArg) -> None:
             env[key] = str(value)
 
 
-def free_port(consecutive: int = 1) -> int:
-    """A port on 127.0.0.1 that is free now, with the ``consecutive - 1`` ports after it."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + consecutive - 1 > 65535:
-            continue
-        try:
-            for other in range(port + 1, port + consecutive):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", other))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError(f"found no {consecutive} consecutive free ports")
+# --- ports ------------------------------------------------------------------------------
+# A port that a job's processes must know before it starts (the store at COLLECTIVES_RENDEZVOUS,
+# MASTER_PORT and MASTER_PORT+1, a reducer's --rendezvous) is reserved, never probed: a probe
+# that binds, closes and hopes loses the port to any process that binds or connects before the
+# job listens, and under connection churn finds no two consecutive free ports at all.
+
+_LINUX_EPHEMERAL_PORTS = range(32768, 61000)  # the default of /proc/sys/net/ipv4/ip_local_port_range
+_QUIET_PORTS_ENOUGH = 256
+
+
+def _reserve(port: int) -> socket.socket:
+    """Holds ``port`` (0: one the kernel picks) on every IPv4 address: bound, never listening.
+
+    The bind is exclusive (no SO_REUSEADDR yet), so it fails where anything holds the port: a
+    listener, a connection, TIME-WAIT, or another test's reservation (two SO_REUSEADDR binds
+    would share it). SO_REUSEADDR is turned on after it, so that the job's own listener, which
+    binds with SO_REUSEADDR (collectives' StoreServer and _netif.listen, torch's TCPStore), can
+    bind beside it. Meanwhile the kernel gives the port to no connect() and no bind(0), and any
+    bind without SO_REUSEADDR fails."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("0.0.0.0", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return _LINUX_EPHEMERAL_PORTS
+    return range(low, high + 1)
+
+
+def _quiet_ports() -> range:
+    """Where runs of consecutive ports are looked for: outside the kernel's ephemeral range,
+    where connect() never picks a source port. Inside it, bind(0) gives odd ports and connect()
+    takes even ones first, so under churn the port after a free one is mostly a client's
+    TIME-WAIT, which keeps out even a SO_REUSEADDR bind. Above the range first (61000-65535 by
+    default: IANA's dynamic ports, where no service has its port), else below it."""
+    ephemeral = _ephemeral_ports()
+    above = range(ephemeral.stop, 65536)
+    return above if len(above) >= _QUIET_PORTS_ENOUGH else range(1024, ephemeral.start)
+
+
+def _reserve_run(count: int) -> List[socket.socket]:
+    """Reservations of ``count`` consecutive ports, in order."""
+    if count == 1:
+        return [_reserve(0)]  # the kernel's pick: a port that nothing holds, TIME-WAIT included
+    ports = _quiet_ports()
+    bases = range(ports.start, ports.stop - count + 1)
+    start = random.randrange(len(bases))  # tests running beside these ones start elsewhere
+    for base in (*bases[start:], *bases[:start]):
+        held = _try_reserve(range(base, base + count))
+        if held:
+            return held
+    raise RuntimeError(f"no {count} consecutive ports free in {ports.start}-{ports.stop - 1}")
+
+
+def _try_reserve(ports: range) -> Optional[List[socket.socket]]:
+    held: List[socket.socket] = []
+    try:
+        for port in ports:
+            held.append(_reserve(port))
+    except OSError as e:
+        for sock in held:
+            sock.close()
+        if e.errno != errno.EADDRINUSE:
+            raise
+        return None
+    return held
+
+
+@contextlib.contextmanager
+def reserved_ports(consecutive: int = 1) -> Iterator[int]:
+    """The first of ``consecutive`` ports, reserved for the ``with`` block (see _reserve): a job
+    told to listen there can, on 127.0.0.1 or every interface; the kernel hands them to no one
+    else, and whoever names them without SO_REUSEADDR is refused."""
+    held = _reserve_run(consecutive)
+    try:
+        yield held[0].getsockname()[1]
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def _stop(procs: Sequence[subprocess.Popen]) -> None:
@@ -151,10 +225,11 @@ def run_ranks(script: str, n: int, *, launcher: Optional[str] = "collectives", e
     returns each one's (returncode, stdout, stderr), in the order of ``ranks``, then the
     reducers'.
 
-    launcher: "collectives" sets COLLECTIVES_RANK/SIZE/RENDEZVOUS (a free port on
-      127.0.0.1)/TOKEN; "torchrun" sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and
-      COLLECTIVES_TOKEN; None sets nothing. Launcher variables inherited from the test's
-      own environment are removed first.
+    launcher: "collectives" sets COLLECTIVES_RANK/SIZE/RENDEZVOUS (a port on 127.0.0.1
+      reserved for the job)/TOKEN; "torchrun" sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (it
+      and MASTER_PORT+1, where worker 0 serves collectives' store, reserved) and
+      COLLECTIVES_TOKEN; None sets nothing. Launcher variables inherited from the test's own
+      environment are removed first.
     env: variables for every rank (None unsets one); rank_env(rank): per rank, applied last.
     args: extra command-line arguments, or a function of the rank giving them.
     ranks: start only these ranks (e.g. to leave one out); default all n.
@@ -167,19 +242,13 @@ def run_ranks(script: str, n: int, *, launcher: Optional[str] = "collectives", e
       showing their output.
     """
     ranks = list(range(n)) if ranks is None else list(ranks)
-    workdir = Path(tempfile.mkdtemp(prefix="collectives-ranks-"))
-    try:
+    with contextlib.ExitStack() as job:  # the folder, and the ports the job names, until every process has ended
+        workdir = Path(tempfile.mkdtemp(prefix="collectives-ranks-"))
+        job.callback(shutil.rmtree, workdir, ignore_errors=True)
         (workdir / "rank_script.py").write_text(script)
         common = clean_environ()
         common["PYTHONUNBUFFERED"] = "1"
-        if launcher == "collectives":
-            common.update(COLLECTIVES_SIZE=str(n), COLLECTIVES_RENDEZVOUS=f"127.0.0.1:{free_port()}",
-                          COLLECTIVES_TOKEN=secrets.token_hex(16))
-        elif launcher == "torchrun":
-            common.update(WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port(consecutive=2)),
-                          COLLECTIVES_TOKEN=secrets.token_hex(16))
-        elif launcher is not None:
-            raise ValueError(f"launcher must be 'collectives', 'torchrun' or None, not {launcher!r}")
+        common.update(_launcher_vars(launcher, n, job))
         if reducers:
             common["COLLECTIVES_NUM_REDUCERS"] = str(reducers)
         _apply(common, env)
@@ -205,8 +274,21 @@ def run_ranks(script: str, n: int, *, launcher: Optional[str] = "collectives", e
             envs.append(reducer_vars)
         labels = [f"rank {r}" for r in ranks] + [f"reducer {i}" for i in range(reducers)]
         return _spawn_and_wait(commands, envs, timeout, workdir, labels, during)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _launcher_vars(launcher: Optional[str], n: int, job: contextlib.ExitStack) -> Dict[str, str]:
+    """What ``launcher`` tells every process of a job of ``n``; the ports it names stay
+    reserved (or served) until ``job`` closes."""
+    if launcher is None:
+        return {}
+    token = secrets.token_hex(16)
+    if launcher == "collectives":
+        port = job.enter_context(reserved_ports())
+        return dict(COLLECTIVES_SIZE=str(n), COLLECTIVES_RENDEZVOUS=f"127.0.0.1:{port}", COLLECTIVES_TOKEN=token)
+    if launcher == "torchrun":
+        port = job.enter_context(reserved_ports(2))  # MASTER_PORT, and MASTER_PORT+1 for collectives' store
+        return dict(WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), COLLECTIVES_TOKEN=token)
+    raise ValueError(f"launcher must be 'collectives', 'torchrun' or None, not {launcher!r}")
 
 
 def _mpirun_path() -> Optional[str]:
@@ -258,6 +340,9 @@ def _run_mpirun_fixture() -> Callable[..., RankResult]:
     return run_mpirun
 
 
-@pytest.fixture(name="free_port")
-def _free_port_fixture() -> Callable[..., int]:
-    return free_port
+@pytest.fixture(name="reserve_port")
+def _reserve_port_fixture() -> Iterator[Callable[..., int]]:
+    """``reserve_port(consecutive=1)``: the first of that many ports, reserved (see
+    reserved_ports) until the test ends."""
+    with contextlib.ExitStack() as held:
+        yield lambda consecutive=1: held.enter_context(reserved_ports(consecutive))

@@ -154,9 +154,9 @@ def test_other_protocol_version_fails_every_rank(run_ranks):
         assert f"speaks collectives protocol {theirs}, this process speaks {mine}" in report["message"]
 
 
-def test_strangers_at_a_listener_do_not_disturb_the_mesh(run_ranks, free_port):
+def test_strangers_at_a_listener_do_not_disturb_the_mesh(run_ranks, reserve_port):
     """A silent connection and a garbage one reach worker 0's data port while it waits."""
-    port = free_port()
+    port = reserve_port()
     held = []
 
     def strangers():
@@ -335,8 +335,8 @@ def test_advertised_address():
     assert _netif.advertise_address(None, None)  # some address, whatever this host's network
 
 
-def test_listen_in_a_port_range(free_port):
-    lo = free_port(consecutive=3)
+def test_listen_in_a_port_range(reserve_port):
+    lo = reserve_port(consecutive=2)
     first = _netif.listen("127.0.0.1", (lo, lo + 1))
     second = _netif.listen("127.0.0.1", (lo, lo + 1))
     try:

@@ -272,10 +272,10 @@ def _wait_for(predicate, what, timeout=60.0):
         time.sleep(0.05)
 
 
-def test_strangers_at_a_reducer_do_not_disturb_the_job(run_ranks, tmp_path, free_port):
+def test_strangers_at_a_reducer_do_not_disturb_the_job(run_ranks, tmp_path, reserve_port):
     """While the job runs: garbage bytes, a wrong secret, a second 'rank 0' with the right
     one, and a silent connection reach the reducer; each is refused and logged."""
-    port, token = free_port(), "the-job-token-" + "z" * 20
+    port, token = reserve_port(), "the-job-token-" + "z" * 20
     running, stop = tmp_path / "running", tmp_path / "stop"
     running.mkdir()
     refusals = {}
@@ -325,10 +325,10 @@ def test_strangers_at_a_reducer_do_not_disturb_the_job(run_ranks, tmp_path, free
     assert token not in log
 
 
-def test_strangers_at_a_workers_port_do_not_stop_the_start(run_ranks, free_port):
+def test_strangers_at_a_workers_port_do_not_stop_the_start(run_ranks, reserve_port):
     """While rank 0 waits for rank 1 (which starts late), a stranger sends rank 0 a hello of
     another protocol version and one with a wrong secret: rank 0 drops both and the job starts."""
-    port = free_port()
+    port = reserve_port()
     outcomes = {}
 
     def strangers(procs):
@@ -514,9 +514,9 @@ def test_mpmd_reducer_count_that_disagrees_fails_every_process(run_mpirun, tmp_p
 
 
 @pytest.mark.mpi
-def test_mpirun_workers_meet_reducers_started_on_their_own(run_mpirun, free_port, tmp_path):
+def test_mpirun_workers_meet_reducers_started_on_their_own(run_mpirun, reserve_port, tmp_path):
     """Workers bootstrap over MPI; worker 0 serves the store where the reducers meet them."""
-    rendezvous, token = f"127.0.0.1:{free_port()}", "the-job-token-" + "w" * 20
+    rendezvous, token = f"127.0.0.1:{reserve_port()}", "the-job-token-" + "w" * 20
     reducer = subprocess.Popen([*REDUCER_COMMAND, f"--rendezvous={rendezvous}", "--stats-json",
                                 str(tmp_path / "reducer-0.json")], env={**clean_environ(), TOKEN_ENV: token},
                                stderr=subprocess.PIPE, text=True)
@@ -559,10 +559,10 @@ def test_bad_command_lines_say_what_to_do(args, env, code, message):
     assert "Traceback" not in out.stderr
 
 
-def test_no_job_at_the_rendezvous_times_out(free_port, tmp_path):
+def test_no_job_at_the_rendezvous_times_out(reserve_port, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("secret-from-a-file\n")
-    out = _reducer("--rendezvous", f"127.0.0.1:{free_port()}", "--token-file", token_file, "--timeout", "1",
+    out = _reducer("--rendezvous", f"127.0.0.1:{reserve_port()}", "--token-file", token_file, "--timeout", "1",
                    "--stats-json", tmp_path / "stats.json")
     assert out.returncode == 1 and "could not reach the collectives store" in out.stderr, out.stderr
     assert "reducer ?" in out.stderr  # no index yet
@@ -570,8 +570,8 @@ def test_no_job_at_the_rendezvous_times_out(free_port, tmp_path):
     assert report["outcome"] == "failed" and "could not reach" in report["error"]
 
 
-def test_sigterm_while_waiting_for_the_job_exits_quietly(free_port):
-    server = StoreServer("127.0.0.1", free_port()).start()  # a store where no job starts
+def test_sigterm_while_waiting_for_the_job_exits_quietly():
+    server = StoreServer("127.0.0.1", 0).start()  # a store where no job starts
     try:
         proc = subprocess.Popen([*REDUCER_COMMAND, "--rendezvous", f"127.0.0.1:{server.port}"],
                                 env={**clean_environ(), TOKEN_ENV: "t"}, stderr=subprocess.PIPE, text=True)

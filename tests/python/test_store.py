@@ -85,8 +85,8 @@ def test_get_waits_for_a_set_from_another_client(server, client):
     assert time.monotonic() - start < 3  # woken by the set, not by its timeout
 
 
-def test_client_waits_for_a_server_that_starts_later(free_port):
-    port = free_port()
+def test_client_waits_for_a_server_that_starts_later(reserve_port):
+    port = reserve_port()
     servers = []
 
     def start_later():
@@ -106,8 +106,8 @@ def test_client_waits_for_a_server_that_starts_later(free_port):
             srv.close()
 
 
-def test_client_gives_up_at_its_deadline(free_port):
-    port = free_port()
+def test_client_gives_up_at_its_deadline(reserve_port):
+    port = reserve_port()
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=f"127.0.0.1:{port}"):
         StoreClient("127.0.0.1", port, timeout=0.5)

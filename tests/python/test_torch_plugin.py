@@ -80,10 +80,10 @@ dist.destroy_process_group()
 
 @pytest.mark.parametrize("mode", ["backend", "hooks"])
 @pytest.mark.parametrize("reducers", [0, 2])
-def test_ddp_ends_where_ddp_on_gloo_ends(run_ranks, free_port, mode, reducers):
+def test_ddp_ends_where_ddp_on_gloo_ends(run_ranks, reserve_port, mode, reducers):
     env, reducer_args = {}, []
     if reducers and mode == "backend":  # the hooks meet them at MASTER_PORT+1, torchrun's default
-        rendezvous = f"127.0.0.1:{free_port()}"
+        rendezvous = f"127.0.0.1:{reserve_port()}"
         env, reducer_args = {"COLLECTIVES_RENDEZVOUS": rendezvous}, [f"--rendezvous={rendezvous}"]
     results = run_ranks(DDP_SCRIPT, 3, launcher="torchrun", args=[mode], env=env, reducers=reducers,
                         reducer_args=reducer_args, timeout=180)
