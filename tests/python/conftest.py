@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import json
 import os
 import random
@@ -157,6 +158,24 @@ def reserved_ports(consecutive: int = 1) -> Iterator[int]:
             sock.close()
 
 
+@contextlib.contextmanager
+def _agent_store(port: int) -> Iterator[Dict[str, str]]:
+    """As torchrun's agent does: serves torch's store on ``port`` from this process for the
+    whole job, ready before any rank starts, and gives the variables that make the ranks join
+    it as clients (env:// and tcp:// rendezvous read TORCHELASTIC_USE_AGENT_STORE). Without
+    torch, nothing: no rank can use torch's store then."""
+    if importlib.util.find_spec("torch") is None:
+        yield {}
+        return
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    try:
+        yield {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+    finally:
+        del store  # TCPStore has no close(): its server stops with the last reference
+
+
 def _stop(procs: Sequence[subprocess.Popen]) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -226,10 +245,10 @@ def run_ranks(script: str, n: int, *, launcher: Optional[str] = "collectives", e
     reducers'.
 
     launcher: "collectives" sets COLLECTIVES_RANK/SIZE/RENDEZVOUS (a port on 127.0.0.1
-      reserved for the job)/TOKEN; "torchrun" sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (it
-      and MASTER_PORT+1, where worker 0 serves collectives' store, reserved) and
-      COLLECTIVES_TOKEN; None sets nothing. Launcher variables inherited from the test's own
-      environment are removed first.
+      reserved for the job)/TOKEN; "torchrun" sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and
+      COLLECTIVES_TOKEN and, as torchrun does, serves torch's store at MASTER_PORT itself
+      (MASTER_PORT+1, where worker 0 serves collectives' store, is reserved); None sets
+      nothing. Launcher variables inherited from the test's own environment are removed first.
     env: variables for every rank (None unsets one); rank_env(rank): per rank, applied last.
     args: extra command-line arguments, or a function of the rank giving them.
     ranks: start only these ranks (e.g. to leave one out); default all n.
@@ -287,7 +306,8 @@ def _launcher_vars(launcher: Optional[str], n: int, job: contextlib.ExitStack) -
         return dict(COLLECTIVES_SIZE=str(n), COLLECTIVES_RENDEZVOUS=f"127.0.0.1:{port}", COLLECTIVES_TOKEN=token)
     if launcher == "torchrun":
         port = job.enter_context(reserved_ports(2))  # MASTER_PORT, and MASTER_PORT+1 for collectives' store
-        return dict(WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), COLLECTIVES_TOKEN=token)
+        return dict(WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), COLLECTIVES_TOKEN=token,
+                    **job.enter_context(_agent_store(port)))
     raise ValueError(f"launcher must be 'collectives', 'torchrun' or None, not {launcher!r}")
 
 
