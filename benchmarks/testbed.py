@@ -17,7 +17,11 @@ random drop, so each direction of a link loses it). This kernel has no netem, so
 stops with an error unless the kernel has it. Every host's TCP uses the congestion control
 --tcp-cc (default cubic, Linux's own default), whatever the machine's default is: it decides
 how flows share a link (this machine defaults to bbr, whose bandwidth and RTT probing lose
-2-3% of the bytes on these shallow queues and stall single flows for 200 ms at a time).
+2-3% of the bytes on these shallow queues and stall single flows for 200 ms at a time). A
+namespace may only pick an algorithm listed in net.ipv4.tcp_allowed_congestion_control (or
+the machine's default); where --tcp-cc is available but not listed, the hosts fall back to
+the machine's default, with a warning that gives the sysctl command that allows it, and
+TESTBED_TCP_CC, --summary and the tc description (hence every result row) say so.
 
 Before COMMAND runs, the links' TCP goodput B is measured: one bulk TCP transfer per link,
 h0->h1, h1->h2, ..., the last host back to h0, one at a time (--goodput-seconds each after
@@ -31,7 +35,7 @@ environment extended by:
     TESTBED_RATE         the rate as given (500mbit); TESTBED_RATE_BPS the same in bits/s
     TESTBED_BURST        tbf's burst in bytes
     TESTBED_LOSS         the loss as a fraction (0.001), or empty
-    TESTBED_TCP_CC       the hosts' TCP congestion control (cubic)
+    TESTBED_TCP_CC       the hosts' TCP congestion control (cubic; see --tcp-cc for a fallback)
     TESTBED_TC           the link settings in words, for result rows
     TESTBED_GOODPUT_BPS  B in bits/s (empty when not measured)
     TESTBED_EXEC         the path of testbed_exec: "$TESTBED_EXEC h1 CMD ARGS..." runs CMD on h1
@@ -52,7 +56,7 @@ during it (all cores, from /proc/stat); a run in which the CPU was more than 90%
 (CPU_BOUND_UTIL) is flagged cpu_bound with a warning: there the links were not the
 bottleneck and the figures do not count. --summary F writes a JSON object: the settings
 (hosts [{name, address}], per_host, rate, rate_bps, burst_bytes, tbf_latency, loss, delay,
-tcp_cc, tc), goodput_bps, goodput_bps_per_link {"h0->h1": bps}, command, returncode, seconds,
+tcp_cc, tcp_cc_requested, tc), goodput_bps, goodput_bps_per_link {"h0->h1": bps}, command, returncode, seconds,
 link_bytes {host: {tx, rx}} (bytes that crossed each link during COMMAND, Ethernet headers
 included), dropped_packets {host: n} (by --loss), cpu_util, cpu_util_per_core and
 cpu_bound. Everything the run created
@@ -281,6 +285,31 @@ def _remove_netns(netns: str) -> None:
         log.warning("could not delete network namespace %s: %s", netns, result.stderr.strip())
 
 
+def _tcp_cc_setting(name: str) -> str:
+    return Path(f"/proc/sys/net/ipv4/tcp_{name}congestion_control").read_text().strip()
+
+
+def permitted_tcp_cc(requested: str) -> str:
+    """The TCP congestion control the hosts can use: requested where a network namespace may
+    pick it, else the machine's default with a warning (a namespace other than the machine's
+    own may only pick those in net.ipv4.tcp_allowed_congestion_control, and the default is
+    always among them: sysctl would fail with "Operation not permitted"). TestbedError if
+    requested is not available at all."""
+    available = _tcp_cc_setting("available_").split()
+    if requested not in available:
+        raise TestbedError(f"TCP congestion control {requested!r} is not available here "
+                           f"(available: {', '.join(available)})")
+    allowed, default = _tcp_cc_setting("allowed_").split(), _tcp_cc_setting("")
+    if requested in allowed:
+        return requested
+    log.warning("TCP congestion control %s is available but network namespaces may not use it "
+                "(net.ipv4.tcp_allowed_congestion_control = %s): the hosts use the machine's default, %s, and the "
+                "results say so (it shapes them: see --tcp-cc); to use %s, run as root: "
+                "sysctl -w net.ipv4.tcp_allowed_congestion_control=\"%s\"", requested, " ".join(allowed), default,
+                requested, " ".join(allowed + [requested]))
+    return default
+
+
 def remove_stale() -> None:
     """Removes what earlier runs left behind when they were killed outright (their owner
     process is gone): their processes, namespaces (with their veths and bridge) and state."""
@@ -357,7 +386,8 @@ class Testbed:
         self.burst_bytes = parse_burst(burst)
         self.loss = parse_loss(loss) if loss is not None else None
         self.delay = parse_delay(delay) if delay is not None else None
-        self.tcp_cc = tcp_cc
+        self.tcp_cc_requested = tcp_cc
+        self.tcp_cc = tcp_cc  # what the hosts use: the requested one, or the machine's default (start())
         self.per_host = per_host
         self.goodput_seconds = goodput_seconds
         pid = os.getpid()
@@ -387,10 +417,7 @@ class Testbed:
     def start(self) -> None:
         """Creates the hosts, the switch and the links, then measures the goodput."""
         check_prerequisites(loss=self.loss is not None)
-        available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
-        if self.tcp_cc not in available:
-            raise TestbedError(f"TCP congestion control {self.tcp_cc!r} is not available here "
-                               f"(available: {', '.join(available)})")
+        self.tcp_cc = permitted_tcp_cc(self.tcp_cc_requested)
         remove_stale()
         log.info("creating %d hosts, links %s", len(self.hosts), self.tc_description())
         self.state_dir.mkdir(parents=True)
@@ -533,6 +560,8 @@ class Testbed:
     def tc_description(self) -> str:
         text = (f"tbf rate {self.rate} burst {self.burst_bytes} latency {TBF_LATENCY} on both ends of each "
                 f"link, mtu 1500, tcp {self.tcp_cc}")
+        if self.tcp_cc != self.tcp_cc_requested:
+            text += f" ({self.tcp_cc_requested} requested: not allowed in namespaces here)"
         if self.loss is not None:
             text += f"; loss {self.loss * 100:g}% per direction (nftables random drop)"
         if self.delay is not None:
@@ -633,6 +662,7 @@ class Testbed:
             "loss": self.loss,
             "delay": self.delay,
             "tcp_cc": self.tcp_cc,
+            "tcp_cc_requested": self.tcp_cc_requested,
             "tc": self.tc_description(),
             "goodput_bps": self.goodput_bps,
             "goodput_bps_per_link": self.goodput_bps_per_link,

@@ -332,6 +332,41 @@ def test_many_hosts_at_a_high_rate_are_flagged_cpu_bound():
     assert cpu.cpu_bound, cpu.util
 
 
+ALLOWED_CC = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+
+
+def _host_tcp_cc(tb, host):
+    return subprocess.run(["ip", "netns", "exec", tb.host(host).netns, "sysctl", "-n",
+                           "net.ipv4.tcp_congestion_control"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_congestion_control_namespaces_may_not_use_falls_back_to_the_default_and_says_so(caplog):
+    # A namespace may only pick algorithms in net.ipv4.tcp_allowed_congestion_control (sysctl
+    # fails with "Operation not permitted" otherwise). The list is the machine's: changed here
+    # only for the test, and restored.
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    others = [cc for cc in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+              if cc != default]
+    if not others:
+        pytest.skip(f"no congestion control other than the default ({default}) is available")
+    wanted, saved = others[0], ALLOWED_CC.read_text().strip()
+    try:
+        ALLOWED_CC.write_text(" ".join(cc for cc in saved.split() if cc != wanted))
+        with testbed.Testbed(hosts=1, rate=RATE, goodput_seconds=0, tcp_cc=wanted) as tb:
+            assert (tb.tcp_cc, tb.tcp_cc_requested, _host_tcp_cc(tb, "h0")) == (default, wanted, default)
+            assert tb.env()["TESTBED_TCP_CC"] == default and tb.describe()["tcp_cc_requested"] == wanted
+            assert f"tcp {default} ({wanted} requested: not allowed in namespaces here)" in tb.tc_description()
+        warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and wanted in r.getMessage())
+        assert 'sysctl -w net.ipv4.tcp_allowed_congestion_control="' in warning and f' {wanted}"' in warning, warning
+        ALLOWED_CC.write_text(" ".join([*saved.split(), wanted]))
+        with testbed.Testbed(hosts=1, rate=RATE, goodput_seconds=0, tcp_cc=wanted) as tb:
+            assert (tb.tcp_cc, _host_tcp_cc(tb, "h0")) == (wanted, wanted) and "requested" not in tb.tc_description()
+    finally:
+        ALLOWED_CC.write_text(saved)
+    with pytest.raises(testbed.TestbedError, match="not available here"):
+        testbed.Testbed(hosts=1, rate=RATE, goodput_seconds=0, tcp_cc="no-such-cc").start()
+
+
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nft not found (apt-get install -y nftables)")
 def test_loss_drops_packets_and_tcp_recovers():
     with testbed.Testbed(hosts=2, rate="50mbit", loss="5%", goodput_seconds=0) as tb:
