@@ -31,6 +31,10 @@ the job's secret in COLLECTIVES_TOKEN or a --token-file (never on a command line
 
 _COUNTERS = ("bytes_received", "bytes_sent", "chunks_reduced", "elements_reduced")
 _MB = 1e6
+# The meter looks this often whether the reducer is at work: a tick in which it reduced a chunk
+# or received at least _BUSY_BYTES (more than heartbeats and greetings) counts as busy.
+_BUSY_TICK_S = 0.1
+_BUSY_BYTES = 64 << 10
 
 
 class _Interrupted(BaseException):
@@ -76,8 +80,10 @@ class _Tag(logging.Filter):
 
 
 class _Meter:
-    """The server's counters and this process's CPU time (all its threads), per interval
-    and in total."""
+    """The server's counters and this process's CPU time (all its threads), per interval, in
+    total, and while busy: over the ticks in which it was at work. A reducer spends most of
+    its life waiting (for the job's start-up, for the workers' other work between
+    all-reduces), so its CPU use averaged over its life reads ~0% however much it moved."""
 
     def __init__(self, server: Any):
         self.server = server
@@ -85,6 +91,18 @@ class _Meter:
         self.started = self.last_time = time.monotonic()
         self.cpu_started = self.last_cpu = time.process_time()
         self.last = server.stats()
+        self.busy_s = self.busy_cpu_s = 0.0
+        self._tick = (self.started, self.cpu_started, self.last)
+
+    def tick(self) -> None:
+        """Adds the time and CPU since the last tick to the busy totals if the reducer was at work."""
+        now, cpu, stats = time.monotonic(), time.process_time(), self.server.stats()
+        then, cpu_then, before = self._tick
+        if (stats["chunks_reduced"] > before["chunks_reduced"]
+                or stats["bytes_received"] - before["bytes_received"] >= _BUSY_BYTES):
+            self.busy_s += now - then
+            self.busy_cpu_s += cpu - cpu_then
+        self._tick = (now, cpu, stats)
 
     def sample(self) -> None:
         now, cpu, stats = time.monotonic(), time.process_time(), self.server.stats()
@@ -102,8 +120,12 @@ class _Meter:
 
     def totals(self) -> Dict[str, Any]:
         elapsed, cpu = time.monotonic() - self.started, time.process_time() - self.cpu_started
+        self.tick()
         return {"elapsed_s": round(elapsed, 3), "cpu_s": round(cpu, 3),
-                "cpu_percent": round(100 * cpu / max(elapsed, 1e-9), 1), **self.server.stats()}
+                "cpu_percent": round(100 * cpu / max(elapsed, 1e-9), 1), "busy_s": round(self.busy_s, 3),
+                "busy_cpu_s": round(self.busy_cpu_s, 3),
+                "busy_cpu_percent": round(100 * self.busy_cpu_s / self.busy_s, 1) if self.busy_s else 0.0,
+                **self.server.stats()}
 
 
 def _arg(parse: Callable[[str, str], Any], name: str) -> Callable[[str], Any]:
@@ -199,9 +221,10 @@ def _run(args: argparse.Namespace, tag: _Tag, signals: _Signals, report: Dict[st
         report["totals"] = totals = meter.totals()
     finally:
         joined.close()
-    log.info("served %d workers for %.1f s: %.1f MB in, %.1f MB out, %d chunks reduced, CPU %.0f%% of a core",
-             len(joined.worker_fds), totals["elapsed_s"], totals["bytes_received"] / _MB,
-             totals["bytes_sent"] / _MB, totals["chunks_reduced"], totals["cpu_percent"])
+    log.info("served %d workers for %.1f s: %.1f MB in, %.1f MB out, %d chunks reduced, CPU %.0f%% of a core "
+             "while busy (%.1f s), %.1f%% over it all", len(joined.worker_fds), totals["elapsed_s"],
+             totals["bytes_received"] / _MB, totals["bytes_sent"] / _MB, totals["chunks_reduced"],
+             totals["busy_cpu_percent"], totals["busy_s"], totals["cpu_percent"])
     if signals.signum is not None:
         raise _Interrupted(signals.signum)  # stopped on purpose: whatever serve() said is no failure
     if error is not None:
@@ -225,7 +248,9 @@ def _serve(server: Any, meter: _Meter, interval: Optional[float]) -> Optional[Ba
     thread.start()
     next_sample = None if interval is None else time.monotonic() + interval
     while thread.is_alive():
-        thread.join(0.5 if next_sample is None else max(0.0, next_sample - time.monotonic()))
+        thread.join(_BUSY_TICK_S if next_sample is None
+                    else max(0.0, min(_BUSY_TICK_S, next_sample - time.monotonic())))
+        meter.tick()
         if next_sample is not None and time.monotonic() >= next_sample:
             meter.sample()
             next_sample = time.monotonic() + interval
