@@ -12,6 +12,16 @@ systems for at least --pairs rounds, every result checked. All systems are pinne
 testbed's interface (eth0) and to one compute thread per rank; COLLECTIVES_* variables set
 here reach every rank (and every reducer).
 
+The harness never trusts mpirun's placement (benchmarks/_checks.py): it leaves out the Open
+MPI, PRRTE and PMIx variables it inherits (a mapping policy such as
+PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe put every rank on h0) and maps one rank
+per host explicitly (--map-by ppr:1:node); each rank reports its hostname and eth0 address
+before anything is timed, and a run whose rank i is not on h<i> is stopped and refused (exit
+status 1, the expected and actual placement named, nothing written). Before anything is
+printed or written, every row's per-host link bytes are checked against its algorithm's
+model (within 10%; see _checks.py for MPI and for small sizes); a row that fails refuses the
+run the same way.
+
 With --reducers R (R > 0) the testbed has N + R hosts, all links at the same rate: workers on
 h0..h(N-1), one reducer on each of the next R hosts (as cheap CPU VMs would be). Each reducer
 is started in the background on its host as `python -m collectives.reduction_server
@@ -34,8 +44,12 @@ the fraction of it reached, the bytes that crossed each host's link per all-redu
 and rx/size, Ethernet/IP/TCP headers included: ~0.2% above the payload), for the reduction
 server also each reducer host's (from the workers' per-reducer byte counters during the
 timed all-reduces, scaled by that host's link bytes over its reducer's own byte counts), and
-the CPU use during the timed all-reduces; a row over 90% CPU is flagged cpu_bound: there the
-2 cores, not the links, may have set the pace, and the figure does not count.
+the CPU use during the timed all-reduces (the whole machine's: cpu_bound above 90%), and the
+row's pace: "links" (>= 90% of its bound: the links, not the CPU, set it), "cpu" (below,
+with the cores > 90% busy: the CPU may have held it back) or "own" (below, with CPU to
+spare). Under the table a legend says so, and a line per ratio of collectives to a peer says
+whether it counts: only if neither row is cpu-paced (a cpu-paced peer may make it overstate,
+a cpu-paced collectives makes it a lower bound).
 
 --results MD rewrites the generated block of MD (benchmarks/RESULTS.md) named after the run's
 configuration ("ring 4,8 500mbit", "reducers 4+4 500mbit"), between its markers
@@ -58,6 +72,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _checks
 import _common
 import testbed
 
@@ -67,6 +82,12 @@ SYSTEMS = ("collectives", "gloo", "mpi")
 # reducers, compare.py sets the rendezvous, the reducer count and the secret's file itself.
 NOT_FORWARDED = {"COLLECTIVES_RANK", "COLLECTIVES_SIZE", "COLLECTIVES_RENDEZVOUS", "COLLECTIVES_TOKEN",
                  "COLLECTIVES_TOKEN_FILE", "COLLECTIVES_NUM_REDUCERS"}
+# Open MPI, PRRTE and PMIx settings this process inherited: mpirun would take its mapping from
+# them (PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe puts every rank on h0) and MPI its
+# algorithms; the harness places the ranks itself and measures MPI's defaults.
+NOT_INHERITED_PREFIXES = ("OMPI_", "PRTE_", "PMIX_")
+RUN_AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}  # set here, for every job
+PLACEMENT_POLL_S = 0.2
 RENDEZVOUS_PORT = 29600  # on h0: the job's store, where reducers meet the workers
 # The same interface and one compute thread per rank, for every system.
 PINNED_ENV = {
@@ -161,12 +182,7 @@ def bound(algorithm, goodput_GBps, hosts, reducers):
     return ring_bound(goodput_GBps, hosts)
 
 
-def expected_traffic(algorithm, hosts, reducers):
-    """(per worker host, per reducer host or None): bytes each way per all-reduce, as a
-    multiple of the size (headers not counted)."""
-    if algorithm == "reduction_server":
-        return 1.0, hosts / reducers
-    return 2 * (hosts - 1) / hosts, None
+expected_traffic = _checks.expected_traffic  # the models live beside the checks of link bytes
 
 
 def row_label(row):
@@ -206,8 +222,15 @@ def secret_file(directory):
 
 
 def base_env():
-    """This process's environment without the launch variables that each job sets itself."""
-    return {key: value for key, value in os.environ.items() if key not in NOT_FORWARDED}
+    """This process's environment without the launch variables that each job sets itself and
+    without inherited Open MPI, PRRTE and PMIx settings (NOT_INHERITED_PREFIXES); a note on
+    stderr names those it leaves out."""
+    dropped = sorted(key for key in os.environ if key.startswith(NOT_INHERITED_PREFIXES))
+    if set(dropped) - set(RUN_AS_ROOT):
+        print(f"# note: not passing on {', '.join(k for k in dropped if k not in RUN_AS_ROOT)}: the harness places "
+              "the ranks itself and measures MPI's defaults", file=sys.stderr)
+    return {key: value for key, value in os.environ.items()
+            if key not in NOT_FORWARDED and key not in dropped}
 
 
 def reducer_job_env(bed, work, reducers):
@@ -260,16 +283,21 @@ def finish_reducers(reducers):
 
 def stop_reducers(reducers):
     """SIGTERM to each reducer still running (it then writes its stats), SIGKILL if it lingers."""
-    for reducer in reducers:
-        if reducer.proc.poll() is None:
-            reducer.proc.terminate()
+    stop_process(*(reducer.proc for reducer in reducers))
+
+
+def stop_process(*procs):
+    """SIGTERM to each process still running, SIGKILL to those still running REDUCER_STOP_S later."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
     deadline = time.monotonic() + REDUCER_STOP_S
-    for reducer in reducers:
+    for proc in procs:
         try:
-            reducer.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            reducer.proc.kill()
-            reducer.proc.wait()
+            proc.kill()
+            proc.wait()
 
 
 def reducer_figures(reducers, links):
@@ -304,23 +332,24 @@ def run_job(bed, args, workers, reducers):
         os.chmod(work, 0o755)
         base, pinned = base_env(), PINNED_ENV
         job = reducer_job_env(bed, work, reducers) if reducers else {}
-        env = {
-            **base, **bed.env(),
-            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-            "PYTHONPATH": str(HERE), **pinned, **job,
-        }
+        placement = Path(work) / "placement"
+        placement.mkdir()
+        env = {**base, **bed.env(), **RUN_AS_ROOT, "PYTHONPATH": str(HERE), **pinned, **job}
         # Settings reach the ranks by name (-x NAME: mpirun copies the value), so that nothing
         # secret lands on a command line; the launch variables stay MPI's own business.
         forwarded = sorted(key for key in env if key.startswith("COLLECTIVES_") and key not in NOT_FORWARDED)
         worker_hosts = ",".join(f"{h.name}:1" for h in bed.hosts[:workers])
         command = [
-            str(mpirun), "--host", worker_hosts, "--prtemca", "plm_ssh_agent", env["TESTBED_SSH_AGENT"],
+            # One rank per host, rank i on hN's i-th: an explicit map, which mpirun honours over
+            # any mapping policy in the environment (the ranks' reports are checked all the same).
+            str(mpirun), "--host", worker_hosts, "-np", str(workers), "--map-by", "ppr:1:node",
+            "--prtemca", "plm_ssh_agent", env["TESTBED_SSH_AGENT"],
             "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", testbed.IFNAME,
             "--mca", "oob_tcp_if_include", testbed.IFNAME,
             *[arg for key in [*pinned, *forwarded, *job, "PYTHONPATH"] for arg in ("-x", key)],
             sys.executable, str(HERE / "allreduce.py"), "--min", str(min(sizes)), "--max", str(max(sizes)),
             "--factor", "4", "--pairs", str(args.pairs), "--systems", args.systems,
-            "--link", testbed.IFNAME, "--json", str(rows_file),
+            "--link", testbed.IFNAME, "--placement", str(placement), "--json", str(rows_file),
         ]
         started, links_before = [], bed.link_bytes()
         try:
@@ -328,14 +357,29 @@ def run_job(bed, args, workers, reducers):
                 start_reducers(bed, bed.hosts[workers:workers + reducers], job["COLLECTIVES_RENDEZVOUS"],
                                {**base, **bed.env(), **pinned, **job, "PYTHONUNBUFFERED": "1"}, work, started)
             proc = bed.run_on("h0", command, env=env, cwd=work)
-            if proc.wait() != 0:
+            if wait_placed(proc, placement, bed.hosts[:workers]) != 0:
                 print_reducer_logs(started)
                 raise SystemExit(f"the benchmark job failed (exit {proc.returncode})")
+            _checks.require_placement(placement, bed.hosts[:workers])
             finish_reducers(started)
         finally:
             stop_reducers(started)
         links = testbed.link_bytes_delta(links_before, bed.link_bytes())
         return json.loads(rows_file.read_text()), reducer_figures(started, links)
+
+
+def wait_placed(proc, placement, hosts):
+    """Waits for the job (proc: mpirun) to end, and its exit status; as soon as every rank has
+    reported where it runs, checks that rank i is on hosts[i], stopping the job if not."""
+    placed = False
+    while proc.poll() is None:
+        try:
+            placed = placed or _checks.placement_verified(placement, hosts)
+        except _checks.Refused:
+            stop_process(proc)
+            raise
+        time.sleep(PLACEMENT_POLL_S)
+    return proc.returncode
 
 
 def reducer_host_bytes(row, reducer_info):
@@ -366,6 +410,7 @@ def with_link_figures(row, bed, reducer_info=None):
         **row, "transport": "emulated", "rate_gbps": bed.rate_bps / 1e9, "goodput_GBps": goodput,
         "tc": bed.tc_description(), "bound_GBps": limit, "bound_fraction": row["algbw_GBps"] / limit,
     }
+    row["pace"] = _checks.pace(row["bound_fraction"], row["cpu_util"])
     if reducer_info:
         row["reducer_hosts"] = reducer_info
         if row["algorithm"] == "reduction_server" and row.get("link_bytes"):
@@ -376,6 +421,27 @@ def with_link_figures(row, bed, reducer_info=None):
                 link["rx_per_reducer_host"] = sum(h["rx"] for h in per_host.values()) / len(per_host)
             row["link_bytes"] = link
     return row
+
+
+def link_problems(row):
+    """What is wrong with the row's link bytes per all-reduce against its algorithm's model
+    (benchmarks/_checks.py): every worker host's, and each reducer host's; [] if nothing."""
+    worker_model, reducer_model = _checks.link_model(row["algorithm"], row["hosts"], row["reducers"] or 0)
+    label, link = row_label(row), row["link_bytes"] or {}
+    per_host = link.get("per_host") or {}
+    problems = []
+    if len(per_host) != row["hosts"]:
+        problems.append(f"{label}, {row['bytes']} bytes: link bytes of {len(per_host)} distinct hosts "
+                        f"({', '.join(sorted(per_host)) or 'none'}), expected {row['hosts']}")
+    problems += _checks.traffic_problems(label, per_host, worker_model, row["bytes"], row["hosts"])
+    if reducer_model is not None:
+        reducers = link.get("reducer_hosts") or {}
+        if len(reducers) != row["reducers"]:
+            problems.append(f"{label}, {row['bytes']} bytes: byte counts of {len(reducers)} reducer hosts, "
+                            f"expected {row['reducers']}")
+        problems += _checks.traffic_problems(f"{label} (reducer host)", reducers, reducer_model, row["bytes"],
+                                             row["hosts"])
+    return problems
 
 
 # -- reports
@@ -415,10 +481,33 @@ def reducer_lines(row):
                  + ("" if figures["scaled"] else " (payload only: no stats)") if figures else "no byte counts")
         if totals:
             text += (f"; over its life {totals.get('bytes_received', 0) / 1e6:.1f} MB in, "
-                     f"{totals.get('bytes_sent', 0) / 1e6:.1f} MB out, CPU {totals.get('cpu_percent', 0):.0f}% of a core")
+                     f"{totals.get('bytes_sent', 0) / 1e6:.1f} MB out, {reducer_cpu(totals)}")
         if info.get("outcome") != "ok":
             text += f"; outcome {info.get('outcome')}, exit {info.get('exit')}"
         lines.append(text)
+    return lines
+
+
+def reducer_cpu(totals):
+    """A reducer's CPU use in words, from its --stats-json totals: per second of the time it
+    moved bytes (averaged over its whole life, which the workers' other systems and start-up
+    fill, it reads ~0%), and in all."""
+    if "busy_cpu_percent" not in totals:
+        return f"CPU {totals.get('cpu_percent', 0):.1f}% of a core over its life"
+    return (f"CPU {totals['busy_cpu_percent']:.0f}% of a core while moving bytes ({totals['busy_s']:.1f} s), "
+            f"{totals['cpu_s']:.2f} s in all over {totals['elapsed_s']:.0f} s")
+
+
+def standing_lines(group):
+    """Per size, each ratio of collectives to a peer and whether it counts (_checks.ratio_standing)."""
+    lines = []
+    for subject in (r for r in group if r["system"] == "collectives"):
+        for peer in group:
+            ratio = subject.get(f"speedup_vs_{peer['system']}")
+            if peer["system"] == "collectives" or peer["bytes"] != subject["bytes"] or ratio is None:
+                continue
+            _, words = _checks.ratio_standing(row_label(subject), subject["pace"], row_label(peer), peer["pace"])
+            lines.append(f"{row_label(subject)} {ratio:.2f}x {row_label(peer)} at {subject['bytes']}: {words}")
     return lines
 
 
@@ -428,20 +517,22 @@ def print_rows(rows):
         for line in group_heading(group[0]):
             print("# " + line)
         print(f"# {'system':<29} {'size':>10} {'time ms':>9} {'algbw':>7} {'busbw':>7} {'bound':>6} "
-              f"{'vs gloo':>8} {'#wrong':>6} {'tx/size':>8} {'rx/size':>8} {'cpu':>5}")
+              f"{'vs gloo':>8} {'#wrong':>6} {'tx/size':>8} {'rx/size':>8} {'cpu':>5} {'pace':>5}")
         for row in group:
             link = row["link_bytes"] or {}
             ratio = row["speedup_vs_gloo"]
-            flag = " cpu_bound: does not count" if row["cpu_bound"] else ""
             print(f"  {row_label(row):<29} {row['bytes']:>10} {row['time_s'] * 1e3:>9.1f} {row['algbw_GBps']:>7.4f} "
                   f"{row['busbw_GBps']:>7.4f} {row['bound_fraction']:>6.1%} "
                   f"{'-' if ratio is None else f'{ratio:.2f}x':>8} {row['wrong']:>6} "
                   f"{_ratio(link.get('tx_per_host'), row['bytes']):>8} "
                   f"{_ratio(link.get('rx_per_host'), row['bytes']):>8} "
-                  f"{'-' if row['cpu_util'] is None else format(row['cpu_util'], '.0%'):>5}{flag}")
+                  f"{'-' if row['cpu_util'] is None else format(row['cpu_util'], '.0%'):>5} {row['pace'] or '-':>5}")
             if row["algorithm"] == "reduction_server":
                 for line in reducer_lines(row):
                     print("      " + line)
+        print("# " + _checks.PACE_LEGEND)
+        for line in standing_lines(group):
+            print("# " + line)
 
 
 def block_name(hosts, reducers, rate):
@@ -468,21 +559,20 @@ def markdown(rows, command, name):
         group = [r for r in rows if _group_key(r) == key]
         lines += ["; ".join(group_heading(group[0])), ""]
         lines += ["| system | size | time (ms) | algbw (GB/s) | busbw (GB/s) | of bound | vs gloo | #wrong "
-                  "| tx/size | rx/size | cpu |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| tx/size | rx/size | cpu | pace |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         notes = []
         for row in group:
             link, ratio = row["link_bytes"] or {}, row["speedup_vs_gloo"]
-            flag = " (cpu_bound: does not count)" if row["cpu_bound"] else ""
             lines.append(
                 f"| {row_label(row)} | {row['bytes']} | {row['time_s'] * 1e3:.1f} | {row['algbw_GBps']:.4f} "
                 f"| {row['busbw_GBps']:.4f} | {row['bound_fraction']:.1%} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}x'} | {row['wrong']} | "
                 f"{_ratio(link.get('tx_per_host'), row['bytes'])} | {_ratio(link.get('rx_per_host'), row['bytes'])} | "
-                f"{'-' if row['cpu_util'] is None else format(row['cpu_util'], '.0%')}{flag} |")
+                f"{'-' if row['cpu_util'] is None else format(row['cpu_util'], '.0%')} | {row['pace'] or '-'} |")
             if row["algorithm"] == "reduction_server":
                 notes += [f"- {row['bytes']}: {line}" for line in reducer_lines(row)]
-        lines.append("")
+        lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in standing_lines(group)] + [""]
         if notes:
             lines += ["Reducer hosts, per reduction-server all-reduce:", "", *notes, ""]
     return "\n".join(lines + [end])
@@ -570,6 +660,7 @@ def main(argv=None):
                                  tcp_cc=args.tcp_cc) as bed:
                 found, reducer_info = run_job(bed, args, hosts, reducers)
                 rows = [with_link_figures(row, bed, reducer_info) for row in found]
+            _checks.check_traffic([problem for row in rows for problem in link_problems(row)])
             print_rows(rows)
             everything += rows
     if args.json:

@@ -40,10 +40,18 @@ per-step timing of the backward pass (compute, all-reduce from the first bucket'
 the last's end, and their overlap; DDP's runtime logging, sampled every step), the floor of
 moving the gradients over the links (ring: 2(n-1)/n x S / B per worker, reduction server:
 S / (B min(1, R/N))), the bytes each worker host sent and received per step over S, the
-machine's CPU use during the system's steps (a row above 90% is flagged cpu_bound: there
-the 2 cores, not the links, may have set the pace, and the figure does not count), and
-whether the parameters ended identical on every rank (a SHA-256 of each rank's parameters,
-allgathered).
+machine's CPU use during the system's steps (cpu_bound above 90%), floor/comm (the comm
+floor over DDP's all-reduce time: how close the all-reduces came to the links' limit) and the
+row's pace from these two (benchmarks/_checks.py: "links" at >= 90% of the floor, else "cpu"
+with the cores > 90% busy, else "own"; a ratio to gloo counts, and the bar can pass, only if
+neither row is cpu-paced), and whether the parameters ended identical on every rank (a
+SHA-256 of each rank's parameters, allgathered).
+
+As compare.py does, the driver refuses a run (exit status 1, nothing written) whose workers
+did not each run on their own host (each reports its hostname and eth0 address at start), or
+whose link bytes per step are not the model's (worker hosts: 2(n-1)/n x S for gloo and the
+ring, S for the reduction server; reducer hosts: N/R x S per reduction-server step over the
+job): see benchmarks/_checks.py.
 
 --results MD rewrites the block "ddp N+R RATE" of MD (benchmarks/RESULTS.md) between
     <!-- train.py: begin NAME (generated; rerun the command below to regenerate) -->
@@ -65,6 +73,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _checks
 import _common
 import compare
 import testbed
@@ -119,6 +128,7 @@ def parse_args(argv=None):
     # Set by the driver for the worker processes it starts on the hosts.
     add("--worker-report", metavar="FILE", help=argparse.SUPPRESS)
     add("--link", default=testbed.IFNAME, help=argparse.SUPPRESS)
+    add("--placement", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hosts < 2:
         parser.error("--hosts must be at least 2 (DDP across the links needs 2 workers)")
@@ -163,6 +173,8 @@ def worker(args):
 
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=args.timeout)
+    if args.placement:
+        _checks.report_placement(args.placement, int(os.environ["RANK"]), args.link)
     dist.init_process_group("gloo", timeout=timeout)
     rank, size = dist.get_rank(), dist.get_world_size()
     systems = args.systems
@@ -218,11 +230,15 @@ def worker(args):
         for round_ in range(args.warmup + args.steps):
             turn, last = round_ % len(systems), {}
             for name in systems[turn:] + systems[:turn]:
-                dist.barrier()
+                # The link counters are read before the barrier (once a worker leaves it, its
+                # bytes may reach a host whose worker has not) and after another (every
+                # worker's step is done, so every byte of it has crossed), as allreduce.py does.
                 link = _common.link_counters(args.link)
+                dist.barrier()
                 sampler = testbed.CpuSampler().start()
                 figures = train_step(runners[name], optimizers[name])
                 sampler.stop()
+                dist.barrier()
                 link_after = _common.link_counters(args.link)
                 last[name] = figures["step_s"]
                 if round_ < args.warmup:
@@ -301,6 +317,9 @@ def rows_from_report(report, setting):
             cpu_util = busy / seconds if seconds else None
             hashes = [r[name].get("hash") for r in ranks]
             tx, rx = (statistics.median(_mean_over_ranks(ranks, name, key)) for key in ("tx", "rx"))
+            names = setting.get("worker_hosts") or [f"rank {i}" for i in range(len(ranks))]
+            per_host = {host: {key: statistics.median(r[name][key]) for key in ("tx", "rx")}
+                        for host, r in zip(names, ranks)}
             row = {
                 "system": "collectives" if name in ("ring", "reduction_server") else name,
                 "algorithm": algorithm, "hosts": hosts, "reducers": reducers,
@@ -315,7 +334,7 @@ def rows_from_report(report, setting):
                 "compute_time_s": none,
                 "comm_share": None if none is None or name == "none" else 1 - none / median,
                 "comm_floor_s": comm_floor_s(algorithm, grad_bytes, setting["goodput_GBps"], hosts, reducers),
-                "link_bytes": {"tx_per_step": tx, "rx_per_step": rx},
+                "link_bytes": {"tx_per_step": tx, "rx_per_step": rx, "per_host": per_host},
                 "cpu_util": cpu_util,
                 # Without communication the step is all compute: the CPU is its bottleneck by design.
                 "cpu_bound": (None if name == "none"
@@ -326,8 +345,25 @@ def rows_from_report(report, setting):
             }
             for key in ("forward_s", "backward_s", "optimizer_s", *(DDP_TIMES if name != "none" else ())):
                 row[key] = statistics.median(_slowest(ranks, name, key))
+            # How close DDP's all-reduces (first bucket's start to last one's end) came to the floor.
+            row["bound_fraction"] = (None if name == "none" or not row["ddp_backward_comm_s"]
+                                     else row["comm_floor_s"] / row["ddp_backward_comm_s"])
+            row["pace"] = _checks.pace(row["bound_fraction"], cpu_util)
             rows.append(row)
     return rows
+
+
+def _ratio_standing(row, rows):
+    """Whether the row's ratio to gloo (at its bucket cap) counts, and why: _checks.ratio_standing."""
+    gloo = next(r for r in rows if r["algorithm"] == "gloo" and r["bucket_cap_mb"] == row["bucket_cap_mb"])
+    return _checks.ratio_standing(LABELS[row["algorithm"]], row["pace"], "gloo", gloo["pace"])
+
+
+def standing_lines(rows):
+    """Each communicating system's ratio to gloo, per bucket cap, and whether it counts."""
+    return [f"{LABELS[row['algorithm']]} {row['speedup_vs_gloo']:.2f}x gloo at bucket_cap_mb "
+            f"{row['bucket_cap_mb']:g}: {_ratio_standing(row, rows)[1]}"
+            for row in rows if row["algorithm"] in ("ring", "reduction_server")]
 
 
 def bar_lines(rows):
@@ -337,10 +373,11 @@ def bar_lines(rows):
         if row["algorithm"] != "reduction_server":
             continue
         config = f"{row['hosts']} workers + {row['reducers']} reducer{'s' if row['reducers'] != 1 else ''}"
-        met = row["speedup_vs_gloo"] >= BAR and not row["cpu_bound"]
+        counts, words = _ratio_standing(row, rows)
+        met = row["speedup_vs_gloo"] >= BAR and counts
         lines.append(f"bar ({config}): reduction server {row['speedup_vs_gloo']:.2f}x gloo samples/s at "
                      f"bucket_cap_mb {row['bucket_cap_mb']:g}, need >= {BAR}: "
-                     + ("PASS" if met else "FAIL" + (" (cpu_bound: does not count)" if row["cpu_bound"] else "")))
+                     + ("PASS" if met else "FAIL" + ("" if counts else f" (the ratio {words})")))
     return lines
 
 
@@ -365,7 +402,6 @@ def _cells(row):
     ratio, share, link = row["speedup_vs_gloo"], row["comm_share"], row["link_bytes"]
     ddp = ("-" if row["algorithm"] == "none" else
            f"{_ms(row['ddp_backward_compute_s'])}/{_ms(row['ddp_backward_comm_s'])}/{_ms(row['ddp_overlap_s'])}")
-    flag = " cpu_bound: does not count" if row["cpu_bound"] else ""
     same = {True: "yes", False: "NO", None: "-"}[row["params_identical"]]
     return [LABELS[row["algorithm"]],
             f"{row['bucket_cap_mb']:g}", _ms(row["step_time_s"]), f"{row['samples_per_s']:.1f}",
@@ -373,11 +409,13 @@ def _cells(row):
             f"{_ms(row['forward_s'])}/{_ms(row['backward_s'])}/{_ms(row['optimizer_s'])}", ddp,
             _ms(row["comm_floor_s"]), f"{link['tx_per_step'] / row['grad_bytes']:.3f}",
             f"{link['rx_per_step'] / row['grad_bytes']:.3f}",
-            "-" if row["cpu_util"] is None else format(row["cpu_util"], ".0%"), same + flag]
+            "-" if row["cpu_util"] is None else format(row["cpu_util"], ".0%"),
+            "-" if row["bound_fraction"] is None else format(row["bound_fraction"], ".0%"), row["pace"] or "-", same]
 
 
 COLUMNS = ("system", "bucket MB", "step ms", "samples/s", "vs gloo", "comm share", "fwd/bwd/opt ms",
-           "DDP bwd compute/comm/overlap ms", "comm floor ms", "tx/S", "rx/S", "cpu", "params identical")
+           "DDP bwd compute/comm/overlap ms", "comm floor ms", "tx/S", "rx/S", "cpu", "floor/comm", "pace",
+           "params identical")
 
 
 def print_rows(rows):
@@ -388,7 +426,7 @@ def print_rows(rows):
     for index, line in enumerate(table):
         text = "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
         print(("# " if index == 0 else "  ") + text)
-    for line in bar_lines(rows):
+    for line in [_checks.PACE_LEGEND, *standing_lines(rows), *bar_lines(rows)]:
         print("# " + line)
 
 
@@ -400,8 +438,8 @@ def reducer_lines(rows):
     for host, figures in sorted(info.items(), key=lambda item: int(item[0][1:])):
         totals = figures.get("totals") or {}
         lines.append(f"{host} (reducer {figures['index']}): {figures['link_bytes']['rx'] / 1e6:.0f} MB in, "
-                     f"{figures['link_bytes']['tx'] / 1e6:.0f} MB out over its link during the job; CPU "
-                     f"{totals.get('cpu_percent', 0):.0f}% of a core; outcome {figures['outcome']}")
+                     f"{figures['link_bytes']['tx'] / 1e6:.0f} MB out over its link during the job; "
+                     f"{compare.reducer_cpu(totals)}; outcome {figures['outcome']}")
     return lines
 
 
@@ -418,7 +456,7 @@ def markdown(rows, command, name):
              "; ".join(heading(rows[0])), "",
              "| " + " | ".join(COLUMNS) + " |", "| --- " + "| ---: " * (len(COLUMNS) - 1) + "|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    lines += [""] + [f"- {line}" for line in bar_lines(rows)]
+    lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in [*standing_lines(rows), *bar_lines(rows)]]
     buckets = sorted({(r["bucket_cap_mb"], tuple(r["buckets_bytes"] or ())) for r in rows
                       if r["algorithm"] != "none"})
     lines += [f"- DDP's buckets at bucket_cap_mb {cap:g}: " + ", ".join(f"{b / 1e6:.1f}" for b in sizes) + " MB"
@@ -428,19 +466,6 @@ def markdown(rows, command, name):
 
 
 # -- the driver
-
-def _stop(procs):
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + compare.REDUCER_STOP_S
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
 
 def _tail(path, lines=25):
     try:
@@ -461,9 +486,11 @@ def run_job(bed, args):
         env = {**compare.base_env(), **bed.env(), **compare.PINNED_ENV, **job, "PYTHONUNBUFFERED": "1"}
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
-        report_file = Path(work) / "report.json"
+        report_file, placement = Path(work) / "report.json", Path(work) / "placement"
+        placement.mkdir()
         command = [sys.executable, str(HERE / "train.py"), "--worker-report", str(report_file),
-                   "--link", testbed.IFNAME, "--hosts", str(workers), "--reducers", str(reducers),
+                   "--link", testbed.IFNAME, "--placement", str(placement), "--hosts", str(workers),
+                   "--reducers", str(reducers),
                    "--bucket-cap-mb", ",".join(f"{c:g}" for c in args.bucket_caps), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--width", str(args.width),
                    "--layers", str(args.layers), "--timeout", str(args.timeout)]
@@ -483,11 +510,13 @@ def run_job(bed, args):
                     procs.append(bed.run_on(host, command, env={**env, **torchrun}, cwd=work,
                                             stdin=subprocess.DEVNULL, stdout=None if rank == 0 else out,
                                             stderr=None if rank == 0 else subprocess.STDOUT))
+            placed = False
             while True:
+                placed = placed or _checks.placement_verified(placement, bed.hosts[:workers])
                 codes = [proc.poll() for proc in procs]
                 failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
                 if failed:
-                    _stop(procs)
+                    compare.stop_process(*procs)
                     for i in failed:
                         if i:
                             print(f"# worker {i} on {bed.hosts[i].name} (exit {codes[i]}), its log's end:\n"
@@ -499,9 +528,10 @@ def run_job(bed, args):
                 if all(code == 0 for code in codes):
                     break
                 time.sleep(WORKER_POLL_S)
+            _checks.require_placement(placement, bed.hosts[:workers])
             compare.finish_reducers(started)
         finally:
-            _stop(procs)
+            compare.stop_process(*procs)
             compare.stop_reducers(started)
         links = testbed.link_bytes_delta(links_before, bed.link_bytes())
         return json.loads(report_file.read_text()), compare.reducer_figures(started, links)
@@ -509,7 +539,34 @@ def run_job(bed, args):
 
 def setting_of(bed, args):
     return {"hosts": args.hosts, "reducers": args.reducers, "rate_gbps": bed.rate_bps / 1e9,
-            "goodput_GBps": bed.goodput_bps / 8 / 1e9, "tc": bed.tc_description(), "commit": _common.git_commit()}
+            "goodput_GBps": bed.goodput_bps / 8 / 1e9, "tc": bed.tc_description(), "commit": _common.git_commit(),
+            "worker_hosts": [h.name for h in bed.hosts[:args.hosts]]}
+
+
+def link_problems(rows, reducer_info):
+    """What is wrong with the run's link bytes against the models (benchmarks/_checks.py): each
+    worker host's per step of each communicating row (the model times the gradients' bytes S;
+    the smallest bucket decides whether an upper limit applies), and each reducer host's over
+    the job per reduction-server step (every round of every bucket cap, warm-up included)."""
+    problems = []
+    for row in rows:
+        if row["algorithm"] == "none":
+            continue
+        worker_model, reducer_model = _checks.link_model(row["algorithm"], row["hosts"], row["reducers"])
+        label = f"{LABELS[row['algorithm']]} per step at bucket_cap_mb {row['bucket_cap_mb']:g}"
+        problems += _checks.traffic_problems(label, row["link_bytes"]["per_host"], worker_model, row["grad_bytes"],
+                                             row["hosts"], min(row["buckets_bytes"] or [row["grad_bytes"]]))
+    served = [r for r in rows if r["algorithm"] == "reduction_server"]
+    if served and reducer_info:
+        steps = sum(r["warmup"] + r["steps"] for r in served)
+        per_step = {host: {way: info["link_bytes"][way] / steps for way in ("tx", "rx")}
+                    for host, info in reducer_info.items()}
+        first = served[0]
+        _, reducer_model = _checks.link_model("reduction_server", first["hosts"], first["reducers"])
+        problems += _checks.traffic_problems("collectives reduction_server (reducer host, per step over the job)",
+                                             per_step, reducer_model, first["grad_bytes"], first["hosts"],
+                                             min(b for r in served for b in (r["buckets_bytes"] or [r["grad_bytes"]])))
+    return problems
 
 
 def _interrupt(signum, frame):
@@ -529,6 +586,7 @@ def main(argv=None):
     for row in rows:
         if row["algorithm"] == "reduction_server":
             row["reducer_hosts"] = reducer_info
+    _checks.check_traffic(link_problems(rows, reducer_info))
     print_rows(rows)
     for line in reducer_lines(rows):
         print("# " + line)

@@ -128,6 +128,95 @@ def test_reducer_hosts_link_bytes_are_the_workers_counts_scaled_by_the_link_over
     assert "reducer_hosts" not in gloo["link_bytes"] and gloo["reducer_hosts"] is info
 
 
+def _hosts_moving(row, per_host):
+    row["link_bytes"]["per_host"] = {f"h{i}": {"tx": tx * row["bytes"], "rx": rx * row["bytes"]}
+                                     for i, (tx, rx) in enumerate(per_host)}
+    return row
+
+
+def test_link_bytes_are_checked_against_each_algorithms_model():
+    ring = _hosts_moving(_row(), [(1.503, 1.502)] * 4)
+    assert compare.link_problems(ring) == []
+    # 4 ranks on h0 and nothing on the links: a loopback run that says it is emulated.
+    loopback = _row()
+    loopback["link_bytes"]["per_host"] = {"h0": {"tx": 0.0002 * 64 * MIB, "rx": 0.0002 * 64 * MIB}}
+    problems = compare.link_problems(loopback)
+    assert problems[0] == ("collectives ring, 67108864 bytes: link bytes of 1 distinct hosts (h0), expected 4")
+    assert "collectives ring, 67108864 bytes: h0 tx/size 0.000, expected within 10% of 1.500" in problems
+    with pytest.raises(SystemExit) as refused:
+        compare._checks.check_traffic(problems)
+    assert "refusing the run" in str(refused.value) and "nothing was written" in str(refused.value)
+    # 17% above the model: refused where each host's share is large enough for headers not to matter ...
+    over = _hosts_moving(_row(system="gloo", algorithm="gloo"), [(1.75, 1.75)] * 4)
+    assert "gloo, 67108864 bytes: h3 rx/size 1.750, expected within 10% of 1.500" in compare.link_problems(over)
+    # ... not at 64 KiB over 4 hosts (16 KiB each), where gloo's headers add 5-10%; below the model, always.
+    small = _row(system="gloo", algorithm="gloo", nbytes=64 << 10)
+    assert compare.link_problems(_hosts_moving(small, [(1.75, 1.75)] * 4)) == []
+    assert compare.link_problems(_hosts_moving(small, [(1.2, 1.5)] * 4))[0] == (
+        "gloo, 65536 bytes: h0 tx/size 1.200, expected at least 1.350 (1.500 less 10%)")
+
+
+def test_mpi_is_held_to_the_ring_model_only_on_a_power_of_two_hosts():
+    mpi = _hosts_moving(_row(system="mpi", algorithm="mpi"), [(1.2, 1.2)] * 4)
+    assert "mpi, 67108864 bytes: h0 tx/size 1.200, expected within 10% of 1.500" in compare.link_problems(mpi)
+    # 3 hosts: Open MPI's default moves 1.0 to 2.5 x size per host (measured); what every all-reduce must
+    # move, 1.0 each way, is checked.
+    uneven = _hosts_moving(_row(system="mpi", algorithm="mpi", hosts=3), [(2.506, 2.006), (1.003, 1.503),
+                                                                          (1.002, 1.003)])
+    assert compare.link_problems(uneven) == []
+    starved = _hosts_moving(_row(system="mpi", algorithm="mpi", hosts=3), [(2.5, 2.0), (0.5, 1.5), (1.0, 1.0)])
+    assert compare.link_problems(starved) == [
+        "mpi, 67108864 bytes: h1 tx/size 0.500, expected at least 0.900 (1.000 less 10%)"]
+
+
+def test_reducer_hosts_are_held_to_n_over_r():
+    info = {f"h{4 + i}": {"address": f"198.18.0.{5 + i}", "exit": 0, "index": i, "outcome": "ok",
+                          "link_bytes": {"rx": 1002, "tx": 1002}, "totals": {"bytes_received": 1000,
+                                                                             "bytes_sent": 1000}}
+            for i in range(2)}
+    row = _hosts_moving(_row(algorithm="reduction_server", reducers=2), [(1.003, 1.003)] * 4)
+    row["link_bytes"]["reducers_app"] = {"0": {"rx": 2 * 64 * MIB, "tx": 2 * 64 * MIB},
+                                         "1": {"rx": 2 * 64 * MIB, "tx": 1 * 64 * MIB}}
+    problems = compare.link_problems(compare.with_link_figures(row, FakeBed(), info))
+    assert problems == ["collectives reduction_server (reducer host), 67108864 bytes: h5 tx/size 1.002, expected "
+                        "within 10% of 2.000"], problems
+
+
+def test_placement_is_refused_with_the_expected_and_the_actual_hosts():
+    hosts = [compare.testbed.Host(f"h{i}", f"198.18.0.{i + 1}", f"ns{i}") for i in range(3)]
+    right = [{"rank": i, "hostname": f"h{i}", "address": f"198.18.0.{i + 1}"} for i in range(3)]
+    compare._checks.check_placement(hosts, right)
+    on_h0 = [{"rank": i, "hostname": "h0", "address": "198.18.0.1"} for i in range(3)]
+    with pytest.raises(SystemExit) as refused:
+        compare._checks.check_placement(hosts, on_h0)
+    message = str(refused.value)
+    assert "expected h0, h1, h2, one rank each; got h0, h0, h0" in message, message
+    assert "rank 1 ran on h0 (198.18.0.1), expected h1 (198.18.0.2)" in message, message
+    assert "nothing was written" in message
+    with pytest.raises(SystemExit, match="rank 2: no report of where it ran"):
+        compare._checks.check_placement(hosts, right[:2])
+
+
+def test_pace_says_what_set_each_rows_pace_and_whether_a_ratio_counts():
+    pace, standing = compare._checks.pace, compare._checks.ratio_standing
+    assert pace(0.95, 0.99) == "links"  # at its link bound: no CPU could have made it much faster
+    assert pace(0.5, 0.95) == "cpu" and pace(0.5, 0.5) == "own" and pace(None, 0.99) is None
+    assert standing("cc", "links", "gloo", "own") == (True, "counts (cc: links, gloo: own)")
+    assert standing("cc", "links", "gloo", "cpu") == (False, "may overstate: gloo was CPU-paced")
+    assert standing("cc", "cpu", "gloo", "links") == (False, "a lower bound: cc was CPU-paced")
+    # The demo's table: every row busy over 90% of the machine, collectives and gloo at their bounds, MPI not.
+    rows = [compare.with_link_figures(_row(seconds=s, system=name, algorithm=algorithm, cpu_util=0.97, cpu_bound=True,
+                                           speedup_vs_gloo=1.5 if name == "collectives" else None,
+                                           speedup_vs_mpi=3.0 if name == "collectives" else None), FakeBed())
+            for name, algorithm, s in [("collectives", "ring", 0.1), ("gloo", "gloo", 0.1), ("mpi", "mpi", 0.3)]]
+    assert [r["pace"] for r in rows] == ["links", "links", "cpu"] and all(r["cpu_bound"] for r in rows)
+    assert compare.standing_lines(rows) == [
+        "collectives ring 1.50x gloo at 67108864: counts (collectives ring: links, gloo: links)",
+        "collectives ring 3.00x mpi at 67108864: may overstate: mpi was CPU-paced"]
+    markdown = compare.markdown(rows, "cmd", "ring")
+    assert compare._checks.PACE_LEGEND in markdown and "| 97% | links |" in markdown
+
+
 def test_row_label_names_the_algorithm_of_collectives():
     assert compare.row_label(_row()) == "collectives ring"
     assert compare.row_label(_row(algorithm="reduction_server")) == "collectives reduction_server"
@@ -264,11 +353,16 @@ def _reducers_running():
     return found
 
 
+# A mapping policy as shared machines set it: with it, `mpirun --host h0:1,h1:1,...` alone puts
+# every rank on h0 (seen with Open MPI 5.0.11).
+OVERSUBSCRIBE = {"PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
+
+
 @on_testbed(180)
 def test_compare_rows_carry_the_link_figures(tmp_path):
     pytest.importorskip("torch")
     rows_file = tmp_path / "rows.json"
-    env = clean_environ()
+    env = {**clean_environ(), **OVERSUBSCRIBE}  # the harness places the ranks itself all the same
     done = subprocess.run([sys.executable, str(COMPARE_PY), "--hosts", "2", "--rate", "50mbit", "--size", "1M",
                            "--pairs", "2", "--json", str(rows_file)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=170)
@@ -278,11 +372,44 @@ def test_compare_rows_carry_the_link_figures(tmp_path):
     for row in rows:
         assert KEYS <= set(row), KEYS - set(row)
         assert row["wrong"] == 0 and row["hosts"] == 2 and row["bytes"] == 1 << 20 and row["reducers"] == 0
+        assert sorted(row["link_bytes"]["per_host"]) == ["h0", "h1"], row["link_bytes"]
         assert 0.3 < row["goodput_GBps"] * 8 / 0.05 < 1.0  # measured B is below the 50 Mbit/s rate
         # Two hosts: a ring sends and receives the whole buffer once per all-reduce.
         assert 0.99 < row["link_bytes"]["tx_per_host"] / row["bytes"] < 1.1, row["link_bytes"]
         assert 0 < row["bound_fraction"] < 2  # a burst of 256 KiB can beat the bound on 1 MiB
     assert next(r for r in rows if r["system"] == "collectives")["algorithm"] == "ring"
+    assert "PRTE_MCA_rmaps_default_mapping_policy" in done.stderr  # named as not passed on
+    assert compare._checks.PACE_LEGEND in done.stdout
+    assert not _netns_left()
+
+
+@on_testbed(120)
+def test_a_run_with_every_rank_on_h0_is_refused_for_its_placement_and_its_link_bytes(tmp_path):
+    # What compare.py ran before it placed ranks itself: mpirun --host h0:1,h1:1,h2:1 under an
+    # inherited mapping policy. The ranks' own reports and the links' bytes both give it away.
+    placement = tmp_path / "placement"
+    placement.mkdir()
+    mpirun = Path(sys.executable).parent / "mpirun"
+    with compare.testbed.Testbed(hosts=3, rate="200mbit", goodput_seconds=0) as bed:
+        env = {**clean_environ(), **bed.env(), **compare.RUN_AS_ROOT, **OVERSUBSCRIBE,
+               "PYTHONPATH": str(BENCHMARKS)}
+        proc = bed.run_on("h0", [str(mpirun), "--host", "h0:1,h1:1,h2:1", "--prtemca", "plm_ssh_agent",
+                                 env["TESTBED_SSH_AGENT"], "--mca", "btl", "self,tcp", "-x", "PYTHONPATH",
+                                 sys.executable, str(BENCHMARKS / "allreduce.py"), "--systems", "mpi", "--min", "1M",
+                                 "--max", "1M", "--pairs", "1", "--link", "eth0", "--placement", str(placement),
+                                 "--json", str(tmp_path / "rows.json")],
+                          env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, out[-3000:]
+        with pytest.raises(SystemExit) as refused:
+            compare._checks.require_placement(placement, bed.hosts)
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    message = str(refused.value)
+    assert "expected h0, h1, h2, one rank each; got h0, h0, h0" in message, message
+    assert "rank 2 ran on h0 (198.18.0.1), expected h2 (198.18.0.3)" in message, message
+    problems = compare.link_problems(rows[0])
+    assert "mpi, 1048576 bytes: link bytes of 1 distinct hosts (h0), expected 3" in problems, problems
+    assert any(p.startswith("mpi, 1048576 bytes: h0 tx/size 0.0") for p in problems), problems
     assert not _netns_left()
 
 

@@ -126,9 +126,65 @@ def test_parameters_that_differ_across_ranks_are_reported_and_cpu_bound_runs_fla
     by = {r["algorithm"]: r for r in rows}
     assert by["ring"]["params_identical"] is False and by["gloo"]["params_identical"] is True
     assert by["gloo"]["cpu_bound"] is True and by["none"]["cpu_bound"] is None
+    assert by["gloo"]["pace"] == "cpu"  # DDP's all-reduces at 17% of their floor with the cores 95% busy
     assert train.bar_lines(rows) == [
         "bar (2 workers + 2 reducers): reduction server 1.00x gloo samples/s at bucket_cap_mb 25, need >= 1.3: "
-        "FAIL (cpu_bound: does not count)"]
+        "FAIL (the ratio does not count: collectives reduction_server and gloo were both CPU-paced)"]
+
+
+def _paced(comm_s, cpu):
+    """Rows whose DDP all-reduces took comm_s[system] (the floor is 1e6 B / 0.06 GB/s = 16.7 ms), with
+    the machine's cores `cpu` busy; the reduction server 1.5x gloo."""
+    times = {"none": [[0.1, 0.1]] * 3, "gloo": [[1.5, 1.5]] * 3, "ring": [[1.5, 1.5]] * 3,
+             "reduction_server": [[1.0, 1.0]] * 3}
+    rows = train.rows_from_report(_report(times, cpu=cpu), SETTING)
+    for row in rows:
+        if row["algorithm"] != "none":
+            row["ddp_backward_comm_s"] = comm_s[row["algorithm"]]
+            row["bound_fraction"] = row["comm_floor_s"] / row["ddp_backward_comm_s"]
+            row["pace"] = train._checks.pace(row["bound_fraction"], row["cpu_util"])
+    return rows
+
+
+def test_a_busy_cpu_does_not_void_a_ratio_of_rows_that_reached_their_link_floor():
+    at_floor = {"gloo": 0.0175, "ring": 0.0175, "reduction_server": 0.0175}  # 95% of the floor
+    rows = _paced(at_floor, cpu=0.97)
+    assert {r["pace"] for r in rows if r["algorithm"] != "none"} == {"links"}
+    assert train.bar_lines(rows)[0].endswith("need >= 1.3: PASS")
+    # gloo far from its floor while the cores were busy: the CPU may have slowed it, so 1.5x may overstate.
+    rows = _paced({**at_floor, "gloo": 0.05}, cpu=0.97)
+    line = train.bar_lines(rows)[0]
+    assert "FAIL (the ratio may overstate: gloo was CPU-paced)" in line, line
+    # ... and with CPU to spare, gloo's own protocol set its pace: the ratio counts.
+    rows = _paced({**at_floor, "gloo": 0.05}, cpu=0.5)
+    assert train.bar_lines(rows)[0].endswith("PASS")
+    assert "collectives reduction_server 1.50x gloo at bucket_cap_mb 25: counts (collectives reduction_server: " \
+           "links, gloo: own)" in train.standing_lines(rows)
+
+
+def _per_host(rows, figures):
+    for row in rows:
+        row["link_bytes"]["per_host"] = {f"h{i}": {"tx": tx, "rx": rx} for i, (tx, rx) in enumerate(figures)}
+
+
+def test_link_bytes_per_step_are_checked_against_each_algorithms_model():
+    times = {name: [[1.0, 1.0]] * 3 for name in train.SYSTEMS}
+    rows = train.rows_from_report(_report(times), SETTING)  # S = 1e6 B in one 1e6 B bucket, 2 hosts
+    _per_host(rows, [(1.0e6, 1.0e6), (1.0e6, 1.0e6)])
+    reducers = {"h2": {"link_bytes": {"tx": 4e6, "rx": 4e6}}}  # N/R = 1 per step, 1 + 3 steps
+    for row in rows:
+        row["warmup"], row["steps"] = 1, 3
+    assert train.link_problems(rows, reducers) == []
+    _per_host(rows, [(1.0e6, 1.0e6), (1.2e6, 0.5e6)])
+    problems = train.link_problems(rows, {"h2": {"link_bytes": {"tx": 4e6, "rx": 1e3}}})
+    assert "gloo per step at bucket_cap_mb 25, 1000000 bytes: h1 tx/size 1.200, expected within 10% of 1.000" \
+        in problems, problems
+    assert "gloo per step at bucket_cap_mb 25, 1000000 bytes: h1 rx/size 0.500, expected within 10% of 1.000" \
+        in problems, problems
+    assert any(p.startswith("collectives reduction_server (reducer host, per step over the job), 1000000 bytes: "
+                            "h2 rx/size 0.000") for p in problems), problems
+    with pytest.raises(SystemExit, match="refusing the run: the bytes on the links"):
+        train._checks.check_traffic(problems)
 
 
 def test_the_bar_is_met_at_1_3x_gloo():
