@@ -23,16 +23,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import selectors
 import socket
 import struct
 import threading
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from . import _core, _netif
 from .errors import AuthenticationError, CollectiveError, ProtocolVersionError, TimeoutError
 
-__all__ = ["PROTOCOL_VERSION", "ROLE_WORKER", "ROLE_REDUCER", "JOB_ID_BYTES", "MAX_PENDING_HANDSHAKES", "PeerHello",
+__all__ = ["PROTOCOL_VERSION", "ROLE_WORKER", "ROLE_REDUCER", "JOB_ID_BYTES", "MAX_PENDING_HANDSHAKES", "MAX_PENDING_PER_SOURCE",
+           "HELLO_TIMEOUT_S", "PeerHello",
            "Acceptor", "client_handshake", "server_handshake", "describe_peer"]
 
 # The wire protocol's one version number lives in the core (transport/frame.h); the
@@ -41,9 +43,15 @@ PROTOCOL_VERSION = _core.PROTOCOL_VERSION
 ROLE_WORKER = 0
 ROLE_REDUCER = 1
 JOB_ID_BYTES = 16
-# Accepted connections whose handshake is under way; more are closed at once, so that
-# strangers cannot make a process start threads without limit.
+# Accepted connections that have not proven themselves (waiting for their hello, or in
+# their handshake), at most: strangers cannot make a process hold fds or threads without
+# limit, and a newcomer beyond them evicts the oldest (see Acceptor).
 MAX_PENDING_HANDSHAKES = 256
+# ... and from one source address, so that a flood from one host evicts only its own.
+MAX_PENDING_PER_SOURCE = 64
+# The job's processes send their hello as soon as they connect; a connection that has not
+# sent it this long after it was accepted is closed.
+HELLO_TIMEOUT_S = 3.0
 
 _MAGIC = b"COLL"
 _PREFIX = struct.Struct("!4sH")
@@ -274,30 +282,60 @@ def server_handshake(sock: socket.socket, secret: bytes, my_rank: int, deadline:
     return peer_hello
 
 
+class _Pending:
+    """A connection that the acceptor took and that has not proven itself yet."""
+
+    WAITING, STRANGER, EXPECTED = 0, 1, 2  # stages: evicted in this order, oldest first
+
+    def __init__(self, conn: socket.socket, address: str, source: str):
+        self.conn, self.address, self.source = conn, address, source
+        self.since = time.monotonic()
+        self.stage = _Pending.WAITING  # until its hello is in; then handed to a handshake thread
+        self.evicted: Optional[Exception] = None  # why, once the acceptor closed it for a newcomer
+
+    def victim_order(self) -> Tuple[int, float]:
+        return self.stage, self.since
+
+
 class Acceptor:
     """Accepts connections on a listening socket, in a thread, and authenticates each in a
     thread of its own, so that a silent stranger delays nobody.
 
     ``authenticate(conn)`` runs the server side of the handshake (usually
     :func:`server_handshake` with a ``check``). The connections that pass it go to
-    ``on_peer(hello, conn)``; each one that fails, or that arrives while
-    MAX_PENDING_HANDSHAKES are under way, is closed and its ``(address, error)`` goes to
-    ``on_refused``. Both are called from the acceptor's threads, also after :meth:`stop`
-    for handshakes that were under way.
+    ``on_peer(hello, conn)``; each one that fails is closed and its ``(address, error)``
+    goes to ``on_refused``. Both are called from the acceptor's threads, also after
+    :meth:`stop` for handshakes that were under way.
+
+    Strangers cannot keep the job's own processes out: a connection must send its hello
+    within HELLO_TIMEOUT_S (the accept thread waits for it, with no thread of its own);
+    only then does its handshake start. At most MAX_PENDING_HANDSHAKES connections wait
+    or shake hands at once, MAX_PENDING_PER_SOURCE of them from one address; a newcomer
+    beyond either bound is taken, and the oldest connection that has not sent a hello is
+    closed for it, else the oldest whose hello names nobody that ``expects(hello, job_id)``
+    waits for, else the oldest. A process of the job sends its hello at once and finishes
+    its handshake in a round trip, so it is never the oldest for long.
     """
 
     def __init__(self, listener: socket.socket, authenticate: Callable[[socket.socket], PeerHello],
                  on_peer: Callable[[PeerHello, socket.socket], None],
-                 on_refused: Callable[[str, Exception], None]):
+                 on_refused: Callable[[str, Exception], None],
+                 expects: Optional[Callable[[PeerHello, bytes], bool]] = None):
         self._listener = listener
         self._authenticate, self._on_peer, self._on_refused = authenticate, on_peer, on_refused
+        self._expects = expects
         self._lock = threading.Lock()
-        self._pending = 0  # guarded by _lock
+        self._pending: Dict[socket.socket, _Pending] = {}  # guarded by _lock; insertion order is age
+        self._selector: Optional[selectors.BaseSelector] = None  # the accept thread's only
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "Acceptor":
         self._listener.setblocking(False)
+        # Here, not in the thread, so that a process out of descriptors fails in its caller.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._accept_loop, name="collectives-accept", daemon=True)
         self._thread.start()
         return self
@@ -313,29 +351,144 @@ class Acceptor:
         self._wake_w.close()
 
     def _accept_loop(self) -> None:
-        for conn, addr in _netif.accepted(self._listener, self._wake_r):
-            address = f"{addr[0]}:{addr[1]}"
-            with self._lock:
-                busy = self._pending >= MAX_PENDING_HANDSHAKES
-                if not busy:
-                    self._pending += 1
-            if busy:
-                conn.close()
-                self._on_refused(address, CollectiveError(f"{MAX_PENDING_HANDSHAKES} handshakes are under way"))
-                continue
-            threading.Thread(target=self._accept_one, args=(conn, address), name="collectives-handshake",
-                             daemon=True).start()
+        exhaustion = _netif.FdExhaustion(f"the port {_port(self._listener)}")
+        with self._selector:
+            try:
+                while True:
+                    for key, _ in self._selector.select(self._until_first_hello_deadline()):
+                        if key.fileobj is self._wake_r:
+                            return
+                        if key.fileobj is self._listener:
+                            accepted = _netif.accept(self._listener, exhaustion, self._evict_for_newcomer)
+                            if accepted is not None:
+                                self._take(*accepted)
+                        else:
+                            self._read_hello(key.data)
+                    self._close_silent()
+            finally:
+                for pending in self._waiting():
+                    self._drop(pending, None)
 
-    def _accept_one(self, conn: socket.socket, address: str) -> None:
+    def _take(self, conn: socket.socket, addr: tuple) -> None:
+        pending = _Pending(conn, f"{addr[0]}:{addr[1]}", addr[0])
+        with self._lock:
+            if len(self._pending) >= MAX_PENDING_HANDSHAKES:
+                self._evict(self._pending.values(), f"{MAX_PENDING_HANDSHAKES} connections")
+            from_source = [p for p in self._pending.values() if p.source == pending.source]
+            if len(from_source) >= MAX_PENDING_PER_SOURCE:
+                self._evict(from_source, f"{MAX_PENDING_PER_SOURCE} connections from {pending.source}")
+            self._pending[conn] = pending
+        # Readable once the prefix is in (or the peer closed): no wake-up per byte trickled.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _PREFIX.size)
+        self._selector.register(conn, selectors.EVENT_READ, pending)
+
+    def _evict_for_newcomer(self) -> None:
+        """Out of file descriptors: frees one for the connection that waits to be accepted."""
+        with self._lock:
+            if self._pending:
+                self._evict(self._pending.values(), "out of file descriptors")
+
+    def _evict(self, candidates: Iterable[_Pending], why: str) -> None:
+        """With _lock held: closes the candidate that has proven least, oldest first."""
+        victim = min(candidates, key=_Pending.victim_order)
+        error = CollectiveError(f"closed to make room for a newer connection ({why} were waiting to prove "
+                                "themselves)")
+        if victim.stage == _Pending.WAITING:
+            del self._pending[victim.conn]
+            self._unregister(victim)
+            victim.conn.close()
+            self._on_refused(victim.address, error)
+        else:  # its handshake thread wakes, closes it and reports why
+            victim.evicted = error
+            del self._pending[victim.conn]
+            try:
+                victim.conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _read_hello(self, pending: _Pending) -> None:
+        """Hands the connection to a handshake thread once its hello is in, or closes it."""
+        try:
+            data = pending.conn.recv(_PREFIX.size + _HELLO.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._drop(pending, CollectiveError(f"the connection failed before its hello: {e}"))
+            return
+        if len(data) < _PREFIX.size:  # readable with less than the prefix: it closed
+            self._drop(pending, CollectiveError("closed the connection before sending a hello"))
+            return
+        magic, version = _PREFIX.unpack(data[:_PREFIX.size])
+        if magic == _MAGIC and version == PROTOCOL_VERSION and len(data) < _PREFIX.size + _HELLO.size:
+            pending.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _PREFIX.size + _HELLO.size)
+            return
+        # Garbage or another version goes to the handshake too, which refuses it in words.
+        pending.stage = self._stage(data)
+        self._unregister(pending)
+        pending.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        threading.Thread(target=self._shake_hands, args=(pending,), name="collectives-handshake",
+                         daemon=True).start()
+
+    def _stage(self, data: bytes) -> int:
+        if len(data) < _PREFIX.size + _HELLO.size or data[:len(_MAGIC)] != _MAGIC:
+            return _Pending.STRANGER
+        role, rank, conn_index, job_id, _ = _HELLO.unpack(data[_PREFIX.size:])
+        if self._expects is not None and not self._expects(PeerHello(rank, conn_index, role), job_id):
+            return _Pending.STRANGER
+        return _Pending.EXPECTED
+
+    def _shake_hands(self, pending: _Pending) -> None:
+        conn = pending.conn
         try:
             conn.setblocking(True)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hello = self._authenticate(conn)
         except (CollectiveError, OSError) as e:
+            self._forget(pending)
             conn.close()
-            self._on_refused(address, e)
-        else:
-            self._on_peer(hello, conn)
-        finally:
-            with self._lock:
-                self._pending -= 1
+            self._on_refused(pending.address, pending.evicted or e)
+            return
+        self._forget(pending)
+        self._on_peer(hello, conn)
+
+    def _forget(self, pending: _Pending) -> None:
+        with self._lock:
+            self._pending.pop(pending.conn, None)
+
+    def _waiting(self) -> List[_Pending]:
+        with self._lock:
+            return [p for p in self._pending.values() if p.stage == _Pending.WAITING]
+
+    def _until_first_hello_deadline(self) -> Optional[float]:
+        waiting = self._waiting()
+        if not waiting:
+            return None
+        return max(0.0, waiting[0].since + HELLO_TIMEOUT_S - time.monotonic())
+
+    def _close_silent(self) -> None:
+        now = time.monotonic()
+        for pending in self._waiting():
+            if now - pending.since < HELLO_TIMEOUT_S:
+                break  # the others came later
+            self._drop(pending, TimeoutError(f"sent no hello within {HELLO_TIMEOUT_S:g} s of connecting"))
+
+    def _drop(self, pending: _Pending, error: Optional[Exception]) -> None:
+        """Closes a connection that waits for its hello; reports why, unless ``error`` is None."""
+        self._forget(pending)
+        self._unregister(pending)
+        pending.conn.close()
+        if error is not None:
+            self._on_refused(pending.address, error)
+
+    def _unregister(self, pending: _Pending) -> None:
+        try:
+            self._selector.unregister(pending.conn)
+        except (KeyError, ValueError):
+            pass
+
+
+def _port(listener: socket.socket) -> str:
+    try:
+        return str(listener.getsockname()[1])
+    except OSError:
+        return "?"

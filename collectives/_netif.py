@@ -9,11 +9,12 @@ import logging
 import selectors
 import socket
 import struct
-from typing import Iterator, List, Optional, Tuple
+import time
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from .errors import CollectiveError
 
-__all__ = ["accepted", "advertise_address", "interface_address", "is_loopback", "listen", "names_loopback", "tune_socket"]
+__all__ = ["FdExhaustion", "accept", "accepted", "advertise_address", "interface_address", "is_loopback", "listen", "names_loopback", "tune_socket"]
 
 log = logging.getLogger("collectives")
 
@@ -138,9 +139,57 @@ def listen(address: str, port_range: Optional[Tuple[int, int]]) -> socket.socket
                           f"on {address}: widen the range, or stop what holds those ports")
 
 
-def accepted(listener: socket.socket, wake: socket.socket) -> Iterator[Tuple[socket.socket, tuple]]:
+# Out of file descriptors, an accept loop pauses this long before it tries again: the
+# listener stays readable, and retrying at once would spin a core while nothing is freed.
+ACCEPT_BACKOFF_S = 0.05
+_FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class FdExhaustion:
+    """Logs the first time a listener finds this process out of file descriptors, never
+    once per failed accept(): under a flood it may run out again and again."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.said = False
+
+    def hit(self, error: OSError) -> None:
+        if not self.said:
+            log.warning("%s: cannot accept connections for now: %s; closing the connections that wait longest "
+                        "and retrying (raise the open-file limit, ulimit -n, if the job's own processes need more)",
+                        self.what, error.strerror or error)
+        else:
+            log.debug("%s: out of file descriptors again: %s", self.what, error.strerror or error)
+        self.said = True
+
+
+def accept(listener: socket.socket, exhaustion: FdExhaustion,
+           on_exhausted: Optional[Callable[[], None]] = None) -> Optional[Tuple[socket.socket, tuple]]:
+    """One connection from the non-blocking ``listener``, or None for now: none is
+    waiting, or this process is out of file descriptors (EMFILE, ENFILE), which is logged
+    once; ``on_exhausted`` may then free one (close an idle connection) before a short
+    back-off. Never raises for a peer's doing, so that the loop around it keeps serving."""
+    try:
+        connection = listener.accept()
+    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+        return None
+    except OSError as e:
+        if e.errno not in _FD_EXHAUSTION:
+            raise
+        exhaustion.hit(e)
+        if on_exhausted is not None:
+            on_exhausted()
+        time.sleep(ACCEPT_BACKOFF_S)
+        return None
+    return connection
+
+
+def accepted(listener: socket.socket, wake: socket.socket, what: str,
+             on_exhausted: Optional[Callable[[], None]] = None) -> Iterator[Tuple[socket.socket, tuple]]:
     """(connection, address) for each peer that connects to the non-blocking ``listener``,
-    until ``wake`` becomes readable (the owner is closing)."""
+    until ``wake`` becomes readable (the owner is closing). ``what`` names the listener in
+    the log; see :func:`accept` for ``on_exhausted``."""
+    exhaustion = FdExhaustion(what)
     with selectors.DefaultSelector() as selector:
         selector.register(listener, selectors.EVENT_READ)
         selector.register(wake, selectors.EVENT_READ)
@@ -148,7 +197,6 @@ def accepted(listener: socket.socket, wake: socket.socket) -> Iterator[Tuple[soc
             for key, _ in selector.select():
                 if key.fileobj is wake:
                     return
-                try:
-                    yield listener.accept()
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                    continue
+                connection = accept(listener, exhaustion, on_exhausted)
+                if connection is not None:
+                    yield connection
