@@ -40,7 +40,7 @@ from . import _handshake, _netif
 from ._config import Config
 from ._handshake import (JOB_ID_BYTES, ROLE_REDUCER, ROLE_WORKER, PeerHello, client_handshake,
                          server_handshake)
-from ._store import StoreClient, StoreServer
+from ._store import SignedStore, StoreClient, StoreServer
 from .errors import AuthenticationError, CollectiveError, ProtocolVersionError, TimeoutError
 
 __all__ = ["Bootstrap", "bootstrap", "bootstrap_with_store", "read_secret", "publish_job", "meet_reducers"]
@@ -220,20 +220,21 @@ def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config
     torch.distributed's), in a collectives store that worker 0 serves there.
     """
     deadline = time.monotonic() + config.timeout if deadline is None else deadline
-    exchange = _StoreExchange(store, prefix, rank, size, deadline, config.timeout, rendezvous)
+    signed = SignedStore(store, secret)  # so that no stranger at the store can pass for one of the job
+    exchange = _StoreExchange(signed, prefix, rank, size, deadline, config.timeout, rendezvous)
     peer_fds: List[List[int]] = []
     meeting, server = store, None  # where the reducers meet the job
     try:
         if rank == 0:
             job_id = secrets.token_bytes(JOB_ID_BYTES)
-            publish_job(store, job_id, size, config.num_reducers, prefix=prefix)
+            publish_job(signed, job_id, size, config.num_reducers, prefix=prefix)
         else:
             job_id = exchange.get("job", f"rank 0 did not start the job at {rendezvous} within {config.timeout:g} s")
         peer_fds, peer_names = _connect_workers(rank, size, config, secret, job_id, deadline, exchange,
                                                 lambda: _netif.advertise_address(config.socket_ifname, toward))
         if reducer_rendezvous is not None and config.num_reducers:
-            meeting, server = _open_job_store(reducer_rendezvous, "COLLECTIVES_RENDEZVOUS", rank, size, job_id,
-                                              config.num_reducers, deadline)
+            meeting, server = _open_job_store(reducer_rendezvous, "COLLECTIVES_RENDEZVOUS", rank, size, secret,
+                                              job_id, config.num_reducers, deadline)
             reducer_fds, reducer_names = meet_reducers(meeting, rank, size, secret, job_id, config,
                                                        rendezvous=reducer_rendezvous, deadline=deadline)
         else:
@@ -251,7 +252,8 @@ def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config
 
 
 def publish_job(store: Any, job_id: bytes, size: int, num_reducers: int, *, prefix: str = "collectives/") -> None:
-    """Worker 0's part: what a reducer reads from the store to join the job."""
+    """Worker 0's part: what a reducer reads from the store to join the job. ``store`` is
+    a SignedStore, since reducers check what they read."""
     store.set(prefix + "size", str(size).encode())
     store.set(prefix + "num_reducers", str(num_reducers).encode())
     store.set(prefix + "job", job_id)  # last: once it is there, so are the others
@@ -266,7 +268,7 @@ def meet_reducers(store: Any, rank: int, size: int, secret: bytes, job_id: bytes
     index; ([], []) for a job without reducers.
     """
     deadline = time.monotonic() + config.timeout if deadline is None else deadline
-    waits = _StoreWaits(store, prefix, deadline, config.timeout)
+    waits = _StoreWaits(SignedStore(store, secret), prefix, deadline, config.timeout)
     records, missing = waits.wait_all([f"reducer/{index}" for index in range(config.num_reducers)])
     if missing:
         many = len(missing) > 1
@@ -350,8 +352,8 @@ def _bootstrap_mpi(rendezvous: Optional[str], rendezvous_source: str, config: Co
     store = server = None
     try:
         if rendezvous is not None:  # others (reducers started on their own) meet the job there
-            store, server = _open_job_store(rendezvous, rendezvous_source, rank, size, job_id, config.num_reducers,
-                                            deadline)
+            store, server = _open_job_store(rendezvous, rendezvous_source, rank, size, secret, job_id,
+                                            config.num_reducers, deadline)
         if job.reducers:
             reducer_fds, reducer_names = _connect_reducers(reducer_records, rank, config, secret, job_id, deadline)
         elif config.num_reducers:
@@ -454,8 +456,8 @@ class MpiJob:
         return records
 
 
-def _open_job_store(rendezvous: str, source: str, rank: int, size: int, job_id: bytes, num_reducers: int,
-                    deadline: float) -> Tuple[StoreClient, Optional[StoreServer]]:
+def _open_job_store(rendezvous: str, source: str, rank: int, size: int, secret: bytes, job_id: bytes,
+                    num_reducers: int, deadline: float) -> Tuple[StoreClient, Optional[StoreServer]]:
     """The collectives store at ``rendezvous`` (HOST:PORT, from ``source``) where reducers
     started on their own meet the job: worker 0 serves it and publishes the job there;
     every worker connects to it. Returns (client, server or None)."""
@@ -465,7 +467,7 @@ def _open_job_store(rendezvous: str, source: str, rank: int, size: int, job_id: 
     try:
         store = StoreClient(host, port, timeout=max(1.0, deadline - time.monotonic()))
         if rank == 0:
-            publish_job(store, job_id, size, num_reducers)
+            publish_job(SignedStore(store, secret), job_id, size, num_reducers)
     except BaseException:
         for closable in (store, server):
             if closable is not None:

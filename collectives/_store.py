@@ -5,26 +5,38 @@ Wire format (big-endian), one request and one reply at a time per connection:
     message = code:u8  nfields:u16  { length:u32  bytes }*nfields
 
 Requests: SET [key, value], GET [key, timeout_ms:u64], ADD [key, delta:i64],
-WAIT [timeout_ms:u64, key...]. Replies: OK, TIMEOUT or ERROR with their fields.
+WAIT [timeout_ms:u64, key...]. Replies: OK, TIMEOUT or ERROR with their fields; or
+GOODBYE [reason], sent unasked to a connection that the server closes while it is idle
+(the client then reconnects for its next request).
 GET and WAIT block in the server (on a condition variable, never by polling) until the
 keys exist or the timeout passes. Sizes are bounded; a connection that sends a malformed
-or oversize request is closed without disturbing the others. The store holds no secret:
-anyone who can reach it can read it.
+or oversize request is closed without disturbing the others.
+
+Strangers who can reach the port cannot lock the store or exhaust its host: a request must
+arrive whole within MESSAGE_TIMEOUT_S of its first byte, a connection idle for
+IDLE_TIMEOUT_S is closed, the bytes of requests being read are bounded per connection and
+in all, and a newcomer beyond MAX_CONNECTIONS (or when the process is out of file
+descriptors) takes the place of the connection that has waited longest, the job's
+processes being busy ones. The store holds no secret: anyone who can reach it can read
+it and write to it, so the job's processes sign what they publish (sign_record).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import socket
 import struct
 import threading
 import time
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import _netif
-from .errors import CollectiveError, TimeoutError
+from .errors import AuthenticationError, CollectiveError, TimeoutError
 
-__all__ = ["StoreServer", "StoreClient", "MAX_KEY_BYTES", "MAX_VALUE_BYTES"]
+__all__ = ["StoreServer", "StoreClient", "SignedStore", "sign_record", "open_record", "MAX_KEY_BYTES",
+           "MAX_VALUE_BYTES", "SIGNATURE_BYTES"]
 
 log = logging.getLogger("collectives")
 
@@ -36,11 +48,23 @@ MAX_CONNECTIONS = 4096
 # One request's fields together: a SET of the largest value, or a WAIT on many keys. The
 # server reads at most this much before it acts, so a stranger cannot make it allocate more.
 MAX_MESSAGE_BYTES = 2 * MAX_VALUE_BYTES
-# Once a request has begun, the rest of it must arrive within this long.
+# Once a request has begun, the rest of it must arrive within this long (the whole
+# request, not each read, so that trickling bytes does not keep it open); a reply must be
+# taken within this long too.
 MESSAGE_TIMEOUT_S = 30.0
+# A connection with no request under way for this long is closed (with a GOODBYE, so that
+# a client of the job reconnects when it next needs the store).
+IDLE_TIMEOUT_S = 60.0
+# The bytes of requests being read: this much of each request is free, beyond it they
+# come out of one budget shared by all connections, so that many large requests sent
+# slowly cannot make the server hold MAX_MESSAGE_BYTES per connection. The job's own
+# requests are far below the free part.
+FREE_REQUEST_BYTES = 16 << 10
+MAX_REQUEST_BYTES_IN_FLIGHT = 64 << 20
+_RECV_CHUNK = 64 << 10  # bytes are allocated as they arrive, never ahead for a length announced
 
 _SET, _GET, _ADD, _WAIT = 1, 2, 3, 4
-_OK, _TIMEOUT, _ERROR = 0, 1, 2
+_OK, _TIMEOUT, _ERROR, _GOODBYE = 0, 1, 2, 3
 _HEADER = struct.Struct("!BH")
 _LENGTH = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
@@ -49,6 +73,8 @@ _MAX_WAIT_S = 7 * 24 * 3600.0  # beyond any job's timeout; keeps Condition.wait 
 # A blocked GET is answered by the server when its own timeout passes; the client waits
 # this much longer for that answer before it calls the server unresponsive.
 _REPLY_GRACE_S = 10.0
+# A client whose idle connection the server closed connects again within this long.
+_RECONNECT_S = 10.0
 
 
 class _Malformed(Exception):
@@ -56,39 +82,113 @@ class _Malformed(Exception):
 
 
 def _pack(code: int, fields: Sequence[bytes]) -> bytes:
+    return b"".join(_parts(code, fields))
+
+
+def _parts(code: int, fields: Sequence[bytes]) -> List[bytes]:
     parts = [_HEADER.pack(code, len(fields))]
     for field in fields:
         parts.append(_LENGTH.pack(len(field)))
-        parts.append(bytes(field))
-    return b"".join(parts)
+        parts.append(field)
+    return parts
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        count = sock.recv_into(view[got:])
-        if count == 0:
-            raise EOFError("connection closed")
-        got += count
-    return bytes(buf)
+def _send_message(sock: socket.socket, code: int, fields: Sequence[bytes]) -> None:
+    """Sends large fields as they are, so that a value read by many is never copied per reader."""
+    small: List[bytes] = []
+    for part in _parts(code, fields):
+        if len(part) < _RECV_CHUNK:
+            small.append(part)
+            continue
+        sock.sendall(b"".join(small))
+        small = []
+        sock.sendall(part)
+    sock.sendall(b"".join(small))
 
 
-def _read_message(sock: socket.socket, max_field_bytes: int) -> Tuple[int, List[bytes]]:
-    code, nfields = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    if nfields > MAX_FIELDS + 1:
-        raise _Malformed(f"{nfields} fields (at most {MAX_FIELDS + 1})")
-    fields = []
-    total = 0
-    for _ in range(nfields):
-        (length,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
-        total += length
-        if length > max_field_bytes or total > MAX_MESSAGE_BYTES:
-            raise _Malformed(f"a field of {length} bytes (at most {max_field_bytes}, and "
-                             f"{MAX_MESSAGE_BYTES} in one request)")
-        fields.append(_recv_exact(sock, length))
-    return code, fields
+class _Reader:
+    """Reads one message by a deadline (None: none), holding only the bytes that arrived;
+    ``budget`` (the server's) pays for them."""
+
+    def __init__(self, sock: socket.socket, deadline: Optional[float], budget: Optional["_Budget"] = None):
+        self.sock, self.deadline, self.budget = sock, deadline, budget
+        self.taken = 0  # bytes received beyond FREE_REQUEST_BYTES, paid by the budget
+        self.received = 0
+
+    def exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            if self.deadline is not None:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("the message's deadline passed")
+                self.sock.settimeout(remaining)
+            chunk = self.sock.recv(min(n - len(buf), _RECV_CHUNK))
+            if not chunk:
+                raise EOFError("connection closed")
+            self._pay(len(chunk))
+            buf += chunk
+        return bytes(buf)
+
+    def _pay(self, count: int) -> None:
+        self.received += count
+        due = max(0, self.received - FREE_REQUEST_BYTES) - self.taken
+        if due and self.budget is not None:
+            self.budget.take(due)
+            self.taken += due
+
+    def release(self) -> None:
+        if self.budget is not None and self.taken:
+            self.budget.give_back(self.taken)
+            self.taken = 0
+
+    def message(self, max_field_bytes: int) -> Tuple[int, List[bytes]]:
+        code, nfields = _HEADER.unpack(self.exact(_HEADER.size))
+        if nfields > MAX_FIELDS + 1:
+            raise _Malformed(f"{nfields} fields (at most {MAX_FIELDS + 1})")
+        fields = []
+        total = 0
+        for _ in range(nfields):
+            (length,) = _LENGTH.unpack(self.exact(_LENGTH.size))
+            total += length
+            if length > max_field_bytes or total > MAX_MESSAGE_BYTES:
+                raise _Malformed(f"a field of {length} bytes (at most {max_field_bytes}, and "
+                                 f"{MAX_MESSAGE_BYTES} in one request)")
+            fields.append(self.exact(length))
+        return code, fields
+
+
+class _Budget:
+    """The bytes that the server may hold for requests being read, all connections together."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, count: int) -> None:
+        with self._lock:
+            if self.used + count > self.limit:
+                raise _Malformed(f"requests being read hold {self.used} bytes already (at most {self.limit}); "
+                                 "large requests sent slowly by many connections")
+            self.used += count
+
+    def give_back(self, count: int) -> None:
+        with self._lock:
+            self.used -= count
+
+
+class _Connection:
+    """A client's connection as the server sees it."""
+
+    def __init__(self, sock: socket.socket, peer: str):
+        self.sock, self.peer = sock, peer
+        self.since = time.monotonic()  # when it last began a request, or began to idle
+        self.idle = True
+        self.evicted = False  # guarded by the server's _cond; wakes its GET/WAIT
+
+    def mark(self, idle: bool) -> None:
+        self.since, self.idle = time.monotonic(), idle
 
 
 def _timeout_field(seconds: float) -> bytes:
@@ -105,7 +205,9 @@ class StoreServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_connections: int = MAX_CONNECTIONS):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            self._listener = socket.create_server((host, port), family=family, backlog=128)
+            # A long queue: under a flood of connections, a short one drops the SYNs of the
+            # job's own (they retry only a second later) before the accept loop can evict.
+            self._listener = socket.create_server((host, port), family=family, backlog=socket.SOMAXCONN)
         except OSError as e:
             raise CollectiveError(f"cannot serve the collectives store on {host}:{port}: {e.strerror or e}; "
                                   "choose another port, or stop the process that holds it") from e
@@ -116,7 +218,9 @@ class StoreServer:
         self._data: dict = {}
         self._bytes = 0
         self._cond = threading.Condition()
-        self._conns: set = set()  # guarded by _cond
+        self._conns: Dict[socket.socket, _Connection] = {}  # guarded by _cond
+        self._evicting = False  # guarded by _cond: said once in the log per crowd of connections
+        self._budget = _Budget(MAX_REQUEST_BYTES_IN_FLIGHT)
         self._closed = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread: Optional[threading.Thread] = None
@@ -142,77 +246,121 @@ class StoreServer:
         if self._thread is not None:
             self._thread.join()
         for conn in conns:
-            try:
-                # shutdown, unlike close, wakes a handler thread blocked in recv
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shut(conn)
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
 
     def _accept_loop(self) -> None:
-        for conn, addr in _netif.accepted(self._listener, self._wake_r):
+        for conn, addr in _netif.accepted(self._listener, self._wake_r, f"store on port {self.port}",
+                                          self._make_room):
+            connection = _Connection(conn, f"{addr[0]}:{addr[1]}")
             with self._cond:
-                refuse = self._closed or len(self._conns) >= self._max_connections
-                if not refuse:
-                    self._conns.add(conn)
-            if refuse:
-                log.warning("store: refusing a connection from %s:%d: %d connections are open already",
-                            addr[0], addr[1], self._max_connections)
-                conn.close()
-                continue
+                if self._closed:
+                    conn.close()
+                    continue
+                if len(self._conns) >= self._max_connections:
+                    self._evict_longest_waiting(f"{self._max_connections} connections are open")
+                self._conns[conn] = connection
             conn.setblocking(True)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve_connection, args=(conn, addr),
+            threading.Thread(target=self._serve_connection, args=(connection,),
                              name="collectives-store-conn", daemon=True).start()
 
-    def _serve_connection(self, conn: socket.socket, addr: tuple) -> None:
-        peer = f"{addr[0]}:{addr[1]}"
+    def _make_room(self) -> None:
+        """Out of file descriptors: frees one for the connection that waits to be accepted."""
+        with self._cond:
+            if self._conns:
+                self._evict_longest_waiting("this process is out of file descriptors")
+
+    def _evict_longest_waiting(self, why: str) -> None:
+        """With _cond held: closes the connection that began its request, or its idleness,
+        longest ago. The job's processes make short requests one after another (their
+        waits poll), so this is a stranger's, unless strangers outpace them."""
+        victim = min(self._conns.values(), key=lambda c: c.since)
+        if not self._evicting:
+            log.warning("store: %s: closing the longest-waiting connection for each newcomer (first %s)",
+                        why, victim.peer)
+        self._evicting = True
+        del self._conns[victim.sock]
+        victim.evicted = True
+        self._cond.notify_all()  # wakes it if it waits in a GET or WAIT
+        if victim.idle:
+            _say_goodbye(victim.sock, f"closed for a newcomer: {why}")
+        _shut(victim.sock)  # its thread wakes, and closes it
+
+    def _serve_connection(self, connection: _Connection) -> None:
+        conn = connection.sock
         try:
-            while True:
-                conn.settimeout(None)  # a client may stay idle between requests for a whole job
+            while self._next_request(connection):
+                reader = _Reader(conn, time.monotonic() + MESSAGE_TIMEOUT_S, self._budget)
                 try:
-                    if not conn.recv(1, socket.MSG_PEEK):
-                        return
-                    conn.settimeout(MESSAGE_TIMEOUT_S)  # ... but not stall half-way through one
-                    op, fields = _read_message(conn, MAX_VALUE_BYTES)
+                    op, fields = reader.message(MAX_VALUE_BYTES)
+                    code, reply = self._execute(op, fields, connection)
                 except EOFError:
                     return
                 except socket.timeout:
-                    raise _Malformed(f"a request stalled for {MESSAGE_TIMEOUT_S:g} s") from None
-                conn.settimeout(None)  # a GET may wait as long as its own timeout
-                conn.sendall(self._execute(op, fields))
+                    raise _Malformed(f"a request did not arrive whole within {MESSAGE_TIMEOUT_S:g} s") from None
+                finally:
+                    reader.release()
+                conn.settimeout(MESSAGE_TIMEOUT_S)  # a client that does not read its reply is dropped
+                _send_message(conn, code, reply)
+                with self._cond:
+                    connection.mark(idle=True)
         except _Malformed as e:
-            log.warning("store: closing the connection from %s: malformed request: %s", peer, e)
+            log.warning("store: closing the connection from %s: %s", connection.peer, e)
         except OSError:
-            pass  # the client went away, or close() shut the connection
+            pass  # the client went away, or close() or an eviction shut the connection
         finally:
             with self._cond:
-                self._conns.discard(conn)
+                if self._conns.get(conn) is connection:
+                    del self._conns[conn]
+                if not self._conns:
+                    self._evicting = False
                 self._cond.notify_all()  # close(linger) waits for connections to go
             conn.close()
 
-    def _execute(self, op: int, fields: List[bytes]) -> bytes:
+    def _next_request(self, connection: _Connection) -> bool:
+        """Waits, up to IDLE_TIMEOUT_S, for the next request; whether one began."""
+        conn = connection.sock
+        conn.settimeout(IDLE_TIMEOUT_S)
+        try:
+            if not conn.recv(1, socket.MSG_PEEK):
+                return False
+        except socket.timeout:
+            with self._cond:
+                if connection.evicted:
+                    return False
+                connection.evicted = True
+            log.debug("store: closing the connection from %s: idle for %g s", connection.peer, IDLE_TIMEOUT_S)
+            _say_goodbye(conn, f"idle for {IDLE_TIMEOUT_S:g} s")
+            return False
+        with self._cond:
+            if connection.evicted:
+                return False
+            connection.mark(idle=False)
+        return True
+
+    def _execute(self, op: int, fields: List[bytes], connection: _Connection) -> Tuple[int, List[bytes]]:
         if op == _SET and len(fields) == 2:
             key, value = fields
             self._check_key(key)
             with self._cond:
                 grown = self._bytes + len(key) + len(value) - self._entry_bytes(key)
                 if grown > MAX_STORE_BYTES:
-                    return _pack(_ERROR, [b"the store is full (%d bytes)" % MAX_STORE_BYTES])
+                    return _ERROR, [b"the store is full (%d bytes)" % MAX_STORE_BYTES]
                 self._data[key] = value
                 self._bytes = grown
                 self._cond.notify_all()
-            return _pack(_OK, [])
+            return _OK, []
         if op == _GET and len(fields) == 2:
             key = fields[0]
             self._check_key(key)
             with self._cond:
-                self._wait_for([key], self._timeout(fields[1]))
+                self._wait_for([key], self._timeout(fields[1]), connection)
                 if key in self._data:
-                    return _pack(_OK, [self._data[key]])
-            return _pack(_TIMEOUT, [])
+                    return _OK, [self._data[key]]
+            return _TIMEOUT, []
         if op == _ADD and len(fields) == 2:
             key = fields[0]
             self._check_key(key)
@@ -223,30 +371,32 @@ class StoreServer:
                 try:
                     total = int(self._data.get(key, b"0")) + amount
                 except ValueError:
-                    return _pack(_ERROR, [b"the value of this key is not an integer"])
+                    return _ERROR, [b"the value of this key is not an integer"]
                 value = str(total).encode()
                 grown = self._bytes + len(key) + len(value) - self._entry_bytes(key)
                 if grown > MAX_STORE_BYTES:
-                    return _pack(_ERROR, [b"the store is full (%d bytes)" % MAX_STORE_BYTES])
+                    return _ERROR, [b"the store is full (%d bytes)" % MAX_STORE_BYTES]
                 self._bytes = grown
                 self._data[key] = value
                 self._cond.notify_all()
-            return _pack(_OK, [_I64.pack(total)])
+            return _OK, [_I64.pack(total)]
         if op == _WAIT and 1 <= len(fields) <= MAX_FIELDS + 1:
             keys = fields[1:]
             for key in keys:
                 self._check_key(key)
             with self._cond:
-                self._wait_for(keys, self._timeout(fields[0]))
+                self._wait_for(keys, self._timeout(fields[0]), connection)
                 missing = [key for key in keys if key not in self._data]
-            return _pack(_TIMEOUT, missing) if missing else _pack(_OK, [])
+            return (_TIMEOUT, missing) if missing else (_OK, [])
         raise _Malformed(f"unknown request {op} with {len(fields)} fields")
 
-    def _wait_for(self, keys: List[bytes], timeout: float) -> None:
-        """With _cond held: until every key exists, the timeout passes, or close()."""
-        self._cond.wait_for(lambda: self._closed or all(k in self._data for k in keys), timeout)
-        if self._closed:
-            raise OSError("store closed")
+    def _wait_for(self, keys: List[bytes], timeout: float, connection: _Connection) -> None:
+        """With _cond held: until every key exists, the timeout passes, close(), or the
+        connection is evicted."""
+        self._cond.wait_for(lambda: self._closed or connection.evicted or all(k in self._data for k in keys),
+                            timeout)
+        if self._closed or connection.evicted:
+            raise OSError("store closed, or the connection evicted")
 
     def _entry_bytes(self, key: bytes) -> int:
         return len(key) + len(self._data[key]) if key in self._data else 0
@@ -263,6 +413,22 @@ class StoreServer:
         return min(_U64.unpack(field)[0] / 1000.0, _MAX_WAIT_S)
 
 
+def _shut(conn: socket.socket) -> None:
+    try:
+        # shutdown, unlike close, wakes a handler thread blocked in recv
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _say_goodbye(conn: socket.socket, reason: str) -> None:
+    """Tells an idle client that the server closes its connection, so that it reconnects."""
+    try:
+        conn.send(_pack(_GOODBYE, [reason.encode()]), socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+
+
 class StoreClient:
     """A connection to the store. Connects at construction, retrying until ``timeout``
     seconds have passed (the server may start later); ``timeout`` is also the default
@@ -271,6 +437,7 @@ class StoreClient:
     def __init__(self, host: str, port: int, timeout: float = 300.0):
         self.address = f"{host}:{port}"
         self.timeout = timeout
+        self._host, self._port = host, port
         self._lock = threading.Lock()
         self._sock: Optional[socket.socket] = self._connect(host, port, time.monotonic() + timeout)
 
@@ -343,21 +510,46 @@ class StoreClient:
 
     def _call(self, op: int, fields: List[bytes], wait_s: float) -> Tuple[int, List[bytes]]:
         with self._lock:
-            sock = self._sock
-            if sock is None:
-                raise CollectiveError(f"the connection to the store at {self.address} is closed")
-            try:
-                sock.settimeout(wait_s + _REPLY_GRACE_S)
-                sock.sendall(_pack(op, fields))
-                return _read_message(sock, MAX_VALUE_BYTES)
-            except socket.timeout:
-                self.close()  # a late reply would be taken for the next request's
-                raise TimeoutError(f"the store at {self.address} did not answer within "
-                                   f"{wait_s + _REPLY_GRACE_S:g} s") from None
-            except (OSError, EOFError, _Malformed) as e:
-                self.close()
-                raise CollectiveError(f"lost the connection to the store at {self.address} ({e}): "
-                                      "worker 0, which serves it, has probably exited; see its log") from None
+            code, reply = self._exchange(self._open_socket(), op, fields, wait_s)
+            if code == _GOODBYE:  # it closed us as idle just as we asked: it did not act on it
+                self._reconnect()
+                code, reply = self._exchange(self._open_socket(), op, fields, wait_s)
+            return code, reply
+
+    def _open_socket(self) -> socket.socket:
+        """With _lock held: the connection, made anew if the server closed it as idle."""
+        if self._sock is None:
+            raise CollectiveError(f"the connection to the store at {self.address} is closed")
+        try:
+            self._sock.settimeout(0.0)  # a socket with a timeout would wait for the peek
+            said = self._sock.recv(_HEADER.size, socket.MSG_PEEK)
+        except BlockingIOError:
+            said = None  # nothing: the usual case
+        except OSError:
+            said = None  # reset: the exchange fails and says so
+        if said and said[0] == _GOODBYE:
+            self._reconnect()
+        return self._sock
+
+    def _reconnect(self) -> None:
+        self.close()
+        log.debug("store: the server at %s closed our idle connection; connecting again", self.address)
+        self._sock = self._connect(self._host, self._port, time.monotonic() + _RECONNECT_S)
+
+    def _exchange(self, sock: socket.socket, op: int, fields: List[bytes], wait_s: float) -> Tuple[int, List[bytes]]:
+        """With _lock held: one request and its reply."""
+        try:
+            sock.settimeout(wait_s + _REPLY_GRACE_S)
+            sock.sendall(_pack(op, fields))
+            return _Reader(sock, time.monotonic() + wait_s + _REPLY_GRACE_S).message(MAX_VALUE_BYTES)
+        except socket.timeout:
+            self.close()  # a late reply would be taken for the next request's
+            raise TimeoutError(f"the store at {self.address} did not answer within "
+                               f"{wait_s + _REPLY_GRACE_S:g} s") from None
+        except (OSError, EOFError, _Malformed) as e:
+            self.close()
+            raise CollectiveError(f"lost the connection to the store at {self.address} ({e}): "
+                                  "worker 0, which serves it, has probably exited; see its log") from None
 
     def _check_error(self, code: int, fields: List[bytes], key: str) -> None:
         if code == _ERROR:
@@ -375,3 +567,63 @@ class StoreClient:
         if not 0 < len(data) <= MAX_KEY_BYTES:
             raise ValueError(f"a store key has 1 to {MAX_KEY_BYTES} bytes, not {len(data)}")
         return data
+
+
+SIGNATURE_BYTES = 32  # HMAC-SHA256, after the value
+_RECORD_LABEL = b"collectives-store-record|v1|"  # no other MAC of the job's secret covers such bytes
+_KEY_LENGTH = struct.Struct("!H")
+
+
+def _record_mac(secret: bytes, key: str, value: bytes) -> bytes:
+    encoded = key.encode()
+    return hmac.new(secret, _RECORD_LABEL + _KEY_LENGTH.pack(len(encoded)) + encoded + bytes(value),
+                    hashlib.sha256).digest()
+
+
+def sign_record(secret: bytes, key: str, value: bytes) -> bytes:
+    """``value`` followed by its signature with the job's ``secret``, bound to ``key``, so
+    that a record can be neither forged nor moved to another key by whoever can write to
+    the store without the secret."""
+    return bytes(value) + _record_mac(secret, key, value)
+
+
+def open_record(secret: bytes, key: str, record: bytes, where: str = "the store") -> bytes:
+    """The value of a record made by :func:`sign_record`; AuthenticationError naming
+    ``key`` if it was not signed with ``secret`` for that key."""
+    value, signature = record[:-SIGNATURE_BYTES], record[-SIGNATURE_BYTES:]
+    if len(record) < SIGNATURE_BYTES or not hmac.compare_digest(signature, _record_mac(secret, key, value)):
+        raise AuthenticationError(
+            f"refused the record {key!r} in {where}: it is not signed with this job's secret, so a process "
+            "without it wrote it: one started with another COLLECTIVES_TOKEN (give every worker and reducer "
+            "the same), or a stranger who can reach the store")
+    return value
+
+
+class SignedStore:
+    """A store (a :class:`StoreClient`, or any object with its methods) whose ``set``
+    signs each value with the job's secret and whose ``get`` checks it (see
+    :func:`open_record`). ``add`` and ``check`` pass through: counters cannot be signed."""
+
+    def __init__(self, store, secret: bytes):
+        self.store = store
+        self._secret = secret  # never in a repr or a message
+        self._where = f"the store at {store.address}" if hasattr(store, "address") else "the store"
+
+    def __repr__(self) -> str:
+        return f"SignedStore({self.store!r})"
+
+    def set(self, key: str, value: bytes) -> None:
+        self.store.set(key, sign_record(self._secret, key, value))
+
+    def get(self, key: str, timeout: Optional[float] = None) -> bytes:
+        record = self.store.get(key) if timeout is None else self.store.get(key, timeout)
+        return open_record(self._secret, key, record, self._where)
+
+    def add(self, key: str, amount: int) -> int:
+        return self.store.add(key, amount)
+
+    def check(self, keys: Iterable[str]) -> bool:
+        return self.store.check(keys)
+
+    def close(self) -> None:
+        self.store.close()

@@ -26,8 +26,8 @@ from .._bootstrap import (_NO_SECRET, MpiJob, _parse_address, _StoreWaits, launc
                           read_secret, reducer_record)
 from .._config import Config
 from .._handshake import ROLE_REDUCER, ROLE_WORKER, Acceptor, PeerHello, server_handshake
-from .._store import StoreClient
-from ..errors import CollectiveError, TimeoutError
+from .._store import SignedStore, StoreClient
+from ..errors import AuthenticationError, CollectiveError, TimeoutError
 
 __all__ = ["Joined", "join"]
 
@@ -104,11 +104,16 @@ def _join_mpi(environ: Mapping[str, str], config: Config, deadline: float,
 def _join_store(rendezvous: str, secret: bytes, config: Config, deadline: float,
                 on_index: Callable[[int], None]) -> Joined:
     host, port = _parse_address(rendezvous, "--rendezvous")
-    store = StoreClient(host, port, timeout=config.timeout)
+    # Signed: what it reads was published by the job, and the workers check what it publishes.
+    store = SignedStore(StoreClient(host, port, timeout=config.timeout), secret)
     try:
         waits = _StoreWaits(store, _PREFIX, deadline, config.timeout)
-        job_id = waits.get("job", f"no job started at the rendezvous {rendezvous} within {config.timeout:g} s: is "
-                                  "worker 0 running, with this COLLECTIVES_RENDEZVOUS?")
+        try:
+            job_id = waits.get("job", f"no job started at the rendezvous {rendezvous} within {config.timeout:g} s: "
+                                      "is worker 0 running, with this COLLECTIVES_RENDEZVOUS?")
+        except AuthenticationError as e:
+            _post_failure(store, e)
+            raise
         size = int(store.get(_PREFIX + "size"))
         num_reducers = int(store.get(_PREFIX + "num_reducers"))
         index = store.add(_PREFIX + "reducer_claim", 1) - 1
@@ -135,6 +140,17 @@ def _join_store(rendezvous: str, secret: bytes, config: Config, deadline: float,
         return Joined(index, num_reducers, *gate.wait(deadline, waits.raise_if_aborted), gate)
     finally:
         store.close()
+
+
+def _post_failure(store: SignedStore, error: Exception) -> None:
+    """Publishes why this reducer cannot join under the next reducer index, so that the
+    workers fail now, naming it, rather than at their deadline. Signed with this reducer's
+    secret: with another token than the workers', they refuse the record, naming its key."""
+    try:
+        index = store.add(_PREFIX + "reducer_claim", 1) - 1
+        store.set(f"{_PREFIX}reducer/{index}", json.dumps({"failed": f"{type(error).__name__}: {error}"}).encode())
+    except CollectiveError as e:
+        log.debug("could not post this reducer's failure to the store: %s", e)
 
 
 class WorkerGate:

@@ -22,7 +22,7 @@ from launch_env import REDUCER_COMMAND, clean_environ
 from collectives import _handshake
 from collectives._bootstrap import bootstrap
 from collectives._config import Config
-from collectives._store import StoreClient, StoreServer
+from collectives._store import SIGNATURE_BYTES, StoreClient, StoreServer
 from collectives.errors import AuthenticationError, CollectiveError
 
 pytestmark = pytest.mark.timeout(180)
@@ -254,13 +254,14 @@ def test_reducer_with_a_wrong_secret_is_refused(run_ranks, tmp_path):
     bad_token = "not-the-job-token-" + "y" * 20
     results = run_ranks(WORKER_SCRIPT, 2, reducers=1, reducer_args=_stats_args(tmp_path), timeout=60,
                         env={"COLLECTIVES_TIMEOUT": "20"}, reducer_env=lambda index: {TOKEN_ENV: bad_token})
-    for result in results[:2]:
+    for result in results[:2]:  # the reducer cannot read the job, nor the workers its record
         report = result.report()
         assert report["error"] == "AuthenticationError", report
-        assert "reducer 0" in report["message"], report
+        assert "refused the record 'collectives/reducer/0'" in report["message"], report
+        assert "another COLLECTIVES_TOKEN" in report["message"], report
     reducer = results[2]
     assert reducer.returncode == 1, reducer.stderr
-    assert "refused a connection from" in reducer.stderr  # each worker's attempt, logged
+    assert "refused the record 'collectives/job'" in reducer.stderr
     for result in results:
         assert bad_token not in result.stdout + result.stderr
 
@@ -283,8 +284,8 @@ def test_strangers_at_a_reducer_do_not_disturb_the_job(run_ranks, tmp_path, rese
     def strangers(procs):
         _wait_for(lambda: len(list(running.iterdir())) == 2, "the workers to start")
         store = StoreClient("127.0.0.1", port, timeout=20)
-        record = json.loads(store.get("collectives/reducer/0", timeout=20))
-        job_id = store.get("collectives/job", timeout=20)  # the store is public: a stranger can read it
+        record = json.loads(store.get("collectives/reducer/0", timeout=20)[:-SIGNATURE_BYTES])
+        job_id = store.get("collectives/job", timeout=20)[:-SIGNATURE_BYTES]  # the store is public: a stranger reads it
         store.close()
         address = (record["host"], record["port"])
         silent = socket.create_connection(address)
@@ -333,8 +334,8 @@ def test_strangers_at_a_workers_port_do_not_stop_the_start(run_ranks, reserve_po
 
     def strangers(procs):
         store = StoreClient("127.0.0.1", port, timeout=20)
-        record = json.loads(store.get("collectives/addr/0", timeout=20))
-        job_id = store.get("collectives/job", timeout=20)
+        record = json.loads(store.get("collectives/addr/0", timeout=20)[:-SIGNATURE_BYTES])
+        job_id = store.get("collectives/job", timeout=20)[:-SIGNATURE_BYTES]
         store.close()
         address = (record["host"], record["port"])
         with socket.create_connection(address) as sock:

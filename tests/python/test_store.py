@@ -173,17 +173,22 @@ def test_the_store_is_bounded(server, client, monkeypatch):
 
 
 def test_connections_are_bounded():
+    """A newcomer beyond the bound takes the place of the connection that waited longest
+    (here the idle client's, which reconnects for its next request)."""
     srv = StoreServer("127.0.0.1", 0, max_connections=2).start()
     try:
-        first = StoreClient("127.0.0.1", srv.port, timeout=5)
-        second = StoreClient("127.0.0.1", srv.port, timeout=5)
-        first.set("k", b"v")
+        idle = StoreClient("127.0.0.1", srv.port, timeout=5)
+        busy = StoreClient("127.0.0.1", srv.port, timeout=5)
+        busy.set("k", b"v")
         extra = socket.create_connection(("127.0.0.1", srv.port))
-        assert _closed_by_peer(extra)
+        extra.sendall(struct.pack("!BH", 4, 1) + struct.pack("!IQ", 8, 0))  # WAIT for nothing: OK
+        extra.settimeout(5)
+        assert extra.recv(3) == struct.pack("!BH", 0, 0)
+        assert busy.get("k") == b"v"
+        assert idle.get("k") == b"v"
         extra.close()
-        assert second.get("k") == b"v"
-        first.close()
-        second.close()
+        idle.close()
+        busy.close()
     finally:
         srv.close()
 
