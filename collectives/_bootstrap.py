@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from . import _handshake, _netif
 from ._config import Config
-from ._handshake import (JOB_ID_BYTES, ROLE_REDUCER, ROLE_WORKER, PeerHello, client_handshake,
+from ._handshake import (JOB_ID_BYTES, ROLE_REDUCER, ROLE_WORKER, PeerHello, SessionKeys, client_handshake,
                          server_handshake)
 from ._store import SignedStore, StoreClient, StoreServer
 from .errors import AuthenticationError, CollectiveError, ProtocolVersionError, TimeoutError
@@ -70,17 +70,17 @@ class Bootstrap:
 
     rank: int
     size: int
-    # peer_fds[p]: connections_per_peer connected, authenticated, blocking socket fds to
+    # peer_links[p]: connections_per_peer connected, authenticated sockets (with their keys) to
     # worker p, by connection index; [] for p == rank. Whoever takes them closes them.
-    peer_fds: List[List[int]]
+    peer_links: List[List[Any]]
     peer_names: List[str]  # "rank p (host:port)", for error messages
     store: Optional[StoreClient]
     store_server: Optional[StoreServer]  # on worker 0 when it serves the store
     mpi_comm: Optional[Any]  # workers-only MPI communicator under mpirun
     secret: bytes = dataclasses.field(repr=False)  # in memory only; never logged
     job_id: bytes = dataclasses.field(repr=False)  # random per job; binds handshakes to it
-    # reducer_fds[i]: one connected, authenticated, blocking socket fd to reducer i
-    reducer_fds: List[int] = dataclasses.field(default_factory=list)
+    # reducer_links[i]: one connected, authenticated socket (with its keys) to reducer i
+    reducer_links: List[Any] = dataclasses.field(default_factory=list)
     reducer_names: List[str] = dataclasses.field(default_factory=list)  # "reducer i (host:port)"
 
     def close(self) -> None:
@@ -222,7 +222,7 @@ def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config
     deadline = time.monotonic() + config.timeout if deadline is None else deadline
     signed = SignedStore(store, secret)  # so that no stranger at the store can pass for one of the job
     exchange = _StoreExchange(signed, prefix, rank, size, deadline, config.timeout, rendezvous)
-    peer_fds: List[List[int]] = []
+    peer_links: List[List[Any]] = []
     meeting, server = store, None  # where the reducers meet the job
     try:
         if rank == 0:
@@ -230,24 +230,24 @@ def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config
             publish_job(signed, job_id, size, config.num_reducers, prefix=prefix)
         else:
             job_id = exchange.get("job", f"rank 0 did not start the job at {rendezvous} within {config.timeout:g} s")
-        peer_fds, peer_names = _connect_workers(rank, size, config, secret, job_id, deadline, exchange,
+        peer_links, peer_names = _connect_workers(rank, size, config, secret, job_id, deadline, exchange,
                                                 lambda: _netif.advertise_address(config.socket_ifname, toward))
         if reducer_rendezvous is not None and config.num_reducers:
             meeting, server = _open_job_store(reducer_rendezvous, "COLLECTIVES_RENDEZVOUS", rank, size, secret,
                                               job_id, config.num_reducers, deadline)
-            reducer_fds, reducer_names = meet_reducers(meeting, rank, size, secret, job_id, config,
+            reducer_links, reducer_names = meet_reducers(meeting, rank, size, secret, job_id, config,
                                                        rendezvous=reducer_rendezvous, deadline=deadline)
         else:
-            reducer_fds, reducer_names = meet_reducers(store, rank, size, secret, job_id, config, prefix=prefix,
+            reducer_links, reducer_names = meet_reducers(store, rank, size, secret, job_id, config, prefix=prefix,
                                                        rendezvous=rendezvous, deadline=deadline)
     except Exception as e:
-        _close_fds(fd for fds in peer_fds for fd in fds)
+        _close_links(link for links in peer_links for link in links)
         for closable in (meeting, server):
             if closable is not store and closable is not None:
                 closable.close()
         exchange.publish_failure(e)
         raise
-    return Bootstrap(rank, size, peer_fds, peer_names, meeting, server, None, secret, job_id, reducer_fds,
+    return Bootstrap(rank, size, peer_links, peer_names, meeting, server, None, secret, job_id, reducer_links,
                      reducer_names)
 
 
@@ -264,7 +264,7 @@ def meet_reducers(store: Any, rank: int, size: int, secret: bytes, job_id: bytes
                   deadline: Optional[float] = None) -> Tuple[List[int], List[str]]:
     """Connects this worker to each of the job's config.num_reducers reducers, which publish
     their addresses in ``store`` (a store-like object, as for :func:`bootstrap_with_store`)
-    once worker 0 has called :func:`publish_job` there. Returns (fds, names) by reducer
+    once worker 0 has called :func:`publish_job` there. Returns (links, names) by reducer
     index; ([], []) for a job without reducers.
     """
     deadline = time.monotonic() + config.timeout if deadline is None else deadline
@@ -298,29 +298,30 @@ def check_reducer_records(records: List[Dict[str, Any]]) -> None:
 
 
 def _connect_reducers(records: List[Dict[str, Any]], rank: int, config: Config, secret: bytes, job_id: bytes,
-                      deadline: float) -> Tuple[List[int], List[str]]:
+                      deadline: float) -> Tuple[List[Any], List[str]]:
     check_reducer_records(records)
     names = [f"reducer {index} ({r['host']}:{r['port']})" for index, r in enumerate(records)]
     socks: List[socket.socket] = []
+    keys = []
     try:
         for index, record in enumerate(records):
             socks.append(_dial((record["host"], record["port"]), f"rank {rank}", names[index], deadline,
                                config.timeout))
-            client_handshake(socks[-1], secret, rank, index, 0,
-                             min(time.monotonic() + config.handshake_timeout, deadline), job_id=job_id,
-                             peer_role=ROLE_REDUCER)
+            keys.append(client_handshake(socks[-1], secret, rank, index, 0,
+                                         min(time.monotonic() + config.handshake_timeout, deadline), job_id=job_id,
+                                         peer_role=ROLE_REDUCER, security=config.wire_security))
     except BaseException:
         for sock in socks:
             sock.close()
         raise
     if socks:
         log.info("rank %d: connected to %d reducer(s)", rank, len(socks))
-    return [sock.detach() for sock in socks], names
+    return [session.link(sock) for session, sock in zip(keys, socks)], names
 
 
-def _close_fds(fds) -> None:
-    for fd in fds:
-        os.close(fd)
+def _close_links(links) -> None:
+    for link in links:
+        os.close(link.fd)
 
 
 def _bootstrap_mpi(rendezvous: Optional[str], rendezvous_source: str, config: Config,
@@ -346,7 +347,7 @@ def _bootstrap_mpi(rendezvous: Optional[str], rendezvous_source: str, config: Co
     secret, job_id, address0 = job.start(mine)
     reducer_records = job.reducer_records(None) if job.reducers else []
 
-    peer_fds, peer_names = _connect_workers(
+    peer_links, peer_names = _connect_workers(
         rank, size, config, secret, job_id, deadline, _MpiExchange(mpi_comm),
         lambda: address0 if rank == 0 else _netif.advertise_address(config.socket_ifname, address0))
     store = server = None
@@ -355,19 +356,19 @@ def _bootstrap_mpi(rendezvous: Optional[str], rendezvous_source: str, config: Co
             store, server = _open_job_store(rendezvous, rendezvous_source, rank, size, secret, job_id,
                                             config.num_reducers, deadline)
         if job.reducers:
-            reducer_fds, reducer_names = _connect_reducers(reducer_records, rank, config, secret, job_id, deadline)
+            reducer_links, reducer_names = _connect_reducers(reducer_records, rank, config, secret, job_id, deadline)
         elif config.num_reducers:
-            reducer_fds, reducer_names = meet_reducers(store, rank, size, secret, job_id, config,
+            reducer_links, reducer_names = meet_reducers(store, rank, size, secret, job_id, config,
                                                        rendezvous=rendezvous, deadline=deadline)
         else:
-            reducer_fds, reducer_names = [], []
+            reducer_links, reducer_names = [], []
     except BaseException:
-        _close_fds(fd for fds in peer_fds for fd in fds)
+        _close_links(link for links in peer_links for link in links)
         for closable in (store, server):
             if closable is not None:
                 closable.close()
         raise
-    return Bootstrap(rank, size, peer_fds, peer_names, store, server, mpi_comm, secret, job_id, reducer_fds,
+    return Bootstrap(rank, size, peer_links, peer_names, store, server, mpi_comm, secret, job_id, reducer_links,
                      reducer_names)
 
 
@@ -663,13 +664,13 @@ def _connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id
         started = time.monotonic()
         mesh = _Mesh(listener, [(r["host"], r["port"]) for r in records], names, rank, size, config, secret,
                      job_id, deadline)
-        peer_fds = mesh.build(exchange)
+        peer_links = mesh.build(exchange)
     finally:
         if listener is not None:
             listener.close()
     log.info("rank %d of %d (%s:%d): connected to %d peers, %d connection(s) each, in %.2f s",
              rank, size, address, port, size - 1, config.connections_per_peer, time.monotonic() - started)
-    return peer_fds, names
+    return peer_links, names
 
 
 def _check_records(records: List[Dict[str, Any]]) -> None:
@@ -733,10 +734,10 @@ class _Mesh:
         self.cancelled = False  # guarded by lock, as is claimed
         self.claimed: Set[Tuple[int, int]] = set()
 
-    def build(self, exchange: Any) -> List[List[int]]:
+    def build(self, exchange: Any) -> List[List[Any]]:
         cpp = self.config.connections_per_peer
         expected = {(p, i) for p in range(self.size) if p != self.rank for i in range(cpp)}
-        got: Dict[Tuple[int, int], socket.socket] = {}
+        got: Dict[Tuple[int, int], Tuple[socket.socket, SessionKeys]] = {}
         acceptor = _handshake.Acceptor(self.listener, self._authenticate, self._accepted, self._refused).start()
         threading.Thread(target=self._connect_loop, name="collectives-connect", daemon=True).start()
         try:
@@ -753,21 +754,20 @@ class _Mesh:
                     if type(payload) is CollectiveError:  # refused or dropped: maybe a symptom
                         exchange.raise_if_aborted(store_may_be_gone=True, wait=_NOTICE_GRACE_S)
                     raise payload
-                peer, index, sock = payload
-                got[(peer, index)] = sock
+                peer, index, sock, keys = payload
+                got[(peer, index)] = sock, keys
         except BaseException:
-            for sock in got.values():
+            for sock, _ in got.values():
                 sock.close()
             raise
         finally:
             self._stop()
             acceptor.stop()
-        peer_fds: List[List[int]] = [[] for _ in range(self.size)]
+        peer_links: List[List[Any]] = [[] for _ in range(self.size)]
         for (peer, index) in sorted(got):
-            sock = got[(peer, index)]
-            sock.setblocking(True)
-            peer_fds[peer].append(sock.detach())
-        return peer_fds
+            sock, keys = got[(peer, index)]
+            peer_links[peer].append(keys.link(sock))
+        return peer_links
 
     def _missing(self, missing: Set[Tuple[int, int]]) -> str:
         timeout = f"{self.config.timeout:g} s"
@@ -813,21 +813,22 @@ class _Mesh:
                     sock = _dial(self.addresses[peer], f"rank {self.rank}", self.names[peer], self.deadline,
                                  self.config.timeout)
                     try:
-                        client_handshake(sock, self.secret, self.rank, peer, index, self._handshake_deadline(),
-                                         job_id=self.job_id)
+                        keys = client_handshake(sock, self.secret, self.rank, peer, index,
+                                                self._handshake_deadline(), job_id=self.job_id,
+                                                security=self.config.wire_security)
                     except BaseException:
                         sock.close()
                         raise
-                    self._post("socket", (peer, index, sock))
+                    self._post("socket", (peer, index, sock, keys))
         except Exception as e:  # noqa: BLE001 - handed to the main thread, which raises it
             self._post("error", e)
 
     def _authenticate(self, conn: socket.socket) -> PeerHello:
         return server_handshake(conn, self.secret, self.rank, self._handshake_deadline(), job_id=self.job_id,
-                                check=self._claim)
+                                check=self._claim, security=self.config.wire_security)
 
     def _accepted(self, hello: PeerHello, conn: socket.socket) -> None:
-        self._post("socket", (hello.rank, hello.conn_index, conn))
+        self._post("socket", (hello.rank, hello.conn_index, conn, hello.keys))
 
     def _refused(self, address: str, error: Exception) -> None:
         # Whoever failed the handshake, this worker keeps waiting for its real peers: a stranger

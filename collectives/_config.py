@@ -12,11 +12,16 @@ import os
 import re
 from typing import Any, Callable, Mapping, Optional, Tuple
 
-__all__ = ["Config", "ALGORITHMS"]
+from . import _core
+
+__all__ = ["Config", "ALGORITHMS", "WIRE_SECURITY"]
 
 ALGORITHMS = ("auto", "ring", "hierarchical", "reduction_server")
 # What workers do when every reducer has failed: raise CollectiveError, or go on with the ring.
 RS_FALLBACKS = ("error", "ring")
+# What protects each frame after the handshake: nothing, a MAC, or a MAC and encryption (in
+# the order of their codes in the core).
+WIRE_SECURITY = tuple(_core.WIRE_SECURITY)
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -136,6 +141,7 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[Any, str], Any]]] = {
     "rs_inflight": ("COLLECTIVES_RS_INFLIGHT", _parse_optional_count),
     "rs_heartbeat_timeout": ("COLLECTIVES_RS_HEARTBEAT_TIMEOUT", _parse_seconds),
     "rs_fallback": ("COLLECTIVES_RS_FALLBACK", _choice(RS_FALLBACKS, "a fallback")),
+    "wire_security": ("COLLECTIVES_WIRE_SECURITY", _choice(WIRE_SECURITY, "a wire security")),
 }
 
 
@@ -156,6 +162,7 @@ class Config:
     rs_inflight: Optional[int] = None  # None: the core's default
     rs_heartbeat_timeout: float = 10.0
     rs_fallback: str = "error"
+    wire_security: str = "mac"
 
     def __post_init__(self) -> None:
         # Checked on construction too, so that Config(...) built by hand is as safe as
@@ -193,7 +200,7 @@ class Config:
         """(name, value) pairs that every rank of a job must agree on, checked at init."""
         return tuple((name, getattr(self, name))
                      for name in ("algorithm", "ring_segment_bytes", "connections_per_peer", "num_reducers",
-                                  "rs_chunk_bytes", "rs_inflight", "rs_fallback"))
+                                  "rs_chunk_bytes", "rs_inflight", "rs_fallback", "wire_security"))
 
     @property
     def effective_algorithm(self) -> str:

@@ -3,7 +3,7 @@
 Every data connection passes this before its first frame. Messages (big-endian):
 
     prefix  = "COLL" version:u16                      (the same in every protocol version)
-    hello   = prefix role:u8 rank:u32 conn:u16 job_id:16B challenge:32B         client -> server
+    hello   = prefix role:u8 rank:u32 conn:u16 job_id:16B challenge:32B security:u8  client -> server
     reply   = prefix status:u8, then if OK: role:u8 rank:u32 challenge:32B mac:32B
                                 else: length:u16 text                            server -> client
     proof   = status:u8 mac:32B                                                  client -> server
@@ -14,8 +14,11 @@ protocol version, the job id and both hellos (roles, ranks, connection index, bo
 challenges), with a label that differs per side: a message replayed from another
 connection, or reflected back to its sender, does not verify. The secret never crosses the
 wire. The client is the first to check a MAC, so an honest client with the wrong secret
-learns it first and tells the server, and both raise AuthenticationError. The connection
-is authenticated, not encrypted.
+learns it first and tells the server, and both raise AuthenticationError. The server
+refuses a client whose wire security (COLLECTIVES_WIRE_SECURITY) is not its own.
+
+Both ends then derive the session's keys (SessionKeys) from the secret and the transcript;
+the core protects every frame of the connection with them (csrc/transport/wire_security.h).
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ import time
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from . import _core, _netif
+from ._config import WIRE_SECURITY
 from .errors import AuthenticationError, CollectiveError, ProtocolVersionError, TimeoutError
 
 __all__ = ["PROTOCOL_VERSION", "ROLE_WORKER", "ROLE_REDUCER", "JOB_ID_BYTES", "MAX_PENDING_HANDSHAKES", "MAX_PENDING_PER_SOURCE",
-           "HELLO_TIMEOUT_S", "PeerHello",
+           "HELLO_TIMEOUT_S", "PeerHello", "SessionKeys",
            "Acceptor", "client_handshake", "server_handshake", "describe_peer"]
 
 # The wire protocol's one version number lives in the core (transport/frame.h); the
@@ -56,6 +60,7 @@ HELLO_TIMEOUT_S = 3.0
 _MAGIC = b"COLL"
 _PREFIX = struct.Struct("!4sH")
 _HELLO = struct.Struct("!BIH16s32s")
+_SECURITY = struct.Struct("!B")  # follows the client's hello: its COLLECTIVES_WIRE_SECURITY
 _SERVER_HELLO = struct.Struct("!BI32s")  # followed by the MAC
 _MAC_BYTES = 32
 _PROOF = struct.Struct("!B32s")  # status, MAC
@@ -69,11 +74,27 @@ _OK, _REFUSED_VERSION, _REFUSED, _AUTH_FAILED = 0, 1, 2, 3
 _ROLE_NAMES = {ROLE_WORKER: "rank", ROLE_REDUCER: "reducer"}
 
 
+class SessionKeys(NamedTuple):
+    """How one authenticated connection's frames are protected from here on: the wire
+    security both ends use, and the key of each direction, derived from the job's secret and
+    this handshake's transcript (both fresh challenges), so that a relay that passed the
+    handshake through knows neither."""
+    security: str
+    send: bytes
+    recv: bytes
+
+    def link(self, sock: socket.socket) -> "_core.Link":
+        """The socket as the core takes it; the core owns its fd from here on."""
+        sock.setblocking(True)
+        return _core.Link(sock.detach(), WIRE_SECURITY.index(self.security), self.send, self.recv)
+
+
 class PeerHello(NamedTuple):
-    """Who connected, as proven by the handshake."""
+    """Who connected, as proven by the handshake (and, once it is done, the session's keys)."""
     rank: int
     conn_index: int
     role: int
+    keys: Optional[SessionKeys] = None
 
 
 def describe_peer(role: int, rank: int, address: str) -> str:
@@ -156,6 +177,22 @@ def _mac(secret: bytes, label: bytes, version: int, job_id: bytes, client_hello:
     return hmac.new(secret, label + transcript, hashlib.sha256).digest()
 
 
+def _session_keys(secret: bytes, version: int, job_id: bytes, client_hello: bytes, server_hello: bytes,
+                  security: str, client: bool) -> SessionKeys:
+    transcript = b"collectives-session|%d|" % version + job_id + client_hello + server_hello
+    keys = _core.derive_session_keys(secret, transcript)
+    client_sends, server_sends = keys[:len(keys) // 2], keys[len(keys) // 2:]
+    if client:
+        return SessionKeys(security, client_sends, server_sends)
+    return SessionKeys(security, server_sends, client_sends)
+
+
+def _security_code(security: str) -> bytes:
+    if security not in WIRE_SECURITY:
+        raise ValueError(f"wire security {security!r} is not one of {', '.join(WIRE_SECURITY)}")
+    return _SECURITY.pack(WIRE_SECURITY.index(security))
+
+
 def _version_error(peer: str, theirs: int, ours: int) -> ProtocolVersionError:
     return ProtocolVersionError(f"{peer} speaks collectives protocol {theirs}, this process speaks {ours}: "
                                 "install the same collectives version on every host")
@@ -168,9 +205,11 @@ def _check_secret(secret: bytes) -> None:
 
 def client_handshake(sock: socket.socket, secret: bytes, my_rank: int, peer_rank: int, conn_index: int,
                      deadline: float, *, job_id: bytes = bytes(JOB_ID_BYTES), role: int = ROLE_WORKER,
-                     peer_role: int = ROLE_WORKER, protocol_version: Optional[int] = None) -> None:
+                     peer_role: int = ROLE_WORKER, protocol_version: Optional[int] = None,
+                     security: str = "mac") -> SessionKeys:
     """Authenticates a socket we connected to ``peer_rank`` (of ``peer_role``), as our
-    connection number ``conn_index`` to it. ``deadline`` is a time.monotonic() value.
+    connection number ``conn_index`` to it, and returns the session's keys. ``deadline`` is
+    a time.monotonic() value. ``security`` (COLLECTIVES_WIRE_SECURITY) must be the peer's.
     ``protocol_version`` (default PROTOCOL_VERSION, looked up when called, so that the
     module's constant is the one place the version lives) lets tests play another version.
 
@@ -185,7 +224,7 @@ def client_handshake(sock: socket.socket, secret: bytes, my_rank: int, peer_rank
     me = _name(role, my_rank)
     channel = _Channel(sock, deadline, peer)
     challenge = secrets.token_bytes(_CHALLENGE_BYTES)
-    hello = _HELLO.pack(role, my_rank, conn_index, job_id, challenge)
+    hello = _HELLO.pack(role, my_rank, conn_index, job_id, challenge) + _security_code(security)
     channel.send(_PREFIX.pack(_MAGIC, protocol_version) + hello, "hello")
 
     magic, version = _PREFIX.unpack(channel.recv(_PREFIX.size, "hello"))
@@ -219,13 +258,15 @@ def client_handshake(sock: socket.socket, secret: bytes, my_rank: int, peer_rank
     if verdict != _OK:
         raise CollectiveError(f"{peer} refused the connection: {reason}")
     sock.settimeout(None)
+    return _session_keys(secret, version, job_id, hello, server_hello, security, client=True)
 
 
 def server_handshake(sock: socket.socket, secret: bytes, my_rank: int, deadline: float, *,
                      job_id: bytes = bytes(JOB_ID_BYTES), role: int = ROLE_WORKER,
                      check: Optional[Callable[[PeerHello], Optional[str]]] = None,
-                     protocol_version: Optional[int] = None) -> PeerHello:
-    """Authenticates a socket we accepted and returns who is on the other end.
+                     protocol_version: Optional[int] = None, security: str = "mac") -> PeerHello:
+    """Authenticates a socket we accepted and returns who is on the other end, with the
+    session's keys. ``security`` (COLLECTIVES_WIRE_SECURITY) must be the peer's.
 
     ``check``, given the authenticated peer, may return a reason to refuse it (a duplicate
     or out-of-range rank); the peer is told the reason and CollectiveError is raised here.
@@ -247,13 +288,20 @@ def server_handshake(sock: socket.socket, secret: bytes, my_rank: int, deadline:
                      _text(f"this process speaks collectives protocol {protocol_version}, you speak {version}"),
                      "refusal")
         raise _version_error(f"the peer at {address}", version, protocol_version)
-    hello = channel.recv(_HELLO.size, "hello")
-    their_role, their_rank, conn_index, their_job, _ = _HELLO.unpack(hello)
+    hello = channel.recv(_HELLO.size + _SECURITY.size, "hello")
+    their_role, their_rank, conn_index, their_job, _ = _HELLO.unpack(hello[:_HELLO.size])
+    (their_security,) = _SECURITY.unpack(hello[_HELLO.size:])
     channel.peer = peer = describe_peer(their_role, their_rank, address)
     if their_job != job_id:
         channel.send(_PREFIX.pack(_MAGIC, protocol_version) + _STATUS.pack(_REFUSED) +
                      _text("the connecting process belongs to another job (its address list is stale)"), "refusal")
         raise CollectiveError(f"{peer} belongs to another job: it connected to a stale address")
+    if _security_code(security) != hello[_HELLO.size:]:
+        theirs = WIRE_SECURITY[their_security] if their_security < len(WIRE_SECURITY) else f"code {their_security}"
+        reason = (f"{peer} uses COLLECTIVES_WIRE_SECURITY={theirs} and {me} uses {security}: set the same value on "
+                  "every worker and reducer of the job")
+        channel.send(_PREFIX.pack(_MAGIC, protocol_version) + _STATUS.pack(_REFUSED) + _text(reason), "refusal")
+        raise CollectiveError(reason)
 
     challenge = secrets.token_bytes(_CHALLENGE_BYTES)
     server_hello = _SERVER_HELLO.pack(role, my_rank, challenge)
@@ -272,7 +320,8 @@ def server_handshake(sock: socket.socket, secret: bytes, my_rank: int, deadline:
                                                          "COLLECTIVES_TOKEN values"), "verdict")
         raise AuthenticationError(f"{peer} failed to prove to {me} that it holds the job's secret: the two "
                                   "use different COLLECTIVES_TOKEN values")
-    peer_hello = PeerHello(their_rank, conn_index, their_role)
+    keys = _session_keys(secret, version, job_id, hello, server_hello, security, client=False)
+    peer_hello = PeerHello(their_rank, conn_index, their_role, keys)
     reason = check(peer_hello) if check is not None else None
     if reason is not None:
         channel.send(_STATUS.pack(_REFUSED) + _text(reason), "verdict")

@@ -74,7 +74,7 @@ class Communicator:
         self._core = None
         self._boot = boot
         # Under mpirun the reducers were counted at launch, not by COLLECTIVES_NUM_REDUCERS.
-        self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_fds))
+        self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_links))
         self._pid = os.getpid()
         self._pending: List[Work] = []
         options = _core.Options()
@@ -87,12 +87,12 @@ class Communicator:
         options.rs_heartbeat_timeout = config.rs_heartbeat_timeout
         options.rs_fallback_ring = config.rs_fallback == "ring"
         self._core = _core.Communicator(
-            boot.rank, boot.size, boot.peer_fds, boot.peer_names, options, boot.reducer_fds, boot.reducer_names
+            boot.rank, boot.size, boot.peer_links, boot.peer_names, options, boot.reducer_links, boot.reducer_names
         )
         _live.add(self)
-        if boot.reducer_fds:
+        if boot.reducer_links:
             logger.info("rank %d of %d: allreduce runs %s; %d reducer(s) connected", self.rank, self.size,
-                        self.algorithm, len(boot.reducer_fds))
+                        self.algorithm, len(boot.reducer_links))
         logger.debug("rank %d of %d ready (%s)", self.rank, self.size, config.as_dict())
 
     # -- identity -----------------------------------------------------------------------------

@@ -29,40 +29,41 @@ void Work::finish(std::exception_ptr error) {
   finished_.notify_all();
 }
 
-Communicator::Communicator(int rank, int size, std::vector<std::vector<int>> peer_fds,
+Communicator::Communicator(int rank, int size, std::vector<std::vector<Link>> peer_links,
                            std::vector<std::string> peer_names, CommunicatorOptions options,
-                           std::vector<int> reducer_fds, std::vector<std::string> reducer_names)
+                           std::vector<Link> reducer_links, std::vector<std::string> reducer_names)
     : rank_(rank), size_(size), options_(options) {
+  // The sockets were handed over: closed on every path.
+  auto close_peer_sockets = [&] {
+    for (auto& links : peer_links) {
+      for (const Link& link : links) ::close(link.fd);
+    }
+  };
   std::string refused;
   if (!(options.timeout_seconds > 0)) refused = "timeout must be positive";
-  if (options.reduction_server && reducer_fds.empty()) {
+  if (options.reduction_server && reducer_links.empty()) {
     refused = "the reduction_server algorithm needs reducers";
   }
   if (!refused.empty()) {
-    // The sockets were handed over: closed on every path.
-    for (auto& fds : peer_fds) {
-      for (int fd : fds) ::close(fd);
-    }
-    for (int fd : reducer_fds) ::close(fd);
+    close_peer_sockets();
+    for (const Link& link : reducer_links) ::close(link.fd);
     throw std::invalid_argument(refused);
   }
-  if (!reducer_fds.empty()) {
+  if (!reducer_links.empty()) {
     const auto& settings = options.reduction_server_settings;
     try {
       reducers_ = std::make_unique<ReducerChannels>(
-          std::move(reducer_fds), std::move(reducer_names), default_inflight(settings),
+          std::move(reducer_links), std::move(reducer_names), default_inflight(settings),
           settings.heartbeat_timeout, [rank](const std::string& event) {
             std::fprintf(stderr, "[collectives rank %d] %s\n", rank, event.c_str());
           });
     } catch (...) {
-      for (auto& fds : peer_fds) {
-        for (int fd : fds) ::close(fd);
-      }
+      close_peer_sockets();
       throw;
     }
   }
   // It owns its sockets before anything in it can throw.
-  transport_ = std::make_unique<TcpTransport>(rank, size, std::move(peer_fds), std::move(peer_names));
+  transport_ = std::make_unique<TcpTransport>(rank, size, std::move(peer_links), std::move(peer_names));
   executor_ = std::thread([this] { execute_loop(); });
 }
 

@@ -57,10 +57,11 @@ class Work {
 
 class Communicator {
  public:
-  // reducer_fds[r]: the connected, authenticated socket to reducer r (none: no reducers).
-  Communicator(int rank, int size, std::vector<std::vector<int>> peer_fds,
+  // peer_links[p]: the connected, authenticated sockets to rank p (TcpTransport);
+  // reducer_links[r]: the one to reducer r (none: no reducers). All are owned from here on.
+  Communicator(int rank, int size, std::vector<std::vector<Link>> peer_links,
                std::vector<std::string> peer_names, CommunicatorOptions options,
-               std::vector<int> reducer_fds = {}, std::vector<std::string> reducer_names = {});
+               std::vector<Link> reducer_links = {}, std::vector<std::string> reducer_names = {});
   ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;

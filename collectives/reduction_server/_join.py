@@ -19,13 +19,13 @@ import logging
 import socket
 import threading
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from .. import _netif
 from .._bootstrap import (_NO_SECRET, MpiJob, _parse_address, _StoreWaits, launched_by_mpirun, mpi_world,
                           read_secret, reducer_record)
 from .._config import Config
-from .._handshake import ROLE_REDUCER, ROLE_WORKER, Acceptor, PeerHello, server_handshake
+from .._handshake import ROLE_REDUCER, ROLE_WORKER, Acceptor, PeerHello, SessionKeys, server_handshake
 from .._store import SignedStore, StoreClient
 from ..errors import AuthenticationError, CollectiveError, TimeoutError
 
@@ -44,8 +44,8 @@ class Joined:
 
     index: int
     num_reducers: int
-    # worker_fds[k]: the connected, authenticated, blocking socket fd of worker k, for the core
-    worker_fds: List[int]
+    # worker_links[k]: the connected, authenticated socket of worker k (with its keys), for the core
+    worker_links: List[Any]
     worker_names: List[str]  # "rank k (host:port)"
     gate: "WorkerGate"  # refuses every further connection until closed
 
@@ -165,12 +165,12 @@ class WorkerGate:
         self.secret, self.job_id, self.config = secret, job_id, config
         self.changed = threading.Condition()
         self.claimed: Set[int] = set()  # guarded by changed, as are the two below
-        self.connections: Dict[int, socket.socket] = {}  # until handed over
+        self.connections: Dict[int, Tuple[socket.socket, SessionKeys]] = {}  # until handed over
         self.closed = False
         self.acceptor = Acceptor(listener, self._authenticate, self._accepted, self._refused).start()
 
-    def wait(self, deadline: float, raise_if_aborted: Callable[[], None]) -> Tuple[List[int], List[str]]:
-        """(fds, names) of the workers by rank once all have connected; the fds are the
+    def wait(self, deadline: float, raise_if_aborted: Callable[[], None]) -> Tuple[List[Any], List[str]]:
+        """(links, names) of the workers by rank once all have connected; the links are the
         caller's from then on. TimeoutError at the deadline, naming who is missing, or what
         ``raise_if_aborted`` raises; the gate is closed then."""
         try:
@@ -179,7 +179,7 @@ class WorkerGate:
             self.close()
             raise
 
-    def _wait(self, deadline: float, raise_if_aborted: Callable[[], None]) -> Tuple[List[int], List[str]]:
+    def _wait(self, deadline: float, raise_if_aborted: Callable[[], None]) -> Tuple[List[Any], List[str]]:
         started = time.monotonic()
         while True:
             with self.changed:
@@ -199,23 +199,24 @@ class WorkerGate:
                 complete = len(self.connections) == self.size
             if not complete:  # once all are in, worker 0 may close the store at any time
                 raise_if_aborted()
-        names = [f"rank {rank} ({_peer_address(connections[rank])})" for rank in range(self.size)]
+        names = [f"rank {rank} ({_peer_address(connections[rank][0])})" for rank in range(self.size)]
         log.info("all %d workers connected in %.2f s", self.size, time.monotonic() - started)
-        return [connections[rank].detach() for rank in range(self.size)], names
+        return [keys.link(conn) for conn, keys in (connections[rank] for rank in range(self.size))], names
 
     def close(self) -> None:
         """Stops accepting and closes what was not handed over; idempotent."""
         with self.changed:
             self.closed = True
             connections, self.connections = self.connections, {}
-        for conn in connections.values():
+        for conn, _ in connections.values():
             conn.close()
         self.acceptor.stop()
         self.listener.close()
 
     def _authenticate(self, conn: socket.socket) -> PeerHello:
         return server_handshake(conn, self.secret, self.index, time.monotonic() + self.config.handshake_timeout,
-                                job_id=self.job_id, role=ROLE_REDUCER, check=self._claim)
+                                job_id=self.job_id, role=ROLE_REDUCER, check=self._claim,
+                                security=self.config.wire_security)
 
     def _claim(self, hello: PeerHello) -> Optional[str]:
         if hello.role != ROLE_WORKER:
@@ -233,7 +234,7 @@ class WorkerGate:
     def _accepted(self, hello: PeerHello, conn: socket.socket) -> None:
         with self.changed:
             if not self.closed:
-                self.connections[hello.rank] = conn
+                self.connections[hello.rank] = conn, hello.keys
                 self.changed.notify_all()
                 return
         conn.close()

@@ -211,9 +211,9 @@ def _run(args: argparse.Namespace, tag: _Tag, signals: _Signals, report: Dict[st
     environ = os.environ if args.token_file is None else {**os.environ, "COLLECTIVES_TOKEN_FILE": args.token_file}
     joined = join(args.rendezvous or os.environ.get("COLLECTIVES_RENDEZVOUS") or None, environ, config,
                   on_index=tag.set)
-    report.update(reducer=joined.index, num_reducers=joined.num_reducers, workers=len(joined.worker_fds))
+    report.update(reducer=joined.index, num_reducers=joined.num_reducers, workers=len(joined.worker_links))
     try:
-        server = _core.ReductionServer(joined.worker_fds, joined.worker_names, options)
+        server = _core.ReductionServer(joined.worker_links, joined.worker_names, options)
         signals.server = server
         meter = _Meter(server)
         report["samples"] = meter.samples
@@ -222,7 +222,7 @@ def _run(args: argparse.Namespace, tag: _Tag, signals: _Signals, report: Dict[st
     finally:
         joined.close()
     log.info("served %d workers for %.1f s: %.1f MB in, %.1f MB out, %d chunks reduced, CPU %.0f%% of a core "
-             "while busy (%.1f s), %.1f%% over it all", len(joined.worker_fds), totals["elapsed_s"],
+             "while busy (%.1f s), %.1f%% over it all", len(joined.worker_links), totals["elapsed_s"],
              totals["bytes_received"] / _MB, totals["bytes_sent"] / _MB, totals["chunks_reduced"],
              totals["busy_cpu_percent"], totals["busy_s"], totals["cpu_percent"])
     if signals.signum is not None:

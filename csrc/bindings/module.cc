@@ -10,6 +10,7 @@
 #include "kernels/reduce.h"
 #include "reduction_server/server.h"
 #include "transport/frame.h"
+#include "transport/wire_security.h"
 
 namespace py = pybind11;
 using namespace collectives;
@@ -45,6 +46,25 @@ PYBIND11_MODULE(_core, m) {
 
   bind_buffers(m);
   bind_kernels(m);
+
+  m.attr("WIRE_SECURITY") = py::make_tuple("none", "mac", "aead");  // index = WireSecurity code
+  m.def(
+      "derive_session_keys",
+      [](const py::bytes& secret, const py::bytes& transcript) {
+        return py::bytes(derive_session_keys(secret, transcript));
+      },
+      py::arg("secret"), py::arg("transcript"),
+      "HKDF-SHA256 of the job's secret over a handshake's transcript: the client's sending key, "
+      "then the server's (32 bytes each).");
+  py::class_<Link>(m, "Link", "A connected, authenticated socket and the protection of its frames.")
+      .def(py::init([](int fd, int security, const py::bytes& send_key, const py::bytes& recv_key) {
+             if (security < 0 || security > static_cast<int>(WireSecurity::kAead)) {
+               throw py::value_error("wire security must be 0 (none), 1 (mac) or 2 (aead)");
+             }
+             return Link{fd, static_cast<WireSecurity>(security), send_key, recv_key};
+           }),
+           py::arg("fd"), py::arg("security"), py::arg("send_key"), py::arg("recv_key"))
+      .def_readonly("fd", &Link::fd);
 
   py::class_<Work, std::shared_ptr<Work>>(m, "Work")
       .def("wait_for", &Work::wait_for, py::arg("seconds"),
@@ -83,8 +103,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("debug", &ReducerOptions::debug);
 
   py::class_<ReductionServer>(m, "ReductionServer")
-      .def(py::init<std::vector<int>, std::vector<std::string>, ReducerOptions>(),
-           py::arg("worker_fds"), py::arg("worker_names"), py::arg("options"),
+      .def(py::init<std::vector<Link>, std::vector<std::string>, ReducerOptions>(),
+           py::arg("worker_links"), py::arg("worker_names"), py::arg("options"),
            py::call_guard<py::gil_scoped_release>())
       .def("serve", &ReductionServer::serve, py::call_guard<py::gil_scoped_release>(),
            "Serve the job until every worker has said goodbye; CollectiveError if it fails.")
@@ -101,10 +121,10 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<Communicator>(m, "Communicator")
-      .def(py::init<int, int, std::vector<std::vector<int>>, std::vector<std::string>,
-                    CommunicatorOptions, std::vector<int>, std::vector<std::string>>(),
-           py::arg("rank"), py::arg("size"), py::arg("peer_fds"), py::arg("peer_names"),
-           py::arg("options"), py::arg("reducer_fds") = std::vector<int>{},
+      .def(py::init<int, int, std::vector<std::vector<Link>>, std::vector<std::string>,
+                    CommunicatorOptions, std::vector<Link>, std::vector<std::string>>(),
+           py::arg("rank"), py::arg("size"), py::arg("peer_links"), py::arg("peer_names"),
+           py::arg("options"), py::arg("reducer_links") = std::vector<Link>{},
            py::arg("reducer_names") = std::vector<std::string>{},
            py::call_guard<py::gil_scoped_release>())
       .def("reducer_stats", [](const Communicator& c) {

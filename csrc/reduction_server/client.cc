@@ -18,7 +18,6 @@
 namespace collectives {
 namespace {
 
-constexpr size_t kHeaderBytes = sizeof(FrameHeader);
 // How often waiters and the progress thread look at the clock and at the rest of the job.
 constexpr int kPollMillis = 20;
 constexpr int kGoodbyeMillis = 1000;
@@ -41,6 +40,9 @@ struct Ref {
 }  // namespace
 
 struct ReducerChannels::Reducer {
+  Reducer(int index, const Link& link, std::string name)
+      : index(index), fd(link.fd), name(std::move(name)), writer(sending_protection(link)),
+        reader(receiving_protection(link)) {}
   int index = 0;
   FileDescriptor fd;
   std::string name;
@@ -50,14 +52,13 @@ struct ReducerChannels::Reducer {
   std::deque<Ref> queue;     // to send, in order
   std::vector<Ref> waiting;  // sent or being sent, sum not yet received
   std::optional<Ref> sending;  // being written
-  uint64_t sent_bytes = 0;     // of its header + payload
+  FrameWriter writer;
   FrameReader reader;
   std::optional<Ref> receiving;  // whose sum is being read (none: an abort notice)
   std::vector<char> staging;  // the frame being read; a sum is copied into place once whole
   Clock::time_point last_heard;
   uint32_t interest = 0;
 
-  bool mid_frame() const { return sending && sent_bytes > 0; }
   // The queue is ordered by all-reduce, oldest first, and each all-reduce has a window of its
   // own: chunks of an all-reduce posted ahead can never hold back the recovery of an older
   // one, which every worker needs first (the order in which the workers post them differs).
@@ -72,18 +73,15 @@ struct ReducerChannels::Reducer {
   }
 };
 
-ReducerChannels::ReducerChannels(std::vector<int> fds, std::vector<std::string> names,
+ReducerChannels::ReducerChannels(std::vector<Link> links, std::vector<std::string> names,
                                  int inflight, double heartbeat_timeout,
                                  std::function<void(const std::string&)> log)
     : inflight_(std::max(1, inflight)), heartbeat_timeout_(heartbeat_timeout), log_(std::move(log)) {
-  for (size_t r = 0; r < fds.size(); ++r) {
-    auto reducer = std::make_unique<Reducer>();
-    reducer->index = static_cast<int>(r);
-    reducer->fd = FileDescriptor(fds[r]);
-    reducer->name = r < names.size() ? names[r] : "reducer " + std::to_string(r);
-    reducers_.push_back(std::move(reducer));
+  for (size_t r = 0; r < links.size(); ++r) {
+    reducers_.push_back(std::make_unique<Reducer>(
+        static_cast<int>(r), links[r], r < names.size() ? names[r] : "reducer " + std::to_string(r)));
   }
-  if (names.size() != fds.size()) {
+  if (names.size() != links.size()) {
     throw std::invalid_argument("need one name per reducer connection");
   }
   for (auto& reducer : reducers_) set_nonblocking(reducer->fd.get());
@@ -200,39 +198,19 @@ void ReducerChannels::abandon_locked(Reducer& reducer, bool goodbye) {
 void ReducerChannels::say_goodbye(Reducer& reducer) {
   const int fd = reducer.fd.get();
   const Deadline deadline = deadline_after(kGoodbyeMillis / 1000.0);
-  auto wait_until = [&](short events) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) return false;
-    pollfd pfd{fd, events, 0};
-    return poll(&pfd, 1, static_cast<int>(left.count())) > 0;
-  };
-  if (reducer.sending) {
-    ShardTransfer& t = reducer.sending->transfer();
-    const uint64_t total = kHeaderBytes + t.header.nbytes;
-    while (reducer.sent_bytes < total) {
-      const char* from = reducer.sent_bytes < kHeaderBytes
-                             ? reinterpret_cast<const char*>(&t.header) + reducer.sent_bytes
-                             : t.data + (reducer.sent_bytes - kHeaderBytes);
-      const uint64_t left = reducer.sent_bytes < kHeaderBytes ? kHeaderBytes - reducer.sent_bytes
-                                                              : total - reducer.sent_bytes;
-      ssize_t n = ::send(fd, from, left, MSG_NOSIGNAL);
-      if (n > 0) {
-        reducer.sent_bytes += n;
-      } else if ((n < 0 && !would_block(errno)) || !wait_until(POLLOUT)) {
-        return;  // it is gone or silent: the end of the connection says enough
-      }
-    }
-  }
   FrameHeader goodbye;
   goodbye.kind = static_cast<uint8_t>(FrameKind::kGoodbye);
-  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-  if (!write_frame(fd, goodbye, "", std::max<int>(0, static_cast<int>(left.count())))) return;
+  // The frame under way is finished first; if the reducer is gone or silent, the end of the
+  // connection says enough.
+  if (!write_frame(fd, reducer.writer, goodbye, "", deadline)) return;
   ::shutdown(fd, SHUT_WR);
   char sink[4096];
   for (;;) {
     ssize_t n = ::recv(fd, sink, sizeof(sink), 0);
     if (n == 0 || (n < 0 && !would_block(errno))) return;
-    if (n < 0 && !wait_until(POLLIN)) return;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    pollfd pfd{fd, POLLIN, 0};
+    if (n < 0 && (left.count() <= 0 || poll(&pfd, 1, static_cast<int>(left.count())) <= 0)) return;
   }
 }
 
@@ -272,31 +250,17 @@ bool ReducerChannels::write_some(Reducer& reducer) {
       reducer.queue.pop_front();
       if (reducer.waiting.empty()) reducer.last_heard = Clock::now();  // it owed us nothing
       reducer.waiting.push_back(*reducer.sending);
-      reducer.sent_bytes = 0;
+      const ShardTransfer& t = reducer.sending->transfer();
+      reducer.writer.start(t.header, t.data);
     }
-    ShardTransfer& t = reducer.sending->transfer();
-    const uint64_t total = kHeaderBytes + t.header.nbytes;
-    iovec iov[2];
-    int parts = 0;
-    if (reducer.sent_bytes < kHeaderBytes) {
-      iov[parts++] = {reinterpret_cast<char*>(&t.header) + reducer.sent_bytes,
-                      kHeaderBytes - reducer.sent_bytes};
-      iov[parts++] = {t.data, t.header.nbytes};
-    } else {
-      iov[parts++] = {t.data + (reducer.sent_bytes - kHeaderBytes), total - reducer.sent_bytes};
-    }
-    msghdr message{};
-    message.msg_iov = iov;
-    message.msg_iovlen = parts;
-    ssize_t n = ::sendmsg(reducer.fd.get(), &message, MSG_NOSIGNAL);
+    ssize_t n = reducer.writer.write_some(reducer.fd.get());
     if (n < 0) {
-      if (would_block(errno)) return true;
       lose(reducer, "refused our data (" + errno_text(errno) + ")");
       return false;
     }
+    if (n == 0) return true;
     reducer.bytes_sent += n;
-    reducer.sent_bytes += n;
-    if (reducer.sent_bytes == total) reducer.sending.reset();
+    if (reducer.writer.done()) reducer.sending.reset();
   }
   return true;
 }
@@ -321,11 +285,10 @@ bool ReducerChannels::read_some(Reducer& reducer) {
       reducer.receiving.reset();
       if (h.magic != kFrameMagic || h.version != kProtocolVersion) {
         violation = "sent a frame that is not collectives protocol " + std::to_string(kProtocolVersion);
-      } else if (kind == FrameKind::kHeartbeat) {
-        reader.next_frame();
-        continue;
       } else if (kind == FrameKind::kAbort) {
         if (h.nbytes > kMaxAbortReason) violation = "sent an oversized abort notice";
+      } else if (kind == FrameKind::kHeartbeat) {
+        if (h.nbytes != 0) violation = "sent a heartbeat with a payload";
       } else if (kind == FrameKind::kData) {
         auto match = std::find_if(reducer.waiting.begin(), reducer.waiting.end(), [&](const Ref& ref) {
           return same_chunk(ref.transfer().header, h) && !(reducer.sending && *reducer.sending == ref);
@@ -347,8 +310,17 @@ bool ReducerChannels::read_some(Reducer& reducer) {
       reducer.staging.resize(h.nbytes);
       if (!reader.read_payload_into(reducer.staging.data())) continue;
     }
-    // A whole frame is in.
+    // A whole frame is in: nothing of it is used before its tag is checked.
+    if (!reader.authentic()) {
+      fail(reducer.name + " sent a frame that failed its integrity check (COLLECTIVES_WIRE_SECURITY=" +
+           to_string(reader.security()) + "): it was altered on the way, or injected by someone other than " +
+           reducer.name);
+      abandon_locked(reducer, false);
+      return false;
+    }
+    const auto kind = static_cast<FrameKind>(reader.header().kind);
     reader.next_frame();
+    if (kind == FrameKind::kHeartbeat) continue;
     if (!reducer.receiving) {  // an abort notice: the job failed
       fail(reducer.name + ": " + std::string(reducer.staging.begin(), reducer.staging.end()));
       abandon_locked(reducer, false);

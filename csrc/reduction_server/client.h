@@ -23,7 +23,9 @@
 #include "common/error.h"
 #include "common/file_descriptor.h"
 #include "transport/frame.h"
+#include "transport/frame_io.h"
 #include "transport/socket.h"
+#include "transport/wire_security.h"
 
 namespace collectives {
 
@@ -51,10 +53,10 @@ struct ReducerStat {
 
 class ReducerChannels {
  public:
-  // fds[r]: the connected, authenticated socket to reducer r (owned from here on). At most
+  // links[r]: the connected, authenticated socket to reducer r (owned from here on). At most
   // `inflight` chunks per reducer are unanswered at a time. `log` tells the user of a
   // reducer's failure (called from the progress thread).
-  ReducerChannels(std::vector<int> fds, std::vector<std::string> names, int inflight,
+  ReducerChannels(std::vector<Link> links, std::vector<std::string> names, int inflight,
                   double heartbeat_timeout, std::function<void(const std::string&)> log);
   ~ReducerChannels();
   ReducerChannels(const ReducerChannels&) = delete;

@@ -21,12 +21,12 @@
 #include "common/error.h"
 #include "kernels/reduce.h"
 #include "transport/frame.h"
+#include "transport/frame_io.h"
 #include "transport/socket.h"
 
 namespace collectives {
 namespace {
 
-constexpr size_t kHeaderBytes = sizeof(FrameHeader);
 // Bytes read from one worker before the loop turns to the others.
 constexpr uint64_t kFairnessBudget = 4 << 20;
 constexpr int kAbortNoticeMillis = 1000;
@@ -64,18 +64,21 @@ SlotKey key_of(const FrameHeader& h) {
 struct OutFrame {
   FrameHeader header;
   std::shared_ptr<Slot> slot;  // the sum's owner, for data frames
-  size_t sent = 0;             // header + payload bytes written
   const char* payload() const { return slot ? slot->parts[0].get() : nullptr; }
 };
 
 struct WorkerConnection {
+  WorkerConnection(int rank, const Link& link, std::string name)
+      : fd(link.fd), rank(rank), name(std::move(name)), reader(receiving_protection(link)),
+        writer(sending_protection(link)) {}
   FileDescriptor fd;
   int rank = 0;
   std::string name;
   FrameReader reader;
   std::shared_ptr<Slot> receiving;  // the slot whose payload is being read
   std::string abort_reason;       // the payload of an abort frame being read
-  std::deque<OutFrame> out;
+  std::deque<OutFrame> out;       // the front one is in the writer once started
+  FrameWriter writer;
   uint64_t held = 0;  // bytes of its chunks here whose sum it has not fully received
   bool goodbye = false;
   bool closed = false;
@@ -180,11 +183,11 @@ class SummingPool {
 }  // namespace
 
 struct ReductionServer::State {
-  State(std::vector<int> fds, std::vector<std::string> names, ReducerOptions opts);
+  State(const std::vector<Link>& links, const std::vector<std::string>& names, ReducerOptions opts);
   void serve();
   void read_from(WorkerConnection& w);
   void on_header(WorkerConnection& w);
-  void on_payload(WorkerConnection& w);
+  void on_frame(WorkerConnection& w);
   void answer(const std::shared_ptr<Slot>& slot);
   void flush(WorkerConnection& w);
   void frame_written(WorkerConnection& w, const OutFrame& frame);
@@ -215,21 +218,21 @@ struct ReductionServer::State {
   std::atomic<int> connected{0};
 };
 
-ReductionServer::State::State(std::vector<int> fds, std::vector<std::string> names,
+ReductionServer::State::State(const std::vector<Link>& links, const std::vector<std::string>& names,
                               ReducerOptions opts)
-    : options(opts), workers(fds.size()) {
-  for (size_t k = 0; k < fds.size(); ++k) workers[k].fd = FileDescriptor(fds[k]);
-  if (fds.empty() || names.size() != fds.size()) {
+    : options(opts) {
+  workers.reserve(links.size());  // the poller holds their addresses
+  for (size_t k = 0; k < links.size(); ++k) {
+    workers.emplace_back(static_cast<int>(k), links[k], k < names.size() ? names[k] : "worker " + std::to_string(k));
+  }
+  if (links.empty() || names.size() != links.size()) {
     throw std::invalid_argument("a reducer needs one socket and one name per worker");
   }
   // Each worker's chunks may take half of its share; the sums being written take the rest.
   per_worker_budget = options.max_memory_bytes
                           ? std::max<uint64_t>(1, options.max_memory_bytes / (2 * workers.size()))
                           : kDefaultWorkerShare;
-  for (size_t k = 0; k < workers.size(); ++k) {
-    WorkerConnection& w = workers[k];
-    w.rank = static_cast<int>(k);
-    w.name = names[k];
+  for (WorkerConnection& w : workers) {
     set_nonblocking(w.fd.get());
     int one = 1;
     setsockopt(w.fd.get(), SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
@@ -312,7 +315,7 @@ void ReductionServer::State::read_from(WorkerConnection& w) {
     budget -= std::min<uint64_t>(budget, n);
     switch (w.reader.advance(n)) {
       case FrameReader::Event::kHeader: on_header(w); break;
-      case FrameReader::Event::kFrame: on_payload(w); break;
+      case FrameReader::Event::kFrame: on_frame(w); break;
       case FrameReader::Event::kNone: break;
     }
   }
@@ -324,25 +327,17 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
     throw JobFailure{w.name + " sent a frame that is not collectives protocol " +
                      std::to_string(kProtocolVersion) + " (a corrupted stream, or another version)"};
   }
+  w.receiving.reset();
   switch (static_cast<FrameKind>(h.kind)) {
     case FrameKind::kHeartbeat:
-      w.reader.next_frame();
-      return;
     case FrameKind::kGoodbye:
-      w.reader.next_frame();
-      w.goodbye = true;
-      if (goodbye_from.empty()) goodbye_from = w.name;
-      if (unfinished > 0) {
-        // It left while chunks were pending here: the workers gave this reducer up.
-        throw JobFailure{""};
-      }
-      return;
     case FrameKind::kAbort:
+      // Control frames are acted on once whole and checked (on_frame).
       if (h.nbytes > kMaxAbortReason) {
-        throw JobFailure{w.name + " sent an abort notice of " + std::to_string(h.nbytes) + " bytes"};
+        throw JobFailure{w.name + " sent a control frame of " + std::to_string(h.nbytes) + " bytes"};
       }
       w.abort_reason.assign(h.nbytes, '\0');
-      if (w.reader.read_payload_into(w.abort_reason.data())) on_payload(w);
+      if (w.reader.read_payload_into(w.abort_reason.data())) on_frame(w);
       return;
     case FrameKind::kData:
       break;
@@ -399,11 +394,24 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
   w.held += charge(h);
 }
 
-void ReductionServer::State::on_payload(WorkerConnection& w) {
-  w.reader.next_frame();
-  if (!w.receiving) {
-    throw JobFailure{w.name + " aborted the job: " + w.abort_reason};
+void ReductionServer::State::on_frame(WorkerConnection& w) {
+  // Nothing of a frame counts before its tag is checked: a contribution joins a sum only then.
+  if (!w.reader.authentic()) {
+    throw JobFailure{w.name + "'s frame failed its integrity check at this reducer (COLLECTIVES_WIRE_SECURITY=" +
+                     std::string(to_string(w.reader.security())) + "): it was altered on the way, or " +
+                     "injected by someone other than " + w.name};
   }
+  const auto kind = static_cast<FrameKind>(w.reader.header().kind);
+  w.reader.next_frame();
+  if (kind == FrameKind::kHeartbeat) return;
+  if (kind == FrameKind::kGoodbye) {
+    w.goodbye = true;
+    if (goodbye_from.empty()) goodbye_from = w.name;
+    // It left while chunks were pending here: the workers gave this reducer up.
+    if (unfinished > 0) throw JobFailure{""};
+    return;
+  }
+  if (kind == FrameKind::kAbort) throw JobFailure{w.name + " aborted the job: " + w.abort_reason};
   std::shared_ptr<Slot> slot = std::move(w.receiving);
   if (++slot->arrived < static_cast<int>(workers.size())) return;
   filling.erase(key_of(slot->header));
@@ -429,29 +437,13 @@ void ReductionServer::State::answer(const std::shared_ptr<Slot>& slot) {
 
 void ReductionServer::State::flush(WorkerConnection& w) {
   while (!w.out.empty()) {
-    OutFrame& frame = w.out.front();
-    const size_t total = kHeaderBytes + (frame.slot ? frame.header.nbytes : 0);
-    iovec iov[2];
-    int parts = 0;
-    if (frame.sent < kHeaderBytes) {
-      iov[parts++] = {reinterpret_cast<char*>(&frame.header) + frame.sent, kHeaderBytes - frame.sent};
-      if (frame.slot) iov[parts++] = {const_cast<char*>(frame.payload()), frame.header.nbytes};
-    } else {
-      iov[parts++] = {const_cast<char*>(frame.payload()) + (frame.sent - kHeaderBytes),
-                      total - frame.sent};
-    }
-    msghdr message{};
-    message.msg_iov = iov;
-    message.msg_iovlen = parts;
-    ssize_t n = ::sendmsg(w.fd.get(), &message, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (would_block(errno)) break;
-      return connection_lost(w, "lost its connection (" + errno_text(errno) + ")");
-    }
+    if (!w.writer.busy()) w.writer.start(w.out.front().header, w.out.front().payload());
+    ssize_t n = w.writer.write_some(w.fd.get());
+    if (n < 0) return connection_lost(w, "lost its connection (" + errno_text(errno) + ")");
+    if (n == 0) break;
     bytes_sent += n;
-    frame.sent += n;
-    if (frame.sent < total) continue;
-    OutFrame written = std::move(frame);
+    if (!w.writer.done()) continue;
+    OutFrame written = std::move(w.out.front());
     w.out.pop_front();
     frame_written(w, written);
   }
@@ -489,8 +481,9 @@ void ReductionServer::State::tell_everyone(const std::string& reason) {
     if (w.closed) continue;
     // Only between frames: in the middle of one, the notice would corrupt the stream, and
     // the end of the connection tells the worker enough.
-    if (w.out.empty() || w.out.front().sent == 0) {
-      write_frame(w.fd.get(), notice, text, kAbortNoticeMillis);
+    if (!w.writer.mid_frame()) {
+      w.writer.discard();
+      write_frame(w.fd.get(), w.writer, notice, text, deadline_after(kAbortNoticeMillis / 1000.0));
     }
     ::shutdown(w.fd.get(), SHUT_WR);
   }
@@ -510,9 +503,9 @@ void ReductionServer::State::tell_everyone(const std::string& reason) {
   }
 }
 
-ReductionServer::ReductionServer(std::vector<int> worker_fds, std::vector<std::string> worker_names,
+ReductionServer::ReductionServer(std::vector<Link> worker_links, std::vector<std::string> worker_names,
                                  ReducerOptions options)
-    : state_(std::make_unique<State>(std::move(worker_fds), std::move(worker_names), options)) {}
+    : state_(std::make_unique<State>(worker_links, worker_names, options)) {}
 
 ReductionServer::~ReductionServer() = default;
 

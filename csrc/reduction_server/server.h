@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common/file_descriptor.h"
+#include "transport/wire_security.h"
 
 namespace collectives {
 
@@ -49,8 +50,8 @@ struct ReducerStats {
 
 class ReductionServer {
  public:
-  // worker_fds[k]: the connected, authenticated socket of worker k (the server owns them).
-  ReductionServer(std::vector<int> worker_fds, std::vector<std::string> worker_names,
+  // worker_links[k]: the connected, authenticated socket of worker k (the server owns them).
+  ReductionServer(std::vector<Link> worker_links, std::vector<std::string> worker_names,
                   ReducerOptions options);
   ~ReductionServer();
   ReductionServer(const ReductionServer&) = delete;

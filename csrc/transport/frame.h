@@ -13,7 +13,7 @@ namespace collectives {
 constexpr uint32_t kFrameMagic = 0x54434c43;  // "CLCT" in little-endian byte order
 // Bumped whenever the header or a collective's message schedule changes. Must equal
 // collectives._handshake.PROTOCOL_VERSION, which refuses peers of another version at connect.
-constexpr uint16_t kProtocolVersion = 2;
+constexpr uint16_t kProtocolVersion = 3;
 // An abort frame carries a reason of at most this many bytes; larger ones are refused.
 constexpr uint64_t kMaxAbortReason = 4096;
 

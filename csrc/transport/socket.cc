@@ -29,26 +29,6 @@ void set_nonblocking(int fd) {
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
-bool write_frame(int fd, const FrameHeader& header, const std::string& payload, int millis) {
-  std::string bytes(reinterpret_cast<const char*>(&header), sizeof(FrameHeader));
-  bytes += payload;
-  Deadline deadline = deadline_after(millis / 1000.0);
-  size_t written = 0;
-  while (written < bytes.size()) {
-    ssize_t n = ::send(fd, bytes.data() + written, bytes.size() - written, MSG_NOSIGNAL);
-    if (n > 0) {
-      written += n;
-      continue;
-    }
-    if (n < 0 && !would_block(errno)) return false;
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) return false;
-    pollfd pfd{fd, POLLOUT, 0};
-    poll(&pfd, 1, static_cast<int>(left.count()));
-  }
-  return true;
-}
-
 Poller::Poller()
     : epoll_fd_(epoll_create1(EPOLL_CLOEXEC)), wake_fd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
   if (epoll_fd_.get() < 0 || wake_fd_.get() < 0) {

@@ -21,15 +21,15 @@ namespace collectives {
 struct TransportOperation {
   int peer = 0;
   bool is_send = false;
-  FrameHeader header;        // the header to send, or the one expected
-  char* data = nullptr;      // payload (header.nbytes bytes)
-  uint64_t transferred = 0;  // header + payload bytes moved so far (progress thread only)
-  bool done = false;         // guarded by the transport's mutex: finished, well or not
-  bool ok = false;           // guarded by the transport's mutex: every byte moved
-  std::vector<char> owned;   // payload storage for frames the transport makes itself
+  FrameHeader header;    // the header to send, or the one expected
+  char* data = nullptr;  // payload (header.nbytes bytes)
+  bool done = false;     // guarded by the transport's mutex: finished, well or not
+  bool ok = false;       // guarded by the transport's mutex: every byte moved
 };
 
 struct TcpTransport::Connection {
+  Connection(const Link& link, int peer)
+      : fd(link.fd), peer(peer), writer(sending_protection(link)), reader(receiving_protection(link)) {}
   FileDescriptor fd;
   int peer = 0;
   std::deque<TransportRequest> sends;  // guarded by mutex_
@@ -41,19 +41,21 @@ struct TcpTransport::Connection {
   // turns. Taken before mutex_ where both are held.
   std::mutex write_mutex;
   TransportRequest sending;  // guarded by write_mutex: the frame being written
+  FrameWriter writer;        // guarded by write_mutex
 
   // Progress thread only:
-  TransportRequest receiving;
-  FrameHeader incoming;
-  size_t incoming_header_bytes = 0;
-  bool parked = false;    // a header is in `incoming`, waiting for a receive to be posted
+  FrameReader reader;
+  TransportRequest receiving;  // null while a control frame (goodbye, abort) is read
+  // Where payloads wait for their check when the link protects frames: a receive's buffer
+  // gets them only once they are known to be authentic. Also an abort's reason.
+  std::vector<char> staging;
+  bool parked = false;    // the reader holds a header, waiting for a receive to be posted
   uint32_t interest = 0;  // events registered with epoll; 0 = not registered
   bool closed = false;    // no longer polled: after a failure, or the peer's goodbye
 };
 
 namespace {
 
-constexpr size_t kHeaderBytes = sizeof(FrameHeader);
 // Bytes moved on one socket before the loop turns to the others, so one busy peer cannot
 // starve the rest.
 constexpr uint64_t kFairnessBudget = 4 << 20;
@@ -64,21 +66,18 @@ constexpr int kAbortNoticeMillis = 1000;
 
 }  // namespace
 
-TcpTransport::TcpTransport(int rank, int size, std::vector<std::vector<int>> peer_fds,
+TcpTransport::TcpTransport(int rank, int size, std::vector<std::vector<Link>> peer_links,
                            std::vector<std::string> peer_names)
     : rank_(rank), size_(size), peer_names_(std::move(peer_names)) {
   // Own every socket first, so that each is closed whatever fails below.
-  connections_.resize(peer_fds.size());
-  for (size_t peer = 0; peer < peer_fds.size(); ++peer) {
-    for (int fd : peer_fds[peer]) {
-      auto conn = std::make_unique<Connection>();
-      conn->fd = FileDescriptor(fd);
-      conn->peer = static_cast<int>(peer);
-      connections_[peer].push_back(std::move(conn));
+  connections_.resize(peer_links.size());
+  for (size_t peer = 0; peer < peer_links.size(); ++peer) {
+    for (const Link& link : peer_links[peer]) {
+      connections_[peer].push_back(std::make_unique<Connection>(link, static_cast<int>(peer)));
     }
   }
   if (size < 1 || rank < 0 || rank >= size) throw std::invalid_argument("rank out of range");
-  if (static_cast<int>(peer_fds.size()) != size || static_cast<int>(peer_names_.size()) != size) {
+  if (static_cast<int>(peer_links.size()) != size || static_cast<int>(peer_names_.size()) != size) {
     throw std::invalid_argument("need one list of sockets and one name per rank");
   }
   for (int peer = 0; peer < size; ++peer) {
@@ -270,73 +269,89 @@ void TcpTransport::update_interest(Connection& conn) {
 
 void TcpTransport::handle_readable(Connection& conn) {
   const std::string& who = peer_names_[conn.peer];
+  // A parked header goes on once its receive is posted.
+  if (conn.parked && !take_header(conn)) return;
   uint64_t budget = kFairnessBudget;
   while (budget > 0) {
-    if (!conn.receiving) {
-      if (conn.incoming_header_bytes < kHeaderBytes) {
-        ssize_t got = ::recv(conn.fd.get(),
-                             reinterpret_cast<char*>(&conn.incoming) + conn.incoming_header_bytes,
-                             kHeaderBytes - conn.incoming_header_bytes, 0);
-        if (got == 0) return fail(who + " closed the connection (process exited or was killed?)", false);
-        if (got < 0) {
-          if (would_block(errno)) return;
-          return fail("connection to " + who + " failed: " + errno_text(errno), false);
-        }
-        conn.incoming_header_bytes += got;
-        if (conn.incoming_header_bytes < kHeaderBytes) continue;
-      }
-      const FrameHeader& h = conn.incoming;
-      if (h.magic == kFrameMagic && h.kind == static_cast<uint8_t>(FrameKind::kGoodbye)) {
-        return peer_closed(conn);
-      }
-      if (h.magic == kFrameMagic && h.kind == static_cast<uint8_t>(FrameKind::kAbort)) {
-        if (h.nbytes > kMaxAbortReason) {
-          return fail(who + " sent an abort frame of " + std::to_string(h.nbytes) + " bytes", false);
-        }
-        auto op = std::make_shared<TransportOperation>();
-        op->peer = conn.peer;
-        op->header = h;
-        op->owned.resize(h.nbytes);
-        op->data = op->owned.data();
-        conn.receiving = op;
-      } else {
-        {
-          std::lock_guard<std::mutex> lock(mutex_);
-          if (failed_) return;  // posted buffers may be handed back from here on
-          conn.parked = conn.recvs.empty();
-          if (!conn.parked) {
-            conn.receiving = conn.recvs.front();
-            conn.recvs.pop_front();
-          }
-        }
-        if (conn.parked) return;
-        std::string why = mismatch(conn.receiving->header, h);
-        if (!why.empty()) return fail(who + " sent " + why, false);
-      }
+    ssize_t got = ::recv(conn.fd.get(), conn.reader.next(), conn.reader.wanted(budget), 0);
+    if (got == 0) return fail(who + " closed the connection (process exited or was killed?)", false);
+    if (got < 0) {
+      if (would_block(errno)) return;
+      return fail("connection to " + who + " failed: " + errno_text(errno), false);
     }
-    TransportOperation& op = *conn.receiving;
-    uint64_t want = op.header.nbytes - op.transferred;
-    if (want > 0) {
-      ssize_t got = ::recv(conn.fd.get(), op.data + op.transferred, std::min(want, budget), 0);
-      if (got == 0) return fail(who + " closed the connection (process exited or was killed?)", false);
-      if (got < 0) {
-        if (would_block(errno)) return;
-        return fail("connection to " + who + " failed: " + errno_text(errno), false);
-      }
-      op.transferred += got;
-      budget -= std::min<uint64_t>(budget, got);
-      if (op.transferred < op.header.nbytes) continue;
+    budget -= std::min<uint64_t>(budget, got);
+    switch (conn.reader.advance(got)) {
+      case FrameReader::Event::kNone: break;
+      case FrameReader::Event::kHeader:
+        if (!take_header(conn)) return;
+        break;
+      case FrameReader::Event::kFrame:
+        if (!take_frame(conn)) return;
+        break;
     }
-    conn.incoming_header_bytes = 0;
-    TransportRequest done = std::move(conn.receiving);
-    conn.receiving.reset();
-    if (done->header.kind == static_cast<uint8_t>(FrameKind::kAbort)) {
-      // The abort's op field says whether the peer gave up on a deadline.
-      return fail(who + " aborted: " + std::string(done->owned.begin(), done->owned.end()),
-                  done->header.op == 1);
-    }
-    complete(*done);
   }
+}
+
+bool TcpTransport::take_header(Connection& conn) {
+  const std::string& who = peer_names_[conn.peer];
+  const FrameHeader& h = conn.reader.header();
+  const bool control = h.magic == kFrameMagic && (h.kind == static_cast<uint8_t>(FrameKind::kGoodbye) ||
+                                                  h.kind == static_cast<uint8_t>(FrameKind::kAbort));
+  char* into;
+  if (control) {
+    if (h.nbytes > kMaxAbortReason) {
+      fail(who + " sent a control frame of " + std::to_string(h.nbytes) + " bytes", false);
+      return false;
+    }
+    conn.receiving.reset();
+    conn.staging.resize(h.nbytes);
+    into = conn.staging.data();
+  } else {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (failed_) return false;  // posted buffers may be handed back from here on
+      conn.parked = conn.recvs.empty();
+      if (!conn.parked) {
+        conn.receiving = conn.recvs.front();
+        conn.recvs.pop_front();
+      }
+    }
+    if (conn.parked) return false;
+    std::string why = mismatch(conn.receiving->header, h);
+    if (!why.empty()) {
+      fail(who + " sent " + why, false);
+      return false;
+    }
+    if (conn.reader.checks()) conn.staging.resize(h.nbytes);
+    into = conn.reader.checks() ? conn.staging.data() : conn.receiving->data;
+  }
+  return !conn.reader.read_payload_into(into) || take_frame(conn);
+}
+
+bool TcpTransport::take_frame(Connection& conn) {
+  const std::string& who = peer_names_[conn.peer];
+  if (!conn.reader.authentic()) {
+    fail(who + " sent a frame that failed its integrity check (COLLECTIVES_WIRE_SECURITY=" +
+             to_string(conn.reader.security()) + "): it was altered on the way, or injected by someone "
+             "other than " + who, false);
+    return false;
+  }
+  const FrameHeader h = conn.reader.header();
+  conn.reader.next_frame();
+  if (h.kind == static_cast<uint8_t>(FrameKind::kGoodbye)) {
+    peer_closed(conn);
+    return false;
+  }
+  if (h.kind == static_cast<uint8_t>(FrameKind::kAbort)) {
+    // The abort's op field says whether the peer gave up on a deadline.
+    fail(who + " aborted: " + std::string(conn.staging.begin(), conn.staging.end()), h.op == 1);
+    return false;
+  }
+  TransportRequest done = std::move(conn.receiving);
+  conn.receiving.reset();
+  if (conn.reader.checks() && h.nbytes > 0) std::memcpy(done->data, conn.staging.data(), h.nbytes);
+  complete(*done);
+  return true;
 }
 
 bool TcpTransport::handle_writable(Connection& conn) {
@@ -354,31 +369,13 @@ bool TcpTransport::write_queued(Connection& conn) {
       if (conn.sends.empty()) return true;
       conn.sending = conn.sends.front();
       conn.sends.pop_front();
+      conn.writer.start(conn.sending->header, conn.sending->data);
     }
-    TransportOperation& op = *conn.sending;
-    // Header and payload leave in one call while the header is not yet out.
-    iovec iov[2];
-    int iovcnt = 0;
-    uint64_t total = kHeaderBytes + op.header.nbytes;
-    if (op.transferred < kHeaderBytes) {
-      iov[iovcnt++] = {reinterpret_cast<char*>(&op.header) + op.transferred,
-                       kHeaderBytes - op.transferred};
-    }
-    uint64_t payload_done = op.transferred > kHeaderBytes ? op.transferred - kHeaderBytes : 0;
-    if (op.header.nbytes > payload_done) {
-      iov[iovcnt++] = {op.data + payload_done, std::min(op.header.nbytes - payload_done, budget)};
-    }
-    msghdr msg{};
-    msg.msg_iov = iov;
-    msg.msg_iovlen = iovcnt;
-    ssize_t sent = sendmsg(conn.fd.get(), &msg, MSG_NOSIGNAL);
-    if (sent < 0) {
-      if (!would_block(errno)) fail("connection to " + who + " failed: " + errno_text(errno), false);
-      return false;
-    }
-    op.transferred += sent;
+    ssize_t sent = conn.writer.write_some(conn.fd.get(), budget);
+    if (sent < 0) fail("connection to " + who + " failed: " + errno_text(errno), false);
+    if (sent <= 0) return false;
     budget -= std::min<uint64_t>(budget, sent);
-    if (op.transferred == total) {
+    if (conn.writer.done()) {
       TransportRequest done = std::move(conn.sending);
       conn.sending.reset();
       complete(*done);
@@ -414,7 +411,7 @@ void TcpTransport::say_goodbye() {
   for (auto& peer : connections_) {
     for (auto& conn : peer) {
       if (conn->closed) continue;
-      write_frame(conn->fd.get(), goodbye, "", kGoodbyeMillis);
+      write_frame(conn->fd.get(), conn->writer, goodbye, "", deadline_after(kGoodbyeMillis / 1000.0));
       shutdown(conn->fd.get(), SHUT_WR);
     }
   }
@@ -440,8 +437,10 @@ void TcpTransport::notify_peers_of_failure() {
       if (conn->closed) continue;
       std::lock_guard<std::mutex> writing(conn->write_mutex);
       // A frame half-written cannot be interrupted; that peer sees the shutdown instead.
-      bool between_frames = !conn->sending || conn->sending->transferred == 0;
-      if (between_frames) write_frame(conn->fd.get(), abort_header, text, kAbortNoticeMillis);
+      if (!conn->writer.mid_frame()) {
+        if (conn->writer.busy()) conn->writer.discard();
+        write_frame(conn->fd.get(), conn->writer, abort_header, text, deadline_after(kAbortNoticeMillis / 1000.0));
+      }
       shutdown(conn->fd.get(), SHUT_RDWR);
       conn->interest = poller_.watch(conn->fd.get(), conn->interest, 0, conn.get());
       conn->closed = true;

@@ -20,7 +20,9 @@
 #include "common/error.h"
 #include "common/file_descriptor.h"
 #include "transport/frame.h"
+#include "transport/frame_io.h"
 #include "transport/socket.h"
+#include "transport/wire_security.h"
 
 namespace collectives {
 
@@ -29,9 +31,9 @@ using TransportRequest = std::shared_ptr<TransportOperation>;
 
 class TcpTransport {
  public:
-  // peer_fds[p]: connected, authenticated sockets to rank p (empty for this rank); the
+  // peer_links[p]: connected, authenticated sockets to rank p (empty for this rank); the
   // transport owns them from here on. peer_names[p] names rank p in error messages.
-  TcpTransport(int rank, int size, std::vector<std::vector<int>> peer_fds,
+  TcpTransport(int rank, int size, std::vector<std::vector<Link>> peer_links,
                std::vector<std::string> peer_names);
   ~TcpTransport();
   TcpTransport(const TcpTransport&) = delete;
@@ -65,6 +67,10 @@ class TcpTransport {
   TransportRequest post(int peer, const FrameHeader& header, void* data, bool is_send);
   void progress_loop();
   void handle_readable(Connection& conn);
+  // A header is in: hand its payload a place (false: parked, or the transport failed).
+  bool take_header(Connection& conn);
+  // A frame is in: check it and complete its receive (false: reading stops here).
+  bool take_frame(Connection& conn);
   // Write queued frames until the socket is full; true when nothing is left to write.
   bool handle_writable(Connection& conn);
   bool write_queued(Connection& conn);  // the same, with conn.write_mutex held

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <functional>
 #include <memory>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -17,6 +18,7 @@
 
 #include "communicator.h"
 #include "reduction_server/server.h"
+#include "transport/wire_security.h"
 
 namespace collectives {
 namespace testing {
@@ -50,19 +52,37 @@ inline std::pair<int, int> loopback_pair() {
   return {server, client};
 }
 
-// peer_fds[r][p]: `connections` loopback sockets between r and p.
-inline std::vector<std::vector<std::vector<int>>> loopback_mesh(int size, int connections) {
-  std::vector<std::vector<std::vector<int>>> fds(size, std::vector<std::vector<int>>(size));
+// The wire security of the jobs a test makes; each test program runs its tests under each.
+inline WireSecurity job_security = WireSecurity::kMac;
+
+inline std::string random_key() {
+  static std::random_device device;
+  std::string key(kSessionKeyBytes, '\0');
+  for (char& c : key) c = static_cast<char>(device());
+  return key;
+}
+
+// Both ends of a loopback connection as the handshake would hand them over: {accepted end,
+// connecting end}, each sending with the key the other receives with.
+inline std::pair<Link, Link> loopback_link() {
+  auto [server, client] = loopback_pair();
+  const std::string to_client = random_key(), to_server = random_key();
+  return {Link{server, job_security, to_client, to_server}, Link{client, job_security, to_server, to_client}};
+}
+
+// links[r][p]: `connections` loopback connections between r and p.
+inline std::vector<std::vector<std::vector<Link>>> loopback_mesh(int size, int connections) {
+  std::vector<std::vector<std::vector<Link>>> links(size, std::vector<std::vector<Link>>(size));
   for (int i = 0; i < size; ++i) {
     for (int j = i + 1; j < size; ++j) {
       for (int c = 0; c < connections; ++c) {
-        auto [server, client] = loopback_pair();
-        fds[i][j].push_back(server);
-        fds[j][i].push_back(client);
+        auto [server, client] = loopback_link();
+        links[i][j].push_back(server);
+        links[j][i].push_back(client);
       }
     }
   }
-  return fds;
+  return links;
 }
 
 // `size` ranks and `num_reducers` reducers (each serving on its own thread), connected over
@@ -71,7 +91,7 @@ inline std::vector<std::vector<std::vector<int>>> loopback_mesh(int size, int co
 struct Job {
   std::vector<std::unique_ptr<Communicator>> comms;
   std::vector<std::unique_ptr<ReductionServer>> reducers;
-  std::vector<int> silent_fds;
+  std::vector<Link> silent_links;  // the reducer ends of the silent reducers' connections
   std::vector<std::string> reducer_errors;  // what each reducer's serve() threw
   std::vector<std::thread> reducer_threads;
 
@@ -85,26 +105,26 @@ struct Job {
 
   Job(int size, int num_reducers, CommunicatorOptions options, int connections = 1,
       ReducerOptions reducer_options = {}, int silent_reducers = 0) {
-    auto fds = loopback_mesh(size, connections);
+    auto links = loopback_mesh(size, connections);
     std::vector<std::string> names, reducer_names;
     for (int r = 0; r < size; ++r) names.push_back("rank " + std::to_string(r));
     for (int k = 0; k < num_reducers; ++k) reducer_names.push_back("reducer " + std::to_string(k));
-    // reducer_fds[r][k] joins rank r and reducer k.
-    std::vector<std::vector<int>> reducer_fds(size), worker_fds(num_reducers);
+    // reducer_links[r][k] joins rank r and reducer k.
+    std::vector<std::vector<Link>> reducer_links(size), worker_links(num_reducers);
     for (int r = 0; r < size; ++r) {
       for (int k = 0; k < num_reducers; ++k) {
-        auto [at_reducer, at_worker] = loopback_pair();
-        worker_fds[k].push_back(at_reducer);
-        reducer_fds[r].push_back(at_worker);
+        auto [at_reducer, at_worker] = loopback_link();
+        worker_links[k].push_back(at_reducer);
+        reducer_links[r].push_back(at_worker);
       }
     }
     const int serving = num_reducers - silent_reducers;
     for (int k = serving; k < num_reducers; ++k) {
-      silent_fds.insert(silent_fds.end(), worker_fds[k].begin(), worker_fds[k].end());
+      silent_links.insert(silent_links.end(), worker_links[k].begin(), worker_links[k].end());
     }
     reducer_errors.resize(serving);
     for (int k = 0; k < serving; ++k) {
-      reducers.push_back(std::make_unique<ReductionServer>(worker_fds[k], names, reducer_options));
+      reducers.push_back(std::make_unique<ReductionServer>(worker_links[k], names, reducer_options));
     }
     for (int k = 0; k < serving; ++k) {
       reducer_threads.emplace_back([this, k] {
@@ -116,15 +136,15 @@ struct Job {
       });
     }
     for (int r = 0; r < size; ++r) {
-      comms.push_back(std::make_unique<Communicator>(r, size, fds[r], names, options,
-                                                     reducer_fds[r], reducer_names));
+      comms.push_back(std::make_unique<Communicator>(r, size, links[r], names, options,
+                                                     reducer_links[r], reducer_names));
     }
   }
 
   ~Job() {
     comms.clear();  // goodbyes: the reducers' serve() returns
     for (auto& t : reducer_threads) t.join();
-    for (int fd : silent_fds) close(fd);
+    for (const Link& link : silent_links) close(link.fd);
   }
 
   // Runs body(rank) on one thread per rank; returns each rank's exception text ("" if none).

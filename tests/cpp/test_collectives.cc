@@ -137,9 +137,74 @@ void test_abort_wakes_peers() {
         "abort reason reaches the peer: '" + errors[1] + "'");
 }
 
+// Copies one direction of a relayed connection, changing byte `altered_at` of the stream (if
+// it comes), as an attacker on the path would; ends the other side when this one ends.
+void relay(int from, int to, size_t altered_at) {
+  char buf[4096];
+  size_t offset = 0;
+  for (;;) {
+    ssize_t got = ::recv(from, buf, sizeof(buf), 0);
+    if (got <= 0) break;
+    if (altered_at >= offset && altered_at < offset + static_cast<size_t>(got)) buf[altered_at - offset] ^= 1;
+    offset += static_cast<size_t>(got);
+    if (::send(to, buf, static_cast<size_t>(got), MSG_NOSIGNAL) != got) break;
+  }
+  ::shutdown(to, SHUT_WR);
+}
+
+// Two ranks whose connection runs through a relay that flips one bit of the first frame's
+// payload: with protection the frame is refused and both ranks raise, naming the check;
+// without (kNone, the control that shows the test can fail) rank 1's sum is silently wrong.
+void test_altered_frame_is_refused() {
+  const size_t count = 1000;
+  auto [at_rank0, relay_end0] = loopback_pair();
+  auto [relay_end1, at_rank1] = loopback_pair();
+  const std::string to_rank1 = random_key(), to_rank0 = random_key();
+  std::vector<std::vector<std::vector<Link>>> links(2, std::vector<std::vector<Link>>(2));
+  links[0][1].push_back(Link{at_rank0, job_security, to_rank1, to_rank0});
+  links[1][0].push_back(Link{at_rank1, job_security, to_rank0, to_rank1});
+  std::thread forward(relay, relay_end0, relay_end1, sizeof(FrameHeader) + 5);
+  std::thread backward(relay, relay_end1, relay_end0, SIZE_MAX);
+  CommunicatorOptions options;
+  options.timeout_seconds = 20;
+  const std::vector<std::string> names{"rank 0", "rank 1"};
+  std::vector<std::vector<float>> data(2);
+  std::vector<std::string> errors(2);
+  {
+    std::vector<std::unique_ptr<Communicator>> comms;
+    for (int r = 0; r < 2; ++r) comms.push_back(std::make_unique<Communicator>(r, 2, links[r], names, options));
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < 2; ++r) {
+      data[r].assign(count, static_cast<float>(r + 1));
+      ranks.emplace_back([&, r] {
+        try {
+          wait(comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+        } catch (const std::exception& e) {
+          errors[r] = e.what();
+        }
+      });
+    }
+    for (auto& t : ranks) t.join();
+  }
+  forward.join();
+  backward.join();
+  for (int fd : {relay_end0, relay_end1}) ::close(fd);
+  const std::string mode = to_string(job_security);
+  if (job_security == WireSecurity::kNone) {
+    const bool right = errors[1].empty() && std::all_of(data[1].begin(), data[1].end(), [](float x) { return x == 3.0f; });
+    check(!right, "kNone: the altered frame went unnoticed, as expected without protection");
+    return;
+  }
+  for (int r = 0; r < 2; ++r) {
+    check(errors[r].find("failed its integrity check") != std::string::npos,
+          mode + ": rank " + std::to_string(r) + " must raise naming the integrity check, raised '" + errors[r] + "'");
+  }
+}
+
 }  // namespace
 
-int main() {
+// Every test, under the wire security of job_security.
+void run_all() {
   for (int size = 1; size <= 5; ++size) {
     for (int connections : {1, 2}) {
       // A small segment size gives many pipelined segments per block.
@@ -161,6 +226,15 @@ int main() {
   }
   test_mismatch_fails_everywhere();
   test_abort_wakes_peers();
+  test_altered_frame_is_refused();
+}
+
+int main() {
+  for (WireSecurity security : {WireSecurity::kMac, WireSecurity::kNone, WireSecurity::kAead}) {
+    job_security = security;
+    std::printf("wire security %s\n", to_string(security));
+    run_all();
+  }
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

@@ -7,6 +7,7 @@
 
 #include "harness.h"
 #include "kernels/reduce.h"
+#include "transport/frame_io.h"
 
 using namespace collectives;
 using namespace collectives::testing;
@@ -256,16 +257,26 @@ void test_failure_with_reductions_queued() {
   }
 }
 
-// Reads exactly n bytes from a blocking socket.
-bool read_exactly(int fd, void* into, size_t n) {
-  char* p = static_cast<char*>(into);
-  while (n > 0) {
-    ssize_t got = ::recv(fd, p, n, 0);
+// Reads the next whole frame from a blocking socket, its payload into `payload`; false if the
+// connection ended or the frame is not authentic.
+bool read_frame(int fd, FrameReader& reader, std::vector<char>& payload) {
+  for (;;) {
+    ssize_t got = ::recv(fd, reader.next(), reader.wanted(UINT64_MAX), 0);
     if (got <= 0) return false;
-    p += got;
-    n -= static_cast<size_t>(got);
+    switch (reader.advance(static_cast<size_t>(got))) {
+      case FrameReader::Event::kNone:
+        continue;
+      case FrameReader::Event::kHeader:
+        payload.resize(reader.header().nbytes);
+        if (!reader.read_payload_into(payload.data())) continue;
+        break;
+      case FrameReader::Event::kFrame:
+        break;
+    }
+    const bool ok = reader.authentic();
+    reader.next_frame();
+    return ok;
   }
-  return true;
 }
 
 // A reducer that dies having answered one worker and not the others: it sums the first chunk
@@ -278,18 +289,22 @@ void test_reducer_dies_after_answering_one_worker() {
   std::thread script([&] {
     std::vector<FrameHeader> headers(workers);
     std::vector<std::vector<float>> parts(workers);
+    std::vector<char> payload;
     for (int w = 0; w < workers; ++w) {
-      if (!read_exactly(job.silent_fds[w], &headers[w], sizeof(FrameHeader))) return;
-      parts[w].resize(headers[w].nbytes / sizeof(float));
-      if (!read_exactly(job.silent_fds[w], parts[w].data(), headers[w].nbytes)) return;
+      FrameReader reader(receiving_protection(job.silent_links[w]));
+      if (!read_frame(job.silent_links[w].fd, reader, payload)) return;
+      headers[w] = reader.header();
+      parts[w].resize(payload.size() / sizeof(float));
+      std::memcpy(parts[w].data(), payload.data(), payload.size());
     }
     const auto sum = left_fold(parts);
-    ::send(job.silent_fds[0], &headers[0], sizeof(FrameHeader), MSG_NOSIGNAL);
-    ::send(job.silent_fds[0], sum.data(), headers[0].nbytes, MSG_NOSIGNAL);
-    for (int fd : job.silent_fds) ::shutdown(fd, SHUT_WR);
+    FrameWriter writer(sending_protection(job.silent_links[0]));
+    const std::string bytes(reinterpret_cast<const char*>(sum.data()), headers[0].nbytes);
+    write_frame(job.silent_links[0].fd, writer, headers[0], bytes, deadline_after(10));
+    for (const Link& link : job.silent_links) ::shutdown(link.fd, SHUT_WR);
     char sink[4096];
-    for (int fd : job.silent_fds) {
-      while (::recv(fd, sink, sizeof(sink), 0) > 0) {
+    for (const Link& link : job.silent_links) {
+      while (::recv(link.fd, sink, sizeof(sink), 0) > 0) {
       }
     }
   });
@@ -304,6 +319,37 @@ void test_reducer_dies_after_answering_one_worker() {
     check(errors[r].empty(), "answered one worker: rank " + std::to_string(r) + " raised " + errors[r]);
     check(same_bits(data[r], expected), "answered one worker: wrong sum on rank " + std::to_string(r));
   }
+}
+
+// A worker's chunk sealed with a key that is not the connection's (as from an attacker who
+// relays the connection): the reducer refuses it before it joins a sum, stops the job and
+// tells the worker why.
+void test_reducer_refuses_a_forged_chunk() {
+  auto [at_reducer, at_worker] = loopback_link();
+  std::string reducer_error;
+  std::thread serving([&, link = at_reducer] {
+    try {
+      ReductionServer server({link}, {"rank 0"}, {});
+      server.serve();
+    } catch (const std::exception& e) {
+      reducer_error = e.what();
+    }
+  });
+  FrameWriter forger(FrameProtection(job_security, random_key()));
+  std::vector<float> chunk(256, 1.0f);
+  CollectiveTag tag{CollectiveKind::kAllreduce, 0, chunk.size(), DataType::kFloat32, ReduceOp::kSum};
+  const std::string bytes(reinterpret_cast<const char*>(chunk.data()), chunk.size() * sizeof(float));
+  write_frame(at_worker.fd, forger, tag.header(0, bytes.size()), bytes, deadline_after(10));
+  FrameReader reader(receiving_protection(at_worker));
+  std::vector<char> notice;
+  const bool got_notice = read_frame(at_worker.fd, reader, notice);
+  serving.join();
+  ::close(at_worker.fd);
+  check(reducer_error.find("failed its integrity check") != std::string::npos,
+        "forged chunk: the reducer must refuse it, said '" + reducer_error + "'");
+  check(got_notice && reader.header().kind == static_cast<uint8_t>(FrameKind::kAbort) &&
+            std::string(notice.begin(), notice.end()).find("integrity") != std::string::npos,
+        "forged chunk: the worker must hear why");
 }
 
 void test_no_reducer_left(bool fallback_ring) {
@@ -346,6 +392,8 @@ void test_disagreeing_workers_fail_everywhere() {
 }  // namespace
 
 int main() {
+  // Everything under the default wire security; the data paths again under the others.
+  job_security = WireSecurity::kMac;
   for (int workers : {1, 2, 3, 4}) {
     for (int reducers : {1, 2, 3, 5}) {
       test_sum_is_left_fold(workers, reducers, 4096, 1);
@@ -367,6 +415,17 @@ int main() {
   test_no_reducer_left(false);
   test_no_reducer_left(true);
   test_disagreeing_workers_fail_everywhere();
+  test_reducer_refuses_a_forged_chunk();
+  for (WireSecurity security : {WireSecurity::kNone, WireSecurity::kAead}) {
+    job_security = security;
+    test_sum_is_left_fold(3, 2, 4096, 10007);
+    test_half_sums_in_float32(DataType::kBFloat16, ReduceOp::kAvg);
+    test_reducer_fails_midway(true);
+    test_reducer_dies_after_answering_one_worker();
+    test_many_in_flight(true);
+  }
+  job_security = WireSecurity::kAead;
+  test_reducer_refuses_a_forged_chunk();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

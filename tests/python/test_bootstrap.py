@@ -34,10 +34,10 @@ except (CollectiveError, ValueError) as e:
     print(json.dumps({"error": type(e).__name__, "message": str(e)}))
     sys.exit(3)
 socks = {}
-for peer, fds in enumerate(b.peer_fds):
-    for index, fd in enumerate(fds):
-        assert os.get_blocking(fd), "fds are handed over in blocking mode"
-        s = socket.socket(fileno=fd)
+for peer, links in enumerate(b.peer_links):
+    for index, link in enumerate(links):
+        assert os.get_blocking(link.fd), "sockets are handed over in blocking mode"
+        s = socket.socket(fileno=link.fd)
         s.sendall(struct.pack("!II", b.rank, index))
         socks[(peer, index)] = s
 for (peer, index), s in socks.items():
@@ -47,7 +47,7 @@ for (peer, index), s in socks.items():
         assert chunk, f"rank {peer} closed connection {index}"
         data += chunk
     assert struct.unpack("!II", data) == (peer, index), (peer, index, data)
-print(json.dumps({"rank": b.rank, "size": b.size, "fds": [len(f) for f in b.peer_fds],
+print(json.dumps({"rank": b.rank, "size": b.size, "fds": [len(f) for f in b.peer_links],
                   "names": b.peer_names, "mpi": b.mpi_comm is not None}))
 b.close()
 '''
@@ -188,7 +188,7 @@ def test_strangers_at_a_listener_do_not_disturb_the_mesh(run_ranks, reserve_port
 def test_no_launcher_is_a_job_of_one(caplog):
     with caplog.at_level(logging.INFO, logger="collectives"):
         b = bootstrap(environ={})
-    assert (b.rank, b.size, b.peer_fds, b.store, b.mpi_comm) == (0, 1, [[]], None, None)
+    assert (b.rank, b.size, b.peer_links, b.store, b.mpi_comm) == (0, 1, [[]], None, None)
     assert "job of one process" in caplog.text
     assert "secret" not in repr(b) and repr(b.secret) not in repr(b)
     b.close()
@@ -308,7 +308,7 @@ def test_must_match_and_as_dict():
     config = Config(algorithm="ring", ring_segment_bytes=1 << 20, connections_per_peer=2)
     assert config.must_match() == (("algorithm", "ring"), ("ring_segment_bytes", 1 << 20),
                                    ("connections_per_peer", 2), ("num_reducers", 0), ("rs_chunk_bytes", None),
-                                   ("rs_inflight", None), ("rs_fallback", "error"))
+                                   ("rs_inflight", None), ("rs_fallback", "error"), ("wire_security", "mac"))
     shown = config.as_dict()
     assert shown["COLLECTIVES_ALGORITHM"] == "ring" and shown["COLLECTIVES_TIMEOUT"] == 300.0
     assert len(shown) == len(dataclasses.fields(Config))

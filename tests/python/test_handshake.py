@@ -71,14 +71,39 @@ def _pair(listener, client_kwargs=None, server_kwargs=None):
 
 
 def test_good_pair(listener):
-    client, server, (_, client_error), (hello, server_error) = _pair(listener)
+    client, server, (client_keys, client_error), (hello, server_error) = _pair(listener)
     assert client_error is None and server_error is None
-    assert hello == PeerHello(rank=3, conn_index=2, role=ROLE_WORKER)
+    assert hello == PeerHello(rank=3, conn_index=2, role=ROLE_WORKER, keys=hello.keys)
     assert client.gettimeout() is None and server.gettimeout() is None  # blocking again
     client.sendall(b"ping")
     assert server.recv(4) == b"ping"
     client.close()
     server.close()
+
+
+def test_both_ends_derive_the_same_fresh_session_keys(listener):
+    """Each direction has a key of its own, both ends agree on them, and a new handshake
+    between the same two processes gives new ones (fresh challenges on both sides)."""
+    sessions = []
+    for _ in range(2):
+        client, server, (client_keys, _), (hello, _) = _pair(listener)
+        client.close()
+        server.close()
+        assert client_keys.security == hello.keys.security == "mac"
+        assert (client_keys.send, client_keys.recv) == (hello.keys.recv, hello.keys.send)
+        assert client_keys.send != client_keys.recv and len(client_keys.send) == 32
+        sessions.append(client_keys)
+    assert not {sessions[0].send, sessions[0].recv} & {sessions[1].send, sessions[1].recv}
+
+
+@pytest.mark.parametrize("client_security, server_security", [("none", "mac"), ("aead", "mac"), ("mac", "none")])
+def test_another_wire_security_is_refused_on_both_sides(listener, client_security, server_security):
+    _, _, (_, client_error), (_, server_error) = _pair(
+        listener, client_kwargs=dict(security=client_security), server_kwargs=dict(security=server_security))
+    for error in (client_error, server_error):
+        assert isinstance(error, CollectiveError)
+        assert (f"uses COLLECTIVES_WIRE_SECURITY={client_security} and rank 1 uses {server_security}: set the same "
+                "value on every worker and reducer") in str(error)
 
 
 def test_reducer_role_is_carried(listener):
@@ -163,7 +188,7 @@ def test_garbage_client_is_refused_and_server_keeps_serving(listener):
     client_handshake(good, SECRET, 2, 1, 0, _deadline(), job_id=JOB)
     server_thread.join(timeout=10)
     assert isinstance(outcomes[0], CollectiveError) and "not a collectives process" in str(outcomes[0])
-    assert outcomes[1] == PeerHello(2, 0, ROLE_WORKER)
+    assert outcomes[1][:3] == PeerHello(2, 0, ROLE_WORKER)[:3]
     good.close()
 
 
@@ -189,8 +214,8 @@ def test_silent_server_hits_the_deadline(listener):
 
 def _raw_hello(rank=3, conn=0, job=JOB):
     challenge = secrets.token_bytes(32)
-    return struct.pack("!4sH", b"COLL", PROTOCOL_VERSION) + struct.pack("!BIH16s32s", ROLE_WORKER, rank, conn, job,
-                                                                          challenge)
+    return struct.pack("!4sH", b"COLL", PROTOCOL_VERSION) + struct.pack("!BIH16s32sB", ROLE_WORKER, rank, conn, job,
+                                                                          challenge, 1)  # wire security mac
 
 
 def _recv_exact(sock, n):
@@ -233,7 +258,8 @@ def test_replayed_proof_is_rejected(listener):
     transcript = b"collectives-handshake|%d|" % PROTOCOL_VERSION + JOB + hello[6:] + server_hello
     proof = hmac.new(SECRET, b"client" + transcript, hashlib.sha256).digest()
     recorder.sendall(struct.pack("!B32s", 0, proof))
-    assert first.outcome() == (PeerHello(3, 0, ROLE_WORKER), None)
+    hello_seen, error = first.outcome()
+    assert error is None and hello_seen[:3] == (3, 0, ROLE_WORKER)
     recorder.close()
 
     second = _Side(lambda: server_handshake(listener.accept()[0], SECRET, 1, _deadline(), job_id=JOB))
