@@ -43,7 +43,8 @@ from ._handshake import (JOB_ID_BYTES, ROLE_REDUCER, ROLE_WORKER, PeerHello, Ses
 from ._store import SignedStore, StoreClient, StoreServer
 from .errors import AuthenticationError, CollectiveError, ProtocolVersionError, TimeoutError
 
-__all__ = ["Bootstrap", "bootstrap", "bootstrap_with_store", "read_secret", "publish_job", "meet_reducers"]
+__all__ = ["Bootstrap", "bootstrap", "bootstrap_with_store", "read_secret", "publish_job", "meet_reducers", "signed_store",
+           "NO_SECRET", "parse_address", "StoreWaits", "torchrun_rendezvous"]
 
 log = logging.getLogger("collectives")
 
@@ -122,7 +123,7 @@ def bootstrap(rank: Optional[int] = None, size: Optional[int] = None, rendezvous
         rank, rank_source = _setting(None, "RANK", env, "RANK")
         size, size_source = _setting(None, "WORLD_SIZE", env, "WORLD_SIZE")
         if rendezvous is None:
-            rendezvous, rendezvous_source = _torchrun_rendezvous(env), "MASTER_ADDR:MASTER_PORT+1"
+            rendezvous, rendezvous_source = torchrun_rendezvous(env), "MASTER_ADDR:MASTER_PORT+1"
     else:
         if config.num_reducers:
             raise ValueError(f"COLLECTIVES_NUM_REDUCERS={config.num_reducers} is set, but no launcher is: start the "
@@ -142,11 +143,11 @@ def bootstrap(rank: Optional[int] = None, size: Optional[int] = None, rendezvous
             raise ValueError(f"a job of {size} workers needs a rendezvous: set COLLECTIVES_RENDEZVOUS=HOST:PORT "
                              "(worker 0's host and a free port) on every process, or pass rendezvous=")
         return _alone()
-    host, port = _parse_address(rendezvous, rendezvous_source)
+    host, port = parse_address(rendezvous, rendezvous_source)
     secret = read_secret(env)
     if secret is None:
         if size > 1 or config.num_reducers > 0:
-            raise ValueError(_NO_SECRET)
+            raise ValueError(NO_SECRET)
         secret = secrets.token_bytes(_SECRET_BYTES)
 
     deadline = time.monotonic() + config.timeout
@@ -172,7 +173,7 @@ def _alone() -> Bootstrap:
                      secrets.token_bytes(_SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES))
 
 
-_NO_SECRET = ("collectives needs a secret shared by the processes of this job to authenticate their "
+NO_SECRET = ("collectives needs a secret shared by the processes of this job to authenticate their "
               "connections: set COLLECTIVES_TOKEN to the same random string on every process (for example "
               "the output of `python -c 'import secrets; print(secrets.token_hex(32))'`), or "
               "COLLECTIVES_TOKEN_FILE to the path of a file that holds it")
@@ -220,7 +221,7 @@ def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config
     torch.distributed's), in a collectives store that worker 0 serves there.
     """
     deadline = time.monotonic() + config.timeout if deadline is None else deadline
-    signed = SignedStore(store, secret)  # so that no stranger at the store can pass for one of the job
+    signed = signed_store(store, secret)  # so that no stranger at the store can pass for one of the job
     exchange = _StoreExchange(signed, prefix, rank, size, deadline, config.timeout, rendezvous)
     peer_links: List[List[Any]] = []
     meeting, server = store, None  # where the reducers meet the job
@@ -251,6 +252,22 @@ def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config
                      reducer_names)
 
 
+def signed_store(store: Any, secret: bytes) -> SignedStore:
+    """``store`` with the job's records signed and checked (so that no stranger who can
+    reach it can pass for one of the job), refusals naming who writes each record."""
+    return SignedStore(store, secret, writer=_record_writer)
+
+
+def _record_writer(key: str) -> str:
+    """Who writes a record of the job (publish_job, the exchanges, the reducers)."""
+    name = key.rsplit("/", 2)
+    if name[-1] in ("job", "size", "num_reducers"):
+        return "rank 0"
+    if len(name) >= 2 and name[-2] in ("addr", "reducer") and name[-1].isdigit():
+        return f"{'rank' if name[-2] == 'addr' else 'reducer'} {name[-1]}"
+    return ""
+
+
 def publish_job(store: Any, job_id: bytes, size: int, num_reducers: int, *, prefix: str = "collectives/") -> None:
     """Worker 0's part: what a reducer reads from the store to join the job. ``store`` is
     a SignedStore, since reducers check what they read."""
@@ -268,7 +285,7 @@ def meet_reducers(store: Any, rank: int, size: int, secret: bytes, job_id: bytes
     index; ([], []) for a job without reducers.
     """
     deadline = time.monotonic() + config.timeout if deadline is None else deadline
-    waits = _StoreWaits(SignedStore(store, secret), prefix, deadline, config.timeout)
+    waits = StoreWaits(signed_store(store, secret), prefix, deadline, config.timeout)
     records, missing = waits.wait_all([f"reducer/{index}" for index in range(config.num_reducers)])
     if missing:
         many = len(missing) > 1
@@ -462,13 +479,13 @@ def _open_job_store(rendezvous: str, source: str, rank: int, size: int, secret: 
     """The collectives store at ``rendezvous`` (HOST:PORT, from ``source``) where reducers
     started on their own meet the job: worker 0 serves it and publishes the job there;
     every worker connects to it. Returns (client, server or None)."""
-    host, port = _parse_address(rendezvous, source)
+    host, port = parse_address(rendezvous, source)
     server = _serve_store(host, port) if rank == 0 else None
     store = None
     try:
         store = StoreClient(host, port, timeout=max(1.0, deadline - time.monotonic()))
         if rank == 0:
-            publish_job(SignedStore(store, secret), job_id, size, num_reducers)
+            publish_job(signed_store(store, secret), job_id, size, num_reducers)
     except BaseException:
         for closable in (store, server):
             if closable is not None:
@@ -500,7 +517,7 @@ def _setting(value: Optional[int], name: str, env: Mapping[str, str], variable: 
         raise ValueError(f"{variable}={text!r} is not an integer") from None
 
 
-def _torchrun_rendezvous(env: Mapping[str, str]) -> str:
+def torchrun_rendezvous(env: Mapping[str, str]) -> str:
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if not addr or not port:
         raise ValueError("RANK and WORLD_SIZE are set (torchrun?) but MASTER_ADDR or MASTER_PORT is not: "
@@ -515,7 +532,7 @@ def _torchrun_rendezvous(env: Mapping[str, str]) -> str:
     return f"{addr}:{store_port}"
 
 
-def _parse_address(text: str, source: str) -> Tuple[str, int]:
+def parse_address(text: str, source: str) -> Tuple[str, int]:
     host, sep, port = text.strip().rpartition(":")
     host = host.strip("[]")
     try:
@@ -531,7 +548,7 @@ def _plural(ranks: List[int], one: str, many: str) -> str:
     return f"{one} {ranks[0]}" if len(ranks) == 1 else f"{many} {', '.join(map(str, ranks))}"
 
 
-class _StoreWaits:
+class StoreWaits:
     """Waits for keys of a job's store until a deadline, failing at once instead when a
     worker posts its failure there."""
 
@@ -576,6 +593,8 @@ class _StoreWaits:
             notice = json.loads(self.store.get(self.prefix + "abort", timeout=wait))
         except TimeoutError:
             return
+        except AuthenticationError:
+            raise AuthenticationError(self._unsigned_notice()) from None
         except CollectiveError:
             if store_may_be_gone:
                 return
@@ -585,7 +604,19 @@ class _StoreWaits:
         raise cls(f"{notice.get('message')} (reported by rank {notice.get('rank')})")
 
 
-class _StoreExchange(_StoreWaits):
+    def _unsigned_notice(self) -> str:
+        """Why a failure notice that is not signed with the job's secret is refused, naming
+        the rank it claims to come from (a claim only: it cannot be checked)."""
+        try:
+            who = f"rank {int(json.loads(self.store.unverified(self.prefix + 'abort'))['rank'])} (as it claims)"
+        except (CollectiveError, ValueError, KeyError, TypeError):
+            who = "a process"
+        return (f"{who} posted a failure notice that is not signed with this job's secret: it was started with "
+                "another COLLECTIVES_TOKEN (give every worker and reducer the same), or a stranger who can reach the "
+                "store wrote it")
+
+
+class _StoreExchange(StoreWaits):
     """Exchanges the workers' addresses and failure notices through the store."""
 
     def __init__(self, store: Any, prefix: str, rank: int, size: int, deadline: float, timeout: float,
@@ -738,7 +769,8 @@ class _Mesh:
         cpp = self.config.connections_per_peer
         expected = {(p, i) for p in range(self.size) if p != self.rank for i in range(cpp)}
         got: Dict[Tuple[int, int], Tuple[socket.socket, SessionKeys]] = {}
-        acceptor = _handshake.Acceptor(self.listener, self._authenticate, self._accepted, self._refused).start()
+        acceptor = _handshake.Acceptor(self.listener, self._authenticate, self._accepted, self._refused,
+                                       expects=self._expects).start()
         threading.Thread(target=self._connect_loop, name="collectives-connect", daemon=True).start()
         try:
             while len(got) < len(expected):
@@ -836,6 +868,14 @@ class _Mesh:
         # fails on its own side and posts why (which ends the wait here too); one with another
         # protocol version is caught from the published records before anyone connects.
         log.warning("rank %d: dropped an incoming connection from %s: %s", self.rank, address, error)
+
+    def _expects(self, hello: PeerHello, job_id: bytes) -> bool:
+        """Whether an unproven hello names a connection this worker still waits for (the
+        acceptor keeps those over strangers' when full)."""
+        with self.lock:
+            return (job_id == self.job_id and hello.role == ROLE_WORKER and self.rank < hello.rank < self.size
+                    and hello.conn_index < self.config.connections_per_peer
+                    and (hello.rank, hello.conn_index) not in self.claimed)
 
     def _claim(self, hello: PeerHello) -> Optional[str]:
         if hello.role != ROLE_WORKER:

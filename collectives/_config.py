@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 
 from . import _core
 
-__all__ = ["Config", "ALGORITHMS", "WIRE_SECURITY"]
+__all__ = ["Config", "ALGORITHMS", "WIRE_SECURITY", "parse_bytes", "parse_int", "parse_seconds"]
 
 ALGORITHMS = ("auto", "ring", "hierarchical", "reduction_server")
 # What workers do when every reducer has failed: raise CollectiveError, or go on with the ring.
@@ -29,7 +29,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 
-def _parse_seconds(value: Any, name: str) -> float:
+def parse_seconds(value: Any, name: str) -> float:
     try:
         seconds = float(value)
     except (TypeError, ValueError):
@@ -52,7 +52,7 @@ def _is_auto(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto"))
 
 
-def _parse_bytes(value: Any, name: str) -> Optional[int]:
+def parse_bytes(value: Any, name: str) -> Optional[int]:
     """A byte count such as 65536, 512K or 1M (binary units); None, "" or "auto" is None."""
     if _is_auto(value):
         return None
@@ -70,7 +70,7 @@ def _parse_bytes(value: Any, name: str) -> Optional[int]:
     return count
 
 
-def _parse_int(value: Any, name: str, minimum: int) -> int:
+def parse_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is not an integer")
     try:
@@ -86,7 +86,7 @@ def _parse_int(value: Any, name: str, minimum: int) -> int:
 
 def _parse_optional_count(value: Any, name: str) -> Optional[int]:
     """An integer >= 1; None, "" or "auto" is None (the core's default)."""
-    return None if _is_auto(value) else _parse_int(value, name, 1)
+    return None if _is_auto(value) else parse_int(value, name, 1)
 
 
 def _parse_ifname(value: Any, name: str) -> Optional[str]:
@@ -128,18 +128,18 @@ def _parse_bool(value: Any, name: str) -> bool:
 
 # field name -> (environment variable, parser); the order is that of Config's fields.
 _FIELDS: Mapping[str, Tuple[str, Callable[[Any, str], Any]]] = {
-    "timeout": ("COLLECTIVES_TIMEOUT", _parse_seconds),
+    "timeout": ("COLLECTIVES_TIMEOUT", parse_seconds),
     "algorithm": ("COLLECTIVES_ALGORITHM", _choice(ALGORITHMS, "an algorithm")),
-    "ring_segment_bytes": ("COLLECTIVES_RING_SEGMENT_BYTES", _parse_bytes),
-    "connections_per_peer": ("COLLECTIVES_CONNECTIONS_PER_PEER", lambda v, n: _parse_int(v, n, 1)),
+    "ring_segment_bytes": ("COLLECTIVES_RING_SEGMENT_BYTES", parse_bytes),
+    "connections_per_peer": ("COLLECTIVES_CONNECTIONS_PER_PEER", lambda v, n: parse_int(v, n, 1)),
     "socket_ifname": ("COLLECTIVES_SOCKET_IFNAME", _parse_ifname),
     "port_range": ("COLLECTIVES_PORT_RANGE", _parse_port_range),
     "debug": ("COLLECTIVES_DEBUG", _parse_bool),
-    "num_reducers": ("COLLECTIVES_NUM_REDUCERS", lambda v, n: _parse_int(v, n, 0)),
-    "handshake_timeout": ("COLLECTIVES_HANDSHAKE_TIMEOUT", _parse_seconds),
-    "rs_chunk_bytes": ("COLLECTIVES_RS_CHUNK_BYTES", _parse_bytes),
+    "num_reducers": ("COLLECTIVES_NUM_REDUCERS", lambda v, n: parse_int(v, n, 0)),
+    "handshake_timeout": ("COLLECTIVES_HANDSHAKE_TIMEOUT", parse_seconds),
+    "rs_chunk_bytes": ("COLLECTIVES_RS_CHUNK_BYTES", parse_bytes),
     "rs_inflight": ("COLLECTIVES_RS_INFLIGHT", _parse_optional_count),
-    "rs_heartbeat_timeout": ("COLLECTIVES_RS_HEARTBEAT_TIMEOUT", _parse_seconds),
+    "rs_heartbeat_timeout": ("COLLECTIVES_RS_HEARTBEAT_TIMEOUT", parse_seconds),
     "rs_fallback": ("COLLECTIVES_RS_FALLBACK", _choice(RS_FALLBACKS, "a fallback")),
     "wire_security": ("COLLECTIVES_WIRE_SECURITY", _choice(WIRE_SECURITY, "a wire security")),
 }

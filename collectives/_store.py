@@ -30,7 +30,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import _netif
 from .errors import AuthenticationError, CollectiveError, TimeoutError
@@ -587,15 +587,16 @@ def sign_record(secret: bytes, key: str, value: bytes) -> bytes:
     return bytes(value) + _record_mac(secret, key, value)
 
 
-def open_record(secret: bytes, key: str, record: bytes, where: str = "the store") -> bytes:
+def open_record(secret: bytes, key: str, record: bytes, where: str = "the store", writer: str = "") -> bytes:
     """The value of a record made by :func:`sign_record`; AuthenticationError naming
-    ``key`` if it was not signed with ``secret`` for that key."""
+    ``key`` (and ``writer``, the process that should have written it) if it was not signed
+    with ``secret`` for that key."""
     value, signature = record[:-SIGNATURE_BYTES], record[-SIGNATURE_BYTES:]
     if len(record) < SIGNATURE_BYTES or not hmac.compare_digest(signature, _record_mac(secret, key, value)):
         raise AuthenticationError(
-            f"refused the record {key!r} in {where}: it is not signed with this job's secret, so a process "
-            "without it wrote it: one started with another COLLECTIVES_TOKEN (give every worker and reducer "
-            "the same), or a stranger who can reach the store")
+            f"refused the record {key!r} in {where}{f' (written by {writer})' if writer else ''}: it is not signed "
+            "with this process's secret: the two were started with different COLLECTIVES_TOKEN values (give every "
+            "worker and reducer the same), or a stranger who can reach the store wrote it")
     return value
 
 
@@ -604,9 +605,11 @@ class SignedStore:
     signs each value with the job's secret and whose ``get`` checks it (see
     :func:`open_record`). ``add`` and ``check`` pass through: counters cannot be signed."""
 
-    def __init__(self, store, secret: bytes):
+    def __init__(self, store, secret: bytes, writer: Callable[[str], str] = lambda key: ""):
+        """``writer(key)`` names the process that writes ``key``, for the refusal's message."""
         self.store = store
         self._secret = secret  # never in a repr or a message
+        self._writer = writer
         self._where = f"the store at {store.address}" if hasattr(store, "address") else "the store"
 
     def __repr__(self) -> str:
@@ -617,7 +620,12 @@ class SignedStore:
 
     def get(self, key: str, timeout: Optional[float] = None) -> bytes:
         record = self.store.get(key) if timeout is None else self.store.get(key, timeout)
-        return open_record(self._secret, key, record, self._where)
+        return open_record(self._secret, key, record, self._where, self._writer(key))
+
+    def unverified(self, key: str) -> bytes:
+        """The value of a record that get() refused, without any check: only to say whom
+        it claims to come from, never to act on."""
+        return self.store.get(key, 0.0)[:-SIGNATURE_BYTES]
 
     def add(self, key: str, amount: int) -> int:
         return self.store.add(key, amount)

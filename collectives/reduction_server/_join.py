@@ -22,11 +22,11 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from .. import _netif
-from .._bootstrap import (_NO_SECRET, MpiJob, _parse_address, _StoreWaits, launched_by_mpirun, mpi_world,
-                          read_secret, reducer_record)
+from .._bootstrap import (NO_SECRET, MpiJob, StoreWaits, launched_by_mpirun, mpi_world, parse_address, read_secret,
+                          reducer_record, signed_store)
 from .._config import Config
 from .._handshake import ROLE_REDUCER, ROLE_WORKER, Acceptor, PeerHello, SessionKeys, server_handshake
-from .._store import SignedStore, StoreClient
+from .._store import StoreClient
 from ..errors import AuthenticationError, CollectiveError, TimeoutError
 
 __all__ = ["Joined", "join"]
@@ -70,7 +70,7 @@ def join(rendezvous: Optional[str], environ: Mapping[str, str], config: Config,
                          "launch it in the workers' mpirun job (mpirun ... : -np R collectives-reducer)")
     secret = read_secret(environ)
     if secret is None:
-        raise ValueError(_NO_SECRET + " (or pass collectives-reducer --token-file PATH)")
+        raise ValueError(NO_SECRET + " (or pass collectives-reducer --token-file PATH)")
     return _join_store(rendezvous, secret, config, deadline, on_index)
 
 
@@ -103,11 +103,11 @@ def _join_mpi(environ: Mapping[str, str], config: Config, deadline: float,
 
 def _join_store(rendezvous: str, secret: bytes, config: Config, deadline: float,
                 on_index: Callable[[int], None]) -> Joined:
-    host, port = _parse_address(rendezvous, "--rendezvous")
+    host, port = parse_address(rendezvous, "--rendezvous")
     # Signed: what it reads was published by the job, and the workers check what it publishes.
-    store = SignedStore(StoreClient(host, port, timeout=config.timeout), secret)
+    store = signed_store(StoreClient(host, port, timeout=config.timeout), secret)
     try:
-        waits = _StoreWaits(store, _PREFIX, deadline, config.timeout)
+        waits = StoreWaits(store, _PREFIX, deadline, config.timeout)
         try:
             job_id = waits.get("job", f"no job started at the rendezvous {rendezvous} within {config.timeout:g} s: "
                                       "is worker 0 running, with this COLLECTIVES_RENDEZVOUS?")
@@ -167,7 +167,8 @@ class WorkerGate:
         self.claimed: Set[int] = set()  # guarded by changed, as are the two below
         self.connections: Dict[int, Tuple[socket.socket, SessionKeys]] = {}  # until handed over
         self.closed = False
-        self.acceptor = Acceptor(listener, self._authenticate, self._accepted, self._refused).start()
+        self.acceptor = Acceptor(listener, self._authenticate, self._accepted, self._refused,
+                                 expects=self._expects).start()
 
     def wait(self, deadline: float, raise_if_aborted: Callable[[], None]) -> Tuple[List[Any], List[str]]:
         """(links, names) of the workers by rank once all have connected; the links are the
@@ -217,6 +218,12 @@ class WorkerGate:
         return server_handshake(conn, self.secret, self.index, time.monotonic() + self.config.handshake_timeout,
                                 job_id=self.job_id, role=ROLE_REDUCER, check=self._claim,
                                 security=self.config.wire_security)
+
+    def _expects(self, hello: PeerHello, job_id: bytes) -> bool:
+        """Whether an unproven hello names a worker this reducer still waits for."""
+        with self.changed:
+            return (job_id == self.job_id and hello.role == ROLE_WORKER and 0 <= hello.rank < self.size
+                    and hello.conn_index == 0 and hello.rank not in self.claimed)
 
     def _claim(self, hello: PeerHello) -> Optional[str]:
         if hello.role != ROLE_WORKER:

@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from .. import _core
-from .._config import Config, _parse_bytes, _parse_int, _parse_seconds
+from .._config import Config, parse_bytes, parse_int, parse_seconds
 from ..errors import CollectiveError
 from ._join import join
 
@@ -149,19 +149,19 @@ def _parser() -> argparse.ArgumentParser:
                              "torchrun); default COLLECTIVES_RENDEZVOUS; not needed in the workers' mpirun job")
     parser.add_argument("--token-file", metavar="PATH",
                         help="a file that holds the job's secret, instead of COLLECTIVES_TOKEN")
-    parser.add_argument("--threads", type=_arg(lambda v, n: _parse_int(v, n, 0), "--threads"), default=0,
+    parser.add_argument("--threads", type=_arg(lambda v, n: parse_int(v, n, 0), "--threads"), default=0,
                         help="threads that sum; 0 (default): as many as suit this host's cores")
-    parser.add_argument("--max-memory", type=_arg(_parse_bytes, "--max-memory"), default=0, metavar="SIZE",
+    parser.add_argument("--max-memory", type=_arg(parse_bytes, "--max-memory"), default=0, metavar="SIZE",
                         help="bound on the memory that chunks in flight take, all workers together, e.g. 4G "
                              "(default: 256M per worker)")
-    parser.add_argument("--heartbeat-interval", type=_arg(_parse_seconds, "--heartbeat-interval"), default=0.25,
+    parser.add_argument("--heartbeat-interval", type=_arg(parse_seconds, "--heartbeat-interval"), default=0.25,
                         metavar="SECONDS", help="how often to tell idle workers that this reducer is alive (default "
                                                 "0.25); keep it well below their COLLECTIVES_RS_HEARTBEAT_TIMEOUT")
-    parser.add_argument("--stats-interval", type=_arg(_parse_seconds, "--stats-interval"), metavar="SECONDS",
+    parser.add_argument("--stats-interval", type=_arg(parse_seconds, "--stats-interval"), metavar="SECONDS",
                         help="log bytes in and out, MB/s, chunks reduced per second and CPU use this often")
     parser.add_argument("--stats-json", metavar="PATH",
                         help="at exit, write the totals (and the --stats-interval samples) there as JSON")
-    parser.add_argument("--timeout", type=_arg(_parse_seconds, "--timeout"), metavar="SECONDS",
+    parser.add_argument("--timeout", type=_arg(parse_seconds, "--timeout"), metavar="SECONDS",
                         help="how long to wait for the job to start (default COLLECTIVES_TIMEOUT, or 300)")
     return parser
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed import ReduceOp
 
 import collectives as cc
-from collectives._bootstrap import _NO_SECRET, _torchrun_rendezvous, bootstrap_with_store, read_secret
+from collectives._bootstrap import NO_SECRET, bootstrap_with_store, read_secret, torchrun_rendezvous
 from collectives._config import Config
 from collectives.errors import TimeoutError
 
@@ -247,7 +247,7 @@ def _bootstrap(store: dist.Store, rank: int, size: int, timeout: datetime.timede
     elif config.num_reducers:
         reducer_rendezvous = env.get("COLLECTIVES_RENDEZVOUS") or None
         if reducer_rendezvous is None and "MASTER_ADDR" in env and "MASTER_PORT" in env:
-            reducer_rendezvous = _torchrun_rendezvous(env)
+            reducer_rendezvous = torchrun_rendezvous(env)
         if reducer_rendezvous is None:
             raise ValueError(f"COLLECTIVES_NUM_REDUCERS={config.num_reducers} needs the address where the reducers "
                              "meet the job: set COLLECTIVES_RENDEZVOUS=HOST:PORT (rank 0's host and a free port) on "
@@ -256,7 +256,7 @@ def _bootstrap(store: dist.Store, rank: int, size: int, timeout: datetime.timede
     secret = read_secret(env)
     if secret is None:
         if size > 1 or config.num_reducers:
-            raise ValueError(_NO_SECRET)
+            raise ValueError(NO_SECRET)
         secret = secrets.token_bytes(32)
     boot = bootstrap_with_store(_StoreAdapter(store), rank, size, secret, config, toward=_store_host(store),
                                 rendezvous="the torch.distributed store", reducer_rendezvous=reducer_rendezvous)

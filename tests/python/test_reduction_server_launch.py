@@ -258,7 +258,7 @@ def test_reducer_with_a_wrong_secret_is_refused(run_ranks, tmp_path):
         report = result.report()
         assert report["error"] == "AuthenticationError", report
         assert "refused the record 'collectives/reducer/0'" in report["message"], report
-        assert "another COLLECTIVES_TOKEN" in report["message"], report
+        assert "different COLLECTIVES_TOKEN values" in report["message"], report
     reducer = results[2]
     assert reducer.returncode == 1, reducer.stderr
     assert "refused the record 'collectives/job'" in reducer.stderr

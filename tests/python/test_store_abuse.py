@@ -208,7 +208,7 @@ def test_signed_records_round_trip_and_refuse_tampering(server):
         assert signed.add("collectives/claim/0", 1) == 1 and signed.check(["collectives/reducer/0"])
 
         raw.set("collectives/reducer/0", b'{"host": "127.0.0.1", "port": 6666}')  # a stranger's relay
-        with pytest.raises(AuthenticationError, match="'collectives/reducer/0'.*not signed with this job's secret"):
+        with pytest.raises(AuthenticationError, match="'collectives/reducer/0'.*not signed with this process's secret"):
             signed.get("collectives/reducer/0")
         raw.set("collectives/reducer/1", stored)  # a genuine record, moved to another key
         with pytest.raises(AuthenticationError, match="'collectives/reducer/1'"):
