@@ -358,9 +358,10 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
    * A worker holds at most two all-reduces' windows of chunks here (one posted ahead), so one
    * within its window never reaches its share with sane settings. Beyond it the job stops
    * with the reason rather than the reducer growing; it does not stop reading instead, since
-   * the chunks behind may be the ones every worker needs first.
+   * the chunks behind may be the ones every worker needs first. nbytes is compared alone
+   * first: near 2^64, charge() would wrap around to a small number.
    */
-  if (w.held + charge(h) > per_worker_budget) {
+  if (h.nbytes > per_worker_budget || w.held + charge(h) > per_worker_budget) {
     throw JobFailure{w.name + " has more than " + std::to_string(per_worker_budget) +
                      " bytes of chunks at this reducer (its share of --max-memory over " +
                      std::to_string(workers.size()) + " workers): lower COLLECTIVES_RS_CHUNK_BYTES " +
