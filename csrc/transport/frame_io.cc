@@ -56,8 +56,9 @@ void FrameWriter::start(const FrameHeader& header, const char* payload) {
 }
 
 void FrameWriter::discard() {
-  // Its number goes to the next frame: nothing of this one ever reached the wire.
-  if (sealed_frame_) protection_.unseal();
+  // Its number goes to the next frame: nothing of this one ever reached the wire. A frame
+  // written whole keeps its number (none is under way then).
+  if (busy_ && sealed_frame_) protection_.unseal();
   busy_ = false;
 }
 

@@ -70,7 +70,7 @@ class FrameWriter {
   bool mid_frame() const { return busy_ && sent_ > 0; }
   // Whether the frame under way has been written whole (and the writer is free again).
   bool done() const { return !busy_; }
-  // Drops the frame under way, of which no byte may have been written.
+  // Drops the frame under way, of which no byte may have been written; nothing if none is.
   void discard();
 
  private:
