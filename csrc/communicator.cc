@@ -159,8 +159,8 @@ void Communicator::execute_loop() {
       ctx.log(std::string("failed: ") + e.what());
       transport_->abort(e.what());
       transport_->quiesce();
-      // Ending the reducers' connections without goodbye makes them tell the other workers.
-      if (reducers_) reducers_->close(false);
+      // The reducers hear why, and tell the other workers (which may be waiting on them).
+      if (reducers_) reducers_->close(e.what());
       bool timed_out = dynamic_cast<const TimeoutError*>(&e) != nullptr;
       error = timed_out ? std::make_exception_ptr(TimeoutError(message))
                         : std::make_exception_ptr(CollectiveError(message));
@@ -285,9 +285,13 @@ void Communicator::close() {
   if (reducers_) {
     // Before the abandoned collectives fail: some may have been posted ahead, and their
     // buffers may be freed as soon as they fail. A goodbye tells the reducers that this
-    // is no failure.
+    // is no failure; otherwise they hear why, and tell the other workers.
     std::lock_guard<std::mutex> lock(mutex_);
-    reducers_->close(failure_.empty() && !running && abandoned.empty());
+    std::string failure = failure_;
+    if (failure.empty() && (running || !abandoned.empty())) {
+      failure = "rank " + std::to_string(rank_) + " closed its communicator with collectives unfinished";
+    }
+    reducers_->close(failure);
   }
   for (auto& task : abandoned) {
     task.work->finish(std::make_exception_ptr(

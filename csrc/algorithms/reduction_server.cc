@@ -11,6 +11,13 @@
 // such rank (the sum is the same bit for bit wherever it was computed); a chunk nobody has is
 // sent again to a surviving reducer. Then they agree again, until nobody lacks anything; so no
 // worker returns before every worker holds every sum, and no sum is lost or wrong.
+//
+// Partitions. A reducer may fail for one worker only (their link is cut) and stay alive for
+// the others, who would then wait on it until the collective's deadline: it waits for the
+// cut-off worker's chunks, and keeps sending them heartbeats. So a worker that lost a reducer
+// by itself tells the others over the mesh (a notice, sent before its agreement messages), and
+// a worker waiting on reducers drops each reducer it hears of, says goodbye to it, and goes
+// on to the agreement, where the lost chunks are recovered as for a reducer that died.
 #include <algorithm>
 
 #include "algorithms/algorithm.h"
@@ -107,12 +114,21 @@ void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reduc
   const size_t chunks = ceil_div(count, chunk_elems);
   auto offset = [&](size_t c) { return c * chunk_elems; };
   auto length = [&](size_t c) { return std::min(chunk_elems, count - offset(c)); };
-  auto job_failure = [&] { return ctx.transport.failure(); };
+  // While waiting on the reducers: news of reducers the other workers lost, and their failure.
+  auto watch = [&] {
+    for (const PeerNotice& notice : ctx.transport.take_notices()) {
+      if (notice.about >= static_cast<uint32_t>(num_reducers)) continue;  // about nothing we know
+      reducers.abandon(static_cast<int>(notice.about),
+                       "failed for " + ctx.transport.peer_name(notice.from) + ": it " + notice.text +
+                           "; this worker stops using it too");
+    }
+    return ctx.transport.failure();
+  };
 
   std::vector<bool> have(chunks, false);
   auto collect = [&](const ShardBatchHandle& batch) {
     if (!batch) return;
-    reducers.wait(batch, ctx.deadline, job_failure);
+    reducers.wait(batch, ctx.deadline, watch);
     for (const auto& t : batch->transfers) {
       if (t.state == ShardTransfer::State::kDone) have[t.header.unit] = true;
     }
@@ -131,6 +147,8 @@ void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reduc
     std::vector<uint32_t> votes(num_reducers + 2 * chunks, 0);
     std::vector<bool> alive_here(num_reducers, false);
     for (int r : reducers.alive()) alive_here[r] = true;
+    // Every loss voted for is announced first, to the workers that may still wait on it.
+    for (const auto& [r, why] : reducers.take_losses()) ctx.transport.notify(static_cast<uint32_t>(r), why);
     for (int r = 0; r < num_reducers; ++r) votes[r] = alive_here[r] ? 0 : 1;
     for (size_t c = 0; c < chunks; ++c) {
       votes[lacks + c] = have[c] ? 0 : 1;
@@ -144,8 +162,7 @@ void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reduc
     for (int r = 0; r < num_reducers; ++r) {
       if (!votes[r]) posted.agreed.push_back(r);
       if (votes[r] && alive_here[r]) {
-        ctx.note(reducers.name(r) + " failed for another worker: this worker stops using it too");
-        reducers.abandon(r);
+        reducers.abandon(r, "failed for another worker: this worker stops using it too");
       }
     }
     std::vector<size_t> from_peers, from_reducers;

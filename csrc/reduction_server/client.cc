@@ -54,9 +54,13 @@ struct ReducerChannels::Reducer {
   std::optional<Ref> sending;  // being written
   FrameWriter writer;
   FrameReader reader;
-  std::optional<Ref> receiving;  // whose sum is being read (none: an abort notice)
+  std::optional<Ref> receiving;  // whose sum is being read (none: a control frame)
   std::vector<char> staging;  // the frame being read; a sum is copied into place once whole
   Clock::time_point last_heard;
+  WaitingFor waits;  // as its last heartbeat said
+  Clock::time_point waits_heard;
+  std::string lost;        // why this worker stopped using it, when it found that out itself
+  bool announced = false;  // `lost` was handed to take_losses()
   uint32_t interest = 0;
 
   // The queue is ordered by all-reduce, oldest first, and each all-reduce has a window of its
@@ -88,7 +92,7 @@ ReducerChannels::ReducerChannels(std::vector<Link> links, std::vector<std::strin
   progress_thread_ = std::thread([this] { progress_loop(); });
 }
 
-ReducerChannels::~ReducerChannels() { close(false); }
+ReducerChannels::~ReducerChannels() { close("the worker closed its channels to the reducers"); }
 
 std::vector<int> ReducerChannels::alive() const {
   std::vector<int> result;
@@ -129,27 +133,35 @@ void ReducerChannels::settle(ShardBatch& batch, ShardTransfer& transfer, ShardTr
 }
 
 void ReducerChannels::wait(const ShardBatchHandle& batch, Deadline deadline,
-                           const std::function<std::string()>& job_failure) {
+                           const std::function<std::string()>& watch) {
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
     if (!failure_.empty()) throw CollectiveError(failure_);
     if (batch->unfinished == 0) return;
     lock.unlock();
-    std::string failure = job_failure();
+    std::string failure = watch();
     lock.lock();
     if (!failure.empty()) throw CollectiveError(failure);
-    if (Clock::now() >= deadline) {
-      std::string owing;
-      for (auto& reducer : reducers_) {
-        if (reducer->alive && !reducer->waiting.empty()) {
-          owing += (owing.empty() ? "" : ", ") + reducer->name;
-        }
-      }
-      throw TimeoutError("timed out waiting for sums from " + owing +
-                         " (they are alive, so a worker is missing: its log says why)");
-    }
+    if (batch->unfinished == 0) continue;
+    if (Clock::now() >= deadline) throw TimeoutError("timed out waiting for sums: " + describe_waits());
     settled_.wait_for(lock, std::chrono::milliseconds(kPollMillis));
   }
+}
+
+// What the reducers that owe this worker sums wait for, as their heartbeats said: the
+// workers they name are the ones missing (stopped, or cut off from that reducer).
+std::string ReducerChannels::describe_waits() const {
+  std::string text;
+  for (const auto& reducer : reducers_) {
+    if (!reducer->alive || reducer->waiting.empty()) continue;
+    text += (text.empty() ? "" : "; ") + reducer->name + " ";
+    if (reducer->waits.missing) {
+      text += reducer->waits.describe(std::chrono::duration<double>(Clock::now() - reducer->waits_heard).count());
+    } else {
+      text += "owes sums but waits for no worker's chunk (it, or its link to this worker, is slow)";
+    }
+  }
+  return text;
 }
 
 void ReducerChannels::fail(const std::string& reason) {
@@ -166,19 +178,36 @@ void ReducerChannels::lose(Reducer& reducer, const std::string& why) {
   const size_t unanswered = reducer.queue.size() + reducer.waiting.size();
   log_(reducer.name + " failed: it " + why + "; its " + std::to_string(unanswered) +
        " unanswered chunk(s) go to the other reducers");
-  abandon_locked(reducer, true);
+  reducer.lost = why;
+  abandon_locked(reducer, FrameKind::kGoodbye);
 }
 
-void ReducerChannels::abandon(int index) {
+bool ReducerChannels::abandon(int index, const std::string& why) {
   std::lock_guard<std::mutex> lock(mutex_);
-  abandon_locked(*reducers_.at(index), true);
+  Reducer& reducer = *reducers_.at(index);
+  if (!reducer.alive) return false;
+  log_(reducer.name + " " + why);
+  abandon_locked(reducer, FrameKind::kGoodbye);
+  return true;
 }
 
-void ReducerChannels::abandon_locked(Reducer& reducer, bool goodbye) {
+std::vector<std::pair<int, std::string>> ReducerChannels::take_losses() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::pair<int, std::string>> losses;
+  for (auto& reducer : reducers_) {
+    if (reducer->lost.empty() || reducer->announced) continue;
+    reducer->announced = true;
+    losses.emplace_back(reducer->index, reducer->lost);
+  }
+  return losses;
+}
+
+void ReducerChannels::abandon_locked(Reducer& reducer, std::optional<FrameKind> farewell,
+                                     const std::string& reason) {
   if (!reducer.alive) return;
   reducer.alive = false;
   reducer.interest = poller_.watch(reducer.fd.get(), reducer.interest, 0, &reducer);
-  if (goodbye) say_goodbye(reducer);
+  if (farewell) say_farewell(reducer, *farewell, reason);
   for (auto& ref : reducer.queue) settle(*ref.batch, ref.transfer(), ShardTransfer::State::kLost);
   for (auto& ref : reducer.waiting) settle(*ref.batch, ref.transfer(), ShardTransfer::State::kLost);
   reducer.queue.clear();
@@ -190,19 +219,23 @@ void ReducerChannels::abandon_locked(Reducer& reducer, bool goodbye) {
 
 /*
  * A reducer that may still be alive must hear a goodbye, or it takes this worker for dead and
- * aborts the whole job. So: finish the frame being written (its buffer is still valid: its
- * all-reduce waits on this mutex), say goodbye, end the stream, and read away what the
- * reducer sent meanwhile, since closing with unread bytes would reset the connection and
- * could destroy the goodbye. Every step is bounded: a silent reducer costs kGoodbyeMillis.
+ * aborts the whole job; and after a failure it must hear why, to tell the other workers
+ * instead of reporting this worker dead. So: finish the frame being written (its buffer is
+ * still valid: its all-reduce waits on this mutex), say goodbye or why, end the stream, and
+ * read away what the reducer sent meanwhile, since closing with unread bytes would reset the
+ * connection and could destroy the farewell. Every step is bounded: a silent reducer costs
+ * kGoodbyeMillis.
  */
-void ReducerChannels::say_goodbye(Reducer& reducer) {
+void ReducerChannels::say_farewell(Reducer& reducer, FrameKind kind, const std::string& reason) {
   const int fd = reducer.fd.get();
   const Deadline deadline = deadline_after(kGoodbyeMillis / 1000.0);
-  FrameHeader goodbye;
-  goodbye.kind = static_cast<uint8_t>(FrameKind::kGoodbye);
+  FrameHeader farewell;
+  farewell.kind = static_cast<uint8_t>(kind);
+  const std::string text = reason.substr(0, kMaxAbortReason);
+  farewell.nbytes = text.size();
   // The frame under way is finished first; if the reducer is gone or silent, the end of the
   // connection says enough.
-  if (!write_frame(fd, reducer.writer, goodbye, "", deadline)) return;
+  if (!write_frame(fd, reducer.writer, farewell, text, deadline)) return;
   ::shutdown(fd, SHUT_WR);
   char sink[4096];
   for (;;) {
@@ -214,7 +247,7 @@ void ReducerChannels::say_goodbye(Reducer& reducer) {
   }
 }
 
-void ReducerChannels::close(bool clean) {
+void ReducerChannels::close(const std::string& failure) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_) return;
@@ -223,7 +256,9 @@ void ReducerChannels::close(bool clean) {
   wake();
   progress_thread_.join();
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto& reducer : reducers_) abandon_locked(*reducer, clean);
+  for (auto& reducer : reducers_) {
+    abandon_locked(*reducer, failure.empty() ? FrameKind::kGoodbye : FrameKind::kAbort, failure);
+  }
 }
 
 std::vector<ReducerStat> ReducerChannels::stats() const {
@@ -285,10 +320,8 @@ bool ReducerChannels::read_some(Reducer& reducer) {
       reducer.receiving.reset();
       if (h.magic != kFrameMagic || h.version != kProtocolVersion) {
         violation = "sent a frame that is not collectives protocol " + std::to_string(kProtocolVersion);
-      } else if (kind == FrameKind::kAbort) {
-        if (h.nbytes > kMaxAbortReason) violation = "sent an oversized abort notice";
-      } else if (kind == FrameKind::kHeartbeat) {
-        if (h.nbytes != 0) violation = "sent a heartbeat with a payload";
+      } else if (kind == FrameKind::kAbort || kind == FrameKind::kHeartbeat) {
+        if (h.nbytes > kMaxAbortReason) violation = "sent an oversized control frame";
       } else if (kind == FrameKind::kData) {
         auto match = std::find_if(reducer.waiting.begin(), reducer.waiting.end(), [&](const Ref& ref) {
           return same_chunk(ref.transfer().header, h) && !(reducer.sending && *reducer.sending == ref);
@@ -304,7 +337,7 @@ bool ReducerChannels::read_some(Reducer& reducer) {
       }
       if (!violation.empty()) {
         fail(reducer.name + " " + violation);
-        abandon_locked(reducer, false);
+        abandon_locked(reducer, std::nullopt);
         return false;
       }
       reducer.staging.resize(h.nbytes);
@@ -315,15 +348,23 @@ bool ReducerChannels::read_some(Reducer& reducer) {
       fail(reducer.name + " sent a frame that failed its integrity check (COLLECTIVES_WIRE_SECURITY=" +
            to_string(reader.security()) + "): it was altered on the way, or injected by someone other than " +
            reducer.name);
-      abandon_locked(reducer, false);
+      abandon_locked(reducer, std::nullopt);
       return false;
     }
-    const auto kind = static_cast<FrameKind>(reader.header().kind);
+    const FrameHeader h = reader.header();
     reader.next_frame();
-    if (kind == FrameKind::kHeartbeat) continue;
+    if (h.kind == static_cast<uint8_t>(FrameKind::kHeartbeat)) {
+      if (!WaitingFor::parse(h, std::string(reducer.staging.begin(), reducer.staging.end()), &reducer.waits)) {
+        fail(reducer.name + " sent a malformed heartbeat");
+        abandon_locked(reducer, std::nullopt);
+        return false;
+      }
+      reducer.waits_heard = Clock::now();
+      continue;
+    }
     if (!reducer.receiving) {  // an abort notice: the job failed
       fail(reducer.name + ": " + std::string(reducer.staging.begin(), reducer.staging.end()));
-      abandon_locked(reducer, false);
+      abandon_locked(reducer, std::nullopt);
       return false;
     }
     Ref ref = *reducer.receiving;

@@ -8,6 +8,11 @@
 // chunks elsewhere. A sum is received into staging memory and copied into the buffer only
 // once complete, so a reducer that dies mid-frame leaves the worker's contribution intact
 // for the next reducer.
+//
+// A worker's failure reaches the reducers as an abort notice with its reason (close()), which
+// they relay to the other workers: a worker that gave up is never taken for one that died.
+// Heartbeats say which workers a reducer still waits for, so that a worker that times out
+// names them.
 #pragma once
 
 #include <atomic>
@@ -16,12 +21,15 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <utility>
 #include <thread>
 #include <vector>
 
 #include "common/error.h"
 #include "common/file_descriptor.h"
+#include "reduction_server/heartbeat.h"
 #include "transport/frame.h"
 #include "transport/frame_io.h"
 #include "transport/socket.h"
@@ -71,21 +79,26 @@ class ReducerChannels {
   // stay valid until wait() returned for it or close() was called. Transfers to an
   // abandoned reducer are lost at once.
   ShardBatchHandle post(std::vector<ShardTransfer> transfers);
-  // Blocks until each transfer of `batch` is kDone or kLost. Throws CollectiveError if a
-  // reducer relays a job failure (an abort frame), if `job_failure()` turns non-empty
-  // (another worker failed; checked every few milliseconds) or if cancel() is called;
-  // TimeoutError at the deadline.
+  // Blocks until each transfer of `batch` is kDone or kLost. `watch` is called every few
+  // milliseconds, without the channels' lock: it may abandon() reducers (news from the other
+  // workers) and returns why the job failed (another worker failed), empty while it has not.
+  // Throws CollectiveError if a reducer relays a job failure (an abort frame), if `watch()`
+  // returns a failure or if cancel() is called; TimeoutError at the deadline, naming the
+  // workers that the reducers still wait for.
   void wait(const ShardBatchHandle& batch, Deadline deadline,
-            const std::function<std::string()>& job_failure);
+            const std::function<std::string()>& watch);
   // Stops using a reducer: says goodbye (so that it can tell this from a death) and closes;
-  // its unfinished transfers are lost.
-  void abandon(int reducer);
+  // its unfinished transfers are lost. `why` is logged; false if it was abandoned already.
+  bool abandon(int reducer, const std::string& why);
+  // The reducers this worker lost by itself (not by abandon()) since the last call, with
+  // why: for the other workers to hear, who may still be waiting on them.
+  std::vector<std::pair<int, std::string>> take_losses();
   // From any thread: a running or later wait() throws CollectiveError(reason).
   void cancel(const std::string& reason);
   // Stops the progress thread (no buffer is touched afterwards), then says goodbye to every
-  // reducer still in use (clean) or just closes (after a failure, so that the reducers tell
-  // the other workers). Idempotent.
-  void close(bool clean);
+  // reducer still in use (`failure` empty) or sends it an abort notice with `failure`, which
+  // it relays to the other workers. Idempotent.
+  void close(const std::string& failure);
   std::vector<ReducerStat> stats() const;
 
  private:
@@ -95,8 +108,10 @@ class ReducerChannels {
   bool read_some(Reducer& reducer);
   void lose(Reducer& reducer, const std::string& why);
   void settle(ShardBatch& batch, ShardTransfer& transfer, ShardTransfer::State state);
-  void abandon_locked(Reducer& reducer, bool goodbye);
-  void say_goodbye(Reducer& reducer);
+  // `farewell`: kGoodbye, or kAbort with `reason`; none where the reducer broke the protocol.
+  void abandon_locked(Reducer& reducer, std::optional<FrameKind> farewell, const std::string& reason = "");
+  void say_farewell(Reducer& reducer, FrameKind kind, const std::string& reason);
+  std::string describe_waits() const;
   void update_interest(Reducer& reducer);
   void fail(const std::string& reason);
   void wake();

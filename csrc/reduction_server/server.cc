@@ -20,6 +20,7 @@
 
 #include "common/error.h"
 #include "kernels/reduce.h"
+#include "reduction_server/heartbeat.h"
 #include "transport/frame.h"
 #include "transport/frame_io.h"
 #include "transport/socket.h"
@@ -52,6 +53,7 @@ struct Slot {
   std::vector<std::unique_ptr<char[]>> parts;  // [worker]; parts[0] becomes the sum
   int arrived = 0;                             // complete contributions
   int unanswered = 0;                          // workers whose copy of the sum is not yet written
+  Clock::time_point since = Clock::now();      // when the first contribution began
 };
 using SlotKey = std::pair<uint64_t, uint32_t>;  // (seq, unit)
 SlotKey key_of(const FrameHeader& h) {
@@ -64,7 +66,8 @@ SlotKey key_of(const FrameHeader& h) {
 struct OutFrame {
   FrameHeader header;
   std::shared_ptr<Slot> slot;  // the sum's owner, for data frames
-  const char* payload() const { return slot ? slot->parts[0].get() : nullptr; }
+  std::string text;            // the payload of a control frame
+  const char* payload() const { return slot ? slot->parts[0].get() : text.data(); }
 };
 
 struct WorkerConnection {
@@ -193,6 +196,7 @@ struct ReductionServer::State {
   void frame_written(WorkerConnection& w, const OutFrame& frame);
   void connection_lost(WorkerConnection& w, const std::string& why);
   void send_heartbeats();
+  WaitingFor oldest_wait() const;
   void update_interest(WorkerConnection& w);
   void close(WorkerConnection& w);
   void tell_everyone(const std::string& reason);
@@ -428,7 +432,7 @@ void ReductionServer::State::answer(const std::shared_ptr<Slot>& slot) {
   for (auto& w : workers) {
     if (w.closed) continue;
     ++slot->unanswered;
-    w.out.push_back(OutFrame{slot->header, slot});
+    w.out.push_back(OutFrame{slot->header, slot, ""});
   }
   if (slot->unanswered == 0) --unfinished;
   for (auto& w : workers) {
@@ -463,14 +467,30 @@ void ReductionServer::State::connection_lost(WorkerConnection& w, const std::str
 }
 
 void ReductionServer::State::send_heartbeats() {
-  // Only to workers with chunks here: those are waiting on this reducer.
+  // Only to workers with chunks here: those are waiting on this reducer, and hear what for.
+  const WaitingFor waits = oldest_wait();
+  const FrameHeader beat = waits.header();
+  const std::string text = waits.payload();
   for (auto& w : workers) {
     if (w.closed || w.held == 0 || !w.out.empty()) continue;
-    FrameHeader beat;
-    beat.kind = static_cast<uint8_t>(FrameKind::kHeartbeat);
-    w.out.push_back(OutFrame{beat, nullptr});
+    w.out.push_back(OutFrame{beat, nullptr, text});
     flush(w);
   }
+}
+
+// The oldest chunk still missing contributions, and whose: a worker that has not sent it, or
+// is still sending it.
+WaitingFor ReductionServer::State::oldest_wait() const {
+  WaitingFor waits;
+  if (filling.empty()) return waits;
+  const Slot& slot = *filling.begin()->second;
+  waits.chunk = slot.header;
+  waits.seconds = std::chrono::duration<double>(Clock::now() - slot.since).count();
+  for (const WorkerConnection& w : workers) {
+    if (slot.parts[w.rank] && w.receiving.get() != &slot) continue;
+    if (++waits.missing <= WaitingFor::kNamedRanks) waits.ranks.push_back(static_cast<uint32_t>(w.rank));
+  }
+  return waits;
 }
 
 void ReductionServer::State::tell_everyone(const std::string& reason) {

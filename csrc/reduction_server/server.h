@@ -8,7 +8,10 @@
 //    sends the sum to every worker as a kData frame with the same header.
 //  - While a worker has chunks here that are not yet answered, the reducer sends it a
 //    kHeartbeat frame every heartbeat interval, so that the worker can tell a silent reducer
-//    (dead, or its link cut) from a slow job.
+//    (dead, or its link cut) from a slow job. It says which workers' contributions the oldest
+//    chunk still lacks, and since when (heartbeat.h): a worker that times out names them.
+//  - kAbort from a worker: it failed, for the reason it gives. The reducer relays "rank k
+//    aborted the job: <reason>" to every worker (below), never taking it for dead.
 //  - kGoodbye from a worker: it will send nothing more. When every worker has said goodbye
 //    and closed, serve() returns. A goodbye while chunks are still pending, or chunks after a
 //    goodbye, mean that the workers stopped using this reducer (they took it for dead): the

@@ -13,14 +13,17 @@ namespace collectives {
 constexpr uint32_t kFrameMagic = 0x54434c43;  // "CLCT" in little-endian byte order
 // Bumped whenever the header or a collective's message schedule changes. Must equal
 // collectives._handshake.PROTOCOL_VERSION, which refuses peers of another version at connect.
-constexpr uint16_t kProtocolVersion = 3;
+constexpr uint16_t kProtocolVersion = 4;
 // An abort frame carries a reason of at most this many bytes; larger ones are refused.
 constexpr uint64_t kMaxAbortReason = 4096;
 
 // kGoodbye: the sender closed its communicator; it will send nothing more, and the end of
-// its stream that follows is not a failure. kHeartbeat: a reducer is alive (it sends them
-// while a worker waits on it, so that a silent reducer can be told from a slow job).
-enum class FrameKind : uint8_t { kData = 0, kAbort = 1, kGoodbye = 2, kHeartbeat = 3 };
+// its stream that follows is not a failure. kAbort: the sender failed; the payload says why.
+// kHeartbeat: a reducer is alive (it sends them while a worker waits on it, so that a silent
+// reducer can be told from a slow job), and what it waits for (reduction_server/heartbeat.h).
+// kNotice: news between workers that does not stop the job, taken whenever it arrives
+// (`unit`: what it is about; payload: why), such as a reducer that one of them dropped.
+enum class FrameKind : uint8_t { kData = 0, kAbort = 1, kGoodbye = 2, kHeartbeat = 3, kNotice = 4 };
 
 // Which collective a frame belongs to; part of the header so that ranks issuing different
 // collectives at the same sequence number are caught.

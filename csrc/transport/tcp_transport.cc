@@ -13,6 +13,7 @@
 #include <cstring>
 #include <deque>
 #include <stdexcept>
+#include <utility>
 
 #include "transport/socket.h"
 
@@ -23,6 +24,7 @@ struct TransportOperation {
   bool is_send = false;
   FrameHeader header;    // the header to send, or the one expected
   char* data = nullptr;  // payload (header.nbytes bytes)
+  std::string owned;     // the payload, where the transport sends it on its own (notices)
   bool done = false;     // guarded by the transport's mutex: finished, well or not
   bool ok = false;       // guarded by the transport's mutex: every byte moved
 };
@@ -119,8 +121,35 @@ TransportRequest TcpTransport::post(int peer, const FrameHeader& header, void* d
   op->is_send = is_send;
   op->header = header;
   op->data = static_cast<char*>(data);
+  submit(op);
+  return op;
+}
+
+void TcpTransport::notify(uint32_t about, const std::string& text) {
+  for (int peer = 0; peer < size_; ++peer) {
+    if (peer == rank_) continue;
+    auto op = std::make_shared<TransportOperation>();
+    op->peer = peer;
+    op->is_send = true;
+    op->header.kind = static_cast<uint8_t>(FrameKind::kNotice);
+    op->header.unit = about;
+    op->owned = text.substr(0, kMaxAbortReason);
+    op->header.nbytes = op->owned.size();
+    op->data = op->owned.data();
+    submit(op);
+  }
+}
+
+std::vector<PeerNotice> TcpTransport::take_notices() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return std::exchange(notices_, {});
+}
+
+void TcpTransport::submit(const TransportRequest& op) {
+  const int peer = op->peer;
+  const bool is_send = op->is_send;
   auto& conns = connections_.at(peer);
-  Connection& conn = *conns[header.unit % conns.size()];
+  Connection& conn = *conns[op->header.unit % conns.size()];
   auto& queue = is_send ? conn.sends : conn.recvs;
   bool was_idle = false, rejected = false, peer_gone = false;
   {
@@ -135,17 +164,16 @@ TransportRequest TcpTransport::post(int peer, const FrameHeader& header, void* d
     }
   }
   if (peer_gone) abort(peer_names_[peer] + " has closed its communicator");
-  if (rejected || !was_idle) return op;  // a busy socket's next readiness event finds it
+  if (rejected || !was_idle) return;  // a busy socket's next readiness event finds it
   if (is_send) {
     // Nothing queued before this frame: write it now, from this thread. Whatever the socket
     // does not take at once is left to the progress thread.
     std::unique_lock<std::mutex> writing(conn.write_mutex, std::try_to_lock);
-    if (writing.owns_lock() && write_queued(conn)) return op;
+    if (writing.owns_lock() && write_queued(conn)) return;
   }
   // An idle socket has no EPOLLOUT interest, and a parked one waits for exactly this receive:
   // the progress thread must be told.
   wake();
-  return op;
 }
 
 void TcpTransport::wait(const TransportRequest& request, Deadline deadline) {
@@ -296,7 +324,8 @@ bool TcpTransport::take_header(Connection& conn) {
   const std::string& who = peer_names_[conn.peer];
   const FrameHeader& h = conn.reader.header();
   const bool control = h.magic == kFrameMagic && (h.kind == static_cast<uint8_t>(FrameKind::kGoodbye) ||
-                                                  h.kind == static_cast<uint8_t>(FrameKind::kAbort));
+                                                  h.kind == static_cast<uint8_t>(FrameKind::kAbort) ||
+                                                  h.kind == static_cast<uint8_t>(FrameKind::kNotice));
   char* into;
   if (control) {
     if (h.nbytes > kMaxAbortReason) {
@@ -346,6 +375,11 @@ bool TcpTransport::take_frame(Connection& conn) {
     // The abort's op field says whether the peer gave up on a deadline.
     fail(who + " aborted: " + std::string(conn.staging.begin(), conn.staging.end()), h.op == 1);
     return false;
+  }
+  if (h.kind == static_cast<uint8_t>(FrameKind::kNotice)) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    notices_.push_back({conn.peer, h.unit, std::string(conn.staging.begin(), conn.staging.end())});
+    return true;
   }
   TransportRequest done = std::move(conn.receiving);
   conn.receiving.reset();
@@ -425,9 +459,9 @@ void TcpTransport::notify_peers_of_failure() {
     reason = failure_;
     timed_out = failure_timed_out_;
   }
-  // Peers hear "rank R aborted: <reason>", so every rank's error names the first cause.
-  std::string text = "rank " + std::to_string(rank_) + ": " + reason;
-  text.resize(std::min<size_t>(text.size(), kMaxAbortReason));
+  // Peers hear "rank R aborted: <reason>" (they name the sender), so every rank's error
+  // names the first cause.
+  const std::string text = reason.substr(0, kMaxAbortReason);
   FrameHeader abort_header;
   abort_header.kind = static_cast<uint8_t>(FrameKind::kAbort);
   abort_header.op = timed_out ? 1 : 0;

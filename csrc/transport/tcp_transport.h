@@ -29,6 +29,13 @@ namespace collectives {
 struct TransportOperation;
 using TransportRequest = std::shared_ptr<TransportOperation>;
 
+// News from a peer that does not stop the job (a kNotice frame).
+struct PeerNotice {
+  int from;
+  uint32_t about;
+  std::string text;
+};
+
 class TcpTransport {
  public:
   // peer_links[p]: connected, authenticated sockets to rank p (empty for this rank); the
@@ -62,9 +69,19 @@ class TcpTransport {
   // that they do not outwait a failed job.
   std::string failure();
 
+  // Sends every peer a notice (`about` and `text` are the caller's to define), behind what
+  // was sent to it before, without waiting for it to go out. A peer takes it as soon as it
+  // arrives, whatever it waits for, as long as it has read every earlier message on that
+  // connection: so a notice sent before any message of a collective reaches a peer that is
+  // still inside that collective, or waiting elsewhere.
+  void notify(uint32_t about, const std::string& text);
+  // The notices that arrived since the last call, in order of arrival.
+  std::vector<PeerNotice> take_notices();
+
  private:
   struct Connection;
   TransportRequest post(int peer, const FrameHeader& header, void* data, bool is_send);
+  void submit(const TransportRequest& op);
   void progress_loop();
   void handle_readable(Connection& conn);
   // A header is in: hand its payload a place (false: parked, or the transport failed).
@@ -100,6 +117,7 @@ class TcpTransport {
   bool quiesced_ = false;
   bool stopping_ = false;
   std::string failure_;
+  std::vector<PeerNotice> notices_;
 
   std::thread progress_thread_;
 };

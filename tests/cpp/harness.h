@@ -4,9 +4,11 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <functional>
 #include <memory>
@@ -70,6 +72,65 @@ inline std::pair<Link, Link> loopback_link() {
   return {Link{server, job_security, to_client, to_server}, Link{client, job_security, to_server, to_client}};
 }
 
+// A connection through a relay thread that moves bytes both ways until cut(): from then on it
+// moves none and closes nothing, as a partition (the peers see neither data nor an end).
+class Relay {
+ public:
+  // {end at `near`'s side, end at the far side}, joined by the relay; the keys as in
+  // loopback_link().
+  Relay() {
+    auto [near, relay_near] = loopback_pair();
+    auto [relay_far, far] = loopback_pair();
+    const std::string to_far = random_key(), to_near = random_key();
+    ends_ = {Link{near, job_security, to_far, to_near}, Link{far, job_security, to_near, to_far}};
+    fds_[0] = relay_near;
+    fds_[1] = relay_far;
+    thread_ = std::thread([this] { pump(); });
+  }
+  ~Relay() {
+    stopping_ = true;
+    thread_.join();
+    ::close(fds_[0]);
+    ::close(fds_[1]);
+  }
+  const std::pair<Link, Link>& ends() const { return ends_; }
+  void cut() { cut_ = true; }
+
+ private:
+  void pump() {
+    char buffer[64 << 10];
+    bool open[2] = {true, true};
+    while (!stopping_ && (open[0] || open[1])) {
+      pollfd pfds[2] = {{open[0] ? fds_[0] : -1, POLLIN, 0}, {open[1] ? fds_[1] : -1, POLLIN, 0}};
+      if (cut_ || poll(pfds, 2, 10) <= 0) {
+        if (cut_) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        continue;
+      }
+      for (int i = 0; i < 2; ++i) {
+        if (!(pfds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+        ssize_t n = ::recv(fds_[i], buffer, sizeof(buffer), 0);
+        if (n <= 0) {  // that side ended: so does the other's stream from it
+          ::shutdown(fds_[1 - i], SHUT_WR);
+          open[i] = false;
+          continue;
+        }
+        for (ssize_t sent = 0; sent < n && !stopping_;) {
+          pollfd out{fds_[1 - i], POLLOUT, 0};
+          if (poll(&out, 1, 10) <= 0) continue;
+          ssize_t m = ::send(fds_[1 - i], buffer + sent, n - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+          if (m < 0 && errno != EAGAIN) break;  // gone: its own end says so to the far side
+          sent += std::max<ssize_t>(m, 0);
+        }
+      }
+    }
+  }
+
+  std::pair<Link, Link> ends_;
+  int fds_[2];
+  std::atomic<bool> cut_{false}, stopping_{false};
+  std::thread thread_;
+};
+
 // links[r][p]: `connections` loopback connections between r and p.
 inline std::vector<std::vector<std::vector<Link>>> loopback_mesh(int size, int connections) {
   std::vector<std::vector<std::vector<Link>>> links(size, std::vector<std::vector<Link>>(size));
@@ -87,13 +148,15 @@ inline std::vector<std::vector<std::vector<Link>>> loopback_mesh(int size, int c
 
 // `size` ranks and `num_reducers` reducers (each serving on its own thread), connected over
 // loopback. With reducers, options.reduction_server decides whether allreduce uses them. The
-// last `silent_reducers` of them never answer, like a hung host or a cut link.
+// last `silent_reducers` of them never answer, like a hung host or a cut link. The connection
+// between rank relayed.first and reducer relayed.second goes through `relay`, to be cut.
 struct Job {
   std::vector<std::unique_ptr<Communicator>> comms;
   std::vector<std::unique_ptr<ReductionServer>> reducers;
   std::vector<Link> silent_links;  // the reducer ends of the silent reducers' connections
   std::vector<std::string> reducer_errors;  // what each reducer's serve() threw
   std::vector<std::thread> reducer_threads;
+  std::unique_ptr<Relay> relay;
 
   Job(int size, int connections = 1, size_t segment_bytes = 0, double timeout = 30)
       : Job(size, 0, [&] {
@@ -104,7 +167,8 @@ struct Job {
         }(), connections) {}
 
   Job(int size, int num_reducers, CommunicatorOptions options, int connections = 1,
-      ReducerOptions reducer_options = {}, int silent_reducers = 0) {
+      ReducerOptions reducer_options = {}, int silent_reducers = 0,
+      std::pair<int, int> relayed = {-1, -1}) {
     auto links = loopback_mesh(size, connections);
     std::vector<std::string> names, reducer_names;
     for (int r = 0; r < size; ++r) names.push_back("rank " + std::to_string(r));
@@ -113,7 +177,9 @@ struct Job {
     std::vector<std::vector<Link>> reducer_links(size), worker_links(num_reducers);
     for (int r = 0; r < size; ++r) {
       for (int k = 0; k < num_reducers; ++k) {
-        auto [at_reducer, at_worker] = loopback_link();
+        const bool through_relay = relayed == std::pair<int, int>{r, k};
+        if (through_relay) relay = std::make_unique<Relay>();
+        auto [at_reducer, at_worker] = through_relay ? relay->ends() : loopback_link();
         worker_links[k].push_back(at_reducer);
         reducer_links[r].push_back(at_worker);
       }
@@ -141,10 +207,17 @@ struct Job {
     }
   }
 
-  ~Job() {
+  ~Job() { finish(); }
+
+  // Closes every worker and waits for the reducers' serve() to return (reducer_errors are
+  // final then). Idempotent.
+  void finish() {
     comms.clear();  // goodbyes: the reducers' serve() returns
+    relay.reset();  // its reducer sees the end of a connection it may still wait on
     for (auto& t : reducer_threads) t.join();
+    reducer_threads.clear();
     for (const Link& link : silent_links) close(link.fd);
+    silent_links.clear();
   }
 
   // Runs body(rank) on one thread per rank; returns each rank's exception text ("" if none).

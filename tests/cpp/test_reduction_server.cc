@@ -1,6 +1,7 @@
 // The reduction server with workers and reducers as threads over loopback TCP: every result
 // against a left fold over ranks, bit for bit, for several N, R and chunk sizes; reducers that
-// stop or go silent mid-sequence; no reducer left; workers that disagree.
+// stop or go silent mid-sequence; a reducer cut off from one worker only; no reducer left;
+// workers that disagree; a worker that stops, named by every other.
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -352,6 +353,73 @@ void test_reducer_refuses_a_forged_chunk() {
         "forged chunk: the worker must hear why");
 }
 
+// The link between worker 1 and reducer 0 is cut (nothing arrives, nothing ends) while
+// reducer 0 stays alive for the others: worker 1 drops it at its heartbeat deadline and tells
+// the others, who drop it too, long before the collective's deadline; every result is exact
+// and the reducer that everyone left does not fail the job.
+void test_reducer_cut_off_from_one_worker() {
+  const int workers = 3, reducers = 2, rounds = 20;
+  const size_t count = 100000;
+  CommunicatorOptions options = reducer_options(16 << 10);
+  Job job(workers, reducers, options, 1, {}, 0, {1, 0});
+  std::vector<std::vector<std::vector<float>>> inputs(rounds, std::vector<std::vector<float>>(workers));
+  for (int round = 0; round < rounds; ++round) {
+    for (int r = 0; r < workers; ++r) inputs[round][r] = spread_floats(r, count, 900 + round);
+  }
+  std::vector<int> wrong(workers, 0);
+  const auto started = Clock::now();
+  auto errors = job.run([&](int r) {
+    for (int round = 0; round < rounds; ++round) {
+      if (r == 1 && round == 3) job.relay->cut();
+      std::vector<float> x = inputs[round][r];
+      wait(job.comms[r]->allreduce(x.data(), count, DataType::kFloat32, ReduceOp::kSum));
+      if (!same_bits(x, left_fold(inputs[round]))) ++wrong[r];
+    }
+  });
+  const double seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  for (int r = 0; r < workers; ++r) {
+    const std::string rank = "cut off from one worker: rank " + std::to_string(r);
+    check(errors[r].empty(), rank + " raised " + errors[r]);
+    check(wrong[r] == 0, rank + ": " + std::to_string(wrong[r]) + " wrong results");
+    auto stats = job.comms[r]->reducer_stats();
+    check(!stats[0].alive && stats[1].alive, rank + " must have dropped reducer 0 only");
+  }
+  check(seconds < options.timeout_seconds / 3,
+        "cut off from one worker: took " + std::to_string(seconds) + " s, as if waiting for the deadline");
+  job.finish();  // the job ends well: goodbyes to the reducer still in use
+  check(job.reducer_errors[1].empty(), "cut off from one worker: reducer 1 raised " + job.reducer_errors[1]);
+  check(job.reducer_errors[0].find("stopped using this reducer") != std::string::npos,
+        "cut off from one worker: reducer 0 must say that the workers left it, said '" +
+            job.reducer_errors[0] + "'");
+}
+
+// Worker 2 stops calling collectives (as a stopped process would) while the others all-reduce:
+// each of them times out naming worker 2, whose chunk the reducers wait for, and the reducers
+// say that worker 0 or 1 gave up, not that it died.
+void test_stopped_worker_is_named_everywhere() {
+  const int workers = 3;
+  CommunicatorOptions options = reducer_options(4096);
+  options.timeout_seconds = 2;
+  options.reduction_server_settings.heartbeat_timeout = 1;
+  Job job(workers, 2, options);
+  std::vector<std::vector<float>> data(workers, std::vector<float>(10000, 1.0f));
+  auto errors = job.run([&](int r) {
+    if (r == 2) return;
+    wait(job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum));
+  });
+  for (int r = 0; r < 2; ++r) {
+    check(errors[r].find("of allreduce #0 (sum, 10000 x float32) from rank 2") != std::string::npos &&
+              errors[r].find("died") == std::string::npos,
+          "stopped worker: rank " + std::to_string(r) + " must name rank 2, said '" + errors[r] + "'");
+  }
+  job.finish();
+  for (const std::string& error : job.reducer_errors) {
+    check(error.find("aborted the job: ") != std::string::npos && error.find("from rank 2") != std::string::npos &&
+              error.find("died") == std::string::npos,
+          "stopped worker: a reducer must relay why a worker gave up, said '" + error + "'");
+  }
+}
+
 void test_no_reducer_left(bool fallback_ring) {
   const int workers = 3;
   const size_t count = 10000;
@@ -415,6 +483,8 @@ int main() {
   test_no_reducer_left(false);
   test_no_reducer_left(true);
   test_disagreeing_workers_fail_everywhere();
+  test_reducer_cut_off_from_one_worker();
+  test_stopped_worker_is_named_everywhere();
   test_reducer_refuses_a_forged_chunk();
   for (WireSecurity security : {WireSecurity::kNone, WireSecurity::kAead}) {
     job_security = security;
@@ -423,6 +493,7 @@ int main() {
     test_reducer_fails_midway(true);
     test_reducer_dies_after_answering_one_worker();
     test_many_in_flight(true);
+    test_reducer_cut_off_from_one_worker();
   }
   job_security = WireSecurity::kAead;
   test_reducer_refuses_a_forged_chunk();
