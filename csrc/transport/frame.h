@@ -23,7 +23,8 @@ constexpr uint64_t kMaxAbortReason = 4096;
 // reducer can be told from a slow job), and what it waits for (reduction_server/heartbeat.h).
 // kNotice: news between workers that does not stop the job, taken whenever it arrives
 // (`unit`: what it is about; payload: why), such as a reducer that one of them dropped.
-enum class FrameKind : uint8_t { kData = 0, kAbort = 1, kGoodbye = 2, kHeartbeat = 3, kNotice = 4 };
+// kStalled: the sender timed out waiting for the receiver to send (tcp_transport.h).
+enum class FrameKind : uint8_t { kData = 0, kAbort = 1, kGoodbye = 2, kHeartbeat = 3, kNotice = 4, kStalled = 5 };
 
 // Which collective a frame belongs to; part of the header so that ranks issuing different
 // collectives at the same sequence number are caught.

@@ -65,6 +65,7 @@ constexpr uint64_t kFairnessBudget = 4 << 20;
 // still be draining the last collective's data), and a failing rank to say why.
 constexpr int kGoodbyeMillis = 10000;
 constexpr int kAbortNoticeMillis = 1000;
+constexpr int kStalledGraceMillis = 500;
 
 }  // namespace
 
@@ -178,9 +179,18 @@ void TcpTransport::submit(const TransportRequest& op) {
 
 void TcpTransport::wait(const TransportRequest& request, Deadline deadline) {
   std::unique_lock<std::mutex> lock(mutex_);
+  bool told = request->is_send;  // a send waits on the peer's reading, not on its waits
   while (!request->done && !failed_) {
     if (completed_.wait_until(lock, deadline) == std::cv_status::timeout && !request->done &&
-        !failed_) {
+        !failed_ && !told) {
+      told = true;
+      lock.unlock();
+      FrameHeader stalled;
+      stalled.kind = static_cast<uint8_t>(FrameKind::kStalled);
+      post(request->peer, stalled, nullptr, /*is_send=*/true);
+      lock.lock();
+      deadline = deadline_after(kStalledGraceMillis / 1000.0);
+    } else if (Clock::now() >= deadline && !request->done && !failed_) {
       const FrameHeader& h = request->header;
       std::string message = "message " + std::to_string(h.unit) + " (" +
                             std::to_string(h.nbytes) + " bytes)";
@@ -325,7 +335,8 @@ bool TcpTransport::take_header(Connection& conn) {
   const FrameHeader& h = conn.reader.header();
   const bool control = h.magic == kFrameMagic && (h.kind == static_cast<uint8_t>(FrameKind::kGoodbye) ||
                                                   h.kind == static_cast<uint8_t>(FrameKind::kAbort) ||
-                                                  h.kind == static_cast<uint8_t>(FrameKind::kNotice));
+                                                  h.kind == static_cast<uint8_t>(FrameKind::kNotice) ||
+                                                  h.kind == static_cast<uint8_t>(FrameKind::kStalled));
   char* into;
   if (control) {
     if (h.nbytes > kMaxAbortReason) {
@@ -381,11 +392,31 @@ bool TcpTransport::take_frame(Connection& conn) {
     notices_.push_back({conn.peer, h.unit, std::string(conn.staging.begin(), conn.staging.end())});
     return true;
   }
+  if (h.kind == static_cast<uint8_t>(FrameKind::kStalled)) {
+    const std::string waiting = awaited_peer(conn.peer);
+    if (waiting.empty()) return true;  // this rank waits for nobody: the peer names it
+    fail("timed out waiting for " + waiting + " (" + who + " timed out waiting for this rank)", true);
+    return false;
+  }
   TransportRequest done = std::move(conn.receiving);
   conn.receiving.reset();
   if (conn.reader.checks() && h.nbytes > 0) std::memcpy(done->data, conn.staging.data(), h.nbytes);
   complete(*done);
   return true;
+}
+
+std::string TcpTransport::awaited_peer(int except) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& peer : connections_) {
+    for (auto& conn : peer) {
+      if (conn->peer == except || conn->closed) continue;
+      const TransportRequest& pending = conn->receiving ? conn->receiving : conn->recvs.empty() ? nullptr : conn->recvs.front();
+      if (!pending) continue;
+      return peer_names_[conn->peer] + " to send message " + std::to_string(pending->header.unit) + " (" +
+             std::to_string(pending->header.nbytes) + " bytes)";
+    }
+  }
+  return "";
 }
 
 bool TcpTransport::handle_writable(Connection& conn) {

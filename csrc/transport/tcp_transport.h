@@ -57,6 +57,13 @@ class TcpTransport {
 
   // Blocks until the request is done. Throws CollectiveError if the transport failed, and
   // TimeoutError at the deadline (after aborting the transport, so peers learn of it).
+  //
+  // A receive that times out may wait on a peer that is itself waiting for a third rank (a
+  // ring waits on its neighbour, which waits on the rank that stopped): naming that peer
+  // would blame a healthy rank. So the peer is told first (kStalled), and a peer that is
+  // waiting to receive from another rank fails at once, naming that rank; its abort comes
+  // back within kStalledGraceMillis and is what this rank reports. A peer that waits for
+  // nobody is the one that stopped, and is named after the grace.
   void wait(const TransportRequest& request, Deadline deadline);
 
   // Fails every pending and future request with `reason` and tells every peer (an abort
@@ -96,6 +103,9 @@ class TcpTransport {
   void notify_peers_of_failure();
   void say_goodbye();
   void peer_closed(Connection& conn);
+  // "rank 2 to send message 1 (4096 bytes)": a receive this rank waits on from a rank other
+  // than `except`; empty if none.
+  std::string awaited_peer(int except);
   void complete(TransportOperation& op);
   void wake();
   bool has_failed();

@@ -137,6 +137,21 @@ void test_abort_wakes_peers() {
         "abort reason reaches the peer: '" + errors[1] + "'");
 }
 
+// Rank 2 never calls the all-reduce. On the ring, rank 0 waits on rank 2 and rank 1 waits on
+// rank 0: rank 1 must not blame rank 0, which is healthy and waiting too; both name rank 2.
+void test_silent_rank_is_named_not_its_neighbour() {
+  Job job(3, 1, 0, 1.0);
+  std::vector<std::vector<float>> data(3, std::vector<float>(100000, 1.0f));
+  auto errors = job.run([&](int r) {
+    if (r == 2) return;
+    wait(job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum));
+  });
+  for (int r = 0; r < 2; ++r) {
+    check(errors[r].find("timed out waiting for rank 2 to send") != std::string::npos,
+          "silent rank: rank " + std::to_string(r) + " must name rank 2, said '" + errors[r] + "'");
+  }
+}
+
 // Copies one direction of a relayed connection, changing byte `altered_at` of the stream (if
 // it comes), as an attacker on the path would; ends the other side when this one ends.
 void relay(int from, int to, size_t altered_at) {
@@ -226,6 +241,7 @@ void run_all() {
   }
   test_mismatch_fails_everywhere();
   test_abort_wakes_peers();
+  test_silent_rank_is_named_not_its_neighbour();
   test_altered_frame_is_refused();
 }
 
