@@ -179,6 +179,10 @@ NO_SECRET = ("collectives needs a secret shared by the processes of this job to 
               "COLLECTIVES_TOKEN_FILE to the path of a file that holds it")
 
 
+# 32 hex digits carry 128 bits: a token of at least this many characters, if random, cannot be guessed.
+_STRONG_SECRET_CHARACTERS = 32
+
+
 def launched_by_mpirun(environ: Mapping[str, str]) -> bool:
     return any(name in environ for name in _MPI_VARIABLES)
 
@@ -190,7 +194,7 @@ def read_secret(environ: Optional[Mapping[str, str]] = None) -> Optional[bytes]:
     if token and path:
         raise ValueError("both COLLECTIVES_TOKEN and COLLECTIVES_TOKEN_FILE are set: set only one")
     if token:
-        return token.encode()
+        return _checked_secret(token.encode(), "COLLECTIVES_TOKEN")
     if path:
         try:
             with open(path, "rb") as f:
@@ -199,8 +203,19 @@ def read_secret(environ: Optional[Mapping[str, str]] = None) -> Optional[bytes]:
             raise ValueError(f"cannot read COLLECTIVES_TOKEN_FILE={path}: {e.strerror or e}") from None
         if not secret:
             raise ValueError(f"COLLECTIVES_TOKEN_FILE={path} is empty: put the job's secret in it")
-        return secret
+        return _checked_secret(secret, f"COLLECTIVES_TOKEN_FILE={path}")
     return None
+
+
+def _checked_secret(secret: bytes, source: str) -> bytes:
+    """The secret, with a warning if it is short: anyone who can read the store or the wire
+    sees HMACs of known data under it, and may guess a short one offline."""
+    if len(secret) < _STRONG_SECRET_CHARACTERS:
+        log.warning("the job's secret from %s has %d characters: one that short can be guessed offline from what "
+                    "the store and the wire show; use %d or more random ones, e.g. "
+                    "python -c 'import secrets; print(secrets.token_hex(32))'", source, len(secret),
+                    _STRONG_SECRET_CHARACTERS)
+    return secret
 
 
 def bootstrap_with_store(store: Any, rank: int, size: int, secret: bytes, config: Config, *,

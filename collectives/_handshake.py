@@ -34,7 +34,7 @@ import time
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from . import _core, _netif
-from ._config import WIRE_SECURITY
+from ._config import WIRE_SECURITY, Config
 from .errors import AuthenticationError, CollectiveError, ProtocolVersionError, TimeoutError
 
 __all__ = ["PROTOCOL_VERSION", "ROLE_WORKER", "ROLE_REDUCER", "JOB_ID_BYTES", "MAX_PENDING_HANDSHAKES", "MAX_PENDING_PER_SOURCE",
@@ -82,6 +82,9 @@ class SessionKeys(NamedTuple):
     security: str
     send: bytes
     recv: bytes
+
+    def __repr__(self) -> str:  # never the keys, in a log or a traceback
+        return f"SessionKeys(security={self.security!r})"
 
     def link(self, sock: socket.socket) -> "_core.Link":
         """The socket as the core takes it; the core owns its fd from here on."""
@@ -206,7 +209,7 @@ def _check_secret(secret: bytes) -> None:
 def client_handshake(sock: socket.socket, secret: bytes, my_rank: int, peer_rank: int, conn_index: int,
                      deadline: float, *, job_id: bytes = bytes(JOB_ID_BYTES), role: int = ROLE_WORKER,
                      peer_role: int = ROLE_WORKER, protocol_version: Optional[int] = None,
-                     security: str = "mac") -> SessionKeys:
+                     security: str = Config.wire_security) -> SessionKeys:
     """Authenticates a socket we connected to ``peer_rank`` (of ``peer_role``), as our
     connection number ``conn_index`` to it, and returns the session's keys. ``deadline`` is
     a time.monotonic() value. ``security`` (COLLECTIVES_WIRE_SECURITY) must be the peer's.
@@ -243,7 +246,8 @@ def client_handshake(sock: socket.socket, secret: bytes, my_rank: int, peer_rank
     if not hmac.compare_digest(expected, their_mac):
         channel.send(_PROOF.pack(_AUTH_FAILED, bytes(_MAC_BYTES)), "proof")
         raise AuthenticationError(f"{peer} failed to prove to {me} that it holds the job's secret: the two "
-                                  "use different COLLECTIVES_TOKEN values, or a process of another job answered")
+                                  "use different COLLECTIVES_TOKEN values (or the handshake was altered on the way), or a "
+                                  "process of another job answered")
     if (their_role, their_rank) != (peer_role, peer_rank):
         channel.send(_PROOF.pack(_REFUSED, bytes(_MAC_BYTES)), "proof")
         raise CollectiveError(f"expected {peer}, but {describe_peer(their_role, their_rank, _address(sock))} "
@@ -264,7 +268,7 @@ def client_handshake(sock: socket.socket, secret: bytes, my_rank: int, peer_rank
 def server_handshake(sock: socket.socket, secret: bytes, my_rank: int, deadline: float, *,
                      job_id: bytes = bytes(JOB_ID_BYTES), role: int = ROLE_WORKER,
                      check: Optional[Callable[[PeerHello], Optional[str]]] = None,
-                     protocol_version: Optional[int] = None, security: str = "mac") -> PeerHello:
+                     protocol_version: Optional[int] = None, security: str = Config.wire_security) -> PeerHello:
     """Authenticates a socket we accepted and returns who is on the other end, with the
     session's keys. ``security`` (COLLECTIVES_WIRE_SECURITY) must be the peer's.
 
@@ -319,7 +323,7 @@ def server_handshake(sock: socket.socket, secret: bytes, my_rank: int, deadline:
         channel.send(_STATUS.pack(_AUTH_FAILED) + _text("its proof is wrong: the two use different "
                                                          "COLLECTIVES_TOKEN values"), "verdict")
         raise AuthenticationError(f"{peer} failed to prove to {me} that it holds the job's secret: the two "
-                                  "use different COLLECTIVES_TOKEN values")
+                                  "use different COLLECTIVES_TOKEN values (or the handshake was altered on the way)")
     keys = _session_keys(secret, version, job_id, hello, server_hello, security, client=False)
     peer_hello = PeerHello(their_rank, conn_index, their_role, keys)
     reason = check(peer_hello) if check is not None else None

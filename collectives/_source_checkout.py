@@ -32,7 +32,10 @@ def _installed_elsewhere(root: str) -> Optional[str]:
 
 def missing_core_message(package_dir: str, error: ImportError) -> str:
     root = _checkout_root(package_dir)
-    if root is None:
+    # A core that is there but fails to load (a missing libcrypto, another Python's build) is
+    # its own problem, whatever folder it is in: say what the loader said.
+    absent = isinstance(error, ModuleNotFoundError) or "cannot import name '_core'" in str(error)
+    if root is None or not absent:
         return (f"collectives at {package_dir} has no usable compiled core (collectives._core: {error}); "
                 f"reinstall it for this Python ({sys.version.split()[0]}): pip install --force-reinstall "
                 "(the wheel or checkout you installed it from)")

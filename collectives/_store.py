@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import resource
 import socket
 import struct
 import threading
@@ -195,6 +196,19 @@ def _timeout_field(seconds: float) -> bytes:
     return _U64.pack(int(max(0.0, min(seconds, _MAX_WAIT_S)) * 1000))
 
 
+def _open_file_limit() -> int:
+    """This process's open-file limit, raised first to the hard limit (as servers do)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (OSError, ValueError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 class StoreServer:
     """Serves the store from background threads: ``StoreServer(host, port).start()``.
 
@@ -214,7 +228,9 @@ class StoreServer:
         self._listener.setblocking(False)
         self.host = host
         self.port = self._listener.getsockname()[1]
-        self._max_connections = max_connections
+        # Strangers' connections must never take the fds this process needs for the job's
+        # own sockets: at most half of what it may open.
+        self._max_connections = min(max_connections, _open_file_limit() // 2)
         self._data: dict = {}
         self._bytes = 0
         self._cond = threading.Condition()

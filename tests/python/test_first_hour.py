@@ -1,6 +1,7 @@
 """What a new user runs first, run as they would: Python started in the repository's root,
 the example's dependencies, and the README's demo as a user without root."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -40,8 +41,10 @@ def test_the_reducer_command_works_in_the_repository_root():
 
 
 def test_the_example_trains_with_what_the_examples_extra_installs(run_ranks):
-    """examples/torch_ddp.py, a few steps on 2 workers: torch and rich come with the extra."""
-    pytest.importorskip("torch")
+    """examples/torch_ddp.py, a few steps on 2 workers: torch and rich come with the extra
+    (scripts/test installs it, as scripts/demo does)."""
+    missing = [name for name in ("torch", "rich") if importlib.util.find_spec(name) is None]
+    assert not missing, f"the examples extra did not install {', '.join(missing)}"
     results = run_ranks(EXAMPLE.read_text(), 2, launcher="collectives", timeout=240,
                         args=["--steps", "3", "--batch", "2", "--context", "16", "--width", "32", "--layers", "1"])
     for result in results:
@@ -90,3 +93,32 @@ def test_the_demo_runs_for_a_user_without_root():
             assert [row[7], row[11], row[15]] == ["0", "0", "0"], row
     finally:
         shutil.rmtree(copy, ignore_errors=True)
+
+
+@pytest.mark.first_hour
+@pytest.mark.testbed
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: as root the demo runs on the emulated cluster")
+@pytest.mark.skipif(shutil.which("tc") is None or shutil.which("ip") is None, reason="needs iproute2")
+def test_the_demo_as_root_runs_on_the_emulated_cluster():
+    """scripts/demo as root, smaller (the README's command with compare.py's --size and
+    --pairs after it): 4 worker hosts and 4 reducer hosts, every row checked, the pace legend
+    and a verdict for each ratio."""
+    env = clean_environ()
+    done = subprocess.run(["scripts/demo", "--size", "4M", "--pairs", "1"], cwd=REPO, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=850)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    out = done.stdout
+    assert "== As root: an emulated cluster of 4 worker hosts and 4 reducer hosts" in out
+    assert "4 worker hosts + 4 reducer hosts" in out
+    # "  <system> [<algorithm>] size time algbw busbw bound vs-gloo #wrong tx/size rx/size cpu pace"
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("  collectives ", "  gloo ",
+                                                                                            "  mpi "))}
+    assert set(rows) == {"collectives", "gloo", "mpi"}, out
+    assert rows["collectives"][1] == "reduction_server"
+    for system, row in rows.items():
+        assert row[-5] == "0", f"{system}: #wrong {row[-5]}"
+        assert row[-1] in ("links", "cpu", "own"), row
+    assert "# pace: links = reached" in out
+    assert "collectives reduction_server 1." in out or "collectives reduction_server 0." in out
+    assert "x gloo at 4194304: " in out  # the verdict on the headline ratio

@@ -13,9 +13,19 @@ COLLECTIVES = int(os.environ.get("COLLECTIVES_TEST_SOAK", "2000"))
 RSS_SLACK_KIB = 6 << 10
 
 SOAK_SCRIPT = r'''
-import json, os, sys
+import json, os, sys, time
+from pathlib import Path
 import numpy as np
 import collectives as cc
+
+def checkpoint(name):
+    """Rank 0 tells the test that the job is at `name`, and waits (10 s at most) until the
+    test has sampled the reducers there."""
+    folder = Path(sys.argv[2])
+    (folder / name).touch()
+    deadline = time.monotonic() + 10
+    while not (folder / (name + ".sampled")).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 def usage():
     with open("/proc/self/status") as status:
@@ -38,7 +48,11 @@ with cc.init() as comm:
             wrong += int(np.count_nonzero(gathered[:, 0] != np.arange(comm.size)))
         if i >= warm and i % warm == 0:
             samples.append(usage())
+        if i == warm and comm.rank == 0:
+            checkpoint("warm")
     samples.append(usage())
+    if comm.rank == 0:
+        checkpoint("end")
     print(json.dumps({"wrong": wrong, "samples": samples, "algorithm": comm.algorithm}))
 '''
 
@@ -57,29 +71,31 @@ def _check_flat(label, samples):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("reducers", [0, 2], ids=["ring", "reduction-server"])
-def test_thousands_of_collectives_keep_memory_and_fds_flat(run_ranks, reducers):
+def test_thousands_of_collectives_keep_memory_and_fds_flat(run_ranks, tmp_path, reducers):
     reducer_samples = {}
 
     def sample_reducers(processes):
-        """The reducers' usage every half second while they run (they end with the job)."""
-        reducer_procs = {label: proc for label, proc in processes.items() if "reducer" in label}
-        while any(proc.poll() is None for proc in reducer_procs.values()):
+        """The reducers' usage at rank 0's two checkpoints: once warm, and at the end."""
+        reducer_procs = {label: proc for label, proc in processes.items() if label.startswith("reducer")}
+        for checkpoint in ("warm", "end"):
+            deadline = time.monotonic() + 500
+            while not (tmp_path / checkpoint).exists():
+                if time.monotonic() > deadline or any(proc.poll() is not None for proc in processes.values()):
+                    return
+                time.sleep(0.01)
             for label, proc in reducer_procs.items():
-                try:
-                    reducer_samples.setdefault(label, []).append(_usage_of(proc.pid))
-                except (OSError, StopIteration):
-                    pass
-            time.sleep(0.5)
+                reducer_samples.setdefault(label, []).append(_usage_of(proc.pid))
+            (tmp_path / f"{checkpoint}.sampled").touch()
 
-    results = run_ranks(SOAK_SCRIPT, 3, args=[str(COLLECTIVES)], reducers=reducers, timeout=540,
-                        during=sample_reducers if reducers else None)
+    results = run_ranks(SOAK_SCRIPT, 3, args=[str(COLLECTIVES), str(tmp_path)], reducers=reducers, timeout=540,
+                        during=sample_reducers)
     for rank, result in enumerate(results[:3]):
         assert result.returncode == 0, result.stderr[-3000:]
         report = result.report()
         assert report["wrong"] == 0
         assert report["algorithm"] == ("reduction_server" if reducers else "ring")
         _check_flat(f"rank {rank}", report["samples"])
+    assert len(reducer_samples) == reducers
     for label, samples in reducer_samples.items():
-        warm = samples[len(samples) // 10:]  # past start-up
-        assert len(warm) >= 2, f"{label}: too few samples ({samples})"
-        _check_flat(label, [warm[0], warm[-1]])
+        assert len(samples) == 2, f"{label}: sampled {samples}"
+        _check_flat(label, samples)
