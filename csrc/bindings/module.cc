@@ -61,6 +61,11 @@ PYBIND11_MODULE(_core, m) {
              if (security < 0 || security > static_cast<int>(WireSecurity::kAead)) {
                throw py::value_error("wire security must be 0 (none), 1 (mac) or 2 (aead)");
              }
+             // Checked here, before the core owns the fd: a constructor that took it would
+             // have to close it on every path.
+             if (security != 0 && (py::len(send_key) != kSessionKeyBytes || py::len(recv_key) != kSessionKeyBytes)) {
+               throw py::value_error("a session key has " + std::to_string(kSessionKeyBytes) + " bytes");
+             }
              return Link{fd, static_cast<WireSecurity>(security), send_key, recv_key};
            }),
            py::arg("fd"), py::arg("security"), py::arg("send_key"), py::arg("recv_key"))

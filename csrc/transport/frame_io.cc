@@ -6,6 +6,7 @@
 #include <sys/uio.h>
 
 #include <chrono>
+#include <exception>
 
 #include "transport/socket.h"
 
@@ -66,8 +67,15 @@ ssize_t FrameWriter::write_some(int fd, uint64_t budget) {
   if (!busy_) return 0;
   const uint64_t payload_bytes = header_.nbytes;
   if (!sealed_frame_) {
-    if (protection_.encrypts()) sealed_.resize(payload_bytes);
-    protection_.seal(header_, payload_, sealed_.data(), payload_bytes, tag_);
+    try {
+      if (protection_.encrypts()) sealed_.resize(payload_bytes);
+      protection_.seal(header_, payload_, sealed_.data(), payload_bytes, tag_);
+    } catch (const std::exception&) {
+      // OpenSSL refused (or memory ran out): the connection cannot go on, as after a failed
+      // write; the event loops report it as such, on their own thread.
+      errno = EPROTO;
+      return -1;
+    }
     sealed_frame_ = true;
   }
   const char* payload = protection_.encrypts() ? sealed_.data() : payload_;
