@@ -29,6 +29,8 @@ try:
             x = np.ones(99_999, dtype=np.float32)  # disagrees on the length
         if scenario == "killed" and rank == 2 and step == 2:
             os.kill(os.getpid(), signal.SIGKILL)
+        if scenario == "stopped" and rank == 2 and step == 2:
+            os.kill(os.getpid(), signal.SIGSTOP)  # alive, connections open, silent
         if scenario == "abort" and rank == 2 and step == 2:
             time.sleep(3)  # rank 0 is waiting for this rank when it aborts
         if scenario in ("hang", "interrupt") and rank == 2 and step == 2:
@@ -101,10 +103,35 @@ def test_killed_rank_fails_the_survivors_naming_it(run_ranks):
 def test_a_silent_rank_times_out_everywhere(run_ranks):
     start = time.monotonic()
     results = run_scenario(run_ranks, "hang", 3, timeout_s=3.0)
-    survivors = [r for i, r in enumerate(results) if i != 2]
-    for report in reports(survivors):
+    survivors = reports(r for i, r in enumerate(results) if i != 2)
+    for report in survivors:
         assert report["error_type"] == "TimeoutError", report
-        assert "rank 2" in report["message"] or "timed out" in report["message"], report
+        assert "died" not in report["message"] and "closed" not in report["message"], report
+        # On the ring rank 1 waits on rank 0, which waits on rank 2: both name rank 2.
+        assert "timed out waiting for rank 2 " in report["message"], report
+    assert time.monotonic() - start < 60
+
+
+def test_a_stopped_worker_under_the_reduction_server_is_named_by_every_survivor(run_ranks):
+    """Rank 2 is stopped (SIGSTOP) before its all-reduce: the reducers wait for its chunks and
+    say so in their heartbeats, so each survivor's error names rank 2; neither survivor is
+    called dead, nor is the reducers' relay of a survivor's failure."""
+    def kill_the_stopped_rank(procs):
+        deadline = time.monotonic() + 60
+        while any(procs[f"rank {r}"].poll() is None for r in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        procs["rank 2"].kill()
+
+    start = time.monotonic()
+    results = run_ranks(SCENARIO_SCRIPT, 3, args=["stopped"], reducers=2, timeout=90, during=kill_the_stopped_rank,
+                        env={"COLLECTIVES_TIMEOUT": "3", "COLLECTIVES_RS_HEARTBEAT_TIMEOUT": "1"})
+    for report in reports(results[:2]):
+        assert report["is_collective_error"], report
+        assert "allreduce #2" in report["message"] and "from rank 2" in report["message"], report
+        assert "died" not in report["message"], report
+    for reducer in results[3:]:
+        assert "from rank 2" in reducer.stderr and "aborted the job" in reducer.stderr, reducer.stderr[-3000:]
+        assert "died" not in reducer.stderr, reducer.stderr[-3000:]
     assert time.monotonic() - start < 60
 
 
@@ -130,7 +157,7 @@ def test_other_protocol_version_is_refused_at_connect(run_ranks):
 def test_abort_wakes_local_waiters_and_fails_peers(run_ranks):
     for report in reports(run_scenario(run_ranks, "abort", 3)):
         assert report["is_collective_error"], report
-        assert "abort" in report["message"], report
+        assert "rank 0 called abort()" in report["message"], report
 
 
 def test_ctrl_c_during_a_wait_raises_keyboard_interrupt_promptly(run_ranks):

@@ -237,40 +237,84 @@ with cc.init() as comm:
 """
 
 
-def test_a_reducer_whose_link_is_cut_is_dropped_and_nothing_is_lost(tmp_path):
-    """Workers on h0 and h1, reducers on h2 and h3; h3's interface goes down mid-sequence, so
-    its reducer falls silent (no reset, no end of stream): the workers' heartbeat deadline
-    finds it, and h2's reducer takes over."""
+def _start_reducer_job(tb, tmp_path):
+    """REDUCER_JOB on workers h0 and h1 with reducers on h2 and h3 (heartbeat deadline 2 s,
+    collective timeout 60 s), once both workers run their all-reduces: (workers, reducers,
+    stop file)."""
     running, stop = tmp_path / "running", tmp_path / "stop"
     running.mkdir()
     (tmp_path / "job.py").write_text(REDUCER_JOB)
-    with testbed.Testbed(hosts=4, rate="100mbit", goodput_seconds=0) as tb:
-        h0, h1, h2, h3 = tb.hosts
-        common = dict(COLLECTIVES_RENDEZVOUS=f"{h0.address}:29600", COLLECTIVES_TOKEN=secrets.token_hex(16),
-                      COLLECTIVES_NUM_REDUCERS="2", COLLECTIVES_SOCKET_IFNAME="eth0", COLLECTIVES_TIMEOUT="60",
-                      COLLECTIVES_RS_HEARTBEAT_TIMEOUT="2", TEST_STOP_FILE=str(stop), TEST_RUNNING_DIR=str(running))
-        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
-        for host in (h2, h3):
-            tb.run_on(host, [sys.executable, "-m", "collectives.reduction_server", "--rendezvous",
-                             common["COLLECTIVES_RENDEZVOUS"]], env=_job_env(tb, **common), **pipes)
-        workers = [tb.run_on(host, [sys.executable, "job.py"], env=_job_env(
-            tb, COLLECTIVES_RANK=str(rank), COLLECTIVES_SIZE="2", **common), **pipes)
-            for rank, host in enumerate((h0, h1))]
-        deadline = time.monotonic() + 60
-        while len(list(running.iterdir())) < 2:
-            assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "the workers did not start"
-            time.sleep(0.05)
-        time.sleep(1.0)
-        subprocess.run(tb.exec_prefix(h3) + ["ip", "link", "set", "eth0", "down"], check=True, timeout=10)
-        time.sleep(5.0)  # past the heartbeat deadline, and more all-reduces after it
-        stop.touch()
-        outputs = [w.communicate(timeout=60) for w in workers]
+    h0, h1, h2, h3 = tb.hosts
+    common = dict(COLLECTIVES_RENDEZVOUS=f"{h0.address}:29600", COLLECTIVES_TOKEN=secrets.token_hex(16),
+                  COLLECTIVES_NUM_REDUCERS="2", COLLECTIVES_SOCKET_IFNAME="eth0", COLLECTIVES_TIMEOUT="60",
+                  COLLECTIVES_RS_HEARTBEAT_TIMEOUT="2", TEST_STOP_FILE=str(stop), TEST_RUNNING_DIR=str(running))
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    reducers = [tb.run_on(host, [sys.executable, "-m", "collectives.reduction_server", "--rendezvous",
+                                 common["COLLECTIVES_RENDEZVOUS"]], env=_job_env(tb, **common), **pipes)
+                for host in (h2, h3)]
+    workers = [tb.run_on(host, [sys.executable, "job.py"], env=_job_env(
+        tb, COLLECTIVES_RANK=str(rank), COLLECTIVES_SIZE="2", **common), **pipes)
+        for rank, host in enumerate((h0, h1))]
+    deadline = time.monotonic() + 60
+    while len(list(running.iterdir())) < 2:
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "the workers did not start"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    return workers, reducers, stop
+
+
+def _worker_reports(workers, outputs):
+    """Each worker's last JSON line, after checking that it exited well with no wrong result."""
+    found = []
     for worker, (out, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-4000:]
         report = json.loads(out.strip().splitlines()[-1])
         assert report["wrong"] == 0 and report["steps"] > 0, report
+        found.append(report)
+    return found
+
+
+def test_a_reducer_whose_link_is_cut_is_dropped_and_nothing_is_lost(tmp_path):
+    """Workers on h0 and h1, reducers on h2 and h3; h3's interface goes down mid-sequence, so
+    its reducer falls silent (no reset, no end of stream): the workers' heartbeat deadline
+    finds it, and h2's reducer takes over."""
+    with testbed.Testbed(hosts=4, rate="100mbit", goodput_seconds=0) as tb:
+        workers, _, stop = _start_reducer_job(tb, tmp_path)
+        subprocess.run(tb.exec_prefix(tb.hosts[3]) + ["ip", "link", "set", "eth0", "down"], check=True, timeout=10)
+        time.sleep(5.0)  # past the heartbeat deadline, and more all-reduces after it
+        stop.touch()
+        outputs = [w.communicate(timeout=60) for w in workers]
+    for report, (_, err) in zip(_worker_reports(workers, outputs), outputs):
         assert sorted(s["alive"] for s in report["reducers"]) == [False, True], report
         assert "sent nothing (no sum, no heartbeat) for 2 s" in err, err[-4000:]
+
+
+def test_a_reducer_cut_off_from_one_worker_is_dropped_by_every_worker_and_nothing_is_lost(tmp_path):
+    """Workers on h0 and h1, reducers on h2 and h3; nftables on h1 drops everything between h1
+    and h3 (a true partition: h3's reducer stays alive for h0). Worker 1 drops it at its
+    heartbeat deadline and tells worker 0 over the workers' mesh; both go on with h2's reducer,
+    long before the collective's deadline, and no result is wrong."""
+    with testbed.Testbed(hosts=4, rate="100mbit", goodput_seconds=0) as tb:
+        h1, h3 = tb.hosts[1], tb.hosts[3]
+        workers, reducers, stop = _start_reducer_job(tb, tmp_path)
+        cut = (f"table inet partition {{\n chain in {{ type filter hook input priority 0; ip saddr {h3.address} drop; }}\n"
+               f" chain out {{ type filter hook output priority 0; ip daddr {h3.address} drop; }}\n}}\n")
+        subprocess.run(tb.exec_prefix(h1) + ["nft", "-f", "-"], input=cut, text=True, check=True, timeout=10)
+        cut_at = time.monotonic()
+        time.sleep(5.0)  # past the heartbeat deadline, and more all-reduces after it
+        stop.touch()
+        outputs = [w.communicate(timeout=60) for w in workers]
+        finished = time.monotonic() - cut_at
+        reducer_outputs = [r.communicate(timeout=30) for r in reducers]
+    for rank, (report, (_, err)) in enumerate(zip(_worker_reports(workers, outputs), outputs)):
+        assert [s["alive"] for s in report["reducers"]] == [h3.address not in s["name"] for s in report["reducers"]], report
+        # Worker 0 hears of it from worker 1's notice, or in their agreement if it had its sums.
+        dropped = "sent nothing (no sum, no heartbeat) for 2 s" if rank == 1 else "failed for "
+        assert dropped in err, err[-4000:]
+    assert finished < 30, finished  # not the collective's deadline (60 s)
+    (_, h2_err), (_, h3_err) = reducer_outputs
+    assert reducers[0].returncode == 0, h2_err[-4000:]
+    assert "stopped using this reducer" in h3_err and "died" not in h3_err, h3_err[-4000:]
 
 
 MPI_JOB = r"""
