@@ -111,10 +111,12 @@ def _name(role: int, rank: int) -> str:
 
 def _address(sock: socket.socket) -> str:
     try:
-        host, port = sock.getpeername()[:2]
+        peer = sock.getpeername()
     except OSError:
         return "an unknown address"
-    return f"{host}:{port}"
+    if not isinstance(peer, tuple):  # AF_UNIX (a socketpair): a path, or none
+        return f"the local socket {peer}" if peer else "a local socket"
+    return f"{peer[0]}:{peer[1]}"
 
 
 class _Channel:
