@@ -70,6 +70,7 @@ _HEADER = struct.Struct("!BH")
 _LENGTH = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 _I64 = struct.Struct("!q")
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _MAX_WAIT_S = 7 * 24 * 3600.0  # beyond any job's timeout; keeps Condition.wait in range
 # A blocked GET is answered by the server when its own timeout passes; the client waits
 # this much longer for that answer before it calls the server unresponsive.
@@ -388,6 +389,8 @@ class StoreServer:
                     total = int(self._data.get(key, b"0")) + amount
                 except ValueError:
                     return _ERROR, [b"the value of this key is not an integer"]
+                if not _I64_MIN <= total <= _I64_MAX:  # the reply could not carry it
+                    return _ERROR, [b"the sum is beyond a signed 64-bit integer"]
                 value = str(total).encode()
                 grown = self._bytes + len(key) + len(value) - self._entry_bytes(key)
                 if grown > MAX_STORE_BYTES:
