@@ -1,0 +1,364 @@
+"""Chaos on the emulated cluster (issue 10, "Chaos in CI, bounded"): DDP training over the
+torch backend "collectives" with 3 workers and 2 reducers, each on a host of its own
+(benchmarks/testbed.py), while the network or a process fails: 1% loss on every link, a
+worker's link cut and healed, a reducer's link cut for good, SIGSTOP and SIGKILL of a worker
+and of a reducer. Every scenario is bounded (COLLECTIVES_TIMEOUT 20 s, heartbeat deadline 3 s,
+a hard deadline per job after which the test fails as a hang) and checks its outcome:
+
+- the network heals or a reducer fails: training finishes with the parameters identical on
+  every rank (SHA-256, allgathered as benchmarks/train.py does) and equal, bit for bit, to a
+  run without faults (the reduction server sums in rank order, independently of how many
+  reducers serve: same data, same parameters); a dropped reducer is named in every worker's log;
+- a worker stops or dies: every other worker fails within the timeout (+ slack) with a
+  message that names that worker's rank.
+
+Each job pauses its workers before step PAUSE_AT until the test says go; the fault comes
+FAULT_DELAY_S after that, in the middle of training. Real processes, sockets and torch; the
+testbed removes every namespace and process it made, also after a failure.
+
+CI runs the cheapest scenarios (CI_SCENARIOS); COLLECTIVES_TEST_FULL=1 (the test command's
+one flag for long runs) runs them all. Needs root, iproute2, util-linux and nftables.
+"""
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from launch_env import clean_environ, load_benchmark
+
+compare = load_benchmark("compare")  # the reducers' start-up, as the benchmarks do it
+testbed = compare.testbed
+
+
+def _unmet():
+    try:
+        testbed.check_prerequisites(loss=True)
+    except testbed.TestbedError as e:
+        return str(e)
+    return None
+
+
+FULL = os.environ.get("COLLECTIVES_TEST_FULL") == "1"
+CI_SCENARIOS = {"baseline", "worker-killed", "reducer-killed"}
+pytestmark = [pytest.mark.chaos, pytest.mark.testbed,
+              pytest.mark.skipif(_unmet() is not None, reason=_unmet() or "")]
+
+WORKERS, REDUCERS = 3, 2
+RATE = "100mbit"
+TIMEOUT_S = 20.0  # COLLECTIVES_TIMEOUT: every collective's deadline
+HEARTBEAT_S = 3.0  # COLLECTIVES_RS_HEARTBEAT_TIMEOUT: a silent reducer is dropped after it
+SLACK_S = 10.0  # beyond the timeout, for a failure to reach every worker on 2 busy cores
+START_S = 90.0  # for the workers (torch) and reducers to start and reach PAUSE_AT
+JOB_S = 60.0  # after go, for the job to end one way or the other: past it, a hang
+PAUSE_AT, STEPS = 3, 60
+FAULT_DELAY_S = 0.3
+# A worker's link cut and healed. TCP resends a lost frame 1, 3, 7, 15, 31 RTOs after it (RTO
+# >= 200 ms here): a cut of 2.5 s (the 15th RTO comes after it) is 3.0-3.5 s of silence,
+# well within a heartbeat deadline of HEALED_HEARTBEAT_S.
+CUT_S, HEALED_HEARTBEAT_S = 2.5, 8.0
+# A cut shorter than the heartbeat deadline, yet the backoff stretches it past the deadline:
+# the 7th RTO (1.4-2.1 s) falls inside the cut, the 15th (>= 3.0 s) comes too late.
+BLIP_S, BLIP_HEARTBEAT_S = 2.2, 2.5
+BLIP_BUG = (
+    "a worker's link cut for 2.2 s, shorter than COLLECTIVES_RS_HEARTBEAT_TIMEOUT=2.5, is not survived as it is: "
+    "TCP's backoff resends the lost frames >= 3.0 s after the cut, so the cut worker (rank 1) finds reducers silent "
+    "past its deadline and drops them (csrc/reduction_server/client.cc ReducerChannels::progress_loop: 'reducer 0 "
+    "(...) failed: it sent nothing (no sum, no heartbeat) for 2.5 s'), although they were healthy. Dropping one, the "
+    "job goes on (exact) with one reducer fewer for good; dropping all (seen with a 1.5 s cut under a 3 s deadline), "
+    "each reducer, told goodbye while it had work, closes every connection and exits 1 (csrc/reduction_server/"
+    "server.cc ReductionServer::serve: 'rank 1 (...) stopped using this reducer while it still had work here') and "
+    "ranks 0 and 2 fail with 'allreduce #64 ... failed on rank 0: all 2 reducers failed (the log above says how)' "
+    "(csrc/algorithms/reduction_server.cc), naming the reducers, not rank 1's link. The heartbeat deadline does not "
+    "allow for TCP's retransmission backoff (about twice the outage)")
+# Intermittent (about 1 run in 3), hence not strict: it depends on where the stop lands.
+STOPPED_BUG = (
+    "a worker that is one collective behind because of the stopped worker is named as a culprit beside it: rank 1 "
+    "stopped while rank 0 still waited in allreduce #63 and rank 2 had gone on to #64; the reducers' heartbeats for "
+    "#64 list every worker whose chunks they lack, so rank 2 times out with 'TimeoutError: allreduce #64 ... failed "
+    "on rank 2: timed out waiting for sums: reducer 0 (...) has waited 20.0 s for chunk 0 of allreduce #64 ... from "
+    "rank 0 and rank 1', relayed to rank 0 and to both reducers (csrc/reduction_server: the heartbeat's list of "
+    "missing workers; csrc/algorithms/reduction_server.cc: the timeout message quotes it). Rank 0 was itself waiting "
+    "on rank 1; a worker still in an earlier collective should not be listed, or the list should say so")
+VICTIM_RANK = 1
+
+# One worker: torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the job's
+# COLLECTIVES_* in the environment; argv: steps, the step to pause at, the job's folder. A
+# tiny MLP (a step is milliseconds of compute) with several DDP buckets, each rank its own
+# fixed data per step. Prints one JSON report: the parameters' hash and every rank's, or the
+# error that ended training.
+WORKER = r'''
+import datetime, hashlib, json, os, sys, time, traceback
+from pathlib import Path
+import torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+import collectives as cc
+import collectives.torch  # noqa: F401 - the backend "collectives"
+
+steps, pause_at, folder = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+rank = int(os.environ["RANK"])
+torch.set_num_threads(1)
+report = {"rank": rank}
+try:
+    # torch's timeout is the group's (an argument wins over COLLECTIVES_TIMEOUT): the same here.
+    timeout = datetime.timedelta(seconds=float(os.environ["COLLECTIVES_TIMEOUT"]))
+    dist.init_process_group("collectives", timeout=timeout)
+    comm = dist.group.WORLD.communicator
+    report["algorithm"] = comm.algorithm
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 8))
+    ddp = DDP(model, bucket_cap_mb=0.02)  # several buckets: several all-reduces per step
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    longest, went = 0.0, None
+    for step in range(steps):
+        if step == pause_at:
+            (folder / f"paused-{rank}").touch()
+            deadline = time.monotonic() + 300
+            while not (folder / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            went = time.monotonic()
+        began = time.monotonic()
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        x, y = torch.randn(16, 32, generator=g), torch.randn(16, 8, generator=g)
+        optimizer.zero_grad()
+        F.mse_loss(ddp(x), y).backward()
+        optimizer.step()
+        longest = max(longest, time.monotonic() - began)
+        report["steps"] = step + 1
+    report["after_go_s"] = time.monotonic() - went
+    report["longest_step_s"] = longest
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().contiguous().numpy().tobytes())
+    hashes = [None] * dist.get_world_size()
+    dist.all_gather_object(hashes, digest.hexdigest())
+    report.update(ok=True, sha=digest.hexdigest(), hashes=hashes, reducers=comm.reducer_stats())
+    dist.destroy_process_group()
+except BaseException as error:
+    report.update(error_type=type(error).__name__, message=str(error),
+                  is_collective_error=isinstance(error, cc.CollectiveError),
+                  traceback=traceback.format_exc()[-3000:])
+print(json.dumps(report), flush=True)
+'''
+
+
+class Job:
+    """WORKER on h0..h2 and a reducer on h3 and h4 of a fresh testbed, paused before PAUSE_AT."""
+
+    def __init__(self, bed, folder, settings=None):
+        self.bed, self.folder = bed, folder
+        folder.chmod(0o755)
+        (folder / "job.py").write_text(WORKER)
+        env = {**clean_environ(), **bed.env(), **compare.PINNED_ENV,
+               **compare.reducer_job_env(bed, folder, REDUCERS), "PYTHONUNBUFFERED": "1",
+               "COLLECTIVES_TIMEOUT": f"{TIMEOUT_S:g}", "COLLECTIVES_RS_HEARTBEAT_TIMEOUT": f"{HEARTBEAT_S:g}",
+               **(settings or {})}
+        self.reducers = []
+        compare.start_reducers(bed, bed.hosts[WORKERS:WORKERS + REDUCERS], env["COLLECTIVES_RENDEZVOUS"], env,
+                               folder, self.reducers)
+        self.workers, self.outputs = [], []
+        for rank, host in enumerate(bed.hosts[:WORKERS]):
+            torchrun = {"RANK": str(rank), "WORLD_SIZE": str(WORKERS), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                        "MASTER_ADDR": bed.hosts[0].address, "MASTER_PORT": "29500"}
+            out, err = folder / f"worker-{rank}.out", folder / f"worker-{rank}.err"
+            self.outputs.append((out, err))
+            with open(out, "wb") as stdout, open(err, "wb") as stderr:
+                self.workers.append(bed.run_on(host, [sys.executable, "job.py", str(STEPS), str(PAUSE_AT),
+                                                      str(folder)], env={**env, **torchrun}, cwd=str(folder),
+                                               stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr))
+        deadline = time.monotonic() + START_S
+        while len(list(folder.glob("paused-*"))) < WORKERS:
+            if time.monotonic() > deadline or any(w.poll() is not None for w in self.workers):
+                pytest.fail(f"the workers did not all reach step {PAUSE_AT} within {START_S:g} s:\n{self.logs()}")
+            time.sleep(0.05)
+
+    def go(self):
+        (self.folder / "go").touch()
+        self.went = time.monotonic()
+
+    def host_of_worker(self, rank):
+        return self.bed.hosts[rank]
+
+    def host_of_reducer(self, index):
+        return self.bed.hosts[WORKERS + index]
+
+    def cut(self, host):
+        subprocess.run(self.bed.exec_prefix(host) + ["ip", "link", "set", "eth0", "down"], check=True, timeout=10)
+
+    def heal(self, host):
+        subprocess.run(self.bed.exec_prefix(host) + ["ip", "link", "set", "eth0", "up"], check=True, timeout=10)
+
+    def wait(self, ranks, limit=JOB_S):
+        """Waits for the workers `ranks` to exit, at most `limit` s after go; a hang fails the test.
+        {rank: seconds from go to its exit}."""
+        deadline, ended = self.went + limit, {}
+        while len(ended) < len(ranks):
+            for rank in ranks:
+                if rank not in ended and self.workers[rank].poll() is not None:
+                    ended[rank] = time.monotonic() - self.went
+            if time.monotonic() > deadline:
+                pytest.fail(f"hang: workers {sorted(set(ranks) - set(ended))} still ran {limit:g} s after go "
+                            f"(timeout {TIMEOUT_S:g} s):\n{self.logs()}")
+            time.sleep(0.05)
+        return ended
+
+    def report(self, rank):
+        out, err = self.outputs[rank]
+        lines = [line for line in out.read_text(errors="replace").splitlines() if line.startswith("{")]
+        assert lines, f"worker {rank} printed no report (exit {self.workers[rank].returncode}):\n{self.logs()}"
+        return json.loads(lines[-1])
+
+    def stderr(self, rank):
+        return self.outputs[rank][1].read_text(errors="replace")
+
+    def reducer_log(self, index):
+        return self.reducers[index].log_path.read_text(errors="replace")
+
+    def logs(self):
+        parts = [f"-- worker {rank} (exit {w.poll()}):\n{self.outputs[rank][1].read_text(errors='replace')[-2500:]}"
+                 f"{self.outputs[rank][0].read_text(errors='replace')[-1500:]}" for rank, w in enumerate(self.workers)]
+        parts += [f"-- reducer on {r.host.name} (exit {r.proc.poll()}):\n{r.log_tail(20)}" for r in self.reducers]
+        return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def chaos(folder, fault=None, loss=None, settings=None):
+    """A fresh testbed (loss on every link if given) and a job (COLLECTIVES_* settings over the
+    defaults) paused before PAUSE_AT; go, then
+    fault(job) FAULT_DELAY_S later; yields the job. Leaving removes every host and process."""
+    with testbed.Testbed(hosts=WORKERS + REDUCERS, rate=RATE, loss=loss, goodput_seconds=0) as bed:
+        job = Job(bed, folder, settings)
+        job.go()
+        time.sleep(FAULT_DELAY_S)
+        if fault is not None:
+            fault(job)
+        yield job
+
+
+def _finished_exactly(job, reference=None):
+    """Every worker ends training well, with the parameters identical on every rank (and equal
+    to the reference hash if given); their reports."""
+    job.wait(range(WORKERS))
+    reports = [job.report(rank) for rank in range(WORKERS)]
+    for report in reports:
+        assert report.get("ok"), f"{report}\n{job.logs()}"
+        assert report["algorithm"] == "reduction_server", report
+        assert report["steps"] == STEPS, report
+        assert len(set(report["hashes"])) == 1 and report["hashes"][report["rank"]] == report["sha"], report
+    if reference is not None:
+        assert reports[0]["sha"] == reference, ("the parameters differ from the run without faults", reports[0])
+    return reports
+
+
+def _culprits(text):
+    """The ranks that text names, except as relays of a failure ("rank 0 (ADDRESS) aborted: ...")."""
+    return {int(r) for r in re.findall(r"\brank (\d+)\b(?! \(\S+\) aborted)", text)}
+
+
+def _failed_naming(job, victim, survivors, limit):
+    """Every survivor fails within `limit` s of go with a CollectiveError that names rank `victim`."""
+    ended = job.wait(survivors, limit=limit + 30)
+    for rank in survivors:
+        report = job.report(rank)
+        assert not report.get("ok"), f"worker {rank} finished although rank {victim} failed: {report}"
+        message = report["message"]
+        # DDP runs the all-reduces in its comm hook: torch re-raises their error as a RuntimeError
+        # that quotes it ("... when running the callback: CollectiveError: ...").
+        assert report["is_collective_error"] or re.search(r"\b(CollectiveError|TimeoutError): ", message), message
+        assert re.search(rf"\brank {victim}\b", message), f"worker {rank} does not name rank {victim}: {message}"
+        named = _culprits(message) - {rank}
+        assert named == {victim}, f"worker {rank} names ranks {named}, not just rank {victim}: {message}"
+        assert ended[rank] < limit, f"worker {rank} failed {ended[rank]:.1f} s after go (limit {limit:g} s)"
+    return ended
+
+
+def _reducer_dropped(job, index, reports):
+    """Each worker stopped using reducer `index` (its stats) and logged its drop, naming it."""
+    address = job.host_of_reducer(index).address
+    named = re.compile(rf"reducer \d+ \({re.escape(address)}:\d+\) (failed|sent nothing)")
+    for report in reports:
+        alive = {s["name"]: s["alive"] for s in report["reducers"]}
+        assert [a for n, a in alive.items() if address in n] == [False], report["reducers"]
+        assert [a for n, a in alive.items() if address not in n] == [True], report["reducers"]
+        err = job.stderr(report["rank"])
+        assert named.search(err), f"worker {report['rank']} did not log the drop of {address}:\n{err[-3000:]}"
+
+
+def _selected(name, *marks):
+    return pytest.param(name, marks=[*marks, *(() if FULL or name in CI_SCENARIOS else [pytest.mark.skip(
+        reason="a long chaos scenario: runs with COLLECTIVES_TEST_FULL=1")])])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The parameters' hash after training without any fault (computed once)."""
+    with chaos(tmp_path_factory.mktemp("reference")) as job:
+        (report, *_) = _finished_exactly(job)
+    return report["sha"]
+
+
+@pytest.mark.timeout(240)
+def test_baseline_training_is_identical_on_every_rank(reference):
+    assert re.fullmatch(r"[0-9a-f]{64}", reference)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scenario", [
+    *(_selected(n) for n in ("loss", "worker-link-healed", "reducer-link-cut", "reducer-killed", "reducer-stopped")),
+    _selected("worker-link-blip", pytest.mark.xfail(strict=True, reason=BLIP_BUG))])
+def test_training_survives_and_stays_exact(tmp_path, reference, scenario):
+    victim_reducer = 1
+    cut_s, heartbeat_s = {"worker-link-healed": (CUT_S, HEALED_HEARTBEAT_S),
+                          "worker-link-blip": (BLIP_S, BLIP_HEARTBEAT_S)}.get(scenario, (None, HEARTBEAT_S))
+
+    def fault(job):
+        if cut_s is not None:
+            host = job.host_of_worker(VICTIM_RANK)
+            job.cut(host)
+            time.sleep(cut_s)
+            job.heal(host)
+        elif scenario == "reducer-link-cut":
+            job.cut(job.host_of_reducer(victim_reducer))
+        elif scenario == "reducer-killed":
+            job.reducers[victim_reducer].proc.send_signal(signal.SIGKILL)
+        elif scenario == "reducer-stopped":
+            job.reducers[victim_reducer].proc.send_signal(signal.SIGSTOP)
+
+    with chaos(tmp_path, None if scenario == "loss" else fault, loss="1%" if scenario == "loss" else None,
+               settings={"COLLECTIVES_RS_HEARTBEAT_TIMEOUT": f"{heartbeat_s:g}"}) as job:
+        reports = _finished_exactly(job, reference)
+        if scenario == "loss":
+            assert sum(job.bed.dropped_packets().values()) > 0
+        if cut_s is not None:
+            # The cut stalled training (every all-reduce needs that worker), and no reducer was dropped.
+            assert max(r["longest_step_s"] for r in reports) >= cut_s * 0.8, reports
+            assert all(s["alive"] for r in reports for s in r["reducers"]), [r["reducers"] for r in reports]
+        if scenario.startswith("reducer-"):
+            _reducer_dropped(job, victim_reducer, reports)
+            survivor = job.reducers[1 - victim_reducer]
+            assert compare.wait_reducers([survivor], 30) == [], "the surviving reducer did not exit after the job"
+            assert survivor.proc.returncode == 0, job.reducer_log(1 - victim_reducer)[-3000:]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scenario", [_selected("worker-killed"),
+                                      _selected("worker-stopped", pytest.mark.xfail(strict=False, reason=STOPPED_BUG))])
+def test_a_failed_worker_is_named_by_every_other_within_the_timeout(tmp_path, scenario):
+    def fault(job):
+        job.workers[VICTIM_RANK].send_signal(signal.SIGKILL if scenario == "worker-killed" else signal.SIGSTOP)
+
+    survivors = [r for r in range(WORKERS) if r != VICTIM_RANK]
+    with chaos(tmp_path, fault) as job:
+        _failed_naming(job, VICTIM_RANK, survivors, TIMEOUT_S + SLACK_S)
+        if scenario == "worker-stopped":
+            # The reducers relay the failure naming the stopped worker, and exit; nobody is called dead.
+            assert compare.wait_reducers(job.reducers, SLACK_S) == [], job.logs()
+            for index in range(REDUCERS):
+                log = job.reducer_log(index)
+                errors = "\n".join(line for line in log.splitlines() if " ERROR " in line)
+                assert errors and _culprits(errors) == {VICTIM_RANK} and "died" not in errors, log[-3000:]
