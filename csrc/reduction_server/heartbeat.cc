@@ -32,7 +32,10 @@ bool WaitingFor::parse(const FrameHeader& header, const std::string& payload, Wa
   std::memcpy(&micros, payload.data(), sizeof(micros));
   std::memcpy(&out->missing, payload.data() + sizeof(micros), sizeof(out->missing));
   out->ranks.resize((payload.size() - fixed) / sizeof(uint32_t));
-  std::memcpy(out->ranks.data(), payload.data() + fixed, out->ranks.size() * sizeof(uint32_t));
+  // Not for no ranks: an empty vector's data() may be null, which memcpy must never get.
+  if (!out->ranks.empty()) {
+    std::memcpy(out->ranks.data(), payload.data() + fixed, out->ranks.size() * sizeof(uint32_t));
+  }
   if (out->missing == 0 || out->ranks.size() > std::min(out->missing, kNamedRanks)) return false;
   out->chunk = header;
   out->seconds = static_cast<double>(micros) / 1e6;
