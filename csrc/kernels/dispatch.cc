@@ -1,5 +1,9 @@
 // Picks the reduction kernels' SIMD level at run time, so that one build runs on any x86-64
 // (and, built elsewhere, has only the scalar level).
+#ifdef COLLECTIVES_HAVE_X86_SIMD
+#include <cpuid.h>
+#endif
+
 #include <stdexcept>
 #include <string>
 
@@ -10,11 +14,18 @@ namespace collectives {
 namespace {
 
 #ifdef COLLECTIVES_HAVE_X86_SIMD
+// F16C from CPUID itself: clang before 15 has no "f16c" for __builtin_cpu_supports. Its
+// registers are AVX's, whose OS support the "avx2" check below covers.
+bool has_f16c() {
+  unsigned eax, ebx, ecx, edx;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+
 // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0). The
 // AVX-512 unit is built with flags that imply AVX2, so its level needs AVX2 and F16C too.
 SimdLevel detect_simd_level() {
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && has_f16c();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (avx2 && avx512) return SimdLevel::kAvx512;
