@@ -179,7 +179,7 @@ void ReducerChannels::lose(Reducer& reducer, const std::string& why) {
   log_(reducer.name + " failed: it " + why + "; its " + std::to_string(unanswered) +
        " unanswered chunk(s) go to the other reducers");
   reducer.lost = why;
-  abandon_locked(reducer, FrameKind::kGoodbye);
+  abandon_locked(reducer, FrameKind::kGoodbye, "it " + why);
 }
 
 bool ReducerChannels::abandon(int index, const std::string& why) {
@@ -187,7 +187,7 @@ bool ReducerChannels::abandon(int index, const std::string& why) {
   Reducer& reducer = *reducers_.at(index);
   if (!reducer.alive) return false;
   log_(reducer.name + " " + why);
-  abandon_locked(reducer, FrameKind::kGoodbye);
+  abandon_locked(reducer, FrameKind::kGoodbye, why);
   return true;
 }
 

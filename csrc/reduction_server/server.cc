@@ -216,6 +216,7 @@ struct ReductionServer::State {
   size_t unfinished = 0;  // slots created and not yet answered to every worker
   int open_connections = 0;
   std::string goodbye_from;  // the first worker that said goodbye
+  std::string left_because;  // why a worker stopped using this reducer, if it said (a goodbye's text)
   std::atomic<bool> stop_requested{false};
   std::atomic<uint64_t> bytes_received{0}, bytes_sent{0}, chunks_reduced{0},
       elements_reduced{0};
@@ -412,8 +413,15 @@ void ReductionServer::State::on_frame(WorkerConnection& w) {
   if (kind == FrameKind::kGoodbye) {
     w.goodbye = true;
     if (goodbye_from.empty()) goodbye_from = w.name;
-    // It left while chunks were pending here: the workers gave this reducer up.
-    if (unfinished > 0) throw JobFailure{""};
+    /*
+     * A goodbye that says why, or one while chunks are pending here, means the workers gave
+     * this reducer up (they drop a reducer together): it serves the job no longer, and must
+     * not wait for the workers it is cut off from, whose goodbyes cannot come.
+     */
+    if (!w.abort_reason.empty() || unfinished > 0) {
+      if (left_because.empty()) left_because = w.abort_reason;
+      throw JobFailure{""};
+    }
     return;
   }
   if (kind == FrameKind::kAbort) throw JobFailure{w.name + " aborted the job: " + w.abort_reason};
@@ -538,9 +546,11 @@ void ReductionServer::serve() {
       // The workers gave this reducer up (took it for dead): closing every connection makes
       // those still waiting on it move its chunks to the other reducers now.
       for (auto& w : state_->workers) state_->close(w);
-      throw CollectiveError(state_->goodbye_from +
-                            " stopped using this reducer while it still had work here: the "
-                            "workers took it for dead (their logs say why)");
+      const std::string& why = state_->left_because;
+      throw CollectiveError(state_->goodbye_from + " stopped using this reducer" +
+                            (why.empty() ? " while it still had work here: the workers took it for dead (their "
+                                           "logs say why)"
+                                         : ": " + why));
     }
     state_->tell_everyone(failure.what);
     for (auto& w : state_->workers) state_->close(w);
