@@ -187,10 +187,12 @@ class _Connection:
         self.sock, self.peer = sock, peer
         self.since = time.monotonic()  # when it last began a request, or began to idle
         self.idle = True
+        self.served = False  # it has made a whole request: a client's, not an idle stranger's
         self.evicted = False  # guarded by the server's _cond; wakes its GET/WAIT
 
     def mark(self, idle: bool) -> None:
         self.since, self.idle = time.monotonic(), idle
+        self.served = self.served or idle  # idle again: a request was served
 
 
 def _timeout_field(seconds: float) -> bytes:
@@ -291,10 +293,11 @@ class StoreServer:
                 self._evict_longest_waiting("this process is out of file descriptors")
 
     def _evict_longest_waiting(self, why: str) -> None:
-        """With _cond held: closes the connection that began its request, or its idleness,
-        longest ago. The job's processes make short requests one after another (their
-        waits poll), so this is a stranger's, unless strangers outpace them."""
-        victim = min(self._conns.values(), key=lambda c: c.since)
+        """With _cond held: closes a connection that has never made a whole request if there
+        is one, else the one that began its request, or its idleness, longest ago. The job's
+        processes make requests from the start (a long GET among them), so the victim is a
+        stranger's, unless strangers make requests and outpace them."""
+        victim = min(self._conns.values(), key=lambda c: (c.served, c.since))
         if not self._evicting:
             log.warning("store: %s: closing the longest-waiting connection for each newcomer (first %s)",
                         why, victim.peer)
