@@ -336,7 +336,7 @@ bool ReducerChannels::read_some(Reducer& reducer) {
         violation = "sent a frame of unknown kind " + std::to_string(h.kind);
       }
       if (!violation.empty()) {
-        fail(reducer.name + " " + violation);
+        fail(reducer.name + " " + violation + (reader.checks() ? kUncheckedHeader : ""));
         abandon_locked(reducer, std::nullopt);
         return false;
       }

@@ -319,7 +319,14 @@ void ReductionServer::State::read_from(WorkerConnection& w) {
     bytes_received += n;
     budget -= std::min<uint64_t>(budget, n);
     switch (w.reader.advance(n)) {
-      case FrameReader::Event::kHeader: on_header(w); break;
+      case FrameReader::Event::kHeader:
+        try {
+          on_header(w);
+        } catch (JobFailure& failure) {
+          if (w.reader.checks() && !failure.what.empty()) failure.what += kUncheckedHeader;
+          throw;
+        }
+        break;
       case FrameReader::Event::kFrame: on_frame(w); break;
       case FrameReader::Event::kNone: break;
     }

@@ -19,6 +19,11 @@
 
 namespace collectives {
 
+// Said of a failure that a header caused on a protected link: the tag that proves the header
+// comes after the payload, which a header that is wrong does not announce truthfully, so a
+// peer that disagrees cannot be told from a header altered on the way.
+constexpr char kUncheckedHeader[] = " (or the header was altered on the way: its tag is not yet checked)";
+
 // The reading end of one socket: first a header, then its payload into memory the caller
 // names once it has seen the header, then the tag; the bytes arrive in pieces of any size.
 class FrameReader {

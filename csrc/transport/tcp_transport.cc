@@ -359,9 +359,7 @@ bool TcpTransport::take_header(Connection& conn) {
     if (conn.parked) return false;
     std::string why = mismatch(conn.receiving->header, h);
     if (!why.empty()) {
-      // The tag comes after the payload, which a header that disagrees does not announce
-      // truthfully: a protected link cannot tell a peer that disagrees from an altered header.
-      if (conn.reader.checks()) why += " (or the header was altered on the way: its tag is not yet checked)";
+      if (conn.reader.checks()) why += kUncheckedHeader;
       fail(who + " sent " + why, false);
       return false;
     }
