@@ -551,11 +551,18 @@ def markers(name, tool="compare.py"):
             f"<!-- {tool}: end {name} -->")
 
 
+def generated_block(name, tool, commit, command, body):
+    """A RESULTS.md block that `tool` writes: its markers around the date, the commit, the
+    command that regenerates it, and `body` (lines)."""
+    begin, end = markers(name, tool)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join([begin, "", f"{when}, commit {commit}. Regenerate with:", "", "```", command, "```", "",
+                      *body, end])
+
+
 def markdown(rows, command, name):
     """This run as a RESULTS.md block: the command, the date, the commit, a table per (N, R)."""
-    begin, end = markers(name)
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [begin, "", f"{when}, commit {rows[0]['commit']}. Regenerate with:", "", "```", command, "```", ""]
+    lines = []
     for key in sorted({_group_key(r) for r in rows}):
         group = [r for r in rows if _group_key(r) == key]
         lines += ["; ".join(group_heading(group[0])), ""]
@@ -576,7 +583,7 @@ def markdown(rows, command, name):
         lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in standing_lines(group)] + [""]
         if notes:
             lines += ["Reducer hosts, per reduction-server all-reduce:", "", *notes, ""]
-    return "\n".join(lines + [end])
+    return generated_block(name, "compare.py", rows[0]["commit"], command, lines)
 
 
 def update_results(path, block, name, tool="compare.py"):

@@ -450,10 +450,7 @@ def block_name(hosts, reducers, rate):
 
 def markdown(rows, command, name):
     """This run as a RESULTS.md block: the command, the date, the commit, the table, the bar."""
-    begin, end = compare.markers(name, "train.py")
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [begin, "", f"{when}, commit {rows[0]['commit']}. Regenerate with:", "", "```", command, "```", "",
-             "; ".join(heading(rows[0])), "",
+    lines = ["; ".join(heading(rows[0])), "",
              "| " + " | ".join(COLUMNS) + " |", "| --- " + "| ---: " * (len(COLUMNS) - 1) + "|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in [*standing_lines(rows), *bar_lines(rows)]]
@@ -462,7 +459,7 @@ def markdown(rows, command, name):
     lines += [f"- DDP's buckets at bucket_cap_mb {cap:g}: " + ", ".join(f"{b / 1e6:.1f}" for b in sizes) + " MB"
               for cap, sizes in buckets]
     lines += [f"- {line}" for line in reducer_lines(rows)]
-    return "\n".join(lines + ["", end])
+    return compare.generated_block(name, "train.py", rows[0]["commit"], command, lines + [""])
 
 
 # -- the driver

@@ -21,7 +21,6 @@ t_mode / t_none (1.03 = 3% slower than unprotected frames). --results MD rewrite
 """
 
 import argparse
-import datetime
 import json
 import os
 import shlex
@@ -145,11 +144,8 @@ def main(argv=None):
     print("\n".join(lines))
     if args.results:
         name = block_name(args)
-        begin, end = compare.markers(name, TOOL)
-        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         command = "python benchmarks/wire_security.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        block = "\n".join([begin, "", f"{when}, commit {rows['none'][0]['commit']}. Regenerate with:", "", "```",
-                           command, "```", "", *lines, "", end])
+        block = compare.generated_block(name, TOOL, rows["none"][0]["commit"], command, lines + [""])
         compare.update_results(args.results, block, name, TOOL)
         print(f"# rewrote the '{name}' block of {args.results}")
 

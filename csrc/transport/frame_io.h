@@ -24,6 +24,11 @@ namespace collectives {
 // peer that disagrees cannot be told from a header altered on the way.
 constexpr char kUncheckedHeader[] = " (or the header was altered on the way: its tag is not yet checked)";
 
+// A frame's size on the wire: header, payload and the link's tag.
+inline uint64_t wire_bytes(const FrameHeader& header, const FrameProtection& protection) {
+  return sizeof(FrameHeader) + header.nbytes + protection.tag_bytes();
+}
+
 // The reading end of one socket: first a header, then its payload into memory the caller
 // names once it has seen the header, then the tag; the bytes arrive in pieces of any size.
 class FrameReader {
@@ -50,7 +55,7 @@ class FrameReader {
   void next_frame() { read_ = 0; }
 
  private:
-  uint64_t frame_bytes() const { return sizeof(FrameHeader) + header_.nbytes + protection_.tag_bytes(); }
+  uint64_t frame_bytes() const { return wire_bytes(header_, protection_); }
 
   FrameProtection protection_;
   FrameHeader header_;
@@ -79,7 +84,7 @@ class FrameWriter {
   void discard();
 
  private:
-  uint64_t frame_bytes() const { return sizeof(FrameHeader) + header_.nbytes + protection_.tag_bytes(); }
+  uint64_t frame_bytes() const { return wire_bytes(header_, protection_); }
 
   FrameProtection protection_;
   FrameHeader header_;
