@@ -29,41 +29,24 @@ void Work::finish(std::exception_ptr error) {
   finished_.notify_all();
 }
 
-Communicator::Communicator(int rank, int size, std::vector<std::vector<Link>> peer_links,
-                           std::vector<std::string> peer_names, CommunicatorOptions options,
+Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,
                            std::vector<Link> reducer_links, std::vector<std::string> reducer_names)
-    : rank_(rank), size_(size), options_(options) {
-  // The sockets were handed over: closed on every path.
-  auto close_peer_sockets = [&] {
-    for (auto& links : peer_links) {
-      for (const Link& link : links) ::close(link.fd);
-    }
-  };
+    : options_(options),
+      transport_(std::move(transport)),
+      group_(Group::world(transport_->size(), transport_->rank())) {
   std::string refused;
   if (!(options.timeout_seconds > 0)) refused = "timeout must be positive";
   if (options.reduction_server && reducer_links.empty()) {
     refused = "the reduction_server algorithm needs reducers";
   }
   if (!refused.empty()) {
-    close_peer_sockets();
     for (const Link& link : reducer_links) ::close(link.fd);
     throw std::invalid_argument(refused);
   }
   if (!reducer_links.empty()) {
-    const auto& settings = options.reduction_server_settings;
-    try {
-      reducers_ = std::make_unique<ReducerChannels>(
-          std::move(reducer_links), std::move(reducer_names), default_inflight(settings),
-          settings.heartbeat_timeout, [rank](const std::string& event) {
-            std::fprintf(stderr, "[collectives rank %d] %s\n", rank, event.c_str());
-          });
-    } catch (...) {
-      close_peer_sockets();
-      throw;
-    }
+    reduction_server_ = std::make_unique<ReductionServerAllreduce>(
+        std::move(reducer_links), std::move(reducer_names), options.reduction_server_settings, rank());
   }
-  // It owns its sockets before anything in it can throw.
-  transport_ = std::make_unique<TcpTransport>(rank, size, std::move(peer_links), std::move(peer_names));
   executor_ = std::thread([this] { execute_loop(); });
 }
 
@@ -76,27 +59,22 @@ std::shared_ptr<Work> Communicator::enqueue(Task task) {
   task.tag.seq = next_seq_++;
   if (!failure_.empty()) {
     task.work->finish(std::make_exception_ptr(CollectiveError(
-        task.tag.describe() + " on rank " + std::to_string(rank_) +
+        task.tag.describe() + " on rank " + std::to_string(rank()) +
         ": the communicator was aborted by an earlier failure (" + failure_ +
         "); create a new one")));
     return task.work;
   }
-  if (task.posted) task.reduction = reductions_enqueued_++;
+  if (task.allreduce) task.call = task.allreduce->call(task.tag, task.data);
+  std::shared_ptr<Work> work = task.work;
   queue_.push_back(std::move(task));
-  post_ahead_locked();
+  start_ahead_locked();
   queued_.notify_one();
-  return queue_.back().work;
+  return work;
 }
 
-/*
- * Reduction i is assigned over the reducers that reduction i-2 ended with by agreement (all of
- * them for the first two). Every worker knows that set by the time it may post reduction i,
- * which is as soon as i-1 is running, since i-2 has then finished; so a worker posts one
- * reduction ahead, and every worker's chunks still go to the same reducers. A reducer that
- * failed meanwhile loses the chunks posted to it, and the reduction recovers them. A
- * reduction whose buffer an earlier unfinished collective reads or writes waits for it.
- */
-void Communicator::post_ahead_locked() {
+// An all-reduce call may start (send ahead of its turn) once no earlier unfinished collective
+// reads or writes its buffer; calls start in queue order.
+void Communicator::start_ahead_locked() {
   if (!failure_.empty()) return;
   std::vector<MemoryRange> earlier = running_memory_;
   for (auto& task : queue_) {
@@ -104,23 +82,9 @@ void Communicator::post_ahead_locked() {
       return std::any_of(task.memory.begin(), task.memory.end(),
                          [&](const MemoryRange& mine) { return mine.overlaps(m); });
     });
-    if (task.reduction >= 0 && !task.posted->posted) {
-      if (task.reduction > reductions_finished_ + 1 || !clear) return;
-      post_locked(task);
-    }
+    if (task.call && task.call->waits_to_start() && !(clear && task.call->start())) return;
     earlier.insert(earlier.end(), task.memory.begin(), task.memory.end());
   }
-}
-
-void Communicator::post_locked(Task& task) {
-  std::vector<int> view;
-  if (task.reduction < 2) {
-    for (int r = 0; r < reducers_->count(); ++r) view.push_back(r);
-  } else {
-    view = views_.at(task.reduction - 2);
-  }
-  *task.posted = post_reduction_server(task.tag, *reducers_, options_.reduction_server_settings,
-                                       view, task.data, task.tag.count);
 }
 
 void Communicator::execute_loop() {
@@ -135,32 +99,36 @@ void Communicator::execute_loop() {
       if (!failure_.empty()) {
         // Queued before the failure: it cannot run without the peers it lost.
         task.work->finish(std::make_exception_ptr(CollectiveError(
-            task.tag.describe() + " on rank " + std::to_string(rank_) +
+            task.tag.describe() + " on rank " + std::to_string(rank()) +
             ": the communicator was aborted by an earlier failure (" + failure_ + ")")));
         continue;
       }
       running_ = true;
       running_memory_ = task.memory;
-      if (task.reduction >= 0 && !task.posted->posted) post_locked(task);
+      if (task.call && task.call->waits_to_start()) task.call->start();
     }
     const std::string what = task.tag.describe();
-    AlgorithmContext ctx{*transport_, task.tag, deadline_after(options_.timeout_seconds),
+    AlgorithmContext ctx{*transport_, group_, task.tag, deadline_after(options_.timeout_seconds),
                          options_.segment_bytes, scratch_, options_.debug};
     std::exception_ptr error;
     try {
-      ctx.log("start");
-      task.run(ctx);
+      ctx.log(task.call ? std::string("start (") + task.allreduce->name() + ")" : "start");
+      if (task.call) {
+        task.call->run(ctx);
+      } else {
+        task.run(ctx);
+      }
       ctx.log("done");
     } catch (const std::exception& e) {
       // The first failure aborts the communicator: the peers are told, and every collective
       // after this one fails at once instead of waiting on them. The transport lets go of
       // this collective's buffers before the caller hears of the failure.
-      std::string message = what + " failed on rank " + std::to_string(rank_) + ": " + e.what();
+      std::string message = what + " failed on rank " + std::to_string(rank()) + ": " + e.what();
       ctx.log(std::string("failed: ") + e.what());
       transport_->abort(e.what());
       transport_->quiesce();
       // The reducers hear why, and tell the other workers (which may be waiting on them).
-      if (reducers_) reducers_->close(e.what());
+      if (reduction_server_) reduction_server_->close(e.what());
       bool timed_out = dynamic_cast<const TimeoutError*>(&e) != nullptr;
       error = timed_out ? std::make_exception_ptr(TimeoutError(message))
                         : std::make_exception_ptr(CollectiveError(message));
@@ -173,11 +141,9 @@ void Communicator::execute_loop() {
       std::lock_guard<std::mutex> lock(mutex_);
       running_ = false;
       running_memory_.clear();
-      if (task.reduction >= 0 && !error) {
-        views_[task.reduction] = task.posted->agreed;
-        views_.erase(views_.begin(), views_.lower_bound(task.reduction - 1));
-        reductions_finished_ = task.reduction + 1;
-        post_ahead_locked();
+      if (task.call && !error) {
+        task.call->succeeded();
+        start_ahead_locked();
       }
     }
     task.work->finish(error);
@@ -198,18 +164,10 @@ std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType
   Task task;
   task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
   task.memory = {bytes_of(data, count, dtype)};
-  if (options_.reduction_server) {
-    ReducerChannels* reducers = reducers_.get();
-    const ReductionServerSettings* settings = &options_.reduction_server_settings;
-    auto posted = std::make_shared<PostedReduction>();
-    task.posted = posted;
-    task.data = data;
-    task.run = [=](const AlgorithmContext& ctx) {
-      finish_reduction_server(ctx, *reducers, *settings, *posted, data, count);
-    };
-  } else {
-    task.run = [=](const AlgorithmContext& ctx) { allreduce_ring(ctx, data, count); };
-  }
+  const bool reducers = options_.reduction_server;
+  task.allreduce = &select_allreduce({ring_, recursive_doubling_, reducers ? reduction_server_.get() : nullptr},
+                                     count, dtype, size(), options_.cost);
+  task.data = data;
   return enqueue(std::move(task));
 }
 
@@ -217,15 +175,15 @@ std::shared_ptr<Work> Communicator::allgather(const void* input, void* output, s
                                               DataType dtype) {
   Task task;
   task.tag = {CollectiveKind::kAllgather, 0, count, dtype, ReduceOp::kSum};
-  task.memory = {bytes_of(input, count, dtype), bytes_of(output, count * size_, dtype)};
+  task.memory = {bytes_of(input, count, dtype), bytes_of(output, count * size(), dtype)};
   task.run = [=](const AlgorithmContext& ctx) { allgather_ring(ctx, input, output, count); };
   return enqueue(std::move(task));
 }
 
 std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType dtype, int root) {
-  if (root < 0 || root >= size_) {
+  if (root < 0 || root >= size()) {
     throw std::invalid_argument("root " + std::to_string(root) + " is not a rank of a " +
-                                std::to_string(size_) + "-rank communicator");
+                                std::to_string(size()) + "-rank communicator");
   }
   Task task;
   task.tag = {CollectiveKind::kBroadcast, 0, count, dtype, ReduceOp::kSum, static_cast<uint32_t>(root)};
@@ -238,7 +196,7 @@ std::shared_ptr<Work> Communicator::reduce_scatter(const void* input, void* outp
                                                    DataType dtype, ReduceOp op) {
   Task task;
   task.tag = {CollectiveKind::kReduceScatter, 0, count, dtype, op};
-  task.memory = {bytes_of(input, count * size_, dtype), bytes_of(output, count, dtype)};
+  task.memory = {bytes_of(input, count * size(), dtype), bytes_of(output, count, dtype)};
   task.run = [=](const AlgorithmContext& ctx) { reduce_scatter_ring(ctx, input, output, count); };
   return enqueue(std::move(task));
 }
@@ -251,7 +209,7 @@ std::shared_ptr<Work> Communicator::barrier() {
 }
 
 std::vector<ReducerStat> Communicator::reducer_stats() const {
-  return reducers_ ? reducers_->stats() : std::vector<ReducerStat>{};
+  return reduction_server_ ? reduction_server_->stats() : std::vector<ReducerStat>{};
 }
 
 void Communicator::abort(const std::string& reason) {
@@ -259,7 +217,7 @@ void Communicator::abort(const std::string& reason) {
   if (!transport_) return;  // closed already
   if (failure_.empty()) failure_ = reason;
   transport_->abort(reason);
-  if (reducers_) reducers_->cancel(reason);
+  if (reduction_server_) reduction_server_->cancel(reason);
 }
 
 void Communicator::close() {
@@ -277,27 +235,27 @@ void Communicator::close() {
   // peers know why, rather than keep them waiting for their timeout.
   if (running) {
     const std::string reason =
-        "rank " + std::to_string(rank_) + " closed its communicator during a collective";
+        "rank " + std::to_string(rank()) + " closed its communicator during a collective";
     transport_->abort(reason);
-    if (reducers_) reducers_->cancel(reason);
+    if (reduction_server_) reduction_server_->cancel(reason);
   }
   executor_.join();
-  if (reducers_) {
+  if (reduction_server_) {
     // Before the abandoned collectives fail: some may have been posted ahead, and their
     // buffers may be freed as soon as they fail. A goodbye tells the reducers that this
     // is no failure; otherwise they hear why, and tell the other workers.
     std::lock_guard<std::mutex> lock(mutex_);
     std::string failure = failure_;
     if (failure.empty() && (running || !abandoned.empty())) {
-      failure = "rank " + std::to_string(rank_) + " closed its communicator with collectives unfinished";
+      failure = "rank " + std::to_string(rank()) + " closed its communicator with collectives unfinished";
     }
-    reducers_->close(failure);
+    reduction_server_->close(failure);
   }
   for (auto& task : abandoned) {
     task.work->finish(std::make_exception_ptr(
         CollectiveError(task.tag.describe() + ": the communicator was closed before it ran")));
   }
-  std::unique_ptr<TcpTransport> transport;
+  std::unique_ptr<Transport> transport;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     transport.swap(transport_);

@@ -1,5 +1,5 @@
-// A communicator runs collectives among `size` ranks over one TcpTransport. Collectives are
-// queued and executed one at a time, in call order, by the communicator's own thread, so
+// A communicator runs collectives among the ranks of a group over one Transport. Collectives
+// are queued and executed one at a time, in call order, by the communicator's own thread, so
 // async calls from any thread keep the order every rank must agree on, and the caller
 // (Python, with the GIL released) only waits.
 #pragma once
@@ -8,7 +8,6 @@
 #include <deque>
 #include <exception>
 #include <functional>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -16,10 +15,15 @@
 #include <vector>
 
 #include "algorithms/algorithm.h"
+#include "algorithms/allreduce.h"
+#include "algorithms/allreduce_recursive_doubling.h"
+#include "algorithms/allreduce_ring.h"
+#include "algorithms/group.h"
+#include "algorithms/reduction_server.h"
+#include "algorithms/select.h"
 #include "common/error.h"
-#include "reduction_server/client.h"
 #include "common/types.h"
-#include "transport/tcp_transport.h"
+#include "transport/transport.h"
 
 namespace collectives {
 
@@ -29,6 +33,7 @@ struct CommunicatorOptions {
   bool debug = false;        // log each collective's phases on stderr
   bool reduction_server = false;  // allreduce goes through the reducers
   ReductionServerSettings reduction_server_settings;
+  CostModel cost;  // chooses between the ring and recursive doubling; equal on every rank
 };
 
 // Bytes a collective reads or writes.
@@ -57,17 +62,16 @@ class Work {
 
 class Communicator {
  public:
-  // peer_links[p]: the connected, authenticated sockets to rank p (TcpTransport);
-  // reducer_links[r]: the one to reducer r (none: no reducers). All are owned from here on.
-  Communicator(int rank, int size, std::vector<std::vector<Link>> peer_links,
-               std::vector<std::string> peer_names, CommunicatorOptions options,
+  // Over every rank of `transport`; reducer_links[r]: the connected, authenticated socket to
+  // reducer r (none: no reducers). All are owned from here on.
+  Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,
                std::vector<Link> reducer_links = {}, std::vector<std::string> reducer_names = {});
   ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
 
-  int rank() const { return rank_; }
-  int size() const { return size_; }
+  int rank() const { return group_.index(); }
+  int size() const { return group_.size(); }
 
   // Buffers must stay valid until the returned Work is done.
   std::shared_ptr<Work> allreduce(void* data, size_t count, DataType dtype, ReduceOp op);
@@ -87,25 +91,24 @@ class Communicator {
  private:
   struct Task {
     CollectiveTag tag;
-    std::function<void(const AlgorithmContext&)> run;
+    std::function<void(const AlgorithmContext&)> run;  // all but all-reduces
+    // All-reduces: the algorithm, and the call made of it when the task is queued.
+    AllreduceAlgorithm* allreduce = nullptr;
+    void* data = nullptr;
+    std::unique_ptr<AllreduceCall> call;
     std::shared_ptr<Work> work;
     std::vector<MemoryRange> memory;
-    // Reduction-server all-reduces only: their number among them, and their first half,
-    // which may be posted ahead of `run` (see post_ahead_locked).
-    int64_t reduction = -1;
-    std::shared_ptr<PostedReduction> posted;
-    void* data = nullptr;
   };
   std::shared_ptr<Work> enqueue(Task task);
   void execute_loop();
-  void post_ahead_locked();
-  void post_locked(Task& task);
+  void start_ahead_locked();
 
-  const int rank_;
-  const int size_;
   const CommunicatorOptions options_;
-  std::unique_ptr<TcpTransport> transport_;
-  std::unique_ptr<ReducerChannels> reducers_;  // null without reducers
+  std::unique_ptr<Transport> transport_;
+  const Group group_;
+  RingAllreduce ring_;
+  RecursiveDoublingAllreduce recursive_doubling_;
+  std::unique_ptr<ReductionServerAllreduce> reduction_server_;  // null without reducers
   std::vector<char> scratch_;  // the executor's staging memory
 
   std::mutex mutex_;  // guards the fields below
@@ -116,9 +119,6 @@ class Communicator {
   bool running_ = false;  // the executor is inside a collective
   std::vector<MemoryRange> running_memory_;  // what the collective in flight reads or writes
   std::string failure_;  // set once a collective failed: the communicator is aborted
-  int64_t reductions_enqueued_ = 0;
-  int64_t reductions_finished_ = 0;
-  std::map<int64_t, std::vector<int>> views_;  // reducers alive after reduction i
   std::thread executor_;
 };
 

@@ -18,10 +18,12 @@
 // by itself tells the others over the mesh (a notice, sent before its agreement messages), and
 // a worker waiting on reducers drops each reducer it hears of, says goodbye to it, and goes
 // on to the agreement, where the lost chunks are recovered as for a reducer that died.
-#include <algorithm>
+#include "algorithms/reduction_server.h"
 
-#include "algorithms/algorithm.h"
-#include "reduction_server/client.h"
+#include <algorithm>
+#include <cstdio>
+
+#include "algorithms/allreduce_ring.h"
 
 namespace collectives {
 namespace {
@@ -41,14 +43,6 @@ constexpr int kDefaultInflight = 4;
 constexpr uint32_t kUnitsPerAgreement = 32;
 
 size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
-
-}  // namespace
-
-int default_inflight(const ReductionServerSettings& settings) {
-  return settings.inflight > 0 ? settings.inflight : kDefaultInflight;
-}
-
-namespace {
 
 /*
  * Chunk c spans elements [c * chunk_elems, min((c + 1) * chunk_elems, count)). A chunk holds at
@@ -86,31 +80,88 @@ ShardBatchHandle post_chunks(const CollectiveTag& tag, ReducerChannels& reducers
 
 }  // namespace
 
-PostedReduction post_reduction_server(const CollectiveTag& tag, ReducerChannels& reducers,
-                                      const ReductionServerSettings& settings,
-                                      const std::vector<int>& view, void* data, size_t count) {
-  PostedReduction posted;
-  posted.posted = true;
-  posted.view = view;
-  posted.chunk_elems = chunk_elements(settings, tag.dtype, count, view.size());
-  if (count == 0 || view.empty()) return posted;
-  std::vector<size_t> all(ceil_div(count, posted.chunk_elems));
-  for (size_t c = 0; c < all.size(); ++c) all[c] = c;
-  posted.batch = post_chunks(tag, reducers, view, static_cast<char*>(data), count,
-                             posted.chunk_elems, all);
-  return posted;
+ReductionServerAllreduce::ReductionServerAllreduce(std::vector<Link> links,
+                                                   std::vector<std::string> names,
+                                                   const ReductionServerSettings& settings, int rank)
+    : settings_(settings),
+      channels_(std::move(links), std::move(names),
+                settings.inflight > 0 ? settings.inflight : kDefaultInflight,
+                settings.heartbeat_timeout, [rank](const std::string& event) {
+                  std::fprintf(stderr, "[collectives rank %d] %s\n", rank, event.c_str());
+                }) {}
+
+class ReductionServerAllreduce::Call : public AllreduceCall {
+ public:
+  Call(ReductionServerAllreduce& server, const CollectiveTag& tag, void* data)
+      : server_(server), tag_(tag), bytes_(static_cast<char*>(data)), number_(server.calls_++) {}
+
+  bool waits_to_start() const override { return !started_; }
+  bool start() override;
+  void run(const AlgorithmContext& ctx) override;
+  void succeeded() override;
+
+ private:
+  ReductionServerAllreduce& server_;
+  ReducerChannels& reducers() { return server_.channels_; }
+  const CollectiveTag tag_;
+  char* const bytes_;
+  const int64_t number_;
+  bool started_ = false;
+  ShardBatchHandle batch_;  // null when there was nothing to send
+  size_t chunk_elems_ = 0;
+  std::vector<int> view_;    // the reducers the chunks were assigned over
+  std::vector<int> agreed_;  // after run(): the reducers every worker still uses
+};
+
+std::unique_ptr<AllreduceCall> ReductionServerAllreduce::call(const CollectiveTag& tag, void* data) {
+  return std::make_unique<Call>(*this, tag, data);
 }
 
-void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reducers,
-                             const ReductionServerSettings& settings, PostedReduction& posted,
-                             void* data, size_t count) {
-  posted.agreed = posted.view;
+/*
+ * Call i is assigned over the reducers that call i-2 ended with by agreement (all of them for
+ * the first two). Every worker knows that set by the time it may start call i, which is as
+ * soon as i-1 is running, since i-2 has then finished; so a worker starts one call ahead, and
+ * every worker's chunks still go to the same reducers. A reducer that failed meanwhile loses
+ * the chunks posted to it, and the call recovers them in run(). (The communicator holds back a
+ * call whose buffer an earlier unfinished collective reads or writes.)
+ */
+bool ReductionServerAllreduce::Call::start() {
+  if (started_) return true;
+  if (number_ > server_.finished_ + 1) return false;
+  if (number_ < 2) {
+    for (int r = 0; r < reducers().count(); ++r) view_.push_back(r);
+  } else {
+    view_ = server_.views_.at(number_ - 2);
+  }
+  started_ = true;
+  const size_t count = tag_.count;
+  chunk_elems_ = chunk_elements(server_.settings_, tag_.dtype, count, view_.size());
+  if (count == 0 || view_.empty()) return true;
+  std::vector<size_t> all(ceil_div(count, chunk_elems_));
+  for (size_t c = 0; c < all.size(); ++c) all[c] = c;
+  batch_ = post_chunks(tag_, reducers(), view_, bytes_, count, chunk_elems_, all);
+  return true;
+}
+
+void ReductionServerAllreduce::Call::succeeded() {
+  server_.views_[number_] = agreed_;
+  server_.views_.erase(server_.views_.begin(), server_.views_.lower_bound(number_ - 1));
+  server_.finished_ = number_ + 1;
+}
+
+// Waits for the sums, agrees with the other workers on what is missing anywhere, and recovers
+// it; returns once every worker holds every sum.
+void ReductionServerAllreduce::Call::run(const AlgorithmContext& ctx) {
+  agreed_ = view_;
+  const size_t count = tag_.count;
   if (count == 0) return;
   const size_t element = element_size(ctx.tag.dtype);
   const int workers = ctx.size();
+  ReducerChannels& reducers = this->reducers();
+  const ReductionServerSettings& settings = server_.settings_;
   const int num_reducers = reducers.count();
-  char* bytes = static_cast<char*>(data);
-  const size_t chunk_elems = posted.chunk_elems;
+  char* bytes = bytes_;
+  const size_t chunk_elems = chunk_elems_;
   const size_t chunks = ceil_div(count, chunk_elems);
   auto offset = [&](size_t c) { return c * chunk_elems; };
   auto length = [&](size_t c) { return std::min(chunk_elems, count - offset(c)); };
@@ -133,7 +184,7 @@ void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reduc
       if (t.state == ShardTransfer::State::kDone) have[t.header.unit] = true;
     }
   };
-  collect(posted.batch);
+  collect(batch_);
 
   for (uint32_t attempt = 0;; ++attempt) {
     /*
@@ -158,9 +209,9 @@ void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reduc
 
     // From here on, the reducers in use are those that no worker has lost: the same set on
     // every worker, whatever each one's progress thread has seen since it voted.
-    posted.agreed.clear();
+    agreed_.clear();
     for (int r = 0; r < num_reducers; ++r) {
-      if (!votes[r]) posted.agreed.push_back(r);
+      if (!votes[r]) agreed_.push_back(r);
       if (votes[r] && alive_here[r]) {
         reducers.abandon(r, "failed for another worker: this worker stops using it too");
       }
@@ -171,7 +222,7 @@ void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reduc
       (votes[givers + c] ? from_peers : from_reducers).push_back(c);
     }
     if (from_peers.empty() && from_reducers.empty()) return;
-    const std::vector<int>& survivors = posted.agreed;
+    const std::vector<int>& survivors = agreed_;
     ctx.note("recovering: " + std::to_string(from_peers.size()) +
              " chunk(s) from the workers that have them, " + std::to_string(from_reducers.size()) +
              " chunk(s) summed again by " + std::to_string(survivors.size()) +
@@ -192,7 +243,7 @@ void finish_reduction_server(const AlgorithmContext& ctx, ReducerChannels& reduc
       ctx.note("no reducer is left: finishing " + std::to_string(from_reducers.size()) +
                " chunk(s) on the ring (COLLECTIVES_RS_FALLBACK=ring)");
       for (size_t c : from_reducers) {
-        allreduce_ring(ctx, bytes + offset(c) * element, length(c));
+        RingAllreduce().run(ctx, bytes + offset(c) * element, length(c));
         have[c] = true;
       }
     } else {

@@ -67,7 +67,7 @@ void run_ring(const AlgorithmContext& ctx, char* buffer, const std::vector<size_
   std::vector<TransportRequest> sends;
   auto post_send = [&](size_t s, size_t j) {
     Segment part = segment(steps[s].send_block, j);
-    sends.push_back(ctx.transport.send(right, ctx.tag.header(unit(s, j), part.length * element),
+    sends.push_back(ctx.send(right, ctx.tag.header(unit(s, j), part.length * element),
                                        buffer + part.offset * element));
   };
   std::vector<TransportRequest> window(kRecvWindow);
@@ -77,8 +77,8 @@ void run_ring(const AlgorithmContext& ctx, char* buffer, const std::vector<size_
     // Reduced messages land in staging slot index % window; copied ones go straight home.
     char* target = steps[s].reduce ? staging + (index % kRecvWindow) * seg * element
                                    : buffer + part.offset * element;
-    window[index % kRecvWindow] = ctx.transport.recv(
-        left, ctx.tag.header(unit(s, j), part.length * element), target);
+    window[index % kRecvWindow] =
+        ctx.recv(left, ctx.tag.header(unit(s, j), part.length * element), target);
   };
 
   for (size_t j = 0; j < segments_in(steps[0].send_block); ++j) post_send(0, j);
@@ -97,8 +97,8 @@ void run_ring(const AlgorithmContext& ctx, char* buffer, const std::vector<size_
     if (i + kRecvWindow < arrivals.size()) post_recv(i + kRecvWindow);  // the slot is free
     if (ctx.debug && (i + 1 == arrivals.size() || arrivals[i + 1].first != s)) {
       ctx.log("ring step " + std::to_string(s + 1) + "/" + std::to_string(steps.size()) +
-              " received block " + std::to_string(step.recv_block) + " from rank " +
-              std::to_string(left));
+              " received block " + std::to_string(step.recv_block) + " from " +
+              ctx.peer_name(left));
     }
     // The block just received is the one the next step sends: pass this segment on.
     if (s + 1 < steps.size()) post_send(s + 1, j);
@@ -107,10 +107,10 @@ void run_ring(const AlgorithmContext& ctx, char* buffer, const std::vector<size_
 }
 
 void append_reduce_scatter_steps(const AlgorithmContext& ctx, std::vector<RingStep>& steps) {
-  // Step s: send block (rank-1-s), receive block (rank-2-s) and add this rank's share. The
-  // right neighbour receives block (rank+1)-2-s = rank-1-s, the one sent. After size-1
-  // steps the last block received, rank-2-(size-2) = rank (mod size), holds every rank's
-  // contribution.
+  // With i this rank's index in the group: step s sends block (i-1-s), receives block (i-2-s)
+  // and adds this rank's share. The right neighbour receives block (i+1)-2-s = i-1-s, the
+  // one sent. After size-1 steps the last block received, i-2-(size-2) = i (mod size), holds
+  // every rank's contribution.
   const int size = ctx.size(), rank = ctx.rank();
   for (int s = 0; s + 1 < size; ++s) {
     bool last = s + 2 == size;
@@ -120,8 +120,8 @@ void append_reduce_scatter_steps(const AlgorithmContext& ctx, std::vector<RingSt
 }
 
 void append_allgather_steps(const AlgorithmContext& ctx, std::vector<RingStep>& steps) {
-  // Step t: send block (rank-t), receive block (rank-1-t). Starting from block rank, the
-  // blocks received, rank-1 ... rank-(size-1), are all the others.
+  // Step t: send block (i-t), receive block (i-1-t). Starting from block i, the blocks
+  // received, i-1 ... i-(size-1), are all the others.
   const int size = ctx.size(), rank = ctx.rank();
   for (int t = 0; t + 1 < size; ++t) {
     steps.push_back({ring_index(rank - t, size), ring_index(rank - 1 - t, size), false, false});

@@ -1,6 +1,8 @@
 // The compiled core as seen from Python (collectives._core). Buffers arrive as addresses and
 // element counts: collectives/_buffers.py turns arrays and tensors into those, and keeps the
 // objects alive until their collective is done. Every call releases the GIL.
+#include <unistd.h>
+
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -10,6 +12,7 @@
 #include "kernels/reduce.h"
 #include "reduction_server/server.h"
 #include "transport/frame.h"
+#include "transport/tcp_transport.h"
 #include "transport/wire_security.h"
 
 namespace py = pybind11;
@@ -126,8 +129,20 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<Communicator>(m, "Communicator")
-      .def(py::init<int, int, std::vector<std::vector<Link>>, std::vector<std::string>,
-                    CommunicatorOptions, std::vector<Link>, std::vector<std::string>>(),
+      .def(py::init([](int rank, int size, std::vector<std::vector<Link>> peer_links,
+                       std::vector<std::string> peer_names, CommunicatorOptions options,
+                       std::vector<Link> reducer_links, std::vector<std::string> reducer_names) {
+             std::unique_ptr<Transport> transport;
+             try {
+               transport = std::make_unique<TcpTransport>(rank, size, std::move(peer_links),
+                                                          std::move(peer_names));
+             } catch (...) {
+               for (const Link& link : reducer_links) ::close(link.fd);  // handed over too
+               throw;
+             }
+             return std::make_unique<Communicator>(std::move(transport), options,
+                                                   std::move(reducer_links), std::move(reducer_names));
+           }),
            py::arg("rank"), py::arg("size"), py::arg("peer_links"), py::arg("peer_names"),
            py::arg("options"), py::arg("reducer_links") = std::vector<Link>{},
            py::arg("reducer_names") = std::vector<std::string>{},

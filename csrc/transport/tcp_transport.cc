@@ -19,10 +19,7 @@
 
 namespace collectives {
 
-struct TransportOperation {
-  int peer = 0;
-  bool is_send = false;
-  FrameHeader header;    // the header to send, or the one expected
+struct TcpTransport::Operation : TransportOperation {
   char* data = nullptr;  // payload (header.nbytes bytes)
   std::string owned;     // the payload, where the transport sends it on its own (notices)
   bool done = false;     // guarded by the transport's mutex: finished, well or not
@@ -34,20 +31,20 @@ struct TcpTransport::Connection {
       : fd(link.fd), peer(peer), writer(sending_protection(link)), reader(receiving_protection(link)) {}
   FileDescriptor fd;
   int peer = 0;
-  std::deque<TransportRequest> sends;  // guarded by mutex_
-  std::deque<TransportRequest> recvs;  // guarded by mutex_
+  std::deque<OperationPtr> sends;  // guarded by mutex_
+  std::deque<OperationPtr> recvs;  // guarded by mutex_
   bool peer_closed = false;            // guarded by mutex_: the peer said goodbye
 
   // Writes come from the progress thread, or straight from the posting thread when the
   // socket has nothing queued (saving a hand-off per message); this mutex makes them take
   // turns. Taken before mutex_ where both are held.
   std::mutex write_mutex;
-  TransportRequest sending;  // guarded by write_mutex: the frame being written
+  OperationPtr sending;  // guarded by write_mutex: the frame being written
   FrameWriter writer;        // guarded by write_mutex
 
   // Progress thread only:
   FrameReader reader;
-  TransportRequest receiving;  // null while a control frame (goodbye, abort) is read
+  OperationPtr receiving;  // null while a control frame (goodbye, abort) is read
   // Where payloads wait for their check when the link protects frames: a receive's buffer
   // gets them only once they are known to be authentic. Also an abort's reason.
   std::vector<char> staging;
@@ -115,9 +112,9 @@ TransportRequest TcpTransport::recv(int peer, const FrameHeader& expected, void*
   return post(peer, expected, data, /*is_send=*/false);
 }
 
-TransportRequest TcpTransport::post(int peer, const FrameHeader& header, void* data,
-                                    bool is_send) {
-  auto op = std::make_shared<TransportOperation>();
+TcpTransport::OperationPtr TcpTransport::post(int peer, const FrameHeader& header, void* data,
+                                              bool is_send) {
+  auto op = std::make_shared<Operation>();
   op->peer = peer;
   op->is_send = is_send;
   op->header = header;
@@ -129,7 +126,7 @@ TransportRequest TcpTransport::post(int peer, const FrameHeader& header, void* d
 void TcpTransport::notify(uint32_t about, const std::string& text) {
   for (int peer = 0; peer < size_; ++peer) {
     if (peer == rank_) continue;
-    auto op = std::make_shared<TransportOperation>();
+    auto op = std::make_shared<Operation>();
     op->peer = peer;
     op->is_send = true;
     op->header.kind = static_cast<uint8_t>(FrameKind::kNotice);
@@ -146,7 +143,7 @@ std::vector<PeerNotice> TcpTransport::take_notices() {
   return std::exchange(notices_, {});
 }
 
-void TcpTransport::submit(const TransportRequest& op) {
+void TcpTransport::submit(const OperationPtr& op) {
   const int peer = op->peer;
   const bool is_send = op->is_send;
   auto& conns = connections_.at(peer);
@@ -177,7 +174,9 @@ void TcpTransport::submit(const TransportRequest& op) {
   wake();
 }
 
-void TcpTransport::wait(const TransportRequest& request, Deadline deadline) {
+void TcpTransport::wait(const TransportRequest& posted, Deadline deadline) {
+  // Every request waited on here was made by post().
+  Operation* request = static_cast<Operation*>(posted.get());
   std::unique_lock<std::mutex> lock(mutex_);
   bool told = request->is_send;  // a send waits on the peer's reading, not on its waits
   while (!request->done && !failed_) {
@@ -242,7 +241,7 @@ std::string TcpTransport::failure() {
   return failed_ ? failure_ : std::string();
 }
 
-void TcpTransport::complete(TransportOperation& op) {
+void TcpTransport::complete(Operation& op) {
   std::lock_guard<std::mutex> lock(mutex_);
   op.done = true;
   op.ok = true;
@@ -399,7 +398,7 @@ bool TcpTransport::take_frame(Connection& conn) {
     fail("timed out waiting for " + waiting + " (" + who + " timed out waiting for this rank)", true);
     return false;
   }
-  TransportRequest done = std::move(conn.receiving);
+  OperationPtr done = std::move(conn.receiving);
   conn.receiving.reset();
   if (conn.reader.checks() && h.nbytes > 0) std::memcpy(done->data, conn.staging.data(), h.nbytes);
   complete(*done);
@@ -411,7 +410,7 @@ std::string TcpTransport::awaited_peer(int except) {
   for (auto& peer : connections_) {
     for (auto& conn : peer) {
       if (conn->peer == except || conn->closed) continue;
-      const TransportRequest& pending = conn->receiving ? conn->receiving : conn->recvs.empty() ? nullptr : conn->recvs.front();
+      const OperationPtr& pending = conn->receiving ? conn->receiving : conn->recvs.empty() ? nullptr : conn->recvs.front();
       if (!pending) continue;
       return peer_names_[conn->peer] + " to send message " + std::to_string(pending->header.unit) + " (" +
              std::to_string(pending->header.nbytes) + " bytes)";
@@ -442,7 +441,7 @@ bool TcpTransport::write_queued(Connection& conn) {
     if (sent <= 0) return false;
     budget -= std::min<uint64_t>(budget, sent);
     if (conn.writer.done()) {
-      TransportRequest done = std::move(conn.sending);
+      OperationPtr done = std::move(conn.sending);
       conn.sending.reset();
       complete(*done);
     }

@@ -22,73 +22,56 @@
 #include "transport/frame.h"
 #include "transport/frame_io.h"
 #include "transport/socket.h"
+#include "transport/transport.h"
 #include "transport/wire_security.h"
 
 namespace collectives {
 
-struct TransportOperation;
-using TransportRequest = std::shared_ptr<TransportOperation>;
-
-// News from a peer that does not stop the job (a kNotice frame).
-struct PeerNotice {
-  int from;
-  uint32_t about;
-  std::string text;
-};
-
-class TcpTransport {
+class TcpTransport : public Transport {
  public:
   // peer_links[p]: connected, authenticated sockets to rank p (empty for this rank); the
   // transport owns them from here on. peer_names[p] names rank p in error messages.
   TcpTransport(int rank, int size, std::vector<std::vector<Link>> peer_links,
                std::vector<std::string> peer_names);
-  ~TcpTransport();
+  ~TcpTransport() override;
   TcpTransport(const TcpTransport&) = delete;
   TcpTransport& operator=(const TcpTransport&) = delete;
 
-  int rank() const { return rank_; }
-  int size() const { return size_; }
-  const std::string& peer_name(int peer) const { return peer_names_[peer]; }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& peer_name(int peer) const override { return peer_names_[peer]; }
 
   // The message goes on connection (header.unit % connections to that peer), so that both
-  // ends agree on which socket carries it. `data` must stay valid until the request is done.
-  TransportRequest send(int peer, const FrameHeader& header, const void* data);
-  TransportRequest recv(int peer, const FrameHeader& expected, void* data);
+  // ends agree on which socket carries it.
+  TransportRequest send(int peer, const FrameHeader& header, const void* data) override;
+  TransportRequest recv(int peer, const FrameHeader& expected, void* data) override;
 
-  // Blocks until the request is done. Throws CollectiveError if the transport failed, and
-  // TimeoutError at the deadline (after aborting the transport, so peers learn of it).
-  //
   // A receive that times out may wait on a peer that is itself waiting for a third rank (a
   // ring waits on its neighbour, which waits on the rank that stopped): naming that peer
   // would blame a healthy rank. So the peer is told first (kStalled), and a peer that is
   // waiting to receive from another rank fails at once, naming that rank; its abort comes
   // back within kStalledGraceMillis and is what this rank reports. A peer that waits for
   // nobody is the one that stopped, and is named after the grace.
-  void wait(const TransportRequest& request, Deadline deadline);
+  void wait(const TransportRequest& request, Deadline deadline) override;
 
-  // Fails every pending and future request with `reason` and tells every peer (an abort
-  // frame where a socket is between frames, then shutdown). Idempotent; first reason wins.
-  void abort(const std::string& reason, bool timed_out = false);
+  // Peers are told by an abort frame where a socket is between frames, then shutdown.
+  void abort(const std::string& reason, bool timed_out = false) override;
   // After abort(): blocks until no socket or posted buffer will be touched again.
-  void quiesce();
-  // Why the transport failed (a peer aborted or died, or abort() was called); empty while it
-  // has not. For loops that wait on other sockets too (the reduction server's clients), so
-  // that they do not outwait a failed job.
-  std::string failure();
+  void quiesce() override;
+  std::string failure() override;
 
-  // Sends every peer a notice (`about` and `text` are the caller's to define), behind what
-  // was sent to it before, without waiting for it to go out. A peer takes it as soon as it
-  // arrives, whatever it waits for, as long as it has read every earlier message on that
-  // connection: so a notice sent before any message of a collective reaches a peer that is
-  // still inside that collective, or waiting elsewhere.
-  void notify(uint32_t about, const std::string& text);
-  // The notices that arrived since the last call, in order of arrival.
-  std::vector<PeerNotice> take_notices();
+  // A notice travels behind the earlier messages on its connection: so a notice sent before
+  // any message of a collective reaches a peer that is still inside that collective, or
+  // waiting elsewhere.
+  void notify(uint32_t about, const std::string& text) override;
+  std::vector<PeerNotice> take_notices() override;
 
  private:
+  struct Operation;
+  using OperationPtr = std::shared_ptr<Operation>;
   struct Connection;
-  TransportRequest post(int peer, const FrameHeader& header, void* data, bool is_send);
-  void submit(const TransportRequest& op);
+  OperationPtr post(int peer, const FrameHeader& header, void* data, bool is_send);
+  void submit(const OperationPtr& op);
   void progress_loop();
   void handle_readable(Connection& conn);
   // A header is in: hand its payload a place (false: parked, or the transport failed).
@@ -106,7 +89,7 @@ class TcpTransport {
   // "rank 2 to send message 1 (4096 bytes)": a receive this rank waits on from a rank other
   // than `except`; empty if none.
   std::string awaited_peer(int except);
-  void complete(TransportOperation& op);
+  void complete(Operation& op);
   void wake();
   bool has_failed();
 

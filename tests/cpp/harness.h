@@ -19,7 +19,9 @@
 #include <vector>
 
 #include "communicator.h"
+#include "fake_transport.h"
 #include "reduction_server/server.h"
+#include "transport/tcp_transport.h"
 #include "transport/wire_security.h"
 
 namespace collectives {
@@ -33,6 +35,12 @@ inline void check(bool ok, const std::string& what) {
     std::fprintf(stderr, "FAIL: %s\n", what.c_str());
   }
 }
+
+// Cost models that make select_allreduce() always pick one algorithm of the ring family:
+// messages free (the ring moves fewer bytes), or bytes free (recursive doubling waits on
+// fewer messages).
+inline CostModel always_ring() { return {0.0, 1.0}; }
+inline CostModel always_recursive_doubling() { return {1.0, 0.0}; }
 
 // A connected pair of loopback TCP sockets: {accepted end, connecting end}.
 inline std::pair<int, int> loopback_pair() {
@@ -56,6 +64,12 @@ inline std::pair<int, int> loopback_pair() {
 
 // The wire security of the jobs a test makes; each test program runs its tests under each.
 inline WireSecurity job_security = WireSecurity::kMac;
+
+// The transport between the ranks of the jobs a test makes: TCP over loopback, or the
+// in-memory fake (whose faults a test injects through Job::network).
+enum class TransportKind { kTcp, kFake };
+inline TransportKind job_transport = TransportKind::kTcp;
+inline const char* to_string(TransportKind kind) { return kind == TransportKind::kTcp ? "tcp" : "fake"; }
 
 inline std::string random_key() {
   static std::random_device device;
@@ -146,11 +160,12 @@ inline std::vector<std::vector<std::vector<Link>>> loopback_mesh(int size, int c
   return links;
 }
 
-// `size` ranks and `num_reducers` reducers (each serving on its own thread), connected over
-// loopback. With reducers, options.reduction_server decides whether allreduce uses them. The
+// `size` ranks and `num_reducers` reducers (each serving on its own thread), the ranks
+// connected by job_transport, the reducers over loopback. With reducers, options.reduction_server decides whether allreduce uses them. The
 // last `silent_reducers` of them never answer, like a hung host or a cut link. The connection
 // between rank relayed.first and reducer relayed.second goes through `relay`, to be cut.
 struct Job {
+  std::shared_ptr<FakeNetwork> network;  // the ranks' network, with the fake transport
   std::vector<std::unique_ptr<Communicator>> comms;
   std::vector<std::unique_ptr<ReductionServer>> reducers;
   std::vector<Link> silent_links;  // the reducer ends of the silent reducers' connections
@@ -158,18 +173,25 @@ struct Job {
   std::vector<std::thread> reducer_threads;
   std::unique_ptr<Relay> relay;
 
-  Job(int size, int connections = 1, size_t segment_bytes = 0, double timeout = 30)
+  Job(int size, int connections = 1, size_t segment_bytes = 0, double timeout = 30, CostModel cost = {})
       : Job(size, 0, [&] {
           CommunicatorOptions options;
           options.timeout_seconds = timeout;
           options.segment_bytes = segment_bytes;
+          options.cost = cost;
           return options;
         }(), connections) {}
 
   Job(int size, int num_reducers, CommunicatorOptions options, int connections = 1,
       ReducerOptions reducer_options = {}, int silent_reducers = 0,
       std::pair<int, int> relayed = {-1, -1}) {
-    auto links = loopback_mesh(size, connections);
+    std::vector<std::unique_ptr<Transport>> transports;
+    if (job_transport == TransportKind::kFake) {
+      network = std::make_shared<FakeNetwork>(size);
+      transports = network->transports();
+    }
+    auto links = job_transport == TransportKind::kTcp ? loopback_mesh(size, connections)
+                                                      : std::vector<std::vector<std::vector<Link>>>(size);
     std::vector<std::string> names, reducer_names;
     for (int r = 0; r < size; ++r) names.push_back("rank " + std::to_string(r));
     for (int k = 0; k < num_reducers; ++k) reducer_names.push_back("reducer " + std::to_string(k));
@@ -202,7 +224,10 @@ struct Job {
       });
     }
     for (int r = 0; r < size; ++r) {
-      comms.push_back(std::make_unique<Communicator>(r, size, links[r], names, options,
+      if (job_transport == TransportKind::kTcp) {
+        transports.push_back(std::make_unique<TcpTransport>(r, size, links[r], names));
+      }
+      comms.push_back(std::make_unique<Communicator>(std::move(transports[r]), options,
                                                      reducer_links[r], reducer_names));
     }
   }

@@ -1,7 +1,10 @@
-// Ranks as threads in one process, over real loopback TCP: every collective against a
-// sequential reference, and the failure paths (disagreeing ranks, abort). Built and run
-// under AddressSanitizer and UndefinedBehaviorSanitizer in CI.
+// Ranks as threads in one process, over real loopback TCP and over the in-memory fake
+// transport: every collective against a sequential reference, with each all-reduce algorithm
+// of the ring family; the failure paths (disagreeing ranks, abort, a silent rank); and, on the
+// fake, faults injected at every message of a collective. Built and run under
+// AddressSanitizer and UndefinedBehaviorSanitizer in CI.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -55,6 +58,44 @@ void test_allreduce(Job& job, ReduceOp op, size_t count, unsigned seed) {
     check(errors[r].empty(), what + ": rank " + std::to_string(r) + " raised " + errors[r]);
     check(data[r] == expected,
           what + ": wrong result on rank " + std::to_string(r));
+  }
+}
+
+// Inputs whose reductions depend on the order of the operations: exponents far apart, zeros of
+// both signs, and NaNs of different payloads (the kernels keep the destination's on a tie).
+template <typename T>
+std::vector<T> order_sensitive_data(int rank, size_t count, unsigned seed) {
+  std::mt19937 gen(seed * 7919 + rank);
+  std::uniform_real_distribution<T> mantissa(-1, 1);
+  std::uniform_int_distribution<int> kind(0, 19), exponent(-30, 30);
+  std::vector<T> v(count);
+  for (auto& x : v) {
+    switch (kind(gen)) {
+      case 0: x = T(0.0); break;
+      case 1: x = T(-0.0); break;
+      case 2: x = std::nan(std::to_string(rank + 1).c_str()); break;
+      default: x = std::ldexp(mantissa(gen), exponent(gen));
+    }
+  }
+  return v;
+}
+
+// Whatever order an algorithm reduces in, every rank must end with the same bits.
+template <typename T>
+void test_every_rank_same_bits(Job& job, ReduceOp op, size_t count, unsigned seed) {
+  const int size = static_cast<int>(job.comms.size());
+  std::vector<std::vector<T>> data(size);
+  for (int r = 0; r < size; ++r) data[r] = order_sensitive_data<T>(r, count, seed);
+  auto errors = job.run([&](int r) {
+    wait(job.comms[r]->allreduce(data[r].data(), count, dtype_of<T>(), op));
+  });
+  const std::string what = "same bits: allreduce " + std::string(to_string(dtype_of<T>())) + " " +
+                           to_string(op) + " count " + std::to_string(count) + " size " +
+                           std::to_string(size);
+  for (int r = 0; r < size; ++r) {
+    check(errors[r].empty(), what + ": rank " + std::to_string(r) + " raised " + errors[r]);
+    check(std::memcmp(data[r].data(), data[0].data(), count * sizeof(T)) == 0,
+          what + ": rank " + std::to_string(r) + " differs from rank 0");
   }
 }
 
@@ -170,6 +211,8 @@ void relay(int from, int to, size_t altered_at) {
 // Two ranks whose connection runs through a relay that flips one bit of the first frame's
 // payload: with protection the frame is refused and both ranks raise, naming the check;
 // without (kNone, the control that shows the test can fail) rank 1's sum is silently wrong.
+// On the ring, which needs rank 1's second message, so rank 0 cannot finish first (with
+// recursive doubling it could, rightly: the one frame it receives is intact).
 void test_altered_frame_is_refused() {
   const size_t count = 1000;
   auto [at_rank0, relay_end0] = loopback_pair();
@@ -182,12 +225,15 @@ void test_altered_frame_is_refused() {
   std::thread backward(relay, relay_end1, relay_end0, SIZE_MAX);
   CommunicatorOptions options;
   options.timeout_seconds = 20;
+  options.cost = always_ring();
   const std::vector<std::string> names{"rank 0", "rank 1"};
   std::vector<std::vector<float>> data(2);
   std::vector<std::string> errors(2);
   {
     std::vector<std::unique_ptr<Communicator>> comms;
-    for (int r = 0; r < 2; ++r) comms.push_back(std::make_unique<Communicator>(r, 2, links[r], names, options));
+    for (int r = 0; r < 2; ++r) {
+      comms.push_back(std::make_unique<Communicator>(std::make_unique<TcpTransport>(r, 2, links[r], names), options));
+    }
     std::vector<std::thread> ranks;
     for (int r = 0; r < 2; ++r) {
       data[r].assign(count, static_cast<float>(r + 1));
@@ -218,22 +264,95 @@ void test_altered_frame_is_refused() {
 
 }  // namespace
 
-// Every test, under the wire security of job_security.
+// The fake transport: the messages `culprit` sends in one all-reduce, counted on a clean run.
+uint64_t messages_sent(CostModel cost, int size, int culprit, size_t count) {
+  Job job(size, 1, 0, 20, cost);
+  std::vector<std::vector<float>> data(size, std::vector<float>(count, 1.0f));
+  job.run([&](int r) { wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum)); });
+  const uint64_t messages = job.network->sent(culprit);
+  check(messages > 0, "fault injection: rank " + std::to_string(culprit) + " sent nothing");
+  return messages;
+}
+
+// Fault injection (the fake transport): rank `culprit` fails at each of its messages of an
+// all-reduce in turn. The culprit and every rank that needed the message raise, naming the
+// injected failure; a rank that needed nothing more of the culprit may finish, but hears of
+// the failure all the same: every rank's next collective fails at once.
+void test_failure_at_every_message(CostModel cost, int size, int culprit, size_t count) {
+  const uint64_t messages = messages_sent(cost, size, culprit, count);
+  for (uint64_t k = 0; k < messages; ++k) {
+    Job job(size, 1, 0, 20, cost);
+    job.network->inject(culprit, k, FakeNetwork::Fault::kAbort);
+    std::vector<std::vector<float>> data(size, std::vector<float>(count, 1.0f));
+    auto errors = job.run([&](int r) {
+      wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+    });
+    const std::string where = "failure at message " + std::to_string(k) + " of rank " +
+                              std::to_string(culprit) + ", size " + std::to_string(size) + ": rank ";
+    int raised = 0;
+    for (int r = 0; r < size; ++r) {
+      if (errors[r].empty()) continue;
+      ++raised;
+      check(errors[r].find("injected failure at message " + std::to_string(k)) != std::string::npos,
+            where + std::to_string(r) + " must name it, raised '" + errors[r] + "'");
+    }
+    check(!errors[culprit].empty() && raised > 1, where + "the culprit and a peer that needed the message must raise");
+    auto later = job.run([&](int r) { wait(job.comms[r]->barrier()); });
+    for (int r = 0; r < size; ++r) check(!later[r].empty(), where + std::to_string(r) + ": the next collective must fail");
+  }
+}
+
+// The fake transport: a rank falls silent at its k-th message (a hung process). A rank that
+// needs what it did not send must name it, not a neighbour that waits on it too; the others
+// finish (the silent rank's earlier messages were all they needed). Up to 3 ranks: the
+// kStalled question reaches one hop, so on a longer chain of waits (a ring of 5, the silent
+// rank two hops before) the rank asked may name the healthy one between.
+void test_silent_rank_named_at(CostModel cost, int size, int culprit, size_t count) {
+  const uint64_t messages = messages_sent(cost, size, culprit, count);
+  for (uint64_t k : {uint64_t{0}, messages / 2, messages - 1}) {
+    if (k > 0 && k == messages / 2 && messages / 2 == messages - 1) continue;
+    Job job(size, 1, 0, 0.5, cost);
+    job.network->inject(culprit, k, FakeNetwork::Fault::kSilent);
+    std::vector<std::vector<float>> data(size, std::vector<float>(count, 1.0f));
+    auto errors = job.run([&](int r) {
+      wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+    });
+    const std::string where = "silent at message " + std::to_string(k) + ", size " + std::to_string(size) + ": ";
+    int raised = 0;
+    for (int r = 0; r < size; ++r) {
+      if (r == culprit || errors[r].empty()) continue;
+      ++raised;
+      check(errors[r].find("timed out waiting for rank " + std::to_string(culprit) + " to send") != std::string::npos,
+            where + "rank " + std::to_string(r) + " must name rank " + std::to_string(culprit) + ", said '" + errors[r] + "'");
+    }
+    check(raised > 0, where + "no rank noticed");
+  }
+}
+
+// Every test, under job_transport (and job_security for TCP).
 void run_all() {
   for (int size = 1; size <= 5; ++size) {
     for (int connections : {1, 2}) {
-      // A small segment size gives many pipelined segments per block.
-      for (size_t segment : {size_t{0}, size_t{4096}}) {
-        Job job(size, connections, segment);
+      // A small segment size gives many pipelined segments per block. The cost model's choice
+      // (by count), then each algorithm of the ring family at every count (under one wire
+      // security: the algorithms do not see it).
+      for (auto [segment, cost] : {std::pair{size_t{0}, CostModel{}}, std::pair{size_t{4096}, CostModel{}},
+                                   std::pair{size_t{0}, always_ring()},
+                                   std::pair{size_t{0}, always_recursive_doubling()}}) {
+        const bool forced = cost.alpha_seconds != CostModel{}.alpha_seconds;
+        if (forced && job_transport == TransportKind::kTcp && job_security != WireSecurity::kMac) continue;
+        Job job(size, connections, segment, 30, cost);
         unsigned seed = 1;
         for (size_t count : {size_t{0}, size_t{1}, size_t{2}, size_t{5}, size_t{997}, size_t{100003}}) {
           for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax,
                               ReduceOp::kProd}) {
             test_allreduce<float>(job, op, count, ++seed);
             test_allreduce<int32_t>(job, op == ReduceOp::kAvg ? ReduceOp::kSum : op, count, ++seed);
+            test_every_rank_same_bits<float>(job, op, count, ++seed);
           }
           test_allreduce<double>(job, ReduceOp::kAvg, count, ++seed);
           test_allreduce<int8_t>(job, ReduceOp::kSum, count, ++seed);
+          test_every_rank_same_bits<double>(job, ReduceOp::kSum, count, ++seed);
           test_other_collectives(job, count);
         }
       }
@@ -242,15 +361,24 @@ void run_all() {
   test_mismatch_fails_everywhere();
   test_abort_wakes_peers();
   test_silent_rank_is_named_not_its_neighbour();
-  test_altered_frame_is_refused();
+  if (job_transport == TransportKind::kTcp) test_altered_frame_is_refused();  // a relay between sockets
+  if (job_transport == TransportKind::kFake) {
+    for (CostModel cost : {always_ring(), always_recursive_doubling()}) {
+      for (int size : {2, 3, 4, 5}) test_failure_at_every_message(cost, size, size - 1, 1000);
+      for (int size : {2, 3}) test_silent_rank_named_at(cost, size, size / 2, 1000);
+    }
+  }
 }
 
 int main() {
   for (WireSecurity security : {WireSecurity::kMac, WireSecurity::kNone, WireSecurity::kAead}) {
     job_security = security;
-    std::printf("wire security %s\n", to_string(security));
+    std::printf("tcp, wire security %s\n", to_string(security));
     run_all();
   }
+  job_transport = TransportKind::kFake;
+  std::printf("fake transport\n");
+  run_all();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

@@ -1,0 +1,78 @@
+// What algorithms and the communicator see of the network, as Gloo's Pair/UnboundBuffer: tagged
+// messages to and from a peer rank, a wait with a deadline, and one sticky failure that every
+// peer hears of. Peers are global ranks (0..size-1 of the job's workers); algorithms reach them
+// through a Group (algorithms/group.h). Implementations: TcpTransport; an in-memory fake in the
+// C++ tests.
+//
+// Every implementation keeps the same contract:
+//   - matching: the n-th receive posted for a peer takes the n-th message that peer sent to
+//     this rank on the same lane (TcpTransport: connection header.unit % connections), and its
+//     header must be the one expected, checked before a payload byte reaches `data`;
+//   - failure: the first failure (a peer's abort or death, a header that disagrees, abort())
+//     fails every pending and later request, and every peer is told why;
+//   - deadlines: a wait that reaches its deadline aborts the transport and throws TimeoutError,
+//     naming the rank that stopped rather than a healthy rank that waits on it too.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "transport/frame.h"
+
+namespace collectives {
+
+// A posted send or receive. Implementations keep their own progress state behind it; a request
+// is only ever waited on by the transport that made it.
+struct TransportOperation {
+  virtual ~TransportOperation() = default;
+  int peer = 0;
+  bool is_send = false;
+  FrameHeader header;  // the header to send, or the one expected
+};
+using TransportRequest = std::shared_ptr<TransportOperation>;
+
+// News from a peer that does not stop the job (a kNotice frame).
+struct PeerNotice {
+  int from;
+  uint32_t about;
+  std::string text;
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const std::string& peer_name(int peer) const = 0;
+
+  // `data` (header.nbytes bytes) must stay valid until the request is done.
+  virtual TransportRequest send(int peer, const FrameHeader& header, const void* data) = 0;
+  virtual TransportRequest recv(int peer, const FrameHeader& expected, void* data) = 0;
+
+  // Blocks until the request is done. Throws CollectiveError if the transport failed, and
+  // TimeoutError at the deadline (after aborting the transport, so peers learn of it). Once it
+  // throws, the transport touches no posted buffer again.
+  virtual void wait(const TransportRequest& request, Deadline deadline) = 0;
+
+  // Fails every pending and future request with `reason` and tells every peer. Idempotent;
+  // the first reason wins.
+  virtual void abort(const std::string& reason, bool timed_out = false) = 0;
+  // After abort(): blocks until no posted buffer will be touched again.
+  virtual void quiesce() = 0;
+  // Why the transport failed; empty while it has not. For loops that wait on other things too
+  // (the reduction server's channels), so that they do not outwait a failed job.
+  virtual std::string failure() = 0;
+
+  // Sends every peer a notice (`about` and `text` are the caller's to define), behind what was
+  // sent to it before, without waiting for it to go out. A peer takes it as soon as it has
+  // read every earlier message from this rank, whatever it waits for.
+  virtual void notify(uint32_t about, const std::string& text) = 0;
+  // The notices that arrived since the last call, in order of arrival.
+  virtual std::vector<PeerNotice> take_notices() = 0;
+};
+
+}  // namespace collectives

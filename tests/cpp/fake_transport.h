@@ -1,0 +1,301 @@
+// An in-memory Transport for the C++ tests: ranks are threads of one process, and a message is
+// copied into its receiver's queue under one lock. It keeps the Transport contract (in-order
+// matching per peer, headers checked before a byte reaches a buffer, one sticky failure that
+// every peer hears, kStalled culprits) and adds what a real network cannot give a test: a
+// fault at a chosen message of a chosen rank, the same on every run. The real transports are
+// tested too; this one does not stand in for them.
+#pragma once
+
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "transport/transport.h"
+
+namespace collectives {
+namespace testing {
+
+class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
+ public:
+  enum class Fault {
+    kAbort,   // the rank fails there, as if its wait had thrown, and tells its peers why
+    kSilent,  // from there on, nothing the rank sends arrives, as a hung process or a cut link
+  };
+
+  explicit FakeNetwork(int size) : ranks_(size) {
+    for (auto& state : ranks_) state.from.resize(size);
+  }
+
+  // Rank `rank` meets `fault` at its message number `message` (0: its first send).
+  void inject(int rank, uint64_t message, Fault fault) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ranks_[rank].fault_at = message;
+    ranks_[rank].fault = fault;
+  }
+
+  // Messages rank `rank` has sent so far (what inject() counts).
+  uint64_t sent(int rank) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return ranks_[rank].sent;
+  }
+
+  // One transport per rank; the network lives as long as any of them.
+  std::vector<std::unique_ptr<Transport>> transports() {
+    std::vector<std::unique_ptr<Transport>> result;
+    for (int r = 0; r < static_cast<int>(ranks_.size()); ++r) {
+      result.push_back(std::make_unique<Endpoint>(shared_from_this(), r));
+    }
+    return result;
+  }
+
+ private:
+  struct Operation : TransportOperation {
+    void* data = nullptr;
+    bool done = false;
+    bool ok = false;
+  };
+  using OperationPtr = std::shared_ptr<Operation>;
+
+  struct Message {
+    FrameHeader header;
+    std::vector<char> payload;
+  };
+
+  // What one rank has received from one peer: messages not yet matched, receives not yet
+  // filled. At most one of the two queues holds anything.
+  struct Inbox {
+    std::deque<Message> messages;
+    std::deque<OperationPtr> receives;
+  };
+
+  struct RankState {
+    std::vector<Inbox> from;  // [peer]
+    std::vector<PeerNotice> notices;
+    uint64_t sent = 0;
+    uint64_t fault_at = UINT64_MAX;
+    Fault fault = Fault::kAbort;
+    bool silent = false;
+    bool closed = false;
+    bool failed = false;
+    bool timed_out = false;
+    std::string failure;
+  };
+
+  static constexpr double kStalledGraceSeconds = 0.5;
+
+  static std::string name(int rank) { return "rank " + std::to_string(rank); }
+
+  static std::string describe_message(const FrameHeader& h) {
+    return "message " + std::to_string(h.unit) + " (" + std::to_string(h.nbytes) + " bytes)";
+  }
+
+  // The first failure of `rank` sticks; its pending receives end, and (unless it is silent)
+  // every peer hears "rank R aborted: <reason>", as from the TCP transport's abort frame.
+  void fail_locked(int rank, const std::string& reason, bool timed_out, bool tell_peers = true) {
+    RankState& state = ranks_[rank];
+    if (state.failed) return;
+    state.failed = true;
+    state.timed_out = timed_out;
+    state.failure = reason;
+    for (Inbox& inbox : state.from) {
+      for (auto& op : inbox.receives) op->done = true;
+      inbox.receives.clear();
+    }
+    changed_.notify_all();
+    if (!tell_peers || state.silent) return;
+    for (int peer = 0; peer < static_cast<int>(ranks_.size()); ++peer) {
+      if (peer != rank && !ranks_[peer].closed) {
+        fail_locked(peer, name(rank) + " aborted: " + reason, timed_out, false);
+      }
+    }
+  }
+
+  // Matches what `to` has from `from` with its receives, in order; notices are taken as they
+  // come up, as the TCP transport reads them between data frames.
+  void deliver_locked(int to, int from) {
+    RankState& state = ranks_[to];
+    Inbox& inbox = state.from[from];
+    while (!state.failed && !inbox.messages.empty()) {
+      Message& message = inbox.messages.front();
+      if (message.header.kind == static_cast<uint8_t>(FrameKind::kNotice)) {
+        state.notices.push_back({from, message.header.unit,
+                                 std::string(message.payload.begin(), message.payload.end())});
+      } else {
+        if (inbox.receives.empty()) return;
+        OperationPtr op = inbox.receives.front();
+        std::string why = mismatch(op->header, message.header);
+        if (!why.empty()) return fail_locked(to, name(from) + " sent " + why, false);
+        inbox.receives.pop_front();
+        if (!message.payload.empty()) std::memcpy(op->data, message.payload.data(), message.payload.size());
+        op->done = op->ok = true;
+        changed_.notify_all();
+      }
+      inbox.messages.pop_front();
+    }
+  }
+
+  // A peer timed out waiting on `rank`: if `rank` waits to receive from a third rank, it fails
+  // at once naming that one (the TCP transport's kStalled).
+  void stalled_locked(int rank, int asker) {
+    RankState& state = ranks_[rank];
+    if (state.silent || state.failed) return;
+    for (int peer = 0; peer < static_cast<int>(ranks_.size()); ++peer) {
+      if (peer == asker || state.from[peer].receives.empty()) continue;
+      const FrameHeader& awaited = state.from[peer].receives.front()->header;
+      return fail_locked(rank, "timed out waiting for " + name(peer) + " to send " +
+                                   describe_message(awaited) + " (" + name(asker) +
+                                   " timed out waiting for this rank)",
+                         true);
+    }
+  }
+
+  class Endpoint : public Transport {
+   public:
+    Endpoint(std::shared_ptr<FakeNetwork> network, int rank) : net_(std::move(network)), rank_(rank) {
+      for (int r = 0; r < size(); ++r) names_.push_back(name(r));
+    }
+
+    ~Endpoint() override {
+      std::lock_guard<std::mutex> lock(net_->mutex_);
+      net_->ranks_[rank_].closed = true;
+      for (int peer = 0; peer < size(); ++peer) {
+        if (peer != rank_ && !net_->ranks_[peer].from[rank_].receives.empty()) {
+          net_->fail_locked(peer, name(rank_) + " closed its communicator while this rank still "
+                                  "exchanges data with it", false);
+        }
+      }
+    }
+
+    int rank() const override { return rank_; }
+    int size() const override { return static_cast<int>(net_->ranks_.size()); }
+    const std::string& peer_name(int peer) const override { return names_[peer]; }
+
+    TransportRequest send(int peer, const FrameHeader& header, const void* data) override {
+      auto op = make(peer, header, const_cast<void*>(data), true);
+      std::lock_guard<std::mutex> lock(net_->mutex_);
+      RankState& me = net_->ranks_[rank_];
+      op->done = true;
+      if (me.failed) return op;
+      if (net_->ranks_[peer].closed) {
+        net_->fail_locked(rank_, name(peer) + " has closed its communicator", false);
+        return op;
+      }
+      if (me.sent++ == me.fault_at) {
+        if (me.fault == Fault::kAbort) {
+          net_->fail_locked(rank_, "injected failure at message " + std::to_string(me.fault_at), false);
+          return op;
+        }
+        me.silent = true;
+      }
+      op->ok = true;
+      if (!me.silent) post_message(peer, header, data);
+      return op;
+    }
+
+    TransportRequest recv(int peer, const FrameHeader& expected, void* data) override {
+      auto op = make(peer, expected, data, false);
+      std::lock_guard<std::mutex> lock(net_->mutex_);
+      RankState& me = net_->ranks_[rank_];
+      if (me.failed) {
+        op->done = true;
+        return op;
+      }
+      Inbox& inbox = me.from[peer];
+      if (net_->ranks_[peer].closed && inbox.messages.empty()) {
+        op->done = true;
+        net_->fail_locked(rank_, name(peer) + " has closed its communicator", false);
+        return op;
+      }
+      inbox.receives.push_back(op);
+      net_->deliver_locked(rank_, peer);
+      return op;
+    }
+
+    void wait(const TransportRequest& request, Deadline deadline) override {
+      auto* op = static_cast<Operation*>(request.get());
+      std::unique_lock<std::mutex> lock(net_->mutex_);
+      RankState& me = net_->ranks_[rank_];
+      bool told = op->is_send;
+      while (!op->done && !me.failed) {
+        if (net_->changed_.wait_until(lock, deadline) != std::cv_status::timeout) continue;
+        if (op->done || me.failed) break;
+        if (!told && !me.silent) {  // a hung rank asks nobody anything
+          told = true;
+          net_->stalled_locked(op->peer, rank_);
+          deadline = deadline_after(kStalledGraceSeconds);  // as TcpTransport's
+        } else {
+          net_->fail_locked(rank_, "timed out waiting for " + name(op->peer) + " to send " +
+                                       describe_message(op->header), true);
+        }
+      }
+      if (op->ok) return;
+      if (me.timed_out) throw TimeoutError(me.failure);
+      throw CollectiveError(me.failure);
+    }
+
+    void abort(const std::string& reason, bool timed_out) override {
+      std::lock_guard<std::mutex> lock(net_->mutex_);
+      net_->fail_locked(rank_, reason, timed_out);
+    }
+
+    // Payloads are copied under the network's lock, never after a failure: nothing to wait for.
+    void quiesce() override {}
+
+    std::string failure() override {
+      std::lock_guard<std::mutex> lock(net_->mutex_);
+      const RankState& me = net_->ranks_[rank_];
+      return me.failed ? me.failure : std::string();
+    }
+
+    void notify(uint32_t about, const std::string& text) override {
+      FrameHeader header;
+      header.kind = static_cast<uint8_t>(FrameKind::kNotice);
+      header.unit = about;
+      header.nbytes = text.size();
+      std::lock_guard<std::mutex> lock(net_->mutex_);
+      if (net_->ranks_[rank_].silent) return;
+      for (int peer = 0; peer < size(); ++peer) {
+        if (peer != rank_) post_message(peer, header, text.data());
+      }
+    }
+
+    std::vector<PeerNotice> take_notices() override {
+      std::lock_guard<std::mutex> lock(net_->mutex_);
+      return std::exchange(net_->ranks_[rank_].notices, {});
+    }
+
+   private:
+    OperationPtr make(int peer, const FrameHeader& header, void* data, bool is_send) {
+      auto op = std::make_shared<Operation>();
+      op->peer = peer;
+      op->is_send = is_send;
+      op->header = header;
+      op->data = data;
+      return op;
+    }
+
+    // With the network's lock held.
+    void post_message(int peer, const FrameHeader& header, const void* data) {
+      RankState& to = net_->ranks_[peer];
+      if (to.failed || to.closed) return;
+      const char* bytes = static_cast<const char*>(data);
+      to.from[rank_].messages.push_back({header, std::vector<char>(bytes, bytes + header.nbytes)});
+      net_->deliver_locked(peer, rank_);
+    }
+
+    std::shared_ptr<FakeNetwork> net_;
+    const int rank_;
+    std::vector<std::string> names_;
+  };
+
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<RankState> ranks_;
+};
+
+}  // namespace testing
+}  // namespace collectives
