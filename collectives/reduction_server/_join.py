@@ -3,7 +3,7 @@ publishes its address, and takes one authenticated connection from each worker.
 
 - Under mpirun, as a process of the workers' MPMD job (mpirun -np N python train.py : -np R
   collectives-reducer): it makes the same MPI_COMM_WORLD calls as the workers (see
-  collectives._bootstrap.MpiJob); its index is its place among the job's reducers.
+  collectives._mpi.MpiJob); its index is its place among the job's reducers.
 - Otherwise through the job's store (--rendezvous, served by worker 0): it reads the job's
   id, size and COLLECTIVES_NUM_REDUCERS, which worker 0 publishes, claims the next index,
   and publishes its address under "reducer/<index>". The secret comes from
@@ -22,12 +22,14 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from .. import _netif
-from .._bootstrap import (NO_SECRET, MpiJob, StoreWaits, launched_by_mpirun, mpi_world, parse_address, read_secret,
-                          reducer_record, signed_store)
 from .._config import Config
 from .._handshake import ROLE_REDUCER, ROLE_WORKER, Acceptor, PeerHello, SessionKeys, server_handshake
-from .._store import StoreClient
+from .._launch import NO_SECRET, launched_by_mpirun, parse_address, read_secret
+from .._mpi import MpiJob, mpi_world
+from .._rendezvous import StoreWaits, signed_store
+from .._store import SignedStore, StoreClient
 from ..errors import AuthenticationError, CollectiveError, TimeoutError
+from ._meet import check_reducer_records, reducer_record
 
 __all__ = ["Joined", "join"]
 
@@ -92,7 +94,7 @@ def _join_mpi(environ: Mapping[str, str], config: Config, deadline: float,
     except (OSError, ValueError, CollectiveError) as e:
         record = {"failed": f"{type(e).__name__}: {e}"}
     try:
-        job.reducer_records(record)  # raises on every process alike if a reducer failed
+        check_reducer_records(job.reducer_records(record))  # raises on every process alike if a reducer failed
     except BaseException:
         if listener is not None:
             listener.close()

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from torch.distributed import ReduceOp
 
 import collectives as cc
-from collectives._bootstrap import NO_SECRET, bootstrap_with_store, read_secret, torchrun_rendezvous
+from collectives._bootstrap import bootstrap_with_store
 from collectives._config import Config
+from collectives._launch import NO_SECRET, read_secret, torchrun_rendezvous
 from collectives.errors import TimeoutError
 
 from ._work import Completer, Step, Work, in_place, to_host

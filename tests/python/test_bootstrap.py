@@ -10,9 +10,10 @@ import time
 import pytest
 
 from collectives import _netif
-from collectives._bootstrap import bootstrap, read_secret
+from collectives._bootstrap import bootstrap
 from collectives._config import Config
 from collectives._handshake import PROTOCOL_VERSION
+from collectives._launch import read_secret
 from collectives._store import SIGNATURE_BYTES, StoreClient
 from collectives.errors import CollectiveError
 
