@@ -100,6 +100,18 @@ def run_case(comm, case):
             out = comm.allreduce(x, op=case["op"])
         problems = [] if out is x else [f"{what}: allreduce did not return its buffer"]
         return problems + check_equal(what, x, expected_allreduce(case, size))
+    if kind == "same_bits":
+        # Order-sensitive inputs (far-apart exponents, zeros of both signs): whatever order the
+        # algorithm reduces in, every rank must end with the same bits.
+        rng = np.random.default_rng([case["seed"], rank])
+        values = np.ldexp(rng.uniform(-1, 1, case["count"]), rng.integers(-20, 21, case["count"]))
+        values[rng.random(case["count"]) < 0.1] = -0.0
+        x = values.astype(numpy_dtype(case["dtype"]))
+        comm.allreduce(x, op=case["op"])
+        rows = comm.allgather(x)
+        bits = np.dtype(f"u{x.dtype.itemsize}")
+        differ = [r for r in range(size) if not np.array_equal(rows[r].view(bits), x.view(bits))]
+        return [f"{what}: rank(s) {differ} ended with other bits"] if differ else []
     if kind == "allgather":
         x = make_input(case, rank)
         out = comm.allgather(x)
@@ -137,6 +149,12 @@ def matrix(size, counts):
         cases.append(dict(collective="reduce_scatter", dtype=dtype, op=valid_ops(dtype)[-1],
                           count=3 * size * 101, seed=seed))
     cases.append(dict(collective="allreduce", dtype="float32", op="sum", count=1000, seed=seed + 1, **{"async": True}))
+    seed += 1
+    for dtype in FLOATING:
+        for op in ("sum", "min", "max"):
+            for count in (7, counts[-1]):  # latency- and bandwidth-bound algorithms
+                seed += 1
+                cases.append(dict(collective="same_bits", dtype=dtype, op=op, count=count, seed=seed))
     return cases
 
 
