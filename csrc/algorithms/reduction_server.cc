@@ -179,7 +179,27 @@ void ReductionServerAllreduce::Call::run(const AlgorithmContext& ctx) {
   std::vector<bool> have(chunks, false);
   auto collect = [&](const ShardBatchHandle& batch) {
     if (!batch) return;
-    reducers.wait(batch, ctx.deadline, watch);
+    if (!reducers.wait(batch, ctx.deadline, watch)) {
+      /*
+       * The workers the reducers wait for may include one that is still inside an earlier
+       * collective, waiting there on the worker that really stopped (the workers leave the
+       * agreement below at different rounds, so this one may have gone on while it could
+       * not): only the ends of those waits are named.
+       */
+      std::vector<int> awaited = reducers.awaited_workers();
+      awaited.erase(std::remove(awaited.begin(), awaited.end(), ctx.rank()), awaited.end());
+      const std::vector<StalledPeer> stalled = ctx.transport.trace_stall(awaited);
+      if (!reducers.wait(batch, Clock::now(), watch)) {  // throws if the job failed meanwhile
+        std::string culprits;
+        std::vector<int> ranks;
+        for (const StalledPeer& s : stalled) {
+          culprits += (culprits.empty() ? "" : "; ") + ctx.transport.describe(s);
+          ranks.push_back(s.rank);
+        }
+        throw TimeoutError("timed out waiting for sums: " + (culprits.empty() ? "" : culprits + ": ") +
+                           reducers.describe_waits(ranks));
+      }
+    }
     for (const auto& t : batch->transfers) {
       if (t.state == ShardTransfer::State::kDone) have[t.header.unit] = true;
     }

@@ -22,6 +22,23 @@ namespace {
 constexpr int kPollMillis = 20;
 constexpr int kGoodbyeMillis = 1000;
 
+/*
+ * Telling a stopped reducer from a cut link. Keepalive probes every kProbeSeconds while the
+ * link is idle, and the acknowledgements of our chunks while it is busy, keep the reducer's
+ * host answering this worker's TCP: a host that has not answered for kPathSilenceSeconds is
+ * cut off (or down). A reducer silent for the heartbeat deadline while its host answered
+ * throughout is stopped or stuck, and is dropped then. A cut is waited out longer, since
+ * TCP resends with a backoff that doubles: a cut of c seconds can hold data back until
+ * about 2c + RTO after it began, so a cut shorter than the deadline d ends within 2d +
+ * kBackoffSlackSeconds; a reducer silent past that is unreachable, and is dropped.
+ */
+constexpr int kProbeSeconds = 1;
+constexpr double kPathSilenceSeconds = 1.5;
+constexpr double kBackoffSlackSeconds = 1.0;
+// Unanswered probes after which the kernel itself ends the connection: far beyond any wait
+// above, so the deadlines decide.
+constexpr int kProbeCount = 120;
+
 bool same_chunk(const FrameHeader& a, const FrameHeader& b) {
   return a.collective == b.collective && a.dtype == b.dtype && a.op == b.op && a.seq == b.seq &&
          a.count == b.count && a.unit == b.unit && a.nbytes == b.nbytes && a.root == b.root;
@@ -57,6 +74,7 @@ struct ReducerChannels::Reducer {
   std::optional<Ref> receiving;  // whose sum is being read (none: a control frame)
   std::vector<char> staging;  // the frame being read; a sum is copied into place once whole
   Clock::time_point last_heard;
+  Clock::time_point cut_seen;  // when its host was last found not answering (see above)
   WaitingFor waits;  // as its last heartbeat said
   Clock::time_point waits_heard;
   std::string lost;        // why this worker stopped using it, when it found that out itself
@@ -88,7 +106,10 @@ ReducerChannels::ReducerChannels(std::vector<Link> links, std::vector<std::strin
   if (names.size() != links.size()) {
     throw std::invalid_argument("need one name per reducer connection");
   }
-  for (auto& reducer : reducers_) set_nonblocking(reducer->fd.get());
+  for (auto& reducer : reducers_) {
+    set_nonblocking(reducer->fd.get());
+    set_keepalive(reducer->fd.get(), kProbeSeconds, kProbeSeconds, kProbeCount);
+  }
   progress_thread_ = std::thread([this] { progress_loop(); });
 }
 
@@ -132,31 +153,44 @@ void ReducerChannels::settle(ShardBatch& batch, ShardTransfer& transfer, ShardTr
   if (--batch.unfinished == 0) settled_.notify_all();
 }
 
-void ReducerChannels::wait(const ShardBatchHandle& batch, Deadline deadline,
+bool ReducerChannels::wait(const ShardBatchHandle& batch, Deadline deadline,
                            const std::function<std::string()>& watch) {
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
     if (!failure_.empty()) throw CollectiveError(failure_);
-    if (batch->unfinished == 0) return;
+    if (batch->unfinished == 0) return true;
     lock.unlock();
     std::string failure = watch();
     lock.lock();
     if (!failure.empty()) throw CollectiveError(failure);
     if (batch->unfinished == 0) continue;
-    if (Clock::now() >= deadline) throw TimeoutError("timed out waiting for sums: " + describe_waits());
+    if (Clock::now() >= deadline) return false;
     settled_.wait_for(lock, std::chrono::milliseconds(kPollMillis));
   }
 }
 
-// What the reducers that owe this worker sums wait for, as their heartbeats said: the
-// workers they name are the ones missing (stopped, or cut off from that reducer).
-std::string ReducerChannels::describe_waits() const {
+std::vector<int> ReducerChannels::awaited_workers() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<int> ranks;
+  for (const auto& reducer : reducers_) {
+    if (!reducer->alive || reducer->waiting.empty()) continue;
+    ranks.insert(ranks.end(), reducer->waits.ranks.begin(), reducer->waits.ranks.end());
+  }
+  std::sort(ranks.begin(), ranks.end());
+  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  return ranks;
+}
+
+// The workers the reducers name are the ones missing (stopped, or cut off from that reducer).
+std::string ReducerChannels::describe_waits(const std::vector<int>& culprits) const {
+  std::lock_guard<std::mutex> lock(mutex_);
   std::string text;
   for (const auto& reducer : reducers_) {
     if (!reducer->alive || reducer->waiting.empty()) continue;
     text += (text.empty() ? "" : "; ") + reducer->name + " ";
     if (reducer->waits.missing) {
-      text += reducer->waits.describe(std::chrono::duration<double>(Clock::now() - reducer->waits_heard).count());
+      text += reducer->waits.describe(std::chrono::duration<double>(Clock::now() - reducer->waits_heard).count(),
+                                      culprits);
     } else {
       text += "owes sums but waits for no worker's chunk (it, or its link to this worker, is slow)";
     }
@@ -376,18 +410,35 @@ bool ReducerChannels::read_some(Reducer& reducer) {
   }
 }
 
+std::string ReducerChannels::silence_verdict(Reducer& reducer) {
+  const Clock::time_point now = Clock::now();
+  const double silent = std::chrono::duration<double>(now - reducer.last_heard).count();
+  if (reducer.waiting.empty()) return "";
+  if (silent > kPathSilenceSeconds) {
+    const double unanswered = seconds_since_peer_acked(reducer.fd.get());
+    if (unanswered < 0 || unanswered > kPathSilenceSeconds) reducer.cut_seen = now;
+  }
+  const bool cut = reducer.cut_seen > reducer.last_heard;
+  const double limit = cut ? 2 * heartbeat_timeout_ + kBackoffSlackSeconds : heartbeat_timeout_;
+  if (silent <= limit) return "";
+  char seconds[96];
+  std::snprintf(seconds, sizeof(seconds), "%.1f s (COLLECTIVES_RS_HEARTBEAT_TIMEOUT=%g)", silent,
+                heartbeat_timeout_);
+  return std::string("sent nothing (no sum, no heartbeat) for ") + seconds + ": " +
+         (cut ? "its host stopped answering this worker's TCP: the link is cut or the host is down (a cut is "
+                "waited out for twice the deadline and a second, as TCP's backoff needs)"
+              : "its host still answers: the reducer process is stopped or stuck");
+}
+
 void ReducerChannels::progress_loop() {
   epoll_event events[16];
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
     for (auto& reducer : reducers_) {
       if (!reducer->alive) continue;
-      const double silent = std::chrono::duration<double>(Clock::now() - reducer->last_heard).count();
-      if (!reducer->waiting.empty() && silent > heartbeat_timeout_) {
-        char seconds[32];
-        std::snprintf(seconds, sizeof(seconds), "%g", heartbeat_timeout_);
-        lose(*reducer, std::string("sent nothing (no sum, no heartbeat) for ") + seconds +
-                           " s (COLLECTIVES_RS_HEARTBEAT_TIMEOUT)");
+      const std::string silence = silence_verdict(*reducer);
+      if (!silence.empty()) {
+        lose(*reducer, silence);
         continue;
       }
       update_interest(*reducer);

@@ -83,10 +83,15 @@ class ReducerChannels {
   // milliseconds, without the channels' lock: it may abandon() reducers (news from the other
   // workers) and returns why the job failed (another worker failed), empty while it has not.
   // Throws CollectiveError if a reducer relays a job failure (an abort frame), if `watch()`
-  // returns a failure or if cancel() is called; TimeoutError at the deadline, naming the
-  // workers that the reducers still wait for.
-  void wait(const ShardBatchHandle& batch, Deadline deadline,
+  // returns a failure or if cancel() is called. False if the deadline came first.
+  bool wait(const ShardBatchHandle& batch, Deadline deadline,
             const std::function<std::string()>& watch);
+  // The workers whose chunks the reducers that owe this worker sums still wait for, as their
+  // heartbeats said (ascending), and the same in words, naming the reducers and chunks: what
+  // a worker that timed out waiting for sums reports.
+  // Where `culprits` is not empty, only those workers are named (WaitingFor::describe).
+  std::vector<int> awaited_workers() const;
+  std::string describe_waits(const std::vector<int>& culprits = {}) const;
   // Stops using a reducer: says goodbye (so that it can tell this from a death) and closes;
   // its unfinished transfers are lost. `why` is logged; false if it was abandoned already.
   bool abandon(int reducer, const std::string& why);
@@ -107,11 +112,12 @@ class ReducerChannels {
   bool write_some(Reducer& reducer);
   bool read_some(Reducer& reducer);
   void lose(Reducer& reducer, const std::string& why);
+  // Why `reducer` must be dropped for its silence while it owes sums; empty if it need not.
+  std::string silence_verdict(Reducer& reducer);
   void settle(ShardBatch& batch, ShardTransfer& transfer, ShardTransfer::State state);
   // `farewell`: kGoodbye, or kAbort with `reason`; none where the reducer broke the protocol.
   void abandon_locked(Reducer& reducer, std::optional<FrameKind> farewell, const std::string& reason = "");
   void say_farewell(Reducer& reducer, FrameKind kind, const std::string& reason);
-  std::string describe_waits() const;
   void update_interest(Reducer& reducer);
   void fail(const std::string& reason);
   void wake();

@@ -42,13 +42,21 @@ bool WaitingFor::parse(const FrameHeader& header, const std::string& payload, Wa
   return true;
 }
 
-std::string WaitingFor::describe(double older) const {
-  std::string whom;
-  for (size_t i = 0; i < ranks.size(); ++i) {
-    const bool last = i + 1 == ranks.size() && ranks.size() == missing;
-    whom += std::string(i == 0 ? "" : last ? " and " : ", ") + "rank " + std::to_string(ranks[i]);
+std::string WaitingFor::describe(double older, const std::vector<int>& culprits) const {
+  std::vector<uint32_t> named;
+  for (uint32_t rank : ranks) {
+    if (culprits.empty() || std::count(culprits.begin(), culprits.end(), static_cast<int>(rank))) named.push_back(rank);
   }
-  if (missing > ranks.size()) whom += " and " + std::to_string(missing - ranks.size()) + " other workers";
+  std::string whom;
+  for (size_t i = 0; i < named.size(); ++i) {
+    const bool last = i + 1 == named.size() && named.size() == missing;
+    whom += std::string(i == 0 ? "" : last ? " and " : ", ") + "rank " + std::to_string(named[i]);
+  }
+  const uint32_t others = missing - static_cast<uint32_t>(named.size());
+  if (others > 0) {
+    whom += (named.empty() ? "" : " and ") + std::to_string(others) + " other worker" + (others == 1 ? "" : "s") +
+            (culprits.empty() ? "" : " that wait on them");
+  }
   char waited[32];
   std::snprintf(waited, sizeof(waited), "%.1f", seconds + older);
   return std::string("has waited ") + waited + " s for chunk " + std::to_string(chunk.unit) + " of " +

@@ -31,8 +31,9 @@ struct WaitingFor {
   // From a heartbeat that came off the wire; false if its payload is malformed.
   static bool parse(const FrameHeader& header, const std::string& payload, WaitingFor* out);
   // "has waited 29.8 s for chunk 3 of allreduce #7 (sum, 1000 x float32) from rank 2";
-  // `older` seconds are added (the heartbeat's age).
-  std::string describe(double older) const;
+  // `older` seconds are added (the heartbeat's age). Where `culprits` is not empty, only
+  // those of the missing ranks are named, and the others counted as waiting on them.
+  std::string describe(double older, const std::vector<int>& culprits = {}) const;
 };
 
 }  // namespace collectives

@@ -239,11 +239,7 @@ ReductionServer::State::State(const std::vector<Link>& links, const std::vector<
                           : kDefaultWorkerShare;
   for (WorkerConnection& w : workers) {
     set_nonblocking(w.fd.get());
-    int one = 1;
-    setsockopt(w.fd.get(), SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
-    setsockopt(w.fd.get(), IPPROTO_TCP, TCP_KEEPIDLE, &kKeepIdle, sizeof(kKeepIdle));
-    setsockopt(w.fd.get(), IPPROTO_TCP, TCP_KEEPINTVL, &kKeepInterval, sizeof(kKeepInterval));
-    setsockopt(w.fd.get(), IPPROTO_TCP, TCP_KEEPCNT, &kKeepCount, sizeof(kKeepCount));
+    set_keepalive(w.fd.get(), kKeepIdle, kKeepInterval, kKeepCount);
     update_interest(w);
   }
   open_connections = static_cast<int>(workers.size());

@@ -16,6 +16,12 @@ std::string errno_text(int err);
 bool would_block(int err);
 // O_NONBLOCK and TCP_NODELAY; throws std::runtime_error if fcntl fails.
 void set_nonblocking(int fd);
+// TCP keepalive: after `idle_seconds` with nothing received, a probe every `interval_seconds`;
+// the kernel ends the connection once `count` probes in a row went unanswered.
+void set_keepalive(int fd, int idle_seconds, int interval_seconds, int count);
+// Seconds since the peer's TCP last acknowledged anything on fd (its kernel, not its
+// process: a stopped process's host still answers), or a negative value if unknown.
+double seconds_since_peer_acked(int fd);
 
 // An epoll set for one event loop, with an eventfd through which other threads wake it.
 class Poller {

@@ -10,6 +10,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <stdexcept>
@@ -62,13 +63,12 @@ constexpr uint64_t kFairnessBudget = 4 << 20;
 // still be draining the last collective's data), and a failing rank to say why.
 constexpr int kGoodbyeMillis = 10000;
 constexpr int kAbortNoticeMillis = 1000;
-constexpr int kStalledGraceMillis = 500;
 
 }  // namespace
 
 TcpTransport::TcpTransport(int rank, int size, std::vector<std::vector<Link>> peer_links,
                            std::vector<std::string> peer_names)
-    : rank_(rank), size_(size), peer_names_(std::move(peer_names)) {
+    : rank_(rank), size_(size), peer_names_(std::move(peer_names)), waiting_on_(std::max(size, 0), kNoAnswer) {
   // Own every socket first, so that each is closed whatever fails below.
   connections_.resize(peer_links.size());
   for (size_t peer = 0; peer < peer_links.size(); ++peer) {
@@ -178,35 +178,41 @@ void TcpTransport::wait(const TransportRequest& posted, Deadline deadline) {
   // Every request waited on here was made by post().
   Operation* request = static_cast<Operation*>(posted.get());
   std::unique_lock<std::mutex> lock(mutex_);
-  bool told = request->is_send;  // a send waits on the peer's reading, not on its waits
   while (!request->done && !failed_) {
-    if (completed_.wait_until(lock, deadline) == std::cv_status::timeout && !request->done &&
-        !failed_ && !told) {
-      told = true;
+    if (completed_.wait_until(lock, deadline) != std::cv_status::timeout || request->done || failed_) continue;
+    const FrameHeader& h = request->header;
+    std::string reason;
+    if (request->is_send) {  // a send waits on the peer's reading, not on what the peer waits for
+      reason = "timed out sending message " + std::to_string(h.unit) + " (" + std::to_string(h.nbytes) +
+               " bytes) to " + peer_names_[request->peer];
+    } else {
       lock.unlock();
-      FrameHeader stalled;
-      stalled.kind = static_cast<uint8_t>(FrameKind::kStalled);
-      post(request->peer, stalled, nullptr, /*is_send=*/true);
+      reason = why_receive_timed_out(request->peer, h);
       lock.lock();
-      deadline = deadline_after(kStalledGraceMillis / 1000.0);
-    } else if (Clock::now() >= deadline && !request->done && !failed_) {
-      const FrameHeader& h = request->header;
-      std::string message = "message " + std::to_string(h.unit) + " (" +
-                            std::to_string(h.nbytes) + " bytes)";
-      std::string reason = request->is_send
-                               ? "timed out sending " + message + " to " + peer_names_[request->peer]
-                               : "timed out waiting for " + peer_names_[request->peer] +
-                                     " to send " + message;
-      lock.unlock();
-      abort(reason, true);
-      lock.lock();
+      if (request->done || failed_) continue;  // it came after all, or another rank named the culprit
     }
+    lock.unlock();
+    abort(reason, true);
+    lock.lock();
   }
   // A request that completed stays good even if the transport failed afterwards.
   if (request->ok) return;
   completed_.wait(lock, [&] { return quiesced_; });  // the caller may free buffers next
   if (failure_timed_out_) throw TimeoutError(failure_);
   throw CollectiveError(failure_);
+}
+
+int TcpTransport::ask_waiting_on(int peer) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  waiting_on_[peer] = kNoAnswer;
+  lock.unlock();
+  FrameHeader question;
+  question.kind = static_cast<uint8_t>(FrameKind::kStalled);
+  post(peer, question, nullptr, /*is_send=*/true);
+  lock.lock();
+  completed_.wait_for(lock, std::chrono::duration<double>(kStalledGraceSeconds),
+                      [&] { return failed_ || waiting_on_[peer] != kNoAnswer; });
+  return failed_ ? kFailedMeanwhile : waiting_on_[peer];
 }
 
 void TcpTransport::abort(const std::string& reason, bool timed_out) {
@@ -335,7 +341,8 @@ bool TcpTransport::take_header(Connection& conn) {
   const bool control = h.magic == kFrameMagic && (h.kind == static_cast<uint8_t>(FrameKind::kGoodbye) ||
                                                   h.kind == static_cast<uint8_t>(FrameKind::kAbort) ||
                                                   h.kind == static_cast<uint8_t>(FrameKind::kNotice) ||
-                                                  h.kind == static_cast<uint8_t>(FrameKind::kStalled));
+                                                  h.kind == static_cast<uint8_t>(FrameKind::kStalled) ||
+                                                  h.kind == static_cast<uint8_t>(FrameKind::kWaitingOn));
   char* into;
   if (control) {
     if (h.nbytes > kMaxAbortReason) {
@@ -393,10 +400,22 @@ bool TcpTransport::take_frame(Connection& conn) {
     return true;
   }
   if (h.kind == static_cast<uint8_t>(FrameKind::kStalled)) {
-    const std::string waiting = awaited_peer(conn.peer);
-    if (waiting.empty()) return true;  // this rank waits for nobody: the peer names it
-    fail("timed out waiting for " + waiting + " (" + who + " timed out waiting for this rank)", true);
-    return false;
+    FrameHeader answer;
+    answer.kind = static_cast<uint8_t>(FrameKind::kWaitingOn);
+    const int awaited = awaited_rank();
+    answer.root = awaited < 0 ? kWaitsForNobody : static_cast<uint32_t>(awaited);
+    post(conn.peer, answer, nullptr, /*is_send=*/true);
+    return true;
+  }
+  if (h.kind == static_cast<uint8_t>(FrameKind::kWaitingOn)) {
+    if (h.root != kWaitsForNobody && h.root >= static_cast<uint32_t>(size_)) {
+      fail(who + " said it waits on rank " + std::to_string(h.root) + ", which does not exist", false);
+      return false;
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    waiting_on_[conn.peer] = h.root == kWaitsForNobody ? kNobody : static_cast<int>(h.root);
+    completed_.notify_all();
+    return true;
   }
   OperationPtr done = std::move(conn.receiving);
   conn.receiving.reset();
@@ -405,18 +424,14 @@ bool TcpTransport::take_frame(Connection& conn) {
   return true;
 }
 
-std::string TcpTransport::awaited_peer(int except) {
+int TcpTransport::awaited_rank() {
   std::lock_guard<std::mutex> lock(mutex_);
   for (auto& peer : connections_) {
     for (auto& conn : peer) {
-      if (conn->peer == except || conn->closed) continue;
-      const OperationPtr& pending = conn->receiving ? conn->receiving : conn->recvs.empty() ? nullptr : conn->recvs.front();
-      if (!pending) continue;
-      return peer_names_[conn->peer] + " to send message " + std::to_string(pending->header.unit) + " (" +
-             std::to_string(pending->header.nbytes) + " bytes)";
+      if (!conn->closed && (conn->receiving || !conn->recvs.empty())) return conn->peer;
     }
   }
-  return "";
+  return -1;
 }
 
 bool TcpTransport::handle_writable(Connection& conn) {

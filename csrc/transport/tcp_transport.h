@@ -46,13 +46,8 @@ class TcpTransport : public Transport {
   TransportRequest send(int peer, const FrameHeader& header, const void* data) override;
   TransportRequest recv(int peer, const FrameHeader& expected, void* data) override;
 
-  // A receive that times out may wait on a peer that is itself waiting for a third rank (a
-  // ring waits on its neighbour, which waits on the rank that stopped): naming that peer
-  // would blame a healthy rank. So the peer is told first (kStalled), and a peer that is
-  // waiting to receive from another rank fails at once, naming that rank; its abort comes
-  // back within kStalledGraceMillis and is what this rank reports. A peer that waits for
-  // nobody is the one that stopped, and is named after the grace.
   void wait(const TransportRequest& request, Deadline deadline) override;
+  int ask_waiting_on(int peer) override;
 
   // Peers are told by an abort frame where a socket is between frames, then shutdown.
   void abort(const std::string& reason, bool timed_out = false) override;
@@ -86,9 +81,8 @@ class TcpTransport : public Transport {
   void notify_peers_of_failure();
   void say_goodbye();
   void peer_closed(Connection& conn);
-  // "rank 2 to send message 1 (4096 bytes)": a receive this rank waits on from a rank other
-  // than `except`; empty if none.
-  std::string awaited_peer(int except);
+  // The rank that a receive of this rank waits on; -1 if none.
+  int awaited_rank();
   void complete(Operation& op);
   void wake();
   bool has_failed();
@@ -111,6 +105,7 @@ class TcpTransport : public Transport {
   bool stopping_ = false;
   std::string failure_;
   std::vector<PeerNotice> notices_;
+  std::vector<int> waiting_on_;  // [peer]: its answer to our last kStalled; kNoAnswer before one
 
   std::thread progress_thread_;
 };

@@ -11,7 +11,8 @@
 //   - failure: the first failure (a peer's abort or death, a header that disagrees, abort())
 //     fails every pending and later request, and every peer is told why;
 //   - deadlines: a wait that reaches its deadline aborts the transport and throws TimeoutError,
-//     naming the rank that stopped rather than a healthy rank that waits on it too.
+//     naming the rank that stopped rather than a healthy rank that waits on it too
+//     (why_receive_timed_out), and every rank answers another's question of what it waits for.
 #pragma once
 
 #include <cstdint>
@@ -41,6 +42,14 @@ struct PeerNotice {
   std::string text;
 };
 
+// Where a chain of waiting ranks ends (Transport::trace_stall).
+struct StalledPeer {
+  enum class Why { kSilent, kWaitsForNobody, kWaitsOnAsker, kWaitsInCircle };
+  int rank;
+  Why why;
+  int through;  // ranks between the one asked first and it, each waiting on the next
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;
@@ -57,6 +66,30 @@ class Transport {
   // TimeoutError at the deadline (after aborting the transport, so peers learn of it). Once it
   // throws, the transport touches no posted buffer again.
   virtual void wait(const TransportRequest& request, Deadline deadline) = 0;
+
+  /*
+   * Who holds this rank up. A receive that times out may wait on a peer that is itself
+   * waiting for a third rank (a ring waits on its neighbour, which waits on the next, which
+   * waits on the rank that stopped): naming that peer would blame a healthy rank. So each of
+   * `peers` is asked which rank it waits to receive from (ask_waiting_on), and one that waits
+   * on another is followed to it. A chain ends at a rank that waits for no rank, that does
+   * not answer, or that leads back into the chain. Returns the ends, one per rank; empty if
+   * the transport failed meanwhile (another rank found the culprit first, and aborted).
+   */
+  std::vector<StalledPeer> trace_stall(const std::vector<int>& peers);
+  // "rank 3 (ADDRESS) did not answer (stopped, or cut off), and this rank waits on it through
+  // 2 other ranks that wait in turn"
+  std::string describe(const StalledPeer& stalled) const;
+  // Why a receive of `expected` from `peer` timed out, as trace_stall finds it; empty if the
+  // transport failed meanwhile.
+  std::string why_receive_timed_out(int peer, const FrameHeader& expected);
+
+  // Asks `peer` which rank it waits to receive from (a kStalled frame; a peer answers whatever
+  // it is doing) and waits up to kStalledGraceSeconds for the answer: that rank, or kNobody,
+  // kNoAnswer, kFailedMeanwhile (this transport failed).
+  virtual int ask_waiting_on(int peer) = 0;
+  static constexpr int kNobody = -1, kNoAnswer = -2, kFailedMeanwhile = -3;
+  static constexpr double kStalledGraceSeconds = 0.5;
 
   // Fails every pending and future request with `reason` and tells every peer. Idempotent;
   // the first reason wins.

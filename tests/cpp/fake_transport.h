@@ -1,7 +1,7 @@
 // An in-memory Transport for the C++ tests: ranks are threads of one process, and a message is
 // copied into its receiver's queue under one lock. It keeps the Transport contract (in-order
 // matching per peer, headers checked before a byte reaches a buffer, one sticky failure that
-// every peer hears, kStalled culprits) and adds what a real network cannot give a test: a
+// every peer hears, the answers to "what do you wait for") and adds what a real network cannot give a test: a
 // fault at a chosen message of a chosen rank, the same on every run. The real transports are
 // tested too; this one does not stand in for them.
 #pragma once
@@ -85,8 +85,6 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
     std::string failure;
   };
 
-  static constexpr double kStalledGraceSeconds = 0.5;
-
   static std::string name(int rank) { return "rank " + std::to_string(rank); }
 
   static std::string describe_message(const FrameHeader& h) {
@@ -138,19 +136,15 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
     }
   }
 
-  // A peer timed out waiting on `rank`: if `rank` waits to receive from a third rank, it fails
-  // at once naming that one (the TCP transport's kStalled).
-  void stalled_locked(int rank, int asker) {
-    RankState& state = ranks_[rank];
-    if (state.silent || state.failed) return;
+  // What `rank` answers when asked what it waits for (the TCP transport's kWaitingOn): the
+  // first peer it waits to receive from. A silent rank answers nothing.
+  int waiting_on_locked(int rank) {
+    const RankState& state = ranks_[rank];
+    if (state.silent) return Transport::kNoAnswer;
     for (int peer = 0; peer < static_cast<int>(ranks_.size()); ++peer) {
-      if (peer == asker || state.from[peer].receives.empty()) continue;
-      const FrameHeader& awaited = state.from[peer].receives.front()->header;
-      return fail_locked(rank, "timed out waiting for " + name(peer) + " to send " +
-                                   describe_message(awaited) + " (" + name(asker) +
-                                   " timed out waiting for this rank)",
-                         true);
+      if (!state.from[peer].receives.empty()) return peer;
     }
+    return Transport::kNobody;
   }
 
   class Endpoint : public Transport {
@@ -219,22 +213,27 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
       auto* op = static_cast<Operation*>(request.get());
       std::unique_lock<std::mutex> lock(net_->mutex_);
       RankState& me = net_->ranks_[rank_];
-      bool told = op->is_send;
       while (!op->done && !me.failed) {
         if (net_->changed_.wait_until(lock, deadline) != std::cv_status::timeout) continue;
         if (op->done || me.failed) break;
-        if (!told && !me.silent) {  // a hung rank asks nobody anything
-          told = true;
-          net_->stalled_locked(op->peer, rank_);
-          deadline = deadline_after(kStalledGraceSeconds);  // as TcpTransport's
-        } else {
-          net_->fail_locked(rank_, "timed out waiting for " + name(op->peer) + " to send " +
-                                       describe_message(op->header), true);
+        std::string reason = "timed out waiting for " + name(op->peer) + " to send " + describe_message(op->header);
+        if (!op->is_send && !me.silent) {  // a hung rank asks nobody anything
+          lock.unlock();
+          reason = why_receive_timed_out(op->peer, op->header);
+          lock.lock();
+          if (op->done || me.failed) break;
         }
+        net_->fail_locked(rank_, reason, true);
       }
       if (op->ok) return;
       if (me.timed_out) throw TimeoutError(me.failure);
       throw CollectiveError(me.failure);
+    }
+
+    // The answer is there at once: no grace to wait, so fault tests stay fast.
+    int ask_waiting_on(int peer) override {
+      std::lock_guard<std::mutex> lock(net_->mutex_);
+      return net_->ranks_[rank_].failed ? kFailedMeanwhile : net_->waiting_on_locked(peer);
     }
 
     void abort(const std::string& reason, bool timed_out) override {
