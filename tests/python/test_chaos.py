@@ -1,8 +1,9 @@
 """Chaos on the emulated cluster (issue 10, "Chaos in CI, bounded"): DDP training over the
 torch backend "collectives" with 3 workers and 2 reducers, each on a host of its own
 (benchmarks/testbed.py), while the network or a process fails: 1% loss on every link, a
-worker's link cut and healed, a reducer's link cut for good, SIGSTOP and SIGKILL of a worker
-and of a reducer. Every scenario is bounded (COLLECTIVES_TIMEOUT 20 s, heartbeat deadline 3 s,
+worker's link cut and healed (for less than the heartbeat deadline), a reducer's link cut for
+good, SIGSTOP and SIGKILL of a worker and of a reducer, SIGKILL of rank 0 (the stores' host).
+Every scenario is bounded (COLLECTIVES_TIMEOUT 20 s, heartbeat deadline 3 s,
 a hard deadline per job after which the test fails as a hang) and checks its outcome:
 
 - the network heals or a reducer fails: training finishes with the parameters identical on
@@ -45,7 +46,7 @@ def _unmet():
 
 
 FULL = os.environ.get("COLLECTIVES_TEST_FULL") == "1"
-CI_SCENARIOS = {"baseline", "worker-killed", "reducer-killed"}
+CI_SCENARIOS = {"baseline", "worker-killed", "reducer-killed", "store-host-killed"}
 pytestmark = [pytest.mark.chaos, pytest.mark.testbed,
               pytest.mark.skipif(_unmet() is not None, reason=_unmet() or "")]
 
@@ -320,14 +321,19 @@ def test_training_survives_and_stays_exact(tmp_path, reference, scenario):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("scenario", [_selected("worker-killed"), _selected("worker-stopped")])
+@pytest.mark.parametrize("scenario", [_selected("worker-killed"), _selected("worker-stopped"),
+                                      _selected("store-host-killed")])
 def test_a_failed_worker_is_named_by_every_other_within_the_timeout(tmp_path, scenario):
-    def fault(job):
-        job.workers[VICTIM_RANK].send_signal(signal.SIGKILL if scenario == "worker-killed" else signal.SIGSTOP)
+    # Rank 0 serves the job's stores (torch's and the reducers' rendezvous): its death must be
+    # named like any other's, with no store left to tell anyone.
+    victim = 0 if scenario == "store-host-killed" else VICTIM_RANK
 
-    survivors = [r for r in range(WORKERS) if r != VICTIM_RANK]
+    def fault(job):
+        job.workers[victim].send_signal(signal.SIGSTOP if scenario == "worker-stopped" else signal.SIGKILL)
+
+    survivors = [r for r in range(WORKERS) if r != victim]
     with chaos(tmp_path, fault) as job:
-        _failed_naming(job, VICTIM_RANK, survivors, TIMEOUT_S + SLACK_S)
+        _failed_naming(job, victim, survivors, TIMEOUT_S + SLACK_S)
         if scenario == "worker-stopped":
             # The reducers relay the failure naming the stopped worker, and exit; nobody is called dead.
             assert compare.wait_reducers(job.reducers, SLACK_S) == [], job.logs()
