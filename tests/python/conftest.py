@@ -30,6 +30,13 @@ import pytest
 
 from launch_env import REDUCER_COMMAND, clean_environ
 
+# A test command started in the background (nohup, `cmd &` in a script, some CI runners) has
+# SIGINT ignored, and every process it starts inherits that: the tests of Ctrl-C would then
+# see no KeyboardInterrupt at all. With a Python handler here, the processes the tests start
+# get SIGINT's default back at exec, as under an interactive shell.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 EnvArg = Optional[Dict[str, Optional[str]]]
 ArgsArg = Union[Sequence[str], Callable[[int], Sequence[str]]]
 # Runs beside the processes once all have started: gets them by label ("rank 0", "reducer 1").

@@ -62,7 +62,10 @@ IN_THE_FIRST_PAYLOAD = CLIENT_HANDSHAKE_BYTES + HEADER_BYTES + 5
 
 def _allreduce_through_a_relay(security, altered_at=IN_THE_FIRST_PAYLOAD):
     """Ranks 0 and 1 as threads of this process, rank 1's connection to rank 0 relayed, the
-    byte at `altered_at` changed (None: nothing); each rank's (sum, error text or None)."""
+    byte at `altered_at` changed (None: nothing); each rank's (sum, error text or None). Each
+    rank runs a barrier after the all-reduce: a rank whose own messages all came intact may
+    finish the all-reduce (recursive doubling exchanges one message each way), but hears of
+    its peer's failure by its next collective."""
     rank0 = socket.create_server(("127.0.0.1", 0))
     relay = socket.create_server(("127.0.0.1", 0))
     relayed = {}
@@ -96,9 +99,10 @@ def _allreduce_through_a_relay(security, altered_at=IN_THE_FIRST_PAYLOAD):
 
     def run(rank):
         try:
-            work = comms[rank].allreduce(data[rank].ctypes.data, data[rank].size, FLOAT32, SUM)
-            while not work.wait_for(0.1):
-                pass
+            for work in (comms[rank].allreduce(data[rank].ctypes.data, data[rank].size, FLOAT32, SUM),
+                         comms[rank].barrier()):
+                while not work.wait_for(0.1):
+                    pass
         except CollectiveError as e:
             errors[rank] = str(e)
 
