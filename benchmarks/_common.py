@@ -30,6 +30,7 @@ ROW_KEYS = (
     "iters",  # collectives per timed sample
     "rounds",  # timed samples
     "time_s",  # median per-collective time
+    "time_p90_s",  # 90th percentile of the per-sample times
     "times_s",  # the raw per-collective times, one per sample
     "algbw_GBps",
     "busbw_GBps",
@@ -78,6 +79,15 @@ def sizes(smallest, largest, factor):
 
 def median(values):
     return statistics.median(values)
+
+
+def percentile(values, q):
+    """The q-th percentile of values (linear between the closest ranks, as numpy's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def paired_ratio(numerators, denominators):

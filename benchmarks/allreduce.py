@@ -71,19 +71,55 @@ def configured_reducers(env=os.environ):
     return int(text) if text else 0
 
 
+def build_transports(cc):
+    """The COLLECTIVES_TRANSPORT values this installation offers (collectives-info's)."""
+    from collectives import info
+
+    return list(info.describe()["build"]["transports"]) if cc is not None else []
+
+
+def thread_ids():
+    """This process's threads now (Linux: /proc/self/task)."""
+    return set(os.listdir("/proc/self/task"))
+
+
 class Collectives:
     """collectives, bootstrapped over MPI by collectives.init(): the ring where no reducers are
     configured; with COLLECTIVES_NUM_REDUCERS=R (and COLLECTIVES_RENDEZVOUS, where reducers
     started on their own meet the job) whatever the environment selects, the reduction server
-    by default."""
+    by default. With a transport, COLLECTIVES_TRANSPORT=transport while it starts (named
+    collectives-TRANSPORT then); `threads` are those it started (its idle cost)."""
 
     name = "collectives"
 
-    def __init__(self, cc, op):
+    def __init__(self, cc, op, transport=None):
         self.reducers = configured_reducers()
-        self.comm = cc.init() if self.reducers else cc.init(algorithm="ring")
+        self.transport = transport
+        before = thread_ids()
+        saved = os.environ.get("COLLECTIVES_TRANSPORT")
+        if transport is not None:
+            self.name = f"collectives-{transport}"
+            os.environ["COLLECTIVES_TRANSPORT"] = transport
+        try:
+            self.comm = cc.init() if self.reducers else cc.init(algorithm="ring")
+        finally:
+            if transport is not None:
+                os.environ.pop("COLLECTIVES_TRANSPORT", None)
+                if saved is not None:
+                    os.environ["COLLECTIVES_TRANSPORT"] = saved
+        self.threads = thread_ids() - before
         self.algorithm = getattr(self.comm, "algorithm", "ring")
         self.op = op
+        if transport is not None:
+            self._check_transport(transport)
+
+    def _check_transport(self, transport):
+        """Refuses a run whose communicator does not say it runs `transport` (a build that does
+        not read COLLECTIVES_TRANSPORT has TCP only)."""
+        running = self.comm.config.as_dict().get("COLLECTIVES_TRANSPORT", "tcp")
+        if running != transport:
+            self.comm.close()
+            raise SystemExit(f"asked for COLLECTIVES_TRANSPORT={transport}, the communicator runs {running}")
 
     def wrap(self, rows):
         return list(rows)
@@ -264,14 +300,20 @@ def measure(bench, systems, count, args):
     return {name: (plans[name][0], rounds, times[name], wrong[name], usage[name]) for name in times}
 
 
-def parse_args():
+def build_parser(description=__doc__):
+    """The options of an all-reduce run (one_host.py adds its own and changes defaults)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     add("--min", type=_common.parse_size, default="8", help="smallest size in bytes (default 8)")
     add("--max", type=_common.parse_size, default="256M", help="largest size (default 256M)")
     add("--factor", type=int, default=4, help="step between sizes (default 4)")
+    add("--sizes", type=_size_list, help="these sizes instead of --min/--max/--factor (e.g. 8,4K,1M,64M)")
+    add("--transports", type=_names,
+        help="measure collectives once per COLLECTIVES_TRANSPORT value listed (e.g. tcp,shm), each as its own "
+        "system collectives-TRANSPORT; 'build' for every transport collectives-info lists (default: "
+        "collectives' own choice, one system)")
     add("--dtype", choices=DTYPES, default="float32")
     add("--op", choices=tuple(OPS), default="sum")
     add("--iters", type=_iters, default="auto",
@@ -288,12 +330,36 @@ def parse_args():
     add("--placement", metavar="DIR",
         help="each rank writes where it runs (hostname, the address of --link) to DIR/rank-RANK.json "
         "before anything is timed, for the harness to check (benchmarks/_checks.py)")
-    args = parser.parse_args()
+    return parser
+
+
+def checked_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    if args.sizes:
+        args.min, args.max = min(args.sizes), max(args.sizes)
     if not 1 <= args.min <= args.max:
         parser.error("need 1 <= --min <= --max")
     if args.factor < 2 or args.pairs < 1:
         parser.error("need --factor >= 2 and --pairs >= 1")
     return args
+
+
+def parse_args(argv=None):
+    return checked_args(build_parser(), argv)
+
+
+def _size_list(text):
+    try:
+        return sorted({_common.parse_size(part) for part in text.split(",") if part.strip()})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _names(text):
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no names in {text!r}")
+    return names
 
 
 def _iters(text):
@@ -312,8 +378,10 @@ def _systems(text):
     return [name for name in SYSTEMS if name in names]
 
 
-def start_systems(names, world, hosts, op):
-    """The systems that can run here, and header lines about them and the ones skipped."""
+def start_systems(names, world, hosts, op, transports=None):
+    """The systems that can run here, and header lines about them and the ones skipped.
+    transports: collectives once per COLLECTIVES_TRANSPORT value ("build": those the
+    installation offers), or None for collectives' own choice."""
     systems, notes = [], []
     cc = None
     try:
@@ -322,12 +390,17 @@ def start_systems(names, world, hosts, op):
         if "collectives" in names:
             raise SystemExit(f"collectives is not importable: {error}") from None
     if cc is not None:
-        notes.append(f"collectives {cc.__version__}, SIMD level {cc._core.SIMD_LEVEL}")
+        offered = build_transports(cc)
+        notes.append(f"collectives {cc.__version__}, SIMD level {cc._core.SIMD_LEVEL}, "
+                     f"transports {','.join(offered)}")
+        if transports is not None and "build" in transports:
+            transports = [t for t in transports if t != "build"] + [t for t in offered if t not in transports]
     for name in names:
         if name == "collectives":
-            systems.append(Collectives(cc, op))
-            notes.append(f"collectives: allreduce runs {systems[-1].algorithm}"
-                         + (f" with {systems[-1].reducers} reducer(s)" if systems[-1].reducers else ""))
+            for transport in transports or [None]:
+                systems.append(Collectives(cc, op, transport))
+                notes.append(f"{systems[-1].name}: allreduce runs {systems[-1].algorithm}"
+                             + (f" with {systems[-1].reducers} reducer(s)" if systems[-1].reducers else ""))
             settings = systems[-1].comm.config.as_dict()
             notes.append("collectives settings: " + " ".join(
                 f"{key.removeprefix('COLLECTIVES_')}={value}" for key, value in settings.items()
@@ -375,9 +448,10 @@ def usage_fields(world, usage):
     }
 
 
-def main():
-    args = parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+def run(args, after=None):
+    """Runs the benchmark that args describe on MPI.COMM_WORLD: rank 0 prints the table, and
+    with --json writes the rows. Returns (rows, header notes, after(world, systems) or None),
+    after being called once everything is timed, before the systems close (all ranks)."""
     world = MPI.COMM_WORLD
     if args.placement:
         _checks.report_placement(args.placement, world.rank, args.link or testbed.IFNAME)
@@ -385,27 +459,31 @@ def main():
     hosts = len(set(world.allgather(MPI.Get_processor_name())))
     transport = "loopback" if hosts == 1 else "network"
     reducers = configured_reducers()
-    systems, notes = start_systems(args.systems, world, hosts, args.op)
+    systems, notes = start_systems(args.systems, world, hosts, args.op, args.transports)
     commit = _common.git_commit()
     itemsize = np.dtype(args.dtype).itemsize
-    table = _common.Table([s.name for s in systems], subject="collectives")
+    subject = next((s.name for s in systems if isinstance(s, Collectives)), None)
+    table = _common.Table([s.name for s in systems], subject=subject)
     if world.rank == 0:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         where = "loopback figures (no NIC; loopback: no tc)" if hosts == 1 else "across hosts"
-        for line in [
+        notes = [
             f"all-reduce: {ranks} ranks on {hosts} host(s), {where}",
             f"{date}, commit {commit}, load average {os.getloadavg()[0]:.2f} at start",
             *notes,
+        ]
+        for line in [
+            *notes,
             "time: median over rounds of the slowest rank's time per all-reduce;",
             "algbw = size/time, busbw = algbw*2(n-1)/n, GB/s = 1e9 B/s;",
-            "vs PEER: median over rounds of t_PEER/t_collectives",
+            f"vs PEER: median over rounds of t_PEER/t_{subject}",
         ]:
             print("# " + line)
         print("#")
         print("\n".join(table.header()), flush=True)
     bench = Bench(world, args)
     rows = []
-    for size in _common.sizes(args.min, args.max, args.factor):
+    for size in args.sizes or _common.sizes(args.min, args.max, args.factor):
         count = size // itemsize
         if count == 0:
             continue
@@ -421,17 +499,19 @@ def main():
                 peer: _common.paired_ratio(measured[peer][2], times) if peer in measured else None
                 for peer in ("gloo", "mpi")
             }
-            if system.name == "collectives":
+            if system.name == subject:
                 ratios = speedups
             rows.append(_common.row(
                 system=system.name, algorithm=system.algorithm, transport=transport, hosts=ranks,
                 reducers=reducers, bytes=nbytes, count=count, dtype=args.dtype, op=args.op,
-                iters=iters, rounds=rounds, time_s=seconds, times_s=times, algbw_GBps=algbw,
-                busbw_GBps=busbw, speedup_vs_gloo=speedups["gloo"], speedup_vs_mpi=speedups["mpi"],
-                wrong=wrong, commit=commit, **usage_fields(world, usage) if args.link else {},
+                iters=iters, rounds=rounds, time_s=seconds, time_p90_s=_common.percentile(times, 90),
+                times_s=times, algbw_GBps=algbw, busbw_GBps=busbw, speedup_vs_gloo=speedups["gloo"],
+                speedup_vs_mpi=speedups["mpi"], wrong=wrong, commit=commit,
+                **usage_fields(world, usage) if args.link else {},
             ))
         if world.rank == 0:
             print(table.line(nbytes, count, args.dtype, args.op, results, ratios), flush=True)
+    extra = after(world, systems) if after is not None else None
     for system in reversed(systems):
         system.close()
     if world.rank == 0 and args.json:
@@ -439,6 +519,13 @@ def main():
             json.dump(rows, out, indent=1)
             out.write("\n")
         print(f"# wrote {len(rows)} result rows to {args.json}", flush=True)
+    return rows, notes, extra
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    run(args)
 
 
 if __name__ == "__main__":
