@@ -33,7 +33,9 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
                            std::vector<Link> reducer_links, std::vector<std::string> reducer_names)
     : options_(options),
       transport_(std::move(transport)),
-      group_(Group::world(transport_->size(), transport_->rank())) {
+      lineage_(std::make_shared<Lineage>()),
+      group_(Group::world(transport_->size(), transport_->rank())),
+      id_(0) {
   std::string refused;
   if (!(options.timeout_seconds > 0)) refused = "timeout must be positive";
   if (options.reduction_server && reducer_links.empty()) {
@@ -50,13 +52,59 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
   executor_ = std::thread([this] { execute_loop(); });
 }
 
+Communicator::Communicator(std::shared_ptr<Transport> transport, std::shared_ptr<Lineage> lineage, Group group,
+                           uint64_t id, CommunicatorOptions options)
+    : options_(options), transport_(std::move(transport)), lineage_(std::move(lineage)), group_(std::move(group)), id_(id) {
+  executor_ = std::thread([this] { execute_loop(); });
+}
+
 Communicator::~Communicator() { close(); }
+
+std::vector<int> Communicator::members() const {
+  std::vector<int> ranks(size());
+  for (int i = 0; i < size(); ++i) ranks[i] = group_.peer(i);
+  return ranks;
+}
+
+std::unique_ptr<Communicator> Communicator::subgroup(const std::vector<int>& ranks) {
+  const std::vector<int> mine = members();
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    if (std::find(mine.begin(), mine.end(), ranks[i]) == mine.end()) {
+      throw std::invalid_argument("rank " + std::to_string(ranks[i]) + " is not a member of this communicator");
+    }
+    if (std::find(ranks.begin(), ranks.begin() + i, ranks[i]) != ranks.begin() + i) {
+      throw std::invalid_argument("rank " + std::to_string(ranks[i]) + " is listed twice");
+    }
+  }
+  Group group(ranks, group_.peer(group_.index()));  // throws if this rank is not one of `ranks`
+  std::shared_ptr<Transport> transport;
+  uint64_t made;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!transport_) throw CollectiveError("the communicator is closed");
+    transport = transport_;
+    std::lock_guard<std::mutex> counting(lineage_->mutex);
+    made = lineage_->made[ranks]++;
+  }
+  // FNV-1a over the ranks and the count: the same on every member; 0 is the world's.
+  uint64_t id = 14695981039346656037ull;
+  auto mix = [&](uint64_t value) {
+    for (int byte = 0; byte < 8; ++byte) id = (id ^ ((value >> (8 * byte)) & 0xff)) * 1099511628211ull;
+  };
+  for (int rank : ranks) mix(static_cast<uint64_t>(rank));
+  mix(made);
+  if (id == 0) id = 1;
+  CommunicatorOptions options = options_;
+  options.reduction_server = false;
+  return std::unique_ptr<Communicator>(new Communicator(std::move(transport), lineage_, std::move(group), id, options));
+}
 
 std::shared_ptr<Work> Communicator::enqueue(Task task) {
   task.work = std::make_shared<Work>();
   std::lock_guard<std::mutex> lock(mutex_);
   if (closing_) throw CollectiveError("the communicator is closed");
   task.tag.seq = next_seq_++;
+  task.tag.comm = id_;
   if (!failure_.empty()) {
     task.work->finish(std::make_exception_ptr(CollectiveError(
         task.tag.describe() + " on rank " + std::to_string(rank()) +
@@ -255,12 +303,12 @@ void Communicator::close() {
     task.work->finish(std::make_exception_ptr(
         CollectiveError(task.tag.describe() + ": the communicator was closed before it ran")));
   }
-  std::unique_ptr<Transport> transport;
+  std::shared_ptr<Transport> transport;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     transport.swap(transport_);
   }
-  transport.reset();  // says goodbye to the peers and closes the sockets
+  transport.reset();  // the last communicator over it says goodbye to the peers and closes the sockets
 }
 
 }  // namespace collectives

@@ -8,6 +8,7 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -72,6 +73,18 @@ class Communicator {
 
   int rank() const { return group_.index(); }
   int size() const { return group_.size(); }
+  // The global ranks (of the transport) of this communicator's members, in its order.
+  std::vector<int> members() const;
+
+  // A communicator over `ranks` (members of this one, each once, in the new order), sharing
+  // this one's transport and connections: each of those ranks must call it, and no other
+  // rank (it is made locally, without a collective; comm.split in Python agrees on `ranks`
+  // first, torch's new_group knows them). Its collectives are told apart from every other
+  // communicator's on the shared connections by an id that the members derive alike, from
+  // `ranks` and how many communicators over the same list this process made before. The
+  // reducers serve the world only. A failure of any communicator over the transport fails
+  // them all (they share its connections).
+  std::unique_ptr<Communicator> subgroup(const std::vector<int>& ranks);
 
   // Buffers must stay valid until the returned Work is done.
   std::shared_ptr<Work> allreduce(void* data, size_t count, DataType dtype, ReduceOp op);
@@ -99,13 +112,22 @@ class Communicator {
     std::shared_ptr<Work> work;
     std::vector<MemoryRange> memory;
   };
+  // Communicators made from one world, for the ids of their subgroups.
+  struct Lineage {
+    std::mutex mutex;
+    std::map<std::vector<int>, uint64_t> made;  // how many over each list of ranks
+  };
+  Communicator(std::shared_ptr<Transport> transport, std::shared_ptr<Lineage> lineage, Group group,
+               uint64_t id, CommunicatorOptions options);
   std::shared_ptr<Work> enqueue(Task task);
   void execute_loop();
   void start_ahead_locked();
 
   const CommunicatorOptions options_;
-  std::unique_ptr<Transport> transport_;
+  std::shared_ptr<Transport> transport_;  // shared with the subgroups
+  const std::shared_ptr<Lineage> lineage_;
   const Group group_;
+  const uint64_t id_;  // FrameHeader::comm: 0 for the world
   RingAllreduce ring_;
   RecursiveDoublingAllreduce recursive_doubling_;
   std::unique_ptr<ReductionServerAllreduce> reduction_server_;  // null without reducers

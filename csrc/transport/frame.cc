@@ -23,6 +23,7 @@ FrameHeader CollectiveTag::header(uint32_t unit, uint64_t nbytes) const {
   h.root = root;
   h.unit = unit;
   h.seq = seq;
+  h.comm = comm;
   h.count = count;
   h.nbytes = nbytes;
   return h;
@@ -61,7 +62,7 @@ std::string mismatch(const FrameHeader& expected, const FrameHeader& got) {
     return "protocol version " + std::to_string(got.version) + ", expected " +
            std::to_string(expected.version);
   }
-  if (got.seq != expected.seq || got.collective != expected.collective ||
+  if (got.comm != expected.comm || got.seq != expected.seq || got.collective != expected.collective ||
       got.count != expected.count || got.dtype != expected.dtype || got.op != expected.op ||
       got.root != expected.root) {
     return "a message of " + describe(got) + " while this rank runs " + describe(expected) +

@@ -53,11 +53,12 @@ struct FrameHeader {
   uint32_t root = 0;    // a broadcast's root (0 for other collectives)
   uint32_t unit = 0;    // position of this message in the collective's schedule
   uint64_t seq = 0;     // the collective's sequence number on this communicator
+  uint64_t comm = 0;    // the communicator, among those sharing a transport (0: the world)
   uint64_t count = 0;   // the collective's element count (as the sender was called)
   uint64_t nbytes = 0;  // payload bytes that follow
 };
 #pragma pack(pop)
-static_assert(sizeof(FrameHeader) == 42, "the wire format is 42 bytes");
+static_assert(sizeof(FrameHeader) == 50, "the wire format is 50 bytes");
 
 // What a collective's messages have in common; units and sizes vary per message.
 struct CollectiveTag {
@@ -67,6 +68,7 @@ struct CollectiveTag {
   DataType dtype;
   ReduceOp op;
   uint32_t root = 0;
+  uint64_t comm = 0;  // FrameHeader::comm
 
   FrameHeader header(uint32_t unit, uint64_t nbytes) const;
   // "allreduce #7 (sum, 1000 x float32)"

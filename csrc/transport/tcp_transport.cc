@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <stdexcept>
 #include <utility>
 
@@ -27,14 +28,32 @@ struct TcpTransport::Operation : TransportOperation {
   bool ok = false;       // guarded by the transport's mutex: every byte moved
 };
 
+namespace {
+
+struct StashedFrame {
+  FrameHeader header;
+  std::vector<char> payload;
+};
+
+// Whether receives are posted on a connection, for any communicator.
+template <typename ReceivesByCommunicator>
+bool any_waiting(const ReceivesByCommunicator& recvs) {
+  return std::any_of(recvs.begin(), recvs.end(), [](const auto& entry) { return !entry.second.empty(); });
+}
+
+}  // namespace
+
 struct TcpTransport::Connection {
   Connection(const Link& link, int peer)
       : fd(link.fd), peer(peer), writer(sending_protection(link)), reader(receiving_protection(link)) {}
   FileDescriptor fd;
   int peer = 0;
   std::deque<OperationPtr> sends;  // guarded by mutex_
-  std::deque<OperationPtr> recvs;  // guarded by mutex_
-  bool peer_closed = false;            // guarded by mutex_: the peer said goodbye
+  // Guarded by mutex_: receives by communicator (FrameHeader::comm), each in posting order,
+  // and the frames read ahead for a communicator that had none posted (see take_header).
+  std::map<uint64_t, std::deque<OperationPtr>> recvs;
+  std::map<uint64_t, std::deque<StashedFrame>> stashed;
+  bool peer_closed = false;  // guarded by mutex_: the peer said goodbye
 
   // Writes come from the progress thread, or straight from the posting thread when the
   // socket has nothing queued (saving a hand-off per message); this mutex makes them take
@@ -50,6 +69,7 @@ struct TcpTransport::Connection {
   // gets them only once they are known to be authentic. Also an abort's reason.
   std::vector<char> staging;
   bool parked = false;    // the reader holds a header, waiting for a receive to be posted
+  bool stashing = false;  // the frame being read goes to `stashed`
   uint32_t interest = 0;  // events registered with epoll; 0 = not registered
   bool closed = false;    // no longer polled: after a failure, or the peer's goodbye
 };
@@ -148,20 +168,26 @@ void TcpTransport::submit(const OperationPtr& op) {
   const bool is_send = op->is_send;
   auto& conns = connections_.at(peer);
   Connection& conn = *conns[op->header.unit % conns.size()];
-  auto& queue = is_send ? conn.sends : conn.recvs;
-  bool was_idle = false, rejected = false, peer_gone = false;
+  bool was_idle = false, rejected = false, peer_gone = false, from_stash = false;
+  std::string refused;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    rejected = failed_ || conn.peer_closed;
+    auto& queue = is_send ? conn.sends : conn.recvs[op->header.comm];
+    rejected = failed_ || (conn.peer_closed && (is_send || conn.stashed[op->header.comm].empty()));
     if (rejected) {
       op->done = true;  // not ok: wait() reports the failure
       peer_gone = !failed_;
+    } else if (!is_send && !conn.stashed[op->header.comm].empty()) {
+      from_stash = true;
+      refused = take_stashed(conn, *op);
     } else {
       was_idle = queue.empty();
       queue.push_back(op);
     }
   }
-  if (peer_gone) abort(peer_names_[peer] + " has closed its communicator");
+  if (!refused.empty()) fail(refused, false);
+  if (from_stash) return;
+  if (peer_gone) abort(peer_has_closed(peer_names_[peer]));
   if (rejected || !was_idle) return;  // a busy socket's next readiness event finds it
   if (is_send) {
     // Nothing queued before this frame: write it now, from this thread. Whatever the socket
@@ -180,17 +206,10 @@ void TcpTransport::wait(const TransportRequest& posted, Deadline deadline) {
   std::unique_lock<std::mutex> lock(mutex_);
   while (!request->done && !failed_) {
     if (completed_.wait_until(lock, deadline) != std::cv_status::timeout || request->done || failed_) continue;
-    const FrameHeader& h = request->header;
-    std::string reason;
-    if (request->is_send) {  // a send waits on the peer's reading, not on what the peer waits for
-      reason = "timed out sending message " + std::to_string(h.unit) + " (" + std::to_string(h.nbytes) +
-               " bytes) to " + peer_names_[request->peer];
-    } else {
-      lock.unlock();
-      reason = why_receive_timed_out(request->peer, h);
-      lock.lock();
-      if (request->done || failed_) continue;  // it came after all, or another rank named the culprit
-    }
+    lock.unlock();
+    const std::string reason = why_timed_out(*request);
+    lock.lock();
+    if (request->done || failed_) continue;  // it came after all, or another rank named the culprit
     lock.unlock();
     abort(reason, true);
     lock.lock();
@@ -234,6 +253,7 @@ void TcpTransport::fail(const std::string& reason, bool timed_out) {
     failure_ = reason;
     completed_.notify_all();
   }
+  failed_first(reason, timed_out);
   wake();  // the progress thread tells the peers, wherever the failure was seen
 }
 
@@ -245,6 +265,19 @@ bool TcpTransport::has_failed() {
 std::string TcpTransport::failure() {
   std::lock_guard<std::mutex> lock(mutex_);
   return failed_ ? failure_ : std::string();
+}
+
+std::string TcpTransport::take_stashed(Connection& conn, Operation& op) {
+  auto& stash = conn.stashed[op.header.comm];
+  const StashedFrame frame = std::move(stash.front());
+  stash.pop_front();
+  op.done = true;
+  completed_.notify_all();
+  const std::string why = mismatch(op.header, frame.header);
+  if (!why.empty()) return peer_names_[conn.peer] + " sent " + why;
+  if (frame.header.nbytes > 0) std::memcpy(op.data, frame.payload.data(), frame.header.nbytes);
+  op.ok = true;
+  return "";
 }
 
 void TcpTransport::complete(Operation& op) {
@@ -317,7 +350,7 @@ void TcpTransport::handle_readable(Connection& conn) {
   uint64_t budget = kFairnessBudget;
   while (budget > 0) {
     ssize_t got = ::recv(conn.fd.get(), conn.reader.next(), conn.reader.wanted(budget), 0);
-    if (got == 0) return fail(who + " closed the connection (process exited or was killed?)", false);
+    if (got == 0) return fail(peer_exited(who), false);
     if (got < 0) {
       if (would_block(errno)) return;
       return fail("connection to " + who + " failed: " + errno_text(errno), false);
@@ -354,15 +387,36 @@ bool TcpTransport::take_header(Connection& conn) {
     into = conn.staging.data();
   } else {
     {
+      /*
+       * A frame goes straight into the receive posted for its communicator. With none posted
+       * it stays parked in the kernel (TCP holds the sender back), unless another
+       * communicator waits for a frame behind it on this connection: then it is read whole
+       * into memory (stashed) for its receive to take later, since the ranks may run the
+       * collectives of different communicators in different orders. Frames of a
+       * communicator with some stashed are stashed too, to stay in order.
+       */
       std::lock_guard<std::mutex> lock(mutex_);
       if (failed_) return false;  // posted buffers may be handed back from here on
-      conn.parked = conn.recvs.empty();
-      if (!conn.parked) {
-        conn.receiving = conn.recvs.front();
-        conn.recvs.pop_front();
+      auto& mine = conn.recvs[h.comm];
+      const bool behind_stashed = !conn.stashed[h.comm].empty();
+      conn.stashing = behind_stashed || (mine.empty() && any_waiting(conn.recvs));
+      conn.parked = !conn.stashing && mine.empty();
+      if (!conn.stashing && !conn.parked) {
+        conn.receiving = mine.front();
+        mine.pop_front();
       }
     }
     if (conn.parked) return false;
+    if (conn.stashing) {
+      try {
+        conn.staging.resize(h.nbytes);
+      } catch (const std::bad_alloc&) {
+        fail(who + " sent a frame of " + std::to_string(h.nbytes) + " bytes for a collective this rank has not reached, "
+             "more than it can hold" + (conn.reader.checks() ? kUncheckedHeader : ""), false);
+        return false;
+      }
+      return !conn.reader.read_payload_into(conn.staging.data()) || take_frame(conn);
+    }
     std::string why = mismatch(conn.receiving->header, h);
     if (!why.empty()) {
       if (conn.reader.checks()) why += kUncheckedHeader;
@@ -402,7 +456,7 @@ bool TcpTransport::take_frame(Connection& conn) {
   if (h.kind == static_cast<uint8_t>(FrameKind::kStalled)) {
     FrameHeader answer;
     answer.kind = static_cast<uint8_t>(FrameKind::kWaitingOn);
-    const int awaited = awaited_rank();
+    const int awaited = rank_waited_on();
     answer.root = awaited < 0 ? kWaitsForNobody : static_cast<uint32_t>(awaited);
     post(conn.peer, answer, nullptr, /*is_send=*/true);
     return true;
@@ -417,6 +471,23 @@ bool TcpTransport::take_frame(Connection& conn) {
     completed_.notify_all();
     return true;
   }
+  if (conn.stashing) {
+    conn.stashing = false;
+    std::string refused;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      conn.stashed[h.comm].push_back({h, std::move(conn.staging)});
+      conn.staging.clear();
+      auto& mine = conn.recvs[h.comm];
+      if (!mine.empty()) {  // posted while the frame was read
+        OperationPtr op = mine.front();
+        mine.pop_front();
+        refused = take_stashed(conn, *op);
+      }
+    }
+    if (!refused.empty()) fail(refused, false);
+    return refused.empty();
+  }
   OperationPtr done = std::move(conn.receiving);
   conn.receiving.reset();
   if (conn.reader.checks() && h.nbytes > 0) std::memcpy(done->data, conn.staging.data(), h.nbytes);
@@ -428,7 +499,7 @@ int TcpTransport::awaited_rank() {
   std::lock_guard<std::mutex> lock(mutex_);
   for (auto& peer : connections_) {
     for (auto& conn : peer) {
-      if (!conn->closed && (conn->receiving || !conn->recvs.empty())) return conn->peer;
+      if (!conn->closed && (conn->receiving || any_waiting(conn->recvs))) return conn->peer;
     }
   }
   return -1;
@@ -474,11 +545,10 @@ void TcpTransport::peer_closed(Connection& conn) {
     std::lock_guard<std::mutex> writing(conn.write_mutex);
     std::lock_guard<std::mutex> lock(mutex_);
     conn.peer_closed = true;
-    owed = !conn.recvs.empty() || !conn.sends.empty() || conn.sending != nullptr;
+    owed = any_waiting(conn.recvs) || !conn.sends.empty() || conn.sending != nullptr;
   }
   if (owed) {
-    fail(peer_names_[conn.peer] + " closed its communicator while this rank still exchanges data with it",
-         false);
+    fail(peer_closed_mid_exchange(peer_names_[conn.peer]), false);
   }
 }
 

@@ -48,6 +48,7 @@ class TcpTransport : public Transport {
 
   void wait(const TransportRequest& request, Deadline deadline) override;
   int ask_waiting_on(int peer) override;
+  int awaited_rank() override;
 
   // Peers are told by an abort frame where a socket is between frames, then shutdown.
   void abort(const std::string& reason, bool timed_out = false) override;
@@ -81,9 +82,10 @@ class TcpTransport : public Transport {
   void notify_peers_of_failure();
   void say_goodbye();
   void peer_closed(Connection& conn);
-  // The rank that a receive of this rank waits on; -1 if none.
-  int awaited_rank();
   void complete(Operation& op);
+  // With mutex_ held: completes `op` with the oldest frame stashed for its communicator; why
+  // it does not match, if it does not.
+  std::string take_stashed(Connection& conn, Operation& op);
   void wake();
   bool has_failed();
 

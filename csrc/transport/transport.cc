@@ -18,12 +18,24 @@ std::string what_it_did(StalledPeer::Why why) {
 
 }  // namespace
 
+std::string peer_exited(const std::string& peer) {
+  return peer + " closed the connection (process exited or was killed?)";
+}
+
+std::string peer_has_closed(const std::string& peer) { return peer + " has closed its communicator"; }
+
+std::string peer_closed_mid_exchange(const std::string& peer) {
+  return peer + " closed its communicator while this rank still exchanges data with it";
+}
+
 std::vector<StalledPeer> Transport::trace_stall(const std::vector<int>& peers) {
+  Transport* whole = whole_.load();
+  Transport& asker = whole ? *whole : *this;  // a chain may lead to a peer another part reaches
   std::vector<StalledPeer> ends;
   for (int first : peers) {
     std::vector<int> chain{first};
     for (;;) {
-      const int next = ask_waiting_on(chain.back());
+      const int next = asker.ask_waiting_on(chain.back());
       if (next == kFailedMeanwhile) return {};
       const bool circle = std::find(chain.begin(), chain.end(), next) != chain.end();
       if (next >= 0 && next != rank() && !circle) {
@@ -58,6 +70,13 @@ std::string Transport::why_receive_timed_out(int peer, const FrameHeader& expect
     return "timed out waiting for " + peer_name(peer) + " to send " + message + ": it " + what_it_did(found.front().why);
   }
   return "timed out waiting for " + message + ": " + describe(found.front());
+}
+
+std::string Transport::why_timed_out(const TransportOperation& request) {
+  const FrameHeader& h = request.header;
+  if (!request.is_send) return why_receive_timed_out(request.peer, h);
+  return "timed out sending message " + std::to_string(h.unit) + " (" + std::to_string(h.nbytes) + " bytes) to " +
+         peer_name(request.peer);
 }
 
 }  // namespace collectives

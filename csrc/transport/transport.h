@@ -1,8 +1,9 @@
 // What algorithms and the communicator see of the network, as Gloo's Pair/UnboundBuffer: tagged
 // messages to and from a peer rank, a wait with a deadline, and one sticky failure that every
 // peer hears of. Peers are global ranks (0..size-1 of the job's workers); algorithms reach them
-// through a Group (algorithms/group.h). Implementations: TcpTransport; an in-memory fake in the
-// C++ tests.
+// through a Group (algorithms/group.h). Implementations: TcpTransport, ShmTransport (ranks of
+// one host), RoutingTransport (each peer over one of those two); an in-memory fake in the C++
+// tests.
 //
 // Every implementation keeps the same contract:
 //   - matching: the n-th receive posted for a peer takes the n-th message that peer sent to
@@ -15,6 +16,7 @@
 //     (why_receive_timed_out), and every rank answers another's question of what it waits for.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -24,6 +26,13 @@
 #include "transport/frame.h"
 
 namespace collectives {
+
+// What every transport says of a peer that is gone, so that errors read alike whatever carried
+// the link: it died (its end closed without a goodbye), or it closed its communicator before
+// this rank was done with it (at once, or in the middle of an exchange).
+std::string peer_exited(const std::string& peer);
+std::string peer_has_closed(const std::string& peer);
+std::string peer_closed_mid_exchange(const std::string& peer);
 
 // A posted send or receive. Implementations keep their own progress state behind it; a request
 // is only ever waited on by the transport that made it.
@@ -89,6 +98,8 @@ class Transport {
   // kNoAnswer, kFailedMeanwhile (this transport failed).
   virtual int ask_waiting_on(int peer) = 0;
   static constexpr int kNobody = -1, kNoAnswer = -2, kFailedMeanwhile = -3;
+  // The rank that a pending receive of this transport waits on; kNobody if none.
+  virtual int awaited_rank() = 0;
   static constexpr double kStalledGraceSeconds = 0.5;
 
   // Fails every pending and future request with `reason` and tells every peer. Idempotent;
@@ -106,6 +117,29 @@ class Transport {
   virtual void notify(uint32_t about, const std::string& text) = 0;
   // The notices that arrived since the last call, in order of arrival.
   virtual std::vector<PeerNotice> take_notices() = 0;
+
+  // Makes this transport carry part of `whole`'s traffic (a RoutingTransport, which outlives
+  // it): its first failure fails the whole, and what it answers and asks about stalls speaks
+  // for the whole (a receive may wait on a rank that another part reaches).
+  void become_part_of(Transport* whole) { whole_.store(whole); }
+
+ protected:
+  // For implementations: once their first failure sticks, so that the whole fails with it.
+  void failed_first(const std::string& reason, bool timed_out) {
+    if (Transport* whole = whole_.load()) whole->abort(reason, timed_out);
+  }
+  // What this rank answers to a stall question: the rank it waits on, or kNobody.
+  int rank_waited_on() {
+    Transport* whole = whole_.load();
+    return whole ? whole->awaited_rank() : awaited_rank();
+  }
+  // Why a wait on `request` reached its deadline: a send waits on the peer's reading, so it
+  // names that peer; a receive says what trace_stall finds (empty: the transport failed
+  // meanwhile). Called without the implementation's locks: it asks peers and waits.
+  std::string why_timed_out(const TransportOperation& request);
+
+ private:
+  std::atomic<Transport*> whole_{nullptr};
 };
 
 }  // namespace collectives

@@ -6,6 +6,7 @@
 // tested too; this one does not stand in for them.
 #pragma once
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -66,7 +67,7 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
   };
 
   // What one rank has received from one peer: messages not yet matched, receives not yet
-  // filled. At most one of the two queues holds anything.
+  // filled (for each communicator, at most one of the two holds any of its own).
   struct Inbox {
     std::deque<Message> messages;
     std::deque<OperationPtr> receives;
@@ -117,22 +118,31 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
   void deliver_locked(int to, int from) {
     RankState& state = ranks_[to];
     Inbox& inbox = state.from[from];
-    while (!state.failed && !inbox.messages.empty()) {
-      Message& message = inbox.messages.front();
-      if (message.header.kind == static_cast<uint8_t>(FrameKind::kNotice)) {
-        state.notices.push_back({from, message.header.unit,
-                                 std::string(message.payload.begin(), message.payload.end())});
-      } else {
-        if (inbox.receives.empty()) return;
-        OperationPtr op = inbox.receives.front();
-        std::string why = mismatch(op->header, message.header);
-        if (!why.empty()) return fail_locked(to, name(from) + " sent " + why, false);
-        inbox.receives.pop_front();
-        if (!message.payload.empty()) std::memcpy(op->data, message.payload.data(), message.payload.size());
-        op->done = op->ok = true;
-        changed_.notify_all();
+    // Each message goes to the oldest receive of its communicator; one with none waits, and
+    // the messages of other communicators behind it go on (the TCP transport reads them ahead).
+    for (auto message = inbox.messages.begin(); !state.failed && message != inbox.messages.end();) {
+      if (message->header.kind == static_cast<uint8_t>(FrameKind::kNotice)) {
+        state.notices.push_back({from, message->header.unit,
+                                 std::string(message->payload.begin(), message->payload.end())});
+        message = inbox.messages.erase(message);
+        continue;
       }
-      inbox.messages.pop_front();
+      const uint64_t comm = message->header.comm;
+      auto op = std::find_if(inbox.receives.begin(), inbox.receives.end(),
+                             [&](const OperationPtr& r) { return r->header.comm == comm; });
+      const bool first_of_its_comm = std::none_of(inbox.messages.begin(), message,
+                                                  [&](const Message& m) { return m.header.comm == comm; });
+      if (op == inbox.receives.end() || !first_of_its_comm) {
+        ++message;
+        continue;
+      }
+      std::string why = mismatch((*op)->header, message->header);
+      if (!why.empty()) return fail_locked(to, name(from) + " sent " + why, false);
+      if (!message->payload.empty()) std::memcpy((*op)->data, message->payload.data(), message->payload.size());
+      (*op)->done = (*op)->ok = true;
+      inbox.receives.erase(op);
+      changed_.notify_all();
+      message = inbox.messages.erase(message);
     }
   }
 
@@ -158,8 +168,7 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
       net_->ranks_[rank_].closed = true;
       for (int peer = 0; peer < size(); ++peer) {
         if (peer != rank_ && !net_->ranks_[peer].from[rank_].receives.empty()) {
-          net_->fail_locked(peer, name(rank_) + " closed its communicator while this rank still "
-                                  "exchanges data with it", false);
+          net_->fail_locked(peer, peer_closed_mid_exchange(name(rank_)), false);
         }
       }
     }
@@ -175,7 +184,7 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
       op->done = true;
       if (me.failed) return op;
       if (net_->ranks_[peer].closed) {
-        net_->fail_locked(rank_, name(peer) + " has closed its communicator", false);
+        net_->fail_locked(rank_, peer_has_closed(name(peer)), false);
         return op;
       }
       if (me.sent++ == me.fault_at) {
@@ -201,7 +210,7 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
       Inbox& inbox = me.from[peer];
       if (net_->ranks_[peer].closed && inbox.messages.empty()) {
         op->done = true;
-        net_->fail_locked(rank_, name(peer) + " has closed its communicator", false);
+        net_->fail_locked(rank_, peer_has_closed(name(peer)), false);
         return op;
       }
       inbox.receives.push_back(op);
@@ -234,6 +243,11 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
     int ask_waiting_on(int peer) override {
       std::lock_guard<std::mutex> lock(net_->mutex_);
       return net_->ranks_[rank_].failed ? kFailedMeanwhile : net_->waiting_on_locked(peer);
+    }
+
+    int awaited_rank() override {
+      std::lock_guard<std::mutex> lock(net_->mutex_);
+      return net_->waiting_on_locked(rank_);
     }
 
     void abort(const std::string& reason, bool timed_out) override {

@@ -343,6 +343,44 @@ void test_silent_rank_named_at(CostModel cost, int size, int culprit, size_t cou
 }
 
 // Every test, under job_transport (and job_security for TCP).
+// Subgroups over the world's connections: evens {0, 2, ...} and odds in reverse order, plus a
+// second world-sized subgroup over the same list of ranks as a first one (their ids must
+// differ). Each rank runs an all-reduce on its half, one on each world-sized subgroup and one
+// on the world, all at once, in an order that differs between ranks: each must still get its
+// own communicator's sum.
+void test_subgroups(Job& job, size_t count) {
+  const int size = static_cast<int>(job.comms.size());
+  std::vector<int> evens, odds, everyone;
+  for (int r = 0; r < size; ++r) (r % 2 ? odds : evens).insert(r % 2 ? odds.begin() : evens.end(), r);
+  for (int r = 0; r < size; ++r) everyone.push_back(r);
+  const std::string where = "subgroups, count " + std::to_string(count) + ", size " + std::to_string(size) + ": ";
+  auto errors = job.run([&](int r) {
+    auto half = job.comms[r]->subgroup(r % 2 ? odds : evens);
+    auto first = job.comms[r]->subgroup(everyone), second = job.comms[r]->subgroup(everyone);
+    if (half->members() != (r % 2 ? odds : evens)) throw std::runtime_error("the half's members differ");
+    // Values that tell the communicators apart: 1 per rank on the half, 10 on the first,
+    // 100 on the second, 1000 on the world.
+    std::vector<std::vector<int32_t>> data(4);
+    const int32_t scales[4] = {1, 10, 100, 1000};
+    Communicator* comms[4] = {half.get(), first.get(), second.get(), job.comms[r].get()};
+    for (int c = 0; c < 4; ++c) data[c].assign(count, scales[c]);
+    std::vector<std::shared_ptr<Work>> works(4);
+    for (int step = 0; step < 4; ++step) {
+      const int c = (step + r) % 4;  // each rank starts at another communicator
+      works[c] = comms[c]->allreduce(data[c].data(), count, DataType::kInt32, ReduceOp::kSum);
+    }
+    for (auto& work : works) wait(work);
+    for (int c = 0; c < 4; ++c) {
+      const int32_t expected = scales[c] * (c == 0 ? half->size() : size);
+      if (count > 0 && (data[c].front() != expected || data[c].back() != expected)) {
+        throw std::runtime_error("communicator " + std::to_string(c) + " got " + std::to_string(data[c].front()) +
+                                 ", expected " + std::to_string(expected));
+      }
+    }
+  });
+  for (int r = 0; r < size; ++r) check(errors[r].empty(), where + "rank " + std::to_string(r) + " raised " + errors[r]);
+}
+
 void run_all() {
   for (int size = 1; size <= 5; ++size) {
     for (int connections : {1, 2}) {
@@ -370,6 +408,10 @@ void run_all() {
         }
       }
     }
+  }
+  for (int size : {3, 4}) {
+    Job job(size);
+    for (size_t count : {size_t{3}, size_t{100000}}) test_subgroups(job, count);
   }
   test_mismatch_fails_everywhere();
   test_abort_wakes_peers();

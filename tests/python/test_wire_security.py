@@ -20,7 +20,7 @@ SECRET = secrets.token_bytes(32)
 JOB = secrets.token_bytes(16)
 # What the client sends during the handshake (protocol 3): prefix 6, hello 55, security 1, proof 33.
 CLIENT_HANDSHAKE_BYTES = 6 + 55 + 1 + 33
-HEADER_BYTES = 42
+HEADER_BYTES = 50
 FLOAT32 = list(_core.DTYPES).index("float32")
 SUM = list(_core.OPS).index("sum")
 
