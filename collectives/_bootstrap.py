@@ -132,9 +132,11 @@ def bootstrap_with_store(store: Store, rank: int, size: int, secret: bytes, conf
     try:
         if rank == 0:
             job_id = secrets.token_bytes(JOB_ID_BYTES)
+            signed.bind(job_id)
             publish_job(signed, job_id, size, config.num_reducers, prefix=prefix)
         else:
             job_id = exchange.get("job", f"rank 0 did not start the job at {rendezvous} within {config.timeout:g} s")
+            signed.bind(job_id)
         peer_links, peer_names = connect_workers(rank, size, config, secret, job_id, deadline, exchange,
                                                  lambda: _netif.advertise_address(config.socket_ifname, toward))
         if reducer_rendezvous is not None and config.num_reducers:

@@ -4,7 +4,8 @@
   and c10d's ``Store``): collectives' own (collectives._store.StoreClient, served by worker 0:
   :func:`serve_store`), or an adapter of torch.distributed's store.
 - :func:`signed_store`: the job's records in it signed with the job's secret, so that no
-  stranger who can reach the store can pass for one of the job.
+  stranger who can reach the store can pass for one of the job, and bound to this job, so
+  that none can replay a record of an earlier job that used the same secret (below).
 - :class:`StoreWaits`: waits for keys until a deadline, ended at once, with its message, by
   the failure notice that a worker posts.
 - :class:`Exchange`: the all-to-all of records among the workers, with those waits;
@@ -14,6 +15,21 @@ The job's keys (below a prefix, "collectives/" unless given): "job", "size" and
 "num_reducers" (written by rank 0 for the reducers), "claim/<rank>" and "addr/<rank>" (the
 workers' exchange), "abort_claim" and "abort" (the first failure notice), "reducer_claim"
 and "reducer/<index>" (the reducers' addresses).
+
+Binding records to the job. A record's signature covers its key, its value and a context:
+the store's nonce (collectives._store: random, made by the server that worker 0 starts for
+this job, read-only to clients) and the job id (16 random bytes that rank 0 makes). The job
+id does not exist when the first records are written: rank 0 makes it and publishes it as
+"job", which the other workers and the reducers read before they know it, and a worker may
+post its failure ("abort") before it has read it. So "job" and "abort" are bound to the
+store's nonce alone, and every other record ("size", "num_reducers", "addr/<rank>",
+"reducer/<index>"), written and read only once the writer and the reader hold the job id
+(SignedStore.bind), to the nonce and the job id. A record copied from an earlier job's store
+(a different nonce) is refused, and so is one copied between two jobs that share a store
+(the job id). Over torch.distributed's store, which has no nonce, only the job id binds:
+"job" and "abort" of an earlier job with the same COLLECTIVES_TOKEN could be replayed
+there; such a replay can only make the start fail (every handshake is bound to the job id
+and the secret), which anyone who can write to that store can do anyway.
 """
 
 from __future__ import annotations
@@ -66,10 +82,17 @@ class Exchange(Protocol):
         ...
 
 
-def signed_store(store: Store, secret: bytes) -> SignedStore:
+def signed_store(store: Store, secret: bytes, job_id: Optional[bytes] = None) -> SignedStore:
     """``store`` with the job's records signed and checked (so that no stranger who can
-    reach it can pass for one of the job), refusals naming who writes each record."""
-    return SignedStore(store, secret, writer=_record_writer)
+    reach it can pass for one of the job), bound to the store and, once ``job_id`` is
+    known (here or by ``bind``), to the job (see the module's docstring); refusals name who
+    writes each record."""
+    return SignedStore(store, secret, writer=_record_writer, job_bound=_bound_to_job, job_id=job_id)
+
+
+def _bound_to_job(key: str) -> bool:
+    """Whether every process that writes or reads the record at ``key`` knows the job id."""
+    return key.rsplit("/", 1)[-1] not in ("job", "abort")
 
 
 def _record_writer(key: str) -> str:

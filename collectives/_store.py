@@ -5,7 +5,10 @@ Wire format (big-endian), one request and one reply at a time per connection:
     message = code:u8  nfields:u16  { length:u32  bytes }*nfields
 
 Requests: SET [key, value], GET [key, timeout_ms:u64], ADD [key, delta:i64],
-WAIT [timeout_ms:u64, key...]. Replies: OK, TIMEOUT or ERROR with their fields; or
+WAIT [timeout_ms:u64, key...]. ADD keeps a signed 64-bit counter (as c10d's ``add``: it
+may go below zero) in the key's value, written in decimal; a sum beyond the signed 64-bit
+range, or a value that is not such a number, is refused with an ERROR and leaves the key
+as it was. Replies: OK, TIMEOUT or ERROR with their fields; or
 GOODBYE [reason], sent unasked to a connection that the server closes while it is idle
 (the client then reconnects for its next request).
 GET and WAIT block in the server (on a condition variable, never by polling) until the
@@ -19,6 +22,17 @@ in all, and a newcomer beyond MAX_CONNECTIONS (or when the process is out of fil
 descriptors) takes the place of the connection that has waited longest, the job's
 processes being busy ones. The store holds no secret: anyone who can reach it can read
 it and write to it, so the job's processes sign what they publish (sign_record).
+
+A signature binds a record to its key and to a context (:class:`SignedStore`): the store's
+nonce, 16 random bytes that the server makes when it starts and serves, read-only, at
+NONCE_KEY (a fresh store, a fresh nonce: each job's worker 0 serves its own), and, for the
+records written once the job id is known, the job id. So a record signed for an earlier job
+with the same token, copied into this job's store by whoever can write to it, is refused:
+its nonce (and its job id) are another job's. A store that has no nonce (torch.distributed's,
+through the torch backend's adapter) binds the records to the job id alone: there the job's
+first record (its id) and failure notices written before it is known could be replayed from
+an earlier job that used the same COLLECTIVES_TOKEN, which makes the start fail, never a
+wrong result (the handshakes are bound to the job id and the secret).
 """
 
 from __future__ import annotations
@@ -26,7 +40,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import resource
+import secrets
 import socket
 import struct
 import threading
@@ -37,7 +53,7 @@ from . import _netif
 from .errors import AuthenticationError, CollectiveError, TimeoutError
 
 __all__ = ["StoreServer", "StoreClient", "SignedStore", "sign_record", "open_record", "MAX_KEY_BYTES",
-           "MAX_VALUE_BYTES", "SIGNATURE_BYTES"]
+           "MAX_VALUE_BYTES", "SIGNATURE_BYTES", "NONCE_KEY", "NONCE_BYTES"]
 
 log = logging.getLogger("collectives")
 
@@ -71,6 +87,11 @@ _LENGTH = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 _I64 = struct.Struct("!q")
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_COUNTER = re.compile(rb"-?[0-9]{1,19}")  # what ADD takes as a key's value: a decimal int64
+# The store's own key: its nonce, made by the server and read-only to every client.
+NONCE_KEY = "collectives-store/nonce"
+NONCE_BYTES = 16
+_NONCE_KEY = NONCE_KEY.encode()
 _MAX_WAIT_S = 7 * 24 * 3600.0  # beyond any job's timeout; keeps Condition.wait in range
 # A blocked GET is answered by the server when its own timeout passes; the client waits
 # this much longer for that answer before it calls the server unresponsive.
@@ -234,8 +255,9 @@ class StoreServer:
         # Strangers' connections must never take the fds this process needs for the job's
         # own sockets: at most half of what it may open.
         self._max_connections = min(max_connections, _open_file_limit() // 2)
-        self._data: dict = {}
-        self._bytes = 0
+        self.nonce = secrets.token_bytes(NONCE_BYTES)  # binds the records signed here to this store
+        self._data: dict = {_NONCE_KEY: self.nonce}
+        self._bytes = len(_NONCE_KEY) + NONCE_BYTES
         self._cond = threading.Condition()
         self._conns: Dict[socket.socket, _Connection] = {}  # guarded by _cond
         self._evicting = False  # guarded by _cond: said once in the log per crowd of connections
@@ -362,6 +384,8 @@ class StoreServer:
         return True
 
     def _execute(self, op: int, fields: List[bytes], connection: _Connection) -> Tuple[int, List[bytes]]:
+        if op in (_SET, _ADD) and len(fields) == 2 and fields[0] == _NONCE_KEY:
+            return _ERROR, [b"this key holds the store's nonce: no client may write it"]
         if op == _SET and len(fields) == 2:
             key, value = fields
             self._check_key(key)
@@ -388,12 +412,13 @@ class StoreServer:
                 raise _Malformed("ADD without an 8-byte amount")
             (amount,) = _I64.unpack(fields[1])
             with self._cond:
-                try:
-                    total = int(self._data.get(key, b"0")) + amount
-                except ValueError:
-                    return _ERROR, [b"the value of this key is not an integer"]
+                current = self._data.get(key, b"0")
+                if not _COUNTER.fullmatch(current) or not _I64_MIN <= int(current) <= _I64_MAX:
+                    return _ERROR, [b"the value of this key is not a signed 64-bit integer in decimal"]
+                total = int(current) + amount
                 if not _I64_MIN <= total <= _I64_MAX:  # the reply could not carry it
-                    return _ERROR, [b"the sum is beyond a signed 64-bit integer"]
+                    return _ERROR, [b"adding %d to %d leaves the signed 64-bit range; the counter is unchanged"
+                                    % (amount, int(current))]
                 value = str(total).encode()
                 grown = self._bytes + len(key) + len(value) - self._entry_bytes(key)
                 if grown > MAX_STORE_BYTES:
@@ -460,6 +485,7 @@ class StoreClient:
         self.address = f"{host}:{port}"
         self.timeout = timeout
         self._host, self._port = host, port
+        self._nonce: Optional[bytes] = None
         self._lock = threading.Lock()
         self._sock: Optional[socket.socket] = self._connect(host, port, time.monotonic() + timeout)
 
@@ -501,10 +527,27 @@ class StoreClient:
         return fields[0]
 
     def add(self, key: str, amount: int) -> int:
-        """Adds ``amount`` to the integer at ``key`` (0 if unset) and returns the sum."""
+        """Adds ``amount`` (a signed 64-bit integer; it may be negative) to the counter at
+        ``key`` (0 if unset) and returns the sum. TypeError or ValueError before anything is
+        sent for an amount that is no such integer; CollectiveError if the sum would leave the
+        signed 64-bit range (the counter is left as it was)."""
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise TypeError(f"a store counter adds an int, not {type(amount).__name__}")
+        if not _I64_MIN <= amount <= _I64_MAX:
+            raise ValueError(f"a store counter adds a signed 64-bit integer ({_I64_MIN} to {_I64_MAX}), not {amount}")
         code, fields = self._call(_ADD, [self._key(key), _I64.pack(amount)], 0.0)
         self._check_error(code, fields, key)
         return _I64.unpack(fields[0])[0]
+
+    def nonce(self) -> bytes:
+        """The store's nonce (see the module's docstring), read once."""
+        if self._nonce is None:
+            try:
+                self._nonce = self.get(NONCE_KEY, 0.0)
+            except TimeoutError:
+                raise CollectiveError(f"the store at {self.address} has no nonce: it is not a collectives store of "
+                                      "this version") from None
+        return self._nonce
 
     def check(self, keys: Iterable[str]) -> bool:
         """Whether every key is set now (does not wait)."""
@@ -592,57 +635,83 @@ class StoreClient:
 
 
 SIGNATURE_BYTES = 32  # HMAC-SHA256, after the value
-_RECORD_LABEL = b"collectives-store-record|v1|"  # no other MAC of the job's secret covers such bytes
+# No other MAC of the job's secret covers such bytes. v2: the context (store nonce, job id) too.
+_RECORD_LABEL = b"collectives-store-record|v2|"
 _KEY_LENGTH = struct.Struct("!H")
 
 
-def _record_mac(secret: bytes, key: str, value: bytes) -> bytes:
+def _record_mac(secret: bytes, key: str, value: bytes, context: bytes) -> bytes:
     encoded = key.encode()
-    return hmac.new(secret, _RECORD_LABEL + _KEY_LENGTH.pack(len(encoded)) + encoded + bytes(value),
-                    hashlib.sha256).digest()
+    return hmac.new(secret, _RECORD_LABEL + _KEY_LENGTH.pack(len(context)) + context + _KEY_LENGTH.pack(len(encoded))
+                    + encoded + bytes(value), hashlib.sha256).digest()
 
 
-def sign_record(secret: bytes, key: str, value: bytes) -> bytes:
-    """``value`` followed by its signature with the job's ``secret``, bound to ``key``, so
-    that a record can be neither forged nor moved to another key by whoever can write to
-    the store without the secret."""
-    return bytes(value) + _record_mac(secret, key, value)
+def sign_record(secret: bytes, key: str, value: bytes, context: bytes = b"") -> bytes:
+    """``value`` followed by its signature with the job's ``secret``, bound to ``key`` and to
+    ``context`` (the store's nonce and the job id: :meth:`SignedStore.context`), so that a
+    record can be neither forged, nor moved to another key, nor replayed into another job's
+    store by whoever can write to the store without the secret."""
+    return bytes(value) + _record_mac(secret, key, value, context)
 
 
-def open_record(secret: bytes, key: str, record: bytes, where: str = "the store", writer: str = "") -> bytes:
+def open_record(secret: bytes, key: str, record: bytes, where: str = "the store", writer: str = "",
+                context: bytes = b"") -> bytes:
     """The value of a record made by :func:`sign_record`; AuthenticationError naming
     ``key`` (and ``writer``, the process that should have written it) if it was not signed
-    with ``secret`` for that key."""
+    with ``secret`` for that key and ``context``."""
     value, signature = record[:-SIGNATURE_BYTES], record[-SIGNATURE_BYTES:]
-    if len(record) < SIGNATURE_BYTES or not hmac.compare_digest(signature, _record_mac(secret, key, value)):
+    if len(record) < SIGNATURE_BYTES or not hmac.compare_digest(signature, _record_mac(secret, key, value, context)):
         raise AuthenticationError(
             f"refused the record {key!r} in {where}{f' (written by {writer})' if writer else ''}: it is not signed "
-            "with this process's secret: the two were started with different COLLECTIVES_TOKEN values (give every "
-            "worker and reducer the same), or a stranger who can reach the store wrote it")
+            "with this process's secret for this job: the two were started with different COLLECTIVES_TOKEN values "
+            "(give every worker and reducer the same), or a stranger who can reach the store wrote it, or copied "
+            "it there from an earlier job")
     return value
 
 
 class SignedStore:
     """A store (a :class:`StoreClient`, or any object with its methods) whose ``set``
     signs each value with the job's secret and whose ``get`` checks it (see
-    :func:`open_record`). ``add`` and ``check`` pass through: counters cannot be signed."""
+    :func:`open_record`), bound to the store's nonce (where the store has one: ``nonce()``)
+    and, for the keys that ``job_bound(key)`` names, to the job id once :meth:`bind` gives
+    it. ``add`` and ``check`` pass through: counters cannot be signed."""
 
-    def __init__(self, store, secret: bytes, writer: Callable[[str], str] = lambda key: ""):
-        """``writer(key)`` names the process that writes ``key``, for the refusal's message."""
+    def __init__(self, store, secret: bytes, writer: Callable[[str], str] = lambda key: "",
+                 job_bound: Callable[[str], bool] = lambda key: True, job_id: Optional[bytes] = None):
+        """``writer(key)`` names the process that writes ``key``, for the refusal's message;
+        ``job_bound(key)``: whether the record at ``key`` is written and read only by
+        processes that know the job id (the others are bound to the store's nonce alone)."""
         self.store = store
         self._secret = secret  # never in a repr or a message
         self._writer = writer
+        self._job_bound = job_bound
+        self._job_id = job_id or b""
+        self._nonce: Optional[bytes] = None
         self._where = f"the store at {store.address}" if hasattr(store, "address") else "the store"
 
     def __repr__(self) -> str:
         return f"SignedStore({self.store!r})"
 
+    def bind(self, job_id: bytes) -> None:
+        """From now on, the records of job-bound keys are signed and checked with ``job_id``."""
+        self._job_id = bytes(job_id)
+
+    def context(self, key: str) -> bytes:
+        """What a record at ``key`` is bound to besides the key: the store's nonce, and the
+        job id for a job-bound key once known (each with its length)."""
+        if self._nonce is None:
+            nonce = getattr(self.store, "nonce", None)
+            self._nonce = nonce() if nonce is not None else b""
+        job = self._job_id if self._job_bound(key) else b""
+        return _KEY_LENGTH.pack(len(self._nonce)) + self._nonce + _KEY_LENGTH.pack(len(job)) + job
+
     def set(self, key: str, value: bytes) -> None:
-        self.store.set(key, sign_record(self._secret, key, value))
+        self.store.set(key, sign_record(self._secret, key, value, self.context(key)))
 
     def get(self, key: str, timeout: Optional[float] = None) -> bytes:
+        context = self.context(key)
         record = self.store.get(key) if timeout is None else self.store.get(key, timeout)
-        return open_record(self._secret, key, record, self._where, self._writer(key))
+        return open_record(self._secret, key, record, self._where, self._writer(key), context)
 
     def unverified(self, key: str) -> bytes:
         """The value of a record that get() refused, without any check: only to say whom

@@ -116,6 +116,7 @@ def _join_store(rendezvous: str, secret: bytes, config: Config, deadline: float,
         except AuthenticationError as e:
             _post_failure(store, e)
             raise
+        store.bind(job_id)  # what it reads and writes from now on is this job's alone
         size = int(store.get(_PREFIX + "size"))
         num_reducers = int(store.get(_PREFIX + "num_reducers"))
         index = store.add(_PREFIX + "reducer_claim", 1) - 1

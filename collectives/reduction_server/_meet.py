@@ -51,7 +51,7 @@ def meet_reducers(store: Store, rank: int, size: int, secret: bytes, job_id: byt
     index; ([], []) for a job without reducers.
     """
     deadline = time.monotonic() + config.timeout if deadline is None else deadline
-    waits = StoreWaits(signed_store(store, secret), prefix, deadline, config.timeout)
+    waits = StoreWaits(signed_store(store, secret, job_id), prefix, deadline, config.timeout)
     records = waits.wait_for_addresses(
         [f"reducer/{index}" for index in range(config.num_reducers)], "reducer", "reducers",
         f" at the rendezvous {rendezvous}",
@@ -111,7 +111,7 @@ def open_job_store(rendezvous: str, source: str, rank: int, size: int, secret: b
     try:
         store = StoreClient(host, port, timeout=max(1.0, deadline - time.monotonic()))
         if rank == 0:
-            publish_job(signed_store(store, secret), job_id, size, num_reducers)
+            publish_job(signed_store(store, secret, job_id), job_id, size, num_reducers)
     except BaseException:
         for closable in (store, server):
             if closable is not None:

@@ -156,11 +156,57 @@ def test_client_checks_sizes_and_types(client):
     assert len(client.get("big")) == MAX_VALUE_BYTES
 
 
-def test_add_to_a_value_that_is_no_integer(client):
-    client.set("text", b"abc")
-    with pytest.raises(CollectiveError, match="not an integer"):
+@pytest.mark.parametrize("value", [b"abc", b" 7", b"7\n", b"1_000", b"+5", b"0x10", b"", b"9223372036854775808",
+                                   b"-9223372036854775809", b"12345678901234567890"])
+def test_add_to_a_value_that_is_no_signed_64_bit_decimal(client, value):
+    client.set("text", value)
+    with pytest.raises(CollectiveError, match="refused a request on key 'text': the value of this key is not a signed "
+                                              "64-bit integer in decimal"):
         client.add("text", 1)
-    assert client.get("text") == b"abc"
+    assert client.get("text") == value
+
+
+def test_counters_are_signed_64_bit_as_c10d_s(client):
+    """c10d's Store.add takes an int64 and may go below zero; so do ours, and a sum beyond the
+    range is refused, naming it, with the counter left as it was."""
+    top, bottom = (1 << 63) - 1, -(1 << 63)
+    assert client.add("n", -3) == -3 and client.get("n") == b"-3"
+    assert client.add("n", 5) == 2
+    assert client.add("max", top) == top and client.add("max", 0) == top
+    with pytest.raises(CollectiveError, match="adding 1 to 9223372036854775807 leaves the signed 64-bit range; "
+                                              "the counter is unchanged"):
+        client.add("max", 1)
+    assert client.get("max") == str(top).encode() and client.add("max", -top) == 0
+    assert client.add("min", bottom) == bottom
+    with pytest.raises(CollectiveError, match="adding -1 to -9223372036854775808 leaves the signed 64-bit range"):
+        client.add("min", -1)
+    assert client.add("min", top) == -1
+    client.set("set", str(bottom).encode())  # a counter written by SET, as c10d's users do
+    assert client.add("set", 1) == bottom + 1
+
+
+@pytest.mark.parametrize("amount, error", [(1 << 63, ValueError), (-(1 << 63) - 1, ValueError), (1.0, TypeError),
+                                           (True, TypeError), ("1", TypeError), (None, TypeError)])
+def test_an_amount_that_is_no_signed_64_bit_int_is_refused_before_it_is_sent(client, amount, error):
+    with pytest.raises(error, match="store counter adds"):
+        client.add("n", amount)
+    assert not client.check(["n"])  # nothing was sent
+    assert client.add("n", 1) == 1  # and the connection still serves
+
+
+def test_the_store_s_nonce_is_its_own_and_read_only(server, client):
+    nonce = client.nonce()
+    assert nonce == server.nonce and len(nonce) == _store.NONCE_BYTES
+    assert client.get(_store.NONCE_KEY) == nonce
+    for write in (lambda: client.set(_store.NONCE_KEY, bytes(16)), lambda: client.add(_store.NONCE_KEY, 1)):
+        with pytest.raises(CollectiveError, match="holds the store's nonce: no client may write it"):
+            write()
+    assert client.get(_store.NONCE_KEY) == nonce
+    other = StoreServer("127.0.0.1", 0)  # another store (another job's): another nonce
+    try:
+        assert other.nonce != server.nonce
+    finally:
+        other.close()
 
 
 def test_the_store_is_bounded(server, client, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 from strangers import closed_within
 
 from collectives import _store
+from collectives._rendezvous import signed_store
 from collectives._store import SIGNATURE_BYTES, SignedStore, StoreClient, StoreServer, open_record, sign_record
 from collectives.errors import AuthenticationError
 
@@ -234,3 +235,84 @@ def test_the_secret_stays_out_of_reprs_and_errors():
             return "Fake()"
 
     assert repr(SignedStore(Fake(), SECRET)) == "SignedStore(Fake())"
+
+
+JOB_A, JOB_B = bytes(range(16)), bytes(range(1, 17))
+
+
+@pytest.fixture
+def second_server():
+    srv = StoreServer("127.0.0.1", 0).start()
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize("key, job_bound", [("collectives/job", False), ("collectives/abort", False),
+                                            ("collectives/size", True), ("collectives/addr/1", True),
+                                            ("collectives/reducer/0", True)])
+def test_a_record_of_an_earlier_job_with_the_same_token_is_refused(server, second_server, key, job_bound):
+    """Job A's store, then job B's (worker 0 serves a new one each job), one COLLECTIVES_TOKEN:
+    a stranger copies A's genuine record into B's store."""
+    earlier = signed_store(StoreClient("127.0.0.1", server.port, timeout=5), SECRET, JOB_A)
+    raw = StoreClient("127.0.0.1", second_server.port, timeout=5)
+    now = signed_store(raw, SECRET, JOB_B)
+    try:
+        earlier.set(key, b"A's record")
+        assert earlier.get(key) == b"A's record"
+        raw.set(key, earlier.store.get(key))  # replayed, bytes for bytes
+        with pytest.raises(AuthenticationError, match=f"refused the record '{key}'.*not signed with this process's "
+                                                      "secret for this job.*copied it there from an earlier job"):
+            now.get(key)
+        now.set(key, b"B's record")
+        assert now.get(key) == b"B's record"
+    finally:
+        earlier.close()
+        now.close()
+
+
+def test_a_record_of_another_job_that_shares_the_store_is_refused_once_bound(server):
+    """Two jobs in one store (as with a prefix): the records written before the job id is
+    known are bound to the store alone; every other to the job id too."""
+    raw = StoreClient("127.0.0.1", server.port, timeout=5)
+    first, second = signed_store(raw, SECRET, JOB_A), signed_store(raw, SECRET)
+    try:
+        first.set("collectives/addr/1", b"A's address")
+        first.set("collectives/job", JOB_A)
+        assert second.get("collectives/job") == JOB_A  # readable before its reader knows the job
+        second.bind(JOB_B)
+        with pytest.raises(AuthenticationError, match="'collectives/addr/1'"):
+            second.get("collectives/addr/1")
+        second.bind(JOB_A)
+        assert second.get("collectives/addr/1") == b"A's address"
+    finally:
+        raw.close()
+
+
+def test_records_bind_to_the_context_given():
+    record = sign_record(SECRET, "k", b"value", b"context")
+    assert open_record(SECRET, "k", record, context=b"context") == b"value"
+    for context in (b"", b"contexT"):
+        with pytest.raises(AuthenticationError):
+            open_record(SECRET, "k", record, context=context)
+    with pytest.raises(AuthenticationError):  # no context is a context of its own
+        open_record(SECRET, "k", sign_record(SECRET, "k", b"value"), context=b"context")
+
+
+def test_a_store_without_a_nonce_binds_to_the_job_alone():
+    """An adapter of torch.distributed's store has no nonce: records still bind to the job."""
+
+    class Plain:
+        def __init__(self):
+            self.data = {}
+
+        def set(self, key, value):
+            self.data[key] = value
+
+        def get(self, key, timeout=None):
+            return self.data[key]
+
+    plain = Plain()
+    signed_store(plain, SECRET, JOB_A).set("collectives/addr/0", b"a")
+    assert signed_store(plain, SECRET, JOB_A).get("collectives/addr/0") == b"a"
+    with pytest.raises(AuthenticationError):
+        signed_store(plain, SECRET, JOB_B).get("collectives/addr/0")
