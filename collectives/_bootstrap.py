@@ -31,6 +31,7 @@ from ._mesh import close_links, connect_workers
 from ._mpi import MpiExchange, MpiJob, mpi_world
 from ._rendezvous import Store, StoreExchange, serve_store, signed_store
 from ._store import StoreClient, StoreServer
+from ._topology import own_label
 from .reduction_server._meet import (check_reducer_records, connect_reducers, meet_reducers, open_job_store,
                                      publish_job)
 
@@ -59,6 +60,7 @@ class Bootstrap:
     # reducer_links[i]: one connected, authenticated socket (with its keys) to reducer i
     reducer_links: List[Any] = dataclasses.field(default_factory=list)
     reducer_names: List[str] = dataclasses.field(default_factory=list)  # "reducer i (host:port)"
+    topology: List[str] = dataclasses.field(default_factory=list)  # each worker's label (collectives._topology)
 
     def close(self) -> None:
         """Closes the store client and server (not the fds: the core owns those). Idempotent."""
@@ -82,7 +84,7 @@ def bootstrap(rank: Optional[int] = None, size: Optional[int] = None, rendezvous
     if launch.launcher == "mpirun":
         return _bootstrap_mpi(launch, config, env)
     if launch.launcher == "alone":
-        return _alone()
+        return _alone(config)
 
     host, port = launch.address
     deadline = time.monotonic() + config.timeout
@@ -103,9 +105,9 @@ def bootstrap(rank: Optional[int] = None, size: Optional[int] = None, rendezvous
     return result
 
 
-def _alone() -> Bootstrap:
+def _alone(config: Config) -> Bootstrap:
     return Bootstrap(0, 1, [[]], ["rank 0 (this process)"], None, None, None,
-                     secrets.token_bytes(SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES))
+                     secrets.token_bytes(SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES), topology=[own_label(config.topology)])
 
 
 def bootstrap_with_store(store: Store, rank: int, size: int, secret: bytes, config: Config, *,
@@ -137,8 +139,9 @@ def bootstrap_with_store(store: Store, rank: int, size: int, secret: bytes, conf
         else:
             job_id = exchange.get("job", f"rank 0 did not start the job at {rendezvous} within {config.timeout:g} s")
             signed.bind(job_id)
-        peer_links, peer_names = connect_workers(rank, size, config, secret, job_id, deadline, exchange,
-                                                 lambda: _netif.advertise_address(config.socket_ifname, toward))
+        mesh = connect_workers(rank, size, config, secret, job_id, deadline, exchange,
+                               lambda: _netif.advertise_address(config.socket_ifname, toward))
+        peer_links, peer_names = mesh.links, mesh.names
         if reducer_rendezvous is not None and config.num_reducers:
             meeting, server = open_job_store(reducer_rendezvous, "COLLECTIVES_RENDEZVOUS", rank, size, secret,
                                              job_id, config.num_reducers, deadline)
@@ -155,7 +158,7 @@ def bootstrap_with_store(store: Store, rank: int, size: int, secret: bytes, conf
         exchange.publish_failure(e)
         raise
     return Bootstrap(rank, size, peer_links, peer_names, meeting, server, None, secret, job_id, reducer_links,
-                     reducer_names)
+                     reducer_names, mesh.topology)
 
 
 def _bootstrap_mpi(launch: Launch, config: Config, env: Mapping[str, str]) -> Bootstrap:
@@ -169,9 +172,9 @@ def _bootstrap_mpi(launch: Launch, config: Config, env: Mapping[str, str]) -> Bo
     reducer_records = job.reducer_records(None) if job.reducers else []
     check_reducer_records(reducer_records)  # raises on every process alike if a reducer failed
 
-    peer_links, peer_names = connect_workers(
-        rank, size, config, secret, job_id, deadline, MpiExchange(mpi_comm),
-        lambda: address0 if rank == 0 else _netif.advertise_address(config.socket_ifname, address0))
+    mesh = connect_workers(rank, size, config, secret, job_id, deadline, MpiExchange(mpi_comm),
+                           lambda: address0 if rank == 0 else _netif.advertise_address(config.socket_ifname, address0))
+    peer_links, peer_names = mesh.links, mesh.names
     store = server = None
     try:
         if rendezvous is not None:  # others (reducers started on their own) meet the job there
@@ -191,4 +194,4 @@ def _bootstrap_mpi(launch: Launch, config: Config, env: Mapping[str, str]) -> Bo
                 closable.close()
         raise
     return Bootstrap(rank, size, peer_links, peer_names, store, server, mpi_comm, secret, job_id, reducer_links,
-                     reducer_names)
+                     reducer_names, mesh.topology)

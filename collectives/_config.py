@@ -13,6 +13,7 @@ import re
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 from . import _core
+from ._topology import parse_levels
 
 __all__ = ["Config", "ALGORITHMS", "WIRE_SECURITY", "parse_bytes", "parse_int", "parse_seconds"]
 
@@ -142,6 +143,7 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[Any, str], Any]]] = {
     "rs_heartbeat_timeout": ("COLLECTIVES_RS_HEARTBEAT_TIMEOUT", parse_seconds),
     "rs_fallback": ("COLLECTIVES_RS_FALLBACK", _choice(RS_FALLBACKS, "a fallback")),
     "wire_security": ("COLLECTIVES_WIRE_SECURITY", _choice(WIRE_SECURITY, "a wire security")),
+    "topology": ("COLLECTIVES_TOPOLOGY", parse_levels),
 }
 
 
@@ -163,6 +165,7 @@ class Config:
     rs_heartbeat_timeout: float = 10.0
     rs_fallback: str = "error"
     wire_security: str = "mac"
+    topology: Optional[str] = None  # levels above the host, outermost first (collectives._topology)
 
     def __post_init__(self) -> None:
         # Checked on construction too, so that Config(...) built by hand is as safe as

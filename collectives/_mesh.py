@@ -18,15 +18,16 @@ import queue
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from . import _handshake, _netif
 from ._config import Config
 from ._handshake import ROLE_WORKER, PeerHello, SessionKeys, client_handshake, server_handshake
 from ._rendezvous import ABORT_POLL_S, Exchange, plural
+from ._topology import own_label
 from .errors import CollectiveError, ProtocolVersionError, TimeoutError
 
-__all__ = ["connect_workers", "check_protocol", "dial", "close_links"]
+__all__ = ["Mesh", "connect_workers", "check_protocol", "dial", "close_links"]
 
 log = logging.getLogger("collectives")
 
@@ -35,13 +36,22 @@ log = logging.getLogger("collectives")
 _NOTICE_GRACE_S = 1.0
 
 
+class Mesh(NamedTuple):
+    """By rank: connections_per_peer authenticated links (socket and keys) to each other
+    worker, whoever takes them closes them; names for messages; topology labels
+    (collectives._topology)."""
+    links: List[List[Any]]
+    names: List[str]
+    topology: List[str]
+
+
 def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id: bytes, deadline: float,
-                    exchange: Exchange, find_address: Callable[[], str]) -> Tuple[List[List[Any]], List[str]]:
-    """Publishes this worker's address (at ``find_address()``) through ``exchange``, checks
-    that all agree, and builds the mesh. Returns (links, names) by rank: connections_per_peer
-    authenticated links (socket and keys) to each other worker, whoever takes them closes them."""
+                    exchange: Exchange, find_address: Callable[[], str]) -> Mesh:
+    """Publishes this worker's address (at ``find_address()``) and topology label through
+    ``exchange``, checks that all agree, and builds the mesh."""
+    label = own_label(config.topology)
     if size == 1:
-        return [[]], [f"rank {rank} (this process)"]
+        return Mesh([[]], [f"rank {rank} (this process)"], [label])
     # A worker that cannot listen still publishes (why), so that every worker fails alike
     # rather than one raising while the others wait for its address.
     listener = None
@@ -49,7 +59,7 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
         address = find_address()
         listener = _netif.listen(address, config.port_range)
         port = listener.getsockname()[1]
-        record = {"host": address, "port": port, "hostname": socket.gethostname(),
+        record = {"host": address, "port": port, "hostname": socket.gethostname(), "topology": label,
                   "protocol": _handshake.PROTOCOL_VERSION, "settings": (("size", size),) + config.must_match()}
     except (OSError, ValueError, CollectiveError) as e:
         local_failure = e
@@ -73,7 +83,7 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
             listener.close()
     log.info("rank %d of %d (%s:%d): connected to %d peers, %d connection(s) each, in %.2f s",
              rank, size, address, port, size - 1, config.connections_per_peer, time.monotonic() - started)
-    return peer_links, names
+    return Mesh(peer_links, names, [r["topology"] for r in records])
 
 
 def _check_records(records: List[Dict[str, Any]]) -> None:

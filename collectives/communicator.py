@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -89,25 +89,79 @@ class Communicator:
         self._core = _core.Communicator(
             boot.rank, boot.size, boot.peer_links, boot.peer_names, options, boot.reducer_links, boot.reducer_names
         )
+        self._rank, self._size, self._members = boot.rank, boot.size, list(range(boot.size))
+        self._topology = boot.topology
         _live.add(self)
         if boot.reducer_links:
             logger.info("rank %d of %d: allreduce runs %s; %d reducer(s) connected", self.rank, self.size,
                         self.algorithm, len(boot.reducer_links))
         logger.debug("rank %d of %d ready (%s)", self.rank, self.size, config.as_dict())
 
+    @classmethod
+    def _subgroup(cls, parent: "Communicator", members: List[int]) -> "Communicator":
+        """Over `members` (ranks of `parent`, in the new order), sharing its connections."""
+        self = cls.__new__(cls)
+        self._core = None  # until made: __del__ looks at it
+        self._boot = None
+        # The reducers serve the world only: a subgroup's allreduce runs among its members.
+        self._config = dataclasses.replace(parent._config, algorithm="auto", num_reducers=0)
+        self._pid = os.getpid()
+        self._pending = []
+        self._core = parent._live_core().subgroup([parent._members[m] for m in members])
+        self._rank, self._size = self._core.rank, self._core.size
+        self._members = [parent._members[m] for m in members]
+        self._topology = [parent._topology[m] for m in members]
+        _live.add(self)
+        return self
+
     # -- identity -----------------------------------------------------------------------------
     @property
     def rank(self) -> int:
-        return self._boot.rank
+        return self._rank
 
     @property
     def size(self) -> int:
-        return self._boot.size
+        return self._size
 
     @property
     def mpi_comm(self):
-        """The workers-only MPI communicator when launched by mpirun, else None."""
-        return self._boot.mpi_comm
+        """The workers-only MPI communicator when launched by mpirun, else None (also for
+        communicators made by split or create_group)."""
+        return self._boot.mpi_comm if self._boot is not None else None
+
+    @property
+    def topology(self) -> List[str]:
+        """Each rank's place, by rank: COLLECTIVES_TOPOLOGY's levels above its host, then its
+        hostname ("rack2/host5")."""
+        return list(self._topology)
+
+    # -- groups -------------------------------------------------------------------------------
+    def split(self, color: Optional[int], key: int = 0) -> Optional["Communicator"]:
+        """MPI_Comm_split: a collective of this communicator. Ranks that pass the same color
+        form one new communicator, ordered by key, then by rank here; color None (or negative,
+        MPI_UNDEFINED) gives None. The new communicator runs over the existing connections."""
+        for name, value in (("color", color), ("key", key)):
+            if value is not None and not isinstance(value, (int, np.integer)):
+                raise TypeError(f"split's {name} must be an int, not {type(value).__name__}")
+        undefined = color is None or color < 0
+        mine = np.array([-1 if undefined else color, key], np.int64)
+        everyone = self.allgather(mine)
+        if undefined:
+            return None
+        members = sorted((r for r in range(self.size) if everyone[r][0] == color), key=lambda r: (everyone[r][1], r))
+        return Communicator._subgroup(self, members)
+
+    def create_group(self, ranks: Sequence[int]) -> "Communicator":
+        """MPI_Comm_create_group: a communicator over `ranks` (ranks here, in the new order),
+        collective over those ranks only: each of them calls it, with the same list, and no
+        other rank does. Runs over the existing connections."""
+        ranks = [int(r) for r in ranks]
+        if sorted(set(ranks)) != sorted(ranks) or not all(0 <= r < self.size for r in ranks):
+            raise ValueError(f"create_group needs distinct ranks of this {self.size}-rank communicator, got {ranks}")
+        if self.rank not in ranks:
+            raise ValueError(f"rank {self.rank} called create_group({ranks}) but is not one of them: only the "
+                             "listed ranks call it")
+        return Communicator._subgroup(self, ranks)
 
     @property
     def config(self) -> Config:
@@ -192,7 +246,8 @@ class Communicator:
         _live.discard(self)
         core.close()
         self._pending.clear()
-        self._boot.close()
+        if self._boot is not None:
+            self._boot.close()
 
     def __del__(self) -> None:
         # Collected together with unfinished collectives (a cycle through their Works): stop

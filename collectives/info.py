@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import __version__, _core
+from . import __version__, _core, _topology
 from ._config import Config
 
 
@@ -29,7 +29,17 @@ def describe() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="collectives-info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--topology", action="store_true",
+                        help="print only where this process would sit in a job's topology: COLLECTIVES_TOPOLOGY's "
+                             "levels, then the hostname (comm.topology gives every rank's)")
     args = parser.parse_args(argv)
+    if args.topology:
+        try:
+            print(_topology.own_label(Config.from_env().topology))
+        except ValueError as error:
+            print(f"collectives-info: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         info = describe()
     except ValueError as error:  # a malformed COLLECTIVES_* variable

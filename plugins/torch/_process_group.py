@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import time
+import weakref
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -33,6 +34,8 @@ _OPS = ((ReduceOp.SUM, "sum"), (ReduceOp.AVG, "avg"), (ReduceOp.MIN, "min"), (Re
         (ReduceOp.PRODUCT, "prod"))
 # The reducers serve one process group at a time: the first that spans the whole job.
 _reducers_held_by: Optional["ProcessGroup"] = None
+# The group that spans the job (made by init_process_group): new_group makes its subgroups.
+_world: Optional["weakref.ReferenceType[ProcessGroup]"] = None
 
 
 class ProcessGroup(dist.ProcessGroup):
@@ -130,11 +133,13 @@ class ProcessGroup(dist.ProcessGroup):
     def shutdown(self) -> None:
         """Closes the communicator and ends the thread that completes futures (what
         dist.destroy_process_group() calls). Idempotent."""
-        global _reducers_held_by
+        global _reducers_held_by, _world
         self._comm.close()
         self._completer.close()
         if _reducers_held_by is self:
             _reducers_held_by = None
+        if _world is not None and _world() is self:
+            _world = None
 
     # -- internals ------------------------------------------------------------------------------
     def _start(self, result: Any, steps: List[Step]) -> Work:
@@ -225,14 +230,22 @@ def create(options: Any, pg_options: Any) -> ProcessGroup:
         if pg_options.config.num_reducers:
             _reducers_held_by = group
         return group
+    global _world
     ranks = options.global_ranks_in_group
     # Only the group that spans the whole job can use its reducers (and only one at a time).
     spans_job = not ranks or len(ranks) == dist.get_world_size()
+    world = _world() if _world is not None else None
+    if ranks and world is not None and world.communicator.size == dist.get_world_size():
+        # new_group: over the connections of the group that spans the job, with no new
+        # bootstrap (torch calls this on the group's members only, in the same order on each).
+        return ProcessGroup(world.communicator.create_group(ranks))
     comm = _bootstrap(options.store, options.group_rank, options.group_size, options.timeout,
                       with_reducers=spans_job and _reducers_held_by is None)
     group = ProcessGroup(comm)
     if comm.config.num_reducers:
         _reducers_held_by = group
+    if spans_job:
+        _world = weakref.ref(group)
     return group
 
 
