@@ -17,7 +17,7 @@ from ._topology import parse_levels
 
 __all__ = ["Config", "ALGORITHMS", "WIRE_SECURITY", "parse_bytes", "parse_int", "parse_seconds"]
 
-ALGORITHMS = ("auto", "ring", "hierarchical", "reduction_server")
+ALGORITHMS = ("auto", "ring", "recursive_doubling", "hierarchical", "reduction_server")
 # What workers do when every reducer has failed: raise CollectiveError, or go on with the ring.
 RS_FALLBACKS = ("error", "ring")
 # What protects each frame after the handshake: nothing, a MAC, or a MAC and encryption (in
@@ -208,9 +208,10 @@ class Config:
     @property
     def effective_algorithm(self) -> str:
         """The algorithm that allreduce runs: "auto" is the reduction server where there
-        are reducers, else the ring."""
-        if self.algorithm == "auto":
-            return "reduction_server" if self.num_reducers else "ring"
+        are reducers, else stays "auto": per call, the ring or recursive doubling, whichever
+        the cost model expects to finish first (recursive doubling for small messages)."""
+        if self.algorithm == "auto" and self.num_reducers:
+            return "reduction_server"
         return self.algorithm
 
     def check_runnable(self) -> None:
@@ -218,7 +219,7 @@ class Config:
         are counted (num_reducers)."""
         if self.algorithm == "hierarchical":
             raise ValueError("algorithm 'hierarchical' is not available in this version; use 'ring', "
-                             "'reduction_server' or 'auto'")
+                             "'recursive_doubling', 'reduction_server' or 'auto'")
         if self.algorithm == "reduction_server" and not self.num_reducers:
             raise ValueError(
                 "algorithm 'reduction_server' needs reducers, and this job has none: launch them with "

@@ -82,6 +82,12 @@ class Communicator:
         options.segment_bytes = config.ring_segment_bytes or 0
         options.debug = config.debug
         options.reduction_server = self.algorithm == "reduction_server"
+        # A forced member of the ring family: a cost model under which it always wins (the one
+        # selection place, csrc/algorithms/select.h, is the only one that chooses).
+        if self.algorithm == "ring":
+            options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 0.0, 1.0
+        elif self.algorithm == "recursive_doubling":
+            options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 1.0, 0.0
         options.rs_chunk_bytes = config.rs_chunk_bytes or 0
         options.rs_inflight = config.rs_inflight or 0
         options.rs_heartbeat_timeout = config.rs_heartbeat_timeout
@@ -169,7 +175,9 @@ class Communicator:
 
     @property
     def algorithm(self) -> str:
-        """The algorithm that allreduce runs: "ring" or "reduction_server" ("auto" resolved)."""
+        """The algorithm that allreduce runs: "ring", "recursive_doubling", "reduction_server", or
+        "auto" (per call, the ring or recursive doubling by the cost model: recursive doubling
+        for small messages)."""
         return self._config.effective_algorithm
 
     def reducer_stats(self) -> List[Dict[str, Any]]:

@@ -87,6 +87,12 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("debug", &CommunicatorOptions::debug)
       .def_readwrite("reduction_server", &CommunicatorOptions::reduction_server)
       .def_property(
+          "cost_alpha_seconds", [](const CommunicatorOptions& o) { return o.cost.alpha_seconds; },
+          [](CommunicatorOptions& o, double v) { o.cost.alpha_seconds = v; })
+      .def_property(
+          "cost_beta_seconds_per_byte", [](const CommunicatorOptions& o) { return o.cost.beta_seconds_per_byte; },
+          [](CommunicatorOptions& o, double v) { o.cost.beta_seconds_per_byte = v; })
+      .def_property(
           "rs_chunk_bytes",
           [](const CommunicatorOptions& o) { return o.reduction_server_settings.chunk_bytes; },
           [](CommunicatorOptions& o, size_t v) { o.reduction_server_settings.chunk_bytes = v; })

@@ -280,7 +280,7 @@ def test_arguments_win_over_environment_variables():
 @pytest.mark.parametrize("variable, value, message", [
     ("COLLECTIVES_TIMEOUT", "abc", "COLLECTIVES_TIMEOUT='abc' is not a number of seconds"),
     ("COLLECTIVES_TIMEOUT", "-1", "COLLECTIVES_TIMEOUT='-1' must be a positive"),
-    ("COLLECTIVES_ALGORITHM", "tree", "auto, ring, hierarchical, reduction_server"),
+    ("COLLECTIVES_ALGORITHM", "tree", "auto, ring, recursive_doubling, hierarchical, reduction_server"),
     ("COLLECTIVES_RING_SEGMENT_BYTES", "1.5M", "COLLECTIVES_RING_SEGMENT_BYTES='1.5M' is not a byte count"),
     ("COLLECTIVES_RING_SEGMENT_BYTES", "0", "must be a positive byte count"),
     ("COLLECTIVES_CONNECTIONS_PER_PEER", "0", "COLLECTIVES_CONNECTIONS_PER_PEER='0' must be an integer >= 1"),

@@ -40,6 +40,14 @@ def test_many_segments_and_connections(run_ranks, tmp_path):
     cases_lib.run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 5, 4099, 100003]), env=env)
 
 
+@pytest.mark.parametrize("algorithm", ["ring", "recursive_doubling"])
+def test_each_allreduce_algorithm_forced(run_ranks, tmp_path, algorithm):
+    """COLLECTIVES_ALGORITHM forces one member of the ring family at every size (auto picks
+    by size: test_matrix)."""
+    cases_lib.run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 1009, 65537]),
+                      env={"COLLECTIVES_ALGORITHM": algorithm})
+
+
 @pytest.mark.mpi
 def test_under_mpirun(run_mpirun, tmp_path):
     """Bootstrapped over MPI (Open MPI or MPICH, whichever mpirun is installed)."""
