@@ -92,7 +92,7 @@ class Collectives:
 
     name = "collectives"
 
-    def __init__(self, cc, op, transport=None):
+    def __init__(self, cc, op, transport=None, algorithm="ring"):
         self.reducers = configured_reducers()
         self.transport = transport
         before = thread_ids()
@@ -101,14 +101,14 @@ class Collectives:
             self.name = f"collectives-{transport}"
             os.environ["COLLECTIVES_TRANSPORT"] = transport
         try:
-            self.comm = cc.init() if self.reducers else cc.init(algorithm="ring")
+            self.comm = cc.init() if self.reducers else cc.init(algorithm=algorithm)
         finally:
             if transport is not None:
                 os.environ.pop("COLLECTIVES_TRANSPORT", None)
                 if saved is not None:
                     os.environ["COLLECTIVES_TRANSPORT"] = saved
         self.threads = thread_ids() - before
-        self.algorithm = getattr(self.comm, "algorithm", "ring")
+        self.algorithm = getattr(self.comm, "algorithm", algorithm)
         self.op = op
         if transport is not None:
             self._check_transport(transport)
@@ -320,6 +320,9 @@ def build_parser(description=__doc__):
         help="all-reduces per timed sample (at most what max(--max, 64M) of buffers hold), "
         "or auto: enough for ~20 ms (default)")
     add("--pairs", type=int, default=5, help="least number of rounds (default 5)")
+    add("--algorithm", default="ring",
+        help="collectives' algorithm where no reducers are configured (default ring, whose link bytes compare.py "
+        "checks; auto: collectives' own choice per call)")
     add("--systems", type=_systems, default=",".join(SYSTEMS),
         help="comma-separated, from collectives,gloo,mpi (default all)")
     add("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
@@ -378,7 +381,7 @@ def _systems(text):
     return [name for name in SYSTEMS if name in names]
 
 
-def start_systems(names, world, hosts, op, transports=None):
+def start_systems(names, world, hosts, op, transports=None, algorithm="ring"):
     """The systems that can run here, and header lines about them and the ones skipped.
     transports: collectives once per COLLECTIVES_TRANSPORT value ("build": those the
     installation offers), or None for collectives' own choice."""
@@ -391,14 +394,14 @@ def start_systems(names, world, hosts, op, transports=None):
             raise SystemExit(f"collectives is not importable: {error}") from None
     if cc is not None:
         offered = build_transports(cc)
-        notes.append(f"collectives {cc.__version__}, SIMD level {cc._core.SIMD_LEVEL}, "
-                     f"transports {','.join(offered)}")
+        notes.append(f"collectives {cc.__version__} ({os.path.dirname(cc.__file__)}), SIMD level "
+                     f"{cc._core.SIMD_LEVEL}, transports {','.join(offered)}")
         if transports is not None and "build" in transports:
             transports = [t for t in transports if t != "build"] + [t for t in offered if t not in transports]
     for name in names:
         if name == "collectives":
             for transport in transports or [None]:
-                systems.append(Collectives(cc, op, transport))
+                systems.append(Collectives(cc, op, transport, algorithm))
                 notes.append(f"{systems[-1].name}: allreduce runs {systems[-1].algorithm}"
                              + (f" with {systems[-1].reducers} reducer(s)" if systems[-1].reducers else ""))
             settings = systems[-1].comm.config.as_dict()
@@ -459,7 +462,7 @@ def run(args, after=None):
     hosts = len(set(world.allgather(MPI.Get_processor_name())))
     transport = "loopback" if hosts == 1 else "network"
     reducers = configured_reducers()
-    systems, notes = start_systems(args.systems, world, hosts, args.op, args.transports)
+    systems, notes = start_systems(args.systems, world, hosts, args.op, args.transports, args.algorithm)
     commit = _common.git_commit()
     itemsize = np.dtype(args.dtype).itemsize
     subject = next((s.name for s in systems if isinstance(s, Collectives)), None)

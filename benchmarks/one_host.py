@@ -7,7 +7,8 @@ benchmarks/allreduce.py does the timing: in the same processes, on the same rand
 the systems alternate round by round and every timed all-reduce is checked (#wrong). Here the
 systems are collectives once per COLLECTIVES_TRANSPORT value (--transports; by default every
 transport that collectives-info lists for the installed build, each a communicator of its own
-named collectives-TRANSPORT, whose configuration must say it runs that transport), Open MPI's
+named collectives-TRANSPORT, whose configuration must say it runs that transport; its
+algorithm is collectives' own choice per call, --algorithm auto), Open MPI's
 MPI_Allreduce through mpi4py (on one host its shared-memory BTL) and gloo through
 torch.distributed, at 8 B, 4 KiB, 1 MiB and 64 MiB of float32 (--sizes).
 
@@ -35,9 +36,11 @@ other work the figures move with its load, which the block states (at the start 
 
 import datetime
 import os
+import shlex
 import socket
 import sys
 import time
+from pathlib import Path
 
 from mpi4py import MPI
 
@@ -66,7 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--idle-seconds", type=float, default=2.0,
                         help="how long to measure idle CPU (0: not at all; default 2)")
     parser.add_argument("--results", metavar="MD", help="rewrite this run's block of MD (benchmarks/RESULTS.md)")
-    parser.set_defaults(sizes=allreduce._size_list(DEFAULT_SIZES), transports=["build"], pairs=10)
+    parser.set_defaults(sizes=allreduce._size_list(DEFAULT_SIZES), transports=["build"], pairs=10, algorithm="auto")
     return allreduce.checked_args(parser, argv)
 
 
@@ -175,6 +178,13 @@ def table_lines(rows):
     return lines
 
 
+def _from_root(arg):
+    """A path inside this checkout as the command run from its root would name it."""
+    root = Path(__file__).resolve().parents[1]
+    path = Path(arg).resolve()
+    return str(path.relative_to(root)) if Path(arg).exists() and path.is_relative_to(root) else shlex.quote(arg)
+
+
 def _size(nbytes):
     for unit, scale in (("MiB", MIB), ("KiB", KIB)):
         if nbytes >= scale and nbytes % scale == 0:
@@ -204,7 +214,7 @@ def main(argv=None):
     if args.results:
         name = f"one-host {world.size} ranks"
         command = (f".venv/bin/mpirun --allow-run-as-root --oversubscribe -np {world.size} .venv/bin/python "
-                   "benchmarks/one_host.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                   "benchmarks/one_host.py " + " ".join(map(_from_root, argv if argv is not None else sys.argv[1:])))
         block = compare.generated_block(name, TOOL, rows[0]["commit"], command.strip(), lines + [""])
         compare.update_results(args.results, block, name, TOOL)
         print(f"# rewrote the '{name}' block of {args.results} "
