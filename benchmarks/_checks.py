@@ -20,7 +20,9 @@ link, Ethernet/IP/TCP headers included) against its algorithm's model (link_mode
     (3 hosts, >= 256 KiB: 1.0 to 2.5 per host), so only what every all-reduce must move is
     checked: at least 1.0 each way (each host's data must leave it, and the sum of the
     others' must reach it);
-  reduction server: each worker host 1.0 each way, each reducer host N/R.
+  reduction server: each worker host 1.0 each way, each reducer host N/R;
+  recursive doubling (collectives): with n a power of two, each host log2(n) each way; with
+    other n the folded hosts move less, so only the lower bound of 1.0 is checked.
 A figure more than LINK_TOLERANCE (10%) below its model is refused at every size: the bytes
 must cross the links (a run whose ranks all sat on one host moves next to nothing). A figure
 more than 10% above it is refused only where each host's share of the buffer, S/n, is at
@@ -143,6 +145,8 @@ def expected_traffic(algorithm, hosts, reducers):
     multiple of the size (headers not counted)."""
     if algorithm == "reduction_server":
         return 1.0, hosts / reducers
+    if algorithm == "recursive_doubling":
+        return float(hosts.bit_length() - 1), None
     return 2 * (hosts - 1) / hosts, None
 
 
@@ -155,7 +159,7 @@ def link_model(algorithm, hosts, reducers):
     per all-reduce over its size; two-sided False where only a lower bound holds (see the
     module's docstring: MPI with a number of hosts that is not a power of two)."""
     worker, reducer = expected_traffic(algorithm, hosts, reducers)
-    if algorithm == "mpi" and not _power_of_two(hosts):
+    if algorithm in ("mpi", "recursive_doubling") and not _power_of_two(hosts):
         return (1.0, False), None
     return (worker, True), (None if reducer is None else (reducer, True))
 

@@ -126,6 +126,8 @@ def parse_args(argv=None):
     add("--max", default="256M", help="largest size of a sweep (default 256M)")
     add("--pairs", type=int, default=5, help="least number of alternating rounds (default 5)")
     add("--systems", default=",".join(SYSTEMS), help="comma-separated, from collectives,gloo,mpi")
+    add("--algorithm", default="ring", choices=("ring", "recursive_doubling"),
+        help="collectives' all-reduce where there are no reducers (default ring)")
     add("--json", metavar="FILE", help="write all result rows to FILE")
     add("--plot", metavar="PNG",
         help="with --sweep: algbw against size per system; with several --reducers at one size: algbw against R")
@@ -175,10 +177,12 @@ def reduction_server_bound(goodput_GBps, hosts, reducers):
 
 
 def bound(algorithm, goodput_GBps, hosts, reducers):
-    """The algbw bound of a row's algorithm; every worker-only all-reduce (ring, gloo, mpi)
-    has the ring's."""
+    """The algbw bound of a row's algorithm: each host moves expected_traffic's multiple of
+    the buffer each way over a link of goodput B (ring, gloo and mpi: the ring's)."""
     if algorithm == "reduction_server":
         return reduction_server_bound(goodput_GBps, hosts, reducers)
+    if algorithm == "recursive_doubling":
+        return goodput_GBps / max(1.0, expected_traffic(algorithm, hosts, reducers)[0])
     return ring_bound(goodput_GBps, hosts)
 
 
@@ -349,7 +353,7 @@ def run_job(bed, args, workers, reducers, settings=None):
             "--mca", "oob_tcp_if_include", testbed.IFNAME,
             *[arg for key in [*pinned, *forwarded, *job, "PYTHONPATH"] for arg in ("-x", key)],
             sys.executable, str(HERE / "allreduce.py"), "--min", str(min(sizes)), "--max", str(max(sizes)),
-            "--factor", "4", "--pairs", str(args.pairs), "--systems", args.systems,
+            "--factor", "4", "--pairs", str(args.pairs), "--systems", args.systems, "--algorithm", args.algorithm,
             "--link", testbed.IFNAME, "--placement", str(placement), "--json", str(rows_file),
         ]
         started, links_before = [], bed.link_bytes()
