@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "transport/matching.h"
 #include "transport/socket.h"
 
 namespace collectives {
@@ -27,21 +28,6 @@ struct TcpTransport::Operation : TransportOperation {
   bool done = false;     // guarded by the transport's mutex: finished, well or not
   bool ok = false;       // guarded by the transport's mutex: every byte moved
 };
-
-namespace {
-
-struct StashedFrame {
-  FrameHeader header;
-  std::vector<char> payload;
-};
-
-// Whether receives are posted on a connection, for any communicator.
-template <typename ReceivesByCommunicator>
-bool any_waiting(const ReceivesByCommunicator& recvs) {
-  return std::any_of(recvs.begin(), recvs.end(), [](const auto& entry) { return !entry.second.empty(); });
-}
-
-}  // namespace
 
 struct TcpTransport::Connection {
   Connection(const Link& link, int peer)
@@ -204,16 +190,7 @@ void TcpTransport::wait(const TransportRequest& posted, Deadline deadline) {
   // Every request waited on here was made by post().
   Operation* request = static_cast<Operation*>(posted.get());
   std::unique_lock<std::mutex> lock(mutex_);
-  while (!request->done && !failed_) {
-    if (completed_.wait_until(lock, deadline) != std::cv_status::timeout || request->done || failed_) continue;
-    lock.unlock();
-    const std::string reason = why_timed_out(*request);
-    lock.lock();
-    if (request->done || failed_) continue;  // it came after all, or another rank named the culprit
-    lock.unlock();
-    abort(reason, true);
-    lock.lock();
-  }
+  await(lock, completed_, *request, deadline, [&] { return request->done || failed_; });
   // A request that completed stays good even if the transport failed afterwards.
   if (request->ok) return;
   completed_.wait(lock, [&] { return quiesced_; });  // the caller may free buffers next
@@ -268,14 +245,10 @@ std::string TcpTransport::failure() {
 }
 
 std::string TcpTransport::take_stashed(Connection& conn, Operation& op) {
-  auto& stash = conn.stashed[op.header.comm];
-  const StashedFrame frame = std::move(stash.front());
-  stash.pop_front();
   op.done = true;
   completed_.notify_all();
-  const std::string why = mismatch(op.header, frame.header);
+  const std::string why = collectives::take_stashed(conn.stashed[op.header.comm], op.header, op.data);
   if (!why.empty()) return peer_names_[conn.peer] + " sent " + why;
-  if (frame.header.nbytes > 0) std::memcpy(op.data, frame.payload.data(), frame.header.nbytes);
   op.ok = true;
   return "";
 }
@@ -398,8 +371,7 @@ bool TcpTransport::take_header(Connection& conn) {
       std::lock_guard<std::mutex> lock(mutex_);
       if (failed_) return false;  // posted buffers may be handed back from here on
       auto& mine = conn.recvs[h.comm];
-      const bool behind_stashed = !conn.stashed[h.comm].empty();
-      conn.stashing = behind_stashed || (mine.empty() && any_waiting(conn.recvs));
+      conn.stashing = read_ahead(h, conn.recvs, conn.stashed);
       conn.parked = !conn.stashing && mine.empty();
       if (!conn.stashing && !conn.parked) {
         conn.receiving = mine.front();

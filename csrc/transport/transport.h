@@ -17,8 +17,10 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -137,6 +139,23 @@ class Transport {
   // names that peer; a receive says what trace_stall finds (empty: the transport failed
   // meanwhile). Called without the implementation's locks: it asks peers and waits.
   std::string why_timed_out(const TransportOperation& request);
+  // The deadline loop of an implementation's wait(): blocks on `changed` (with `lock` held)
+  // until finished(); at the deadline finds why (without the lock) and aborts, unless the
+  // request finished meanwhile or another rank named the culprit first.
+  template <typename Finished>
+  void await(std::unique_lock<std::mutex>& lock, std::condition_variable& changed, const TransportOperation& request,
+             Deadline deadline, Finished finished) {
+    while (!finished()) {
+      if (changed.wait_until(lock, deadline) != std::cv_status::timeout || finished()) continue;
+      lock.unlock();
+      const std::string reason = why_timed_out(request);
+      lock.lock();
+      if (finished()) continue;
+      lock.unlock();
+      abort(reason, true);
+      lock.lock();
+    }
+  }
 
  private:
   std::atomic<Transport*> whole_{nullptr};

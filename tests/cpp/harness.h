@@ -21,6 +21,9 @@
 #include "communicator.h"
 #include "fake_transport.h"
 #include "reduction_server/server.h"
+#include "transport/router.h"
+#include "transport/shm/segment.h"
+#include "transport/shm/shm_transport.h"
 #include "transport/tcp_transport.h"
 #include "transport/wire_security.h"
 
@@ -65,11 +68,21 @@ inline std::pair<int, int> loopback_pair() {
 // The wire security of the jobs a test makes; each test program runs its tests under each.
 inline WireSecurity job_security = WireSecurity::kMac;
 
-// The transport between the ranks of the jobs a test makes: TCP over loopback, or the
-// in-memory fake (whose faults a test injects through Job::network).
-enum class TransportKind { kTcp, kFake };
+// The transport between the ranks of the jobs a test makes: TCP over loopback, shared memory,
+// both routed (ranks of even and odd numbers on two "hosts": shared memory between ranks of
+// one parity, TCP across), or the in-memory fake (whose faults a test injects through
+// Job::network).
+enum class TransportKind { kTcp, kShm, kRouted, kFake };
 inline TransportKind job_transport = TransportKind::kTcp;
-inline const char* to_string(TransportKind kind) { return kind == TransportKind::kTcp ? "tcp" : "fake"; }
+inline const char* to_string(TransportKind kind) {
+  switch (kind) {
+    case TransportKind::kTcp: return "tcp";
+    case TransportKind::kShm: return "shm";
+    case TransportKind::kRouted: return "routed tcp and shm";
+    case TransportKind::kFake: return "fake";
+  }
+  return "?";
+}
 
 inline std::string random_key() {
   static std::random_device device;
@@ -160,6 +173,53 @@ inline std::vector<std::vector<std::vector<Link>>> loopback_mesh(int size, int c
   return links;
 }
 
+// Shared-memory links among ranks that are threads of this process, between every two ranks
+// of the same host(r): a segment and a socket pair each (a rank's end of the pair stands for
+// its process: it closes with the rank's transport), and a doorbell per rank.
+struct ShmMesh {
+  std::vector<int> doorbells;                // [rank]
+  std::vector<std::vector<ShmLink>> links;  // [rank][peer]
+};
+
+inline ShmMesh shm_mesh(int size, const std::function<int(int)>& host) {
+  ShmMesh mesh{std::vector<int>(size), std::vector<std::vector<ShmLink>>(size, std::vector<ShmLink>(size))};
+  for (int r = 0; r < size; ++r) mesh.doorbells[r] = create_shm_doorbell();
+  for (int i = 0; i < size; ++i) {
+    for (int j = i + 1; j < size; ++j) {
+      if (host(i) != host(j)) continue;
+      int ends[2];
+      if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ends) != 0) throw std::runtime_error("socketpair failed");
+      const int segment = create_shm_segment();
+      mesh.links[i][j] = {segment, ends[0], dup(mesh.doorbells[j])};
+      mesh.links[j][i] = {dup(segment), ends[1], dup(mesh.doorbells[i])};
+    }
+  }
+  return mesh;
+}
+
+// The transports of `size` ranks (names[r] for rank r) over job_transport, but the fake.
+inline std::vector<std::unique_ptr<Transport>> real_transports(int size, int connections,
+                                                               const std::vector<std::string>& names) {
+  std::vector<std::unique_ptr<Transport>> transports;
+  if (job_transport == TransportKind::kShm) {
+    ShmMesh mesh = shm_mesh(size, [](int) { return 0; });
+    for (int r = 0; r < size; ++r) {
+      transports.push_back(std::make_unique<ShmTransport>(r, size, mesh.doorbells[r], mesh.links[r], names));
+    }
+    return transports;
+  }
+  auto links = loopback_mesh(size, connections);
+  ShmMesh mesh = job_transport == TransportKind::kRouted ? shm_mesh(size, [](int r) { return r % 2; }) : ShmMesh{};
+  for (int r = 0; r < size; ++r) {
+    if (job_transport == TransportKind::kRouted) {
+      transports.push_back(make_transport(r, size, links[r], names, mesh.doorbells[r], mesh.links[r]));
+    } else {
+      transports.push_back(std::make_unique<TcpTransport>(r, size, links[r], names));
+    }
+  }
+  return transports;
+}
+
 // `size` ranks and `num_reducers` reducers (each serving on its own thread), the ranks
 // connected by job_transport, the reducers over loopback. With reducers, options.reduction_server decides whether allreduce uses them. The
 // last `silent_reducers` of them never answer, like a hung host or a cut link. The connection
@@ -185,15 +245,15 @@ struct Job {
   Job(int size, int num_reducers, CommunicatorOptions options, int connections = 1,
       ReducerOptions reducer_options = {}, int silent_reducers = 0,
       std::pair<int, int> relayed = {-1, -1}) {
+    std::vector<std::string> names, reducer_names;
+    for (int r = 0; r < size; ++r) names.push_back("rank " + std::to_string(r));
     std::vector<std::unique_ptr<Transport>> transports;
     if (job_transport == TransportKind::kFake) {
       network = std::make_shared<FakeNetwork>(size);
       transports = network->transports();
+    } else {
+      transports = real_transports(size, connections, names);
     }
-    auto links = job_transport == TransportKind::kTcp ? loopback_mesh(size, connections)
-                                                      : std::vector<std::vector<std::vector<Link>>>(size);
-    std::vector<std::string> names, reducer_names;
-    for (int r = 0; r < size; ++r) names.push_back("rank " + std::to_string(r));
     for (int k = 0; k < num_reducers; ++k) reducer_names.push_back("reducer " + std::to_string(k));
     // reducer_links[r][k] joins rank r and reducer k.
     std::vector<std::vector<Link>> reducer_links(size), worker_links(num_reducers);
@@ -224,9 +284,6 @@ struct Job {
       });
     }
     for (int r = 0; r < size; ++r) {
-      if (job_transport == TransportKind::kTcp) {
-        transports.push_back(std::make_unique<TcpTransport>(r, size, links[r], names));
-      }
       comms.push_back(std::make_unique<Communicator>(std::move(transports[r]), options,
                                                      reducer_links[r], reducer_names));
     }

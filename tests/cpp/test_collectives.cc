@@ -3,6 +3,9 @@
 // of the ring family; the failure paths (disagreeing ranks, abort, a silent rank); and, on the
 // fake, faults injected at every message of a collective. Built and run under
 // AddressSanitizer and UndefinedBehaviorSanitizer in CI.
+#include <signal.h>
+#include <sys/wait.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -177,6 +180,22 @@ void test_abort_wakes_peers() {
   });
   check(errors[1].find("test abort") != std::string::npos,
         "abort reason reaches the peer: '" + errors[1] + "'");
+}
+
+// Every rank but the one that aborts waits in an all-reduce: each hears the reason, over
+// whichever link reaches it (routed: a part that fails fails the whole, so a rank told over TCP
+// tells its shared-memory peers in turn).
+void test_abort_reaches_every_rank(int size) {
+  Job job(size, 1, 0, 30);
+  std::vector<std::vector<float>> data(size, std::vector<float>(1000, 1.0f));
+  auto errors = job.run([&](int r) {
+    if (r == 0) return job.comms[0]->abort("test abort");
+    wait(job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum));
+  });
+  for (int r = 1; r < size; ++r) {
+    check(errors[r].find("test abort") != std::string::npos,
+          "abort among " + std::to_string(size) + ": rank " + std::to_string(r) + " said '" + errors[r] + "'");
+  }
 }
 
 // Whether a timeout names `culprit` as the rank it waited for, directly or at the end of a chain
@@ -415,6 +434,7 @@ void run_all() {
   }
   test_mismatch_fails_everywhere();
   test_abort_wakes_peers();
+  test_abort_reaches_every_rank(4);
   for (int size : {3, 5}) test_silent_rank_is_named_not_its_neighbour(size);
   if (job_transport == TransportKind::kTcp) test_altered_frame_is_refused();  // a relay between sockets
   if (job_transport == TransportKind::kFake) {
@@ -425,15 +445,53 @@ void run_all() {
   }
 }
 
+// Shared memory: rank 1 is a child process, holding its ends of the links as a real rank
+// would, and is killed (SIGKILL) while rank 0 waits to receive from it. Rank 0 fails at once,
+// naming it, long before its deadline.
+void test_killed_shm_peer_is_named() {
+  const std::vector<std::string> names{"rank 0", "rank 1"};
+  ShmMesh mesh = shm_mesh(2, [](int) { return 0; });
+  const pid_t child = fork();
+  if (child == 0) {
+    pause();  // until killed
+    _exit(0);
+  }
+  const ShmLink& theirs = mesh.links[1][0];
+  for (int fd : {mesh.doorbells[1], theirs.segment_fd, theirs.watch_fd, theirs.doorbell_fd}) ::close(fd);
+  ShmTransport rank0(0, 2, mesh.doorbells[0], mesh.links[0], names);
+  std::vector<char> buffer(100);
+  FrameHeader expected;
+  expected.nbytes = buffer.size();
+  TransportRequest request = rank0.recv(1, expected, buffer.data());
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const auto killed = std::chrono::steady_clock::now();
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  std::string error;
+  try {
+    rank0.wait(request, deadline_after(20));
+  } catch (const CollectiveError& e) {
+    error = e.what();
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - killed).count();
+  check(error.find("rank 1 closed the connection (process exited or was killed?)") != std::string::npos,
+        "killed shm peer: rank 0 must name rank 1, said '" + error + "'");
+  check(seconds < 2, "killed shm peer: seen after " + std::to_string(seconds) + " s");
+}
+
 int main() {
+  test_killed_shm_peer_is_named();  // forks: first, while this process has one thread
   for (WireSecurity security : {WireSecurity::kMac, WireSecurity::kNone, WireSecurity::kAead}) {
     job_security = security;
     std::printf("tcp, wire security %s\n", to_string(security));
     run_all();
   }
-  job_transport = TransportKind::kFake;
-  std::printf("fake transport\n");
-  run_all();
+  job_security = WireSecurity::kMac;
+  for (TransportKind kind : {TransportKind::kShm, TransportKind::kRouted, TransportKind::kFake}) {
+    job_transport = kind;
+    std::printf("%s transport\n", to_string(kind));
+    run_all();
+  }
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

@@ -1,0 +1,49 @@
+// How a transport matches a peer's frames with receives when several communicators share it
+// (FrameHeader::comm): in posting order within each communicator. A frame whose communicator
+// has no receive posted while another communicator's receive waits on the same link is read
+// ahead into memory (stashed), since ranks may run different communicators' collectives in
+// different orders; with no receive posted at all it is left where it is (parked), so that a
+// fast sender is held back. Shared by TcpTransport and ShmTransport.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "transport/frame.h"
+
+namespace collectives {
+
+struct StashedFrame {
+  FrameHeader header;
+  std::vector<char> payload;
+};
+
+// Whether receives are posted on a link, for any communicator.
+template <typename ReceivesByCommunicator>
+bool any_waiting(const ReceivesByCommunicator& recvs) {
+  return std::any_of(recvs.begin(), recvs.end(), [](const auto& entry) { return !entry.second.empty(); });
+}
+
+// Whether the frame with header `h` goes to memory of its own (read ahead), given the
+// receives and stashed frames of its link.
+template <typename ReceivesByCommunicator>
+bool read_ahead(const FrameHeader& h, ReceivesByCommunicator& recvs, std::map<uint64_t, std::deque<StashedFrame>>& stashed) {
+  return !stashed[h.comm].empty() || (recvs[h.comm].empty() && any_waiting(recvs));
+}
+
+// Fills a receive (`expected`, into `data`) from the first frame stashed for its communicator,
+// which it takes: empty, or why the frame is not the one expected (nothing is copied then).
+inline std::string take_stashed(std::deque<StashedFrame>& stash, const FrameHeader& expected, void* data) {
+  const StashedFrame frame = std::move(stash.front());
+  stash.pop_front();
+  std::string why = mismatch(expected, frame.header);
+  if (why.empty() && frame.header.nbytes > 0) std::memcpy(data, frame.payload.data(), frame.header.nbytes);
+  return why;
+}
+
+}  // namespace collectives

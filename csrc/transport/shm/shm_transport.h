@@ -1,0 +1,123 @@
+// Shared-memory transport between ranks of one host. Each pair of ranks shares a segment
+// (shm/segment.h) with a ring per direction; a message is a frame (FrameHeader, then payload)
+// written into the ring by the sender and copied out by the receiver straight into the
+// posted buffer, once its header has been checked against the receive's.
+//
+// Matching by communicator, with frames read ahead, as transport/matching.h says.
+//
+// Progress: whoever waits drives the rings itself, spinning for a few microseconds, so a
+// small message costs no hand-off between threads; a progress thread does the rest (sends
+// nobody waits on yet, stall questions, notices, a peer's death) and sleeps in epoll when
+// there is nothing to move, so an idle rank burns no CPU. Before sleeping it raises the
+// "asleep" flags of its rings; a peer that moves a ring's head or tail past a raised flag
+// rings this rank's doorbell (an eventfd it was handed), one system call per sleep at most.
+//
+// Failure model, as TcpTransport's: the first failure sticks, fails every pending and later
+// request, and reaches every peer with its reason (through each ring's control block, which a
+// full ring does not hold up). A peer's death is seen at once: its watch descriptor (ShmLink),
+// polled by the progress thread, becomes readable without the goodbye flag raised first.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/file_descriptor.h"
+#include "transport/shm/ring.h"
+#include "transport/shm/segment.h"
+#include "transport/socket.h"
+#include "transport/transport.h"
+
+namespace collectives {
+
+// What a rank holds of one same-host peer; all three descriptors are owned by the transport.
+struct ShmLink {
+  int segment_fd = -1;   // the pair's segment (create_shm_segment), made by either of the two
+  // Becomes readable once the peer is gone: a pidfd of its process, or a Unix socket whose
+  // other end only the peer holds (for ranks that are threads of one process, in tests).
+  int watch_fd = -1;
+  int doorbell_fd = -1;  // the peer's doorbell (create_shm_doorbell): written to wake it
+};
+
+class ShmTransport : public Transport {
+ public:
+  // links[p]: the link to rank p, or one of descriptors -1 where p is not reached over shared
+  // memory (and never addressed through this transport). doorbell_fd: this rank's doorbell,
+  // whose write ends the peers hold. peer_names[p] names rank p in error messages.
+  ShmTransport(int rank, int size, int doorbell_fd, std::vector<ShmLink> links, std::vector<std::string> peer_names);
+  ~ShmTransport() override;
+  ShmTransport(const ShmTransport&) = delete;
+  ShmTransport& operator=(const ShmTransport&) = delete;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& peer_name(int peer) const override { return peer_names_[peer]; }
+
+  TransportRequest send(int peer, const FrameHeader& header, const void* data) override;
+  TransportRequest recv(int peer, const FrameHeader& expected, void* data) override;
+  void wait(const TransportRequest& request, Deadline deadline) override;
+  int ask_waiting_on(int peer) override;
+  int awaited_rank() override;
+  void abort(const std::string& reason, bool timed_out = false) override;
+  void quiesce() override;
+  std::string failure() override;
+  void notify(uint32_t about, const std::string& text) override;
+  std::vector<PeerNotice> take_notices() override;
+
+ private:
+  struct Operation;
+  using OperationPtr = std::shared_ptr<Operation>;
+  struct Peer;
+
+  OperationPtr post(int peer, const FrameHeader& header, void* data, bool is_send);
+  // Moves whatever can move on every ring; true if anything did. With progress_mutex_ held.
+  bool drive_locked();
+  // Tries to drive from a waiting thread; false if another thread drives now.
+  bool try_drive();
+  bool write_some(Peer& peer);
+  bool read_some(Peer& peer);
+  // A header is readable: match it with its receive and start the payload (false: parked).
+  bool take_header(Peer& peer);
+  bool take_notice(Peer& peer, const FrameHeader& header);
+  // A frame read ahead is whole: it waits for its receive (or fills one posted meanwhile).
+  void stash_ahead(Peer& peer);
+  // The control block's news from the peer: its abort, a stall question.
+  void check_control(Peer& peer);
+  void progress_loop();
+  // Raises the asleep flags and checks once more; true if the thread may sleep.
+  bool prepare_to_sleep();
+  void handle_gone(Peer& peer);
+  void ring(Peer& peer);  // the peer's doorbell
+  void complete(Operation& op);
+  void fail(const std::string& reason, bool timed_out);
+  bool has_failed();
+
+  const int rank_;
+  const int size_;
+  const std::vector<std::string> peer_names_;
+  FileDescriptor doorbell_;
+  std::vector<std::unique_ptr<Peer>> peers_;  // [rank]; null where not over shared memory
+  Poller poller_;  // the doorbell, the peers' watch descriptors, and local wake-ups
+
+  // Held while bytes move between rings and posted buffers; taken before mutex_.
+  std::mutex progress_mutex_;
+
+  std::mutex mutex_;  // guards queues, completion flags and the failure fields below
+  std::condition_variable completed_;
+  bool failed_ = false;
+  bool failure_timed_out_ = false;
+  bool stopping_ = false;
+  std::string failure_;
+  std::vector<PeerNotice> notices_;
+
+  std::atomic<bool> asleep_{false};  // the progress thread sleeps (or is about to): wake it
+  std::thread progress_thread_;
+};
+
+}  // namespace collectives
