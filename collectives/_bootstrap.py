@@ -28,6 +28,7 @@ from ._config import Config
 from ._handshake import JOB_ID_BYTES, ROLE_WORKER
 from ._launch import SECRET_BYTES, Launch, find_launch
 from ._mesh import close_links, connect_workers
+from ._shm import close_pairs
 from ._mpi import MpiExchange, MpiJob, mpi_world
 from ._rendezvous import Store, StoreExchange, serve_store, signed_store
 from ._store import StoreClient, StoreServer
@@ -61,6 +62,9 @@ class Bootstrap:
     reducer_links: List[Any] = dataclasses.field(default_factory=list)
     reducer_names: List[str] = dataclasses.field(default_factory=list)  # "reducer i (host:port)"
     topology: List[str] = dataclasses.field(default_factory=list)  # each worker's label (collectives._topology)
+    # Shared memory with same-host workers (collectives._shm); the core owns them once handed.
+    shm_doorbell: int = -1
+    shm_links: List[Any] = dataclasses.field(default_factory=list)
 
     def close(self) -> None:
         """Closes the store client and server (not the fds: the core owns those). Idempotent."""
@@ -130,6 +134,7 @@ def bootstrap_with_store(store: Store, rank: int, size: int, secret: bytes, conf
     signed = signed_store(store, secret)  # so that no stranger at the store can pass for one of the job
     exchange = StoreExchange(signed, prefix, rank, size, deadline, config.timeout, rendezvous)
     peer_links: List[List[Any]] = []
+    mesh = None
     meeting, server = store, None  # where the reducers meet the job
     try:
         if rank == 0:
@@ -152,13 +157,15 @@ def bootstrap_with_store(store: Store, rank: int, size: int, secret: bytes, conf
                                                          rendezvous=rendezvous, deadline=deadline)
     except Exception as e:
         close_links(link for links in peer_links for link in links)
+        if mesh is not None:
+            close_pairs(mesh.shm_doorbell, mesh.shm_links)
         for closable in (meeting, server):
             if closable is not store and closable is not None:
                 closable.close()
         exchange.publish_failure(e)
         raise
     return Bootstrap(rank, size, peer_links, peer_names, meeting, server, None, secret, job_id, reducer_links,
-                     reducer_names, mesh.topology)
+                     reducer_names, mesh.topology, mesh.shm_doorbell, mesh.shm_links)
 
 
 def _bootstrap_mpi(launch: Launch, config: Config, env: Mapping[str, str]) -> Bootstrap:
@@ -189,9 +196,10 @@ def _bootstrap_mpi(launch: Launch, config: Config, env: Mapping[str, str]) -> Bo
             reducer_links, reducer_names = [], []
     except BaseException:
         close_links(link for links in peer_links for link in links)
+        close_pairs(mesh.shm_doorbell, mesh.shm_links)
         for closable in (store, server):
             if closable is not None:
                 closable.close()
         raise
     return Bootstrap(rank, size, peer_links, peer_names, store, server, mpi_comm, secret, job_id, reducer_links,
-                     reducer_names, mesh.topology)
+                     reducer_names, mesh.topology, mesh.shm_doorbell, mesh.shm_links)

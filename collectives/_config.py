@@ -15,9 +15,10 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 from . import _core
 from ._topology import parse_levels
 
-__all__ = ["Config", "ALGORITHMS", "WIRE_SECURITY", "parse_bytes", "parse_int", "parse_seconds"]
+__all__ = ["Config", "ALGORITHMS", "TRANSPORTS", "WIRE_SECURITY", "parse_bytes", "parse_int", "parse_seconds"]
 
 ALGORITHMS = ("auto", "ring", "recursive_doubling", "hierarchical", "reduction_server")
+TRANSPORTS = ("auto", "tcp", "shm")
 # What workers do when every reducer has failed: raise CollectiveError, or go on with the ring.
 RS_FALLBACKS = ("error", "ring")
 # What protects each frame after the handshake: nothing, a MAC, or a MAC and encryption (in
@@ -144,6 +145,7 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[Any, str], Any]]] = {
     "rs_fallback": ("COLLECTIVES_RS_FALLBACK", _choice(RS_FALLBACKS, "a fallback")),
     "wire_security": ("COLLECTIVES_WIRE_SECURITY", _choice(WIRE_SECURITY, "a wire security")),
     "topology": ("COLLECTIVES_TOPOLOGY", parse_levels),
+    "transport": ("COLLECTIVES_TRANSPORT", _choice(TRANSPORTS, "a transport")),
 }
 
 
@@ -166,6 +168,7 @@ class Config:
     rs_fallback: str = "error"
     wire_security: str = "mac"
     topology: Optional[str] = None  # levels above the host, outermost first (collectives._topology)
+    transport: str = "auto"  # shared memory within a host and TCP between hosts, or one of them
 
     def __post_init__(self) -> None:
         # Checked on construction too, so that Config(...) built by hand is as safe as
@@ -203,7 +206,7 @@ class Config:
         """(name, value) pairs that every rank of a job must agree on, checked at init."""
         return tuple((name, getattr(self, name))
                      for name in ("algorithm", "ring_segment_bytes", "connections_per_peer", "num_reducers",
-                                  "rs_chunk_bytes", "rs_inflight", "rs_fallback", "wire_security"))
+                                  "rs_chunk_bytes", "rs_inflight", "rs_fallback", "wire_security", "transport"))
 
     @property
     def effective_algorithm(self) -> str:

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from . import _handshake, _netif
+from . import _handshake, _netif, _shm
 from ._config import Config
 from ._handshake import ROLE_WORKER, PeerHello, SessionKeys, client_handshake, server_handshake
 from ._rendezvous import ABORT_POLL_S, Exchange, plural
@@ -43,6 +43,10 @@ class Mesh(NamedTuple):
     links: List[List[Any]]
     names: List[str]
     topology: List[str]
+    # Shared memory with same-host workers (collectives._shm): this worker's doorbell (-1:
+    # none) and a _core.ShmLink by rank ([]: none).
+    shm_doorbell: int = -1
+    shm_links: List[Any] = []
 
 
 def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id: bytes, deadline: float,
@@ -54,13 +58,15 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
         return Mesh([[]], [f"rank {rank} (this process)"], [label])
     # A worker that cannot listen still publishes (why), so that every worker fails alike
     # rather than one raising while the others wait for its address.
-    listener = None
+    listener = unix_listener = None
     try:
         address = find_address()
         listener = _netif.listen(address, config.port_range)
         port = listener.getsockname()[1]
+        unix_listener = _shm.open_listener(config)
         record = {"host": address, "port": port, "hostname": socket.gethostname(), "topology": label,
-                  "protocol": _handshake.PROTOCOL_VERSION, "settings": (("size", size),) + config.must_match()}
+                  "protocol": _handshake.PROTOCOL_VERSION, "settings": (("size", size),) + config.must_match(),
+                  **_shm.record_fields(unix_listener)}
     except (OSError, ValueError, CollectiveError) as e:
         local_failure = e
         record = {"failed": f"{type(e).__name__}: {e}"}
@@ -78,12 +84,18 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
         mesh = _Mesh(listener, [(r["host"], r["port"]) for r in records], names, rank, size, config, secret,
                      job_id, deadline)
         peer_links = mesh.build(exchange)
+        try:
+            doorbell, shm_links = _shm.pair_same_host(rank, records, unix_listener, config, deadline)
+        except BaseException:
+            close_links(link for links in peer_links for link in links)
+            raise
     finally:
-        if listener is not None:
-            listener.close()
+        for closable in (listener, unix_listener):
+            if closable is not None:
+                closable.close()
     log.info("rank %d of %d (%s:%d): connected to %d peers, %d connection(s) each, in %.2f s",
              rank, size, address, port, size - 1, config.connections_per_peer, time.monotonic() - started)
-    return Mesh(peer_links, names, [r["topology"] for r in records])
+    return Mesh(peer_links, names, [r["topology"] for r in records], doorbell, shm_links)
 
 
 def _check_records(records: List[Dict[str, Any]]) -> None:

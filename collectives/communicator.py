@@ -93,7 +93,8 @@ class Communicator:
         options.rs_heartbeat_timeout = config.rs_heartbeat_timeout
         options.rs_fallback_ring = config.rs_fallback == "ring"
         self._core = _core.Communicator(
-            boot.rank, boot.size, boot.peer_links, boot.peer_names, options, boot.reducer_links, boot.reducer_names
+            boot.rank, boot.size, boot.peer_links, boot.peer_names, options, boot.reducer_links, boot.reducer_names,
+            boot.shm_doorbell, boot.shm_links
         )
         self._rank, self._size, self._members = boot.rank, boot.size, list(range(boot.size))
         self._topology = boot.topology

@@ -7,7 +7,7 @@ import json
 import sys
 
 from . import __version__, _core, _topology
-from ._config import Config
+from ._config import TRANSPORTS, Config
 
 
 def describe() -> dict:
@@ -18,7 +18,7 @@ def describe() -> dict:
         "build": {
             "simd_level": _core.SIMD_LEVEL,
             "simd_levels_supported": list(_core.kernels.levels()),
-            "transports": ["tcp"],
+            "transports": list(TRANSPORTS),
             "cuda": False,
             "ucx": False,
         },

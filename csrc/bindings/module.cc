@@ -12,6 +12,8 @@
 #include "kernels/reduce.h"
 #include "reduction_server/server.h"
 #include "transport/frame.h"
+#include "transport/router.h"
+#include "transport/shm/segment.h"
 #include "transport/tcp_transport.h"
 #include "transport/wire_security.h"
 
@@ -59,6 +61,19 @@ PYBIND11_MODULE(_core, m) {
       py::arg("secret"), py::arg("transcript"),
       "HKDF-SHA256 of the job's secret over a handshake's transcript: the client's sending key, "
       "then the server's (32 bytes each).");
+  // The shared-memory links that collectives/_shm.py sets up between ranks of one host.
+  m.attr("SHM_SEGMENT_BYTES") = kShmSegmentBytes;
+  m.def("create_shm_segment", &create_shm_segment, "A sealed memfd for the rings of one pair of ranks.");
+  m.def("create_shm_doorbell", &create_shm_doorbell, "An eventfd through which peers wake this rank.");
+  py::class_<ShmLink>(m, "ShmLink", "A same-host peer: the pair's segment, a descriptor that becomes readable "
+                                    "when the peer is gone (a pidfd), and the peer's doorbell. All owned by the core "
+                                    "once handed to a Communicator.")
+      .def(py::init([](int segment_fd, int watch_fd, int doorbell_fd) { return ShmLink{segment_fd, watch_fd, doorbell_fd}; }),
+           py::arg("segment_fd") = -1, py::arg("watch_fd") = -1, py::arg("doorbell_fd") = -1)
+      .def_readonly("segment_fd", &ShmLink::segment_fd)
+      .def_readonly("watch_fd", &ShmLink::watch_fd)
+      .def_readonly("doorbell_fd", &ShmLink::doorbell_fd);
+
   py::class_<Link>(m, "Link", "A connected, authenticated socket and the protection of its frames.")
       .def(py::init([](int fd, int security, const py::bytes& send_key, const py::bytes& recv_key) {
              if (security < 0 || security > static_cast<int>(WireSecurity::kAead)) {
@@ -137,11 +152,12 @@ PYBIND11_MODULE(_core, m) {
   py::class_<Communicator>(m, "Communicator")
       .def(py::init([](int rank, int size, std::vector<std::vector<Link>> peer_links,
                        std::vector<std::string> peer_names, CommunicatorOptions options,
-                       std::vector<Link> reducer_links, std::vector<std::string> reducer_names) {
+                       std::vector<Link> reducer_links, std::vector<std::string> reducer_names, int doorbell_fd,
+                       std::vector<ShmLink> shm_links) {
              std::unique_ptr<Transport> transport;
              try {
-               transport = std::make_unique<TcpTransport>(rank, size, std::move(peer_links),
-                                                          std::move(peer_names));
+               transport = make_transport(rank, size, std::move(peer_links), std::move(peer_names), doorbell_fd,
+                                          std::move(shm_links));
              } catch (...) {
                for (const Link& link : reducer_links) ::close(link.fd);  // handed over too
                throw;
@@ -151,8 +167,8 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("rank"), py::arg("size"), py::arg("peer_links"), py::arg("peer_names"),
            py::arg("options"), py::arg("reducer_links") = std::vector<Link>{},
-           py::arg("reducer_names") = std::vector<std::string>{},
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("reducer_names") = std::vector<std::string>{}, py::arg("doorbell_fd") = -1,
+           py::arg("shm_links") = std::vector<ShmLink>{}, py::call_guard<py::gil_scoped_release>())
       .def("reducer_stats", [](const Communicator& c) {
         py::list result;
         for (const auto& st : c.reducer_stats()) {

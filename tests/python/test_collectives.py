@@ -40,6 +40,13 @@ def test_many_segments_and_connections(run_ranks, tmp_path):
     cases_lib.run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 5, 4099, 100003]), env=env)
 
 
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_matrix_on_each_transport(run_ranks, tmp_path, transport):
+    """Ranks of one host: auto (test_matrix) takes shared memory; each forced here."""
+    cases_lib.run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 7, 1009, 65537, 300007]),
+                      env={"COLLECTIVES_TRANSPORT": transport})
+
+
 @pytest.mark.parametrize("algorithm", ["ring", "recursive_doubling"])
 def test_each_allreduce_algorithm_forced(run_ranks, tmp_path, algorithm):
     """COLLECTIVES_ALGORITHM forces one member of the ring family at every size (auto picks

@@ -4,6 +4,8 @@ Ranks are independent processes (no launcher kills the survivors for us). Each s
 paired with the same job without the fault and the same timeout, which must complete.
 """
 
+import os
+import re
 import signal
 import time
 
@@ -90,14 +92,20 @@ def test_mismatched_lengths_fail_on_every_rank(run_ranks):
     assert any("99999" in r["message"] or "100000" in r["message"] for r in found), found
 
 
-def test_killed_rank_fails_the_survivors_naming_it(run_ranks):
-    results = run_scenario(run_ranks, "killed", 4)
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_killed_rank_fails_the_survivors_naming_it(run_ranks, transport):
+    shm_before = set(os.listdir("/dev/shm"))
+    start = time.monotonic()
+    results = run_scenario(run_ranks, "killed", 4, env={"COLLECTIVES_TRANSPORT": transport})
     survivors = [r for r in results if r.returncode != -signal.SIGKILL]
     assert len(survivors) == 3
     for report in reports(survivors):
         assert report["is_collective_error"], report
-        assert "rank 2" in report["message"], report
+        assert re.search(r"\brank 2\b", report["message"]), report
         assert "allreduce #" in report["message"], report
+    assert time.monotonic() - start < 10.0 + 30  # seen at once (the timeout is 10 s), not waited out
+    # Shared memory lives in memfds: nothing is left behind, kill -9 included.
+    assert set(os.listdir("/dev/shm")) <= shm_before
 
 
 def test_a_silent_rank_times_out_everywhere(run_ranks):

@@ -145,7 +145,7 @@ def test_a_short_timeout_without_reducers_needs_no_heartbeat_setting():
 
 
 def test_effective_algorithm():
-    assert Config().effective_algorithm == "ring"
+    assert Config().effective_algorithm == "auto"  # the ring or recursive doubling, per call
     assert Config(num_reducers=2).effective_algorithm == "reduction_server"
     assert Config(num_reducers=2, algorithm="ring").effective_algorithm == "ring"
     Config(algorithm="reduction_server", num_reducers=1).check_runnable()
@@ -195,7 +195,7 @@ def test_reduction_server_settings_that_differ_fail_every_worker(run_ranks):
 def test_store_mode(run_ranks, tmp_path, launcher, n, r, algorithm):
     results = run_ranks(WORKER_SCRIPT, n, launcher=launcher, reducers=r, reducer_args=_stats_args(tmp_path),
                         env={"COLLECTIVES_TIMEOUT": "60", "COLLECTIVES_ALGORITHM": algorithm}, timeout=120)
-    expected = "ring" if algorithm == "ring" or not r else "reduction_server"
+    expected = "reduction_server" if r and algorithm != "ring" else algorithm
     _check_workers(results, n, r, expected)
     _check_reducers(results[n:], n, r, tmp_path, served=expected == "reduction_server")
     for result in results[n:]:
@@ -352,7 +352,7 @@ def test_strangers_at_a_workers_port_do_not_stop_the_start(run_ranks, reserve_po
     results = run_ranks(WORKER_SCRIPT, 2, timeout=120, during=strangers,
                         env={"COLLECTIVES_TIMEOUT": "60", "COLLECTIVES_RENDEZVOUS": f"127.0.0.1:{port}"},
                         rank_env=lambda rank: {"TEST_DELAY": "3"} if rank == 1 else None)
-    _check_workers(results, 2, 0, algorithm="ring")
+    _check_workers(results, 2, 0, algorithm="auto")
     assert outcomes["secret"] == AuthenticationError.__name__, outcomes
     assert "dropped an incoming connection" in results[0].stderr
 

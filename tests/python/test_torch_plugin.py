@@ -89,7 +89,7 @@ def test_ddp_ends_where_ddp_on_gloo_ends(run_ranks, reserve_port, mode, reducers
                         reducer_args=reducer_args, timeout=180)
     reports = [r.report() for r in results[:3]]
     for report in reports:
-        assert report["algorithm"] == ("reduction_server" if reducers else "ring")
+        assert report["algorithm"] == ("reduction_server" if reducers else "auto")
         assert (report["reducer_bytes"] > 0) == bool(reducers)
     for name in reports[0]["runs"]:
         runs = [report["runs"][name] for report in reports]
