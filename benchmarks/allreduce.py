@@ -498,18 +498,16 @@ def run(args, after=None):
             seconds = _common.median(times)
             algbw, busbw = _common.allreduce_bandwidths(nbytes, seconds, ranks)
             results[system.name] = (seconds, algbw, busbw, wrong)
-            speedups = {
-                peer: _common.paired_ratio(measured[peer][2], times) if peer in measured else None
-                for peer in ("gloo", "mpi")
-            }
+            # Against every other system of the run (the peers, and the other transports).
+            speedups = {peer: _common.paired_ratio(measured[peer][2], times) for peer in measured if peer != system.name}
             if system.name == subject:
                 ratios = speedups
             rows.append(_common.row(
                 system=system.name, algorithm=system.algorithm, transport=transport, hosts=ranks,
                 reducers=reducers, bytes=nbytes, count=count, dtype=args.dtype, op=args.op,
                 iters=iters, rounds=rounds, time_s=seconds, time_p90_s=_common.percentile(times, 90),
-                times_s=times, algbw_GBps=algbw, busbw_GBps=busbw, speedup_vs_gloo=speedups["gloo"],
-                speedup_vs_mpi=speedups["mpi"], wrong=wrong, commit=commit,
+                times_s=times, algbw_GBps=algbw, busbw_GBps=busbw, speedup_vs_gloo=speedups.get("gloo"),
+                speedup_vs_mpi=speedups.get("mpi"), wrong=wrong, commit=commit,
                 **usage_fields(world, usage) if args.link else {},
             ))
         if world.rank == 0:
