@@ -4,6 +4,8 @@
 // ahead into memory (stashed), since ranks may run different communicators' collectives in
 // different orders; with no receive posted at all it is left where it is (parked), so that a
 // fast sender is held back. Shared by TcpTransport and ShmTransport.
+// FrameHeader is packed, so a communicator id used as a map key is copied out first
+// (uint64_t{h.comm}): a reference bound to a packed field may be misaligned.
 #pragma once
 
 #include <algorithm>
@@ -33,7 +35,7 @@ bool any_waiting(const ReceivesByCommunicator& recvs) {
 // receives and stashed frames of its link.
 template <typename ReceivesByCommunicator>
 bool read_ahead(const FrameHeader& h, ReceivesByCommunicator& recvs, std::map<uint64_t, std::deque<StashedFrame>>& stashed) {
-  return !stashed[h.comm].empty() || (recvs[h.comm].empty() && any_waiting(recvs));
+  return !stashed[uint64_t{h.comm}].empty() || (recvs[uint64_t{h.comm}].empty() && any_waiting(recvs));
 }
 
 // Fills a receive (`expected`, into `data`) from the first frame stashed for its communicator,

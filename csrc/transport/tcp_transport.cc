@@ -158,12 +158,12 @@ void TcpTransport::submit(const OperationPtr& op) {
   std::string refused;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto& queue = is_send ? conn.sends : conn.recvs[op->header.comm];
-    rejected = failed_ || (conn.peer_closed && (is_send || conn.stashed[op->header.comm].empty()));
+    auto& queue = is_send ? conn.sends : conn.recvs[uint64_t{op->header.comm}];
+    rejected = failed_ || (conn.peer_closed && (is_send || conn.stashed[uint64_t{op->header.comm}].empty()));
     if (rejected) {
       op->done = true;  // not ok: wait() reports the failure
       peer_gone = !failed_;
-    } else if (!is_send && !conn.stashed[op->header.comm].empty()) {
+    } else if (!is_send && !conn.stashed[uint64_t{op->header.comm}].empty()) {
       from_stash = true;
       refused = take_stashed(conn, *op);
     } else {
@@ -247,7 +247,7 @@ std::string TcpTransport::failure() {
 std::string TcpTransport::take_stashed(Connection& conn, Operation& op) {
   op.done = true;
   completed_.notify_all();
-  const std::string why = collectives::take_stashed(conn.stashed[op.header.comm], op.header, op.data);
+  const std::string why = collectives::take_stashed(conn.stashed[uint64_t{op.header.comm}], op.header, op.data);
   if (!why.empty()) return peer_names_[conn.peer] + " sent " + why;
   op.ok = true;
   return "";
@@ -370,7 +370,7 @@ bool TcpTransport::take_header(Connection& conn) {
        */
       std::lock_guard<std::mutex> lock(mutex_);
       if (failed_) return false;  // posted buffers may be handed back from here on
-      auto& mine = conn.recvs[h.comm];
+      auto& mine = conn.recvs[uint64_t{h.comm}];
       conn.stashing = read_ahead(h, conn.recvs, conn.stashed);
       conn.parked = !conn.stashing && mine.empty();
       if (!conn.stashing && !conn.parked) {
@@ -448,9 +448,9 @@ bool TcpTransport::take_frame(Connection& conn) {
     std::string refused;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      conn.stashed[h.comm].push_back({h, std::move(conn.staging)});
+      conn.stashed[uint64_t{h.comm}].push_back({h, std::move(conn.staging)});
       conn.staging.clear();
-      auto& mine = conn.recvs[h.comm];
+      auto& mine = conn.recvs[uint64_t{h.comm}];
       if (!mine.empty()) {  // posted while the frame was read
         OperationPtr op = mine.front();
         mine.pop_front();

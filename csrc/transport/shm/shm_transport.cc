@@ -143,7 +143,7 @@ ShmTransport::OperationPtr ShmTransport::post(int peer, const FrameHeader& heade
   std::string refused;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto& stash = to.stashed[header.comm];
+    auto& stash = to.stashed[uint64_t{header.comm}];
     // A closed peer's last frames may still be waiting in the ring for their receives.
     gone = !failed_ && to.closed && (is_send || (to.in.readable() == 0 && stash.empty()));
     if (failed_ || gone) {
@@ -153,7 +153,7 @@ ShmTransport::OperationPtr ShmTransport::post(int peer, const FrameHeader& heade
       refused = take_stashed(stash, op->header, op->data);
       op->ok = refused.empty();
     } else {
-      (is_send ? to.sends : to.recvs[header.comm]).push_back(op);
+      (is_send ? to.sends : to.recvs[uint64_t{header.comm}]).push_back(op);
     }
   }
   if (gone) abort(peer_has_closed(peer_names_[peer]));
@@ -419,7 +419,7 @@ bool ShmTransport::take_header(Peer& peer) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (failed_) return false;
     peer.reading_ahead = read_ahead(h, peer.recvs, peer.stashed);
-    auto& mine = peer.recvs[h.comm];
+    auto& mine = peer.recvs[uint64_t{h.comm}];
     if (!peer.reading_ahead && mine.empty()) return false;  // parked until its receive is posted
     if (!peer.reading_ahead) {
       op = mine.front();
