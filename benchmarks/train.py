@@ -179,10 +179,14 @@ def worker(args):
     rank, size = dist.get_rank(), dist.get_world_size()
     systems = args.systems
     groups = {}
-    # The first collectives group that spans the job gets its reducers; the next runs the ring.
+    # The first collectives group that spans the job gets its reducers; the ring row runs a
+    # subgroup of it over the same connections, forced to the ring at every size (auto would
+    # take recursive doubling for small buckets, whose link bytes differ).
+    world = dist.new_group(backend="collectives", timeout=timeout)
     if "reduction_server" in systems:
-        groups["reduction_server"] = dist.new_group(backend="collectives", timeout=timeout)
-    groups["ring"] = dist.new_group(backend="collectives", timeout=timeout)
+        groups["reduction_server"] = world
+    groups["ring"] = dist.new_group(backend="collectives", timeout=timeout,
+                                    pg_options=world.communicator.create_group(list(range(size)), algorithm="ring"))
     groups["gloo"] = dist.new_group(backend="gloo", timeout=timeout)
     algorithms = {"gloo": "gloo", "none": "none"}
     for name in ("ring", "reduction_server"):

@@ -77,24 +77,9 @@ class Communicator:
         self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_links))
         self._pid = os.getpid()
         self._pending: List[Work] = []
-        options = _core.Options()
-        options.timeout_seconds = config.timeout
-        options.segment_bytes = config.ring_segment_bytes or 0
-        options.debug = config.debug
-        options.reduction_server = self.algorithm == "reduction_server"
-        # A forced member of the ring family: a cost model under which it always wins (the one
-        # selection place, csrc/algorithms/select.h, is the only one that chooses).
-        if self.algorithm == "ring":
-            options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 0.0, 1.0
-        elif self.algorithm == "recursive_doubling":
-            options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 1.0, 0.0
-        options.rs_chunk_bytes = config.rs_chunk_bytes or 0
-        options.rs_inflight = config.rs_inflight or 0
-        options.rs_heartbeat_timeout = config.rs_heartbeat_timeout
-        options.rs_fallback_ring = config.rs_fallback == "ring"
         self._core = _core.Communicator(
-            boot.rank, boot.size, boot.peer_links, boot.peer_names, options, boot.reducer_links, boot.reducer_names,
-            boot.shm_doorbell, boot.shm_links
+            boot.rank, boot.size, boot.peer_links, boot.peer_names, _options(config), boot.reducer_links,
+            boot.reducer_names, boot.shm_doorbell, boot.shm_links
         )
         self._rank, self._size, self._members = boot.rank, boot.size, list(range(boot.size))
         self._topology = boot.topology
@@ -105,16 +90,21 @@ class Communicator:
         logger.debug("rank %d of %d ready (%s)", self.rank, self.size, config.as_dict())
 
     @classmethod
-    def _subgroup(cls, parent: "Communicator", members: List[int]) -> "Communicator":
+    def _subgroup(cls, parent: "Communicator", members: List[int], algorithm: Optional[str]) -> "Communicator":
         """Over `members` (ranks of `parent`, in the new order), sharing its connections."""
+        # The reducers serve the world only: a subgroup's allreduce runs among its members, by
+        # `algorithm`, or as the parent's does where that is one of the ring family.
+        if algorithm is None:
+            algorithm = parent.algorithm if parent.algorithm in _SUBGROUP_ALGORITHMS else "auto"
+        if algorithm not in _SUBGROUP_ALGORITHMS:
+            raise ValueError(f"a subgroup's algorithm is one of {', '.join(_SUBGROUP_ALGORITHMS)}, not {algorithm!r}")
         self = cls.__new__(cls)
         self._core = None  # until made: __del__ looks at it
         self._boot = None
-        # The reducers serve the world only: a subgroup's allreduce runs among its members.
-        self._config = dataclasses.replace(parent._config, algorithm="auto", num_reducers=0)
+        self._config = dataclasses.replace(parent._config, algorithm=algorithm, num_reducers=0)
         self._pid = os.getpid()
         self._pending = []
-        self._core = parent._live_core().subgroup([parent._members[m] for m in members])
+        self._core = parent._live_core().subgroup([parent._members[m] for m in members], _options(self._config))
         self._rank, self._size = self._core.rank, self._core.size
         self._members = [parent._members[m] for m in members]
         self._topology = [parent._topology[m] for m in members]
@@ -143,10 +133,12 @@ class Communicator:
         return list(self._topology)
 
     # -- groups -------------------------------------------------------------------------------
-    def split(self, color: Optional[int], key: int = 0) -> Optional["Communicator"]:
+    def split(self, color: Optional[int], key: int = 0, *, algorithm: Optional[str] = None) -> Optional["Communicator"]:
         """MPI_Comm_split: a collective of this communicator. Ranks that pass the same color
         form one new communicator, ordered by key, then by rank here; color None (or negative,
-        MPI_UNDEFINED) gives None. The new communicator runs over the existing connections."""
+        MPI_UNDEFINED) gives None. The new communicator runs over the existing connections;
+        its allreduce runs `algorithm` ("auto", "ring" or "recursive_doubling"; default: this
+        one's, or auto where this one uses the reducers)."""
         for name, value in (("color", color), ("key", key)):
             if value is not None and not isinstance(value, (int, np.integer)):
                 raise TypeError(f"split's {name} must be an int, not {type(value).__name__}")
@@ -156,19 +148,19 @@ class Communicator:
         if undefined:
             return None
         members = sorted((r for r in range(self.size) if everyone[r][0] == color), key=lambda r: (everyone[r][1], r))
-        return Communicator._subgroup(self, members)
+        return Communicator._subgroup(self, members, algorithm)
 
-    def create_group(self, ranks: Sequence[int]) -> "Communicator":
+    def create_group(self, ranks: Sequence[int], *, algorithm: Optional[str] = None) -> "Communicator":
         """MPI_Comm_create_group: a communicator over `ranks` (ranks here, in the new order),
         collective over those ranks only: each of them calls it, with the same list, and no
-        other rank does. Runs over the existing connections."""
+        other rank does. Runs over the existing connections; `algorithm` as for split."""
         ranks = [int(r) for r in ranks]
         if sorted(set(ranks)) != sorted(ranks) or not all(0 <= r < self.size for r in ranks):
             raise ValueError(f"create_group needs distinct ranks of this {self.size}-rank communicator, got {ranks}")
         if self.rank not in ranks:
             raise ValueError(f"rank {self.rank} called create_group({ranks}) but is not one of them: only the "
                              "listed ranks call it")
-        return Communicator._subgroup(self, ranks)
+        return Communicator._subgroup(self, ranks, algorithm)
 
     @property
     def config(self) -> Config:
@@ -321,6 +313,29 @@ class Communicator:
     def _check_root(self, root: int) -> None:
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
             raise ValueError(f"root {root!r} is not a rank of this {self.size}-rank communicator")
+
+
+_SUBGROUP_ALGORITHMS = ("auto", "ring", "recursive_doubling")
+
+
+def _options(config: Config) -> Any:
+    """The core's options for a communicator of `config`."""
+    options = _core.Options()
+    options.timeout_seconds = config.timeout
+    options.segment_bytes = config.ring_segment_bytes or 0
+    options.debug = config.debug
+    options.reduction_server = config.effective_algorithm == "reduction_server"
+    # A forced member of the ring family: a cost model under which it always wins (the one
+    # selection place, csrc/algorithms/select.h, is the only one that chooses).
+    if config.algorithm == "ring":
+        options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 0.0, 1.0
+    elif config.algorithm == "recursive_doubling":
+        options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 1.0, 0.0
+    options.rs_chunk_bytes = config.rs_chunk_bytes or 0
+    options.rs_inflight = config.rs_inflight or 0
+    options.rs_heartbeat_timeout = config.rs_heartbeat_timeout
+    options.rs_fallback_ring = config.rs_fallback == "ring"
+    return options
 
 
 # Communicators alive in this process: closed at exit (so that peers see a goodbye, not a

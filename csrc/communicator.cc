@@ -66,7 +66,7 @@ std::vector<int> Communicator::members() const {
   return ranks;
 }
 
-std::unique_ptr<Communicator> Communicator::subgroup(const std::vector<int>& ranks) {
+std::unique_ptr<Communicator> Communicator::subgroup(const std::vector<int>& ranks, std::optional<CostModel> cost) {
   const std::vector<int> mine = members();
   for (size_t i = 0; i < ranks.size(); ++i) {
     if (std::find(mine.begin(), mine.end(), ranks[i]) == mine.end()) {
@@ -96,6 +96,7 @@ std::unique_ptr<Communicator> Communicator::subgroup(const std::vector<int>& ran
   if (id == 0) id = 1;
   CommunicatorOptions options = options_;
   options.reduction_server = false;
+  if (cost) options.cost = *cost;
   return std::unique_ptr<Communicator>(new Communicator(std::move(transport), lineage_, std::move(group), id, options));
 }
 

@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -83,8 +84,9 @@ class Communicator {
   // communicator's on the shared connections by an id that the members derive alike, from
   // `ranks` and how many communicators over the same list this process made before. The
   // reducers serve the world only. A failure of any communicator over the transport fails
-  // them all (they share its connections).
-  std::unique_ptr<Communicator> subgroup(const std::vector<int>& ranks);
+  // them all (they share its connections). `cost` chooses its all-reduces (select.h); this
+  // one's where none is given.
+  std::unique_ptr<Communicator> subgroup(const std::vector<int>& ranks, std::optional<CostModel> cost = std::nullopt);
 
   // Buffers must stay valid until the returned Work is done.
   std::shared_ptr<Work> allreduce(void* data, size_t count, DataType dtype, ReduceOp op);

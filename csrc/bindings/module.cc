@@ -184,7 +184,12 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
       .def_property_readonly("members", &Communicator::members)
-      .def("subgroup", &Communicator::subgroup, py::arg("ranks"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "subgroup",
+          [](Communicator& c, const std::vector<int>& ranks, const CommunicatorOptions& options) {
+            return c.subgroup(ranks, options.cost);
+          },
+          py::arg("ranks"), py::arg("options"), py::call_guard<py::gil_scoped_release>())
       .def(
           "allreduce",
           [](Communicator& c, uintptr_t data, size_t count, int dtype, int op) {

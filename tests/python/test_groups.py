@@ -78,7 +78,8 @@ import collectives as cc
 comm = cc.init()
 errors = {}
 for name, call in (("color", lambda: comm.split("red")), ("twice", lambda: comm.create_group([0, 0])),
-                   ("outside", lambda: comm.create_group([5])), ("not listed", lambda: comm.create_group([1 - comm.rank]))):
+                   ("outside", lambda: comm.create_group([5])), ("not listed", lambda: comm.create_group([1 - comm.rank])),
+                   ("algorithm", lambda: comm.create_group([0, 1], algorithm="reduction_server"))):
     try:
         call()
         errors[name] = None
@@ -96,6 +97,7 @@ def test_bad_groups_are_refused_before_anything_is_sent(run_ranks):
         assert errors["color"].startswith("TypeError: split's color must be an int"), errors
         assert "distinct ranks" in errors["twice"] and "distinct ranks" in errors["outside"], errors
         assert "is not one of them" in errors["not listed"], errors
+        assert "a subgroup's algorithm is one of auto, ring, recursive_doubling" in errors["algorithm"], errors
 
 
 def test_topology_label_of_this_process(tmp_path):
