@@ -13,6 +13,7 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,27 @@ bool any_waiting(const ReceivesByCommunicator& recvs) {
 template <typename ReceivesByCommunicator>
 bool read_ahead(const FrameHeader& h, ReceivesByCommunicator& recvs, std::map<uint64_t, std::deque<StashedFrame>>& stashed) {
   return !stashed[uint64_t{h.comm}].empty() || (recvs[uint64_t{h.comm}].empty() && any_waiting(recvs));
+}
+
+// A frame read ahead waits in memory for its receive, and its size comes from a header that is
+// not yet authenticated (the tag follows the payload): it is bounded. A collective's messages
+// are segments of a few MiB, or a small buffer whole (recursive doubling).
+constexpr uint64_t kMaxReadAheadBytes = uint64_t{256} << 20;
+
+// Memory for a frame read ahead from `who`; empty, with why in *refused, if it cannot have it.
+inline std::vector<char> read_ahead_buffer(const std::string& who, const FrameHeader& h, std::string* refused) {
+  const std::string what = who + " sent a frame of " + std::to_string(h.nbytes) +
+                           " bytes for a collective this rank has not reached, more than ";
+  if (h.nbytes > kMaxReadAheadBytes) {
+    *refused = what + "the " + std::to_string(kMaxReadAheadBytes >> 20) + " MiB it holds for one";
+    return {};
+  }
+  try {
+    return std::vector<char>(h.nbytes);
+  } catch (const std::bad_alloc&) {
+    *refused = what + "it can hold";
+    return {};
+  }
 }
 
 // Fills a receive (`expected`, into `data`) from the first frame stashed for its communicator,

@@ -380,11 +380,10 @@ bool TcpTransport::take_header(Connection& conn) {
     }
     if (conn.parked) return false;
     if (conn.stashing) {
-      try {
-        conn.staging.resize(h.nbytes);
-      } catch (const std::bad_alloc&) {
-        fail(who + " sent a frame of " + std::to_string(h.nbytes) + " bytes for a collective this rank has not reached, "
-             "more than it can hold" + (conn.reader.checks() ? kUncheckedHeader : ""), false);
+      std::string refused;
+      conn.staging = read_ahead_buffer(who, h, &refused);
+      if (!refused.empty()) {
+        fail(refused + (conn.reader.checks() ? kUncheckedHeader : ""), false);
         return false;
       }
       return !conn.reader.read_payload_into(conn.staging.data()) || take_frame(conn);

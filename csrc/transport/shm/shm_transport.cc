@@ -428,11 +428,10 @@ bool ShmTransport::take_header(Peer& peer) {
     }
   }
   if (peer.reading_ahead) {
-    try {
-      peer.ahead = {h, std::vector<char>(h.nbytes)};
-    } catch (const std::bad_alloc&) {
-      fail(who + " sent a frame of " + std::to_string(h.nbytes) + " bytes for a collective this rank has not "
-           "reached, more than it can hold", false);
+    std::string refused;
+    peer.ahead = {h, read_ahead_buffer(who, h, &refused)};
+    if (!refused.empty()) {
+      fail(refused, false);
       return false;
     }
   } else if (const std::string why = mismatch(op->header, h); !why.empty()) {
