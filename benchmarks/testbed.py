@@ -1,7 +1,8 @@
 """An emulated cluster on one machine: hosts as namespaces on a bridge, each link limited by tc.
 
     python benchmarks/testbed.py --hosts N --rate 500mbit [--burst 256kb] [--loss 0.1%]
-        [--delay 50us] [--tcp-cc cubic] [--per-host K] [--summary F] -- COMMAND...
+        [--delay 50us] [--tcp-cc cubic] [--per-host K] [--racks R --uplink-rate RATE]
+        [--summary F] -- COMMAND...
 
 Each emulated host hN is a network namespace with its own UTS (hostname hN), IPC and mount
 namespace: its /dev/shm is a tmpfs of its own, so POSIX and System V shared memory of one
@@ -23,9 +24,33 @@ the machine's default); where --tcp-cc is available but not listed, the hosts fa
 the machine's default, with a warning that gives the sysctl command that allows it, and
 TESTBED_TCP_CC, --summary and the tc description (hence every result row) say so.
 
+--per-host K: K processes (mpirun slots) per host; they share the host's namespaces, so its
+/dev/shm and its one NIC (the harnesses place K ranks on each host and check it).
+
+--racks R --uplink-rate RATE: the hosts are spread over R racks in contiguous blocks, as even
+as they can be, the first racks taking one more where N is not a multiple of R (5 hosts on 2
+racks: rack0 = h0 h1 h2, rack1 = h3 h4). The hosts of a rack are cabled to a bridge of their
+own, br-rackR; each rack bridge is cabled to a spine bridge, br-spine, by a veth pair, the
+rack's uplink (up-rackR on the rack side, dn-rackR on the spine side), limited in both
+directions by its own tbf at RATE (same burst and queue as the hosts' links): on up-rackR
+(what leaves the rack) and on dn-rackR (what enters it). The hosts' own links stay as they
+are. All bridges and uplinks live in the run's switch namespace; the addresses stay as above
+(one subnet: a frame between racks crosses two uplinks, one out of its rack and one into the
+other). Every process started on a host of rack r (Testbed.run_on, exec_prefix, testbed_exec,
+hence every mpirun rank) gets COLLECTIVES_TOPOLOGY=rack<r>, so that the library's topology
+labels see the racks.
+
 Before COMMAND runs, the links' TCP goodput B is measured: one bulk TCP transfer per link,
 h0->h1, h1->h2, ..., the last host back to h0, one at a time (--goodput-seconds each after
-a warm-up); B is their median. COMMAND runs in the machine's own namespaces, with its
+a warm-up); B is their median. With racks these transfers stay inside the racks (a ring per
+rack of two or more hosts), and the uplinks' goodput is measured too: all hosts of rack r send
+at once to the hosts of rack r+1 (paired in order, as many flows as the smaller rack has
+hosts), for each r, one rack at a time; a rack's figure is the bytes of all its flows over
+the time they all ran after the warm-up (aggregate_bps), the
+uplinks' goodput B_up their median (below the host links' only where the uplink binds). During
+each of these transfers the uplinks' byte counters are read: a run whose traffic between racks
+did not cross the sending rack's uplink out and the receiving rack's uplink in is refused.
+COMMAND runs in the machine's own namespaces, with its
 environment extended by:
 
     TESTBED_HOSTS        h0=198.18.0.1,h1=198.18.0.2,...  (name=address, in order)
@@ -41,6 +66,12 @@ environment extended by:
     TESTBED_EXEC         the path of testbed_exec: "$TESTBED_EXEC h1 CMD ARGS..." runs CMD on h1
     TESTBED_SSH_AGENT    testbed_exec as an ssh stand-in, for Open MPI's launcher
     TESTBED_STATE_DIR    this run's state (testbed_exec finds the hosts through it)
+    TESTBED_RACKS        R from --racks, or empty without racks
+    TESTBED_HOST_RACKS   h0=rack0,h1=rack0,h2=rack1,... (empty without racks)
+    TESTBED_UPLINK_RATE  the uplinks' rate as given, TESTBED_UPLINK_RATE_BPS in bits/s (empty without racks)
+    TESTBED_UPLINK_GOODPUT_BPS  the uplinks' measured goodput in bits/s (empty when not measured)
+    TESTBED_SWITCH_PID   a process in the switch namespace: /proc/PID/net/dev has the uplinks'
+                         byte counters, which a process on a host can read (uplink_counters(PID))
 
 The machine's own namespaces cannot reach the hosts' addresses, so a job is placed on hosts
 as on a cluster without a head node: mpirun itself runs on h0, e.g.
@@ -58,9 +89,11 @@ bottleneck and the figures do not count. --summary F writes a JSON object: the s
 (hosts [{name, address}], per_host, rate, rate_bps, burst_bytes, tbf_latency, loss, delay,
 tcp_cc, tcp_cc_requested, tc), goodput_bps, goodput_bps_per_link {"h0->h1": bps}, command, returncode, seconds,
 link_bytes {host: {tx, rx}} (bytes that crossed each link during COMMAND, Ethernet headers
-included), dropped_packets {host: n} (by --loss), cpu_util, cpu_util_per_core and
+included), with racks racks [{name, hosts}], uplink_rate, uplink_rate_bps,
+uplink_goodput_bps, uplink_goodput_bps_per_link {"rack0->rack1": bps} and uplink_bytes
+{rack: {tx: bytes out of the rack, rx: bytes into it}} during COMMAND, dropped_packets {host: n} (by --loss), cpu_util, cpu_util_per_core and
 cpu_bound. Everything the run created
-(namespaces, veths, the bridge, every process inside a host) is removed when it ends, also
+(namespaces, veths, the bridges and uplinks, every process inside a host) is removed when it ends, also
 on Ctrl-C, SIGTERM or failure; leftovers of a run that was killed outright are removed by
 the next run. Needs root and iproute2 (ip, tc), util-linux (unshare, nsenter) and, for
 --loss, nftables (apt-get install -y nftables).
@@ -72,6 +105,9 @@ As a library (compare.py does this):
         proc = tb.run_on("h1", ["python", "job.py"], env=...)   # a Popen on host h1
         argv = tb.exec_prefix("h1") + ["python", "job.py"]      # the same, by hand
         before = tb.link_bytes()                               # {host: (tx, rx)}
+        tb.uplink_bytes()                                      # {rack: (tx out of it, rx into it)}
+    with Testbed(hosts=8, rate="500mbit", racks=2, uplink_rate="100mbit") as tb:
+        tb.racks, tb.rack_of("h5"), tb.uplink_goodput_bps       # [Rack(name, hosts)], "rack1", bits/s
         with tb.cpu_sampler() as cpu:
             ...
         cpu.util, cpu.cpu_bound
@@ -109,6 +145,7 @@ TBF_LATENCY = "20ms"
 CPU_BOUND_UTIL = 0.9  # the CPU was the bottleneck above this busy fraction of all cores
 GOODPUT_WARMUP_S = 0.3  # excluded from each goodput transfer: slow start and the tbf burst
 PROBE_PORT = 5201
+UPLINK_START_SLACK_S = 1.0  # parallel goodput flows: how much later than the first the last may start
 EXEC_HELPER = Path(__file__).resolve().with_name("testbed_exec")
 REQUIRED_TOOLS = ("ip", "tc", "unshare", "nsenter")
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
@@ -119,12 +156,14 @@ _run_counter = itertools.count()
 # A bulk TCP transfer. On the receiving host: `python -c _PROBE recv ADDRESS PORT WARMUP
 # SECONDS` prints "ready", receives until the sender closes or, if SECONDS > 0, until WARMUP +
 # SECONDS after the first byte, and prints one JSON line (times are CLOCK_MONOTONIC, comparable
-# across processes). On the sending host: `... send ADDRESS PORT NBYTES` sends NBYTES, or if
+# across processes; "bins": the bytes received in each BIN_S slot of that clock from slot
+# "bin0" on, so that flows in parallel can be summed over a window they share). On the sending host: `... send ADDRESS PORT NBYTES` sends NBYTES, or if
 # 0, until the receiver closes. The receiver ends timed transfers: data still queued at the
 # sender would otherwise take long to drain at low rates.
 _PROBE = r"""
 import json, socket, sys, time
 role, address, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+BIN_S = 0.01
 buf = bytearray(1 << 20)
 if role == "recv":
     warmup, seconds = float(sys.argv[4]), float(sys.argv[5])
@@ -134,12 +173,19 @@ if role == "recv":
     start = end = time.monotonic()
     total = steady = 0
     first = steady_from = None
+    bins, bin0 = [], None
     while True:
         n = conn.recv_into(buf)
         if not n:
             break
         end = time.monotonic()
         total += n
+        slot = int(end / BIN_S)
+        if bin0 is None:
+            bin0 = slot
+        while len(bins) <= slot - bin0:
+            bins.append(0)
+        bins[slot - bin0] += n
         if first is None:
             first = end
         if steady_from is not None:
@@ -149,7 +195,8 @@ if role == "recv":
         if seconds > 0 and end - first >= warmup + seconds:
             break
     bps = steady * 8 / (end - steady_from) if steady_from is not None and end > steady_from else None
-    print(json.dumps({"bytes": total, "start": start, "end": end, "steady_bps": bps}))
+    print(json.dumps({"bytes": total, "start": start, "end": end, "first": first, "steady_bps": bps,
+                      "bin0": bin0, "bins": bins}))
 else:
     nbytes = int(sys.argv[4])
     with socket.create_connection((address, port)) as conn:
@@ -176,6 +223,42 @@ class Host(NamedTuple):
     netns: str
 
 
+class Rack(NamedTuple):
+    name: str  # rack0, rack1, ...: also the COLLECTIVES_TOPOLOGY of its hosts' processes
+    hosts: Tuple[str, ...]  # its hosts' names, in order
+
+    @property
+    def uplink(self) -> str:
+        """The rack side of its uplink (in the switch namespace): tx leaves the rack, rx enters it."""
+        return f"up-{self.name}"
+
+    @property
+    def spine_port(self) -> str:
+        return f"dn-{self.name}"
+
+
+def rack_sizes(hosts: int, racks: int) -> List[int]:
+    """Hosts per rack: contiguous blocks as even as they can be, the first racks one larger
+    where hosts is not a multiple of racks (5 on 2: [3, 2])."""
+    if not 2 <= racks <= hosts:
+        raise ValueError(f"racks must be between 2 and the number of hosts ({hosts}), not {racks}")
+    return [hosts // racks + (1 if r < hosts % racks else 0) for r in range(racks)]
+
+
+def uplink_counters(switch_pid: Union[int, str]) -> Dict[str, Tuple[int, int]]:
+    """{rack: (bytes out of it, bytes into it)} so far over each rack's uplink, from
+    /proc/SWITCH_PID/net/dev (TESTBED_SWITCH_PID): readable from any host, whose own /sys
+    shows only its network namespace."""
+    found = {}
+    for line in Path(f"/proc/{switch_pid}/net/dev").read_text().splitlines()[2:]:
+        name, _, fields = line.partition(":")
+        name = name.strip()
+        if name.startswith("up-"):
+            values = fields.split()
+            found[name[3:]] = (int(values[8]), int(values[0]))  # tx_bytes, rx_bytes
+    return found
+
+
 class Transfer(NamedTuple):
     src: str
     dst: str
@@ -183,6 +266,27 @@ class Transfer(NamedTuple):
     start: float  # receiver: connection accepted (time.monotonic)
     end: float  # receiver: last byte arrived
     steady_bps: Optional[float]  # goodput after the warm-up, None if the transfer was shorter
+    first: Optional[float] = None  # receiver: first byte arrived
+    bin0: Optional[int] = None  # the bytes received per TRANSFER_BIN_S slot of time.monotonic(), from slot bin0 on
+    bins: Tuple[int, ...] = ()
+
+
+TRANSFER_BIN_S = 0.01  # the probe's BIN_S
+
+
+def aggregate_bps(transfers: Sequence[Transfer], warmup: float = GOODPUT_WARMUP_S) -> Optional[float]:
+    """The goodput of transfers that ran in parallel, summed over the window all of them
+    shared after the warm-up (from the last one's first byte plus warmup to the first one's
+    last byte): bits/s, or None if they shared no such window."""
+    if not transfers or any(t.first is None or t.bin0 is None for t in transfers):
+        return None
+    begin = int((max(t.first for t in transfers) + warmup) / TRANSFER_BIN_S) + 1  # whole slots only
+    end = int(min(t.end for t in transfers) / TRANSFER_BIN_S)
+    if end <= begin:
+        return None
+    log.debug("aggregate goodput over %.2f s shared by %d flows", (end - begin) * TRANSFER_BIN_S, len(transfers))
+    total = sum(sum(t.bins[max(0, begin - t.bin0):max(0, end - t.bin0)]) for t in transfers)
+    return total * 8 / ((end - begin) * TRANSFER_BIN_S)
 
 
 def parse_rate(text: str) -> int:
@@ -376,11 +480,15 @@ class Testbed:
 
     def __init__(self, hosts: int, rate: str = "500mbit", burst: str = "256kb", loss: Optional[str] = None,
                  delay: Optional[str] = None, per_host: int = 1, goodput_seconds: float = 1.0,
-                 tcp_cc: str = "cubic") -> None:
+                 tcp_cc: str = "cubic", racks: Optional[int] = None, uplink_rate: Optional[str] = None) -> None:
         if not 1 <= hosts <= 250:
             raise ValueError(f"hosts must be between 1 and 250, not {hosts}")
         if per_host < 1:
             raise ValueError(f"per_host must be at least 1, not {per_host}")
+        if racks and uplink_rate is None:
+            raise ValueError("racks need the uplinks' rate (uplink_rate, --uplink-rate), e.g. 100mbit")
+        if uplink_rate is not None and not racks:
+            raise ValueError("an uplink rate without racks: give the number of racks too (racks, --racks)")
         self.rate = rate.strip().lower()
         self.rate_bps = parse_rate(rate)
         self.burst_bytes = parse_burst(burst)
@@ -394,7 +502,19 @@ class Testbed:
         self.run_id = f"{pid}.{_start_time(pid)}.{next(_run_counter)}"
         self.state_dir = STATE_ROOT / self.run_id
         self.hosts = [Host(f"h{i}", str(NETWORK[i + 1]), f"{PREFIX}{self.run_id}-h{i}") for i in range(hosts)]
-        self.switch_netns = f"{PREFIX}{self.run_id}-sw"  # holds the bridge, br0
+        self.racks: List[Rack] = []
+        if racks:
+            first = 0
+            for r, size in enumerate(rack_sizes(hosts, racks)):
+                self.racks.append(Rack(f"rack{r}", tuple(h.name for h in self.hosts[first:first + size])))
+                first += size
+        self.uplink_rate = uplink_rate.strip().lower() if uplink_rate is not None else None
+        self.uplink_rate_bps = parse_rate(uplink_rate) if uplink_rate is not None else None
+        self.uplink_goodput_bps: Optional[float] = None
+        self.uplink_goodput_bps_per_link: Dict[str, float] = {}
+        self.switch_pid: Optional[int] = None  # a process in the switch namespace (its /proc/PID/net/dev)
+        # holds the bridge br0, or with racks a bridge per rack, the spine's and the uplinks
+        self.switch_netns = f"{PREFIX}{self.run_id}-sw"
         self._anchor_pids: Dict[str, int] = {}  # host -> the pid whose namespaces are the host's
         self._children: List[subprocess.Popen] = []  # every process started on a host, anchors included
         self._created: List[str] = []  # network namespaces, in creation order
@@ -419,17 +539,27 @@ class Testbed:
         check_prerequisites(loss=self.loss is not None)
         self.tcp_cc = permitted_tcp_cc(self.tcp_cc_requested)
         remove_stale()
-        log.info("creating %d hosts, links %s", len(self.hosts), self.tc_description())
+        log.info("creating %d hosts%s, links %s", len(self.hosts),
+                 f" in {len(self.racks)} racks ({', '.join(f'{r.name}: {len(r.hosts)}' for r in self.racks)})"
+                 if self.racks else "", self.tc_description())
         self.state_dir.mkdir(parents=True)
         hosts_file = self.state_dir / "hosts"
         hosts_file.write_text("127.0.0.1\tlocalhost\n" + "".join(f"{h.address}\t{h.name}\n" for h in self.hosts))
+        if self.racks:  # testbed_exec reads it: COLLECTIVES_TOPOLOGY of each host's processes
+            (self.state_dir / "racks").write_text("".join(f"{h} {r.name}\n" for r in self.racks for h in r.hosts))
         self._add_netns(self.switch_netns)
-        _run(["ip", "-n", self.switch_netns, "link", "add", "br0", "type", "bridge"])
-        _run(["ip", "-n", self.switch_netns, "link", "set", "br0", "up"])
+        self._start_switch_anchor()
+        for bridge in (["br-spine"] + [f"br-{r.name}" for r in self.racks]) if self.racks else ["br0"]:
+            _run(["ip", "-n", self.switch_netns, "link", "add", bridge, "type", "bridge"])
+            _run(["ip", "-n", self.switch_netns, "link", "set", bridge, "up"])
+        for rack in self.racks:
+            self._add_uplink(rack)
         for host in self.hosts:
             self._add_host(host, hosts_file)
         if len(self.hosts) > 1 and self.goodput_seconds > 0:
             self._measure_goodput()
+            if self.racks:
+                self._measure_uplink_goodput()
 
     def close(self) -> None:
         """Removes every process, namespace, link and file this testbed created; idempotent.
@@ -453,9 +583,36 @@ class Testbed:
         _run(["ip", "netns", "add", netns])
         self._created.append(netns)
 
-    def _tbf(self, netns: str, dev: str) -> None:
+    def _tbf(self, netns: str, dev: str, rate_bps: Optional[int] = None) -> None:
         _run(["tc", "-n", netns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf", "rate",
-              str(self.rate_bps), "burst", str(self.burst_bytes), "latency", TBF_LATENCY])
+              str(rate_bps or self.rate_bps), "burst", str(self.burst_bytes), "latency", TBF_LATENCY])
+
+    def _start_switch_anchor(self) -> None:
+        """A sleeping process in the switch namespace: its /proc/PID/net/dev shows the uplinks'
+        counters to any process (removed with the namespace)."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.switch_netns, "sh", "-c", 'echo "$$" && exec sleep infinity'],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, start_new_session=True)
+        self._children.append(proc)
+        line = _read_line(proc, 30)
+        if not line.isdigit():
+            raise TestbedError("could not start a process in the switch's network namespace")
+        proc.stdout.close()
+        self.switch_pid = int(line)
+
+    def _add_uplink(self, rack: Rack) -> None:
+        """The rack's bridge cabled to the spine, limited to the uplink rate both ways."""
+        sw = ["ip", "-n", self.switch_netns, "link"]
+        _run(sw + ["add", rack.uplink, "type", "veth", "peer", "name", rack.spine_port])
+        _run(sw + ["set", rack.uplink, "master", f"br-{rack.name}", "up"])
+        _run(sw + ["set", rack.spine_port, "master", "br-spine", "up"])
+        self._tbf(self.switch_netns, rack.uplink, self.uplink_rate_bps)  # out of the rack
+        self._tbf(self.switch_netns, rack.spine_port, self.uplink_rate_bps)  # into the rack
+
+    def rack_of(self, host: Union[str, Host]) -> Optional[str]:
+        """The name of the host's rack (its processes' COLLECTIVES_TOPOLOGY), None without racks."""
+        name = self.host(host).name
+        return next((r.name for r in self.racks if name in r.hosts), None)
 
     def _add_host(self, host: Host, hosts_file: Path) -> None:
         self._add_netns(host.netns)
@@ -464,7 +621,8 @@ class Testbed:
                    "net.ipv6.conf.default.disable_ipv6=1", f"net.ipv4.tcp_congestion_control={self.tcp_cc}"])
         _run(["ip", "-n", self.switch_netns, "link", "add", host.name, "type", "veth", "peer", "name", IFNAME,
               "netns", host.netns])
-        _run(["ip", "-n", self.switch_netns, "link", "set", host.name, "master", "br0", "up"])
+        bridge = f"br-{self.rack_of(host)}" if self.racks else "br0"
+        _run(["ip", "-n", self.switch_netns, "link", "set", host.name, "master", bridge, "up"])
         self._tbf(self.switch_netns, host.name)  # the host's download
         _run(["ip", "-n", host.netns, "addr", "add", f"{host.address}/{NETWORK.prefixlen}", "dev", IFNAME])
         _run(["ip", "-n", host.netns, "link", "set", IFNAME, "up"])
@@ -523,8 +681,9 @@ class Testbed:
         """The argv prefix that runs a program on the host (in its namespaces), in cwd
         (default: this process's working directory)."""
         pid = self._anchor_pids[self.host(host).name]
-        return ["nsenter", f"--target={pid}", "--net", "--uts", "--ipc", "--mount",
-                f"--wd={cwd or os.getcwd()}", "--"]
+        rack = self.rack_of(host)
+        return (["nsenter", f"--target={pid}", "--net", "--uts", "--ipc", "--mount", f"--wd={cwd or os.getcwd()}",
+                 "--"] + (["env", f"COLLECTIVES_TOPOLOGY={rack}"] if rack else []))
 
     def env(self) -> Dict[str, str]:
         """The TESTBED_* variables (see the module's docstring)."""
@@ -543,6 +702,12 @@ class Testbed:
             "TESTBED_EXEC": str(EXEC_HELPER),
             "TESTBED_SSH_AGENT": f"{EXEC_HELPER} --ssh",
             "TESTBED_STATE_DIR": str(self.state_dir),
+            "TESTBED_RACKS": str(len(self.racks)) if self.racks else "",
+            "TESTBED_HOST_RACKS": ",".join(f"{h}={r.name}" for r in self.racks for h in r.hosts),
+            "TESTBED_UPLINK_RATE": self.uplink_rate or "",
+            "TESTBED_UPLINK_RATE_BPS": str(self.uplink_rate_bps or ""),
+            "TESTBED_UPLINK_GOODPUT_BPS": "" if self.uplink_goodput_bps is None else f"{self.uplink_goodput_bps:.0f}",
+            "TESTBED_SWITCH_PID": str(self.switch_pid or ""),
         }
 
     def run_on(self, host: Union[str, Host], argv: Sequence[str], env: Optional[Dict[str, str]] = None,
@@ -566,6 +731,9 @@ class Testbed:
             text += f"; loss {self.loss * 100:g}% per direction (nftables random drop)"
         if self.delay is not None:
             text += f"; netem delay {self.delay} per direction"
+        if self.racks:
+            text += (f"; {len(self.racks)} racks ({'+'.join(str(len(r.hosts)) for r in self.racks)} hosts), each "
+                     f"rack's uplink tbf rate {self.uplink_rate} burst {self.burst_bytes} both ways")
         return text
 
     def transfer(self, pairs: Sequence[Tuple[Union[str, Host], Union[str, Host]]], *,
@@ -597,7 +765,8 @@ class Testbed:
                                        f"(sender exit {sender.returncode}, receiver exit {recv.returncode})")
                 report = json.loads(out)
                 results.append(Transfer(self.host(src).name, self.host(dst).name, report["bytes"],
-                                        report["start"], report["end"], report["steady_bps"]))
+                                        report["start"], report["end"], report["steady_bps"], report["first"],
+                                        report["bin0"], tuple(report["bins"])))
             return results
         except subprocess.TimeoutExpired:
             raise TestbedError(f"transfers {pairs} did not finish within {timeout:g} s: do the links pass "
@@ -608,11 +777,22 @@ class Testbed:
                     proc.kill()
                 proc.wait()
 
-    def _measure_goodput(self) -> None:
-        n = len(self.hosts)
-        links = [(self.hosts[i], self.hosts[(i + 1) % n]) for i in range(n if n > 2 else 1)]
+    @staticmethod
+    def _ring_links(hosts: Sequence[Host]) -> List[Tuple[Host, Host]]:
+        """h0->h1, h1->h2, ..., the last back to h0 (both ways with two hosts)."""
+        n = len(hosts)
+        links = [(hosts[i], hosts[(i + 1) % n]) for i in range(n if n > 2 else 1)]
         if n == 2:
-            links.append((self.hosts[1], self.hosts[0]))
+            links.append((hosts[1], hosts[0]))
+        return links
+
+    def _measure_goodput(self) -> None:
+        links = [link for rack in self.racks for link in self._ring_links([self.host(h) for h in rack.hosts])
+                 if len(rack.hosts) > 1]
+        if not links:
+            if self.racks:
+                log.warning("no rack has two hosts: the host links' goodput is measured across the uplinks")
+            links = self._ring_links(self.hosts)
         for src, dst in links:
             (result,) = self.transfer([(src, dst)], seconds=self.goodput_seconds)
             if result.steady_bps is None:
@@ -626,12 +806,53 @@ class Testbed:
             log.warning("link goodputs differ by more than 5%% (%s): loss or a busy CPU makes them vary",
                         ", ".join(f"{k} {v / 1e6:.1f}" for k, v in self.goodput_bps_per_link.items()))
 
+    def _measure_uplink_goodput(self) -> None:
+        """Every host of rack r sends to one of rack r+1 at once, for each r in turn; a rack's
+        goodput out is the sum of its flows'. Refuses the testbed unless the bytes crossed the
+        sender's uplink out and the receiver's in."""
+        racks = self.racks
+        for r, rack in enumerate(racks):
+            other = racks[(r + 1) % len(racks)]
+            pairs = list(zip(rack.hosts, other.hosts))
+            before = self.uplink_bytes()
+            # The senders start one after another (a process each): the receivers run longer
+            # than the window, so that all flows share at least --goodput-seconds of it.
+            results = self.transfer(pairs, seconds=self.goodput_seconds + UPLINK_START_SLACK_S)
+            after = self.uplink_bytes()
+            together = aggregate_bps(results)
+            if together is None:
+                raise TestbedError(f"the goodput transfers {rack.name}->{other.name} shared no time after their "
+                                   "warm-up (a busy machine starts them far apart: raise --goodput-seconds)")
+            sent = sum(result.bytes for result in results)
+            out, into = after[rack.name][0] - before[rack.name][0], after[other.name][1] - before[other.name][1]
+            if out < sent or into < sent:
+                raise TestbedError(f"{sent} bytes went from {rack.name} to {other.name}, but its uplink carried "
+                                   f"{out} bytes out of {rack.name} and {into} into {other.name}: the traffic "
+                                   "between racks does not cross the uplinks")
+            self.uplink_goodput_bps_per_link[f"{rack.name}->{other.name}"] = together
+        values = list(self.uplink_goodput_bps_per_link.values())
+        self.uplink_goodput_bps = statistics.median(values)
+        log.info("uplink goodput B_up = %.1f Mbit/s (%.1f%% of the uplink rate; uplinks %.1f to %.1f)",
+                 self.uplink_goodput_bps / 1e6, 100 * self.uplink_goodput_bps / self.uplink_rate_bps,
+                 min(values) / 1e6, max(values) / 1e6)
+
+    def _switch_stats(self) -> Dict[str, dict]:
+        ports = json.loads(_run(["ip", "-n", self.switch_netns, "-s", "-j", "link", "show"]))
+        return {port["ifname"]: port["stats64"] for port in ports}
+
     def link_bytes(self) -> Dict[str, Tuple[int, int]]:
         """{host: (bytes it sent, bytes it received)} over its link since the testbed began,
         Ethernet headers included (read at the host's switch port)."""
-        ports = json.loads(_run(["ip", "-n", self.switch_netns, "-s", "-j", "link", "show", "master", "br0"]))
-        stats = {port["ifname"]: port["stats64"] for port in ports}
+        stats = self._switch_stats()
         return {h.name: (stats[h.name]["rx"]["bytes"], stats[h.name]["tx"]["bytes"]) for h in self.hosts}
+
+    def uplink_bytes(self) -> Dict[str, Tuple[int, int]]:
+        """{rack: (bytes out of the rack, bytes into it)} over its uplink since the testbed
+        began, Ethernet headers included (read at the rack side, up-rackR); {} without racks."""
+        if not self.racks:
+            return {}
+        stats = self._switch_stats()
+        return {r.name: (stats[r.uplink]["tx"]["bytes"], stats[r.uplink]["rx"]["bytes"]) for r in self.racks}
 
     def dropped_packets(self) -> Dict[str, int]:
         """{host: packets dropped by --loss on their way into it}; {} without loss."""
@@ -666,6 +887,10 @@ class Testbed:
             "tc": self.tc_description(),
             "goodput_bps": self.goodput_bps,
             "goodput_bps_per_link": self.goodput_bps_per_link,
+            **({"racks": [{"name": r.name, "hosts": list(r.hosts)} for r in self.racks],
+                "uplink_rate": self.uplink_rate, "uplink_rate_bps": self.uplink_rate_bps,
+                "uplink_goodput_bps": self.uplink_goodput_bps,
+                "uplink_goodput_bps_per_link": self.uplink_goodput_bps_per_link} if self.racks else {}),
         }
 
 
@@ -716,6 +941,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--delay", help="one-way delay, e.g. 50us (needs netem, which this kernel lacks)")
     parser.add_argument("--tcp-cc", default="cubic", help="the hosts' TCP congestion control (default cubic)")
     parser.add_argument("--per-host", type=int, default=1, metavar="K", help="processes (mpirun slots) per host")
+    parser.add_argument("--racks", type=int, metavar="R",
+                        help="spread the hosts over R racks (contiguous blocks), each behind an uplink to a spine")
+    parser.add_argument("--uplink-rate", metavar="RATE", help="with --racks: each uplink's rate, both directions")
     parser.add_argument("--goodput-seconds", type=float, default=1.0,
                         help="length of each link's goodput measurement (0 skips it; default 1)")
     parser.add_argument("--summary", type=Path, metavar="F", help="write the run's summary to F as JSON")
@@ -732,17 +960,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         testbed = Testbed(args.hosts, rate=args.rate, burst=args.burst, loss=args.loss, delay=args.delay,
                           tcp_cc=args.tcp_cc,
-                          per_host=args.per_host, goodput_seconds=args.goodput_seconds)
+                          per_host=args.per_host, goodput_seconds=args.goodput_seconds, racks=args.racks,
+                          uplink_rate=args.uplink_rate)
     except ValueError as e:
         parser.error(str(e))
     try:
         with testbed:
-            before, began = testbed.link_bytes(), time.monotonic()
+            before, uplinks, began = testbed.link_bytes(), testbed.uplink_bytes(), time.monotonic()
             with testbed.cpu_sampler() as cpu:
                 code = _run_command(command, {**os.environ, **testbed.env()})
             seconds, after = time.monotonic() - began, testbed.link_bytes()
             summary = {**testbed.describe(), "command": command, "returncode": code, "seconds": seconds,
-                       "link_bytes": link_bytes_delta(before, after), "dropped_packets": testbed.dropped_packets(),
+                       "link_bytes": link_bytes_delta(before, after),
+                       **({"uplink_bytes": link_bytes_delta(uplinks, testbed.uplink_bytes())} if uplinks else {}),
+                       "dropped_packets": testbed.dropped_packets(),
                        "cpu_util": cpu.util, "cpu_util_per_core": cpu.per_core, "cpu_bound": cpu.cpu_bound}
     except TestbedError as e:
         log.error("%s", e)

@@ -425,6 +425,127 @@ def test_loss_drops_packets_and_tcp_recovers():
     assert drops["h1"] > 0 and drops["h0"] > 0, drops  # data into h1, acknowledgements into h0
 
 
+# -- racks: 2 racks x 2 hosts, hosts at RACK_RATE, uplinks at UPLINK_RATE (it binds)
+
+RACK_RATE, UPLINK_RATE, UPLINK_BPS = "40mbit", "20mbit", 20e6
+
+
+def test_hosts_spread_over_racks_in_contiguous_blocks():
+    assert testbed.rack_sizes(4, 2) == [2, 2]
+    assert testbed.rack_sizes(5, 2) == [3, 2]  # uneven: the first racks take one more
+    assert testbed.rack_sizes(7, 3) == [3, 2, 2]
+    for hosts, racks in [(3, 1), (3, 4), (2, 0)]:
+        with pytest.raises(ValueError, match="racks must be between 2"):
+            testbed.rack_sizes(hosts, racks)
+    with pytest.raises(ValueError, match="uplink"):
+        testbed.Testbed(hosts=4, racks=2)
+    with pytest.raises(ValueError, match="without racks"):
+        testbed.Testbed(hosts=4, uplink_rate="10mbit")
+
+
+def _uplink_delta(before, after):
+    return {rack: (after[rack][0] - tx, after[rack][1] - rx) for rack, (tx, rx) in before.items()}
+
+
+def test_racks_cross_uplinks_that_bind_and_leave_nothing_behind(tmp_path):
+    bridges = _bridges()
+    with testbed.Testbed(hosts=5, rate=RACK_RATE, racks=2, uplink_rate=UPLINK_RATE, goodput_seconds=0.6) as tb:
+        assert tb.racks == [testbed.Rack("rack0", ("h0", "h1", "h2")), testbed.Rack("rack1", ("h3", "h4"))]
+        assert [tb.rack_of(h) for h in tb.hosts] == ["rack0"] * 3 + ["rack1"] * 2
+        env = tb.env()
+        assert env["TESTBED_RACKS"] == "2" and env["TESTBED_HOST_RACKS"] == "h0=rack0,h1=rack0,h2=rack0,h3=rack1,h4=rack1"
+        assert env["TESTBED_UPLINK_RATE_BPS"] == "20000000" and "uplink tbf rate 20mbit" in env["TESTBED_TC"]
+        # Measured: the uplinks bind, well below the hosts' links (goodput ~95% of each rate;
+        # over a window of ~1.3 s, a tbf bucket refilled while the two flows paused after a drop
+        # can add up to burst/window, 256 KiB/1.3 s ~ 1.6 Mbit/s, above it).
+        assert 0.85 * UPLINK_BPS < tb.uplink_goodput_bps < 1.1 * UPLINK_BPS, tb.uplink_goodput_bps_per_link
+        assert set(tb.uplink_goodput_bps_per_link) == {"rack0->rack1", "rack1->rack0"}
+        assert tb.goodput_bps > 1.5 * tb.uplink_goodput_bps, tb.goodput_bps_per_link
+        assert set(tb.goodput_bps_per_link) == {"h0->h1", "h1->h2", "h2->h0", "h3->h4", "h4->h3"}  # inside racks
+        # Every process of a host carries its rack: started here, by testbed_exec and its ssh form.
+        show = "echo $(hostname) $COLLECTIVES_TOPOLOGY"
+        assert subprocess.run(tb.exec_prefix("h4") + ["sh", "-c", show], capture_output=True, text=True,
+                              check=True, timeout=10).stdout == "h4 rack1\n"
+        helper = {**_job_env(tb), "COLLECTIVES_TOPOLOGY": "wrong"}
+        for argv, expected in [([str(testbed.EXEC_HELPER), "h1", "sh", "-c", show], "h1 rack0\n"),
+                               ([str(testbed.EXEC_HELPER), "--ssh", "198.18.0.4", show], "h3 rack1\n")]:
+            assert subprocess.run(argv, env=helper, capture_output=True, text=True, check=True,
+                                  timeout=10).stdout == expected
+        # Inside a rack nothing crosses an uplink; between racks everything crosses two.
+        nbytes = 1 << 20
+        time.sleep(0.5)  # what the goodput flows left queued in the uplinks' tbf drains
+        before = tb.uplink_bytes()
+        tb.transfer([("h0", "h2")], nbytes=nbytes)
+        inside = _uplink_delta(before, tb.uplink_bytes())
+        assert all(tx < 20000 and rx < 20000 for tx, rx in inside.values()), inside
+        before, links = tb.uplink_bytes(), tb.link_bytes()
+        results = tb.transfer([("h0", "h3"), ("h1", "h4")], nbytes=nbytes)  # two hosts share rack0's uplink
+        across = _uplink_delta(before, tb.uplink_bytes())
+        assert across["rack0"][0] >= 2 * nbytes and across["rack1"][1] >= 2 * nbytes, across
+        assert across["rack0"][0] < 2.2 * nbytes, across
+        span = max(r.end for r in results) - min(r.start for r in results)
+        assert span >= 0.99 * (2 * nbytes - BURST) * 8 / UPLINK_BPS, span  # the uplink's rate, not the hosts'
+        # The hosts can read the uplinks' counters (rank 0 of a benchmark does).
+        read = (f"import sys; sys.path.insert(0, {str(TESTBED_PY.parent)!r}); import testbed; "
+                f"print(sorted(testbed.uplink_counters({tb.switch_pid})))")
+        assert subprocess.run(tb.exec_prefix("h3") + [sys.executable, "-c", read], capture_output=True, text=True,
+                              check=True, timeout=10).stdout == "['rack0', 'rack1']\n"
+        names, state_dir = [h.netns for h in tb.hosts] + [tb.switch_netns], tb.state_dir
+        inodes = {os.stat(f"/run/netns/{n}").st_ino for n in names}
+    assert not set(names) & _netns_names()
+    assert _bridges() == bridges and not _processes_in(inodes) and not state_dir.exists()
+    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout
+    assert "rack" not in links and "spine" not in links
+
+
+MPI_LAYOUT_JOB = r"""
+import os, socket
+import numpy as np
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+x = np.full(1 << 16, comm.rank + 1, np.float64)
+comm.Allreduce(MPI.IN_PLACE, x)
+print(comm.rank, socket.gethostname(), os.environ.get("COLLECTIVES_TOPOLOGY"), x[0], flush=True)
+"""
+
+
+def test_mpirun_places_k_ranks_per_host_with_their_rack(tmp_path):
+    # 2 racks x 2 hosts x 2 ranks: mpirun on h0 starts the others through testbed_exec --ssh,
+    # and every rank, h0's included, carries its host's rack.
+    mpirun = Path(sys.executable).parent / "mpirun"
+    if not mpirun.exists() or importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("needs Open MPI 5's mpirun and mpi4py beside this Python")
+    (tmp_path / "job.py").write_text(MPI_LAYOUT_JOB)
+    with testbed.Testbed(hosts=4, rate=RACK_RATE, racks=2, uplink_rate=UPLINK_RATE, per_host=2,
+                         goodput_seconds=0) as tb:
+        env = {**_job_env(tb, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"),
+               "COLLECTIVES_TOPOLOGY": "not-forwarded"}
+        assert env["TESTBED_MPI_HOSTS"] == "h0:2,h1:2,h2:2,h3:2"
+        proc = tb.run_on("h0", [str(mpirun), "--host", env["TESTBED_MPI_HOSTS"], "-np", "8", "--map-by", "ppr:2:node",
+                                "--prtemca", "plm_ssh_agent", env["TESTBED_SSH_AGENT"], "--mca", "btl", "self,tcp",
+                                "--mca", "btl_tcp_if_include", "eth0", sys.executable, "job.py"],
+                         env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    lines = sorted((line.split() for line in out.splitlines() if line[:1].isdigit()), key=lambda x: int(x[0]))
+    assert lines == [[str(r), f"h{r // 2}", f"rack{r // 4}", "36.0"] for r in range(8)], out
+
+
+def test_cli_with_racks_summarises_the_uplinks(tmp_path):
+    summary = tmp_path / "summary.json"
+    cross = f"{testbed.EXEC_HELPER} h0 {sys.executable} -c 'print(1)' && echo $TESTBED_UPLINK_GOODPUT_BPS"
+    result = _cli("--hosts", "3", "--racks", "2", "--rate", "20mbit", "--uplink-rate", "10mbit", "--goodput-seconds",
+                  "0.4", "--summary", str(summary), "--", "sh", "-c", cross)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(summary.read_text())
+    assert report["racks"] == [{"name": "rack0", "hosts": ["h0", "h1"]}, {"name": "rack1", "hosts": ["h2"]}]
+    assert report["uplink_rate_bps"] == 10_000_000 and 8e6 < report["uplink_goodput_bps"] < 10e6, report
+    assert float(result.stdout.split()[-1]) == pytest.approx(report["uplink_goodput_bps"], abs=1)
+    assert set(report["uplink_bytes"]) == {"rack0", "rack1"} and "uplink" in report["tc"]
+    refused = _cli("--hosts", "3", "--racks", "2", "--rate", "20mbit", "--", "true")
+    assert refused.returncode == 2 and "uplink" in refused.stderr, refused.stderr
+
+
 def _cli(*args, **kwargs):
     return subprocess.run([sys.executable, str(TESTBED_PY), *args], capture_output=True, text=True, timeout=30,
                           **kwargs)
@@ -455,9 +576,12 @@ def _wait_for_job(cli):
     pytest.fail("the testbed's command did not start within 20 s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_cli_removes_everything(sig):
-    cli = subprocess.Popen([sys.executable, str(TESTBED_PY), "--hosts", "2", "--rate", "10mbit",
+@pytest.mark.parametrize("sig, racks", [(signal.SIGINT, []), (signal.SIGTERM, []),
+                                        (signal.SIGINT, ["--racks", "2", "--uplink-rate", "5mbit"])],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-racks"])
+def test_interrupted_cli_removes_everything(sig, racks):
+    bridges = _bridges()
+    cli = subprocess.Popen([sys.executable, str(TESTBED_PY), "--hosts", "2", "--rate", "10mbit", *racks,
                             "--goodput-seconds", "0", "--", str(testbed.EXEC_HELPER), "h0", "sleep", "300"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -471,6 +595,7 @@ def test_interrupted_cli_removes_everything(sig):
     assert cli.returncode == 130, err
     assert not [n for n in _netns_names() if n.startswith(f"{testbed.PREFIX}{cli.pid}.")]
     assert not any(_alive(pid) for pid in job)
+    assert _bridges() == bridges
 
 
 def test_run_after_a_killed_run_removes_its_leftovers():
