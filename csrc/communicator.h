@@ -18,6 +18,7 @@
 
 #include "algorithms/algorithm.h"
 #include "algorithms/allreduce.h"
+#include "algorithms/allreduce_hierarchical.h"
 #include "algorithms/allreduce_recursive_doubling.h"
 #include "algorithms/allreduce_ring.h"
 #include "algorithms/group.h"
@@ -36,6 +37,7 @@ struct CommunicatorOptions {
   bool reduction_server = false;  // allreduce goes through the reducers
   ReductionServerSettings reduction_server_settings;
   CostModel cost;  // chooses between the ring and recursive doubling; equal on every rank
+  HierarchyPlan hierarchy;  // the hierarchical algorithm's plan, equal on every rank; none if empty
 };
 
 // Bytes a collective reads or writes.
@@ -85,8 +87,9 @@ class Communicator {
   // `ranks` and how many communicators over the same list this process made before. The
   // reducers serve the world only. A failure of any communicator over the transport fails
   // them all (they share its connections). `cost` chooses its all-reduces (select.h); this
-  // one's where none is given.
-  std::unique_ptr<Communicator> subgroup(const std::vector<int>& ranks, std::optional<CostModel> cost = std::nullopt);
+  // one's where none is given; `hierarchy` is its own plan (indices of the subgroup), if any.
+  std::unique_ptr<Communicator> subgroup(const std::vector<int>& ranks, std::optional<CostModel> cost = std::nullopt,
+                                         HierarchyPlan hierarchy = {});
 
   // Buffers must stay valid until the returned Work is done.
   std::shared_ptr<Work> allreduce(void* data, size_t count, DataType dtype, ReduceOp op);
@@ -133,6 +136,7 @@ class Communicator {
   RingAllreduce ring_;
   RecursiveDoublingAllreduce recursive_doubling_;
   std::unique_ptr<ReductionServerAllreduce> reduction_server_;  // null without reducers
+  std::unique_ptr<HierarchicalAllreduce> hierarchical_;  // null without a plan
   std::vector<char> scratch_;  // the executor's staging memory
 
   std::mutex mutex_;  // guards the fields below

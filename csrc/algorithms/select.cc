@@ -1,5 +1,9 @@
 #include "algorithms/select.h"
 
+#include <algorithm>
+
+#include "algorithms/allreduce_hierarchical.h"
+
 namespace collectives {
 
 AllreduceAlgorithm& select_allreduce(const AllreduceCandidates& candidates, size_t count,
@@ -19,7 +23,24 @@ AllreduceAlgorithm& select_allreduce(const AllreduceCandidates& candidates, size
   const bool folds = (n & (n - 1)) != 0;
   const double ring = time(2.0 * (n - 1), bytes / n);
   const double doubling = time(rounds + (folds ? 2 : 0), bytes);
-  return doubling < ring ? candidates.recursive_doubling : candidates.ring;
+  AllreduceAlgorithm* best = doubling < ring ? &candidates.recursive_doubling : &candidates.ring;
+  if (candidates.hierarchical) {
+    /*
+     * Hierarchical: each level's ring takes 2(m-1) steps, m its largest group (the top: one
+     * all-reduce; below it: a reduce-scatter up and an all-gather down). A level below the top
+     * cuts what it holds into `parts` blocks, and the parts * (parts of the levels below) rings
+     * that run at once share the link of the node they leave (a host's NIC, a rack's uplink):
+     * together they move bytes / parts per step over it, whatever the level. The top moves
+     * bytes / m per step likewise.
+     */
+    double hierarchical = 0;
+    for (const auto& level : candidates.hierarchical->shape()) {
+      const double steps = 2.0 * (level.largest - 1);
+      hierarchical += steps * (level.cost.alpha_seconds + bytes / level.parts * level.cost.beta_seconds_per_byte);
+    }
+    if (hierarchical < std::min(ring, doubling)) best = candidates.hierarchical;
+  }
+  return *best;
 }
 
 }  // namespace collectives

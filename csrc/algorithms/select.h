@@ -20,14 +20,19 @@ struct CostModel {
   double beta_seconds_per_byte = 1e-9;
 };
 
+class HierarchicalAllreduce;
+
 struct AllreduceCandidates {
   AllreduceAlgorithm& ring;
   AllreduceAlgorithm& recursive_doubling;
   AllreduceAlgorithm* reduction_server;  // null unless allreduce is to use the reducers
+  HierarchicalAllreduce* hierarchical = nullptr;  // null without a plan (allreduce_hierarchical.h)
 };
 
-// The reduction server where it is to be used; otherwise, of the ring family, the algorithm
-// the cost model expects to finish first (the ring on a tie).
+// The reduction server where it is to be used; otherwise the algorithm the cost model expects
+// to finish first: the ring, recursive doubling, or the hierarchical plan, whose levels have
+// costs of their own (the ring on a tie). `cost` is the model of the links that the flat ring
+// and recursive doubling cross.
 AllreduceAlgorithm& select_allreduce(const AllreduceCandidates& candidates, size_t count,
                                      DataType dtype, int group_size, const CostModel& cost);
 

@@ -95,12 +95,25 @@ PYBIND11_MODULE(_core, m) {
            "True once finished (raising its error); False if `seconds` passed first.")
       .def("done", &Work::done, py::call_guard<py::gil_scoped_release>());
 
+  py::class_<HierarchyLevel>(m, "HierarchyLevel", "One level of a hierarchical plan (algorithms/allreduce_hierarchical.h).")
+      .def(py::init<>())
+      .def_readwrite("name", &HierarchyLevel::name)
+      .def_readwrite("groups", &HierarchyLevel::groups)
+      .def_property(
+          "cost", [](const HierarchyLevel& l) { return std::make_pair(l.cost.alpha_seconds, l.cost.beta_seconds_per_byte); },
+          [](HierarchyLevel& l, std::pair<double, double> v) { l.cost = {v.first, v.second}; });
+  py::class_<HierarchyPlan>(m, "HierarchyPlan")
+      .def(py::init<>())
+      .def_readwrite("levels", &HierarchyPlan::levels)
+      .def_readwrite("description", &HierarchyPlan::description);
+
   py::class_<CommunicatorOptions>(m, "Options")
       .def(py::init<>())
       .def_readwrite("timeout_seconds", &CommunicatorOptions::timeout_seconds)
       .def_readwrite("segment_bytes", &CommunicatorOptions::segment_bytes)
       .def_readwrite("debug", &CommunicatorOptions::debug)
       .def_readwrite("reduction_server", &CommunicatorOptions::reduction_server)
+      .def_readwrite("hierarchy", &CommunicatorOptions::hierarchy)
       .def_property(
           "cost_alpha_seconds", [](const CommunicatorOptions& o) { return o.cost.alpha_seconds; },
           [](CommunicatorOptions& o, double v) { o.cost.alpha_seconds = v; })
@@ -187,7 +200,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "subgroup",
           [](Communicator& c, const std::vector<int>& ranks, const CommunicatorOptions& options) {
-            return c.subgroup(ranks, options.cost);
+            return c.subgroup(ranks, options.cost, options.hierarchy);
           },
           py::arg("ranks"), py::arg("options"), py::call_guard<py::gil_scoped_release>())
       .def(

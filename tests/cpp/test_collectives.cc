@@ -400,6 +400,60 @@ void test_subgroups(Job& job, size_t count) {
   for (int r = 0; r < size; ++r) check(errors[r].empty(), where + "rank " + std::to_string(r) + " raised " + errors[r]);
 }
 
+// The hierarchical algorithm (allreduce_hierarchical.h), forced by its cost model (levels that
+// cost nothing against flat links of a second per message), over uneven plans: 5 ranks as 3 + 2
+// on two hosts, and 7 ranks on three hosts in two racks: {0, 1, 2} and {3, 4} in one, {5, 6}
+// in the other. The rank past the fewest ranks on a host (2), and the second host of the first
+// rack (past the fewest hosts in a rack, 1), carry nothing up.
+HierarchyPlan hierarchy(const std::vector<std::vector<std::vector<int>>>& levels) {
+  HierarchyPlan plan;
+  const char* names[] = {"host", "rack", "top"};
+  for (size_t l = 0; l < levels.size(); ++l) plan.levels.push_back({names[l], levels[l], CostModel{0, 0}});
+  plan.description = "hierarchical(test)";
+  return plan;
+}
+
+void test_hierarchical() {
+  const std::vector<std::pair<int, HierarchyPlan>> layouts{
+      {5, hierarchy({{{0, 1, 2}, {3, 4}}, {{0, 3}, {1, 4}}})},
+      {7, hierarchy({{{0, 1, 2}, {3, 4}, {5, 6}}, {{0, 3}, {1, 4}, {5}, {6}}, {{0, 5}, {1, 6}}})},
+  };
+  for (const auto& [size, plan] : layouts) {
+    CommunicatorOptions options;
+    options.cost = {1.0, 1.0};
+    options.hierarchy = plan;
+    for (size_t segment : {size_t{0}, size_t{4096}}) {
+      options.segment_bytes = segment;
+      Job job(size, 0, options);
+      unsigned seed = 1000;
+      for (size_t count : {size_t{0}, size_t{1}, size_t{2}, size_t{5}, size_t{997}, size_t{100003}}) {
+        for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax, ReduceOp::kProd}) {
+          test_allreduce<float>(job, op, count, ++seed);
+          test_every_rank_same_bits<float>(job, op, count, ++seed);
+        }
+        test_allreduce<int32_t>(job, ReduceOp::kSum, count, ++seed);
+        test_allreduce<double>(job, ReduceOp::kAvg, count, ++seed);
+        test_allreduce<int8_t>(job, ReduceOp::kProd, count, ++seed);
+      }
+    }
+  }
+  // Plans that break the rules are refused, naming the level.
+  const Group world = Group::world(4, 0);
+  for (const auto& [bad, why] : std::vector<std::pair<HierarchyPlan, std::string>>{
+           {hierarchy({{{0, 1}, {2}}, {{0, 2}}}), "rank 3 carries data to this level but is in no group"},
+           {hierarchy({{{0, 1}, {2, 3}}, {{0, 2}, {1, 2}}}), "rank 2 is in two groups"},
+           {hierarchy({{{0, 1, 2}, {3}}, {{0, 3}, {1}}}), "rank 1 carries no data here"},
+           {hierarchy({{{0, 1}, {2, 3}}, {{0, 3}, {1, 2}}}), "not the data of its group's first member"}}) {
+    std::string error;
+    try {
+      HierarchicalAllreduce refused(bad, world);
+    } catch (const std::invalid_argument& e) {
+      error = e.what();
+    }
+    check(error.find(why) != std::string::npos, "bad hierarchical plan: expected '" + why + "', got '" + error + "'");
+  }
+}
+
 void run_all() {
   for (int size = 1; size <= 5; ++size) {
     for (int connections : {1, 2}) {
@@ -432,6 +486,7 @@ void run_all() {
     Job job(size);
     for (size_t count : {size_t{3}, size_t{100000}}) test_subgroups(job, count);
   }
+  test_hierarchical();
   test_mismatch_fails_everywhere();
   test_abort_wakes_peers();
   test_abort_reaches_every_rank(4);

@@ -197,6 +197,167 @@ def test_placement_is_refused_with_the_expected_and_the_actual_hosts():
         compare._checks.check_placement(hosts, right[:2])
 
 
+# -- layouts: K ranks per host, racks
+
+Layout = compare._checks.Layout
+
+
+def test_level_models_of_each_plan_on_shared_hosts_and_racks():
+    models = compare._checks.level_models
+    two_by_four = Layout(2, per_host=4)
+    # The flat ring over 8 ranks crosses each NIC once each way with 2(n-1)/n; the hierarchical
+    # plan's k rings on S/k across 2 hosts move 2(h-1)/h = 1.0 per NIC (issue 12's 1.75 vs 1.0).
+    assert models("ring:rank-order", two_by_four) == {"host": (1.75, True), "uplink": None, "reducer": None}
+    assert models("gloo", two_by_four)["host"] == (1.75, True)
+    assert models("hierarchical:host", two_by_four)["host"] == (1.0, True)
+    assert models("mpi", two_by_four)["host"] == (1.0, False)  # its own algorithm: what any all-reduce moves
+    # Recursive doubling: log2(h) = 1 step across hosts, all 4 ranks of a host at once.
+    assert models("recursive_doubling:rank-order", two_by_four)["host"] == (4.0, True)
+    # 2 racks x 4 hosts, 1 rank each (issue 12's rack layout): the flat ring crosses each uplink
+    # once each way with 1.75; the rack-aware plan moves S per uplink, the host-only one 1.75.
+    racks = Layout(8, racks=(4, 4))
+    assert models("ring:rank-order", racks)["uplink"] == (1.75, True)
+    assert models("hierarchical:host+rack", racks) == {"host": (pytest.approx(1.5 + 0.25), True),
+                                                       "uplink": (1.0, True), "reducer": None}
+    assert models("hierarchical:host", racks)["uplink"] == (1.75, True)
+    assert models("hierarchical:host+rack", Layout(4, per_host=2, racks=(2, 2)))["uplink"] == (1.0, True)
+    # Uneven racks: the lower bound only.
+    assert models("hierarchical:host+rack", Layout(5, racks=(3, 2)))["uplink"] == (1.0, False)
+    assert compare._checks.plan_of("hierarchical", racks) == "hierarchical:host+rack"
+    assert compare._checks.plan_of("hierarchical", two_by_four) == "hierarchical:host"
+    assert compare._checks.plan_of("ring", racks) == "ring:rank-order"
+
+
+def test_a_plans_bound_is_its_slowest_level():
+    # B = 1 GB/s per host link, B_up = 0.2 GB/s per uplink.
+    bound = compare._checks.plan_bound
+    assert bound("hierarchical:host", Layout(2, per_host=4), 1.0) == pytest.approx(1.0)
+    assert bound("ring:rank-order", Layout(2, per_host=4), 1.0) == pytest.approx(1 / 1.75)
+    racks = Layout(8, racks=(4, 4))
+    assert bound("hierarchical:host+rack", racks, 1.0, 0.2) == pytest.approx(0.2)  # uplink: S at B_up
+    assert bound("ring:rank-order", racks, 1.0, 0.2) == pytest.approx(0.2 / 1.75)
+    assert bound("hierarchical:host+rack", racks, 1.0, 1.0) == pytest.approx(1 / 1.75)  # host NICs bind
+    # On one rank per host, no racks: the bounds as before layouts.
+    assert compare.bound("ring", 0.06, 4, 0) == pytest.approx(compare.ring_bound(0.06, 4))
+    assert compare.bound("mpi", 1.0, 2, 0, Layout(2, per_host=4)) == pytest.approx(1 / 1.75)  # the flat ring's
+
+
+class RackBed(FakeBed):
+    uplink_goodput_bps = 1.6e9  # B_up = 0.2 GB/s
+    uplink_rate_bps = 2e9
+
+
+def _layout_row(plan_algorithm, layout, host, uplink=None, system="collectives", seconds=1.0):
+    row = _row(system=system, algorithm=plan_algorithm, hosts=layout.ranks, seconds=seconds)
+    row = compare.with_link_figures(row, RackBed() if layout.racks else FakeBed(), None, layout)
+    row["link_bytes"]["per_host"] = {f"h{i}": {"tx": host * row["bytes"], "rx": host * row["bytes"]}
+                                     for i in range(layout.hosts)}
+    if uplink is not None:
+        row["link_bytes"]["uplinks"] = {f"rack{r}": {"tx": uplink * row["bytes"], "rx": uplink * row["bytes"]}
+                                        for r in range(len(layout.racks))}
+        row["link_bytes"]["tx_per_uplink"] = row["link_bytes"]["rx_per_uplink"] = uplink * row["bytes"]
+    return row
+
+
+def test_rows_on_layouts_carry_the_plan_the_layout_and_per_level_bytes():
+    racks = Layout(4, per_host=2, racks=(2, 2))
+    ring = _layout_row("ring", racks, 1.75, 1.75)
+    assert (ring["hosts"], ring["ranks"], ring["per_host"], ring["racks"], ring["plan"]) == (4, 8, 2, [2, 2],
+                                                                                           "ring:rank-order")
+    assert ring["uplink_goodput_GBps"] == pytest.approx(0.2) and ring["bound_GBps"] == pytest.approx(0.2 / 1.75)
+    assert compare.link_problems(ring) == []
+    hier = _layout_row("hierarchical", racks, 2 * 0.5 + 2 * 0.5 / 2, 1.0)
+    assert hier["plan"] == "hierarchical:host+rack" and compare.link_problems(hier) == []
+    # The flat ring's bytes under the hierarchical plan's name: its uplinks carry too much.
+    wrong = _layout_row("hierarchical", racks, 1.5, 1.75)
+    assert ("collectives hierarchical (rack uplink), 67108864 bytes: rack0 tx/size 1.750, expected within 10% of "
+            "1.000") in compare.link_problems(wrong)
+    missing = _layout_row("ring", racks, 1.75)
+    assert ("collectives ring, 67108864 bytes: byte counts of 0 rack uplinks (none), expected 2"
+            in compare.link_problems(missing))
+    # Several ranks per host: one figure per host, as many hosts as the layout has.
+    shared = _layout_row("hierarchical", Layout(2, per_host=4), 1.0)
+    assert compare.link_problems(shared) == []
+    shared["link_bytes"]["per_host"] = {"h0": shared["link_bytes"]["per_host"]["h0"]}
+    assert compare.link_problems(shared)[0].endswith("link bytes of 1 distinct hosts (h0), expected 2")
+
+
+def test_layout_reports_name_each_plan_with_its_bound_and_its_ratios():
+    racks = Layout(4, per_host=2, racks=(2, 2))
+    ring = _layout_row("ring", racks, 1.75, 1.75, seconds=2.0)
+    hier = _layout_row("hierarchical", racks, 1.5, 1.0, seconds=1.0)
+    gloo = _layout_row("gloo", racks, 1.75, 1.75, system="gloo", seconds=2.2)
+    ring.update(name="collectives-ring", speedups={"collectives-hierarchical": 0.5, "gloo": 1.1})
+    hier.update(name="collectives-hierarchical", speedups={"collectives-ring": 2.0, "gloo": 2.2})
+    gloo.update(name="gloo", speedups={})
+    rows = [ring, hier, gloo]
+    heading = compare.group_heading(ring, rows)
+    assert heading[0].startswith("4 hosts in 2 racks (2+2), 2 ranks each: 8 ranks")
+    assert "B_up = 1600.0 Mbit/s per rack uplink" in heading[1]
+    assert ("hierarchical:host+rack (collectives hierarchical): 1.500 x size per host NIC each way, 1.000 x size "
+            "per uplink each way; bound 0.2000 GB/s") in heading
+    lines = compare.standing_lines(rows)
+    assert any(line.startswith("collectives hierarchical 2.00x collectives ring at 67108864") for line in lines), lines
+    assert any(line.startswith("collectives hierarchical 2.20x gloo") for line in lines), lines
+    assert not any(line.startswith("collectives ring 0.50x") for line in lines), lines  # each pair once
+    markdown = compare.markdown(rows, "cmd", "layout 4x2 racks 2 uplink 1gbit 10gbit")
+    assert "| collectives hierarchical | hierarchical:host+rack | 67108864 |" in markdown
+    assert "| uplink tx/size | uplink rx/size |" in markdown and "| 1.000 | 1.000 |" in markdown
+    assert compare.block_name([2], [0], "500mbit", per_host=4) == "layout 2x4 500mbit"
+    assert compare.block_name([8], [0], "500mbit", 1, 2, "100mbit") == "layout 8x1 racks 2 uplink 100mbit 500mbit"
+
+
+def test_placement_covers_k_ranks_per_host_and_their_racks():
+    hosts = [compare.testbed.Host(f"h{i}", f"198.18.0.{i + 1}", f"ns{i}") for i in range(4)]
+    layout = Layout(4, per_host=2, racks=(2, 2))
+    rank_hosts, rank_racks = layout.rank_hosts(hosts), layout.rank_racks()
+    assert [h.name for h in rank_hosts] == ["h0", "h0", "h1", "h1", "h2", "h2", "h3", "h3"]
+    assert rank_racks == ["rack0"] * 4 + ["rack1"] * 4
+    right = [{"rank": r, "hostname": h.name, "address": h.address, "topology": rack}
+             for r, (h, rack) in enumerate(zip(rank_hosts, rank_racks))]
+    compare._checks.check_placement(rank_hosts, right, rank_racks)
+    # One rank per host, as mpirun's default mapping may give: half the ranks on the wrong host.
+    spread = [dict(entry, hostname=hosts[r % 4].name, address=hosts[r % 4].address) for r, entry in enumerate(right)]
+    with pytest.raises(SystemExit) as refused:
+        compare._checks.check_placement(rank_hosts, spread, rank_racks)
+    message = str(refused.value)
+    assert "expected h0 (ranks 0-1), h1 (ranks 2-3), h2 (ranks 4-5), h3 (ranks 6-7)" in message, message
+    assert "rank 1 ran on h1 (198.18.0.2), expected h0 (198.18.0.1)" in message, message
+    # The right host, the wrong rack label (COLLECTIVES_TOPOLOGY forwarded from h0 by the launcher).
+    labelled = [dict(entry, topology="rack0") for entry in right]
+    with pytest.raises(SystemExit, match=r"rank 4 on h2 has COLLECTIVES_TOPOLOGY=rack0, expected rack1"):
+        compare._checks.check_placement(rank_hosts, labelled, rank_racks)
+
+
+def test_layout_arguments(monkeypatch):
+    monkeypatch.setattr(compare, "algorithm_available", lambda name: name != "hierarchical")
+    args = compare.parse_args(["--per-host", "4", "--hosts", "2"])
+    assert args.per_host == 4 and args.algorithm == "ring" and args.algorithms is None  # hierarchical not there
+    monkeypatch.setattr(compare, "algorithm_available", lambda name: True)
+    args = compare.parse_args(["--hosts", "8", "--racks", "2", "--uplink-rate", "100mbit"])
+    assert args.algorithms == ["ring", "hierarchical"] and args.racks == 2 and args.uplink_rate == "100mbit"
+    assert compare.layout_of(args, 8).racks == (4, 4) and compare.layout_of(args, 5).racks == (3, 2)
+    args = compare.parse_args(["--per-host", "2", "--algorithms", "ring,recursive_doubling"])
+    assert args.algorithms == ["ring", "recursive_doubling"]
+    assert compare.parse_args(["--hosts", "4"]).algorithms is None  # flat: --algorithm alone, as before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--racks", "2"], "--racks and --uplink-rate go together"),
+    (["--uplink-rate", "1gbit"], "--racks and --uplink-rate go together"),
+    (["--hosts", "4", "--racks", "5", "--uplink-rate", "1gbit"], "at most --hosts"),
+    (["--hosts", "4", "--racks", "2", "--uplink-rate", "fast"], "--uplink-rate"),
+    (["--per-host", "0"], "at least 1"),
+    (["--per-host", "2", "--reducers", "2"], "flat layouts only"),
+    (["--algorithms", "ring,nccl"], "choose from"),
+])
+def test_bad_layout_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        compare.parse_args(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_pace_says_what_set_each_rows_pace_and_whether_a_ratio_counts():
     pace, standing = compare._checks.pace, compare._checks.ratio_standing
     assert pace(0.95, 0.99) == "links"  # at its link bound: no CPU could have made it much faster
@@ -380,6 +541,42 @@ def test_compare_rows_carry_the_link_figures(tmp_path):
     assert next(r for r in rows if r["system"] == "collectives")["algorithm"] == "ring"
     assert "PRTE_MCA_rmaps_default_mapping_policy" in done.stderr  # named as not passed on
     assert compare._checks.PACE_LEGEND in done.stdout
+    assert not _netns_left()
+
+
+@on_testbed(300)
+def test_plans_side_by_side_on_racks_of_shared_hosts_with_per_level_bytes(tmp_path):
+    # 2 racks x 2 hosts x 2 ranks: the wiring and the per-level bytes, never the speed (test_testbed
+    # checks that uplinks bind). Uplinks as fast as the hosts' links: one slower drops the flows
+    # that queue into it, and the resent bytes (1M at 50 Mbit/s uplinks on a busy machine: ring
+    # tx/size 2.04) refuse the run. Hierarchical joins where the installed collectives offers it.
+    pytest.importorskip("torch")
+    algorithms = ["ring", "recursive_doubling"] + (["hierarchical"] if compare.algorithm_available("hierarchical")
+                                                   else [])
+    rows_file = tmp_path / "rows.json"
+    env = {**clean_environ(), **OVERSUBSCRIBE, "COLLECTIVES_TOPOLOGY": "rack9"}  # each rank gets its host's rack
+    done = subprocess.run([sys.executable, str(COMPARE_PY), "--per-host", "2", "--hosts", "4", "--racks", "2",
+                           "--uplink-rate", "100mbit", "--rate", "100mbit", "--size", "1M", "--pairs", "1",
+                           "--algorithms", ",".join(algorithms), "--json", str(rows_file)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    plans = {"ring": "ring:rank-order", "recursive_doubling": "recursive_doubling:rank-order",
+             "hierarchical": "hierarchical:host+rack"}
+    assert [r["plan"] for r in rows] == [plans[a] for a in algorithms] + ["gloo", "mpi"]
+    for row in rows:
+        assert KEYS <= set(row), KEYS - set(row)
+        assert (row["hosts"], row["ranks"], row["per_host"], row["racks"], row["wrong"]) == (4, 8, 2, [2, 2], 0)
+        link = row["link_bytes"]
+        assert sorted(link["per_host"]) == ["h0", "h1", "h2", "h3"] and sorted(link["uplinks"]) == ["rack0", "rack1"]
+        assert 0.3 < row["uplink_goodput_GBps"] * 8 / 0.1 < 1.1 and row["bound_GBps"] > 0
+    by_plan = {r["plan"]: r for r in rows}
+    ring = by_plan["ring:rank-order"]["link_bytes"]  # 8 ranks in rank order: 2(n-1)/n = 1.75 per NIC and uplink
+    assert 1.7 < ring["tx_per_host"] / (1 << 20) < 1.85 and 1.7 < ring["tx_per_uplink"] / (1 << 20) < 1.85, ring
+    if "hierarchical" in algorithms:  # S per uplink, 2(m-1)/m + 2(R-1)/(Rm) = 1.5 per NIC
+        hier = by_plan["hierarchical:host+rack"]["link_bytes"]
+        assert 0.95 < hier["tx_per_uplink"] / (1 << 20) < 1.1 and 1.45 < hier["tx_per_host"] / (1 << 20) < 1.6, hier
+    assert "per uplink each way" in done.stdout and "up tx/sz" in done.stdout
     assert not _netns_left()
 
 
