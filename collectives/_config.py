@@ -211,8 +211,9 @@ class Config:
     @property
     def effective_algorithm(self) -> str:
         """The algorithm that allreduce runs: "auto" is the reduction server where there
-        are reducers, else stays "auto": per call, the ring or recursive doubling, whichever
-        the cost model expects to finish first (recursive doubling for small messages)."""
+        are reducers, else stays "auto": per call, the ring, recursive doubling or (where ranks
+        share hosts or racks) the hierarchical plan, whichever the cost model expects to finish
+        first (recursive doubling for small messages)."""
         if self.algorithm == "auto" and self.num_reducers:
             return "reduction_server"
         return self.algorithm
@@ -220,9 +221,6 @@ class Config:
     def check_runnable(self) -> None:
         """ValueError if the algorithm asked for cannot run; called once the job's reducers
         are counted (num_reducers)."""
-        if self.algorithm == "hierarchical":
-            raise ValueError("algorithm 'hierarchical' is not available in this version; use 'ring', "
-                             "'recursive_doubling', 'reduction_server' or 'auto'")
         if self.algorithm == "reduction_server" and not self.num_reducers:
             raise ValueError(
                 "algorithm 'reduction_server' needs reducers, and this job has none: launch them with "

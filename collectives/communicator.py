@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import _buffers, _core
+from . import _buffers, _core, hierarchical
 from ._bootstrap import Bootstrap, bootstrap
 from ._config import Config
 from .errors import CollectiveError
@@ -77,8 +77,9 @@ class Communicator:
         self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_links))
         self._pid = os.getpid()
         self._pending: List[Work] = []
+        self._plan = _hierarchy(config, boot.topology)
         self._core = _core.Communicator(
-            boot.rank, boot.size, boot.peer_links, boot.peer_names, _options(config), boot.reducer_links,
+            boot.rank, boot.size, boot.peer_links, boot.peer_names, _options(config, self._plan), boot.reducer_links,
             boot.reducer_names, boot.shm_doorbell, boot.shm_links
         )
         self._rank, self._size, self._members = boot.rank, boot.size, list(range(boot.size))
@@ -95,7 +96,8 @@ class Communicator:
         # The reducers serve the world only: a subgroup's allreduce runs among its members, by
         # `algorithm`, or as the parent's does where that is one of the ring family.
         if algorithm is None:
-            algorithm = parent.algorithm if parent.algorithm in _SUBGROUP_ALGORITHMS else "auto"
+            inherited = parent._config.effective_algorithm
+            algorithm = inherited if inherited in _SUBGROUP_ALGORITHMS else "auto"
         if algorithm not in _SUBGROUP_ALGORITHMS:
             raise ValueError(f"a subgroup's algorithm is one of {', '.join(_SUBGROUP_ALGORITHMS)}, not {algorithm!r}")
         self = cls.__new__(cls)
@@ -104,10 +106,12 @@ class Communicator:
         self._config = dataclasses.replace(parent._config, algorithm=algorithm, num_reducers=0)
         self._pid = os.getpid()
         self._pending = []
-        self._core = parent._live_core().subgroup([parent._members[m] for m in members], _options(self._config))
+        self._topology = [parent._topology[m] for m in members]
+        self._plan = _hierarchy(self._config, self._topology)  # from its members' labels
+        self._core = parent._live_core().subgroup([parent._members[m] for m in members],
+                                                  _options(self._config, self._plan))
         self._rank, self._size = self._core.rank, self._core.size
         self._members = [parent._members[m] for m in members]
-        self._topology = [parent._topology[m] for m in members]
         _live.add(self)
         return self
 
@@ -168,10 +172,14 @@ class Communicator:
 
     @property
     def algorithm(self) -> str:
-        """The algorithm that allreduce runs: "ring", "recursive_doubling", "reduction_server", or
-        "auto" (per call, the ring or recursive doubling by the cost model: recursive doubling
-        for small messages)."""
-        return self._config.effective_algorithm
+        """The algorithm that allreduce runs: "ring", "recursive_doubling", "reduction_server",
+        the hierarchical plan ("hierarchical(4 ranks/host x 2 hosts)"), or "auto" (per call, the
+        ring or recursive doubling by the cost model: recursive doubling for small messages),
+        "auto:hierarchical(...)" where the hierarchical plan is a candidate too."""
+        algorithm = self._config.effective_algorithm
+        if self._plan is None:
+            return algorithm
+        return self._plan.description if algorithm == "hierarchical" else f"auto:{self._plan.description}"
 
     def reducer_stats(self) -> List[Dict[str, Any]]:
         """Per reducer, by index: {name, alive, bytes_sent, bytes_received} as this worker saw it."""
@@ -315,11 +323,21 @@ class Communicator:
             raise ValueError(f"root {root!r} is not a rank of this {self.size}-rank communicator")
 
 
-_SUBGROUP_ALGORITHMS = ("auto", "ring", "recursive_doubling")
+_SUBGROUP_ALGORITHMS = ("auto", "ring", "recursive_doubling", "hierarchical")
 
 
-def _options(config: Config) -> Any:
-    """The core's options for a communicator of `config`."""
+def _hierarchy(config: Config, topology: Sequence[str]) -> Optional[hierarchical.Plan]:
+    """The hierarchical plan allreduce may run: forced (COLLECTIVES_ALGORITHM=hierarchical; on
+    one host, a ring inside it), or a candidate of auto where ranks share hosts or racks."""
+    algorithm = config.effective_algorithm
+    if algorithm not in ("hierarchical", "auto") or len(topology) < 2:
+        return None
+    plan = hierarchical.plan(topology)
+    return plan if plan.shares or (algorithm == "hierarchical" and plan.levels) else None
+
+
+def _options(config: Config, plan: Optional[hierarchical.Plan] = None) -> Any:
+    """The core's options for a communicator of `config`, with `plan` (_hierarchy) if any."""
     options = _core.Options()
     options.timeout_seconds = config.timeout
     options.segment_bytes = config.ring_segment_bytes or 0
@@ -331,6 +349,13 @@ def _options(config: Config) -> Any:
         options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 0.0, 1.0
     elif config.algorithm == "recursive_doubling":
         options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 1.0, 0.0
+    if plan is not None:
+        forced = config.effective_algorithm == "hierarchical"
+        options.hierarchy = hierarchical.core_plan(
+            plan, network_cost=(options.cost_alpha_seconds, options.cost_beta_seconds_per_byte), forced=forced,
+            host_over_shm=config.transport != "tcp")
+        if forced:  # flat links of a second per message against levels that cost nothing
+            options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 1.0, 1.0
     options.rs_chunk_bytes = config.rs_chunk_bytes or 0
     options.rs_inflight = config.rs_inflight or 0
     options.rs_heartbeat_timeout = config.rs_heartbeat_timeout

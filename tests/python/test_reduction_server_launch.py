@@ -151,8 +151,8 @@ def test_effective_algorithm():
     Config(algorithm="reduction_server", num_reducers=1).check_runnable()
     with pytest.raises(ValueError, match="COLLECTIVES_NUM_REDUCERS=R"):
         Config(algorithm="reduction_server").check_runnable()
-    with pytest.raises(ValueError, match="'hierarchical' is not available"):
-        Config(algorithm="hierarchical").check_runnable()
+    Config(algorithm="hierarchical").check_runnable()  # with or without reducers (issue 12)
+    assert Config(algorithm="hierarchical", num_reducers=2).effective_algorithm == "hierarchical"
 
 
 def test_reduction_server_without_reducers_is_refused_before_anything_starts():

@@ -1,0 +1,137 @@
+"""The hierarchical all-reduce's reduction order, computed in numpy, and the rank processes'
+script of test_hierarchical.py.
+
+The order (README, "Hierarchical all-reduce"): every ring of the plan reduces a block in ring
+order. In a group of n members (ring order 0..n-1), the block that member b ends with is
+``x[b+1] + x[b+2] + ... + x[n-1] + x[0] + ... + x[b]`` (indices mod n), added left to right,
+each addition in the buffer's dtype: the reduce-scatter's first message carries member b+1's
+data, and each member adds its own to what arrives. Level by level, the "x" of a level are the
+block sums of the level below; the top's all-reduce is the same reduce-scatter (then an
+all-gather). numpy computes the same order here, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+
+import collective_cases
+
+
+def even_blocks(count: int, blocks: int) -> List[int]:
+    """ring.h's even_blocks: the first count % blocks blocks hold one element more."""
+    base, extra = divmod(count, blocks)
+    return [b * base + min(b, extra) for b in range(blocks + 1)]
+
+
+def ring_block(values: Sequence[np.ndarray], b: int) -> np.ndarray:
+    """The block member b of a ring ends its reduce-scatter with, summed in ring order."""
+    n = len(values)
+    total = values[(b + 1) % n].copy()
+    for i in range(2, n + 1):
+        total = values[(b + i) % n] + total
+    return total
+
+
+def hierarchical_sum(inputs: Sequence[np.ndarray], plan) -> np.ndarray:
+    """What the hierarchical all-reduce of `inputs` (one array per rank) gives under `plan`
+    (collectives.hierarchical.plan), in its order."""
+    count = len(inputs[0])
+    buffers = [x.copy() for x in inputs]
+    ranges = {rank: (0, count) for rank in range(len(inputs))}
+    *below, top = plan.levels
+    for level in below:
+        parts = level.parts
+        for group in level.groups:
+            lo, hi = ranges[group[0]]
+            offsets = [lo + o for o in even_blocks(hi - lo, parts)]
+            for b in range(parts):
+                part = slice(offsets[b], offsets[b + 1])
+                buffers[group[b]][part] = ring_block([buffers[m][part] for m in group], b)
+            for b in range(parts):
+                ranges[group[b]] = (offsets[b], offsets[b + 1])
+    result = np.empty_like(inputs[0])
+    for group in top.groups:
+        lo, hi = ranges[group[0]]
+        offsets = [lo + o for o in even_blocks(hi - lo, len(group))]
+        for b in range(len(group)):
+            part = slice(offsets[b], offsets[b + 1])
+            result[part] = ring_block([buffers[m][part] for m in group], b)
+    return result
+
+
+def order_sensitive(case, rank: int) -> np.ndarray:
+    """Exponents far apart: the sum's bits depend on the order of the additions."""
+    rng = np.random.default_rng([case["seed"], rank])
+    values = np.ldexp(rng.uniform(-1, 1, case["count"]), rng.integers(-20, 21, case["count"]))
+    return values.astype(case["dtype"])
+
+
+def run_order_case(comm, case) -> List[str]:
+    from collectives import hierarchical
+
+    x = order_sensitive(case, comm.rank)
+    comm.allreduce(x)
+    want = hierarchical_sum([order_sensitive(case, r) for r in range(comm.size)], hierarchical.plan(comm.topology))
+    return collective_cases.check_equal(f"rank {comm.rank}: order, {collective_cases.describe(case)}", x, want)
+
+
+def run_subgroups(comm) -> List[str]:
+    """A subgroup of the first three ranks and the evens, each all-reducing beside the world."""
+    problems, report = [], {}
+    trio = comm.create_group([0, 1, 2]) if comm.rank < 3 else None
+    evens = comm.split(0 if comm.rank % 2 == 0 else None)
+    for name, sub, members in (("trio", trio, [0, 1, 2]), ("evens", evens, list(range(0, comm.size, 2)))):
+        if sub is None:
+            continue
+        report[name] = sub.algorithm
+        for count in (1, 13, 100003):
+            x = np.arange(count, dtype=np.int64) * (comm.rank + 1)
+            sub.allreduce(x)
+            want = np.arange(count, dtype=np.int64) * sum(r + 1 for r in members)
+            problems += collective_cases.check_equal(f"rank {comm.rank}: {name} count {count}", x, want)
+        sub.close()
+    return problems, report
+
+
+# The rank processes' script: the cases in the JSON file named by its argument; "order" cases
+# here, the rest by collective_cases; "subgroups" runs run_subgroups.
+RANK_SCRIPT = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import collective_cases, hierarchical_cases
+import collectives as cc
+
+cases = json.loads(open(sys.argv[1]).read())
+with cc.init() as comm:
+    problems, report = [], {{}}
+    for case in cases:
+        if case["collective"] == "order":
+            problems += hierarchical_cases.run_order_case(comm, case)
+        elif case["collective"] == "subgroups":
+            found, report["subgroups"] = hierarchical_cases.run_subgroups(comm)
+            problems += found
+        else:
+            problems += collective_cases.run_case(comm, case)
+    report.update(rank=comm.rank, algorithm=comm.algorithm, topology=comm.topology, problems=problems[:20])
+    print(json.dumps(report))
+"""
+
+
+def run_job(run_ranks, tmp_path, size, cases, topologies, env=None, timeout=180):
+    """`cases` in one job of `size` ranks, rank r with COLLECTIVES_TOPOLOGY=topologies[r];
+    fails on any problem; returns each rank's report."""
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(cases))
+    results = run_ranks(RANK_SCRIPT, size, args=[str(path)], env=env, timeout=timeout,
+                        rank_env=lambda r: {"COLLECTIVES_TOPOLOGY": topologies[r]})
+    reports = []
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stderr[-4000:]}"
+        report = result.report()
+        assert report["problems"] == [], "\n".join(report["problems"])
+        reports.append(report)
+    return reports

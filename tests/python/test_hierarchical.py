@@ -1,0 +1,172 @@
+"""The hierarchical all-reduce (issue 12) on real processes: its planner, its results against
+numpy (integer-valued data, where the order cannot matter, and order-sensitive floats against
+numpy computing its documented order), uneven layouts, every transport, subgroups, auto's choice,
+and a killed rank.
+
+All ranks run on this one machine; per-rank COLLECTIVES_TOPOLOGY values make them different
+hosts of the label tree ("rackA/<hostname>" and "rackB/<hostname>" are two hosts in two racks),
+while the transports still find that they share memory.
+"""
+
+import json
+import re
+import signal
+import time
+
+import pytest
+
+import collective_cases as cases_lib
+import hierarchical_cases
+
+FORCED = {"COLLECTIVES_ALGORITHM": "hierarchical"}
+
+
+def cases(counts, dtypes=cases_lib.DTYPES, order_counts=(1, 13, 4099, 65537)):
+    """All-reduces of every op of `dtypes` at `counts`, and the order-sensitive float sums."""
+    found, seed = [], 0
+    for dtype in dtypes:
+        for op in cases_lib.valid_ops(dtype):
+            for count in counts:
+                seed += 1
+                found.append(dict(collective="allreduce", dtype=dtype, op=op, count=count, seed=seed))
+    for dtype in ("float32", "float64"):
+        for count in order_counts:
+            seed += 1
+            found.append(dict(collective="order", dtype=dtype, op="sum", count=count, seed=seed))
+    seed += 1
+    found.append(dict(collective="same_bits", dtype="float16", op="sum", count=65537, seed=seed))
+    return found
+
+
+# -- the planner ------------------------------------------------------------------------------
+
+
+def plan_of(labels):
+    from collectives.hierarchical import plan
+
+    p = plan(labels)
+    return p.description, [(level.name, [list(g) for g in level.groups]) for level in p.levels]
+
+
+def test_plan_of_two_hosts_of_four():
+    assert plan_of(["h1"] * 4 + ["h2"] * 4) == (
+        "hierarchical(4 ranks/host x 2 hosts)",
+        [("host", [[0, 1, 2, 3], [4, 5, 6, 7]]), ("top", [[0, 4], [1, 5], [2, 6], [3, 7]])])
+
+
+def test_plan_of_uneven_hosts_cuts_the_fewest_ranks_on_a_host():
+    # 3 + 2: two blocks; rank 2 adds into ranks 0 and 1's blocks and sends nothing across.
+    assert plan_of(["h1"] * 3 + ["h2"] * 2) == (
+        "hierarchical(2-3 ranks/host x 2 hosts)", [("host", [[0, 1, 2], [3, 4]]), ("top", [[0, 3], [1, 4]])])
+    assert plan_of(["h1", "h2", "h2", "h3", "h3"]) == (
+        "hierarchical(1-2 ranks/host x 3 hosts)", [("host", [[0], [1, 2], [3, 4]]), ("top", [[0, 1, 3]])])
+
+
+def test_plan_of_racks_of_uneven_hosts():
+    description, levels = plan_of(["a/x", "a/x", "a/x", "a/y", "a/y", "b/z", "b/z"])
+    assert description == "hierarchical(2-3 ranks/host x 1-2 hosts/rack x 2 racks)"
+    assert levels == [("host", [[0, 1, 2], [3, 4], [5, 6]]), ("rack", [[0, 3], [1, 4], [5], [6]]),
+                      ("top", [[0, 5], [1, 6]])]
+
+
+def test_plan_orders_children_by_their_lowest_rank_and_leaves_out_levels_that_do_nothing():
+    # Interleaved racks; one host per rack: the rack level does nothing.
+    assert plan_of(["rA/h", "rB/h", "rA/h", "rB/h"]) == (
+        "hierarchical(2 ranks/host x 2 racks)", [("host", [[0, 2], [1, 3]]), ("top", [[0, 1], [2, 3]])])
+    assert plan_of(["h"] * 3) == ("hierarchical(3 ranks/host)", [("host", [[0, 1, 2]])])
+    assert plan_of(["h1", "h2"]) == ("hierarchical(2 hosts)", [("top", [[0, 1]])])
+    # Any depth; labels of different depths sit under an unnamed outer level.
+    assert plan_of(["z/r1/h1", "z/r1/h2", "z/r2/h3", "z/r2/h4"])[0] == "hierarchical(2 hosts/rack x 2 racks/zone)"
+    assert plan_of(["h", "r/h", "r/h"])[1] == [("host", [[0], [1, 2]]), ("top", [[0, 1]])]
+
+
+# -- all-reduce on real processes -------------------------------------------------------------
+
+TWO_RACKS = ["rackA", "rackA", "rackB", "rackB"]
+INTERLEAVED = ["rackA", "rackB", "rackA", "rackB"]
+
+
+@pytest.mark.parametrize("transport,topologies", [("auto", TWO_RACKS), ("tcp", INTERLEAVED), ("shm", TWO_RACKS)])
+def test_two_racks_of_two_on_every_transport(run_ranks, tmp_path, transport, topologies):
+    dtypes = cases_lib.DTYPES if transport == "auto" else ("float32", "bfloat16", "int64", "uint8")
+    reports = hierarchical_cases.run_job(run_ranks, tmp_path, 4, cases([0, 1, 2, 3, 7, 13, 1009, 65537], dtypes),
+                                         topologies, env={**FORCED, "COLLECTIVES_TRANSPORT": transport})
+    assert {r["algorithm"] for r in reports} == {"hierarchical(2 ranks/host x 2 racks)"}
+
+
+@pytest.mark.parametrize("topologies,description", [
+    (["hA", "hA", "hA", "hB", "hB"], "hierarchical(2-3 ranks/host x 2 racks)"),
+    (["h1", "h2", "h2", "h3", "h3"], "hierarchical(1-2 ranks/host x 3 racks)"),
+    (["a/x", "a/x", "a/x", "a/y", "a/y", "b/z", "b/z"], "hierarchical(2-3 ranks/host x 1-2 racks/zone x 2 zones)"),
+])
+def test_uneven_layouts(run_ranks, tmp_path, topologies, description):
+    reports = hierarchical_cases.run_job(
+        run_ranks, tmp_path, len(topologies),
+        cases([1, 2, 5, 13, 1009, 65537], ("float32", "float16", "int32", "int8"), order_counts=(1, 7, 65537)),
+        topologies, env=FORCED)
+    assert {r["algorithm"] for r in reports} == {description}
+
+
+def test_subgroups_plan_from_their_members_labels(run_ranks, tmp_path):
+    reports = hierarchical_cases.run_job(run_ranks, tmp_path, 4, [dict(collective="subgroups")], TWO_RACKS, env=FORCED)
+    for report in reports:
+        expected = {}
+        if report["rank"] < 3:
+            expected["trio"] = "hierarchical(1-2 ranks/host x 2 racks)"  # ranks 0, 1 | 2
+        if report["rank"] % 2 == 0:
+            expected["evens"] = "hierarchical(2 racks)"  # ranks 0 | 2: one level, a ring
+        assert report["subgroups"] == expected, report
+
+
+def test_auto_takes_the_plan_for_large_messages_and_recursive_doubling_for_small(run_ranks, tmp_path):
+    """Shared memory inside a host is cheap in the cost model: at 1M elements the plan beats
+    the flat ring; at 8 elements recursive doubling's few messages win."""
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps([dict(collective="allreduce", dtype="float32", op="sum", count=count, seed=count)
+                                for count in (1 << 20, 8)]))
+    results = run_ranks(hierarchical_cases.RANK_SCRIPT, 4, args=[str(path)], env={"COLLECTIVES_DEBUG": "1"},
+                        rank_env=lambda r: {"COLLECTIVES_TOPOLOGY": TWO_RACKS[r]}, timeout=120)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = result.report()
+        assert report["problems"] == [] and report["algorithm"] == "auto:hierarchical(2 ranks/host x 2 racks)", report
+        assert re.search(r"allreduce #\d+ \(sum, 1048576 x float32\): start \(hierarchical\(2 ranks/host x 2 racks\)\)",
+                         result.stderr), result.stderr[-3000:]
+        assert re.search(r"allreduce #\d+ \(sum, 8 x float32\): start \(recursive_doubling\)", result.stderr)
+        assert "hierarchical: reduce-scatter in the host group of 2" in result.stderr
+        assert "hierarchical: all-reduce in the top group of 2" in result.stderr
+
+
+KILLED_SCRIPT = r"""
+import json, os, signal
+import numpy as np
+import collectives as cc
+
+result = {"rank": int(os.environ["COLLECTIVES_RANK"])}
+try:
+    comm = cc.init()
+    x = np.ones(100_000, dtype=np.float32)
+    for step in range(5):
+        if comm.rank == 3 and step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        x[:] = 1
+        comm.allreduce(x)
+        assert (x == comm.size).all()
+    result["ok"] = True
+except cc.CollectiveError as error:
+    result.update(error_type=type(error).__name__, message=str(error))
+print(json.dumps(result), flush=True)
+"""
+
+
+def test_killed_rank_fails_the_survivors_naming_it(run_ranks):
+    start = time.monotonic()
+    results = run_ranks(KILLED_SCRIPT, 4, env={**FORCED, "COLLECTIVES_TIMEOUT": "10"},
+                        rank_env=lambda r: {"COLLECTIVES_TOPOLOGY": TWO_RACKS[r]}, timeout=60)
+    survivors = [r for r in results if r.returncode != -signal.SIGKILL]
+    assert len(survivors) == 3
+    for result in survivors:
+        report = result.report()
+        assert report.get("error_type") in ("CollectiveError", "TimeoutError"), report
+        assert re.search(r"\brank 3\b", report["message"]) and "allreduce #" in report["message"], report
+    assert time.monotonic() - start < 10.0 + 30  # seen at once (the timeout is 10 s), not waited out
