@@ -8,8 +8,7 @@ the caller's object is kept alive until the collective is done.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -22,8 +21,7 @@ FLOATING = ("float16", "bfloat16", "float32", "float64")
 _DLPACK_HOST_DEVICES = frozenset({1, 3})
 
 
-@dataclass(frozen=True)
-class Buffer:
+class Buffer(NamedTuple):  # a tuple: made on every call, so made cheaply
     obj: Any  # what keeps the memory alive (and exported) while the core uses it
     address: int
     count: int  # elements
@@ -33,6 +31,20 @@ class Buffer:
     @property
     def dtype_code(self) -> int:
         return DTYPES.index(self.dtype)
+
+
+# numpy dtype -> its name where the core takes it in this machine's byte order, else None.
+# numpy makes dtype.name anew on every access, which costs a small collective more than its
+# exchange on one host.
+_NATIVE_NAMES: Dict[np.dtype, Optional[str]] = {}
+
+
+def _native_name(dtype: np.dtype) -> Optional[str]:
+    try:
+        return _NATIVE_NAMES[dtype]
+    except KeyError:
+        name = dtype.name if dtype.isnative and dtype.name in DTYPES else None
+        return _NATIVE_NAMES.setdefault(dtype, name)
 
 
 def _numpy_dtype(name: str):
@@ -65,16 +77,19 @@ def view(x: Any, *, writable: bool, what: str = "buffer") -> Buffer:
 
 
 def _view_numpy(array: np.ndarray, owner: Any, writable: bool, what: str) -> Buffer:
-    name = array.dtype.name
-    if name not in DTYPES:
-        raise _unsupported_dtype(name)
-    if not array.dtype.isnative:
+    name = _native_name(array.dtype)
+    if name is None and array.dtype.name not in DTYPES:
+        raise _unsupported_dtype(array.dtype.name)
+    if name is None:
         raise TypeError(f"{what} is {array.dtype.str} (not this machine's byte order); pass x.astype(x.dtype.newbyteorder('='))")
     if not array.flags.c_contiguous:
         raise TypeError(f"{what} must be C-contiguous; pass np.ascontiguousarray(x) and copy back")
     if writable and not array.flags.writeable:
         raise TypeError(f"{what} is read-only, but this collective writes its result into it")
-    return Buffer(owner, array.__array_interface__["data"][0], array.size, name, array.shape)
+    address = _core.buffer_address(array)
+    if address is None:
+        address = array.__array_interface__["data"][0]
+    return Buffer(owner, address, array.size, name, array.shape)
 
 
 def _view_dlpack(x: Any, what: str) -> Buffer:

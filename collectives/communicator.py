@@ -188,38 +188,61 @@ class Communicator:
     # -- collectives --------------------------------------------------------------------------
     def allreduce(self, x, op: str = "sum"):
         """Reduce x over all ranks, in place; returns x."""
-        return self.allreduce_async(x, op).wait()
+        return self._allreduce(x, op, blocking=True).wait()
 
     def allreduce_async(self, x, op: str = "sum") -> Work:
-        buf = _buffers.view(x, writable=True)
-        code = self._op_code(op, buf.dtype)
-        return self._submit(self._live_core().allreduce(buf.address, buf.count, buf.dtype_code, code), x, (buf,))
+        return self._allreduce(x, op, blocking=False)
 
     def allgather(self, x):
         """A new array of x's kind, shape (size, *x.shape): row r is rank r's x."""
-        return self.allgather_async(x).wait()
+        return self._allgather(x, blocking=True).wait()
 
     def allgather_async(self, x) -> Work:
-        buf = _buffers.view(x, writable=False)
-        out = _buffers.empty_like_kind(x, (self.size, *buf.shape), buf.dtype)
-        out_buf = _buffers.view(out, writable=True, what="output")
-        work = self._live_core().allgather(buf.address, out_buf.address, buf.count, buf.dtype_code)
-        return self._submit(work, out, (buf, out_buf))
+        return self._allgather(x, blocking=False)
 
     def broadcast(self, x, root: int = 0):
         """Overwrite x with root's x, in place; returns x."""
-        return self.broadcast_async(x, root).wait()
+        return self._broadcast(x, root, blocking=True).wait()
 
     def broadcast_async(self, x, root: int = 0) -> Work:
-        self._check_root(root)
-        buf = _buffers.view(x, writable=True)
-        return self._submit(self._live_core().broadcast(buf.address, buf.count, buf.dtype_code, root), x, (buf,))
+        return self._broadcast(x, root, blocking=False)
 
     def reduce_scatter(self, x, op: str = "sum"):
         """This rank's part of x reduced over all ranks: rows [rank*k, (rank+1)*k), k = len(x)//size."""
-        return self.reduce_scatter_async(x, op).wait()
+        return self._reduce_scatter(x, op, blocking=True).wait()
 
     def reduce_scatter_async(self, x, op: str = "sum") -> Work:
+        return self._reduce_scatter(x, op, blocking=False)
+
+    def barrier(self) -> None:
+        """Return once every rank has entered the barrier."""
+        self._submit(self._live_core().barrier(True), None, ()).wait()
+
+    def barrier_async(self) -> Work:
+        return self._submit(self._live_core().barrier(False), None, ())
+
+    # A blocking call lends the core its thread (blocking=True): the collective runs on it when
+    # nothing else is queued, and the Work comes back done.
+    def _allreduce(self, x, op: str, blocking: bool) -> Work:
+        buf = _buffers.view(x, writable=True)
+        code = self._op_code(op, buf.dtype)
+        work = self._live_core().allreduce(buf.address, buf.count, buf.dtype_code, code, blocking)
+        return self._submit(work, x, (buf,))
+
+    def _allgather(self, x, blocking: bool) -> Work:
+        buf = _buffers.view(x, writable=False)
+        out = _buffers.empty_like_kind(x, (self.size, *buf.shape), buf.dtype)
+        out_buf = _buffers.view(out, writable=True, what="output")
+        work = self._live_core().allgather(buf.address, out_buf.address, buf.count, buf.dtype_code, blocking)
+        return self._submit(work, out, (buf, out_buf))
+
+    def _broadcast(self, x, root: int, blocking: bool) -> Work:
+        self._check_root(root)
+        buf = _buffers.view(x, writable=True)
+        return self._submit(self._live_core().broadcast(buf.address, buf.count, buf.dtype_code, root, blocking),
+                            x, (buf,))
+
+    def _reduce_scatter(self, x, op: str, blocking: bool) -> Work:
         buf = _buffers.view(x, writable=False)
         code = self._op_code(op, buf.dtype)
         rows = buf.shape[0] if buf.shape else buf.count
@@ -231,15 +254,9 @@ class Communicator:
         part_shape = (rows // self.size, *buf.shape[1:])
         out = _buffers.empty_like_kind(x, part_shape, buf.dtype)
         out_buf = _buffers.view(out, writable=True, what="output")
-        work = self._live_core().reduce_scatter(buf.address, out_buf.address, out_buf.count, buf.dtype_code, code)
+        work = self._live_core().reduce_scatter(buf.address, out_buf.address, out_buf.count, buf.dtype_code, code,
+                                                blocking)
         return self._submit(work, out, (buf, out_buf))
-
-    def barrier(self) -> None:
-        """Return once every rank has entered the barrier."""
-        self.barrier_async().wait()
-
-    def barrier_async(self) -> Work:
-        return self._submit(self._live_core().barrier(), None, ())
 
     # -- lifetime -----------------------------------------------------------------------------
     def abort(self) -> None:
@@ -294,6 +311,8 @@ class Communicator:
 
     def _submit(self, core_work: Any, result: Any, keep_alive: tuple) -> Work:
         work = Work(self, core_work, result, keep_alive)
+        if core_work.done():
+            return work
         # Hold every unfinished collective, so its buffers outlive it even if the caller
         # drops the Work without waiting (held first, pruned after).
         self._pending.append(work)

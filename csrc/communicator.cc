@@ -108,9 +108,9 @@ std::unique_ptr<Communicator> Communicator::subgroup(const std::vector<int>& ran
   return std::unique_ptr<Communicator>(new Communicator(std::move(transport), lineage_, std::move(group), id, options));
 }
 
-std::shared_ptr<Work> Communicator::enqueue(Task task) {
+std::shared_ptr<Work> Communicator::enqueue(Task task, const Interruption* caller) {
   task.work = std::make_shared<Work>();
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
   if (closing_) throw CollectiveError("the communicator is closed");
   task.tag.seq = next_seq_++;
   task.tag.comm = id_;
@@ -123,9 +123,20 @@ std::shared_ptr<Work> Communicator::enqueue(Task task) {
   }
   if (task.allreduce) task.call = task.allreduce->call(task.tag, task.data);
   std::shared_ptr<Work> work = task.work;
-  queue_.push_back(std::move(task));
-  start_ahead_locked();
-  queued_.notify_one();
+  // A caller that blocks on this collective runs it on its own thread when it is next in line:
+  // no hand-off to the executor and back, which would cost a small message more than its
+  // exchange. Its waits must all go through the context to be interruptible.
+  const bool on_caller = caller && queue_.empty() && !running_ && (!task.call || task.allreduce->waits_through_context());
+  if (!on_caller) {
+    queue_.push_back(std::move(task));
+    start_ahead_locked();
+    queued_.notify_one();
+    return work;
+  }
+  begin_locked(task);
+  std::shared_ptr<Transport> transport = transport_;  // close() may drop its own meanwhile
+  lock.unlock();
+  execute(task, *transport, caller);
   return work;
 }
 
@@ -144,13 +155,20 @@ void Communicator::start_ahead_locked() {
   }
 }
 
+void Communicator::begin_locked(Task& task) {
+  running_ = true;
+  running_memory_ = task.memory;
+  if (task.call && task.call->waits_to_start()) task.call->start();
+}
+
 void Communicator::execute_loop() {
   for (;;) {
     Task task;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      queued_.wait(lock, [&] { return closing_ || !queue_.empty(); });
-      if (queue_.empty()) return;
+      // Not while a caller's thread runs a collective: they run one at a time, in order.
+      queued_.wait(lock, [&] { return closing_ || (!queue_.empty() && !running_); });
+      if (queue_.empty() || running_) return;
       task = std::move(queue_.front());
       queue_.pop_front();
       if (!failure_.empty()) {
@@ -160,51 +178,55 @@ void Communicator::execute_loop() {
             ": the communicator was aborted by an earlier failure (" + failure_ + ")")));
         continue;
       }
-      running_ = true;
-      running_memory_ = task.memory;
-      if (task.call && task.call->waits_to_start()) task.call->start();
+      begin_locked(task);
     }
-    const std::string what = task.tag.describe();
-    AlgorithmContext ctx{*transport_, group_, task.tag, deadline_after(options_.timeout_seconds),
-                         options_.segment_bytes, scratch_, options_.debug};
-    std::exception_ptr error;
-    try {
-      ctx.log(task.call ? std::string("start (") + task.allreduce->name() + ")" : "start");
-      if (task.call) {
-        task.call->run(ctx);
-      } else {
-        task.run(ctx);
-      }
-      ctx.log("done");
-    } catch (const std::exception& e) {
-      // The first failure aborts the communicator: the peers are told, and every collective
-      // after this one fails at once instead of waiting on them. The transport lets go of
-      // this collective's buffers before the caller hears of the failure.
-      std::string message = what + " failed on rank " + std::to_string(rank()) + ": " + e.what();
-      ctx.log(std::string("failed: ") + e.what());
-      transport_->abort(e.what());
-      transport_->quiesce();
-      // The reducers hear why, and tell the other workers (which may be waiting on them).
-      if (reduction_server_) reduction_server_->close(e.what());
-      bool timed_out = dynamic_cast<const TimeoutError*>(&e) != nullptr;
-      error = timed_out ? std::make_exception_ptr(TimeoutError(message))
-                        : std::make_exception_ptr(CollectiveError(message));
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (failure_.empty()) failure_ = message;
-    }
-    {
-      // Not running any more before the caller wakes: a close() right after a collective
-      // must not take it for one still in flight.
-      std::lock_guard<std::mutex> lock(mutex_);
-      running_ = false;
-      running_memory_.clear();
-      if (task.call && !error) {
-        task.call->succeeded();
-        start_ahead_locked();
-      }
-    }
-    task.work->finish(error);
+    execute(task, *transport_, nullptr);
   }
+}
+
+void Communicator::execute(Task& task, Transport& transport, const Interruption* caller) {
+  const std::string what = task.tag.describe();
+  AlgorithmContext ctx{transport, group_, task.tag, deadline_after(options_.timeout_seconds),
+                       options_.segment_bytes, scratch_, options_.debug, caller};
+  std::exception_ptr error;
+  try {
+    ctx.log(task.call ? std::string("start (") + task.allreduce->name() + ")" : "start");
+    if (task.call) {
+      task.call->run(ctx);
+    } else {
+      task.run(ctx);
+    }
+    ctx.log("done");
+  } catch (const std::exception& e) {
+    // The first failure aborts the communicator: the peers are told, and every collective
+    // after this one fails at once instead of waiting on them. The transport lets go of
+    // this collective's buffers before the caller hears of the failure.
+    std::string message = what + " failed on rank " + std::to_string(rank()) + ": " + e.what();
+    ctx.log(std::string("failed: ") + e.what());
+    transport.abort(e.what());
+    transport.quiesce();
+    // The reducers hear why, and tell the other workers (which may be waiting on them).
+    if (reduction_server_) reduction_server_->close(e.what());
+    bool timed_out = dynamic_cast<const TimeoutError*>(&e) != nullptr;
+    error = timed_out ? std::make_exception_ptr(TimeoutError(message))
+                      : std::make_exception_ptr(CollectiveError(message));
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (failure_.empty()) failure_ = message;
+  }
+  {
+    // Not running any more before the caller wakes: a close() right after a collective
+    // must not take it for one still in flight.
+    std::lock_guard<std::mutex> lock(mutex_);
+    running_ = false;
+    running_memory_.clear();
+    if (task.call && !error) {
+      task.call->succeeded();
+      start_ahead_locked();
+    }
+    // The executor takes what was queued meanwhile; close() waits for the caller's run.
+    queued_.notify_all();
+  }
+  task.work->finish(error);
 }
 
 namespace {
@@ -216,8 +238,8 @@ MemoryRange bytes_of(const void* data, size_t count, DataType dtype) {
 
 }  // namespace
 
-std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType dtype,
-                                              ReduceOp op) {
+std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
+                                              const Interruption* caller) {
   Task task;
   task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
   task.memory = {bytes_of(data, count, dtype)};
@@ -226,19 +248,20 @@ std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType
       {ring_, recursive_doubling_, reducers ? reduction_server_.get() : nullptr, hierarchical_.get()}, count, dtype,
       size(), options_.cost);
   task.data = data;
-  return enqueue(std::move(task));
+  return enqueue(std::move(task), caller);
 }
 
-std::shared_ptr<Work> Communicator::allgather(const void* input, void* output, size_t count,
-                                              DataType dtype) {
+std::shared_ptr<Work> Communicator::allgather(const void* input, void* output, size_t count, DataType dtype,
+                                              const Interruption* caller) {
   Task task;
   task.tag = {CollectiveKind::kAllgather, 0, count, dtype, ReduceOp::kSum};
   task.memory = {bytes_of(input, count, dtype), bytes_of(output, count * size(), dtype)};
   task.run = [=](const AlgorithmContext& ctx) { allgather_ring(ctx, input, output, count); };
-  return enqueue(std::move(task));
+  return enqueue(std::move(task), caller);
 }
 
-std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType dtype, int root) {
+std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType dtype, int root,
+                                              const Interruption* caller) {
   if (root < 0 || root >= size()) {
     throw std::invalid_argument("root " + std::to_string(root) + " is not a rank of a " +
                                 std::to_string(size()) + "-rank communicator");
@@ -247,23 +270,23 @@ std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType
   task.tag = {CollectiveKind::kBroadcast, 0, count, dtype, ReduceOp::kSum, static_cast<uint32_t>(root)};
   task.memory = {bytes_of(data, count, dtype)};
   task.run = [=](const AlgorithmContext& ctx) { broadcast_chain(ctx, data, count, root); };
-  return enqueue(std::move(task));
+  return enqueue(std::move(task), caller);
 }
 
 std::shared_ptr<Work> Communicator::reduce_scatter(const void* input, void* output, size_t count,
-                                                   DataType dtype, ReduceOp op) {
+                                                   DataType dtype, ReduceOp op, const Interruption* caller) {
   Task task;
   task.tag = {CollectiveKind::kReduceScatter, 0, count, dtype, op};
   task.memory = {bytes_of(input, count * size(), dtype), bytes_of(output, count, dtype)};
   task.run = [=](const AlgorithmContext& ctx) { reduce_scatter_ring(ctx, input, output, count); };
-  return enqueue(std::move(task));
+  return enqueue(std::move(task), caller);
 }
 
-std::shared_ptr<Work> Communicator::barrier() {
+std::shared_ptr<Work> Communicator::barrier(const Interruption* caller) {
   Task task;
   task.tag = {CollectiveKind::kBarrier, 0, 0, DataType::kUInt8, ReduceOp::kSum};
   task.run = [](const AlgorithmContext& ctx) { barrier_dissemination(ctx); };
-  return enqueue(std::move(task));
+  return enqueue(std::move(task), caller);
 }
 
 std::vector<ReducerStat> Communicator::reducer_stats() const {
@@ -298,6 +321,11 @@ void Communicator::close() {
     if (reduction_server_) reduction_server_->cancel(reason);
   }
   executor_.join();
+  {
+    // A caller's thread may be inside a collective still: it ends soon, the transport aborted.
+    std::unique_lock<std::mutex> lock(mutex_);
+    queued_.wait(lock, [&] { return !running_; });
+  }
   if (reduction_server_) {
     // Before the abandoned collectives fail: some may have been posted ahead, and their
     // buffers may be freed as soon as they fail. A goodbye tells the reducers that this

@@ -1,7 +1,8 @@
 // A communicator runs collectives among the ranks of a group over one Transport. Collectives
 // are queued and executed one at a time, in call order, by the communicator's own thread, so
 // async calls from any thread keep the order every rank must agree on, and the caller
-// (Python, with the GIL released) only waits.
+// (Python, with the GIL released) only waits; a blocking call finds the queue empty most often,
+// and then runs on the caller's thread.
 #pragma once
 
 #include <condition_variable>
@@ -91,13 +92,20 @@ class Communicator {
   std::unique_ptr<Communicator> subgroup(const std::vector<int>& ranks, std::optional<CostModel> cost = std::nullopt,
                                          HierarchyPlan hierarchy = {});
 
-  // Buffers must stay valid until the returned Work is done.
-  std::shared_ptr<Work> allreduce(void* data, size_t count, DataType dtype, ReduceOp op);
-  std::shared_ptr<Work> allgather(const void* input, void* output, size_t count, DataType dtype);
-  std::shared_ptr<Work> broadcast(void* data, size_t count, DataType dtype, int root);
-  std::shared_ptr<Work> reduce_scatter(const void* input, void* output, size_t count,
-                                       DataType dtype, ReduceOp op);
-  std::shared_ptr<Work> barrier();
+  // Buffers must stay valid until the returned Work is done. `caller`: the caller will block
+  // on the Work at once, and lends its thread: if no other collective is queued or running,
+  // the collective runs on it (the Work is done on return), asking `caller` between waits
+  // whether to give up (Interrupted). Otherwise, and without `caller`, the communicator's
+  // thread runs it.
+  std::shared_ptr<Work> allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
+                                  const Interruption* caller = nullptr);
+  std::shared_ptr<Work> allgather(const void* input, void* output, size_t count, DataType dtype,
+                                  const Interruption* caller = nullptr);
+  std::shared_ptr<Work> broadcast(void* data, size_t count, DataType dtype, int root,
+                                  const Interruption* caller = nullptr);
+  std::shared_ptr<Work> reduce_scatter(const void* input, void* output, size_t count, DataType dtype, ReduceOp op,
+                                       const Interruption* caller = nullptr);
+  std::shared_ptr<Work> barrier(const Interruption* caller = nullptr);
   // Bytes exchanged with each reducer, and whether it is still in use.
   std::vector<ReducerStat> reducer_stats() const;
 
@@ -124,8 +132,10 @@ class Communicator {
   };
   Communicator(std::shared_ptr<Transport> transport, std::shared_ptr<Lineage> lineage, Group group,
                uint64_t id, CommunicatorOptions options);
-  std::shared_ptr<Work> enqueue(Task task);
+  std::shared_ptr<Work> enqueue(Task task, const Interruption* caller);
   void execute_loop();
+  void begin_locked(Task& task);  // marks it running, and lets it start
+  void execute(Task& task, Transport& transport, const Interruption* caller);
   void start_ahead_locked();
 
   const CommunicatorOptions options_;
@@ -144,7 +154,7 @@ class Communicator {
   std::deque<Task> queue_;
   uint64_t next_seq_ = 0;
   bool closing_ = false;
-  bool running_ = false;  // the executor is inside a collective
+  bool running_ = false;  // the executor or a caller's thread is inside a collective
   std::vector<MemoryRange> running_memory_;  // what the collective in flight reads or writes
   std::string failure_;  // set once a collective failed: the communicator is aborted
   std::thread executor_;

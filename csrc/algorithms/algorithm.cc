@@ -19,6 +19,13 @@ size_t segment_elements(const AlgorithmContext& ctx, size_t largest_message_elem
   return std::max<size_t>(1, bytes / element);
 }
 
+void AlgorithmContext::wait(const TransportRequest& request) const {
+  if (!interruption) return transport.wait(request, deadline);
+  while (!transport.wait_until(request, deadline, Clock::now() + kInterruptionCheck)) {
+    if ((*interruption)()) throw Interrupted();
+  }
+}
+
 void AlgorithmContext::log(const std::string& phase) const {
   if (debug) note(phase);
 }

@@ -4,7 +4,9 @@
 // object per algorithm file.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -16,6 +18,17 @@
 
 namespace collectives {
 
+// Offered by a caller whose own thread runs a collective (Communicator): asked between waits of
+// at most kInterruptionCheck; true ends the collective, and the communicator as any failure
+// does, with Interrupted.
+using Interruption = std::function<bool()>;
+constexpr auto kInterruptionCheck = std::chrono::milliseconds(100);
+
+class Interrupted : public CollectiveError {
+ public:
+  Interrupted() : CollectiveError("interrupted (a signal reached the rank's waiting thread, e.g. Ctrl-C)") {}
+};
+
 struct AlgorithmContext {
   Transport& transport;
   const Group& group;
@@ -24,6 +37,7 @@ struct AlgorithmContext {
   size_t segment_bytes;  // pipelining granularity; 0 = choose from the message size
   std::vector<char>& scratch;  // staging memory reused across collectives
   bool debug;                  // COLLECTIVES_DEBUG: log each phase on stderr
+  const Interruption* interruption = nullptr;  // the caller's, where its thread runs the collective
 
   int rank() const { return group.index(); }
   int size() const { return group.size(); }
@@ -34,7 +48,7 @@ struct AlgorithmContext {
     return transport.recv(group.peer(index), expected, data);
   }
   const std::string& peer_name(int index) const { return transport.peer_name(group.peer(index)); }
-  void wait(const TransportRequest& request) const { transport.wait(request, deadline); }
+  void wait(const TransportRequest& request) const;
   // "[collectives rank R] allreduce #7 (sum, 1000 x float32): <phase>", when debugging.
   void log(const std::string& phase) const;
   // The same line, always: for events a user must hear of (a reducer failed).

@@ -34,6 +34,9 @@ class AllreduceAlgorithm {
  public:
   virtual ~AllreduceAlgorithm() = default;
   virtual const char* name() const = 0;
+  // Whether a call waits for nothing but the context's waits (AlgorithmContext::wait), so that
+  // a caller's thread may run it (and notice an interruption while it waits).
+  virtual bool waits_through_context() const { return true; }
   // One all-reduce of tag.count elements of tag.dtype at `data`.
   virtual std::unique_ptr<AllreduceCall> call(const CollectiveTag& tag, void* data) = 0;
 };

@@ -32,6 +32,7 @@ class ReductionServerAllreduce : public AllreduceAlgorithm {
                            const ReductionServerSettings& settings, int rank);
 
   const char* name() const override { return "reduction_server"; }
+  bool waits_through_context() const override { return false; }  // it waits on the reducers' channels
   std::unique_ptr<AllreduceCall> call(const CollectiveTag& tag, void* data) override;
 
   // From any thread: a running or later call fails with CollectiveError(reason).

@@ -90,9 +90,25 @@ py::tuple dlpack_info(py::capsule capsule) {
   return py::make_tuple(address, count, static_cast<int>(dtype), device_type, contiguous, owner);
 }
 
+// Where an exporter of the buffer protocol keeps its memory, or None if it will not say so
+// without a format (numpy dtypes from outside numpy, such as bfloat16): numpy builds a whole
+// dict for __array_interface__, which costs a small collective more than its exchange.
+py::object buffer_address(py::handle exporter) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(exporter.ptr(), &view, PyBUF_ANY_CONTIGUOUS) != 0) {
+    PyErr_Clear();
+    return py::none();
+  }
+  const auto address = reinterpret_cast<uintptr_t>(view.buf);
+  PyBuffer_Release(&view);
+  return py::int_(address);
+}
+
 }  // namespace
 
 void bind_buffers(py::module_& m) {
+  m.def("buffer_address", &buffer_address, py::arg("exporter"),
+        "The address of a contiguous buffer-protocol exporter's memory, or None.");
   m.def("dlpack_info", &dlpack_info, py::arg("capsule"),
         "(address, count, dtype_code, device_type, contiguous, owner) of a DLPack capsule, "
         "which it consumes; keep `owner` until the memory is no longer used.");

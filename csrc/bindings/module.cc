@@ -1,7 +1,10 @@
 // The compiled core as seen from Python (collectives._core). Buffers arrive as addresses and
 // element counts: collectives/_buffers.py turns arrays and tensors into those, and keeps the
-// objects alive until their collective is done. Every call releases the GIL.
+// objects alive until their collective is done. Every call releases the GIL (a blocking one
+// takes it back only to let Python handle signals).
 #include <unistd.h>
+
+#include <optional>
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -23,6 +26,31 @@ using namespace collectives;
 namespace {
 
 void* as_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
+
+/*
+ * Submits `collective` (a call of one of Communicator's collectives, given the caller's
+ * Interruption or null) with the GIL released. Blocking: the caller waits for the Work at once,
+ * so its thread is lent to run the collective (Communicator::allreduce); between waits it takes
+ * the GIL to let Python run its signal handlers, and if one raises (Ctrl-C's KeyboardInterrupt)
+ * the collective ends, the communicator aborts, and that exception is raised here.
+ */
+template <typename Collective>
+std::shared_ptr<Work> submit(bool blocking, Collective collective) {
+  std::optional<py::error_already_set> raised;
+  const Interruption interrupted = [&raised] {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() == 0) return false;
+    raised.emplace();  // takes the handler's exception from the interpreter
+    return true;
+  };
+  std::shared_ptr<Work> work;
+  {
+    py::gil_scoped_release released;
+    work = collective(blocking ? &interrupted : nullptr);
+  }
+  if (raised) throw *raised;
+  return work;
+}
 
 }  // namespace
 
@@ -205,30 +233,44 @@ PYBIND11_MODULE(_core, m) {
           py::arg("ranks"), py::arg("options"), py::call_guard<py::gil_scoped_release>())
       .def(
           "allreduce",
-          [](Communicator& c, uintptr_t data, size_t count, int dtype, int op) {
-            return c.allreduce(as_pointer(data), count, checked_dtype(dtype), checked_op(op));
+          [](Communicator& c, uintptr_t data, size_t count, int dtype, int op, bool blocking) {
+            return submit(blocking, [&](const Interruption* caller) {
+              return c.allreduce(as_pointer(data), count, checked_dtype(dtype), checked_op(op), caller);
+            });
           },
-          py::call_guard<py::gil_scoped_release>())
+          py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("blocking") = false)
       .def(
           "allgather",
-          [](Communicator& c, uintptr_t input, uintptr_t output, size_t count, int dtype) {
-            return c.allgather(as_pointer(input), as_pointer(output), count, checked_dtype(dtype));
+          [](Communicator& c, uintptr_t input, uintptr_t output, size_t count, int dtype, bool blocking) {
+            return submit(blocking, [&](const Interruption* caller) {
+              return c.allgather(as_pointer(input), as_pointer(output), count, checked_dtype(dtype), caller);
+            });
           },
-          py::call_guard<py::gil_scoped_release>())
+          py::arg("input"), py::arg("output"), py::arg("count"), py::arg("dtype"), py::arg("blocking") = false)
       .def(
           "broadcast",
-          [](Communicator& c, uintptr_t data, size_t count, int dtype, int root) {
-            return c.broadcast(as_pointer(data), count, checked_dtype(dtype), root);
+          [](Communicator& c, uintptr_t data, size_t count, int dtype, int root, bool blocking) {
+            return submit(blocking, [&](const Interruption* caller) {
+              return c.broadcast(as_pointer(data), count, checked_dtype(dtype), root, caller);
+            });
           },
-          py::call_guard<py::gil_scoped_release>())
+          py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("root"), py::arg("blocking") = false)
       .def(
           "reduce_scatter",
-          [](Communicator& c, uintptr_t input, uintptr_t output, size_t count, int dtype, int op) {
-            return c.reduce_scatter(as_pointer(input), as_pointer(output), count,
-                                    checked_dtype(dtype), checked_op(op));
+          [](Communicator& c, uintptr_t input, uintptr_t output, size_t count, int dtype, int op, bool blocking) {
+            return submit(blocking, [&](const Interruption* caller) {
+              return c.reduce_scatter(as_pointer(input), as_pointer(output), count, checked_dtype(dtype),
+                                      checked_op(op), caller);
+            });
           },
-          py::call_guard<py::gil_scoped_release>())
-      .def("barrier", &Communicator::barrier, py::call_guard<py::gil_scoped_release>())
+          py::arg("input"), py::arg("output"), py::arg("count"), py::arg("dtype"), py::arg("op"),
+          py::arg("blocking") = false)
+      .def(
+          "barrier",
+          [](Communicator& c, bool blocking) {
+            return submit(blocking, [&](const Interruption* caller) { return c.barrier(caller); });
+          },
+          py::arg("blocking") = false)
       .def("abort", &Communicator::abort, py::arg("reason"),
            py::call_guard<py::gil_scoped_release>())
       .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>());

@@ -186,13 +186,13 @@ void TcpTransport::submit(const OperationPtr& op) {
   wake();
 }
 
-void TcpTransport::wait(const TransportRequest& posted, Deadline deadline) {
+bool TcpTransport::wait_until(const TransportRequest& posted, Deadline deadline, Clock::time_point until) {
   // Every request waited on here was made by post().
   Operation* request = static_cast<Operation*>(posted.get());
   std::unique_lock<std::mutex> lock(mutex_);
-  await(lock, completed_, *request, deadline, [&] { return request->done || failed_; });
+  if (!await(lock, completed_, *request, deadline, until, [&] { return request->done || failed_; })) return false;
   // A request that completed stays good even if the transport failed afterwards.
-  if (request->ok) return;
+  if (request->ok) return true;
   completed_.wait(lock, [&] { return quiesced_; });  // the caller may free buffers next
   if (failure_timed_out_) throw TimeoutError(failure_);
   throw CollectiveError(failure_);

@@ -46,7 +46,7 @@ class TcpTransport : public Transport {
   TransportRequest send(int peer, const FrameHeader& header, const void* data) override;
   TransportRequest recv(int peer, const FrameHeader& expected, void* data) override;
 
-  void wait(const TransportRequest& request, Deadline deadline) override;
+  bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) override;
   int ask_waiting_on(int peer) override;
   int awaited_rank() override;
 

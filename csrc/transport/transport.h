@@ -16,6 +16,7 @@
 //     (why_receive_timed_out), and every rank answers another's question of what it waits for.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -76,7 +77,11 @@ class Transport {
   // Blocks until the request is done. Throws CollectiveError if the transport failed, and
   // TimeoutError at the deadline (after aborting the transport, so peers learn of it). Once it
   // throws, the transport touches no posted buffer again.
-  virtual void wait(const TransportRequest& request, Deadline deadline) = 0;
+  void wait(const TransportRequest& request, Deadline deadline) { wait_until(request, deadline, deadline); }
+  // The same, except that it returns false, with nothing changed, once `until` passes while
+  // the request is not done yet (and the deadline is still ahead): for a waiter with something
+  // else to look after between waits (a caller's thread that must notice Ctrl-C).
+  virtual bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) = 0;
 
   /*
    * Who holds this rank up. A receive that times out may wait on a peer that is itself
@@ -126,6 +131,7 @@ class Transport {
   void become_part_of(Transport* whole) { whole_.store(whole); }
 
  protected:
+  bool part_of_whole() const { return whole_.load() != nullptr; }
   // For implementations: once their first failure sticks, so that the whole fails with it.
   void failed_first(const std::string& reason, bool timed_out) {
     if (Transport* whole = whole_.load()) whole->abort(reason, timed_out);
@@ -139,14 +145,16 @@ class Transport {
   // names that peer; a receive says what trace_stall finds (empty: the transport failed
   // meanwhile). Called without the implementation's locks: it asks peers and waits.
   std::string why_timed_out(const TransportOperation& request);
-  // The deadline loop of an implementation's wait(): blocks on `changed` (with `lock` held)
-  // until finished(); at the deadline finds why (without the lock) and aborts, unless the
-  // request finished meanwhile or another rank named the culprit first.
+  // The deadline loop of an implementation's wait_until(): blocks on `changed` (with `lock`
+  // held) until finished() (true) or until `until` passes before the deadline (false); at the
+  // deadline finds why (without the lock) and aborts, unless the request finished meanwhile or
+  // another rank named the culprit first.
   template <typename Finished>
-  void await(std::unique_lock<std::mutex>& lock, std::condition_variable& changed, const TransportOperation& request,
-             Deadline deadline, Finished finished) {
+  bool await(std::unique_lock<std::mutex>& lock, std::condition_variable& changed, const TransportOperation& request,
+             Deadline deadline, Clock::time_point until, Finished finished) {
     while (!finished()) {
-      if (changed.wait_until(lock, deadline) != std::cv_status::timeout || finished()) continue;
+      if (changed.wait_until(lock, std::min(deadline, until)) != std::cv_status::timeout || finished()) continue;
+      if (Clock::now() < deadline) return false;
       lock.unlock();
       const std::string reason = why_timed_out(request);
       lock.lock();
@@ -155,6 +163,7 @@ class Transport {
       abort(reason, true);
       lock.lock();
     }
+    return true;
   }
 
  private:

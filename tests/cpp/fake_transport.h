@@ -218,13 +218,14 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
       return op;
     }
 
-    void wait(const TransportRequest& request, Deadline deadline) override {
+    bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) override {
       auto* op = static_cast<Operation*>(request.get());
       std::unique_lock<std::mutex> lock(net_->mutex_);
       RankState& me = net_->ranks_[rank_];
       while (!op->done && !me.failed) {
-        if (net_->changed_.wait_until(lock, deadline) != std::cv_status::timeout) continue;
+        if (net_->changed_.wait_until(lock, std::min(deadline, until)) != std::cv_status::timeout) continue;
         if (op->done || me.failed) break;
+        if (Clock::now() < deadline) return false;
         std::string reason = "timed out waiting for " + name(op->peer) + " to send " + describe_message(op->header);
         if (!op->is_send && !me.silent) {  // a hung rank asks nobody anything
           lock.unlock();
@@ -234,7 +235,7 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
         }
         net_->fail_locked(rank_, reason, true);
       }
-      if (op->ok) return;
+      if (op->ok) return true;
       if (me.timed_out) throw TimeoutError(me.failure);
       throw CollectiveError(me.failure);
     }

@@ -53,7 +53,7 @@ constexpr uint64_t kFairnessBudget = 1 << 20;
 // How long a waiting thread drives the rings itself before it blocks, and how long the
 // progress thread looks for more work after the last it found before it sleeps: long enough
 // for a small message's round trip on one host, short enough that an idle rank costs nothing.
-constexpr auto kWaitSpin = std::chrono::microseconds(50);
+constexpr auto kWaitSpin = std::chrono::microseconds(200);
 constexpr auto kProgressSpin = std::chrono::microseconds(10);
 constexpr auto kAnswerPoll = std::chrono::milliseconds(1);
 
@@ -160,7 +160,7 @@ ShmTransport::OperationPtr ShmTransport::post(int peer, const FrameHeader& heade
   if (!refused.empty()) fail(peer_names_[peer] + " sent " + refused, false);
   // A waiting thread drives every ring of this transport, but a routing transport's waits on
   // TCP do not: the progress thread must not sleep through this request.
-  if (asleep_.load()) poller_.wake();
+  if (part_of_whole() && asleep_.load()) poller_.wake();
   return op;
 }
 
@@ -186,7 +186,7 @@ std::vector<PeerNotice> ShmTransport::take_notices() {
   return std::exchange(notices_, {});
 }
 
-void ShmTransport::wait(const TransportRequest& posted, Deadline deadline) {
+bool ShmTransport::wait_until(const TransportRequest& posted, Deadline deadline, Clock::time_point until) {
   // Every request waited on here was made by post().
   Operation* request = static_cast<Operation*>(posted.get());
   auto finished = [&] {
@@ -196,12 +196,17 @@ void ShmTransport::wait(const TransportRequest& posted, Deadline deadline) {
   for (const auto spin_end = Clock::now() + kWaitSpin; !finished() && Clock::now() < spin_end;) {
     if (!try_drive()) std::this_thread::yield();
   }
-  // From here on the progress thread moves the bytes.
-  if (asleep_.load()) poller_.wake();
+  // From here on the progress thread moves the bytes, woken by the peers' doorbell rings.
+  struct Blocked {
+    std::atomic<int>& count;
+    explicit Blocked(std::atomic<int>& c) : count(c) { ++count; }
+    ~Blocked() { --count; }
+  } blocked(blocked_waiters_);
+  if (asleep_.load() && !prepare_to_sleep()) poller_.wake();
   std::unique_lock<std::mutex> lock(mutex_);
-  await(lock, completed_, *request, deadline, [&] { return request->done || failed_; });
+  if (!await(lock, completed_, *request, deadline, until, [&] { return request->done || failed_; })) return false;
   // A request that completed stays good even if the transport failed afterwards.
-  if (request->ok) return;
+  if (request->ok) return true;
   const bool timed_out = failure_timed_out_;
   const std::string failure = failure_;
   lock.unlock();
@@ -361,7 +366,12 @@ bool ShmTransport::write_some(Peer& peer) {
     peer.sent += n;
     budget -= n;
     moved = true;
-    if (peer.sent == frame) complete(op);
+    if (peer.sent < frame) continue;
+    // A notice is read whatever the peer waits for: its progress thread must wake for it even
+    // if nobody there waits on these rings (prepare_to_sleep).
+    const bool notice = op.header.kind == static_cast<uint8_t>(FrameKind::kNotice);
+    complete(op);
+    if (notice) ring(peer);
   }
   return moved;
 }
@@ -491,14 +501,30 @@ void ShmTransport::handle_gone(Peer& peer) {
   peer.closed = true;  // a goodbye: drive_locked() fails only if this rank still needed it
 }
 
+void ShmTransport::raise_asleep_flags(uint32_t raised) {
+  for (auto& peer : peers_) {
+    if (!peer) continue;
+    peer->in.control().reader_asleep.store(raised);
+    peer->out.control().writer_asleep.store(raised);
+  }
+}
+
+/*
+ * The doorbell is wanted only while a thread waits on the progress thread: one blocked in
+ * wait_until(), or one waiting on another part of the routing transport (which does not drive
+ * these rings). A thread that spins in wait_until() drives the rings itself, and a request that
+ * nobody waits on yet can wait too: it is driven when it is waited on. Without that, every
+ * message would cost a system call and a wake-up of a thread that only competes with the
+ * spinning one for the rings (on a host with fewer cores than ranks, a scheduling round each).
+ *
+ * asleep_ then blocked_waiters_ here, blocked_waiters_ then asleep_ in wait_until(), all
+ * sequentially consistent: a waiter that blocks either sees the progress thread asleep (and
+ * raises the flags itself, through this function), or the progress thread sees the waiter.
+ */
 bool ShmTransport::prepare_to_sleep() {
   asleep_.store(true);
   std::lock_guard<std::mutex> moving(progress_mutex_);
-  for (auto& peer : peers_) {
-    if (!peer) continue;
-    peer->in.control().reader_asleep.store(1);
-    peer->out.control().writer_asleep.store(1);
-  }
+  raise_asleep_flags(blocked_waiters_.load() > 0 || part_of_whole() ? 1 : 0);
   std::atomic_thread_fence(std::memory_order_seq_cst);
   return !drive_locked();
 }

@@ -5,12 +5,13 @@
 //
 // Matching by communicator, with frames read ahead, as transport/matching.h says.
 //
-// Progress: whoever waits drives the rings itself, spinning for a few microseconds, so a
-// small message costs no hand-off between threads; a progress thread does the rest (sends
-// nobody waits on yet, stall questions, notices, a peer's death) and sleeps in epoll when
-// there is nothing to move, so an idle rank burns no CPU. Before sleeping it raises the
-// "asleep" flags of its rings; a peer that moves a ring's head or tail past a raised flag
-// rings this rank's doorbell (an eventfd it was handed), one system call per sleep at most.
+// Progress: whoever waits drives the rings itself, spinning (and yielding the core) for a
+// while, so a small message costs no hand-off between threads; a progress thread does the rest
+// (a wait that outlasts the spin, stall questions, notices, a peer's death) and sleeps in epoll
+// when there is nothing to move, so an idle rank burns no CPU. Before sleeping while a thread
+// waits on it, it raises the "asleep" flags of its rings; a peer that moves a ring's head or
+// tail past a raised flag rings this rank's doorbell (an eventfd it was handed), one system
+// call per sleep at most (prepare_to_sleep says when the doorbell is not wanted).
 //
 // Failure model, as TcpTransport's: the first failure sticks, fails every pending and later
 // request, and reaches every peer with its reason (through each ring's control block, which a
@@ -61,7 +62,7 @@ class ShmTransport : public Transport {
 
   TransportRequest send(int peer, const FrameHeader& header, const void* data) override;
   TransportRequest recv(int peer, const FrameHeader& expected, void* data) override;
-  void wait(const TransportRequest& request, Deadline deadline) override;
+  bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) override;
   int ask_waiting_on(int peer) override;
   int awaited_rank() override;
   void abort(const std::string& reason, bool timed_out = false) override;
@@ -90,8 +91,9 @@ class ShmTransport : public Transport {
   // The control block's news from the peer: its abort, a stall question.
   void check_control(Peer& peer);
   void progress_loop();
-  // Raises the asleep flags and checks once more; true if the thread may sleep.
+  // Raises the asleep flags and checks once more; true if the progress thread may sleep.
   bool prepare_to_sleep();
+  void raise_asleep_flags(uint32_t raised);  // 1: peers ring the doorbell when they move a ring; 0: not
   void handle_gone(Peer& peer);
   void ring(Peer& peer);  // the peer's doorbell
   void complete(Operation& op);
@@ -117,6 +119,7 @@ class ShmTransport : public Transport {
   std::vector<PeerNotice> notices_;
 
   std::atomic<bool> asleep_{false};  // the progress thread sleeps (or is about to): wake it
+  std::atomic<int> blocked_waiters_{0};  // threads in wait_until() that stopped driving the rings
   std::thread progress_thread_;
 };
 
