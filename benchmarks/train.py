@@ -3,6 +3,7 @@ collectives reduction server, on the same hosts, rate, model and run (issue 5).
 
     python benchmarks/train.py --hosts 4 --reducers 4 --rate 500mbit [--bucket-cap-mb 25,64] [--steps K]
         [--json F] [--results benchmarks/RESULTS.md]
+    python benchmarks/train.py --per-host 2 --hosts 4 [--racks 2 --uplink-rate 250mbit] --rate 500mbit ...
 
 Builds a testbed (benchmarks/testbed.py) of N worker hosts and R reducer hosts, every link at
 the same rate, and starts one worker process per worker host with the variables torchrun
@@ -53,7 +54,20 @@ whose link bytes per step are not the model's (worker hosts: 2(n-1)/n x S for gl
 ring, S for the reduction server; reducer hosts: N/R x S per reduction-server step over the
 job): see benchmarks/_checks.py.
 
---results MD rewrites the block "ddp N+R RATE" of MD (benchmarks/RESULTS.md) between
+Layouts (issue 12), as compare.py's: --per-host K starts K worker processes per host (RANK i on
+host i // K, LOCAL_RANK i % K, LOCAL_WORLD_SIZE K), sharing its namespaces, /dev/shm and NIC;
+--racks R --uplink-rate RATE spreads the worker hosts over R racks behind uplinks of that
+rate, each worker carrying its rack in COLLECTIVES_TOPOLOGY. On such a layout the systems are
+none, gloo, the collectives ring and a third collectives group forced to the hierarchical plan
+(where the installed collectives offers it; a note says when not), and no reducers unless
+asked for (--reducers is for flat layouts only, for now). Rows carry the layout (hosts, ranks,
+per_host, racks) and each collectives row its plan; the floor is the plan's bound on the
+layout (the slowest level's, as compare.py's: _checks.plan_bound), and the link bytes per
+step are checked per level: each host NIC's and, with racks, each uplink's (worker 0 reads the
+uplinks' counters around each step), against the plan's model. samples/s counts every worker.
+
+--results MD rewrites the block "ddp N+R RATE" (on layouts "ddp NxK RATE", "ddp NxK racks R
+uplink RATE RATE") of MD (benchmarks/RESULTS.md) between
     <!-- train.py: begin NAME (generated; rerun the command below to regenerate) -->
     <!-- train.py: end NAME -->
 Run as root (it creates network namespaces).
@@ -81,10 +95,11 @@ import testbed
 HERE = Path(__file__).resolve().parent
 # One training step each per round, in this order (rotated from round to round). "none" is
 # the model without DDP: the step time without communication.
-SYSTEMS = ("none", "gloo", "ring", "reduction_server")
+SYSTEMS = ("none", "gloo", "ring", "hierarchical", "reduction_server")
 COMM_SYSTEMS = SYSTEMS[1:]
+COLLECTIVES_SYSTEMS = ("ring", "hierarchical", "reduction_server")
 LABELS = {"none": "no communication", "gloo": "gloo", "ring": "collectives ring",
-          "reduction_server": "collectives reduction_server"}
+          "hierarchical": "collectives hierarchical", "reduction_server": "collectives reduction_server"}
 MASTER_PORT = 29500  # on h0: torch's store (compare.RENDEZVOUS_PORT holds the reducers' store)
 LEARNING_RATE = 0.01
 CLASSES = 16
@@ -109,9 +124,15 @@ def _positive_numbers(text, option):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--hosts", type=int, default=4, help="worker hosts N, one worker process each (default 4)")
-    add("--reducers", type=int, default=4,
-        help="reducer hosts R beside them, one reducer each (default 4; 0: no reduction-server row)")
+    add("--hosts", type=int, default=4, help="worker hosts N, --per-host worker processes each (default 4)")
+    add("--reducers", type=int,
+        help="reducer hosts R beside them, one reducer each (default 4 on flat layouts, else 0; 0: no "
+        "reduction-server row)")
+    add("--per-host", type=int, default=1, metavar="K", help="worker processes per host (default 1)")
+    add("--racks", type=int, metavar="R", help="spread the worker hosts over R racks behind uplinks (testbed.py)")
+    add("--uplink-rate", metavar="RATE", help="with --racks: each rack uplink's rate, both directions")
+    add("--no-hierarchical", dest="hierarchical", action="store_false",
+        help="on a layout with shared hosts or racks, leave out the collectives hierarchical row")
     add("--rate", default="500mbit", help="each link's rate, both directions (default 500mbit)")
     add("--burst", default="256kb", help="tbf burst (default 256kb)")
     add("--tcp-cc", default="cubic", help="the hosts' TCP congestion control (default cubic; see testbed.py)")
@@ -132,6 +153,17 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.hosts < 2:
         parser.error("--hosts must be at least 2 (DDP across the links needs 2 workers)")
+    if args.per_host < 1:
+        parser.error("--per-host must be at least 1")
+    if (args.racks is None) != (args.uplink_rate is None):
+        parser.error("--racks and --uplink-rate go together: racks behind uplinks of that rate")
+    if args.racks is not None and not 2 <= args.racks <= args.hosts:
+        parser.error(f"--racks must be at least 2 and at most --hosts ({args.hosts}), not {args.racks}")
+    layered = args.per_host > 1 or args.racks is not None
+    if args.reducers is None:
+        args.reducers = 0 if layered else 4
+    elif args.reducers > 0 and layered:
+        parser.error("--reducers runs on flat layouts only (one worker per host, no racks) for now")
     if args.reducers < 0:
         parser.error("--reducers must be 0 or more")
     if args.hosts + args.reducers > 250:
@@ -147,10 +179,23 @@ def parse_args(argv=None):
         args.bucket_caps = _positive_numbers(args.bucket_cap_mb, "--bucket-cap-mb")
         testbed.parse_rate(args.rate)
         testbed.parse_burst(args.burst)
+        if args.uplink_rate is not None:
+            testbed.parse_rate(args.uplink_rate)
     except ValueError as e:
         parser.error(str(e))
-    args.systems = [s for s in SYSTEMS if s != "reduction_server" or args.reducers]
+    hierarchical = layered and args.hierarchical and (args.worker_report or compare.algorithm_available("hierarchical"))
+    if layered and args.hierarchical and not hierarchical:
+        print("# note: the installed collectives does not offer the hierarchical algorithm yet: no hierarchical "
+              "row", file=sys.stderr)
+    args.systems = [s for s in SYSTEMS if (s != "reduction_server" or args.reducers)
+                    and (s != "hierarchical" or hierarchical)]
     return args
+
+
+def layout_of(args):
+    """The run's _checks.Layout (worker hosts only)."""
+    racks = testbed.rack_sizes(args.hosts, args.racks) if args.racks else ()
+    return _checks.Layout(args.hosts, args.per_host, racks, args.reducers)
 
 
 def parameter_count(width, layers, classes=CLASSES):
@@ -185,15 +230,20 @@ def worker(args):
     world = dist.new_group(backend="collectives", timeout=timeout)
     if "reduction_server" in systems:
         groups["reduction_server"] = world
-    groups["ring"] = dist.new_group(backend="collectives", timeout=timeout,
-                                    pg_options=world.communicator.create_group(list(range(size)), algorithm="ring"))
+    for name in ("ring", "hierarchical"):
+        if name in systems:  # a subgroup spanning the job, forced to the algorithm
+            groups[name] = dist.new_group(backend="collectives", timeout=timeout, pg_options=world.communicator
+                                          .create_group(list(range(size)), algorithm=name))
     groups["gloo"] = dist.new_group(backend="gloo", timeout=timeout)
     algorithms = {"gloo": "gloo", "none": "none"}
-    for name in ("ring", "reduction_server"):
+    for name in COLLECTIVES_SYSTEMS:
         if name in groups:
+            # The library's words for what runs: "ring", or the plan, "hierarchical(2 ranks/host x 2 hosts)".
             algorithms[name] = groups[name].communicator.algorithm
-            if algorithms[name] != name:
+            if _checks.algorithm_name(algorithms[name]) != name:
                 raise RuntimeError(f"the collectives group meant for {name} runs {algorithms[name]}")
+    # With racks, worker 0 also reads the uplinks' counters (in the switch's namespace).
+    switch = os.environ.get("TESTBED_SWITCH_PID", "") if rank == 0 and args.racks else ""
 
     def build_model():
         torch.manual_seed(0)  # every system and every rank: the same initial parameters
@@ -238,16 +288,21 @@ def worker(args):
                 # bytes may reach a host whose worker has not) and after another (every
                 # worker's step is done, so every byte of it has crossed), as allreduce.py does.
                 link = _common.link_counters(args.link)
+                uplinks = testbed.uplink_counters(switch) if switch else None
                 dist.barrier()
                 sampler = testbed.CpuSampler().start()
                 figures = train_step(runners[name], optimizers[name])
                 sampler.stop()
                 dist.barrier()
                 link_after = _common.link_counters(args.link)
+                uplinks_after = testbed.uplink_counters(switch) if switch else None
                 last[name] = figures["step_s"]
                 if round_ < args.warmup:
                     continue
                 figures["tx"], figures["rx"] = link_after[0] - link[0], link_after[1] - link[1]
+                if uplinks is not None:
+                    figures["uplinks"] = {rack: [out - uplinks[rack][0], into - uplinks[rack][1]]
+                                          for rack, (out, into) in uplinks_after.items()}
                 if name != "none":
                     logged = runners[name]._get_ddp_logging_data()
                     figures.update({key: logged.get(field, 0) / 1e9 for key, field in DDP_TIMES.items()})
@@ -283,13 +338,14 @@ def worker(args):
 
 # -- from the job's raw figures to rows
 
-def comm_floor_s(algorithm, grad_bytes, goodput_GBps, hosts, reducers):
+def comm_floor_s(algorithm, grad_bytes, goodput_GBps, hosts, reducers, layout=None, uplink_goodput_GBps=None):
     """The least time the gradients' all-reduce takes on links of goodput B: the bytes each
     worker host must move each way over B (ring and gloo: 2(n-1)/n x S; the reduction server:
-    S / min(1, R/N)); 0 without communication."""
+    S / min(1, R/N)); on a layout, the plan's slowest level (host NICs at B, uplinks at B_up:
+    _checks.plan_bound); 0 without communication."""
     if algorithm == "none":
         return 0.0
-    limit = compare.bound(algorithm, goodput_GBps, hosts, reducers)  # algbw, GB/s
+    limit = compare.bound(algorithm, goodput_GBps, hosts, reducers, layout, uplink_goodput_GBps)  # algbw, GB/s
     return grad_bytes / (limit * 1e9)
 
 
@@ -304,16 +360,21 @@ def _mean_over_ranks(ranks, name, key):
 
 def rows_from_report(report, setting):
     """One row per (bucket cap, system) from the workers' report. setting: hosts, reducers,
-    rate_gbps, goodput_GBps, tc, commit."""
+    rate_gbps, goodput_GBps, tc, commit; on layouts also per_host, racks (worker hosts per
+    rack), uplink_goodput_GBps, uplink_rate_gbps and worker_hosts (each rank's host)."""
     rows = []
     hosts, reducers = setting["hosts"], setting["reducers"]
+    layout = _checks.Layout(hosts, setting.get("per_host") or 1, setting.get("racks") or (), reducers)
+    uplink_goodput = setting.get("uplink_goodput_GBps")
     grad_bytes = report["params"] * 4
     for phase in report["phases"]:
         ranks = phase["ranks"]
         times = {name: _slowest(ranks, name, "step_s") for name in report["systems"]}
         none = statistics.median(times["none"]) if "none" in times else None
         for name in report["systems"]:
-            algorithm = report["algorithms"][name]
+            described = report["algorithms"][name]  # the library's words: "hierarchical(2 ranks/host x 2 hosts)"
+            algorithm = _checks.algorithm_name(described)
+            plan = None if name == "none" else _checks.plan_of(described, layout)
             median = statistics.median(times[name])
             cpu = phase["cpu"][name]
             busy = sum(util * seconds for util, seconds in cpu)
@@ -322,23 +383,36 @@ def rows_from_report(report, setting):
             hashes = [r[name].get("hash") for r in ranks]
             tx, rx = (statistics.median(_mean_over_ranks(ranks, name, key)) for key in ("tx", "rx"))
             names = setting.get("worker_hosts") or [f"rank {i}" for i in range(len(ranks))]
+            # Ranks that share a host read the same counters: one figure per host.
             per_host = {host: {key: statistics.median(r[name][key]) for key in ("tx", "rx")}
                         for host, r in zip(names, ranks)}
+            link_bytes = {"tx_per_step": tx, "rx_per_step": rx, "per_host": per_host}
+            steps_uplinks = ranks[0][name].get("uplinks")  # worker 0's, per step
+            if steps_uplinks:
+                uplinks = {rack: {way: statistics.median(step[rack][i] for step in steps_uplinks)
+                                  for i, way in enumerate(("tx", "rx"))} for rack in steps_uplinks[0]}
+                link_bytes.update(uplinks=uplinks,
+                                  tx_per_uplink=statistics.fmean(u["tx"] for u in uplinks.values()),
+                                  rx_per_uplink=statistics.fmean(u["rx"] for u in uplinks.values()))
             row = {
-                "system": "collectives" if name in ("ring", "reduction_server") else name,
-                "algorithm": algorithm, "hosts": hosts, "reducers": reducers,
+                "system": "collectives" if name in COLLECTIVES_SYSTEMS else name,
+                "algorithm": algorithm, "plan": plan, "hosts": hosts, "ranks": layout.ranks,
+                "per_host": layout.per_host, "racks": list(layout.racks) or None, "reducers": reducers,
                 "rate_gbps": setting["rate_gbps"], "goodput_GBps": setting["goodput_GBps"], "tc": setting["tc"],
                 "bucket_cap_mb": phase["bucket_cap_mb"], "buckets_bytes": phase["buckets"].get(name),
                 "params": report["params"], "grad_bytes": grad_bytes, "batch": report["batch"],
                 "width": report["width"], "layers": report["layers"],
                 "warmup": report["warmup"], "steps": report["steps"],
                 "step_time_s": median, "step_times_s": times[name],
-                "samples_per_s": hosts * report["batch"] / median,
+                "samples_per_s": layout.ranks * report["batch"] / median,
                 "speedup_vs_gloo": (_common.paired_ratio(times["gloo"], times[name]) if "gloo" in times else None),
+                "speedups": {other: _common.paired_ratio(times[other], times[name]) for other in report["systems"]
+                             if other not in ("none", name)},
                 "compute_time_s": none,
                 "comm_share": None if none is None or name == "none" else 1 - none / median,
-                "comm_floor_s": comm_floor_s(algorithm, grad_bytes, setting["goodput_GBps"], hosts, reducers),
-                "link_bytes": {"tx_per_step": tx, "rx_per_step": rx, "per_host": per_host},
+                "comm_floor_s": comm_floor_s(plan or algorithm, grad_bytes, setting["goodput_GBps"], hosts, reducers,
+                                             layout, uplink_goodput),
+                "link_bytes": link_bytes,
                 "cpu_util": cpu_util,
                 # Without communication the step is all compute: the CPU is its bottleneck by design.
                 "cpu_bound": (None if name == "none"
@@ -347,6 +421,10 @@ def rows_from_report(report, setting):
                 "max_abs_diff_vs_gloo": None if name == "none" else max(r[name]["max_abs_diff_vs_gloo"] for r in ranks),
                 "commit": setting["commit"],
             }
+            if described != algorithm:
+                row["plan_detail"] = described
+            if layout.racks:
+                row["uplink_rate_gbps"], row["uplink_goodput_GBps"] = setting.get("uplink_rate_gbps"), uplink_goodput
             for key in ("forward_s", "backward_s", "optimizer_s", *(DDP_TIMES if name != "none" else ())):
                 row[key] = statistics.median(_slowest(ranks, name, key))
             # How close DDP's all-reduces (first bucket's start to last one's end) came to the floor.
@@ -364,10 +442,19 @@ def _ratio_standing(row, rows):
 
 
 def standing_lines(rows):
-    """Each communicating system's ratio to gloo, per bucket cap, and whether it counts."""
-    return [f"{LABELS[row['algorithm']]} {row['speedup_vs_gloo']:.2f}x gloo at bucket_cap_mb "
-            f"{row['bucket_cap_mb']:g}: {_ratio_standing(row, rows)[1]}"
-            for row in rows if row["algorithm"] in ("ring", "reduction_server")]
+    """Each collectives system's ratio to gloo (and the hierarchical plan's to the flat ring),
+    per bucket cap, and whether it counts."""
+    lines = [f"{LABELS[row['algorithm']]} {row['speedup_vs_gloo']:.2f}x gloo at bucket_cap_mb "
+             f"{row['bucket_cap_mb']:g}: {_ratio_standing(row, rows)[1]}"
+             for row in rows if row["algorithm"] in COLLECTIVES_SYSTEMS]
+    for row in rows:
+        ratio = (row.get("speedups") or {}).get("ring")
+        if row["algorithm"] == "hierarchical" and ratio is not None:
+            ring = next(r for r in rows if r["algorithm"] == "ring" and r["bucket_cap_mb"] == row["bucket_cap_mb"])
+            words = _checks.ratio_standing(LABELS["hierarchical"], row["pace"], LABELS["ring"], ring["pace"])[1]
+            lines.append(f"{LABELS['hierarchical']} {ratio:.2f}x {LABELS['ring']} at bucket_cap_mb "
+                         f"{row['bucket_cap_mb']:g}: {words}")
+    return lines
 
 
 def bar_lines(rows):
@@ -385,11 +472,24 @@ def bar_lines(rows):
     return lines
 
 
-def heading(first):
-    """The lines that head a run's table: hosts, tc, goodput, model, workload."""
+def heading(first, rows=None):
+    """The lines that head a run's table: hosts (the layout), tc, goodput, plans, model, workload."""
     n, r = first["hosts"], first["reducers"]
-    lines = [f"{n} worker hosts" + (f" + {r} reducer host{'s' if r > 1 else ''}" if r else "") + f"; {first['tc']}",
-             f"goodput B = {first['goodput_GBps'] * 8e3:.1f} Mbit/s per link and direction",
+    layout = _checks.Layout.of_row(first)
+    uplink = first.get("uplink_goodput_GBps")
+    where = (f"{layout.describe()}: {layout.ranks} workers, rank-order (rank i on host i // {layout.per_host})"
+             if layout.shared else f"{n} worker hosts" + (f" + {r} reducer host{'s' if r > 1 else ''}" if r else ""))
+    plans = []
+    for row in rows or []:
+        if row["algorithm"] != "none" and row["bucket_cap_mb"] == first["bucket_cap_mb"] and layout.shared:
+            models = _checks.level_models(row["plan"], layout)
+            plans.append(f"{LABELS[row['algorithm']]} ({row['plan']}) moves " + ", ".join(
+                f"{'' if model[1] else '>= '}{model[0]:.3f} x S per {level} each way"
+                for level, model in (("host NIC", models["host"]), ("uplink", models["uplink"])) if model is not None))
+    lines = [f"{where}; {first['tc']}",
+             f"goodput B = {first['goodput_GBps'] * 8e3:.1f} Mbit/s per link and direction"
+             + (f"; B_up = {uplink * 8e3:.1f} Mbit/s per rack uplink and direction" if uplink else ""),
+             *plans,
              f"model: MLP, {first['layers']} x {first['width']}x{first['width']} + classifier ({CLASSES}), "
              f"{first['params'] / 1e6:.1f} M parameters = {first['grad_bytes'] / 1e6:.1f} MB of float32 gradients "
              f"(S); batch {first['batch']} per worker, SGD; {first['steps']} timed rounds after {first['warmup']} "
@@ -407,14 +507,20 @@ def _cells(row):
     ddp = ("-" if row["algorithm"] == "none" else
            f"{_ms(row['ddp_backward_compute_s'])}/{_ms(row['ddp_backward_comm_s'])}/{_ms(row['ddp_overlap_s'])}")
     same = {True: "yes", False: "NO", None: "-"}[row["params_identical"]]
+    uplinks = ([_share(link.get("tx_per_uplink"), row), _share(link.get("rx_per_uplink"), row)]
+               if row.get("racks") else [])
     return [LABELS[row["algorithm"]],
             f"{row['bucket_cap_mb']:g}", _ms(row["step_time_s"]), f"{row['samples_per_s']:.1f}",
             "-" if ratio is None else f"{ratio:.2f}x", "-" if share is None else f"{share:.0%}",
             f"{_ms(row['forward_s'])}/{_ms(row['backward_s'])}/{_ms(row['optimizer_s'])}", ddp,
             _ms(row["comm_floor_s"]), f"{link['tx_per_step'] / row['grad_bytes']:.3f}",
-            f"{link['rx_per_step'] / row['grad_bytes']:.3f}",
+            f"{link['rx_per_step'] / row['grad_bytes']:.3f}", *uplinks,
             "-" if row["cpu_util"] is None else format(row["cpu_util"], ".0%"),
             "-" if row["bound_fraction"] is None else format(row["bound_fraction"], ".0%"), row["pace"] or "-", same]
+
+
+def _share(value, row):
+    return "-" if value is None else f"{value / row['grad_bytes']:.3f}"
 
 
 COLUMNS = ("system", "bucket MB", "step ms", "samples/s", "vs gloo", "comm share", "fwd/bwd/opt ms",
@@ -422,11 +528,20 @@ COLUMNS = ("system", "bucket MB", "step ms", "samples/s", "vs gloo", "comm share
            "params identical")
 
 
+def columns(rows):
+    """COLUMNS, with each uplink's (mean) bytes per step over S after rx/S where there are racks."""
+    if not rows[0].get("racks"):
+        return COLUMNS
+    at = COLUMNS.index("rx/S") + 1
+    return COLUMNS[:at] + ("uplink tx/S", "uplink rx/S") + COLUMNS[at:]
+
+
 def print_rows(rows):
-    for line in heading(rows[0]):
+    for line in heading(rows[0], rows):
         print("# " + line)
-    table = [list(COLUMNS)] + [_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    names = columns(rows)
+    table = [list(names)] + [_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(names))]
     for index, line in enumerate(table):
         text = "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
         print(("# " if index == 0 else "  ") + text)
@@ -447,15 +562,19 @@ def reducer_lines(rows):
     return lines
 
 
-def block_name(hosts, reducers, rate):
-    """The RESULTS.md block a run writes: 'ddp 4+4 500mbit'."""
+def block_name(hosts, reducers, rate, per_host=1, racks=None, uplink_rate=None):
+    """The RESULTS.md block a run writes: 'ddp 4+4 500mbit'; on layouts 'ddp 4x2 500mbit',
+    'ddp 4x2 racks 2 uplink 250mbit 500mbit'."""
+    if per_host > 1 or racks:
+        return f"ddp {hosts}x{per_host}" + (f" racks {racks} uplink {uplink_rate}" if racks else "") + f" {rate}"
     return f"ddp {hosts}+{reducers} {rate}"
 
 
 def markdown(rows, command, name):
     """This run as a RESULTS.md block: the command, the date, the commit, the table, the bar."""
-    lines = ["; ".join(heading(rows[0])), "",
-             "| " + " | ".join(COLUMNS) + " |", "| --- " + "| ---: " * (len(COLUMNS) - 1) + "|"]
+    names = columns(rows)
+    lines = ["; ".join(heading(rows[0], rows)), "",
+             "| " + " | ".join(names) + " |", "| --- " + "| ---: " * (len(names) - 1) + "|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in [*standing_lines(rows), *bar_lines(rows)]]
     buckets = sorted({(r["bucket_cap_mb"], tuple(r["buckets_bytes"] or ())) for r in rows
@@ -487,6 +606,8 @@ def run_job(bed, args):
         env = {**compare.base_env(), **bed.env(), **compare.PINNED_ENV, **job, "PYTHONUNBUFFERED": "1"}
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
+        layout = layout_of(args)
+        rank_hosts, rank_racks = layout.rank_hosts(bed.hosts[:workers]), layout.rank_racks()
         report_file, placement = Path(work) / "report.json", Path(work) / "placement"
         placement.mkdir()
         command = [sys.executable, str(HERE / "train.py"), "--worker-report", str(report_file),
@@ -494,18 +615,20 @@ def run_job(bed, args):
                    "--reducers", str(reducers),
                    "--bucket-cap-mb", ",".join(f"{c:g}" for c in args.bucket_caps), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--width", str(args.width),
-                   "--layers", str(args.layers), "--timeout", str(args.timeout)]
+                   "--layers", str(args.layers), "--timeout", str(args.timeout), "--per-host", str(args.per_host),
+                   *(["--racks", str(args.racks), "--uplink-rate", args.uplink_rate] if args.racks else []),
+                   *([] if "hierarchical" in args.systems else ["--no-hierarchical"])]
         started, procs, logs = [], [], []
         links_before = bed.link_bytes()
         try:
             if reducers:
                 compare.start_reducers(bed, bed.hosts[workers:workers + reducers], job["COLLECTIVES_RENDEZVOUS"],
                                        env, work, started)
-            for rank, host in enumerate(bed.hosts[:workers]):
-                torchrun = {"RANK": str(rank), "WORLD_SIZE": str(workers), "LOCAL_RANK": "0",
-                            "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank),
+            for rank, host in enumerate(rank_hosts):  # K consecutive ranks per host
+                torchrun = {"RANK": str(rank), "WORLD_SIZE": str(layout.ranks), "LOCAL_RANK": str(rank % args.per_host),
+                            "LOCAL_WORLD_SIZE": str(args.per_host), "GROUP_RANK": str(rank // args.per_host),
                             "MASTER_ADDR": bed.hosts[0].address, "MASTER_PORT": str(MASTER_PORT)}
-                log = Path(work) / f"worker-{host.name}.log"
+                log = Path(work) / f"worker-{rank}-{host.name}.log"
                 logs.append(log)
                 with open(log, "wb") as out:  # worker 0 writes its progress to this process's stdout
                     procs.append(bed.run_on(host, command, env={**env, **torchrun}, cwd=work,
@@ -513,14 +636,14 @@ def run_job(bed, args):
                                             stderr=None if rank == 0 else subprocess.STDOUT))
             placed = False
             while True:
-                placed = placed or _checks.placement_verified(placement, bed.hosts[:workers])
+                placed = placed or _checks.placement_verified(placement, rank_hosts, rank_racks)
                 codes = [proc.poll() for proc in procs]
                 failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
                 if failed:
                     compare.stop_process(*procs)
                     for i in failed:
                         if i:
-                            print(f"# worker {i} on {bed.hosts[i].name} (exit {codes[i]}), its log's end:\n"
+                            print(f"# worker {i} on {rank_hosts[i].name} (exit {codes[i]}), its log's end:\n"
                                   f"{_tail(logs[i])}", file=sys.stderr)
                     compare.print_reducer_logs(started)
                     raise SystemExit(f"the training job failed: worker{'s' if len(failed) > 1 else ''} "
@@ -529,7 +652,7 @@ def run_job(bed, args):
                 if all(code == 0 for code in codes):
                     break
                 time.sleep(WORKER_POLL_S)
-            _checks.require_placement(placement, bed.hosts[:workers])
+            _checks.require_placement(placement, rank_hosts, rank_racks)
             compare.finish_reducers(started)
         finally:
             compare.stop_process(*procs)
@@ -539,9 +662,15 @@ def run_job(bed, args):
 
 
 def setting_of(bed, args):
-    return {"hosts": args.hosts, "reducers": args.reducers, "rate_gbps": bed.rate_bps / 1e9,
-            "goodput_GBps": bed.goodput_bps / 8 / 1e9, "tc": bed.tc_description(), "commit": _common.git_commit(),
-            "worker_hosts": [h.name for h in bed.hosts[:args.hosts]]}
+    layout = layout_of(args)
+    setting = {"hosts": args.hosts, "reducers": args.reducers, "rate_gbps": bed.rate_bps / 1e9,
+               "goodput_GBps": bed.goodput_bps / 8 / 1e9, "tc": bed.tc_description(), "commit": _common.git_commit(),
+               "worker_hosts": [h.name for h in layout.rank_hosts(bed.hosts[:args.hosts])],
+               "per_host": args.per_host, "racks": list(layout.racks) or None}
+    if bed.racks:
+        setting.update(uplink_rate_gbps=bed.uplink_rate_bps / 1e9,
+                       uplink_goodput_GBps=bed.uplink_goodput_bps / 8 / 1e9 if bed.uplink_goodput_bps else None)
+    return setting
 
 
 def link_problems(rows, reducer_info):
@@ -553,10 +682,22 @@ def link_problems(rows, reducer_info):
     for row in rows:
         if row["algorithm"] == "none":
             continue
-        worker_model, reducer_model = _checks.link_model(row["algorithm"], row["hosts"], row["reducers"])
+        layout = _checks.Layout.of_row(row)
+        models = _checks.level_models(row.get("plan") or _checks.plan_of(row["algorithm"], layout), layout)
+        worker_model = models["host"]
         label = f"{LABELS[row['algorithm']]} per step at bucket_cap_mb {row['bucket_cap_mb']:g}"
-        problems += _checks.traffic_problems(label, row["link_bytes"]["per_host"], worker_model, row["grad_bytes"],
-                                             row["hosts"], min(row["buckets_bytes"] or [row["grad_bytes"]]))
+        smallest = min(row["buckets_bytes"] or [row["grad_bytes"]])
+        per_host = row["link_bytes"]["per_host"]
+        if len(per_host) != layout.hosts:
+            problems.append(f"{label}: link bytes of {len(per_host)} distinct hosts "
+                            f"({', '.join(sorted(per_host)) or 'none'}), expected {layout.hosts}")
+        problems += _checks.traffic_problems(label, per_host, worker_model, row["grad_bytes"], layout.ranks, smallest)
+        if models["uplink"] is not None:
+            uplinks = row["link_bytes"].get("uplinks") or {}
+            if len(uplinks) != len(layout.racks):
+                problems.append(f"{label}: byte counts of {len(uplinks)} rack uplinks, expected {len(layout.racks)}")
+            problems += _checks.traffic_problems(f"{label} (rack uplink)", uplinks, models["uplink"],
+                                                 row["grad_bytes"], layout.ranks, smallest)
     served = [r for r in rows if r["algorithm"] == "reduction_server"]
     if served and reducer_info:
         steps = sum(r["warmup"] + r["steps"] for r in served)
@@ -581,7 +722,8 @@ def main(argv=None):
         return
     signal.signal(signal.SIGTERM, _interrupt)  # cleaned up as after Ctrl-C
     with testbed.Testbed(hosts=args.hosts + args.reducers, rate=args.rate, burst=args.burst,
-                         tcp_cc=args.tcp_cc) as bed:
+                         tcp_cc=args.tcp_cc, per_host=args.per_host, racks=args.racks,
+                         uplink_rate=args.uplink_rate) as bed:
         report, reducer_info = run_job(bed, args)
         rows = rows_from_report(report, setting_of(bed, args))
     for row in rows:
@@ -595,7 +737,7 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
         print(f"# wrote {len(rows)} rows to {args.json}")
     if args.results:
-        name = block_name(args.hosts, args.reducers, args.rate)
+        name = block_name(args.hosts, args.reducers, args.rate, args.per_host, args.racks, args.uplink_rate)
         command = "python benchmarks/train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         compare.update_results(args.results, markdown(rows, command, name), name, "train.py")
         print(f"# rewrote the '{name}' block of {args.results}")

@@ -87,7 +87,8 @@ def _report(times, hashes=None, cpu=0.5):
         ranks.append(record)
     return {"world": 2, "systems": systems, "params": 250_000, "width": 500, "layers": 1, "classes": 16, "batch": 8,
             "warmup": 1, "steps": len(times["none"]), "lr": 0.01,
-            "algorithms": {"none": "none", "gloo": "gloo", "ring": "ring", "reduction_server": "reduction_server"},
+            "algorithms": {"none": "none", "gloo": "gloo", "ring": "ring", "reduction_server": "reduction_server",
+                           "hierarchical": "hierarchical(1 ranks/host x 2 hosts)"},
             "phases": [{"bucket_cap_mb": 25, "buckets": {name: [1_000_000] for name in systems[1:]},
                         "ranks": ranks, "cpu": {name: [[cpu, 1.0]] * len(times[name]) for name in systems}}]}
 
@@ -187,6 +188,64 @@ def test_link_bytes_per_step_are_checked_against_each_algorithms_model():
         train._checks.check_traffic(problems)
 
 
+# -- layouts: K workers per host, racks
+
+def test_layout_arguments(monkeypatch):
+    monkeypatch.setattr(train.compare, "algorithm_available", lambda name: True)
+    args = train.parse_args(["--per-host", "2", "--hosts", "4", "--racks", "2", "--uplink-rate", "250mbit"])
+    assert (args.per_host, args.racks, args.reducers) == (2, 2, 0)  # no reducers by default on a layout
+    assert args.systems == ["none", "gloo", "ring", "hierarchical"]
+    assert train.layout_of(args).racks == (2, 2) and train.layout_of(args).ranks == 8
+    assert train.parse_args(["--per-host", "2", "--no-hierarchical"]).systems == ["none", "gloo", "ring"]
+    assert train.parse_args([]).systems == ["none", "gloo", "ring", "reduction_server"]  # flat: as before
+    monkeypatch.setattr(train.compare, "algorithm_available", lambda name: False)
+    assert train.parse_args(["--per-host", "2"]).systems == ["none", "gloo", "ring"]
+    assert train.block_name(4, 0, "500mbit", 2) == "ddp 4x2 500mbit"
+    assert train.block_name(4, 0, "500mbit", 2, 2, "250mbit") == "ddp 4x2 racks 2 uplink 250mbit 500mbit"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--per-host", "2", "--reducers", "2"], "flat layouts only"),
+    (["--racks", "2"], "go together"),
+    (["--hosts", "2", "--racks", "3", "--uplink-rate", "1gbit"], "at most --hosts"),
+    (["--per-host", "0"], "at least 1"),
+])
+def test_bad_layout_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_rows_on_a_layout_carry_the_plans_and_are_checked_per_level():
+    # 2 hosts x 1 rank in 2 racks: tiny, but every level is there. Worker 0 read the uplinks.
+    times = {name: [[1.0, 1.0]] * 3 for name in ("none", "gloo", "ring", "hierarchical")}
+    report = _report(times)
+    report["algorithms"]["hierarchical"] = "hierarchical(1 ranks/host x 1 hosts/rack x 2 racks)"
+    grad = report["params"] * 4
+    for rank in report["phases"][0]["ranks"]:
+        for name in times:
+            rank[name]["tx"] = rank[name]["rx"] = [grad * 1.0] * 3
+    for name in times:
+        report["phases"][0]["ranks"][0][name]["uplinks"] = [{"rack0": [grad, grad], "rack1": [grad, grad]}] * 3
+    setting = dict(SETTING, reducers=0, per_host=1, racks=[1, 1], uplink_goodput_GBps=0.03, uplink_rate_gbps=0.25,
+                   worker_hosts=["h0", "h1"])
+    rows = train.rows_from_report(report, setting)
+    by = {r["algorithm"]: r for r in rows}
+    assert by["hierarchical"]["plan"] == "hierarchical:host+rack" and by["ring"]["plan"] == "ring:rank-order"
+    assert by["hierarchical"]["plan_detail"].startswith("hierarchical(") and by["hierarchical"]["racks"] == [1, 1]
+    assert by["ring"]["link_bytes"]["uplinks"] == {"rack0": {"tx": grad, "rx": grad}, "rack1": {"tx": grad, "rx": grad}}
+    # The uplinks bind: 2(R-1)/R = 1 x S at B_up = 0.03 GB/s.
+    assert by["hierarchical"]["comm_floor_s"] == pytest.approx(grad / 0.03e9)
+    assert by["hierarchical"]["speedups"]["ring"] == pytest.approx(1.0)
+    assert train.link_problems(rows, {}) == []
+    by["ring"]["link_bytes"]["uplinks"] = {"rack0": {"tx": grad, "rx": grad}}
+    assert "collectives ring per step at bucket_cap_mb 25: byte counts of 1 rack uplinks, expected 2" in \
+        train.link_problems(rows, {})
+    assert any("collectives hierarchical 1.00x collectives ring" in line for line in train.standing_lines(rows))
+    text = train.markdown(rows, "cmd", "ddp 2x1 racks 2 uplink 250mbit 500mbit")
+    assert "| uplink tx/S | uplink rx/S |" in text and "per uplink each way" in text
+
+
 def test_the_bar_is_met_at_1_3x_gloo():
     times = {"none": [[0.1, 0.1]] * 3, "gloo": [[1.3, 1.3]] * 3, "ring": [[1.3, 1.3]] * 3,
              "reduction_server": [[1.0, 1.0]] * 3}
@@ -226,22 +285,38 @@ def _netns_left():
     return [line.split()[0] for line in out.splitlines() if line.startswith("cc-tb-")]
 
 
-@pytest.mark.testbed
-@pytest.mark.timeout(90)
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the testbed creates network namespaces")
-@pytest.mark.skipif(any(shutil.which(t) is None for t in ("ip", "tc", "unshare", "nsenter")),
-                    reason="needs iproute2 and util-linux")
+def on_testbed(timeout):
+    """Marks a test that runs train.py on the testbed: root, the tools, a timeout."""
+    marks = [pytest.mark.testbed, pytest.mark.timeout(timeout),
+             pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the testbed creates network namespaces"),
+             pytest.mark.skipif(any(shutil.which(t) is None for t in ("ip", "tc", "unshare", "nsenter")),
+                                reason="needs iproute2 and util-linux")]
+
+    def mark(test):
+        for marker in marks:
+            test = marker(test)
+        return test
+    return mark
+
+
+def _train(tmp_path, timeout, *argv):
+    """train.py with a tiny model (2 x 64x64, batch 4, one warm-up round) and argv; (the
+    finished process, its rows)."""
+    pytest.importorskip("torch")
+    rows_file = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(TRAIN_PY), "--width", "64", "--layers", "2", "--batch", "4",
+                           "--warmup", "1", "--timeout", "60", *argv, "--json", str(rows_file)],
+                          env=clean_environ(), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done, json.loads(rows_file.read_text())
+
+
+@on_testbed(90)
 def test_ddp_on_every_system_across_hosts(tmp_path):
     # A tiny model (2 x 64x64) at a low rate: this checks the wiring, not the speed. One
     # reducer for two workers: its link carries both workers' gradients (the bottleneck here).
-    pytest.importorskip("torch")
-    rows_file = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(TRAIN_PY), "--hosts", "2", "--reducers", "1", "--rate", "100mbit",
-                           "--width", "64", "--layers", "2", "--batch", "4", "--bucket-cap-mb", "0.02,1",
-                           "--steps", "3", "--warmup", "1", "--timeout", "60", "--json", str(rows_file)],
-                          env=clean_environ(), cwd=tmp_path, capture_output=True, text=True, timeout=85)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads(rows_file.read_text())
+    done, rows = _train(tmp_path, 85, "--hosts", "2", "--reducers", "1", "--rate", "100mbit", "--bucket-cap-mb",
+                        "0.02,1", "--steps", "3")
     assert [(r["algorithm"], r["bucket_cap_mb"]) for r in rows] == [
         (name, cap) for cap in (0.02, 1) for name in ("none", "gloo", "ring", "reduction_server")]
     for row in rows:
@@ -258,3 +333,20 @@ def test_ddp_on_every_system_across_hosts(tmp_path):
     assert [info["outcome"] for info in rs["reducer_hosts"].values()] == ["ok"]
     assert "collectives reduction_server" in done.stdout and "bar (2 workers + 1 reducer)" in done.stdout
     assert not _netns_left()
+
+
+@on_testbed(150)
+def test_ddp_on_racks_of_shared_hosts(tmp_path):
+    # 2 racks x 2 hosts x 2 workers, a tiny model: the wiring (placement, ranks, per-level bytes).
+    done, rows = _train(tmp_path, 140, "--per-host", "2", "--hosts", "4", "--racks", "2", "--uplink-rate", "100mbit",
+                        "--rate", "100mbit", "--bucket-cap-mb", "1", "--steps", "2")
+    names = [r["algorithm"] for r in rows]
+    assert names[:3] == ["none", "gloo", "ring"] and set(names[3:]) <= {"hierarchical"}
+    for row in rows:
+        assert (row["hosts"], row["ranks"], row["per_host"], row["racks"], row["reducers"]) == (4, 8, 2, [2, 2], 0)
+        assert sorted(row["link_bytes"]["per_host"]) == ["h0", "h1", "h2", "h3"]
+        assert sorted(row["link_bytes"]["uplinks"]) == ["rack0", "rack1"]
+        if row["algorithm"] != "none":
+            assert row["params_identical"] is True and row["link_bytes"]["tx_per_uplink"] >= row["grad_bytes"], row
+    assert next(r for r in rows if r["algorithm"] == "ring")["plan"] == "ring:rank-order"
+    assert "8 workers" in done.stdout and not _netns_left()
