@@ -182,7 +182,7 @@ def _pair(conn: socket.socket, rank: int, peer: int, records: List[Dict[str, Any
                 os.close(fd)
             raise
     segment, peer_doorbell, watch = made
-    return _core.ShmLink(segment_fd=segment, watch_fd=watch, doorbell_fd=peer_doorbell)
+    return _core.ShmLink(segment_fd=segment, watch_fd=watch, doorbell_fd=peer_doorbell, pid=records[peer]["pid"])
 
 
 def _check_credentials(conn: socket.socket, pid: int, peer: int) -> None:

@@ -94,10 +94,13 @@ PYBIND11_MODULE(_core, m) {
   m.def("create_shm_segment", &create_shm_segment, "A sealed memfd for the rings of one pair of ranks.");
   m.def("create_shm_doorbell", &create_shm_doorbell, "An eventfd through which peers wake this rank.");
   py::class_<ShmLink>(m, "ShmLink", "A same-host peer: the pair's segment, a descriptor that becomes readable "
-                                    "when the peer is gone (a pidfd), and the peer's doorbell. All owned by the core "
-                                    "once handed to a Communicator.")
-      .def(py::init([](int segment_fd, int watch_fd, int doorbell_fd) { return ShmLink{segment_fd, watch_fd, doorbell_fd}; }),
-           py::arg("segment_fd") = -1, py::arg("watch_fd") = -1, py::arg("doorbell_fd") = -1)
+                                    "when the peer is gone (a pidfd), the peer's doorbell (all owned by the core once "
+                                    "handed to a Communicator), and the peer's pid (0: large messages go through the "
+                                    "rings too).")
+      .def(py::init([](int segment_fd, int watch_fd, int doorbell_fd, int pid) {
+             return ShmLink{segment_fd, watch_fd, doorbell_fd, pid};
+           }),
+           py::arg("segment_fd") = -1, py::arg("watch_fd") = -1, py::arg("doorbell_fd") = -1, py::arg("pid") = 0)
       .def_readonly("segment_fd", &ShmLink::segment_fd)
       .def_readonly("watch_fd", &ShmLink::watch_fd)
       .def_readonly("doorbell_fd", &ShmLink::doorbell_fd);

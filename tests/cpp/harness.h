@@ -175,13 +175,14 @@ inline std::vector<std::vector<std::vector<Link>>> loopback_mesh(int size, int c
 
 // Shared-memory links among ranks that are threads of this process, between every two ranks
 // of the same host(r): a segment and a socket pair each (a rank's end of the pair stands for
-// its process: it closes with the rank's transport), and a doorbell per rank.
+// its process: it closes with the rank's transport), and a doorbell per rank. `by_reference`:
+// large messages are copied from the sender's memory (this process's), else through the rings.
 struct ShmMesh {
   std::vector<int> doorbells;                // [rank]
   std::vector<std::vector<ShmLink>> links;  // [rank][peer]
 };
 
-inline ShmMesh shm_mesh(int size, const std::function<int(int)>& host) {
+inline ShmMesh shm_mesh(int size, const std::function<int(int)>& host, bool by_reference) {
   ShmMesh mesh{std::vector<int>(size), std::vector<std::vector<ShmLink>>(size, std::vector<ShmLink>(size))};
   for (int r = 0; r < size; ++r) mesh.doorbells[r] = create_shm_doorbell();
   for (int i = 0; i < size; ++i) {
@@ -190,8 +191,9 @@ inline ShmMesh shm_mesh(int size, const std::function<int(int)>& host) {
       int ends[2];
       if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ends) != 0) throw std::runtime_error("socketpair failed");
       const int segment = create_shm_segment();
-      mesh.links[i][j] = {segment, ends[0], dup(mesh.doorbells[j])};
-      mesh.links[j][i] = {dup(segment), ends[1], dup(mesh.doorbells[i])};
+      const int pid = by_reference ? getpid() : 0;
+      mesh.links[i][j] = {segment, ends[0], dup(mesh.doorbells[j]), pid};
+      mesh.links[j][i] = {dup(segment), ends[1], dup(mesh.doorbells[i]), pid};
     }
   }
   return mesh;
@@ -202,14 +204,15 @@ inline std::vector<std::unique_ptr<Transport>> real_transports(int size, int con
                                                                const std::vector<std::string>& names) {
   std::vector<std::unique_ptr<Transport>> transports;
   if (job_transport == TransportKind::kShm) {
-    ShmMesh mesh = shm_mesh(size, [](int) { return 0; });
+    ShmMesh mesh = shm_mesh(size, [](int) { return 0; }, /*by_reference=*/true);
     for (int r = 0; r < size; ++r) {
       transports.push_back(std::make_unique<ShmTransport>(r, size, mesh.doorbells[r], mesh.links[r], names));
     }
     return transports;
   }
   auto links = loopback_mesh(size, connections);
-  ShmMesh mesh = job_transport == TransportKind::kRouted ? shm_mesh(size, [](int r) { return r % 2; }) : ShmMesh{};
+  // Routed: the shared-memory part moves large messages through its rings.
+  ShmMesh mesh = job_transport == TransportKind::kRouted ? shm_mesh(size, [](int r) { return r % 2; }, false) : ShmMesh{};
   for (int r = 0; r < size; ++r) {
     if (job_transport == TransportKind::kRouted) {
       transports.push_back(make_transport(r, size, links[r], names, mesh.doorbells[r], mesh.links[r]));

@@ -505,7 +505,7 @@ void run_all() {
 // naming it, long before its deadline.
 void test_killed_shm_peer_is_named() {
   const std::vector<std::string> names{"rank 0", "rank 1"};
-  ShmMesh mesh = shm_mesh(2, [](int) { return 0; });
+  ShmMesh mesh = shm_mesh(2, [](int) { return 0; }, /*by_reference=*/false);
   const pid_t child = fork();
   if (child == 0) {
     pause();  // until killed

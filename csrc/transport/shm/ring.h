@@ -26,9 +26,18 @@ struct RingControl {
   std::atomic<uint64_t> question;  // producer: a counter, bumped to ask what the consumer waits on
   std::atomic<uint64_t> answered;  // consumer: the question its answer is for
   std::atomic<int64_t> answer;     // consumer: the rank it waits to receive from, or -1
+  // Messages copied straight from the producer's memory (FrameKind::kByReference): where the
+  // producer keeps kDirectProbe, for the consumer to try reading it so (process_vm_readv), the
+  // consumer's verdict (kUntried, kReadsDirectly, kCannot), and how many such messages it has
+  // copied, in order (the producer's buffers are its own again).
+  std::atomic<uint64_t> probe_address;  // producer
+  std::atomic<uint32_t> reads_directly;  // consumer
+  std::atomic<uint64_t> taken_directly;  // consumer
   uint32_t reason_bytes;           // producer, before `aborted` is set
   char reason[kMaxAbortReason];
   static constexpr uint32_t kAborted = 1, kTimedOut = 2;
+  static constexpr uint32_t kUntried = 0, kReadsDirectly = 1, kCannot = 2;
+  static constexpr uint64_t kDirectProbe = 0x434c4354444952ull;
 };
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared rings need lock-free atomics");
 

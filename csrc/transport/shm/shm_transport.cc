@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -35,8 +36,15 @@ struct ShmTransport::Peer {
   // Set and cleared with both locks held, so read under either.
   OperationPtr sending, receiving;
   bool closed = false;  // guarded by mutex_: the peer said goodbye, and its end is gone
+  pid_t pid = 0;  // ShmLink::pid
   // progress_mutex_ only:
   uint64_t sent = 0;       // bytes of `sending`'s frame (header and payload) in the ring
+  // `sending` goes by reference: its frame in the ring is this header and the payload's address.
+  bool sending_directly = false;
+  char reference[sizeof(FrameHeader) + sizeof(uint64_t)];
+  std::deque<OperationPtr> awaiting_copy;  // sent by reference, not yet copied by the peer
+  uint64_t copies_seen = 0;                // of the peer's taken_directly
+  uint64_t remote_payload = 0;             // the frame being read is by reference: its address
   bool in_frame = false;   // a header was taken: its payload goes to `receiving` or `ahead`
   bool reading_ahead = false;
   StashedFrame ahead;      // the frame read ahead
@@ -82,6 +90,7 @@ ShmTransport::ShmTransport(int rank, int size, int doorbell_fd, std::vector<ShmL
     peers_[p]->segment = FileDescriptor(link.segment_fd);
     peers_[p]->watch = FileDescriptor(link.watch_fd);
     peers_[p]->doorbell = FileDescriptor(link.doorbell_fd);
+    peers_[p]->pid = link.pid;
   }
   if (size < 1 || rank < 0 || rank >= size) throw std::invalid_argument("rank out of range");
   if (static_cast<int>(links.size()) != size || static_cast<int>(peer_names_.size()) != size) {
@@ -100,6 +109,7 @@ ShmTransport::ShmTransport(int rank, int size, int doorbell_fd, std::vector<ShmL
     const int mine = rank < peer->rank ? 0 : 1;
     peer->out = RingView(&layout->control[mine], layout->data[mine], kShmRingBytes);
     peer->in = RingView(&layout->control[1 - mine], layout->data[1 - mine], kShmRingBytes);
+    peer->out.control().probe_address.store(reinterpret_cast<uint64_t>(&direct_probe_), std::memory_order_release);
     poller_.watch(peer->watch.get(), 0, EPOLLIN, peer.get());
   }
   progress_thread_ = std::thread([this] { progress_loop(); });
@@ -262,17 +272,17 @@ bool ShmTransport::has_failed() {
 }
 
 void ShmTransport::fail(const std::string& reason, bool timed_out) {
+  const std::string first = reason.empty() ? std::string("failed") : reason;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (failed_) return;
-    failed_ = true;
-    failure_timed_out_ = timed_out;
-    failure_ = reason;
-    completed_.notify_all();
+    if (!failure_.empty()) return;  // the first reason wins
+    failure_ = first;
   }
   // Peers hear "rank R aborted: <reason>" (they name the sender), so every rank's error names
-  // the first cause. Only the first failure gets here, so the reason is written once.
-  const std::string text = reason.substr(0, kMaxAbortReason);
+  // the first cause. Only the first failure gets here, so the reason is written once. The
+  // peers hear it before any wait here throws: a caller may change its buffers from then on,
+  // and a peer copying one by reference must see the flag by then (copy_payload).
+  const std::string text = first.substr(0, kMaxAbortReason);
   for (auto& peer : peers_) {
     if (!peer) continue;
     RingControl& control = peer->out.control();
@@ -280,6 +290,12 @@ void ShmTransport::fail(const std::string& reason, bool timed_out) {
     control.reason_bytes = static_cast<uint32_t>(text.size());
     control.aborted.store(timed_out ? RingControl::kTimedOut : RingControl::kAborted, std::memory_order_release);
     ring(*peer);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    failed_ = true;
+    failure_timed_out_ = timed_out;
+    completed_.notify_all();
   }
   failed_first(reason, timed_out);
   poller_.wake();
@@ -317,7 +333,7 @@ bool ShmTransport::drive_locked() {
     bool owed;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      owed = peer->closed && (peer->sending || !peer->sends.empty() ||
+      owed = peer->closed && (peer->sending || !peer->sends.empty() || !peer->awaiting_copy.empty() ||
                               ((peer->receiving || any_waiting(peer->recvs)) && peer->in.readable() == 0));
     }
     if (owed) fail(peer_closed_mid_exchange(peer_names_[peer->rank]), false);
@@ -337,6 +353,49 @@ void ShmTransport::check_control(Peer& peer) {
     control.answer.store(rank_waited_on(), std::memory_order_relaxed);
     control.answered.store(question, std::memory_order_release);
   }
+  // Whether this rank can read the peer's memory: tried once, on the word the peer set out.
+  const uint64_t probe = control.probe_address.load(std::memory_order_acquire);
+  if (probe != 0 && control.reads_directly.load(std::memory_order_relaxed) == RingControl::kUntried) {
+    uint64_t seen = 0;
+    const iovec local{&seen, sizeof(seen)}, remote{reinterpret_cast<void*>(probe), sizeof(seen)};
+    const bool can = peer.pid > 0 && ::process_vm_readv(peer.pid, &local, 1, &remote, 1, 0) == sizeof(seen) &&
+                     seen == RingControl::kDirectProbe;
+    control.reads_directly.store(can ? RingControl::kReadsDirectly : RingControl::kCannot, std::memory_order_release);
+  }
+  // The sends the peer has copied by reference, in the order they went.
+  const uint64_t copied = peer.out.control().taken_directly.load(std::memory_order_acquire);
+  for (; peer.copies_seen < copied && !peer.awaiting_copy.empty(); ++peer.copies_seen) {
+    complete(*peer.awaiting_copy.front());
+    peer.awaiting_copy.pop_front();
+  }
+  if (peer.copies_seen != copied) {
+    fail(peer_names_[peer.rank] + " said it copied " + std::to_string(copied) + " messages by reference, of " +
+             std::to_string(peer.copies_seen) + " sent", false);
+  }
+}
+
+bool ShmTransport::copy_payload(Peer& peer, char* into, uint64_t n) {
+  if (peer.remote_payload == 0) {
+    peer.in.peek(0, into, n);
+    peer.in.consume(n);
+    if (should_wake(peer.in.control().writer_asleep)) ring(peer);
+    return true;
+  }
+  const iovec local{into, n}, remote{reinterpret_cast<void*>(peer.remote_payload + peer.received), n};
+  const ssize_t got = ::process_vm_readv(peer.pid, &local, 1, &remote, 1, 0);
+  if (got == static_cast<ssize_t>(n)) {
+    // A sender that failed meanwhile may have handed the buffer back to its caller, who may be
+    // changing it: such a copy is no message. The sender raises `aborted` before its abort
+    // returns, so a copy that saw its caller's changes sees the flag too.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (peer.in.control().aborted.load(std::memory_order_acquire) == 0) return true;
+    check_control(peer);  // fails with the sender's reason
+    return false;
+  }
+  fail("could not copy a message from " + peer_names_[peer.rank] + "'s memory (" +
+           (got < 0 ? errno_text(errno) : std::to_string(got) + " of " + std::to_string(n) + " bytes") + ")",
+       false);
+  return false;
 }
 
 bool ShmTransport::write_some(Peer& peer) {
@@ -348,25 +407,46 @@ bool ShmTransport::write_some(Peer& peer) {
       peer.sending = peer.sends.front();
       peer.sends.pop_front();
       peer.sent = 0;
+      const FrameHeader& header = peer.sending->header;
+      peer.sending_directly = header.kind == static_cast<uint8_t>(FrameKind::kData) && header.nbytes >= kDirectMinBytes &&
+                              peer.out.control().reads_directly.load(std::memory_order_acquire) ==
+                                  RingControl::kReadsDirectly;
+      if (peer.sending_directly) {
+        FrameHeader by_reference = header;
+        by_reference.kind = static_cast<uint8_t>(FrameKind::kByReference);
+        const auto address = reinterpret_cast<uint64_t>(peer.sending->data);
+        std::memcpy(peer.reference, &by_reference, kHeaderBytes);
+        std::memcpy(peer.reference + kHeaderBytes, &address, sizeof(address));
+      }
     }
     Operation& op = *peer.sending;
-    const uint64_t frame = kHeaderBytes + op.header.nbytes;
+    const uint64_t frame = peer.sending_directly ? sizeof(peer.reference) : kHeaderBytes + op.header.nbytes;
     const uint64_t n = std::min({peer.out.writable(), budget, frame - peer.sent});
     if (n == 0) break;  // the ring is full
-    // The frame is one byte stream, header first: this piece may end inside the header,
-    // start inside it and run into the payload, or lie within the payload.
-    uint64_t put = 0;
-    if (peer.sent < kHeaderBytes) {
-      put = std::min(n, kHeaderBytes - peer.sent);
-      peer.out.put(0, reinterpret_cast<const char*>(&op.header) + peer.sent, put);
+    if (peer.sending_directly) {
+      peer.out.put(0, peer.reference + peer.sent, n);
+    } else {
+      // The frame is one byte stream, header first: this piece may end inside the header,
+      // start inside it and run into the payload, or lie within the payload.
+      uint64_t put = 0;
+      if (peer.sent < kHeaderBytes) {
+        put = std::min(n, kHeaderBytes - peer.sent);
+        peer.out.put(0, reinterpret_cast<const char*>(&op.header) + peer.sent, put);
+      }
+      if (put < n) peer.out.put(put, op.data + (peer.sent + put - kHeaderBytes), n - put);
     }
-    if (put < n) peer.out.put(put, op.data + (peer.sent + put - kHeaderBytes), n - put);
     peer.out.publish(n);
     if (should_wake(peer.out.control().reader_asleep)) ring(peer);
     peer.sent += n;
     budget -= n;
     moved = true;
     if (peer.sent < frame) continue;
+    if (peer.sending_directly) {  // done once the peer has copied it (check_control)
+      peer.awaiting_copy.push_back(peer.sending);
+      std::lock_guard<std::mutex> lock(mutex_);
+      peer.sending.reset();
+      continue;
+    }
     // A notice is read whatever the peer waits for: its progress thread must wake for it even
     // if nobody there waits on these rings (prepare_to_sleep).
     const bool notice = op.header.kind == static_cast<uint8_t>(FrameKind::kNotice);
@@ -392,17 +472,21 @@ bool ShmTransport::read_some(Peer& peer) {
     }
     const uint64_t nbytes = peer.reading_ahead ? peer.ahead.header.nbytes : peer.receiving->header.nbytes;
     char* into = peer.reading_ahead ? peer.ahead.payload.data() : peer.receiving->data;
-    const uint64_t n = std::min({readable, budget, nbytes - peer.received});
+    const uint64_t available = peer.remote_payload ? nbytes : readable;
+    const uint64_t n = std::min({available, budget, nbytes - peer.received});
     if (n > 0) {
-      peer.in.peek(0, into + peer.received, n);
-      peer.in.consume(n);
-      if (should_wake(peer.in.control().writer_asleep)) ring(peer);
+      if (!copy_payload(peer, into + peer.received, n)) break;
       peer.received += n;
       budget -= n;
       moved = true;
     }
     if (peer.received == nbytes) {
       peer.in_frame = false;
+      if (peer.remote_payload) {  // the sender's buffer is its own again
+        peer.remote_payload = 0;
+        peer.in.control().taken_directly.fetch_add(1, std::memory_order_release);
+        if (should_wake(peer.in.control().writer_asleep)) ring(peer);
+      }
       if (peer.reading_ahead) {
         stash_ahead(peer);
       } else {
@@ -420,6 +504,21 @@ bool ShmTransport::take_header(Peer& peer) {
   FrameHeader h;
   peer.in.peek(0, &h, kHeaderBytes);
   if (h.magic == kFrameMagic && h.kind == static_cast<uint8_t>(FrameKind::kNotice)) return take_notice(peer, h);
+  // By reference: a kData frame whose payload is at the address that follows the header.
+  uint64_t remote_payload = 0;
+  if (h.magic == kFrameMagic && h.kind == static_cast<uint8_t>(FrameKind::kByReference)) {
+    if (peer.in.control().reads_directly.load(std::memory_order_relaxed) != RingControl::kReadsDirectly) {
+      fail(who + " sent a message by reference, which this rank cannot read", false);
+      return false;
+    }
+    if (peer.in.readable() < kHeaderBytes + sizeof(remote_payload)) return false;  // the rest is on its way
+    peer.in.peek(kHeaderBytes, &remote_payload, sizeof(remote_payload));
+    if (remote_payload == 0) {
+      fail(who + " sent a message by reference without its address", false);
+      return false;
+    }
+    h.kind = static_cast<uint8_t>(FrameKind::kData);
+  }
   if (h.magic == kFrameMagic && h.kind != static_cast<uint8_t>(FrameKind::kData)) {
     fail(who + " sent a frame of kind " + std::to_string(h.kind) + ", which no shared-memory link carries", false);
     return false;
@@ -448,10 +547,11 @@ bool ShmTransport::take_header(Peer& peer) {
     fail(who + " sent " + why, false);
     return false;
   }
-  peer.in.consume(kHeaderBytes);
+  peer.in.consume(kHeaderBytes + (remote_payload ? sizeof(remote_payload) : 0));
   if (should_wake(peer.in.control().writer_asleep)) ring(peer);
   peer.in_frame = true;
   peer.received = 0;
+  peer.remote_payload = remote_payload;
   return true;
 }
 

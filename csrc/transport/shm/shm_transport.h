@@ -3,6 +3,13 @@
 // written into the ring by the sender and copied out by the receiver straight into the
 // posted buffer, once its header has been checked against the receive's.
 //
+// Large messages (kDirectMinBytes and up) go by reference where the receiver can read the
+// sender's memory (the peer's pid is known, and the kernel lets it: same user, no seccomp
+// filter in the way; tried once per pair, RingControl::reads_directly): the ring carries the
+// header and the payload's address, and the receiver copies the payload straight from the
+// sender's buffer (process_vm_readv), one copy instead of two (into the ring and out of it).
+// The send is done once the receiver says it has copied it (RingControl::taken_directly).
+//
 // Matching by communicator, with frames read ahead, as transport/matching.h says.
 //
 // Progress: whoever waits drives the rings itself, spinning (and yielding the core) for a
@@ -44,6 +51,9 @@ struct ShmLink {
   // other end only the peer holds (for ranks that are threads of one process, in tests).
   int watch_fd = -1;
   int doorbell_fd = -1;  // the peer's doorbell (create_shm_doorbell): written to wake it
+  // The peer's process, vouched for by the kernel (SO_PEERCRED), whose memory this rank may
+  // read large messages from directly; 0: every message goes through the ring.
+  int pid = 0;
 };
 
 class ShmTransport : public Transport {
@@ -88,8 +98,12 @@ class ShmTransport : public Transport {
   bool take_notice(Peer& peer, const FrameHeader& header);
   // A frame read ahead is whole: it waits for its receive (or fills one posted meanwhile).
   void stash_ahead(Peer& peer);
-  // The control block's news from the peer: its abort, a stall question.
+  // The control block's news from the peer: its abort, a stall question, the messages it has
+  // copied by reference; and whether this rank can copy the peer's by reference.
   void check_control(Peer& peer);
+  // Copies n payload bytes of the frame being read into `into`: from the ring, or from the
+  // sender's memory for a frame by reference. False (and the transport failed) if it could not.
+  bool copy_payload(Peer& peer, char* into, uint64_t n);
   void progress_loop();
   // Raises the asleep flags and checks once more; true if the progress thread may sleep.
   bool prepare_to_sleep();
@@ -100,8 +114,13 @@ class ShmTransport : public Transport {
   void fail(const std::string& reason, bool timed_out);
   bool has_failed();
 
+  // Messages that go by reference from this size on: below it, a system call and the wait for
+  // the receiver's word cost more than the copy they save.
+  static constexpr uint64_t kDirectMinBytes = 64 << 10;
+
   const int rank_;
   const int size_;
+  const uint64_t direct_probe_ = RingControl::kDirectProbe;  // read by the peers (probe_address)
   const std::vector<std::string> peer_names_;
   FileDescriptor doorbell_;
   std::vector<std::unique_ptr<Peer>> peers_;  // [rank]; null where not over shared memory
