@@ -101,8 +101,8 @@ void HierarchicalAllreduce::run(const AlgorithmContext& ctx, void* data, size_t 
                   const std::vector<size_t>& offsets) {
     CollectiveTag tag = ctx.tag;
     tag.root = number;
-    const AlgorithmContext sub{ctx.transport, mine_[level], tag, ctx.deadline, ctx.segment_bytes, ctx.scratch,
-                               ctx.debug};
+    const AlgorithmContext sub{ctx.transport, mine_[level], tag, ctx.deadline,
+                               ctx.segment_bytes, ctx.scratch, ctx.debug, ctx.interruption};
     std::vector<RingStep> steps;
     if (reduce_scatter) append_reduce_scatter_steps(sub, steps);
     if (allgather) append_allgather_steps(sub, steps);

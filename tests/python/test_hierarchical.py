@@ -137,36 +137,55 @@ def test_auto_takes_the_plan_for_large_messages_and_recursive_doubling_for_small
         assert "hierarchical: all-reduce in the top group of 2" in result.stderr
 
 
-KILLED_SCRIPT = r"""
-import json, os, signal
+FAULT_SCRIPT = r"""
+import json, os, signal, sys, threading, time
 import numpy as np
 import collectives as cc
 
+scenario = sys.argv[1]
 result = {"rank": int(os.environ["COLLECTIVES_RANK"])}
 try:
     comm = cc.init()
     x = np.ones(100_000, dtype=np.float32)
     for step in range(5):
-        if comm.rank == 3 and step == 2:
+        if scenario == "killed" and comm.rank == 3 and step == 2:
             os.kill(os.getpid(), signal.SIGKILL)
+        if scenario == "interrupt" and comm.rank == 3 and step == 2:
+            time.sleep(5)  # silent, but alive: rank 0 waits on the hierarchy's rings
+        if scenario == "interrupt" and comm.rank == 0 and step == 2:
+            interrupted_at = []
+            threading.Timer(1.0, lambda: (interrupted_at.append(time.monotonic()),
+                                          os.kill(os.getpid(), signal.SIGINT))).start()
         x[:] = 1
         comm.allreduce(x)
         assert (x == comm.size).all()
     result["ok"] = True
-except cc.CollectiveError as error:
+except (cc.CollectiveError, KeyboardInterrupt) as error:
     result.update(error_type=type(error).__name__, message=str(error))
+    if isinstance(error, KeyboardInterrupt):
+        result["latency"] = time.monotonic() - interrupted_at[0]
 print(json.dumps(result), flush=True)
 """
 
 
+def run_fault(run_ranks, scenario):
+    return run_ranks(FAULT_SCRIPT, 4, args=[scenario], env={**FORCED, "COLLECTIVES_TIMEOUT": "10"},
+                     rank_env=lambda r: {"COLLECTIVES_TOPOLOGY": TWO_RACKS[r]}, timeout=60)
+
+
 def test_killed_rank_fails_the_survivors_naming_it(run_ranks):
     start = time.monotonic()
-    results = run_ranks(KILLED_SCRIPT, 4, env={**FORCED, "COLLECTIVES_TIMEOUT": "10"},
-                        rank_env=lambda r: {"COLLECTIVES_TOPOLOGY": TWO_RACKS[r]}, timeout=60)
-    survivors = [r for r in results if r.returncode != -signal.SIGKILL]
+    survivors = [r for r in run_fault(run_ranks, "killed") if r.returncode != -signal.SIGKILL]
     assert len(survivors) == 3
     for result in survivors:
         report = result.report()
         assert report.get("error_type") in ("CollectiveError", "TimeoutError"), report
         assert re.search(r"\brank 3\b", report["message"]) and "allreduce #" in report["message"], report
     assert time.monotonic() - start < 10.0 + 30  # seen at once (the timeout is 10 s), not waited out
+
+
+def test_ctrl_c_inside_the_hierarchy_raises_keyboard_interrupt_promptly(run_ranks):
+    reports = [result.report() for result in run_fault(run_ranks, "interrupt")]
+    assert reports[0].get("error_type") == "KeyboardInterrupt" and reports[0]["latency"] < 1.0, reports[0]
+    for report in reports[1:]:
+        assert report.get("error_type") in ("CollectiveError", "TimeoutError"), report
