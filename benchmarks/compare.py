@@ -424,7 +424,9 @@ def run_job(bed, args, workers, reducers, settings=None):
         job = reducer_job_env(bed, work, reducers) if reducers else {}
         placement = Path(work) / "placement"
         placement.mkdir()
-        env = {**base, **bed.env(), **RUN_AS_ROOT, "PYTHONPATH": str(HERE), **pinned, **job}
+        # The benchmarks' folder first, then any PYTHONPATH of the caller's (a build of its choice).
+        python_path = os.pathsep.join(p for p in (str(HERE), base.get("PYTHONPATH")) if p)
+        env = {**base, **bed.env(), **RUN_AS_ROOT, "PYTHONPATH": python_path, **pinned, **job}
         if bed.racks:  # each host's rack: testbed_exec gives it to the ranks it starts there
             env.pop("COLLECTIVES_TOPOLOGY", None)
         # Settings reach the ranks by name (-x NAME: mpirun copies the value), so that nothing
@@ -442,6 +444,9 @@ def run_job(bed, args, workers, reducers, settings=None):
             "--prtemca", "plm_ssh_agent", env["TESTBED_SSH_AGENT"],
             "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", testbed.IFNAME,
             "--mca", "oob_tcp_if_include", testbed.IFNAME,
+            # K ranks share a host's (here: the machine's 2) cores, which Open MPI, told K slots
+            # per host, cannot know: told to yield while it waits, as it does where it knows.
+            *(["--mca", "mpi_yield_when_idle", "1"] if per_host > 1 else []),
             *[arg for key in [*pinned, *forwarded, *job, "PYTHONPATH"] for arg in ("-x", key)],
             sys.executable, str(HERE / "allreduce.py"), "--min", str(min(sizes)), "--max", str(max(sizes)),
             "--factor", "4", "--pairs", str(args.pairs), "--systems", args.systems, *algorithms,
@@ -736,9 +741,10 @@ def generated_block(name, tool, commit, command, body):
                       *body, end])
 
 
-def markdown(rows, command, name):
-    """This run as a RESULTS.md block: the command, the date, the commit, a table per (N, R)."""
-    lines = []
+def markdown(rows, command, name, notes=()):
+    """This run as a RESULTS.md block: the command, the date, the commit, `notes` (lines: the
+    machine's load, where collectives came from), a table per (N, R)."""
+    lines = [*notes, ""] if notes else []
     for key in sorted({_group_key(r) for r in rows}):
         group = [r for r in rows if _group_key(r) == key]
         racks, layered = bool(key[3]), _layered(group[0])
@@ -837,6 +843,21 @@ def plot(rows, path):
     figure.savefig(path, dpi=120)
 
 
+def run_notes(load_before):
+    """What a RESULTS block says about the run beside the rows: the machine's load average
+    (1, 5, 15 min) when it began and ended (other work on the shared cores shows there), and
+    which collectives it imported."""
+    try:
+        import collectives
+
+        where = f"collectives {collectives.__version__} from {Path(collectives.__file__).parent}"
+    except ImportError as error:
+        where = f"collectives not importable here ({error})"
+    return [f"Load average {' '.join(f'{x:.2f}' for x in load_before)} at the start, "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end (1, 5, 15 min; 2 cores shared with other "
+            f"work); {where}."]
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -845,6 +866,7 @@ def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # cleaned up as after Ctrl-C
     everything = []
+    load_before = os.getloadavg()
     for hosts in args.hosts:
         for reducers in args.reducers:
             layout = layout_of(args, hosts, reducers)
@@ -865,7 +887,7 @@ def main(argv=None):
     if args.results:
         name = block_name(args.hosts, args.reducers, args.rate, args.per_host, args.racks, args.uplink_rate)
         command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        update_results(args.results, markdown(everything, command, name), name)
+        update_results(args.results, markdown(everything, command, name, run_notes(load_before)), name)
         print(f"# rewrote the '{name}' block of {args.results}")
 
 
