@@ -188,61 +188,61 @@ class Communicator:
     # -- collectives --------------------------------------------------------------------------
     def allreduce(self, x, op: str = "sum"):
         """Reduce x over all ranks, in place; returns x."""
-        return self._allreduce(x, op, blocking=True).wait()
+        return self._allreduce(x, op, blocking=True)
 
     def allreduce_async(self, x, op: str = "sum") -> Work:
         return self._allreduce(x, op, blocking=False)
 
     def allgather(self, x):
         """A new array of x's kind, shape (size, *x.shape): row r is rank r's x."""
-        return self._allgather(x, blocking=True).wait()
+        return self._allgather(x, blocking=True)
 
     def allgather_async(self, x) -> Work:
         return self._allgather(x, blocking=False)
 
     def broadcast(self, x, root: int = 0):
         """Overwrite x with root's x, in place; returns x."""
-        return self._broadcast(x, root, blocking=True).wait()
+        return self._broadcast(x, root, blocking=True)
 
     def broadcast_async(self, x, root: int = 0) -> Work:
         return self._broadcast(x, root, blocking=False)
 
     def reduce_scatter(self, x, op: str = "sum"):
         """This rank's part of x reduced over all ranks: rows [rank*k, (rank+1)*k), k = len(x)//size."""
-        return self._reduce_scatter(x, op, blocking=True).wait()
+        return self._reduce_scatter(x, op, blocking=True)
 
     def reduce_scatter_async(self, x, op: str = "sum") -> Work:
         return self._reduce_scatter(x, op, blocking=False)
 
     def barrier(self) -> None:
         """Return once every rank has entered the barrier."""
-        self._submit(self._live_core().barrier(True), None, ()).wait()
+        self._complete(self._live_core().barrier(True), None, (), blocking=True)
 
     def barrier_async(self) -> Work:
-        return self._submit(self._live_core().barrier(False), None, ())
+        return self._complete(self._live_core().barrier(False), None, (), blocking=False)
 
-    # A blocking call lends the core its thread (blocking=True): the collective runs on it when
-    # nothing else is queued, and the Work comes back done.
-    def _allreduce(self, x, op: str, blocking: bool) -> Work:
+    # Each returns the result (blocking) or a Work (async). A blocking call lends the core its
+    # thread: the collective runs on it when nothing else is queued (_complete).
+    def _allreduce(self, x, op: str, blocking: bool):
         buf = _buffers.view(x, writable=True)
         code = self._op_code(op, buf.dtype)
         work = self._live_core().allreduce(buf.address, buf.count, buf.dtype_code, code, blocking)
-        return self._submit(work, x, (buf,))
+        return self._complete(work, x, (buf,), blocking)
 
-    def _allgather(self, x, blocking: bool) -> Work:
+    def _allgather(self, x, blocking: bool):
         buf = _buffers.view(x, writable=False)
         out = _buffers.empty_like_kind(x, (self.size, *buf.shape), buf.dtype)
         out_buf = _buffers.view(out, writable=True, what="output")
         work = self._live_core().allgather(buf.address, out_buf.address, buf.count, buf.dtype_code, blocking)
-        return self._submit(work, out, (buf, out_buf))
+        return self._complete(work, out, (buf, out_buf), blocking)
 
-    def _broadcast(self, x, root: int, blocking: bool) -> Work:
+    def _broadcast(self, x, root: int, blocking: bool):
         self._check_root(root)
         buf = _buffers.view(x, writable=True)
-        return self._submit(self._live_core().broadcast(buf.address, buf.count, buf.dtype_code, root, blocking),
-                            x, (buf,))
+        work = self._live_core().broadcast(buf.address, buf.count, buf.dtype_code, root, blocking)
+        return self._complete(work, x, (buf,), blocking)
 
-    def _reduce_scatter(self, x, op: str, blocking: bool) -> Work:
+    def _reduce_scatter(self, x, op: str, blocking: bool):
         buf = _buffers.view(x, writable=False)
         code = self._op_code(op, buf.dtype)
         rows = buf.shape[0] if buf.shape else buf.count
@@ -256,7 +256,7 @@ class Communicator:
         out_buf = _buffers.view(out, writable=True, what="output")
         work = self._live_core().reduce_scatter(buf.address, out_buf.address, out_buf.count, buf.dtype_code, code,
                                                 blocking)
-        return self._submit(work, out, (buf, out_buf))
+        return self._complete(work, out, (buf, out_buf), blocking)
 
     # -- lifetime -----------------------------------------------------------------------------
     def abort(self) -> None:
@@ -309,15 +309,17 @@ class Communicator:
             )
         return self._core
 
-    def _submit(self, core_work: Any, result: Any, keep_alive: tuple) -> Work:
+    def _complete(self, core_work: Any, result: Any, keep_alive: tuple, blocking: bool):
+        """A blocking call's result, or an async call's Work. core_work is None where the
+        collective ran on the caller's thread (and succeeded: the core raised otherwise)."""
+        if core_work is None:
+            return result
         work = Work(self, core_work, result, keep_alive)
-        if core_work.done():
-            return work
         # Hold every unfinished collective, so its buffers outlive it even if the caller
         # drops the Work without waiting (held first, pruned after).
         self._pending.append(work)
         self._pending = [w for w in self._pending if w is work or not w.done()]
-        return work
+        return work.wait() if blocking else work
 
     def _interrupt(self) -> None:
         if self._owned_here():

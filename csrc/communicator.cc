@@ -185,12 +185,11 @@ void Communicator::execute_loop() {
 }
 
 void Communicator::execute(Task& task, Transport& transport, const Interruption* caller) {
-  const std::string what = task.tag.describe();
   AlgorithmContext ctx{transport, group_, task.tag, deadline_after(options_.timeout_seconds),
                        options_.segment_bytes, scratch_, options_.debug, caller};
   std::exception_ptr error;
   try {
-    ctx.log(task.call ? std::string("start (") + task.allreduce->name() + ")" : "start");
+    if (ctx.debug) ctx.log(task.call ? std::string("start (") + task.allreduce->name() + ")" : "start");
     if (task.call) {
       task.call->run(ctx);
     } else {
@@ -201,7 +200,7 @@ void Communicator::execute(Task& task, Transport& transport, const Interruption*
     // The first failure aborts the communicator: the peers are told, and every collective
     // after this one fails at once instead of waiting on them. The transport lets go of
     // this collective's buffers before the caller hears of the failure.
-    std::string message = what + " failed on rank " + std::to_string(rank()) + ": " + e.what();
+    std::string message = task.tag.describe() + " failed on rank " + std::to_string(rank()) + ": " + e.what();
     ctx.log(std::string("failed: ") + e.what());
     transport.abort(e.what());
     transport.quiesce();

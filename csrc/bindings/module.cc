@@ -29,13 +29,14 @@ void* as_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
 
 /*
  * Submits `collective` (a call of one of Communicator's collectives, given the caller's
- * Interruption or null) with the GIL released. Blocking: the caller waits for the Work at once,
- * so its thread is lent to run the collective (Communicator::allreduce); between waits it takes
- * the GIL to let Python run its signal handlers, and if one raises (Ctrl-C's KeyboardInterrupt)
- * the collective ends, the communicator aborts, and that exception is raised here.
+ * Interruption or null) with the GIL released, and returns its Work. Blocking: the caller waits
+ * for the Work at once, so its thread is lent to run the collective (Communicator::allreduce);
+ * between waits it takes the GIL to let Python run its signal handlers, and if one raises
+ * (Ctrl-C's KeyboardInterrupt) the collective ends, the communicator aborts, and that exception
+ * is raised here. A blocking collective that ran here returns None, or raises its error.
  */
 template <typename Collective>
-std::shared_ptr<Work> submit(bool blocking, Collective collective) {
+py::object submit(bool blocking, Collective collective) {
   std::optional<py::error_already_set> raised;
   const Interruption interrupted = [&raised] {
     py::gil_scoped_acquire gil;
@@ -49,7 +50,11 @@ std::shared_ptr<Work> submit(bool blocking, Collective collective) {
     work = collective(blocking ? &interrupted : nullptr);
   }
   if (raised) throw *raised;
-  return work;
+  if (blocking && work->done()) {
+    work->wait_for(0);  // throws the collective's error, if any
+    return py::none();
+  }
+  return py::cast(work);
 }
 
 }  // namespace

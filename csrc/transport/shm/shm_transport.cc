@@ -1,6 +1,7 @@
 #include "transport/shm/shm_transport.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -112,6 +113,11 @@ ShmTransport::ShmTransport(int rank, int size, int doorbell_fd, std::vector<ShmL
     peer->out.control().probe_address.store(reinterpret_cast<uint64_t>(&direct_probe_), std::memory_order_release);
     poller_.watch(peer->watch.get(), 0, EPOLLIN, peer.get());
   }
+  // As MPI's yield_when_idle: a spinning waiter gives its core away only where the ranks of
+  // this host outnumber the cores this process may run on (the peer it waits on may need it).
+  cpu_set_t cores;
+  const int local_ranks = 1 + static_cast<int>(std::count_if(peers_.begin(), peers_.end(), [](auto& p) { return p != nullptr; }));
+  oversubscribed_ = sched_getaffinity(0, sizeof(cores), &cores) != 0 || local_ranks > CPU_COUNT(&cores);
   progress_thread_ = std::thread([this] { progress_loop(); });
 }
 
@@ -204,7 +210,7 @@ bool ShmTransport::wait_until(const TransportRequest& posted, Deadline deadline,
     return request->done || failed_;
   };
   for (const auto spin_end = Clock::now() + kWaitSpin; !finished() && Clock::now() < spin_end;) {
-    if (!try_drive()) std::this_thread::yield();
+    if (!try_drive() && oversubscribed_) std::this_thread::yield();
   }
   // From here on the progress thread moves the bytes, woken by the peers' doorbell rings.
   struct Blocked {

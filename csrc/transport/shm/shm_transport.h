@@ -12,10 +12,10 @@
 //
 // Matching by communicator, with frames read ahead, as transport/matching.h says.
 //
-// Progress: whoever waits drives the rings itself, spinning (and yielding the core) for a
-// while, so a small message costs no hand-off between threads; a progress thread does the rest
-// (a wait that outlasts the spin, stall questions, notices, a peer's death) and sleeps in epoll
-// when there is nothing to move, so an idle rank burns no CPU. Before sleeping while a thread
+// Progress: whoever waits drives the rings itself, spinning for a while (yielding the core where
+// the host has more ranks than cores), so a small message costs no hand-off between threads; a
+// progress thread does the rest (a wait that outlasts the spin, stall questions, notices, a
+// peer's death) and sleeps in epoll when there is nothing to move, so an idle rank burns no CPU. Before sleeping while a thread
 // waits on it, it raises the "asleep" flags of its rings; a peer that moves a ring's head or
 // tail past a raised flag rings this rank's doorbell (an eventfd it was handed), one system
 // call per sleep at most (prepare_to_sleep says when the doorbell is not wanted).
@@ -137,6 +137,7 @@ class ShmTransport : public Transport {
   std::string failure_;
   std::vector<PeerNotice> notices_;
 
+  bool oversubscribed_ = true;  // more ranks on this host than cores: a spinning waiter yields
   std::atomic<bool> asleep_{false};  // the progress thread sleeps (or is about to): wake it
   std::atomic<int> blocked_waiters_{0};  // threads in wait_until() that stopped driving the rings
   std::thread progress_thread_;
