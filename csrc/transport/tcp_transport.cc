@@ -22,13 +22,6 @@
 
 namespace collectives {
 
-struct TcpTransport::Operation : TransportOperation {
-  char* data = nullptr;  // payload (header.nbytes bytes)
-  std::string owned;     // the payload, where the transport sends it on its own (notices)
-  bool done = false;     // guarded by the transport's mutex: finished, well or not
-  bool ok = false;       // guarded by the transport's mutex: every byte moved
-};
-
 struct TcpTransport::Connection {
   Connection(const Link& link, int peer)
       : fd(link.fd), peer(peer), writer(sending_protection(link)), reader(receiving_protection(link)) {}
@@ -131,16 +124,7 @@ TcpTransport::OperationPtr TcpTransport::post(int peer, const FrameHeader& heade
 
 void TcpTransport::notify(uint32_t about, const std::string& text) {
   for (int peer = 0; peer < size_; ++peer) {
-    if (peer == rank_) continue;
-    auto op = std::make_shared<Operation>();
-    op->peer = peer;
-    op->is_send = true;
-    op->header.kind = static_cast<uint8_t>(FrameKind::kNotice);
-    op->header.unit = about;
-    op->owned = text.substr(0, kMaxAbortReason);
-    op->header.nbytes = op->owned.size();
-    op->data = op->owned.data();
-    submit(op);
+    if (peer != rank_) submit(Operation::notice(peer, about, text));
   }
 }
 

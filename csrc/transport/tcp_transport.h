@@ -63,7 +63,7 @@ class TcpTransport : public Transport {
   std::vector<PeerNotice> take_notices() override;
 
  private:
-  struct Operation;
+  using Operation = PostedOperation;
   using OperationPtr = std::shared_ptr<Operation>;
   struct Connection;
   OperationPtr post(int peer, const FrameHeader& header, void* data, bool is_send);

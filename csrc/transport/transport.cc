@@ -18,6 +18,18 @@ std::string what_it_did(StalledPeer::Why why) {
 
 }  // namespace
 
+std::shared_ptr<PostedOperation> PostedOperation::notice(int peer, uint32_t about, const std::string& text) {
+  auto op = std::make_shared<PostedOperation>();
+  op->peer = peer;
+  op->is_send = true;
+  op->header.kind = static_cast<uint8_t>(FrameKind::kNotice);
+  op->header.unit = about;
+  op->owned = text.substr(0, kMaxAbortReason);
+  op->header.nbytes = op->owned.size();
+  op->data = op->owned.data();
+  return op;
+}
+
 std::string peer_exited(const std::string& peer) {
   return peer + " closed the connection (process exited or was killed?)";
 }

@@ -47,6 +47,17 @@ struct TransportOperation {
 };
 using TransportRequest = std::shared_ptr<TransportOperation>;
 
+// What TcpTransport and ShmTransport keep of a request they posted.
+struct PostedOperation : TransportOperation {
+  char* data = nullptr;  // payload (header.nbytes bytes)
+  std::string owned;     // the payload, where the transport sends it on its own (notices)
+  bool done = false;     // guarded by the transport's mutex: finished, well or not
+  bool ok = false;       // guarded by the transport's mutex: every byte moved
+
+  // A notice to `peer` (Transport::notify), its text (cut to kMaxAbortReason) owned as payload.
+  static std::shared_ptr<PostedOperation> notice(int peer, uint32_t about, const std::string& text);
+};
+
 // News from a peer that does not stop the job (a kNotice frame).
 struct PeerNotice {
   int from;

@@ -17,13 +17,6 @@
 
 namespace collectives {
 
-struct ShmTransport::Operation : TransportOperation {
-  char* data = nullptr;  // payload (header.nbytes bytes)
-  std::string owned;     // the payload, where the transport sends it on its own (notices)
-  bool done = false;     // guarded by the transport's mutex: finished, well or not
-  bool ok = false;       // guarded by the transport's mutex: every byte moved
-};
-
 struct ShmTransport::Peer {
   int rank = 0;
   FileDescriptor segment, watch, doorbell;
@@ -183,14 +176,7 @@ ShmTransport::OperationPtr ShmTransport::post(int peer, const FrameHeader& heade
 void ShmTransport::notify(uint32_t about, const std::string& text) {
   for (auto& peer : peers_) {
     if (!peer) continue;
-    auto op = std::make_shared<Operation>();
-    op->peer = peer->rank;
-    op->is_send = true;
-    op->header.kind = static_cast<uint8_t>(FrameKind::kNotice);
-    op->header.unit = about;
-    op->owned = text.substr(0, kMaxAbortReason);
-    op->header.nbytes = op->owned.size();
-    op->data = op->owned.data();
+    OperationPtr op = Operation::notice(peer->rank, about, text);
     std::lock_guard<std::mutex> lock(mutex_);
     if (!failed_ && !peer->closed) peer->sends.push_back(op);
   }

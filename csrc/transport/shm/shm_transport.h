@@ -82,7 +82,7 @@ class ShmTransport : public Transport {
   std::vector<PeerNotice> take_notices() override;
 
  private:
-  struct Operation;
+  using Operation = PostedOperation;
   using OperationPtr = std::shared_ptr<Operation>;
   struct Peer;
 
