@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import _buffers, _core, hierarchical
+from . import _buffers, _core, hierarchical, ring
 from ._bootstrap import Bootstrap, bootstrap
 from ._config import Config
 from .errors import CollectiveError
@@ -364,12 +364,7 @@ def _options(config: Config, plan: Optional[hierarchical.Plan] = None) -> Any:
     options.segment_bytes = config.ring_segment_bytes or 0
     options.debug = config.debug
     options.reduction_server = config.effective_algorithm == "reduction_server"
-    # A forced member of the ring family: a cost model under which it always wins (the one
-    # selection place, csrc/algorithms/select.h, is the only one that chooses).
-    if config.algorithm == "ring":
-        options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 0.0, 1.0
-    elif config.algorithm == "recursive_doubling":
-        options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 1.0, 0.0
+    options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = ring.cost(config.algorithm)
     if plan is not None:
         forced = config.effective_algorithm == "hierarchical"
         options.hierarchy = hierarchical.core_plan(

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import __version__, _core, _topology
+from . import __version__, _core, _topology, ring
 from ._config import TRANSPORTS, Config
 
 
@@ -23,6 +23,7 @@ def describe() -> dict:
             "ucx": False,
         },
         "settings": Config.from_env().as_dict(),
+        "auto": ring.choices(),
     }
 
 
@@ -54,6 +55,13 @@ def main(argv=None) -> int:
     print("effective settings:")
     for key, value in info["settings"].items():
         print(f"  {key:<32} {value}")
+    model = info["auto"]["cost_model"]
+    print(f"auto on a flat group, without reducers (cost model: {model['alpha_seconds'] * 1e6:g} us per message, "
+          f"{model['beta_seconds_per_byte'] * 1e9:g} ns per byte; {model['source']}):")
+    for ranks, bytes_ in info["auto"]["ring_from_bytes"].items():
+        choice = "recursive doubling at every size" if bytes_ is None else \
+            f"recursive doubling below {bytes_} bytes, the ring from there"
+        print(f"  {ranks:>4} ranks: {choice}")
     return 0
 
 

@@ -84,6 +84,19 @@ PYBIND11_MODULE(_core, m) {
 
   bind_buffers(m);
   bind_kernels(m);
+  m.def(
+      "ring_family_choice",
+      [](size_t bytes, int group_size, double alpha_seconds, double beta_seconds_per_byte) {
+        // The one selection place, asked about a flat group without reducers or a plan.
+        RingAllreduce ring;
+        RecursiveDoublingAllreduce recursive_doubling;
+        return std::string(select_allreduce({ring, recursive_doubling, nullptr}, bytes, DataType::kUInt8, group_size,
+                                            {alpha_seconds, beta_seconds_per_byte})
+                               .name());
+      },
+      py::arg("bytes"), py::arg("group_size"), py::arg("alpha_seconds"), py::arg("beta_seconds_per_byte"),
+      "The all-reduce algorithm auto runs for a message of `bytes` over a flat group of `group_size` ranks "
+      "under this cost model.");
 
   m.attr("WIRE_SECURITY") = py::make_tuple("none", "mac", "aead");  // index = WireSecurity code
   m.def(
