@@ -222,8 +222,9 @@ void Communicator::execute(Task& task, Transport& transport, const Interruption*
       task.call->succeeded();
       start_ahead_locked();
     }
-    // The executor takes what was queued meanwhile; close() waits for the caller's run.
-    queued_.notify_all();
+    // The executor takes what was queued meanwhile; close() waits for the caller's run. Nobody
+    // else waits for this: a wake-up per collective would cost a small one a context switch.
+    if (!queue_.empty() || closing_) queued_.notify_all();
   }
   task.work->finish(error);
 }
