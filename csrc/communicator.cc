@@ -42,7 +42,7 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
     refused = "the reduction_server algorithm needs reducers";
   }
   try {
-    if (!options.hierarchy.levels.empty()) hierarchical_ = std::make_unique<HierarchicalAllreduce>(options.hierarchy, group_);
+    make_hierarchical();
   } catch (const std::invalid_argument& e) {
     refused = e.what();
   }
@@ -60,11 +60,17 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
 Communicator::Communicator(std::shared_ptr<Transport> transport, std::shared_ptr<Lineage> lineage, Group group,
                            uint64_t id, CommunicatorOptions options)
     : options_(options), transport_(std::move(transport)), lineage_(std::move(lineage)), group_(std::move(group)), id_(id) {
-  if (!options.hierarchy.levels.empty()) hierarchical_ = std::make_unique<HierarchicalAllreduce>(options.hierarchy, group_);
+  make_hierarchical();
   executor_ = std::thread([this] { execute_loop(); });
 }
 
 Communicator::~Communicator() { close(); }
+
+void Communicator::make_hierarchical() {
+  if (options_.hierarchy.levels.empty()) return;
+  hierarchy_ = std::make_unique<Hierarchy>(options_.hierarchy, group_);
+  hierarchical_ = std::make_unique<HierarchicalAllreduce>(*hierarchy_);
+}
 
 std::vector<int> Communicator::members() const {
   std::vector<int> ranks(size());

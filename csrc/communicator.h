@@ -137,6 +137,7 @@ class Communicator {
   void begin_locked(Task& task);  // marks it running, and lets it start
   void execute(Task& task, Transport& transport, const Interruption* caller);
   void start_ahead_locked();
+  void make_hierarchical();  // from options_.hierarchy, if any (std::invalid_argument if it breaks the rules)
 
   const CommunicatorOptions options_;
   std::shared_ptr<Transport> transport_;  // shared with the subgroups
@@ -146,7 +147,8 @@ class Communicator {
   RingAllreduce ring_;
   RecursiveDoublingAllreduce recursive_doubling_;
   std::unique_ptr<ReductionServerAllreduce> reduction_server_;  // null without reducers
-  std::unique_ptr<HierarchicalAllreduce> hierarchical_;  // null without a plan
+  std::unique_ptr<Hierarchy> hierarchy_;  // null without a plan
+  std::unique_ptr<HierarchicalAllreduce> hierarchical_;  // over hierarchy_
   std::vector<char> scratch_;  // the executor's staging memory
 
   std::mutex mutex_;  // guards the fields below

@@ -400,7 +400,7 @@ void test_subgroups(Job& job, size_t count) {
   for (int r = 0; r < size; ++r) check(errors[r].empty(), where + "rank " + std::to_string(r) + " raised " + errors[r]);
 }
 
-// The hierarchical algorithm (allreduce_hierarchical.h), forced by its cost model (levels that
+// The hierarchical algorithm (hierarchy.h, allreduce_hierarchical.h), forced by its cost model (levels that
 // cost nothing against flat links of a second per message), over uneven plans: 5 ranks as 3 + 2
 // on two hosts, and 7 ranks on three hosts in two racks: {0, 1, 2} and {3, 4} in one, {5, 6}
 // in the other. The rank past the fewest ranks on a host (2), and the second host of the first
@@ -435,6 +435,12 @@ void test_hierarchical() {
         test_allreduce<double>(job, ReduceOp::kAvg, count, ++seed);
         test_allreduce<int8_t>(job, ReduceOp::kProd, count, ++seed);
       }
+      // Pieces: 12 MiB of float32 goes through the plan as 12 pieces, the levels' threads
+      // overlapping (hierarchy.h).
+      if (segment == 0) {
+        test_allreduce<float>(job, ReduceOp::kSum, (3 << 20) + 7, ++seed);
+        test_every_rank_same_bits<float>(job, ReduceOp::kAvg, (3 << 20) + 7, ++seed);
+      }
     }
   }
   // Plans that break the rules are refused, naming the level.
@@ -446,7 +452,7 @@ void test_hierarchical() {
            {hierarchy({{{0, 1}, {2, 3}}, {{0, 3}, {1, 2}}}), "not the data of its group's first member"}}) {
     std::string error;
     try {
-      HierarchicalAllreduce refused(bad, world);
+      Hierarchy refused(bad, world);
     } catch (const std::invalid_argument& e) {
       error = e.what();
     }

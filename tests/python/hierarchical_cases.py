@@ -2,12 +2,14 @@
 script of test_hierarchical.py.
 
 The order (README, "Hierarchical all-reduce"): every ring of the plan reduces a block in ring
-order. In a group of n members (ring order 0..n-1), the block that member b ends with is
-``x[b+1] + x[b+2] + ... + x[n-1] + x[0] + ... + x[b]`` (indices mod n), added left to right,
-each addition in the buffer's dtype: the reduce-scatter's first message carries member b+1's
-data, and each member adds its own to what arrives. Level by level, the "x" of a level are the
-block sums of the level below; the top's all-reduce is the same reduce-scatter (then an
-all-gather). numpy computes the same order here, bit for bit.
+order. The buffer is first cut into pieces (``pieces``: count * itemsize // 1 MiB of them, at
+least 1 and at most 16, near-equal), and each piece is reduced as the plan reduces a buffer of
+its own (the levels are pipelined piece by piece). In a group of n members (ring order 0..n-1),
+the block that member b ends with is ``x[b+1] + x[b+2] + ... + x[n-1] + x[0] + ... + x[b]``
+(indices mod n), added left to right, each addition in the buffer's dtype: the reduce-scatter's
+first message carries member b+1's data, and each member adds its own to what arrives. Level by
+level, the "x" of a level are the block sums of the level below; the top's all-reduce is the
+same reduce-scatter (then an all-gather). numpy computes the same order here, bit for bit.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ def even_blocks(count: int, blocks: int) -> List[int]:
     return [b * base + min(b, extra) for b in range(blocks + 1)]
 
 
+MIN_PIECE_BYTES, MAX_PIECES = 1 << 20, 16  # csrc/algorithms/hierarchy.h
+
+
+def pieces(count: int, itemsize: int) -> List[int]:
+    """Hierarchy::pieces: the offsets of the pieces the levels are pipelined over."""
+    return even_blocks(count, min(max(count * itemsize // MIN_PIECE_BYTES, 1), MAX_PIECES))
+
+
 def ring_block(values: Sequence[np.ndarray], b: int) -> np.ndarray:
     """The block member b of a ring ends its reduce-scatter with, summed in ring order."""
     n = len(values)
@@ -38,7 +48,13 @@ def ring_block(values: Sequence[np.ndarray], b: int) -> np.ndarray:
 
 def hierarchical_sum(inputs: Sequence[np.ndarray], plan) -> np.ndarray:
     """What the hierarchical all-reduce of `inputs` (one array per rank) gives under `plan`
-    (collectives.hierarchical.plan), in its order."""
+    (collectives.hierarchical.plan), in its order: piece by piece."""
+    offsets = pieces(len(inputs[0]), inputs[0].itemsize)
+    return np.concatenate([piece_sum([x[lo:hi] for x in inputs], plan) for lo, hi in zip(offsets, offsets[1:])])
+
+
+def piece_sum(inputs: Sequence[np.ndarray], plan) -> np.ndarray:
+    """One piece through `plan`, as a buffer of its own."""
     count = len(inputs[0])
     buffers = [x.copy() for x in inputs]
     ranges = {rank: (0, count) for rank in range(len(inputs))}

@@ -21,7 +21,12 @@ import hierarchical_cases
 FORCED = {"COLLECTIVES_ALGORITHM": "hierarchical"}
 
 
-def cases(counts, dtypes=cases_lib.DTYPES, order_counts=(1, 13, 4099, 65537)):
+# Counts that the levels pipeline over several pieces (hierarchical_cases.pieces): 3 pieces of
+# float32, 2 of float64, 16 (the most) of float64.
+PIECED = (786_433, 300_007)
+
+
+def cases(counts, dtypes=cases_lib.DTYPES, order_counts=(1, 13, 4099, 65537) + PIECED):
     """All-reduces of every op of `dtypes` at `counts`, and the order-sensitive float sums."""
     found, seed = [], 0
     for dtype in dtypes:
@@ -33,6 +38,8 @@ def cases(counts, dtypes=cases_lib.DTYPES, order_counts=(1, 13, 4099, 65537)):
         for count in order_counts:
             seed += 1
             found.append(dict(collective="order", dtype=dtype, op="sum", count=count, seed=seed))
+    seed += 1
+    found.append(dict(collective="order", dtype="float64", op="sum", count=2_400_011, seed=seed))
     seed += 1
     found.append(dict(collective="same_bits", dtype="float16", op="sum", count=65537, seed=seed))
     return found
@@ -102,7 +109,8 @@ def test_two_racks_of_two_on_every_transport(run_ranks, tmp_path, transport, top
 def test_uneven_layouts(run_ranks, tmp_path, topologies, description):
     reports = hierarchical_cases.run_job(
         run_ranks, tmp_path, len(topologies),
-        cases([1, 2, 5, 13, 1009, 65537], ("float32", "float16", "int32", "int8"), order_counts=(1, 7, 65537)),
+        cases([1, 2, 5, 13, 1009, 65537, PIECED[0]], ("float32", "float16", "int32", "int8"),
+              order_counts=(1, 7, 65537, PIECED[0])),
         topologies, env=FORCED)
     assert {r["algorithm"] for r in reports} == {description}
 
@@ -142,11 +150,11 @@ import json, os, signal, sys, threading, time
 import numpy as np
 import collectives as cc
 
-scenario = sys.argv[1]
+scenario, count = sys.argv[1], int(sys.argv[2])
 result = {"rank": int(os.environ["COLLECTIVES_RANK"])}
 try:
     comm = cc.init()
-    x = np.ones(100_000, dtype=np.float32)
+    x = np.ones(count, dtype=np.float32)
     for step in range(5):
         if scenario == "killed" and comm.rank == 3 and step == 2:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -168,14 +176,20 @@ print(json.dumps(result), flush=True)
 """
 
 
-def run_fault(run_ranks, scenario):
-    return run_ranks(FAULT_SCRIPT, 4, args=[scenario], env={**FORCED, "COLLECTIVES_TIMEOUT": "10"},
+# One piece (the stages one after the other on the caller's thread), and 4 pieces (a thread per
+# stage: the caller's thread runs the host's, the top's runs on a thread of its own).
+FAULT_COUNTS = [100_000, 1 << 20]
+
+
+def run_fault(run_ranks, scenario, count):
+    return run_ranks(FAULT_SCRIPT, 4, args=[scenario, str(count)], env={**FORCED, "COLLECTIVES_TIMEOUT": "10"},
                      rank_env=lambda r: {"COLLECTIVES_TOPOLOGY": TWO_RACKS[r]}, timeout=60)
 
 
-def test_killed_rank_fails_the_survivors_naming_it(run_ranks):
+@pytest.mark.parametrize("count", FAULT_COUNTS)
+def test_killed_rank_fails_the_survivors_naming_it(run_ranks, count):
     start = time.monotonic()
-    survivors = [r for r in run_fault(run_ranks, "killed") if r.returncode != -signal.SIGKILL]
+    survivors = [r for r in run_fault(run_ranks, "killed", count) if r.returncode != -signal.SIGKILL]
     assert len(survivors) == 3
     for result in survivors:
         report = result.report()
@@ -184,8 +198,9 @@ def test_killed_rank_fails_the_survivors_naming_it(run_ranks):
     assert time.monotonic() - start < 10.0 + 30  # seen at once (the timeout is 10 s), not waited out
 
 
-def test_ctrl_c_inside_the_hierarchy_raises_keyboard_interrupt_promptly(run_ranks):
-    reports = [result.report() for result in run_fault(run_ranks, "interrupt")]
+@pytest.mark.parametrize("count", FAULT_COUNTS)
+def test_ctrl_c_inside_the_hierarchy_raises_keyboard_interrupt_promptly(run_ranks, count):
+    reports = [result.report() for result in run_fault(run_ranks, "interrupt", count)]
     assert reports[0].get("error_type") == "KeyboardInterrupt" and reports[0]["latency"] < 1.0, reports[0]
     for report in reports[1:]:
         assert report.get("error_type") in ("CollectiveError", "TimeoutError"), report
