@@ -16,6 +16,9 @@
 
 namespace collectives {
 
+// The caller's interruption, as the algorithms' context holds it.
+using InterruptionPtr = decltype(AlgorithmContext::interruption);
+
 class StageBoard {
  public:
   // Thrown by await() in a stage once another stage failed: that one's error is the one to report.
@@ -48,13 +51,13 @@ class StageBoard {
 
   // Blocks until `stage` has finished piece `piece` of the `up` way (or down), at most until
   // `deadline`; on a caller's thread, asking its `interruption` between waits.
-  void await(bool up, size_t stage, size_t piece, Deadline deadline, const Interruption* interruption) {
+  void await(bool up, size_t stage, size_t piece, Deadline deadline, InterruptionPtr interruption) {
     await_until(deadline, interruption, [&] { return (up ? up_ : down_)[stage] > piece; },
                 [&] { return std::string(up ? "up" : "down") + " the stage " + std::to_string(stage) +
                              " of piece " + std::to_string(piece); });
   }
   // Blocks until `stages` stages have said stage_done().
-  void await_stages(size_t stages, Deadline deadline, const Interruption* interruption) {
+  void await_stages(size_t stages, Deadline deadline, InterruptionPtr interruption) {
     await_until(deadline, interruption, [&] { return stages_done_ >= stages; }, [] { return std::string("the other stages"); });
   }
 
@@ -64,7 +67,7 @@ class StageBoard {
   static constexpr auto kGrace = std::chrono::seconds(1);
 
   template <typename Ready, typename What>
-  void await_until(Deadline deadline, const Interruption* interruption, Ready ready, What what) {
+  void await_until(Deadline deadline, InterruptionPtr interruption, Ready ready, What what) {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
       if (failure_) throw Abandoned{};
@@ -74,13 +77,24 @@ class StageBoard {
       if (interruption) {
         changed_.wait_until(lock, std::min(now + kInterruptionCheck, deadline + kGrace));
         lock.unlock();
-        const bool interrupted = (*interruption)();
+        const bool interrupted = ask(*interruption, 0);
         lock.lock();
         if (interrupted) throw Interrupted();
       } else {
         changed_.wait_until(lock, deadline + kGrace);
       }
     }
+  }
+
+  // Whether the caller wants the collective ended: an Interruption that paces its own asking
+  // (interrupted()), or a plain callable.
+  template <typename I>
+  static auto ask(I& interruption, int) -> decltype(interruption.interrupted()) {
+    return interruption.interrupted();
+  }
+  template <typename I>
+  static bool ask(I& interruption, long) {
+    return interruption();
   }
 
   std::mutex mutex_;
