@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <stdexcept>
+#include <utility>
 
 namespace collectives {
 
@@ -114,17 +115,19 @@ std::unique_ptr<Communicator> Communicator::subgroup(const std::vector<int>& ran
   return std::unique_ptr<Communicator>(new Communicator(std::move(transport), lineage_, std::move(group), id, options));
 }
 
-std::shared_ptr<Work> Communicator::enqueue(Task task, const Interruption* caller) {
+std::shared_ptr<Work> Communicator::enqueue(Task task, Interruption* caller) {
   task.work = std::make_shared<Work>();
   std::unique_lock<std::mutex> lock(mutex_);
   if (closing_) throw CollectiveError("the communicator is closed");
+  if (caller && running_ && caller_thread_ == std::this_thread::get_id()) {
+    // From inside the collective this thread runs (a signal handler): it would wait on itself.
+    throw CollectiveError("a collective was called while this thread runs another of the same communicator "
+                          "(from a signal handler?); call it once that one has returned");
+  }
   task.tag.seq = next_seq_++;
   task.tag.comm = id_;
   if (!failure_.empty()) {
-    task.work->finish(std::make_exception_ptr(CollectiveError(
-        task.tag.describe() + " on rank " + std::to_string(rank()) +
-        ": the communicator was aborted by an earlier failure (" + failure_ +
-        "); create a new one")));
+    task.work->finish(aborted_earlier_locked(task));
     return task.work;
   }
   if (task.allreduce) task.call = task.allreduce->call(task.tag, task.data);
@@ -132,7 +135,8 @@ std::shared_ptr<Work> Communicator::enqueue(Task task, const Interruption* calle
   // A caller that blocks on this collective runs it on its own thread when it is next in line:
   // no hand-off to the executor and back, which would cost a small message more than its
   // exchange. Its waits must all go through the context to be interruptible.
-  const bool on_caller = caller && queue_.empty() && !running_ && (!task.call || task.allreduce->waits_through_context());
+  const bool on_caller =
+      caller && queue_.empty() && !running_ && (!task.call || task.allreduce->waits_through_context());
   if (!on_caller) {
     queue_.push_back(std::move(task));
     start_ahead_locked();
@@ -140,6 +144,7 @@ std::shared_ptr<Work> Communicator::enqueue(Task task, const Interruption* calle
     return work;
   }
   begin_locked(task);
+  caller_thread_ = std::this_thread::get_id();
   std::shared_ptr<Transport> transport = transport_;  // close() may drop its own meanwhile
   lock.unlock();
   execute(task, *transport, caller);
@@ -161,6 +166,12 @@ void Communicator::start_ahead_locked() {
   }
 }
 
+std::exception_ptr Communicator::aborted_earlier_locked(const Task& task) const {
+  return std::make_exception_ptr(CollectiveError(task.tag.describe() + " on rank " + std::to_string(rank()) +
+                                                 ": the communicator was aborted by an earlier failure (" + failure_ +
+                                                 "); create a new one"));
+}
+
 void Communicator::begin_locked(Task& task) {
   running_ = true;
   running_memory_ = task.memory;
@@ -179,9 +190,7 @@ void Communicator::execute_loop() {
       queue_.pop_front();
       if (!failure_.empty()) {
         // Queued before the failure: it cannot run without the peers it lost.
-        task.work->finish(std::make_exception_ptr(CollectiveError(
-            task.tag.describe() + " on rank " + std::to_string(rank()) +
-            ": the communicator was aborted by an earlier failure (" + failure_ + ")")));
+        task.work->finish(aborted_earlier_locked(task));
         continue;
       }
       begin_locked(task);
@@ -190,10 +199,11 @@ void Communicator::execute_loop() {
   }
 }
 
-void Communicator::execute(Task& task, Transport& transport, const Interruption* caller) {
+void Communicator::execute(Task& task, Transport& transport, Interruption* caller) {
   AlgorithmContext ctx{transport, group_, task.tag, deadline_after(options_.timeout_seconds),
                        options_.segment_bytes, scratch_, options_.debug, caller};
   std::exception_ptr error;
+  bool close_now = false;
   try {
     if (ctx.debug) ctx.log(task.call ? std::string("start (") + task.allreduce->name() + ")" : "start");
     if (task.call) {
@@ -231,8 +241,13 @@ void Communicator::execute(Task& task, Transport& transport, const Interruption*
     // The executor takes what was queued meanwhile; close() waits for the caller's run. Nobody
     // else waits for this: a wake-up per collective would cost a small one a context switch.
     if (!queue_.empty() || closing_) queued_.notify_all();
+    if (caller) {
+      caller_thread_ = {};
+      close_now = std::exchange(close_when_done_, false);
+    }
   }
   task.work->finish(error);
+  if (close_now) close();
 }
 
 namespace {
@@ -245,7 +260,7 @@ MemoryRange bytes_of(const void* data, size_t count, DataType dtype) {
 }  // namespace
 
 std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
-                                              const Interruption* caller) {
+                                              Interruption* caller) {
   Task task;
   task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
   task.memory = {bytes_of(data, count, dtype)};
@@ -258,7 +273,7 @@ std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType
 }
 
 std::shared_ptr<Work> Communicator::allgather(const void* input, void* output, size_t count, DataType dtype,
-                                              const Interruption* caller) {
+                                              Interruption* caller) {
   Task task;
   task.tag = {CollectiveKind::kAllgather, 0, count, dtype, ReduceOp::kSum};
   task.memory = {bytes_of(input, count, dtype), bytes_of(output, count * size(), dtype)};
@@ -267,7 +282,7 @@ std::shared_ptr<Work> Communicator::allgather(const void* input, void* output, s
 }
 
 std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType dtype, int root,
-                                              const Interruption* caller) {
+                                              Interruption* caller) {
   if (root < 0 || root >= size()) {
     throw std::invalid_argument("root " + std::to_string(root) + " is not a rank of a " +
                                 std::to_string(size()) + "-rank communicator");
@@ -280,7 +295,7 @@ std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType
 }
 
 std::shared_ptr<Work> Communicator::reduce_scatter(const void* input, void* output, size_t count,
-                                                   DataType dtype, ReduceOp op, const Interruption* caller) {
+                                                   DataType dtype, ReduceOp op, Interruption* caller) {
   Task task;
   task.tag = {CollectiveKind::kReduceScatter, 0, count, dtype, op};
   task.memory = {bytes_of(input, count * size(), dtype), bytes_of(output, count, dtype)};
@@ -288,7 +303,7 @@ std::shared_ptr<Work> Communicator::reduce_scatter(const void* input, void* outp
   return enqueue(std::move(task), caller);
 }
 
-std::shared_ptr<Work> Communicator::barrier(const Interruption* caller) {
+std::shared_ptr<Work> Communicator::barrier(Interruption* caller) {
   Task task;
   task.tag = {CollectiveKind::kBarrier, 0, 0, DataType::kUInt8, ReduceOp::kSum};
   task.run = [](const AlgorithmContext& ctx) { barrier_dissemination(ctx); };
@@ -311,7 +326,16 @@ void Communicator::close() {
   std::deque<Task> abandoned;
   bool running;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (running_ && caller_thread_ == std::this_thread::get_id()) {
+      // From inside the collective this thread runs (a signal handler): waiting for it to end
+      // would wait on itself. It is ended, and the rest of closing done once it has unwound.
+      close_when_done_ = true;
+      std::shared_ptr<Transport> transport = transport_;
+      lock.unlock();
+      transport->abort("rank " + std::to_string(rank()) + " closed its communicator during a collective");
+      return;
+    }
     if (closing_) return;
     closing_ = true;
     running = running_;

@@ -98,14 +98,14 @@ class Communicator {
   // whether to give up (Interrupted). Otherwise, and without `caller`, the communicator's
   // thread runs it.
   std::shared_ptr<Work> allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
-                                  const Interruption* caller = nullptr);
+                                  Interruption* caller = nullptr);
   std::shared_ptr<Work> allgather(const void* input, void* output, size_t count, DataType dtype,
-                                  const Interruption* caller = nullptr);
+                                  Interruption* caller = nullptr);
   std::shared_ptr<Work> broadcast(void* data, size_t count, DataType dtype, int root,
-                                  const Interruption* caller = nullptr);
+                                  Interruption* caller = nullptr);
   std::shared_ptr<Work> reduce_scatter(const void* input, void* output, size_t count, DataType dtype, ReduceOp op,
-                                       const Interruption* caller = nullptr);
-  std::shared_ptr<Work> barrier(const Interruption* caller = nullptr);
+                                       Interruption* caller = nullptr);
+  std::shared_ptr<Work> barrier(Interruption* caller = nullptr);
   // Bytes exchanged with each reducer, and whether it is still in use.
   std::vector<ReducerStat> reducer_stats() const;
 
@@ -132,10 +132,11 @@ class Communicator {
   };
   Communicator(std::shared_ptr<Transport> transport, std::shared_ptr<Lineage> lineage, Group group,
                uint64_t id, CommunicatorOptions options);
-  std::shared_ptr<Work> enqueue(Task task, const Interruption* caller);
+  std::shared_ptr<Work> enqueue(Task task, Interruption* caller);
   void execute_loop();
   void begin_locked(Task& task);  // marks it running, and lets it start
-  void execute(Task& task, Transport& transport, const Interruption* caller);
+  std::exception_ptr aborted_earlier_locked(const Task& task) const;  // its error after failure_
+  void execute(Task& task, Transport& transport, Interruption* caller);
   void start_ahead_locked();
   void make_hierarchical();  // from options_.hierarchy, if any (std::invalid_argument if it breaks the rules)
 
@@ -157,6 +158,8 @@ class Communicator {
   uint64_t next_seq_ = 0;
   bool closing_ = false;
   bool running_ = false;  // the executor or a caller's thread is inside a collective
+  std::thread::id caller_thread_;  // the caller's thread inside one, if that is who runs it
+  bool close_when_done_ = false;   // close() was called from inside it: closes once it has unwound
   std::vector<MemoryRange> running_memory_;  // what the collective in flight reads or writes
   std::string failure_;  // set once a collective failed: the communicator is aborted
   std::thread executor_;

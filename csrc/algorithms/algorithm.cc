@@ -21,8 +21,16 @@ size_t segment_elements(const AlgorithmContext& ctx, size_t largest_message_elem
 
 void AlgorithmContext::wait(const TransportRequest& request) const {
   if (!interruption) return transport.wait(request, deadline);
-  while (!transport.wait_until(request, deadline, Clock::now() + kInterruptionCheck)) {
-    if ((*interruption)()) throw Interrupted();
+  for (;;) {
+    const bool done = transport.wait_until(request, deadline, interruption->next_check());
+    if (interruption->interrupted()) {
+      // As for any failure of a wait: no posted buffer is touched once this throws.
+      const Interrupted interrupted;
+      transport.abort(interrupted.what());
+      transport.quiesce();
+      throw interrupted;
+    }
+    if (done) return;
   }
 }
 

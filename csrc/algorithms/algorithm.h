@@ -18,11 +18,29 @@
 
 namespace collectives {
 
-// Offered by a caller whose own thread runs a collective (Communicator): asked between waits of
-// at most kInterruptionCheck; true ends the collective, and the communicator as any failure
-// does, with Interrupted.
-using Interruption = std::function<bool()>;
+// Offered by a caller whose own thread runs a collective (Communicator): asked whether to give
+// up every kInterruptionCheck while the collective waits or moves data (between two waits, so a
+// long run of short ones is no exception); true ends the collective, and the communicator as
+// any failure does, with Interrupted.
 constexpr auto kInterruptionCheck = std::chrono::milliseconds(100);
+
+class Interruption {
+ public:
+  explicit Interruption(std::function<bool()> ask) : ask_(std::move(ask)) {}
+  // Until when a wait may go on without asking.
+  Clock::time_point next_check() const { return next_check_; }
+  // Whether the caller wants the collective ended; asks it only once the check is due.
+  bool interrupted() {
+    const Clock::time_point now = Clock::now();
+    if (now < next_check_) return false;
+    next_check_ = now + kInterruptionCheck;
+    return ask_();
+  }
+
+ private:
+  std::function<bool()> ask_;
+  Clock::time_point next_check_ = Clock::now() + kInterruptionCheck;
+};
 
 class Interrupted : public CollectiveError {
  public:
@@ -37,7 +55,7 @@ struct AlgorithmContext {
   size_t segment_bytes;  // pipelining granularity; 0 = choose from the message size
   std::vector<char>& scratch;  // staging memory reused across collectives
   bool debug;                  // COLLECTIVES_DEBUG: log each phase on stderr
-  const Interruption* interruption = nullptr;  // the caller's, where its thread runs the collective
+  Interruption* interruption = nullptr;  // the caller's, where its thread runs the collective
 
   int rank() const { return group.index(); }
   int size() const { return group.size(); }

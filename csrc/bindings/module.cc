@@ -38,12 +38,12 @@ void* as_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
 template <typename Collective>
 py::object submit(bool blocking, Collective collective) {
   std::optional<py::error_already_set> raised;
-  const Interruption interrupted = [&raised] {
+  Interruption interrupted([&raised] {
     py::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() == 0) return false;
     raised.emplace();  // takes the handler's exception from the interpreter
     return true;
-  };
+  });
   std::shared_ptr<Work> work;
   {
     py::gil_scoped_release released;
@@ -255,7 +255,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "allreduce",
           [](Communicator& c, uintptr_t data, size_t count, int dtype, int op, bool blocking) {
-            return submit(blocking, [&](const Interruption* caller) {
+            return submit(blocking, [&](Interruption* caller) {
               return c.allreduce(as_pointer(data), count, checked_dtype(dtype), checked_op(op), caller);
             });
           },
@@ -263,7 +263,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "allgather",
           [](Communicator& c, uintptr_t input, uintptr_t output, size_t count, int dtype, bool blocking) {
-            return submit(blocking, [&](const Interruption* caller) {
+            return submit(blocking, [&](Interruption* caller) {
               return c.allgather(as_pointer(input), as_pointer(output), count, checked_dtype(dtype), caller);
             });
           },
@@ -271,7 +271,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "broadcast",
           [](Communicator& c, uintptr_t data, size_t count, int dtype, int root, bool blocking) {
-            return submit(blocking, [&](const Interruption* caller) {
+            return submit(blocking, [&](Interruption* caller) {
               return c.broadcast(as_pointer(data), count, checked_dtype(dtype), root, caller);
             });
           },
@@ -279,7 +279,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "reduce_scatter",
           [](Communicator& c, uintptr_t input, uintptr_t output, size_t count, int dtype, int op, bool blocking) {
-            return submit(blocking, [&](const Interruption* caller) {
+            return submit(blocking, [&](Interruption* caller) {
               return c.reduce_scatter(as_pointer(input), as_pointer(output), count, checked_dtype(dtype),
                                       checked_op(op), caller);
             });
@@ -289,7 +289,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "barrier",
           [](Communicator& c, bool blocking) {
-            return submit(blocking, [&](const Interruption* caller) { return c.barrier(caller); });
+            return submit(blocking, [&](Interruption* caller) { return c.barrier(caller); });
           },
           py::arg("blocking") = false)
       .def("abort", &Communicator::abort, py::arg("reason"),

@@ -24,6 +24,17 @@ RoutingTransport::~RoutingTransport() {
   shm_->become_part_of(nullptr);
 }
 
+bool RoutingTransport::wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) {
+  if (over_shm_.at(request->peer)) return shm_->wait_until(request, deadline, until);
+  // A thread waiting on TCP does not drive the shared-memory rings: their progress thread must.
+  shm_->waiting_elsewhere(true);
+  struct Done {
+    Transport& shm;
+    ~Done() { shm.waiting_elsewhere(false); }
+  } done{*shm_};
+  return tcp_->wait_until(request, deadline, until);
+}
+
 int RoutingTransport::awaited_rank() {
   const int over_shm = shm_->awaited_rank();
   return over_shm != kNobody ? over_shm : tcp_->awaited_rank();

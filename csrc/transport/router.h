@@ -32,9 +32,7 @@ class RoutingTransport : public Transport {
   TransportRequest recv(int peer, const FrameHeader& expected, void* data) override {
     return part(peer).recv(peer, expected, data);
   }
-  bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) override {
-    return part(request->peer).wait_until(request, deadline, until);
-  }
+  bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) override;
   int ask_waiting_on(int peer) override { return part(peer).ask_waiting_on(peer); }
   int awaited_rank() override;
   void abort(const std::string& reason, bool timed_out = false) override;

@@ -136,13 +136,16 @@ class Transport {
   // The notices that arrived since the last call, in order of arrival.
   virtual std::vector<PeerNotice> take_notices() = 0;
 
+  // A thread of the routing transport this one is part of blocks on another part (begins), or
+  // no longer does: meanwhile this part's requests must move without that thread's help.
+  virtual void waiting_elsewhere(bool /*begins*/) {}
+
   // Makes this transport carry part of `whole`'s traffic (a RoutingTransport, which outlives
   // it): its first failure fails the whole, and what it answers and asks about stalls speaks
   // for the whole (a receive may wait on a rank that another part reaches).
   void become_part_of(Transport* whole) { whole_.store(whole); }
 
  protected:
-  bool part_of_whole() const { return whole_.load() != nullptr; }
   // For implementations: once their first failure sticks, so that the whole fails with it.
   void failed_first(const std::string& reason, bool timed_out) {
     if (Transport* whole = whole_.load()) whole->abort(reason, timed_out);

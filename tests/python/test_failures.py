@@ -23,6 +23,7 @@ if scenario == "protocol" and rank == 1:
     import collectives._handshake as handshake
     handshake.PROTOCOL_VERSION += 1  # this process really speaks another version
 result = {"rank": rank}
+interrupted_at = []  # when a scenario's signal was sent
 try:
     comm = cc.init()
     x = np.ones(100_000, dtype=np.float32)
@@ -35,14 +36,16 @@ try:
             os.kill(os.getpid(), signal.SIGSTOP)  # alive, connections open, silent
         if scenario == "abort" and rank == 2 and step == 2:
             time.sleep(3)  # rank 0 is waiting for this rank when it aborts
-        if scenario in ("hang", "interrupt") and rank == 2 and step == 2:
+        if scenario in ("hang", "interrupt", "close-in-handler") and rank == 2 and step == 2:
             time.sleep(2 * comm.config.timeout)  # silent, but alive: no connection ends
         if scenario == "abort" and rank == 0 and step == 2:
             threading.Timer(0.5, comm.abort).start()
-        if scenario == "interrupt" and rank == 0 and step == 2:
-            interrupted_at = []
+        if scenario in ("interrupt", "close-in-handler") and rank == 0 and step == 2:
+            if scenario == "close-in-handler":  # as a SIGTERM handler of a preempted job may
+                signal.signal(signal.SIGUSR1, lambda *_: comm.close())
+            sent = signal.SIGINT if scenario == "interrupt" else signal.SIGUSR1
             threading.Timer(1.0, lambda: (interrupted_at.append(time.monotonic()),
-                                          os.kill(os.getpid(), signal.SIGINT))).start()
+                                          os.kill(os.getpid(), sent))).start()
         if scenario == "fork" and step == 2:
             child = os.fork()
             if child == 0:  # a DataLoader-like worker that exits through the normal path
@@ -60,7 +63,7 @@ except BaseException as error:
         raise  # the forked child leaves through the normal exit path
     result.update(error_type=type(error).__name__, message=str(error),
                   is_collective_error=isinstance(error, cc.CollectiveError))
-    if isinstance(error, KeyboardInterrupt):
+    if interrupted_at:
         result["interrupt_latency"] = time.monotonic() - interrupted_at[0]
 print(json.dumps(result), flush=True)
 """
@@ -115,8 +118,10 @@ def test_a_silent_rank_times_out_everywhere(run_ranks):
     for report in survivors:
         assert report["error_type"] == "TimeoutError", report
         assert "died" not in report["message"] and "closed" not in report["message"], report
-        # On the ring rank 1 waits on rank 0, which waits on rank 2: both name rank 2.
-        assert "timed out waiting for rank 2 " in report["message"], report
+        # On the ring rank 1 waits on rank 0, which waits on rank 2: both name rank 2, whether
+        # rank 0 times out first (on rank 2 itself) or rank 1 does (and traces it to rank 2).
+        assert re.search(r"timed out waiting for rank 2 |: rank 2 \(\S+\) (waits to receive from no rank|did not answer)",
+                         report["message"]), report
     assert time.monotonic() - start < 60
 
 
@@ -173,6 +178,17 @@ def test_ctrl_c_during_a_wait_raises_keyboard_interrupt_promptly(run_ranks):
     interrupted = reports(results)[0]
     assert interrupted["error_type"] == "KeyboardInterrupt", interrupted
     assert interrupted["interrupt_latency"] < 1.0, interrupted
+
+
+def test_closing_from_a_signal_handler_during_a_blocking_collective_ends_it(run_ranks):
+    """The handler runs on the thread that runs the collective (a blocking call runs it on the
+    caller's thread): close() ends it instead of waiting on itself, and the peers hear why."""
+    results = reports(run_scenario(run_ranks, "close-in-handler", 3, timeout_s=10.0))
+    closer, waiting = results[0], results[1]
+    assert closer["is_collective_error"], closer
+    assert "rank 0 closed its communicator during a collective" in closer["message"], closer
+    assert closer["interrupt_latency"] < 1.0, closer
+    assert waiting["is_collective_error"] and "rank 0" in waiting["message"], waiting
 
 
 BAD_ARGUMENTS_SCRIPT = r"""

@@ -109,7 +109,8 @@ ShmTransport::ShmTransport(int rank, int size, int doorbell_fd, std::vector<ShmL
   // As MPI's yield_when_idle: a spinning waiter gives its core away only where the ranks of
   // this host outnumber the cores this process may run on (the peer it waits on may need it).
   cpu_set_t cores;
-  const int local_ranks = 1 + static_cast<int>(std::count_if(peers_.begin(), peers_.end(), [](auto& p) { return p != nullptr; }));
+  const int local_ranks =
+      1 + static_cast<int>(std::count_if(peers_.begin(), peers_.end(), [](auto& p) { return p != nullptr; }));
   oversubscribed_ = sched_getaffinity(0, sizeof(cores), &cores) != 0 || local_ranks > CPU_COUNT(&cores);
   progress_thread_ = std::thread([this] { progress_loop(); });
 }
@@ -139,8 +140,9 @@ TransportRequest ShmTransport::recv(int peer, const FrameHeader& expected, void*
   return post(peer, expected, data, /*is_send=*/false);
 }
 
-// No wake-up here: every posted request is waited on, and a waiting thread drives every
-// ring (notify() wakes the progress thread for the frames nobody waits on).
+// No wake-up here: every posted request is waited on, and a waiting thread drives every ring,
+// or has the progress thread do it while it waits on another part of a routing transport
+// (waiting_elsewhere); notify() wakes the progress thread for the frames nobody waits on.
 ShmTransport::OperationPtr ShmTransport::post(int peer, const FrameHeader& header, void* data, bool is_send) {
   auto op = std::make_shared<Operation>();
   op->peer = peer;
@@ -167,9 +169,6 @@ ShmTransport::OperationPtr ShmTransport::post(int peer, const FrameHeader& heade
   }
   if (gone) abort(peer_has_closed(peer_names_[peer]));
   if (!refused.empty()) fail(peer_names_[peer] + " sent " + refused, false);
-  // A waiting thread drives every ring of this transport, but a routing transport's waits on
-  // TCP do not: the progress thread must not sleep through this request.
-  if (part_of_whole() && asleep_.load()) poller_.wake();
   return op;
 }
 
@@ -199,12 +198,11 @@ bool ShmTransport::wait_until(const TransportRequest& posted, Deadline deadline,
     if (!try_drive() && oversubscribed_) std::this_thread::yield();
   }
   // From here on the progress thread moves the bytes, woken by the peers' doorbell rings.
-  struct Blocked {
-    std::atomic<int>& count;
-    explicit Blocked(std::atomic<int>& c) : count(c) { ++count; }
-    ~Blocked() { --count; }
-  } blocked(blocked_waiters_);
-  if (asleep_.load() && !prepare_to_sleep()) poller_.wake();
+  waiting_elsewhere(true);
+  struct Unblock {
+    ShmTransport& transport;
+    ~Unblock() { transport.waiting_elsewhere(false); }
+  } unblock{*this};
   std::unique_lock<std::mutex> lock(mutex_);
   if (!await(lock, completed_, *request, deadline, until, [&] { return request->done || failed_; })) return false;
   // A request that completed stays good even if the transport failed afterwards.
@@ -266,8 +264,13 @@ bool ShmTransport::has_failed() {
 void ShmTransport::fail(const std::string& reason, bool timed_out) {
   const std::string first = reason.empty() ? std::string("failed") : reason;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!failure_.empty()) return;  // the first reason wins
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!failure_.empty()) {
+      // The first reason wins; but a caller may take its buffers back once this returns, so
+      // not before the first failure is complete (the peers told, no bytes moving).
+      completed_.wait(lock, [&] { return failed_; });
+      return;
+    }
     failure_ = first;
   }
   // Peers hear "rank R aborted: <reason>" (they name the sender), so every rank's error names
@@ -283,6 +286,7 @@ void ShmTransport::fail(const std::string& reason, bool timed_out) {
     control.aborted.store(timed_out ? RingControl::kTimedOut : RingControl::kAborted, std::memory_order_release);
     ring(*peer);
   }
+  std::atomic_thread_fence(std::memory_order_seq_cst);  // the flags before any later change of a buffer
   {
     std::lock_guard<std::mutex> lock(mutex_);
     failed_ = true;
@@ -593,6 +597,15 @@ void ShmTransport::handle_gone(Peer& peer) {
   peer.closed = true;  // a goodbye: drive_locked() fails only if this rank still needed it
 }
 
+void ShmTransport::waiting_elsewhere(bool begins) {
+  if (!begins) {
+    --blocked_waiters_;
+    return;
+  }
+  ++blocked_waiters_;
+  if (asleep_.load() && !prepare_to_sleep()) poller_.wake();
+}
+
 void ShmTransport::raise_asleep_flags(uint32_t raised) {
   for (auto& peer : peers_) {
     if (!peer) continue;
@@ -603,8 +616,8 @@ void ShmTransport::raise_asleep_flags(uint32_t raised) {
 
 /*
  * The doorbell is wanted only while a thread waits on the progress thread: one blocked in
- * wait_until(), or one waiting on another part of the routing transport (which does not drive
- * these rings). A thread that spins in wait_until() drives the rings itself, and a request that
+ * wait_until(), or one waiting on another part of the routing transport, which does not drive
+ * these rings (both counted by waiting_elsewhere). A thread that spins in wait_until() drives the rings itself, and a request that
  * nobody waits on yet can wait too: it is driven when it is waited on. Without that, every
  * message would cost a system call and a wake-up of a thread that only competes with the
  * spinning one for the rings (on a host with fewer cores than ranks, a scheduling round each).
@@ -616,7 +629,7 @@ void ShmTransport::raise_asleep_flags(uint32_t raised) {
 bool ShmTransport::prepare_to_sleep() {
   asleep_.store(true);
   std::lock_guard<std::mutex> moving(progress_mutex_);
-  raise_asleep_flags(blocked_waiters_.load() > 0 || part_of_whole() ? 1 : 0);
+  raise_asleep_flags(blocked_waiters_.load() > 0 ? 1 : 0);
   std::atomic_thread_fence(std::memory_order_seq_cst);
   return !drive_locked();
 }

@@ -15,10 +15,10 @@
 // Progress: whoever waits drives the rings itself, spinning for a while (yielding the core where
 // the host has more ranks than cores), so a small message costs no hand-off between threads; a
 // progress thread does the rest (a wait that outlasts the spin, stall questions, notices, a
-// peer's death) and sleeps in epoll when there is nothing to move, so an idle rank burns no CPU. Before sleeping while a thread
-// waits on it, it raises the "asleep" flags of its rings; a peer that moves a ring's head or
-// tail past a raised flag rings this rank's doorbell (an eventfd it was handed), one system
-// call per sleep at most (prepare_to_sleep says when the doorbell is not wanted).
+// peer's death) and sleeps in epoll when there is nothing to move, so an idle rank burns no CPU.
+// Before sleeping while a thread waits on it, it raises the "asleep" flags of its rings; a peer
+// that moves a ring's head or tail past a raised flag rings this rank's doorbell (an eventfd it
+// was handed), one system call per sleep at most (prepare_to_sleep says when it is wanted).
 //
 // Failure model, as TcpTransport's: the first failure sticks, fails every pending and later
 // request, and reaches every peer with its reason (through each ring's control block, which a
@@ -74,6 +74,8 @@ class ShmTransport : public Transport {
   TransportRequest recv(int peer, const FrameHeader& expected, void* data) override;
   bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) override;
   int ask_waiting_on(int peer) override;
+  // Also for a waiter of its own that stops driving the rings and blocks (wait_until).
+  void waiting_elsewhere(bool begins) override;
   int awaited_rank() override;
   void abort(const std::string& reason, bool timed_out = false) override;
   void quiesce() override;
@@ -139,7 +141,7 @@ class ShmTransport : public Transport {
 
   bool oversubscribed_ = true;  // more ranks on this host than cores: a spinning waiter yields
   std::atomic<bool> asleep_{false};  // the progress thread sleeps (or is about to): wake it
-  std::atomic<int> blocked_waiters_{0};  // threads in wait_until() that stopped driving the rings
+  std::atomic<int> blocked_waiters_{0};  // threads that wait on the progress thread (waiting_elsewhere)
   std::thread progress_thread_;
 };
 
