@@ -221,6 +221,64 @@ class Communicator:
     def barrier_async(self) -> Work:
         return self._complete(self._live_core().barrier(False), None, (), blocking=False)
 
+    def reduce(self, x, root: int = 0, op: str = "sum"):
+        """Reduce x over all ranks into root's x, in place; returns x (left as it was on the
+        other ranks)."""
+        return self._reduce(x, root, op, blocking=True)
+
+    def reduce_async(self, x, root: int = 0, op: str = "sum") -> Work:
+        return self._reduce(x, root, op, blocking=False)
+
+    def gather(self, x, root: int = 0):
+        """On root: a new array of x's kind, shape (size, *x.shape), row r rank r's x. Elsewhere: None."""
+        return self._gather(x, root, blocking=True)
+
+    def gather_async(self, x, root: int = 0) -> Work:
+        return self._gather(x, root, blocking=False)
+
+    def scatter(self, rows, root: int = 0, out=None):
+        """Row r of root's ``rows`` (shape (size, *s)) to rank r: returns this rank's row, in ``out``
+        if given (shape s, written in place), else in a new array. Other ranks pass ``out``, or
+        ``rows`` shaped as the root's (its contents unused)."""
+        return self._scatter(rows, root, out, blocking=True)
+
+    def scatter_async(self, rows, root: int = 0, out=None) -> Work:
+        return self._scatter(rows, root, out, blocking=False)
+
+    def alltoall(self, x, send_splits: Optional[Sequence[int]] = None, recv_splits: Optional[Sequence[int]] = None,
+                 out=None):
+        """Rows of x to the ranks: without splits, x has size rows (len(x) % size == 0: size
+        equal blocks) and block j goes to rank j; returns a new array (or ``out``) whose block j
+        came from rank j. With splits (uneven, as torch's all_to_all_single): the first
+        send_splits[j] rows after those of ranks < j go to rank j, and recv_splits[j] rows come
+        from rank j; every pair must agree (rank j's send_splits[i] == rank i's recv_splits[j]),
+        or every rank fails."""
+        return self._alltoall(x, send_splits, recv_splits, out, blocking=True)
+
+    def alltoall_async(self, x, send_splits=None, recv_splits=None, out=None) -> Work:
+        return self._alltoall(x, send_splits, recv_splits, out, blocking=False)
+
+    def send(self, x, dst: int, tag: int = 0) -> None:
+        """Send x to rank dst (point to point, not collective). Messages between two ranks with one
+        tag arrive in the order sent; the receiver must expect x's element count and dtype."""
+        self.send_async(x, dst, tag).wait()
+
+    def send_async(self, x, dst: int, tag: int = 0) -> Work:
+        buf = _buffers.view(x, writable=False)
+        self._check_peer(dst, "send to")
+        return self._complete(self._live_core().send(buf.address, buf.count, buf.dtype_code, int(dst), self._tag(tag)),
+                              None, (buf,), blocking=False)
+
+    def recv(self, x, src: int, tag: int = 0):
+        """Receive into x, in place, the next message from rank src with this tag; returns x."""
+        return self.recv_async(x, src, tag).wait()
+
+    def recv_async(self, x, src: int, tag: int = 0) -> Work:
+        buf = _buffers.view(x, writable=True)
+        self._check_peer(src, "recv from")
+        return self._complete(self._live_core().recv(buf.address, buf.count, buf.dtype_code, int(src), self._tag(tag)),
+                              x, (buf,), blocking=False)
+
     # Each returns the result (blocking) or a Work (async). A blocking call lends the core its
     # thread: the collective runs on it when nothing else is queued (_complete).
     def _allreduce(self, x, op: str, blocking: bool):
@@ -256,6 +314,68 @@ class Communicator:
         out_buf = _buffers.view(out, writable=True, what="output")
         work = self._live_core().reduce_scatter(buf.address, out_buf.address, out_buf.count, buf.dtype_code, code,
                                                 blocking)
+        return self._complete(work, out, (buf, out_buf), blocking)
+
+    def _reduce(self, x, root: int, op: str, blocking: bool) -> Work:
+        self._check_root(root)
+        buf = _buffers.view(x, writable=True)
+        code = self._op_code(op, buf.dtype)
+        work = self._live_core().reduce(buf.address, buf.count, buf.dtype_code, code, int(root), blocking)
+        return self._complete(work, x, (buf,), blocking)
+
+    def _gather(self, x, root: int, blocking: bool) -> Work:
+        self._check_root(root)
+        buf = _buffers.view(x, writable=False)
+        out = out_buf = None
+        if self.rank == root:
+            out = _buffers.empty_like_kind(x, (self.size, *buf.shape), buf.dtype)
+            out_buf = _buffers.view(out, writable=True, what="output")
+        work = self._live_core().gather(buf.address, out_buf.address if out_buf else 0, buf.count, buf.dtype_code,
+                                        int(root), blocking)
+        return self._complete(work, out, (buf, out_buf), blocking)
+
+    def _scatter(self, rows, root: int, out, blocking: bool) -> Work:
+        self._check_root(root)
+        if rows is None and (self.rank == root or out is None):
+            raise ValueError("scatter needs rows on the root, and rows or out on every other rank")
+        rows_buf = _buffers.view(rows, writable=False, what="rows") if rows is not None else None
+        if rows_buf is not None and (not rows_buf.shape or rows_buf.shape[0] != self.size):
+            raise ValueError(f"scatter needs rows of shape (size, ...) = ({self.size}, ...), got {rows_buf.shape}")
+        if out is None:
+            out = _buffers.empty_like_kind(rows, rows_buf.shape[1:], rows_buf.dtype)
+        out_buf = _buffers.view(out, writable=True, what="out")
+        if rows_buf is not None and (rows_buf.dtype != out_buf.dtype or rows_buf.count != out_buf.count * self.size):
+            raise ValueError(f"scatter's out must hold one row of rows ({rows_buf.count // self.size} x "
+                             f"{rows_buf.dtype}), got {out_buf.count} x {out_buf.dtype}")
+        work = self._live_core().scatter(rows_buf.address if rows_buf and self.rank == root else 0, out_buf.address,
+                                         out_buf.count, out_buf.dtype_code, int(root), blocking)
+        return self._complete(work, out, (rows_buf, out_buf), blocking)
+
+    def _alltoall(self, x, send_splits, recv_splits, out, blocking: bool) -> Work:
+        buf = _buffers.view(x, writable=False)
+        rows = buf.shape[0] if buf.shape else buf.count
+        row = int(np.prod(buf.shape[1:], dtype=np.int64)) if len(buf.shape) > 1 else 1
+        if send_splits is None and recv_splits is None:
+            if rows % self.size:
+                raise ValueError(f"alltoall without splits needs len(x) divisible by the communicator size: "
+                                 f"len(x) = {rows}, size = {self.size}")
+            send_splits = recv_splits = [rows // self.size] * self.size
+        elif send_splits is None or recv_splits is None:
+            raise ValueError("alltoall takes both send_splits and recv_splits, or neither")
+        send_splits, recv_splits = [int(n) for n in send_splits], [int(n) for n in recv_splits]
+        for name, splits in (("send_splits", send_splits), ("recv_splits", recv_splits)):
+            if len(splits) != self.size or any(n < 0 for n in splits):
+                raise ValueError(f"alltoall's {name} needs {self.size} counts >= 0, got {splits}")
+        if sum(send_splits) != rows:
+            raise ValueError(f"alltoall's send_splits add up to {sum(send_splits)} rows, but x has {rows}")
+        if out is None:
+            out = _buffers.empty_like_kind(x, (sum(recv_splits), *buf.shape[1:]), buf.dtype)
+        out_buf = _buffers.view(out, writable=True, what="out")
+        if out_buf.count != sum(recv_splits) * row or out_buf.dtype != buf.dtype:
+            raise ValueError(f"alltoall's out must hold {sum(recv_splits) * row} x {buf.dtype}, got "
+                             f"{out_buf.count} x {out_buf.dtype}")
+        work = self._live_core().alltoall(buf.address, [n * row for n in send_splits], out_buf.address,
+                                          [n * row for n in recv_splits], buf.dtype_code, blocking)
         return self._complete(work, out, (buf, out_buf), blocking)
 
     # -- lifetime -----------------------------------------------------------------------------
@@ -338,6 +458,17 @@ class Communicator:
         if op == "avg" and dtype not in _buffers.FLOATING:
             raise ValueError(f"op 'avg' needs a floating dtype, not {dtype}: use 'sum' and divide")
         return OPS.index(op)
+
+    def _check_peer(self, peer: int, what: str) -> None:
+        if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size or peer == self.rank:
+            raise ValueError(f"{what} rank {peer!r}: not another rank of this {self.size}-rank communicator "
+                             f"(this is rank {self.rank})")
+
+    @staticmethod
+    def _tag(tag: int) -> int:
+        if not isinstance(tag, (int, np.integer)) or not 0 <= tag < 2**32:
+            raise ValueError(f"a message's tag is an int in [0, 2**32), not {tag!r}")
+        return int(tag)
 
     def _check_root(self, root: int) -> None:
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:

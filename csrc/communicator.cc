@@ -10,6 +10,30 @@
 namespace collectives {
 
 bool Work::wait_for(double seconds) {
+  if (message_) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (done_) {
+        if (error_) std::rethrow_exception(error_);
+        return true;
+      }
+    }
+    // The transport's own wait: woken by the request's completion, or by a failure.
+    std::exception_ptr error;
+    try {
+      std::shared_ptr<Transport> transport = message_->transport.lock();
+      if (!transport) throw CollectiveError("the communicator was closed before the message was done");
+      const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+      if (!transport->wait_until(message_->request, message_->deadline, until)) return false;
+    } catch (const TimeoutError& e) {
+      error = std::make_exception_ptr(
+          TimeoutError(message_->what + " failed on rank " + std::to_string(message_->rank) + ": " + e.what()));
+    } catch (const CollectiveError& e) {
+      error = std::make_exception_ptr(
+          CollectiveError(message_->what + " failed on rank " + std::to_string(message_->rank) + ": " + e.what()));
+    }
+    finish(error);
+  }
   std::unique_lock<std::mutex> lock(mutex_);
   if (!finished_.wait_for(lock, std::chrono::duration<double>(seconds), [&] { return done_; })) {
     return false;
@@ -19,12 +43,20 @@ bool Work::wait_for(double seconds) {
 }
 
 bool Work::done() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return done_;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (done_ || !message_) return done_;
+  }
+  try {
+    return wait_for(0);
+  } catch (const CollectiveError&) {
+    return true;  // done, badly: wait() says how
+  }
 }
 
 void Work::finish(std::exception_ptr error) {
   std::lock_guard<std::mutex> lock(mutex_);
+  if (done_) return;  // a message may be waited on by several threads
   done_ = true;
   error_ = error;
   finished_.notify_all();
@@ -310,6 +342,129 @@ std::shared_ptr<Work> Communicator::barrier(Interruption* caller) {
   return enqueue(std::move(task), caller);
 }
 
+void Communicator::check_root(int root) const {
+  if (root < 0 || root >= size()) {
+    throw std::invalid_argument("root " + std::to_string(root) + " is not a rank of a " + std::to_string(size()) +
+                                "-rank communicator");
+  }
+}
+
+std::shared_ptr<Work> Communicator::reduce(void* data, size_t count, DataType dtype, ReduceOp op, int root,
+                                           Interruption* caller) {
+  check_root(root);
+  Task task;
+  task.tag = {CollectiveKind::kReduce, 0, count, dtype, op, static_cast<uint32_t>(root)};
+  task.memory = {bytes_of(data, count, dtype)};
+  task.run = [=](const AlgorithmContext& ctx) { reduce_to_root(ctx, data, count, root); };
+  return enqueue(std::move(task), caller);
+}
+
+std::shared_ptr<Work> Communicator::gather(const void* input, void* output, size_t count, DataType dtype, int root,
+                                           Interruption* caller) {
+  check_root(root);
+  Task task;
+  task.tag = {CollectiveKind::kGather, 0, count, dtype, ReduceOp::kSum, static_cast<uint32_t>(root)};
+  task.memory = {bytes_of(input, count, dtype)};
+  if (rank() == root) task.memory.push_back(bytes_of(output, count * size(), dtype));
+  task.run = [=](const AlgorithmContext& ctx) { gather_linear(ctx, input, output, count, root); };
+  return enqueue(std::move(task), caller);
+}
+
+std::shared_ptr<Work> Communicator::scatter(const void* input, void* output, size_t count, DataType dtype, int root,
+                                            Interruption* caller) {
+  check_root(root);
+  Task task;
+  task.tag = {CollectiveKind::kScatter, 0, count, dtype, ReduceOp::kSum, static_cast<uint32_t>(root)};
+  task.memory = {bytes_of(output, count, dtype)};
+  if (rank() == root) task.memory.push_back(bytes_of(input, count * size(), dtype));
+  task.run = [=](const AlgorithmContext& ctx) { scatter_linear(ctx, input, output, count, root); };
+  return enqueue(std::move(task), caller);
+}
+
+std::shared_ptr<Work> Communicator::alltoall(const void* input, std::vector<size_t> send_counts, void* output,
+                                             std::vector<size_t> recv_counts, DataType dtype,
+                                             Interruption* caller) {
+  if (static_cast<int>(send_counts.size()) != size() || static_cast<int>(recv_counts.size()) != size()) {
+    throw std::invalid_argument("alltoall needs one send count and one receive count per rank (" +
+                                std::to_string(size()) + "), got " + std::to_string(send_counts.size()) + " and " +
+                                std::to_string(recv_counts.size()));
+  }
+  if (send_counts[rank()] != recv_counts[rank()]) {
+    throw std::invalid_argument("alltoall: rank " + std::to_string(rank()) + " sends itself " +
+                                std::to_string(send_counts[rank()]) + " elements but expects to receive " +
+                                std::to_string(recv_counts[rank()]));
+  }
+  size_t sent = 0, received = 0;
+  for (int j = 0; j < size(); ++j) {
+    sent += send_counts[j];
+    received += recv_counts[j];
+  }
+  Task task;
+  // The tag's count is the total sent; each pair's frames carry that pair's count instead.
+  task.tag = {CollectiveKind::kAlltoall, 0, sent, dtype, ReduceOp::kSum};
+  task.memory = {bytes_of(input, sent, dtype), bytes_of(output, received, dtype)};
+  task.run = [=, send_counts = std::move(send_counts), recv_counts = std::move(recv_counts)](const AlgorithmContext& ctx) {
+    alltoall_pairwise(ctx, input, send_counts, output, recv_counts);
+  };
+  return enqueue(std::move(task), caller);
+}
+
+std::shared_ptr<Work> Communicator::send(const void* data, size_t count, DataType dtype, int peer, uint32_t tag) {
+  return message(true, const_cast<void*>(data), count, dtype, peer, tag);
+}
+
+std::shared_ptr<Work> Communicator::recv(void* data, size_t count, DataType dtype, int peer, uint32_t tag) {
+  return message(false, data, count, dtype, peer, tag);
+}
+
+std::shared_ptr<Work> Communicator::message(bool is_send, void* data, size_t count, DataType dtype, int peer,
+                                            uint32_t tag) {
+  if (peer < 0 || peer >= size() || peer == rank()) {
+    throw std::invalid_argument(std::string(is_send ? "send to " : "recv from ") + "rank " + std::to_string(peer) +
+                                ": not another rank of this " + std::to_string(size()) + "-rank communicator");
+  }
+  auto work = std::make_shared<Work>();
+  const int global = group_.peer(peer);
+  CollectiveTag tag_of{CollectiveKind::kSendRecv, 0, count, dtype, ReduceOp::kSum, tag};
+  // Each tag a lane of its own (FrameHeader::comm), derived alike by both ends from the
+  // communicator's id and the tag (FNV-1a, as subgroup ids), so that messages of one tag do
+  // not queue behind another's.
+  uint64_t lane = 14695981039346656037ull;
+  for (uint64_t value : {id_, uint64_t{0x70327032}, uint64_t{tag}}) {
+    for (int byte = 0; byte < 8; ++byte) lane = (lane ^ ((value >> (8 * byte)) & 0xff)) * 1099511628211ull;
+  }
+  tag_of.comm = lane;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closing_ || !transport_) throw CollectiveError("the communicator is closed");
+    auto& numbers = is_send ? sent_ : received_;
+    tag_of.seq = numbers[{global, tag}]++;
+    const std::string what = tag_of.describe() + (is_send ? " to rank " : " from rank ") + std::to_string(peer);
+    if (!failure_.empty()) {
+      work->finish(std::make_exception_ptr(CollectiveError(
+          what + " on rank " + std::to_string(rank()) + ": the communicator was aborted by an earlier failure (" +
+          failure_ + "); create a new one")));
+      return work;
+    }
+    const FrameHeader header = tag_of.header(0, count * element_size(dtype));
+    TransportRequest request = is_send ? transport_->send(global, header, data) : transport_->recv(global, header, data);
+    work->message_ = Work::Message{transport_, std::move(request), deadline_after(options_.timeout_seconds), what, rank()};
+    if (!is_send) work->source_ = peer;
+    // Those dropped, or seen done, are forgotten (asking the transport here would wait under the lock).
+    messages_.erase(std::remove_if(messages_.begin(), messages_.end(),
+                                   [](const std::weak_ptr<Work>& w) {
+                                     auto held = w.lock();
+                                     if (!held) return true;
+                                     std::lock_guard<std::mutex> finished(held->mutex_);
+                                     return held->done_;
+                                   }),
+                    messages_.end());
+    messages_.push_back(work);
+    if (options_.debug) std::fprintf(stderr, "[collectives rank %d] %s: posted\n", rank(), what.c_str());
+  }
+  return work;
+}
+
 std::vector<ReducerStat> Communicator::reducer_stats() const {
   return reduction_server_ ? reduction_server_->stats() : std::vector<ReducerStat>{};
 }
@@ -342,8 +497,20 @@ void Communicator::close() {
     abandoned.swap(queue_);
     queued_.notify_one();
   }
-  // A collective still in flight cannot finish without this rank: end it now, and let the
-  // peers know why, rather than keep them waiting for their timeout.
+  // A collective or a message still in flight cannot finish without this rank: end it now,
+  // and let the peers know why, rather than keep them waiting for their timeout.
+  std::vector<std::weak_ptr<Work>> messages;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    messages.swap(messages_);
+  }
+  const bool message_pending = std::any_of(messages.begin(), messages.end(), [](const std::weak_ptr<Work>& w) {
+    auto held = w.lock();
+    return held && !held->done();
+  });
+  if (message_pending && !running) {
+    transport_->abort("rank " + std::to_string(rank()) + " closed its communicator with a message unfinished");
+  }
   if (running) {
     const std::string reason =
         "rank " + std::to_string(rank()) + " closed its communicator during a collective";

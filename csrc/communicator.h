@@ -5,6 +5,7 @@
 // and then runs on the caller's thread.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -48,21 +49,37 @@ struct MemoryRange {
   bool overlaps(const MemoryRange& other) const { return begin < other.end && other.begin < end; }
 };
 
-// One queued collective. Waiting rethrows the collective's CollectiveError or TimeoutError.
+// One queued collective, or one point-to-point message. Waiting rethrows the collective's
+// CollectiveError or TimeoutError.
 class Work {
  public:
   // True once finished (rethrowing its failure); false if `seconds` passed first.
   bool wait_for(double seconds);
   bool done();
+  // A message received from any source: the communicator rank it came from; -1 before then,
+  // and for every other Work.
+  int source() const { return source_.load(); }
 
  private:
   friend class Communicator;
   void finish(std::exception_ptr error);
 
+  // A point-to-point message is not queued: the Work waits on its transport request itself,
+  // so that a message and a collective (or two messages) never wait on each other.
+  struct Message {
+    std::weak_ptr<Transport> transport;  // gone once the communicator is closed
+    TransportRequest request;
+    Deadline deadline;
+    std::string what;  // "send/recv #3 (tag 0, 10 x float32) to rank 2"
+    int rank;          // this rank, for messages
+  };
+  std::optional<Message> message_;  // set once, before the Work is handed out
+
   std::mutex mutex_;
   std::condition_variable finished_;
   bool done_ = false;
   std::exception_ptr error_;
+  std::atomic<int> source_{-1};
 };
 
 class Communicator {
@@ -106,6 +123,31 @@ class Communicator {
   std::shared_ptr<Work> reduce_scatter(const void* input, void* output, size_t count, DataType dtype, ReduceOp op,
                                        Interruption* caller = nullptr);
   std::shared_ptr<Work> barrier(Interruption* caller = nullptr);
+  // Rooted collectives (root: a rank of this communicator). reduce: in place on the root, the
+  // others' data left as it was. gather: root's output holds size() * count elements, block r
+  // rank r's input (output unused elsewhere). scatter: block r of root's input (size() * count
+  // elements) lands in rank r's output (input unused elsewhere).
+  std::shared_ptr<Work> reduce(void* data, size_t count, DataType dtype, ReduceOp op, int root,
+                               Interruption* caller = nullptr);
+  std::shared_ptr<Work> gather(const void* input, void* output, size_t count, DataType dtype, int root,
+                               Interruption* caller = nullptr);
+  std::shared_ptr<Work> scatter(const void* input, void* output, size_t count, DataType dtype, int root,
+                                Interruption* caller = nullptr);
+  // All-to-all with uneven splits: send_counts[j] elements of input (packed in rank order) go
+  // to rank j, recv_counts[j] elements from rank j land in output (packed in rank order).
+  // Every pair must agree: rank j's send_counts[i] == rank i's recv_counts[j].
+  std::shared_ptr<Work> alltoall(const void* input, std::vector<size_t> send_counts, void* output,
+                                 std::vector<size_t> recv_counts, DataType dtype, Interruption* caller = nullptr);
+  /*
+   * Point to point, tagged (tag >= 0), as MPI and Gloo: not queued behind collectives and not
+   * collective (only the two ranks take part). Messages from one rank to another with the
+   * same tag are received in the order sent; those with different tags travel on lanes of
+   * their own (FrameHeader::comm), so that a receiver may take them in another order. The
+   * receiver must expect the sender's count and dtype: the header says them, and a receive
+   * that expects others fails the communicator (on every rank) before a byte lands.
+   */
+  std::shared_ptr<Work> send(const void* data, size_t count, DataType dtype, int peer, uint32_t tag);
+  std::shared_ptr<Work> recv(void* data, size_t count, DataType dtype, int peer, uint32_t tag);
   // Bytes exchanged with each reducer, and whether it is still in use.
   std::vector<ReducerStat> reducer_stats() const;
 
@@ -133,6 +175,8 @@ class Communicator {
   Communicator(std::shared_ptr<Transport> transport, std::shared_ptr<Lineage> lineage, Group group,
                uint64_t id, CommunicatorOptions options);
   std::shared_ptr<Work> enqueue(Task task, Interruption* caller);
+  std::shared_ptr<Work> message(bool is_send, void* data, size_t count, DataType dtype, int peer, uint32_t tag);
+  void check_root(int root) const;
   void execute_loop();
   void begin_locked(Task& task);  // marks it running, and lets it start
   std::exception_ptr aborted_earlier_locked(const Task& task) const;  // its error after failure_
@@ -162,6 +206,9 @@ class Communicator {
   bool close_when_done_ = false;   // close() was called from inside it: closes once it has unwound
   std::vector<MemoryRange> running_memory_;  // what the collective in flight reads or writes
   std::string failure_;  // set once a collective failed: the communicator is aborted
+  // Point-to-point messages so far, by (peer's global rank, tag): the next one's number.
+  std::map<std::pair<int, uint32_t>, uint64_t> sent_, received_;
+  std::vector<std::weak_ptr<Work>> messages_;  // posted, perhaps unfinished: close() ends them
   std::thread executor_;
 };
 

@@ -19,6 +19,20 @@ size_t segment_elements(const AlgorithmContext& ctx, size_t largest_message_elem
   return std::max<size_t>(1, bytes / element);
 }
 
+uint32_t post_pieces(const AlgorithmContext& ctx, bool send, int peer, char* data, size_t bytes, uint32_t first_unit,
+                     std::vector<TransportRequest>& requests) {
+  // An empty message is still one frame: its header is what the receiver checks.
+  uint32_t unit = first_unit;
+  size_t offset = 0;
+  do {
+    const size_t piece = std::min(kMaxPieceBytes, bytes - offset);
+    const FrameHeader header = ctx.tag.header(unit++, piece);
+    requests.push_back(send ? ctx.send(peer, header, data + offset) : ctx.recv(peer, header, data + offset));
+    offset += piece;
+  } while (offset < bytes);
+  return unit;
+}
+
 void AlgorithmContext::wait(const TransportRequest& request) const {
   if (!interruption) return transport.wait(request, deadline);
   for (;;) {

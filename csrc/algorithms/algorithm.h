@@ -85,6 +85,35 @@ void reduce_scatter_ring(const AlgorithmContext& ctx, const void* input, void* o
 void broadcast_chain(const AlgorithmContext& ctx, void* data, size_t count, int root);
 // Dissemination barrier: ceil(log2(size)) rounds of empty messages.
 void barrier_dissemination(const AlgorithmContext& ctx);
+// Every rank's call is this rank's (ctx.tag: kind, count, dtype, op, root), or every rank fails:
+// one empty message to the next index and one from the previous, whose headers are checked.
+// Any disagreement among the ranks shows between some pair of neighbours, and the rank that
+// finds it aborts the transport, so that all of them hear of it (rather than wait on a root
+// that will never send). Rooted collectives (reduce, gather, scatter) start with it.
+void agree_on_call(const AlgorithmContext& ctx);
+// Ring reduce-scatter, then each rank's reduced block to group index root; `data` (count
+// elements) is in place on the root and left as it was elsewhere.
+void reduce_to_root(const AlgorithmContext& ctx, void* data, size_t count, int root);
+// Root's output (size() * count elements) receives block r from group index r; output is
+// unused elsewhere.
+void gather_linear(const AlgorithmContext& ctx, const void* input, void* output, size_t count, int root);
+// Block r of root's input (size() * count elements) goes to group index r's output; input is
+// unused elsewhere.
+void scatter_linear(const AlgorithmContext& ctx, const void* input, void* output, size_t count, int root);
+// Rank r sends send_counts[j] elements (packed in input, in order of j) to index j, and
+// receives recv_counts[j] elements from j (packed in output, in order of j).
+void alltoall_pairwise(const AlgorithmContext& ctx, const void* input, const std::vector<size_t>& send_counts,
+                       void* output, const std::vector<size_t>& recv_counts);
+
+// Posts one message of `bytes` bytes to (send) or from (recv) group index `peer` as frames of
+// at most kMaxPieceBytes, units first_unit, first_unit + 1, ... of ctx.tag (whose count is the
+// message's element count); appends the requests. Returns the next free unit.
+constexpr size_t kMaxPieceBytes = size_t{16} << 20;
+uint32_t post_pieces(const AlgorithmContext& ctx, bool send, int peer, char* data, size_t bytes, uint32_t first_unit,
+                     std::vector<TransportRequest>& requests);
+// Units for messages that are not data: above any schedule's.
+constexpr uint32_t kAgreementUnit = 0xFFFFFF00u;
+
 // Element-wise max of `values` over all ranks, in place, by dissemination as the barrier;
 // its messages are units first_unit, first_unit + 1, ... of ctx.tag.
 void agree_max(const AlgorithmContext& ctx, uint32_t* values, size_t n, uint32_t first_unit);

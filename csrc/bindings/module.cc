@@ -142,7 +142,9 @@ PYBIND11_MODULE(_core, m) {
       .def("wait_for", &Work::wait_for, py::arg("seconds"),
            py::call_guard<py::gil_scoped_release>(),
            "True once finished (raising its error); False if `seconds` passed first.")
-      .def("done", &Work::done, py::call_guard<py::gil_scoped_release>());
+      .def("done", &Work::done, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("source", &Work::source,
+                             "The rank a received message came from; -1 for anything else.");
 
   py::class_<HierarchyLevel>(m, "HierarchyLevel", "One level of a hierarchical plan (algorithms/allreduce_hierarchical.h).")
       .def(py::init<>())
@@ -292,6 +294,58 @@ PYBIND11_MODULE(_core, m) {
             return submit(blocking, [&](Interruption* caller) { return c.barrier(caller); });
           },
           py::arg("blocking") = false)
+      .def(
+          "reduce",
+          [](Communicator& c, uintptr_t data, size_t count, int dtype, int op, int root, bool blocking) {
+            return submit(blocking, [&](Interruption* caller) {
+              return c.reduce(as_pointer(data), count, checked_dtype(dtype), checked_op(op), root, caller);
+            });
+          },
+          py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("root"),
+          py::arg("blocking") = false)
+      .def(
+          "gather",
+          [](Communicator& c, uintptr_t input, uintptr_t output, size_t count, int dtype, int root, bool blocking) {
+            return submit(blocking, [&](Interruption* caller) {
+              return c.gather(as_pointer(input), as_pointer(output), count, checked_dtype(dtype), root, caller);
+            });
+          },
+          py::arg("input"), py::arg("output"), py::arg("count"), py::arg("dtype"), py::arg("root"),
+          py::arg("blocking") = false)
+      .def(
+          "scatter",
+          [](Communicator& c, uintptr_t input, uintptr_t output, size_t count, int dtype, int root, bool blocking) {
+            return submit(blocking, [&](Interruption* caller) {
+              return c.scatter(as_pointer(input), as_pointer(output), count, checked_dtype(dtype), root, caller);
+            });
+          },
+          py::arg("input"), py::arg("output"), py::arg("count"), py::arg("dtype"), py::arg("root"),
+          py::arg("blocking") = false)
+      .def(
+          "alltoall",
+          [](Communicator& c, uintptr_t input, std::vector<size_t> send_counts, uintptr_t output,
+             std::vector<size_t> recv_counts, int dtype, bool blocking) {
+            return submit(blocking, [&](Interruption* caller) {
+              return c.alltoall(as_pointer(input), std::move(send_counts), as_pointer(output), std::move(recv_counts),
+                                checked_dtype(dtype), caller);
+            });
+          },
+          py::arg("input"), py::arg("send_counts"), py::arg("output"), py::arg("recv_counts"), py::arg("dtype"),
+          py::arg("blocking") = false)
+      .def(
+          "send",
+          [](Communicator& c, uintptr_t data, size_t count, int dtype, int peer, uint32_t tag) {
+            return c.send(as_pointer(data), count, checked_dtype(dtype), peer, tag);
+          },
+          py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("peer"), py::arg("tag"),
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "recv",
+          [](Communicator& c, uintptr_t data, size_t count, int dtype, int peer, uint32_t tag) {
+            return c.recv(as_pointer(data), count, checked_dtype(dtype), peer, tag);
+          },
+          py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("peer"), py::arg("tag"),
+          py::call_guard<py::gil_scoped_release>())
       .def("abort", &Communicator::abort, py::arg("reason"),
            py::call_guard<py::gil_scoped_release>())
       .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>());

@@ -11,6 +11,11 @@ const char* to_string(CollectiveKind kind) {
     case CollectiveKind::kBroadcast: return "broadcast";
     case CollectiveKind::kReduceScatter: return "reduce_scatter";
     case CollectiveKind::kBarrier: return "barrier";
+    case CollectiveKind::kSendRecv: return "send/recv";
+    case CollectiveKind::kAlltoall: return "alltoall";
+    case CollectiveKind::kReduce: return "reduce";
+    case CollectiveKind::kGather: return "gather";
+    case CollectiveKind::kScatter: return "scatter";
   }
   return "unknown-collective";
 }
@@ -33,14 +38,21 @@ std::string CollectiveTag::describe() const { return collectives::describe(heade
 
 std::string describe(const FrameHeader& h) {
   std::ostringstream out;
-  if (h.collective <= static_cast<uint8_t>(CollectiveKind::kBarrier)) {
+  if (h.collective <= kLastCollectiveKind) {
     out << to_string(static_cast<CollectiveKind>(h.collective));
   } else {
     out << "collective-" << int(h.collective);
   }
   out << " #" << h.seq << " (";
-  if (h.collective == static_cast<uint8_t>(CollectiveKind::kBroadcast)) {
+  const auto kind = static_cast<CollectiveKind>(h.collective);
+  if (kind == CollectiveKind::kBroadcast || kind == CollectiveKind::kGather || kind == CollectiveKind::kScatter) {
     out << "root " << h.root;
+  } else if (kind == CollectiveKind::kSendRecv) {
+    out << "tag " << h.root;
+  } else if (kind == CollectiveKind::kAlltoall) {
+    out << "this pair's message";
+  } else if (kind == CollectiveKind::kReduce && h.op < kNumReduceOps) {
+    out << to_string(static_cast<ReduceOp>(h.op)) << " to root " << h.root;
   } else if (h.op < kNumReduceOps) {
     out << to_string(static_cast<ReduceOp>(h.op));
   } else {

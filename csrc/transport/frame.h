@@ -41,7 +41,16 @@ enum class CollectiveKind : uint8_t {
   kBroadcast = 2,
   kReduceScatter = 3,
   kBarrier = 4,
+  // Point to point: `root` carries the message's tag, `comm` the lane of that tag on its
+  // communicator, `seq` the message's number among those from the sender to the receiver on
+  // that lane.
+  kSendRecv = 5,
+  kAlltoall = 6,  // `count`: the elements of that pair's message (uneven splits)
+  kReduce = 7,    // rooted: `root` is the root
+  kGather = 8,
+  kScatter = 9,
 };
+constexpr uint8_t kLastCollectiveKind = 9;
 const char* to_string(CollectiveKind kind);
 
 #pragma pack(push, 1)
@@ -52,7 +61,7 @@ struct FrameHeader {
   uint8_t collective = 0;
   uint8_t dtype = 0;
   uint8_t op = 0;
-  uint32_t root = 0;    // a broadcast's root (0 for other collectives)
+  uint32_t root = 0;    // a rooted collective's root, a message's tag (0 for other collectives)
   uint32_t unit = 0;    // position of this message in the collective's schedule
   uint64_t seq = 0;     // the collective's sequence number on this communicator
   uint64_t comm = 0;    // the communicator, among those sharing a transport (0: the world)

@@ -128,7 +128,110 @@ def run_case(comm, case):
         full = expected_allreduce(case, size).reshape(rows, 3)
         k = rows // size
         return check_equal(what, out, full[rank * k:(rank + 1) * k])
+    if kind in ROOTED_AND_POINT_TO_POINT:
+        return _run_rooted_or_p2p(comm, case, what)
     raise ValueError(f"unknown collective {kind}")
+
+
+ROOTED_AND_POINT_TO_POINT = ("reduce", "gather", "scatter", "alltoall", "sendrecv")
+
+
+def alltoall_splits(case, size):
+    """splits[i][j]: rows (of 3 elements) that rank i sends rank j; some zero, all different."""
+    rng = np.random.default_rng([case["seed"], 999])
+    return rng.integers(0, case["count"] + 1, size=(size, size)).tolist()
+
+
+def _run_rooted_or_p2p(comm, case, what):
+    kind, size, rank = case["collective"], comm.size, comm.rank
+    root = case.get("root", 0)
+    if kind == "reduce":
+        x = make_input(case, rank)
+        out = comm.reduce_async(x, root=root, op=case["op"]).wait() if case.get("async") else \
+            comm.reduce(x, root=root, op=case["op"])
+        problems = [] if out is x else [f"{what}: reduce did not return its buffer"]
+        want = expected_allreduce(case, size) if rank == root else make_input(case, rank)
+        return problems + check_equal(what, x, want)
+    if kind == "gather":
+        out = comm.gather(make_input(case, rank), root=root)
+        if rank != root:
+            return [] if out is None else [f"{what}: gather returned {type(out).__name__} on a non-root"]
+        return check_equal(what, out, np.stack([make_input(case, r) for r in range(size)]).reshape(size, -1))
+    if kind == "scatter":
+        count = case["count"]
+        rows = make_input(dict(case, count=size * count), root, shape=(size, count))
+        if rank == root:
+            out = comm.scatter(rows, root=root)
+        else:  # the other ranks give only where their row goes
+            out = comm.scatter(None, root=root, out=np.full(count, 7, rows.dtype))
+        return check_equal(what, out, rows[rank])
+    if kind == "alltoall":
+        splits = alltoall_splits(case, size)
+        def block(i):  # rank i's input: its blocks for every rank, in rank order
+            return make_input(dict(case, count=3 * sum(splits[i])), i, shape=(sum(splits[i]), 3))
+        x = block(rank)
+        if case.get("even"):
+            k = case["count"]
+            x = make_input(dict(case, count=3 * k * size), rank, shape=(k * size, 3))
+            want = np.concatenate([make_input(dict(case, count=3 * k * size), j, shape=(k * size, 3))[rank * k:(rank + 1) * k]
+                                   for j in range(size)])
+            return check_equal(what, comm.alltoall(x), want)
+        out = comm.alltoall(x, send_splits=splits[rank], recv_splits=[splits[j][rank] for j in range(size)])
+        want = np.concatenate([block(j)[sum(splits[j][:rank]):sum(splits[j][:rank + 1])] for j in range(size)])
+        return check_equal(what, out, want)
+    if kind == "sendrecv":
+        # A ring: each rank sends its right neighbour tags 5, 9, 9; the neighbour takes 9, 5, 9
+        # (another order than sent, across tags), then everyone sends to everyone.
+        right, left = (rank + 1) % size, (rank - 1) % size
+        if size == 1:
+            return []
+        msgs = {t: [make_input(dict(case, seed=case["seed"] + 10 * t + i), rank) for i in range(2)] for t in (5, 9)}
+        sends = [comm.send_async(msgs[5][0], right, tag=5), comm.send_async(msgs[9][0], right, tag=9),
+                 comm.send_async(msgs[9][1], right, tag=9)]
+        problems = []
+        got = {}
+        for t, i in ((9, 0), (5, 0), (9, 1)):
+            x = np.zeros_like(msgs[5][0])
+            assert comm.recv(x, left, tag=t) is x
+            problems += check_equal(f"{what} tag {t} #{i}", x,
+                                    make_input(dict(case, seed=case["seed"] + 10 * t + i), left))
+        for w in sends:
+            w.wait()
+        works = [(comm.recv_async(np.zeros_like(msgs[5][0]), src), src) for src in range(size) if src != rank]
+        for dst in range(size):
+            if dst != rank:
+                comm.send(make_input(case, rank), dst)
+        for w, src in works:
+            problems += check_equal(f"{what} from {src}", w.wait(), make_input(case, src))
+        return problems
+    raise ValueError(kind)
+
+
+def rooted_matrix(size, counts):
+    """reduce (every dtype and op), gather, scatter, alltoall (even and uneven) and tagged
+    send/recv, over every root."""
+    cases = []
+    seed = 10_000
+    for dtype in DTYPES:
+        for op in valid_ops(dtype):
+            for count in counts:
+                seed += 1
+                cases.append(dict(collective="reduce", dtype=dtype, op=op, count=count, root=seed % size, seed=seed))
+        for root in range(size):
+            for kind in ("gather", "scatter"):
+                seed += 1
+                cases.append(dict(collective=kind, dtype=dtype, op="sum", count=counts[(seed % len(counts))], root=root,
+                                  seed=seed))
+        for count in (0, 1, 5, 70001):
+            seed += 1
+            cases.append(dict(collective="alltoall", dtype=dtype, op="sum", count=count, seed=seed))
+        seed += 1
+        cases.append(dict(collective="alltoall", dtype=dtype, op="sum", count=7, seed=seed, even=True))
+        seed += 1
+        cases.append(dict(collective="sendrecv", dtype=dtype, op="sum", count=counts[seed % len(counts)], seed=seed))
+    cases.append(dict(collective="reduce", dtype="float32", op="sum", count=1000, root=size - 1, seed=seed + 1,
+                      **{"async": True}))
+    return cases
 
 
 def matrix(size, counts):
