@@ -1,8 +1,8 @@
 """collectives for PyTorch: the torch.distributed backend "collectives" and DDP comm hooks.
 
     import torch.distributed as dist
-    import collectives.torch                      # registers the backend
-    dist.init_process_group("collectives")        # torchrun, tcp://, file:// (COLLECTIVES_TOKEN set)
+    dist.init_process_group("collectives")        # torchrun, tcp://, file://: torch autoloads the backend
+                                                  # (or `import collectives.torch` first)
     model = DistributedDataParallel(model)        # buckets all-reduced by the ring, or by reducers
 
     collectives.torch.init_process_group()        # the same, under mpirun too
@@ -35,8 +35,11 @@ __all__ = ["BACKEND", "ProcessGroup", "init_process_group", "hooks"]
 _TORCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 _ADDRESS_BYTES = 256
 
-dist.Backend.register_backend(BACKEND, create, extended_api=True,
-                              devices=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+# Registered already where torch autoloaded the backend (collectives_torch_autoload), with a creator
+# that calls this module's.
+if BACKEND not in dist.Backend.backend_list:
+    dist.Backend.register_backend(BACKEND, create, extended_api=True,
+                                  devices=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 
 
 def init_process_group(*, timeout: Optional[datetime.timedelta] = None) -> None:

@@ -3,6 +3,7 @@ Communicator."""
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime
 import logging
@@ -22,7 +23,8 @@ from collectives._config import Config
 from collectives._launch import NO_SECRET, read_secret, torchrun_rendezvous
 from collectives.errors import TimeoutError
 
-from ._work import Completer, Step, Work, in_place, to_host
+from ._work import (Completer, MessageWork, Step, Work, as_bytes_if_needed, from_bytes, in_place, moved, reduced,
+                    unreduced)
 
 __all__ = ["ProcessGroup", "BACKEND"]
 
@@ -76,14 +78,34 @@ class ProcessGroup(dist.ProcessGroup):
     # -- collectives ----------------------------------------------------------------------------
     def allreduce(self, tensors: List[torch.Tensor], opts: Any = None) -> Work:
         op = _op(opts, "allreduce")
-        return self._start(tensors, [in_place(t, lambda x: self._comm.allreduce_async(x, op)) for t in tensors])
+        steps = []
+        for t in tensors:
+            if t.is_sparse:
+                steps.append(self._sparse_allreduce(t, op))
+            else:
+                steps.append(in_place(t, op, "allreduce", self._comm.allreduce_async))
+        return self._start(tensors, steps)
+
+    def _sparse_allreduce(self, tensor: torch.Tensor, op: str) -> Step:
+        """As gloo: the sum of every rank's sparse tensor, coalesced, in place of ``tensor``.
+        Reduced densely (simple and exact; as much memory as the dense tensor)."""
+        if op != "sum":
+            raise NotImplementedError(f"collectives' torch backend reduces sparse tensors with ReduceOp.SUM only, not {op}")
+        dense = tensor.to_dense()
+        buffer, mapped, _ = reduced(dense, op, "allreduce")
+        return (self._comm.allreduce_async(buffer, mapped),
+                lambda _: tensor.copy_(buffer.view(dense.shape).to_sparse(tensor.sparse_dim()).coalesce()))
 
     def allreduce_coalesced(self, tensors: List[torch.Tensor], opts: Any = None) -> Work:
         return self.allreduce(tensors, opts)
 
     def broadcast(self, tensors: List[torch.Tensor], opts: Any = None) -> Work:
         root = 0 if opts is None else opts.rootRank
-        return self._start(tensors, [in_place(t, lambda x: self._comm.broadcast_async(x, root)) for t in tensors])
+        steps = []
+        for t in tensors:
+            flat, finish = moved(t)
+            steps.append((self._comm.broadcast_async(flat, root), finish))
+        return self._start(tensors, steps)
 
     def allgather(self, output_tensors: List[List[torch.Tensor]], input_tensors: List[torch.Tensor],
                   opts: Any = None) -> Work:
@@ -126,6 +148,133 @@ class ProcessGroup(dist.ProcessGroup):
     def barrier(self, opts: Any = None) -> Work:
         return self._start([], [(self._comm.barrier_async(), None)])
 
+    def reduce(self, tensors: List[torch.Tensor], opts: Any = None) -> Work:
+        op = _op(opts, "reduce")
+        root = 0 if opts is None else opts.rootRank
+        return self._start(tensors, [in_place(t, op, "reduce", lambda x, o: self._comm.reduce_async(x, root, o))
+                                     for t in tensors])
+
+    def gather(self, output_tensors: List[List[torch.Tensor]], input_tensors: List[torch.Tensor],
+               opts: Any = None) -> Work:
+        root = 0 if opts is None else opts.rootRank
+        _check_count(len(input_tensors), 1, "gather takes one input tensor")
+        tensor = input_tensors[0]
+        outputs = output_tensors[0] if self._comm.rank == root else []
+        if self._comm.rank == root:
+            _check_count(len(output_tensors), 1, "gather takes one list of output tensors on the root")
+            _check_count(len(outputs), self._comm.size, "gather needs one output tensor per rank")
+            for output in outputs:
+                _check_count(output.numel(), tensor.numel(), "gather needs output tensors of the input's size")
+                _check_dtype(output, tensor, "gather")
+
+        def finish(rows: Any) -> None:
+            for output, row in zip(outputs, rows if rows is not None else []):
+                output.copy_(from_bytes(row, output))
+
+        return self._start(output_tensors, [(self._comm.gather_async(as_bytes_if_needed(tensor), root), finish)])
+
+    def scatter(self, output_tensors: List[torch.Tensor], input_tensors: List[List[torch.Tensor]],
+                opts: Any = None) -> Work:
+        root = 0 if opts is None else opts.rootRank
+        _check_count(len(output_tensors), 1, "scatter takes one output tensor")
+        output = output_tensors[0]
+        flat, finish = moved(output)
+        rows = None
+        if self._comm.rank == root:
+            _check_count(len(input_tensors), 1, "scatter takes one list of input tensors on the root")
+            _check_count(len(input_tensors[0]), self._comm.size, "scatter needs one input tensor per rank")
+            for tensor in input_tensors[0]:
+                _check_count(tensor.numel(), output.numel(), "scatter needs input tensors of the output's size")
+                _check_dtype(output, tensor, "scatter")
+            rows = torch.stack([as_bytes_if_needed(t) for t in input_tensors[0]])
+        return self._start(output_tensors, [(self._comm.scatter_async(rows, root, out=flat), finish)])
+
+    def alltoall(self, output_tensors: List[torch.Tensor], input_tensors: List[torch.Tensor],
+                 opts: Any = None) -> Work:
+        _check_count(len(input_tensors), self._comm.size, "all_to_all needs one input tensor per rank")
+        _check_count(len(output_tensors), self._comm.size, "all_to_all needs one output tensor per rank")
+        for output, tensor in zip(output_tensors, input_tensors):
+            _check_dtype(output, tensor, "all_to_all")
+        flats = [as_bytes_if_needed(t) for t in input_tensors]
+        x = torch.cat(flats) if flats else torch.empty(0)
+        recv = [as_bytes_if_needed(o).numel() for o in output_tensors]
+
+        def finish(out: torch.Tensor) -> None:
+            for output, part in zip(output_tensors, torch.split(out, recv)):
+                output.copy_(from_bytes(part, output))
+
+        return self._start(output_tensors, [(self._comm.alltoall_async(x, [f.numel() for f in flats], recv), finish)])
+
+    def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: List[int],  # noqa: A002
+                      input_split_sizes: List[int], opts: Any = None) -> Work:
+        _check_dtype(output, input, "all_to_all_single")
+        n = self._comm.size
+        x, out = as_bytes_if_needed(input), as_bytes_if_needed(output)
+        # Splits are rows of dim 0; the core counts elements of the flat buffers.
+        send_row = x.numel() // input.shape[0] if input.dim() and input.shape[0] else 0
+        recv_row = out.numel() // output.shape[0] if output.dim() and output.shape[0] else 0
+        if not input_split_sizes:
+            _check_count(input.shape[0] % n if input.dim() else 1, 0, "all_to_all_single without splits needs "
+                         "input.shape[0] divisible by the group size; remainder")
+            input_split_sizes = [input.shape[0] // n] * n
+        if not output_split_sizes:
+            _check_count(output.shape[0] % n if output.dim() else 1, 0, "all_to_all_single without splits needs "
+                         "output.shape[0] divisible by the group size; remainder")
+            output_split_sizes = [output.shape[0] // n] * n
+        flat, finish = moved(output)
+        work = self._comm.alltoall_async(x, [s * send_row for s in input_split_sizes],
+                                         [s * recv_row for s in output_split_sizes], out=flat)
+        return self._start([output], [(work, finish)])
+
+    def send(self, tensors: List[torch.Tensor], dstRank: int, tag: int = 0) -> MessageWork:  # noqa: N803
+        _check_count(len(tensors), 1, "send takes one tensor")
+        flat = as_bytes_if_needed(tensors[0])
+        return MessageWork(self._comm.send_async(flat, dstRank, tag), None, tensors)
+
+    def recv(self, tensors: List[torch.Tensor], srcRank: int, tag: int = 0) -> MessageWork:  # noqa: N803
+        _check_count(len(tensors), 1, "recv takes one tensor")
+        flat, finish = moved(tensors[0])
+        return MessageWork(self._comm.recv_async(flat, srcRank, tag), finish, tensors, source=lambda: srcRank)
+
+    def recv_anysource(self, tensors: List[torch.Tensor], tag: int = 0) -> MessageWork:
+        raise NotImplementedError(
+            "collectives' torch backend cannot receive from any source yet (dist.recv/irecv without src): name the "
+            "sender, or run this exchange on a gloo group (dist.new_group(backend='gloo'))")
+
+    def monitored_barrier(self, timeout: Optional[datetime.timedelta] = None, wait_all_ranks: bool = False) -> None:
+        """As gloo's: every rank checks in with rank 0, which answers once all have; rank 0 raises
+        naming the first rank (or, with wait_all_ranks, every rank) that did not check in within
+        ``timeout``, and the others time out waiting for its answer."""
+        seconds = timeout.total_seconds() if timeout is not None else self._comm.config.timeout
+        millis = int(seconds * 1000)
+        me, n = self._comm.rank, self._comm.size
+        token = torch.zeros(1, dtype=torch.uint8)
+        if me != 0:
+            self._comm.send_async(token, 0, _MONITORED_BARRIER_TAG).wait(seconds)
+            try:
+                self._comm.recv_async(torch.zeros(1, dtype=torch.uint8), 0, _MONITORED_BARRIER_TAG).wait(seconds)
+            except builtins.TimeoutError:
+                raise RuntimeError(f"Rank {me} timed out in monitoredBarrier after {millis} ms waiting for rank 0") from None
+            return
+        deadline = time.monotonic() + seconds
+        arrivals = [(r, self._comm.recv_async(torch.zeros(1, dtype=torch.uint8), r, _MONITORED_BARRIER_TAG))
+                    for r in range(1, n)]
+        missing = []
+        for r, work in arrivals:
+            try:
+                work.wait(max(0.0, deadline - time.monotonic()))
+            except builtins.TimeoutError:
+                missing.append(r)
+                if not wait_all_ranks:
+                    break
+        if missing:
+            if wait_all_ranks:
+                raise RuntimeError(f"Ranks {', '.join(map(str, missing))} failed to pass monitoredBarrier in "
+                                   f"{millis} ms")
+            raise RuntimeError(f"Rank {missing[0]} failed to pass monitoredBarrier in {millis} ms")
+        for r in range(1, n):
+            self._comm.send_async(token, r, _MONITORED_BARRIER_TAG).wait(seconds)
+
     # -- lifetime -------------------------------------------------------------------------------
     def abort(self) -> None:
         self._comm.abort()
@@ -154,40 +303,30 @@ class ProcessGroup(dist.ProcessGroup):
             for output in outputs:
                 _check_count(output.numel(), tensor.numel(), "allgather needs output tensors of the input's size")
                 _check_dtype(output, tensor, "allgather")
-            steps.append(self._gather(tensor, lambda rows, outputs=outputs: [o.copy_(r.view(o.shape))
+            steps.append(self._gather(tensor, lambda rows, outputs=outputs: [o.copy_(from_bytes(r, o))
                                                                              for o, r in zip(outputs, rows)]))
         return steps
 
     def _gather(self, tensor: torch.Tensor, finish: Callable[[torch.Tensor], Any]) -> Step:
-        return self._comm.allgather_async(to_host(tensor)), finish
+        return self._comm.allgather_async(as_bytes_if_needed(tensor)), finish
 
     def _gather_into(self, output: torch.Tensor, tensor: torch.Tensor) -> Step:
         _check_count(output.numel(), tensor.numel() * self._comm.size,
                      "all_gather_into_tensor needs an output of size * the input's elements")
         _check_dtype(output, tensor, "all_gather_into_tensor")
-        return self._gather(tensor, lambda rows: output.copy_(rows.view(output.shape)))
+        return self._gather(tensor, lambda rows: output.copy_(from_bytes(rows.reshape(-1), output)))
 
     def _scatter_into(self, output: torch.Tensor, tensor: torch.Tensor, op: str) -> Step:
         _check_count(tensor.numel(), output.numel() * self._comm.size,
                      "reduce_scatter_tensor needs an input of size * the output's elements")
         _check_dtype(output, tensor, "reduce_scatter")
-        rows = to_host(tensor).reshape(self._comm.size, -1)
-        return self._comm.reduce_scatter_async(rows, op), lambda part: output.copy_(part.view(output.shape))
+        buffer, mapped, _ = reduced(tensor, op, "reduce_scatter")
+        rows = buffer.reshape(self._comm.size, -1)
+        return self._comm.reduce_scatter_async(rows, mapped), lambda part: output.copy_(unreduced(part, output))
 
 
-def _unsupported(name: str) -> Callable[..., Work]:
-    def method(self: ProcessGroup, *args: Any, **kwargs: Any) -> Work:
-        raise NotImplementedError(
-            f"collectives' torch backend does not implement {name}; it has allreduce, broadcast, allgather, "
-            "all_gather_into_tensor, reduce_scatter(_tensor), barrier and their coalesced forms. Run "
-            f"{name} on another process group, e.g. dist.new_group(backend='gloo')")
-    method.__name__ = name
-    return method
-
-
-for _name in ("reduce", "gather", "scatter", "alltoall", "all_to_all_single", "alltoall_base", "send", "recv",
-              "recv_anysource"):
-    setattr(ProcessGroup, _name, _unsupported(_name))
+# Above any tag a user's send/recv is likely to take (torch's tags are ints from 0).
+_MONITORED_BARRIER_TAG = 2**32 - 2
 
 
 def _op(opts: Any, collective: str) -> str:
@@ -268,17 +407,41 @@ def _bootstrap(store: dist.Store, rank: int, size: int, timeout: datetime.timede
                              "every worker, and start each reducer with `collectives-reducer --rendezvous HOST:PORT`")
     config.check_runnable()
     secret = read_secret(env)
+    adapter = _StoreAdapter(store)
     if secret is None:
-        if size > 1 or config.num_reducers:
-            raise ValueError(NO_SECRET)
-        secret = secrets.token_bytes(32)
-    boot = bootstrap_with_store(_StoreAdapter(store), rank, size, secret, config, toward=_store_host(store),
+        if config.num_reducers:
+            raise ValueError(NO_SECRET + " (the reducers, started on their own, need it too)")
+        secret = _secret_through_store(adapter, rank, size, timeout.total_seconds())
+    boot = bootstrap_with_store(adapter, rank, size, secret, config, toward=_store_host(store),
                                 rendezvous="the torch.distributed store", reducer_rendezvous=reducer_rendezvous)
     try:
         return cc.Communicator(boot, config)
     except BaseException:
         boot.close()
         raise
+
+
+_SECRET_KEY = "collectives/job_secret"
+_said_secret_through_store = False
+
+
+def _secret_through_store(store: "_StoreAdapter", rank: int, size: int, timeout: float) -> bytes:
+    """Without COLLECTIVES_TOKEN (as gloo and NCCL need nothing): rank 0 makes a random secret
+    and shares it through the torch store this group was handed, so that the job is exactly as
+    protected as that store; said once at INFO. COLLECTIVES_TOKEN keeps the stronger mode,
+    where the secret crosses no wire."""
+    global _said_secret_through_store
+    if size == 1:
+        return secrets.token_bytes(32)
+    if rank == 0:
+        store.set(_SECRET_KEY, secrets.token_bytes(32))
+    secret = store.get(_SECRET_KEY, timeout)
+    if not _said_secret_through_store:
+        _said_secret_through_store = True
+        log.info("collectives: no COLLECTIVES_TOKEN, so the job's secret was made by rank 0 and shared through the "
+                 "torch.distributed store: this job is as protected as that store (as gloo and NCCL jobs are); set "
+                 "COLLECTIVES_TOKEN on every process for a secret that crosses no wire")
+    return secret
 
 
 def _store_host(store: dist.Store) -> Optional[str]:

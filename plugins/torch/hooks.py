@@ -60,7 +60,7 @@ def _compressed(comm: cc.Communicator, bucket: dist.GradBucket, dtype: torch.dty
 
 def _future(comm: cc.Communicator, tensor: torch.Tensor, op: str) -> Future:
     """Completed with ``tensor`` once it is all-reduced in place."""
-    step = in_place(tensor, lambda x: comm.allreduce_async(x, op))
+    step = in_place(tensor, op, "allreduce", comm.allreduce_async)
     return _completer(comm).future([step], tensor)
 
 
