@@ -254,7 +254,8 @@ class ProcessGroup(dist.ProcessGroup):
             try:
                 self._comm.recv_async(torch.zeros(1, dtype=torch.uint8), 0, _MONITORED_BARRIER_TAG).wait(seconds)
             except builtins.TimeoutError:
-                raise RuntimeError(f"Rank {me} timed out in monitoredBarrier after {millis} ms waiting for rank 0") from None
+                raise RuntimeError(f"Rank {me} successfully reached monitoredBarrier, but received errors while waiting "
+                                   f"for send/recv from rank 0 (no answer within {millis} ms)") from None
             return
         deadline = time.monotonic() + seconds
         arrivals = [(r, self._comm.recv_async(torch.zeros(1, dtype=torch.uint8), r, _MONITORED_BARRIER_TAG))
