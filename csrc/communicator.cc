@@ -99,6 +99,11 @@ Communicator::Communicator(std::shared_ptr<Transport> transport, std::shared_ptr
 
 Communicator::~Communicator() { close(); }
 
+Hierarchy* Communicator::hierarchical_for(CollectiveKind kind, size_t count, DataType dtype) {
+  const bool pays = select_hierarchical(kind, hierarchy_.get(), count * element_size(dtype), size(), options_.cost);
+  return pays ? hierarchy_.get() : nullptr;
+}
+
 void Communicator::make_hierarchical() {
   if (options_.hierarchy.levels.empty()) return;
   hierarchy_ = std::make_unique<Hierarchy>(options_.hierarchy, group_);
@@ -309,7 +314,10 @@ std::shared_ptr<Work> Communicator::allgather(const void* input, void* output, s
   Task task;
   task.tag = {CollectiveKind::kAllgather, 0, count, dtype, ReduceOp::kSum};
   task.memory = {bytes_of(input, count, dtype), bytes_of(output, count * size(), dtype)};
-  task.run = [=](const AlgorithmContext& ctx) { allgather_ring(ctx, input, output, count); };
+  Hierarchy* plan = hierarchical_for(CollectiveKind::kAllgather, count * size(), dtype);
+  task.run = [=](const AlgorithmContext& ctx) {
+    plan ? allgather_hierarchical(ctx, *plan, input, output, count) : allgather_ring(ctx, input, output, count);
+  };
   return enqueue(std::move(task), caller);
 }
 
@@ -322,7 +330,10 @@ std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType
   Task task;
   task.tag = {CollectiveKind::kBroadcast, 0, count, dtype, ReduceOp::kSum, static_cast<uint32_t>(root)};
   task.memory = {bytes_of(data, count, dtype)};
-  task.run = [=](const AlgorithmContext& ctx) { broadcast_chain(ctx, data, count, root); };
+  const Hierarchy* plan = hierarchical_for(CollectiveKind::kBroadcast, count, dtype);
+  task.run = [=](const AlgorithmContext& ctx) {
+    plan ? broadcast_hierarchical(ctx, *plan, data, count, root) : broadcast_chain(ctx, data, count, root);
+  };
   return enqueue(std::move(task), caller);
 }
 
@@ -331,7 +342,10 @@ std::shared_ptr<Work> Communicator::reduce_scatter(const void* input, void* outp
   Task task;
   task.tag = {CollectiveKind::kReduceScatter, 0, count, dtype, op};
   task.memory = {bytes_of(input, count * size(), dtype), bytes_of(output, count, dtype)};
-  task.run = [=](const AlgorithmContext& ctx) { reduce_scatter_ring(ctx, input, output, count); };
+  Hierarchy* plan = hierarchical_for(CollectiveKind::kReduceScatter, count * size(), dtype);
+  task.run = [=](const AlgorithmContext& ctx) {
+    plan ? reduce_scatter_hierarchical(ctx, *plan, input, output, count) : reduce_scatter_ring(ctx, input, output, count);
+  };
   return enqueue(std::move(task), caller);
 }
 

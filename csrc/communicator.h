@@ -21,6 +21,7 @@
 #include "algorithms/algorithm.h"
 #include "algorithms/allreduce.h"
 #include "algorithms/allreduce_hierarchical.h"
+#include "algorithms/hierarchical_collectives.h"
 #include "algorithms/allreduce_recursive_doubling.h"
 #include "algorithms/allreduce_ring.h"
 #include "algorithms/group.h"
@@ -182,7 +183,10 @@ class Communicator {
   std::exception_ptr aborted_earlier_locked(const Task& task) const;  // its error after failure_
   void execute(Task& task, Transport& transport, Interruption* caller);
   void start_ahead_locked();
-  void make_hierarchical();  // from options_.hierarchy, if any (std::invalid_argument if it breaks the rules)
+  void make_hierarchical();
+  // The plan, where an all-gather, reduce-scatter or broadcast of `count` elements in all is to
+  // take it (select_hierarchical); null otherwise.
+  Hierarchy* hierarchical_for(CollectiveKind kind, size_t count, DataType dtype);  // from options_.hierarchy, if any (std::invalid_argument if it breaks the rules)
 
   const CommunicatorOptions options_;
   std::shared_ptr<Transport> transport_;  // shared with the subgroups

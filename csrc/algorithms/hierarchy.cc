@@ -96,11 +96,51 @@ Hierarchy::Hierarchy(const HierarchyPlan& plan, const Group& group)
       final_block_.push_back(block);
     }
   }
+  /*
+   * The tree's nodes, from the groups: every rank starts as a node of its own, headed by itself.
+   * At each level, a group whose members all head their nodes (the groups of block 0: the hosts'
+   * first ranks, the racks' first hosts' first ranks, ...: one member from each child of a node)
+   * joins their nodes into one, in the group's order, headed by its first member; the groups of
+   * the other blocks join nothing. After the top, one node holds every rank, each node of every
+   * level contiguous in it.
+   */
+  std::vector<std::vector<int>> nodes(size);
+  std::vector<int> node_of(size);
+  for (int index = 0; index < size; ++index) nodes[index] = {node_of[index] = index};
+  for (const HierarchyLevel& level : plan.levels) {
+    for (const std::vector<int>& g : level.groups) {
+      if (!std::all_of(g.begin(), g.end(), [&](int m) { return node_of[m] == m; })) continue;
+      std::vector<int> joined;
+      for (int m : g) joined.insert(joined.end(), nodes[m].begin(), nodes[m].end());
+      for (int index : joined) node_of[index] = g.front();
+      nodes[g.front()] = std::move(joined);
+    }
+    node_of_.push_back(node_of);
+  }
+  tree_order_ = nodes[node_of[0]];
+  if (static_cast<int>(tree_order_.size()) != size) throw std::invalid_argument("hierarchical plan: not one tree");
 }
 
+std::vector<int> Hierarchy::chain_from(int root) const {
+  // A rank's distance from the root: the first level after which they share a node (-1: the
+  // root itself). Sorting the tree order by it, stably, keeps each node's ranks together, and
+  // puts the nodes nearest the root first.
+  std::vector<long> distance(tree_order_.size(), static_cast<long>(node_of_.size()));
+  for (size_t index = 0; index < distance.size(); ++index) {
+    for (size_t l = node_of_.size(); l-- > 0;) {
+      if (node_of_[l][index] == node_of_[l][root]) distance[index] = static_cast<long>(l);
+    }
+  }
+  distance[root] = -1;
+  std::vector<int> chain(tree_order_);
+  std::stable_sort(chain.begin(), chain.end(), [&](int a, int b) { return distance[a] < distance[b]; });
+  return chain;
+}
+
+size_t Hierarchy::piece_count(size_t bytes) { return std::clamp<size_t>(bytes / kMinPieceBytes, 1, kMaxPieces); }
+
 std::vector<size_t> Hierarchy::pieces(size_t count, size_t element_bytes) {
-  const size_t wanted = count * element_bytes / kMinPieceBytes;
-  return even_blocks(count, static_cast<int>(std::clamp<size_t>(wanted, 1, kMaxPieces)));
+  return even_blocks(count, static_cast<int>(piece_count(count * element_bytes)));
 }
 
 /*

@@ -84,9 +84,16 @@ class Hierarchy {
   // In a uniform plan: which of the size() equal blocks of a range member `index` of the
   // communicator ends the way up with.
   int final_block(int index) const { return final_block_[index]; }
+  // The communicator's indices in a chain from `root` that enters every node of the tree (a
+  // host, a rack, ...) once: `root`, the rest of its host, the rest of its rack, ... (each node's
+  // ranks in the tree's order).
+  std::vector<int> chain_from(int root) const;
 
-  // Element offsets of the pieces of `count` elements of `element_bytes`: P = count *
-  // element_bytes / kMinPieceBytes, at least 1 and at most kMaxPieces, near-equal (even_blocks).
+  // How many pieces a collective of `bytes` is pipelined over: bytes / kMinPieceBytes, at least
+  // 1 and at most kMaxPieces.
+  static size_t piece_count(size_t bytes);
+  // Element offsets of the pieces of `count` elements of `element_bytes`: piece_count(count *
+  // element_bytes) near-equal pieces (even_blocks).
   static std::vector<size_t> pieces(size_t count, size_t element_bytes);
   // Runs the plan's `ways` over each piece [pieces[i], pieces[i + 1]) of `buffer` (of
   // ctx.tag.dtype), the stages pipelined. Op avg divides once, at the top, by ctx.size().
@@ -97,6 +104,8 @@ class Hierarchy {
   std::vector<Group> mine_;  // this rank's group at each level it takes part in (global ranks)
   std::vector<std::string> names_;
   std::vector<int> final_block_;
+  std::vector<int> tree_order_;                // every index, each node of the tree contiguous
+  std::vector<std::vector<int>> node_of_;     // node_of_[l][index]: its node after level l (the node's head)
   bool uniform_ = true;
   std::string description_;
   std::vector<std::vector<char>> scratch_;  // each stage's staging memory, kept between runs

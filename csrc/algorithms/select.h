@@ -7,6 +7,7 @@
 
 #include "algorithms/allreduce.h"
 #include "common/types.h"
+#include "transport/frame.h"
 
 namespace collectives {
 
@@ -21,6 +22,7 @@ struct CostModel {
 };
 
 class HierarchicalAllreduce;
+class Hierarchy;
 
 struct AllreduceCandidates {
   AllreduceAlgorithm& ring;
@@ -35,5 +37,13 @@ struct AllreduceCandidates {
 // and recursive doubling cross.
 AllreduceAlgorithm& select_allreduce(const AllreduceCandidates& candidates, size_t count,
                                      DataType dtype, int group_size, const CostModel& cost);
+
+// Whether an all-gather, a reduce-scatter or a broadcast of `bytes` in all (every rank's block,
+// for the first two) takes the plan (hierarchical_collectives.h) over the flat ring or chain.
+// All-gather and reduce-scatter: where the plan is uniform and the cost model expects its one
+// way (down, or up) to finish first. Broadcast: wherever there is a plan: its chain makes the
+// flat chain's hops, and crosses no link more often than it.
+bool select_hierarchical(CollectiveKind kind, const Hierarchy* hierarchy, size_t bytes, int group_size,
+                         const CostModel& cost);
 
 }  // namespace collectives

@@ -413,10 +413,16 @@ HierarchyPlan hierarchy(const std::vector<std::vector<std::vector<int>>>& levels
   return plan;
 }
 
+//
+// And uniform plans, where all-gather and reduce-scatter take the plan too (the broadcast takes
+// it everywhere): 4 ranks as 2 hosts of 2, interleaved (ranks 0 and 2 on one host), and 8 as 2
+// ranks per host, 2 hosts per rack, 2 racks.
 void test_hierarchical() {
   const std::vector<std::pair<int, HierarchyPlan>> layouts{
       {5, hierarchy({{{0, 1, 2}, {3, 4}}, {{0, 3}, {1, 4}}})},
       {7, hierarchy({{{0, 1, 2}, {3, 4}, {5, 6}}, {{0, 3}, {1, 4}, {5}, {6}}, {{0, 5}, {1, 6}}})},
+      {4, hierarchy({{{0, 2}, {1, 3}}, {{0, 1}, {2, 3}}})},
+      {8, hierarchy({{{0, 1}, {2, 3}, {4, 5}, {6, 7}}, {{0, 2}, {1, 3}, {4, 6}, {5, 7}}, {{0, 4}, {1, 5}, {2, 6}, {3, 7}}})},
   };
   for (const auto& [size, plan] : layouts) {
     CommunicatorOptions options;
@@ -434,12 +440,14 @@ void test_hierarchical() {
         test_allreduce<int32_t>(job, ReduceOp::kSum, count, ++seed);
         test_allreduce<double>(job, ReduceOp::kAvg, count, ++seed);
         test_allreduce<int8_t>(job, ReduceOp::kProd, count, ++seed);
+        test_other_collectives(job, count);
       }
       // Pieces: 12 MiB of float32 goes through the plan as 12 pieces, the levels' threads
-      // overlapping (hierarchy.h).
+      // overlapping (hierarchy.h); the other collectives over 300007 x size int32 likewise.
       if (segment == 0) {
         test_allreduce<float>(job, ReduceOp::kSum, (3 << 20) + 7, ++seed);
         test_every_rank_same_bits<float>(job, ReduceOp::kAvg, (3 << 20) + 7, ++seed);
+        test_other_collectives(job, 300007);
       }
     }
   }

@@ -1,5 +1,5 @@
-"""The hierarchical all-reduce's reduction order, computed in numpy, and the rank processes'
-script of test_hierarchical.py.
+"""The hierarchical all-reduce's and reduce-scatter's reduction order, computed in numpy, and the
+rank processes' script of test_hierarchical.py.
 
 The order (README, "Hierarchical all-reduce"): every ring of the plan reduces a block in ring
 order. The buffer is first cut into pieces (``pieces``: count * itemsize // 1 MiB of them, at
@@ -32,9 +32,14 @@ def even_blocks(count: int, blocks: int) -> List[int]:
 MIN_PIECE_BYTES, MAX_PIECES = 1 << 20, 16  # csrc/algorithms/hierarchy.h
 
 
+def piece_count(nbytes: int) -> int:
+    """Hierarchy::piece_count: how many pieces `nbytes` are pipelined over."""
+    return min(max(nbytes // MIN_PIECE_BYTES, 1), MAX_PIECES)
+
+
 def pieces(count: int, itemsize: int) -> List[int]:
     """Hierarchy::pieces: the offsets of the pieces the levels are pipelined over."""
-    return even_blocks(count, min(max(count * itemsize // MIN_PIECE_BYTES, 1), MAX_PIECES))
+    return even_blocks(count, piece_count(count * itemsize))
 
 
 def ring_block(values: Sequence[np.ndarray], b: int) -> np.ndarray:
@@ -79,6 +84,37 @@ def piece_sum(inputs: Sequence[np.ndarray], plan) -> np.ndarray:
     return result
 
 
+def final_blocks(plan, size: int) -> List[int]:
+    """Hierarchy::final_block of every rank of a uniform plan: its positions in its groups, level
+    by level, as the digits of a number (the host's the most significant), each level's base its
+    group size."""
+    blocks = [0] * size
+    for level in plan.levels:
+        for group in level.groups:
+            for position, rank in enumerate(group):
+                blocks[rank] = blocks[rank] * len(group) + position
+    return blocks
+
+
+def hierarchical_reduce_scatter(inputs: Sequence[np.ndarray], plan, rank: int) -> np.ndarray:
+    """What the hierarchical reduce-scatter of `inputs` (size x count elements per rank) gives
+    `rank` under a uniform `plan`: hierarchical_collectives.cc's working layout (rank q's slice i
+    at slot final_blocks[q] of piece i), each piece summed as the plan sums it; the element's
+    order does not depend on the pieces."""
+    size, count = len(inputs), len(inputs[0]) // len(inputs)
+    slices = even_blocks(count, min(count, piece_count(size * count * inputs[0].itemsize)))
+    blocks, parts = final_blocks(plan, size), []
+    for lo, hi in zip(slices, slices[1:]):
+        works = []
+        for x in inputs:
+            work = np.empty(size * (hi - lo), x.dtype)
+            for q in range(size):
+                work[blocks[q] * (hi - lo):(blocks[q] + 1) * (hi - lo)] = x[q * count + lo:q * count + hi]
+            works.append(work)
+        parts.append(piece_sum(works, plan)[blocks[rank] * (hi - lo):(blocks[rank] + 1) * (hi - lo)])
+    return np.concatenate(parts)
+
+
 def order_sensitive(case, rank: int) -> np.ndarray:
     """Exponents far apart: the sum's bits depend on the order of the additions."""
     rng = np.random.default_rng([case["seed"], rank])
@@ -93,6 +129,18 @@ def run_order_case(comm, case) -> List[str]:
     comm.allreduce(x)
     want = hierarchical_sum([order_sensitive(case, r) for r in range(comm.size)], hierarchical.plan(comm.topology))
     return collective_cases.check_equal(f"rank {comm.rank}: order, {collective_cases.describe(case)}", x, want)
+
+
+def run_reduce_scatter_order_case(comm, case) -> List[str]:
+    """An order-sensitive reduce-scatter of size x count elements against the plan's order."""
+    from collectives import hierarchical
+
+    full = {**case, "count": case["count"] * comm.size}
+    out = comm.reduce_scatter(order_sensitive(full, comm.rank))
+    inputs = [order_sensitive(full, r) for r in range(comm.size)]
+    want = hierarchical_reduce_scatter(inputs, hierarchical.plan(comm.topology), comm.rank)
+    return collective_cases.check_equal(f"rank {comm.rank}: reduce-scatter order, {collective_cases.describe(case)}",
+                                        out, want)
 
 
 def run_subgroups(comm) -> List[str]:
@@ -113,8 +161,8 @@ def run_subgroups(comm) -> List[str]:
     return problems, report
 
 
-# The rank processes' script: the cases in the JSON file named by its argument; "order" cases
-# here, the rest by collective_cases; "subgroups" runs run_subgroups.
+# The rank processes' script: the cases in the JSON file named by its argument; "order" and
+# "reduce_scatter_order" cases here, the rest by collective_cases; "subgroups" runs run_subgroups.
 RANK_SCRIPT = f"""
 import json, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
@@ -127,6 +175,8 @@ with cc.init() as comm:
     for case in cases:
         if case["collective"] == "order":
             problems += hierarchical_cases.run_order_case(comm, case)
+        elif case["collective"] == "reduce_scatter_order":
+            problems += hierarchical_cases.run_reduce_scatter_order_case(comm, case)
         elif case["collective"] == "subgroups":
             found, report["subgroups"] = hierarchical_cases.run_subgroups(comm)
             problems += found

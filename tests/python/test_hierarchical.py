@@ -1,7 +1,7 @@
 """The hierarchical all-reduce (issue 12) on real processes: its planner, its results against
 numpy (integer-valued data, where the order cannot matter, and order-sensitive floats against
 numpy computing its documented order), uneven layouts, every transport, subgroups, auto's choice,
-and a killed rank.
+and a killed rank; all-gather, reduce-scatter and broadcast over the plan.
 
 All ranks run on this one machine; per-rank COLLECTIVES_TOPOLOGY values make them different
 hosts of the label tree ("rackA/<hostname>" and "rackB/<hostname>" are two hosts in two racks),
@@ -143,6 +143,85 @@ def test_auto_takes_the_plan_for_large_messages_and_recursive_doubling_for_small
         assert re.search(r"allreduce #\d+ \(sum, 8 x float32\): start \(recursive_doubling\)", result.stderr)
         assert "hierarchical: reduce-scatter in the host group of 2" in result.stderr
         assert "hierarchical: all-reduce in the top group of 2" in result.stderr
+
+
+# -- all-gather, reduce-scatter and broadcast over the plan --------------------------------------
+
+# 2 ranks per host, 2 hosts per rack, 2 racks: three levels.
+EIGHT = ["r1/a"] * 2 + ["r1/b"] * 2 + ["r2/c"] * 2 + ["r2/d"] * 2
+UNEVEN = ["hA", "hA", "hA", "hB", "hB"]
+
+
+def other_cases(size, uniform, counts=(1, 5, 1009, 70_001)):
+    """Every dtype's all-gather and broadcast (every root), every op's reduce-scatter, integer-
+    valued (cases_lib.run_case); on uniform plans the order-sensitive reduce-scatter against the
+    plan's order. 70001 elements per rank make 2 pieces or more (hierarchical_cases.pieces)."""
+    found, seed = [], 100
+    for dtype in cases_lib.DTYPES:
+        for count in counts:
+            seed += 1
+            found.append(dict(collective="allgather", dtype=dtype, op="sum", count=count, seed=seed))
+            seed += 1
+            found.append(dict(collective="broadcast", dtype=dtype, op="sum", count=count, root=seed % size, seed=seed))
+        for op in cases_lib.valid_ops(dtype):
+            seed += 1
+            found.append(dict(collective="reduce_scatter", dtype=dtype, op=op, count=3 * size * counts[-1], seed=seed))
+    for root in range(size):
+        seed += 1
+        found.append(dict(collective="broadcast", dtype="float32", op="sum", count=counts[-1], root=root, seed=seed))
+    for dtype in ("float32", "float64") if uniform else ():
+        for count in (1, 13) + counts[-1:]:
+            seed += 1
+            found.append(dict(collective="reduce_scatter_order", dtype=dtype, op="sum", count=count, seed=seed))
+    return found
+
+
+def tree_chain(labels, root):
+    """The broadcast's chain from `root` (Hierarchy::chain_from): the label tree's order (nodes by
+    their lowest rank), stably sorted by distance from the root (the same host first, then the
+    same rack, ...): it enters every host and every rack once. Labels of one depth."""
+    paths = [label.split("/") for label in labels]
+    depth = len(paths[0])
+
+    def place(rank):
+        return tuple(min(q for q in range(len(paths)) if paths[q][:i + 1] == paths[rank][:i + 1])
+                     for i in range(depth)) + (rank,)
+
+    def distance(rank):
+        shared = next((i for i in range(depth) if paths[rank][i] != paths[root][i]), depth)
+        return -1 if rank == root else depth - shared
+
+    return sorted(sorted(range(len(labels)), key=place), key=distance)
+
+
+def test_tree_chain_examples():
+    assert tree_chain(INTERLEAVED, 3) == [3, 1, 0, 2]
+    assert tree_chain(EIGHT, 5) == [5, 4, 6, 7, 0, 1, 2, 3]
+    assert tree_chain(EIGHT, 2) == [2, 3, 0, 1, 4, 5, 6, 7]
+    assert tree_chain(UNEVEN, 4) == [4, 3, 0, 1, 2]
+
+
+@pytest.mark.parametrize("topologies,uniform", [(TWO_RACKS, True), (INTERLEAVED, True), (EIGHT, True), (UNEVEN, False)],
+                         ids=["two-racks", "interleaved", "three-levels", "uneven"])
+def test_allgather_reduce_scatter_and_broadcast_over_the_plan(run_ranks, tmp_path, topologies, uniform):
+    """On uniform plans all-gather and reduce-scatter take the plan (its all-gathers down, its
+    reduce-scatters up); elsewhere the flat ring. The broadcast's chain runs in the tree's order
+    on every plan. COLLECTIVES_DEBUG says which ran."""
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(other_cases(len(topologies), uniform)))
+    results = run_ranks(hierarchical_cases.RANK_SCRIPT, len(topologies), args=[str(path)],
+                        env={**FORCED, "COLLECTIVES_DEBUG": "1"}, timeout=240,
+                        rank_env=lambda r: {"COLLECTIVES_TOPOLOGY": topologies[r]})
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.report()["problems"] == [], "\n".join(result.report()["problems"])
+        chains = re.findall(r"hierarchical: chain in the tree's order:((?: \d+)+)", result.stderr)
+        assert chains, result.stderr[-3000:]
+        for chain in chains:
+            order = [int(index) for index in chain.split()]
+            assert order == tree_chain(topologies, order[0]), order
+        assert ("hierarchical: all-gather in the" in result.stderr) == uniform
+        assert ("hierarchical: reduce-scatter in the" in result.stderr) == uniform
 
 
 FAULT_SCRIPT = r"""
