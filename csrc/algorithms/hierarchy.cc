@@ -184,7 +184,7 @@ void Hierarchy::run(const AlgorithmContext& ctx, char* buffer, const std::vector
   StageBoard board(stages);
 
   // Stage l's rings, every piece, one way (`up`; the top: both, as `ways` says).
-  auto run_stage = [&](size_t l, bool up, InterruptionPtr interruption) {
+  auto run_stage = [&](size_t l, bool up, Interruption* interruption) {
     const bool is_top = l == top;
     for (size_t i = 0; i < count; ++i) {
       const std::vector<size_t>& offsets = blocks[l][i];
@@ -217,7 +217,7 @@ void Hierarchy::run(const AlgorithmContext& ctx, char* buffer, const std::vector
     }
   };
   // A stage's rings up, then down, as far as the ways go.
-  auto run_both = [&](size_t l, InterruptionPtr interruption) {
+  auto run_both = [&](size_t l, Interruption* interruption) {
     if (l == top) return run_stage(l, true, interruption);
     if (ways.up) run_stage(l, true, interruption);
     if (ways.down) run_stage(l, false, interruption);
@@ -234,7 +234,7 @@ void Hierarchy::run(const AlgorithmContext& ctx, char* buffer, const std::vector
     return;
   }
 
-  auto guarded = [&](size_t l, InterruptionPtr interruption) {
+  auto guarded = [&](size_t l, Interruption* interruption) {
     try {
       run_both(l, interruption);
     } catch (const StageBoard::Abandoned&) {

@@ -16,9 +16,6 @@
 
 namespace collectives {
 
-// The caller's interruption, as the algorithms' context holds it.
-using InterruptionPtr = decltype(AlgorithmContext::interruption);
-
 class StageBoard {
  public:
   // Thrown by await() in a stage once another stage failed: that one's error is the one to report.
@@ -51,13 +48,13 @@ class StageBoard {
 
   // Blocks until `stage` has finished piece `piece` of the `up` way (or down), at most until
   // `deadline`; on a caller's thread, asking its `interruption` between waits.
-  void await(bool up, size_t stage, size_t piece, Deadline deadline, InterruptionPtr interruption) {
+  void await(bool up, size_t stage, size_t piece, Deadline deadline, Interruption* interruption) {
     await_until(deadline, interruption, [&] { return (up ? up_ : down_)[stage] > piece; },
                 [&] { return std::string(up ? "up" : "down") + " the stage " + std::to_string(stage) +
                              " of piece " + std::to_string(piece); });
   }
   // Blocks until `stages` stages have said stage_done().
-  void await_stages(size_t stages, Deadline deadline, InterruptionPtr interruption) {
+  void await_stages(size_t stages, Deadline deadline, Interruption* interruption) {
     await_until(deadline, interruption, [&] { return stages_done_ >= stages; }, [] { return std::string("the other stages"); });
   }
 
@@ -67,7 +64,7 @@ class StageBoard {
   static constexpr auto kGrace = std::chrono::seconds(1);
 
   template <typename Ready, typename What>
-  void await_until(Deadline deadline, InterruptionPtr interruption, Ready ready, What what) {
+  void await_until(Deadline deadline, Interruption* interruption, Ready ready, What what) {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
       if (failure_) throw Abandoned{};
@@ -75,26 +72,15 @@ class StageBoard {
       const auto now = Clock::now();
       if (now > deadline + kGrace) throw TimeoutError("timed out waiting for " + what() + " on this rank");
       if (interruption) {
-        changed_.wait_until(lock, std::min(now + kInterruptionCheck, deadline + kGrace));
+        changed_.wait_until(lock, std::min(interruption->next_check(), deadline + kGrace));
         lock.unlock();
-        const bool interrupted = ask(*interruption, 0);
+        const bool interrupted = interruption->interrupted();
         lock.lock();
         if (interrupted) throw Interrupted();
       } else {
         changed_.wait_until(lock, deadline + kGrace);
       }
     }
-  }
-
-  // Whether the caller wants the collective ended: an Interruption that paces its own asking
-  // (interrupted()), or a plain callable.
-  template <typename I>
-  static auto ask(I& interruption, int) -> decltype(interruption.interrupted()) {
-    return interruption.interrupted();
-  }
-  template <typename I>
-  static bool ask(I& interruption, long) {
-    return interruption();
   }
 
   std::mutex mutex_;
