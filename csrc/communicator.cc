@@ -492,6 +492,7 @@ void Communicator::abort(const std::string& reason) {
 }
 
 void Communicator::close() {
+  const std::string during = "rank " + std::to_string(rank()) + " closed its communicator during a collective";
   std::deque<Task> abandoned;
   bool running;
   {
@@ -502,7 +503,7 @@ void Communicator::close() {
       close_when_done_ = true;
       std::shared_ptr<Transport> transport = transport_;
       lock.unlock();
-      transport->abort("rank " + std::to_string(rank()) + " closed its communicator during a collective");
+      transport->abort(during);
       return;
     }
     if (closing_) return;
@@ -526,10 +527,8 @@ void Communicator::close() {
     transport_->abort("rank " + std::to_string(rank()) + " closed its communicator with a message unfinished");
   }
   if (running) {
-    const std::string reason =
-        "rank " + std::to_string(rank()) + " closed its communicator during a collective";
-    transport_->abort(reason);
-    if (reduction_server_) reduction_server_->cancel(reason);
+    transport_->abort(during);
+    if (reduction_server_) reduction_server_->cancel(during);
   }
   executor_.join();
   {

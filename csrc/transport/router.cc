@@ -27,11 +27,7 @@ RoutingTransport::~RoutingTransport() {
 bool RoutingTransport::wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) {
   if (over_shm_.at(request->peer)) return shm_->wait_until(request, deadline, until);
   // A thread waiting on TCP does not drive the shared-memory rings: their progress thread must.
-  shm_->waiting_elsewhere(true);
-  struct Done {
-    Transport& shm;
-    ~Done() { shm.waiting_elsewhere(false); }
-  } done{*shm_};
+  const WaitingElsewhere meanwhile(*shm_);
   return tcp_->wait_until(request, deadline, until);
 }
 

@@ -139,6 +139,17 @@ class Transport {
   // A thread of the routing transport this one is part of blocks on another part (begins), or
   // no longer does: meanwhile this part's requests must move without that thread's help.
   virtual void waiting_elsewhere(bool /*begins*/) {}
+  // waiting_elsewhere(true) for the life of a scope, and (false) when it ends, however.
+  class WaitingElsewhere {
+   public:
+    explicit WaitingElsewhere(Transport& part) : part_(part) { part_.waiting_elsewhere(true); }
+    ~WaitingElsewhere() { part_.waiting_elsewhere(false); }
+    WaitingElsewhere(const WaitingElsewhere&) = delete;
+    WaitingElsewhere& operator=(const WaitingElsewhere&) = delete;
+
+   private:
+    Transport& part_;
+  };
 
   // Makes this transport carry part of `whole`'s traffic (a RoutingTransport, which outlives
   // it): its first failure fails the whole, and what it answers and asks about stalls speaks

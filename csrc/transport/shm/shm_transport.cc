@@ -198,11 +198,7 @@ bool ShmTransport::wait_until(const TransportRequest& posted, Deadline deadline,
     if (!try_drive() && oversubscribed_) std::this_thread::yield();
   }
   // From here on the progress thread moves the bytes, woken by the peers' doorbell rings.
-  waiting_elsewhere(true);
-  struct Unblock {
-    ShmTransport& transport;
-    ~Unblock() { transport.waiting_elsewhere(false); }
-  } unblock{*this};
+  const WaitingElsewhere blocked(*this);
   std::unique_lock<std::mutex> lock(mutex_);
   if (!await(lock, completed_, *request, deadline, until, [&] { return request->done || failed_; })) return false;
   // A request that completed stays good even if the transport failed afterwards.
@@ -297,6 +293,11 @@ void ShmTransport::fail(const std::string& reason, bool timed_out) {
   poller_.wake();
 }
 
+void ShmTransport::consume(Peer& peer, uint64_t n) {
+  peer.in.consume(n);
+  if (should_wake(peer.in.control().writer_asleep)) ring(peer);
+}
+
 void ShmTransport::ring(Peer& peer) {
   const uint64_t one = 1;
   // A full counter already means "wake up": nothing is lost if the write fails.
@@ -373,8 +374,7 @@ void ShmTransport::check_control(Peer& peer) {
 bool ShmTransport::copy_payload(Peer& peer, char* into, uint64_t n) {
   if (peer.remote_payload == 0) {
     peer.in.peek(0, into, n);
-    peer.in.consume(n);
-    if (should_wake(peer.in.control().writer_asleep)) ring(peer);
+    consume(peer, n);
     return true;
   }
   const iovec local{into, n}, remote{reinterpret_cast<void*>(peer.remote_payload + peer.received), n};
@@ -543,8 +543,7 @@ bool ShmTransport::take_header(Peer& peer) {
     fail(who + " sent " + why, false);
     return false;
   }
-  peer.in.consume(kHeaderBytes + (remote_payload ? sizeof(remote_payload) : 0));
-  if (should_wake(peer.in.control().writer_asleep)) ring(peer);
+  consume(peer, kHeaderBytes + (remote_payload ? sizeof(remote_payload) : 0));
   peer.in_frame = true;
   peer.received = 0;
   peer.remote_payload = remote_payload;
@@ -578,8 +577,7 @@ bool ShmTransport::take_notice(Peer& peer, const FrameHeader& h) {
   if (peer.in.readable() < kHeaderBytes + h.nbytes) return false;  // the rest is on its way
   std::string text(h.nbytes, '\0');
   if (h.nbytes > 0) peer.in.peek(kHeaderBytes, text.data(), h.nbytes);
-  peer.in.consume(kHeaderBytes + h.nbytes);
-  if (should_wake(peer.in.control().writer_asleep)) ring(peer);
+  consume(peer, kHeaderBytes + h.nbytes);
   std::lock_guard<std::mutex> lock(mutex_);
   notices_.push_back({peer.rank, h.unit, std::move(text)});
   return true;

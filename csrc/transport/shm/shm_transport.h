@@ -112,6 +112,8 @@ class ShmTransport : public Transport {
   void raise_asleep_flags(uint32_t raised);  // 1: peers ring the doorbell when they move a ring; 0: not
   void handle_gone(Peer& peer);
   void ring(Peer& peer);  // the peer's doorbell
+  // Hands the first n readable bytes of the peer's ring back to it, waking it if it waits for room.
+  void consume(Peer& peer, uint64_t n);
   void complete(Operation& op);
   void fail(const std::string& reason, bool timed_out);
   bool has_failed();
