@@ -63,16 +63,21 @@ void Work::finish(std::exception_ptr error) {
 }
 
 Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,
-                           std::vector<Link> reducer_links, std::vector<std::string> reducer_names)
+                           std::vector<Link> reducer_links, std::vector<std::string> reducer_names,
+                           std::unique_ptr<ShmBoard> board)
     : options_(options),
       transport_(std::move(transport)),
       lineage_(std::make_shared<Lineage>()),
       group_(Group::world(transport_->size(), transport_->rank())),
-      id_(0) {
+      id_(0),
+      board_(std::move(board)) {
   std::string refused;
   if (!(options.timeout_seconds > 0)) refused = "timeout must be positive";
   if (options.reduction_server && reducer_links.empty()) {
     refused = "the reduction_server algorithm needs reducers";
+  }
+  if (board_ && (board_->ranks() != members() || board_->me() != rank())) {
+    refused = "the shared board's members are not the communicator's ranks";
   }
   try {
     make_hierarchical();
@@ -83,6 +88,7 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
     for (const Link& link : reducer_links) ::close(link.fd);
     throw std::invalid_argument(refused);
   }
+  if (board_) board_allreduce_ = std::make_unique<BoardAllreduce>(*board_);
   if (!reducer_links.empty()) {
     reduction_server_ = std::make_unique<ReductionServerAllreduce>(
         std::move(reducer_links), std::move(reducer_names), options.reduction_server_settings, rank());
@@ -302,9 +308,9 @@ std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType
   task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
   task.memory = {bytes_of(data, count, dtype)};
   const bool reducers = options_.reduction_server;
-  task.allreduce = &select_allreduce(
-      {ring_, recursive_doubling_, reducers ? reduction_server_.get() : nullptr, hierarchical_.get()}, count, dtype,
-      size(), options_.cost);
+  task.allreduce = &select_allreduce({ring_, recursive_doubling_, reducers ? reduction_server_.get() : nullptr,
+                                      hierarchical_.get(), board_allreduce_.get(), options_.board_up_to_bytes},
+                                     count, dtype, size(), options_.cost);
   task.data = data;
   return enqueue(std::move(task), caller);
 }

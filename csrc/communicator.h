@@ -20,6 +20,7 @@
 
 #include "algorithms/algorithm.h"
 #include "algorithms/allreduce.h"
+#include "algorithms/allreduce_board.h"
 #include "algorithms/allreduce_hierarchical.h"
 #include "algorithms/hierarchical_collectives.h"
 #include "algorithms/allreduce_recursive_doubling.h"
@@ -41,6 +42,9 @@ struct CommunicatorOptions {
   ReductionServerSettings reduction_server_settings;
   CostModel cost;  // chooses between the ring and recursive doubling; equal on every rank
   HierarchyPlan hierarchy;  // the hierarchical algorithm's plan, equal on every rank; none if empty
+  // All-reduces of up to this many bytes take the host's shared board, where the communicator
+  // has one (allreduce_board.h); 0: none does.
+  size_t board_up_to_bytes = kBoardDefaultUpToBytes;
 };
 
 // Bytes a collective reads or writes.
@@ -86,9 +90,11 @@ class Work {
 class Communicator {
  public:
   // Over every rank of `transport`; reducer_links[r]: the connected, authenticated socket to
-  // reducer r (none: no reducers). All are owned from here on.
+  // reducer r (none: no reducers). All are owned from here on. `board`: the host's shared
+  // board, where every rank runs on one host (its members: every rank, in rank order).
   Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,
-               std::vector<Link> reducer_links = {}, std::vector<std::string> reducer_names = {});
+               std::vector<Link> reducer_links = {}, std::vector<std::string> reducer_names = {},
+               std::unique_ptr<ShmBoard> board = nullptr);
   ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
@@ -198,6 +204,8 @@ class Communicator {
   std::unique_ptr<ReductionServerAllreduce> reduction_server_;  // null without reducers
   std::unique_ptr<Hierarchy> hierarchy_;  // null without a plan
   std::unique_ptr<HierarchicalAllreduce> hierarchical_;  // over hierarchy_
+  std::unique_ptr<ShmBoard> board_;  // the world's only; null without one
+  std::unique_ptr<BoardAllreduce> board_allreduce_;  // over board_
   std::vector<char> scratch_;  // the executor's staging memory
 
   std::mutex mutex_;  // guards the fields below

@@ -468,6 +468,42 @@ void test_hierarchical() {
   }
 }
 
+// The host's board (allreduce_board.h): every op at counts that take one barrier, two, and
+// more than one slot; a call that differs, an abort and a silent rank, as on the other paths.
+void run_board() {
+  job_board = true;
+  job_transport = TransportKind::kShm;
+  const size_t per_slot = kBoardSlotBytes / sizeof(float);
+  unsigned seed = 1000;
+  for (int size : {2, 3, 4}) {
+    Job job(size);
+    for (size_t count : {size_t{0}, size_t{1}, size_t{997}, size_t{100003}, per_slot + 5, 2 * per_slot + 3}) {
+      for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax, ReduceOp::kProd}) {
+        test_allreduce<float>(job, op, count, ++seed);
+        test_allreduce<int32_t>(job, op == ReduceOp::kAvg ? ReduceOp::kSum : op, count, ++seed);
+        test_every_rank_same_bits<float>(job, op, count, ++seed);
+      }
+      test_allreduce<double>(job, ReduceOp::kAvg, count, ++seed);
+      test_allreduce<int8_t>(job, ReduceOp::kSum, count, ++seed);
+    }
+  }
+  test_mismatch_fails_everywhere();
+  test_abort_reaches_every_rank(4);
+  {
+    Job job(3, 1, 0, 1.0);
+    std::vector<std::vector<float>> data(3, std::vector<float>(1000, 1.0f));
+    auto errors = job.run([&](int r) {
+      if (r == 2) return;
+      wait(job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum));
+    });
+    for (int r = 0; r < 2; ++r) {
+      check(errors[r].find("rank 2 did not reach the shared-memory barrier") != std::string::npos,
+            "board: rank " + std::to_string(r) + " must name the silent rank 2, said '" + errors[r] + "'");
+    }
+  }
+  job_board = false;
+}
+
 void run_all() {
   for (int size = 1; size <= 5; ++size) {
     for (int connections : {1, 2}) {
@@ -561,6 +597,8 @@ int main() {
     std::printf("%s transport\n", to_string(kind));
     run_all();
   }
+  std::printf("shared board\n");
+  run_board();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

@@ -203,12 +203,10 @@ bool ShmTransport::wait_until(const TransportRequest& posted, Deadline deadline,
   if (!await(lock, completed_, *request, deadline, until, [&] { return request->done || failed_; })) return false;
   // A request that completed stays good even if the transport failed afterwards.
   if (request->ok) return true;
-  const bool timed_out = failure_timed_out_;
-  const std::string failure = failure_;
+  const TransportFailure failure{failure_, failure_timed_out_};
   lock.unlock();
   quiesce();  // the caller may free buffers next
-  if (timed_out) throw TimeoutError(failure);
-  throw CollectiveError(failure);
+  failure.raise();
 }
 
 int ShmTransport::ask_waiting_on(int peer) {
@@ -247,9 +245,9 @@ void ShmTransport::quiesce() {
   std::lock_guard<std::mutex> moving(progress_mutex_);
 }
 
-std::string ShmTransport::failure() {
+TransportFailure ShmTransport::failure() {
   std::lock_guard<std::mutex> lock(mutex_);
-  return failed_ ? failure_ : std::string();
+  return failed_ ? TransportFailure{failure_, failure_timed_out_} : TransportFailure{};
 }
 
 bool ShmTransport::has_failed() {

@@ -1,0 +1,45 @@
+// All-reduce through the board that every rank of one host maps (transport/shm/board.h): each
+// rank writes its buffer into its slot once, and after one barrier every rank reads every
+// slot. No message goes from rank to rank, so a small all-reduce costs one write, one barrier
+// and N reads, where recursive doubling waits on log2(N) messages in a row, each a hand-off
+// between processes. Larger buffers take a second barrier so that the N reads are shared out:
+// each rank reduces one part of every slot into its slot of the other set, and after the
+// barrier every rank copies every part. A buffer larger than a slot goes a slot at a time.
+//
+// Every rank combines the slots in member order, (((s0 op s1) op s2) ...), so every rank ends
+// with the same bits, however it splits the work. The calls' headers sit in the slots, and
+// every rank checks all of them before it reads a payload byte, so ranks that called
+// differently all fail at the same barrier.
+#pragma once
+
+#include "algorithms/allreduce.h"
+#include "transport/shm/board.h"
+
+namespace collectives {
+
+// All-reduces that auto sends through the board: up to where the shared-memory ring, which
+// copies each byte once (process_vm_readv), catches up (measured: benchmarks/RESULTS.md).
+constexpr size_t kBoardDefaultUpToBytes = size_t{16} << 20;
+
+class BoardAllreduce : public DirectAllreduce {
+ public:
+  explicit BoardAllreduce(ShmBoard& board) : board_(board) {}
+  const char* name() const override { return "board"; }
+  void run(const AlgorithmContext& ctx, void* data, size_t count) override;
+
+  // Up to this many bytes per slot, every rank reduces every slot itself; above it, the two
+  // barriers' scheme.
+  static constexpr size_t kEveryRankReducesBytes = 64 << 10;
+
+ private:
+  // Arrives at the board's next barrier and waits for every member, as a transport's wait: until
+  // the deadline (then it names the ranks that did not arrive, and aborts the transport), the
+  // transport's failure, or the caller's interruption.
+  void barrier(const AlgorithmContext& ctx);
+  // Every member's header in `set` is `expected`, or the transport fails naming the first that is not.
+  void check_headers(const AlgorithmContext& ctx, int set, const FrameHeader& expected);
+
+  ShmBoard& board_;
+};
+
+}  // namespace collectives
