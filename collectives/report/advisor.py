@@ -125,6 +125,11 @@ REDUCER_PLANS = tuple(p for p in PLANS if "reduction_server" in p)
 PLAIN_PLANS = tuple(p for p in PLANS if p not in REDUCER_PLANS)
 
 
+def _reducer_plans(setup: Setup) -> Sequence[str]:
+    """With one rank per worker there is no host level: the hierarchy's reducers are the flat ones."""
+    return REDUCER_PLANS if setup.gpus_per_worker > 1 else ("reduction_server",)
+
+
 def _candidates(job: Job, setup: Setup, calibration: Calibration, plan: str, reducer: Instance,
                 max_reducers: int) -> List[int]:
     """The reducer counts worth modelling: around the cost optimum while reducers pace the
@@ -172,7 +177,7 @@ def advise(job: Job, setup: Setup, calibration: Calibration, reducer_types: Sequ
            max_reducers: int = 4096) -> Advice:
     options = [evaluate(job, setup, calibration, plan) for plan in PLAIN_PLANS]
     for reducer in reducer_types:
-        for plan in REDUCER_PLANS:
+        for plan in _reducer_plans(setup):
             options += [evaluate(job, setup, calibration, plan, reducer, r)
                         for r in _candidates(job, setup, calibration, plan, reducer, max_reducers)]
     return _advice(options)
@@ -193,5 +198,5 @@ def brute_force(job: Job, setup: Setup, calibration: Calibration, reducer_types:
     """Every plan, reducer type and count up to `max_reducers`: what the advisor must come close to."""
     options = [evaluate(job, setup, calibration, plan) for plan in PLAIN_PLANS]
     options += [evaluate(job, setup, calibration, plan, reducer, r) for reducer in reducer_types
-                for plan in REDUCER_PLANS for r in range(1, max_reducers + 1)]
+                for plan in _reducer_plans(setup) for r in range(1, max_reducers + 1)]
     return _advice(options)

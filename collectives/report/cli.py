@@ -190,7 +190,7 @@ def build(args: argparse.Namespace) -> render.Report:
     series = {}
     for plan in PLANS:
         if plan in advisor.REDUCER_PLANS:
-            if reducer:
+            if reducer and any(o.plan == plan for o in options):
                 series[plan] = [advisor.evaluate(job, setup, cal, plan, reducer, r) for r in counts]
         else:
             series[plan] = [advisor.evaluate(job, setup, cal, plan)] * len(counts)
@@ -202,10 +202,10 @@ def build(args: argparse.Namespace) -> render.Report:
                                per_type=False) for w in sizes]
     by_workers = render.Sweep(f"workers ({worker.type})", sizes,
                               {plan: [next(o for o in opts if o.plan == plan) for opts in per_size] for plan in PLANS
-                               if reducer_types or plan in advisor.PLAIN_PLANS})
+                               if all(any(o.plan == plan for o in opts) for opts in per_size)})
 
     given = [advisor.evaluate(job, setup, cal, plan, r, args.reducers) for r in reducer_types
-             for plan in advisor.REDUCER_PLANS] if args.reducers else []
+             for plan in advisor.REDUCER_PLANS if any(o.plan == plan for o in options)] if args.reducers else []
     measured = [k for path in args.json for k in calibration.check(cal, calibration.measurements(path))]
     used = [worker] + list(reducer_types)
     title = (f"collectives-report: {params / 1e6:,.0f}M parameters on {args.workers} x {worker.type} "
@@ -221,7 +221,10 @@ def _best_per_plan(advice: advisor.Advice, reducer_types, per_type: bool = True)
         key = (o.plan, o.reducer.type if o.reducer and per_type else None)
         if key not in best or o.samples_per_usd > best[key].samples_per_usd:
             best[key] = o
-    return sorted(best.values(), key=lambda o: (-round(o.samples_per_usd, 6), o.reducers))
+    # Best first; of equals within 0.01% of the best (as the advice takes ties), the fewest reducers.
+    top = max(o.samples_per_usd for o in best.values())
+    return sorted(best.values(), key=lambda o: (-(top if o.samples_per_usd >= top * 0.9999 else o.samples_per_usd),
+                                                o.reducers))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
