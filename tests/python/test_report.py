@@ -336,3 +336,13 @@ def test_page_and_plots_render_in_chromium(vertex_report, tmp_path):
         coloured = {c for c in ((0x1f, 0x77, 0xb4), (0xff, 0x7f, 0x0e), (0x2c, 0xa0, 0x2c), (0xd6, 0x27, 0x28))
                     if (np.abs(area - c).max(axis=1) < 40).sum() > 200}
         assert inked > 0.05 and len(coloured) == 4, (name, inked, coloured)
+
+
+def test_docs_worked_examples_are_what_the_tool_computes(tmp_path):
+    """docs/report.md's examples: each command's first line of output, as the docs quote it."""
+    docs = (REPO / "docs" / "report.md").read_text()
+    examples = re.findall(r"^\$ collectives-report (.*) --out \S+\n(.*)$", docs, re.M)
+    assert len(examples) == 4
+    for args, advice in examples:
+        done = run_report(args.split(), tmp_path / str(abs(hash(args))))
+        assert done.stdout.splitlines()[0] == advice, args
