@@ -89,7 +89,8 @@ def measurements(path: str) -> List[Measurement]:
         plan = _PLANS[row["algorithm"]]
         reducers = row.get("reducers") or 0 if plan == "reduction_server" else 0
         source = f"{Path(path).name}#{i}"
-        note = "CPU-bound" if row.get("cpu_bound") else ""
+        # compare.py's pace says whether the links set it despite a busy CPU; older rows have cpu_bound only.
+        note = "CPU-bound" if row.get("pace", "cpu" if row.get("cpu_bound") else "links") == "cpu" else ""
         if "step_time_s" in row:  # train.py: the compute is the step of the "none" row of its bucket size
             none = [r for r in rows if r.get("system") == "none" and r.get("bucket_cap_mb") == row.get("bucket_cap_mb")]
             if not none:
