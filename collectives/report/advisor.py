@@ -18,8 +18,8 @@ from typing import Iterable, List, Optional, Sequence
 from .prices import Instance
 from .simulator import PLANS, RUN_BY_LIBRARY, Calibration, Cluster, allreduce_time, step_time
 
-__all__ = ["SUM_GBPS_PER_CORE", "SUM_SOURCE", "Job", "Setup", "Option", "Advice", "evaluate", "reducer_Bps", "sizing_rule",
-           "advise", "brute_force"]
+__all__ = ["SUM_GBPS_PER_CORE", "SUM_SOURCE", "REDUCER_PLANS", "PLAIN_PLANS", "Job", "Setup", "Option", "Advice",
+           "evaluate", "reducer_Bps", "sizing_rule", "advise", "brute_force"]
 
 # Input bytes one core sums per second (a reducer adds each contribution into its sum): the avx2
 # kernels' GB/s over 3 (they count two reads and a write per element).
@@ -59,7 +59,8 @@ class Setup:
     def resized(self, workers: int) -> "Setup":
         return dataclasses.replace(self, workers=workers)
 
-    def reducer_Bps(self, reducer: Instance) -> float:
+    def reducer_nic_Bps(self, reducer: Instance) -> float:
+        """A reducer's NIC goodput each way."""
         return reducer.nic_gbps * 1e9 / 8 * self.goodput_fraction
 
 
@@ -96,7 +97,7 @@ def _cluster(job: Job, setup: Setup, reducer: Optional[Instance], reducers: int)
     return Cluster(workers=setup.workers, ranks_per_host=setup.gpus_per_worker, nic_Bps=setup.nic_Bps,
                    intra_Bps=setup.intra_Bps, alpha_s=setup.alpha_s, hosts_per_rack=setup.hosts_per_rack,
                    uplink_Bps=setup.uplink_Bps, reducers=reducers,
-                   reducer_nic_Bps=setup.reducer_Bps(reducer) if reducer else 0.0, reducer_sum_Bps=sum_Bps)
+                   reducer_nic_Bps=setup.reducer_nic_Bps(reducer) if reducer else 0.0, reducer_sum_Bps=sum_Bps)
 
 
 def evaluate(job: Job, setup: Setup, calibration: Calibration, plan: str,

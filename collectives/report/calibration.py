@@ -31,7 +31,8 @@ __all__ = ["Measurement", "Check", "TESTBED_INTRA_BPS", "measurements", "fit", "
 # a bus bandwidth of 1.518 * 2(n-1)/n.
 TESTBED_INTRA_BPS = 1.518e9 * 2 * 3 / 4
 
-_PLANS = {"ring": "ring", "hierarchical": "hierarchical", "reduction_server": "reduction_server"}
+# The algorithms of compare.py/train.py rows that the simulator has a plan for (of the same name).
+_MEASURED_PLANS = ("ring", "hierarchical", "reduction_server")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +85,9 @@ def measurements(path: str) -> List[Measurement]:
         rows = [rows]
     found = []
     for i, row in enumerate(rows):
-        if row.get("system") != "collectives" or row.get("algorithm") not in _PLANS:
+        if row.get("system") != "collectives" or row.get("algorithm") not in _MEASURED_PLANS:
             continue
-        plan = _PLANS[row["algorithm"]]
+        plan = row["algorithm"]
         reducers = row.get("reducers") or 0 if plan == "reduction_server" else 0
         source = f"{Path(path).name}#{i}"
         # compare.py's pace says whether the links set it despite a busy CPU; older rows have cpu_bound only.

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .advisor import Advice, Option
 from .calibration import Check, Stored, median_error
 from .prices import Instance
-from .simulator import PLANS, RUN_BY_LIBRARY
+from .simulator import RUN_BY_LIBRARY
 
 __all__ = ["Report", "Sweep", "write"]
 

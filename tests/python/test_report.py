@@ -3,8 +3,6 @@ times, the advisor against cases worked by hand and against brute force, the con
 Markdown by value, and its HTML rendered by headless Chromium."""
 
 import json
-import math
-import os
 import re
 import shutil
 import subprocess
@@ -231,7 +229,7 @@ def test_markdown_summary_by_value(vertex_report):
     assert sizing["n1-highcpu-16"]["R by the rule"] == "25" and sizing["n1-highcpu-8"]["R by the rule"] == "50"
 
     # The options table's numbers are the simulator's, recomputed here from the same inputs.
-    book, cal = prices.load(), calibration.load().calibration
+    cal = calibration.load().calibration
     goodput = 100e9 / 8 * cal.goodput_fraction
     cluster = simulator.Cluster(workers=8, ranks_per_host=8, nic_Bps=goodput, intra_Bps=300e9, alpha_s=25e-6)
     hierarchical = simulator.allreduce_time("hierarchical", cluster, 340e6 * 4, cal).seconds
