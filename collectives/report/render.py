@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import html
 import io
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -172,7 +173,8 @@ img.plot { width: 100%; max-width: 990px; display: block; margin: 0.5em 0 1.5em;
 
 
 def _html(report: Report, sections, plots: Dict[str, bytes]) -> str:
-    e = html.escape
+    def e(text: str) -> str:  # escaped, with the Markdown's `code` as <code>
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(report.title)}</title>",
              f"<style>{_STYLE}</style></head><body>", f"<h1>{e(report.title)}</h1>",
              f"<p class='advice' id='advice'><b>Advice:</b> {e(report.advice.line)}</p>"]
