@@ -83,11 +83,6 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
         peer_links = mesh.build(exchange)
         try:
             shm = _shm.pair_same_host(rank, records, unix_listener, config, deadline)
-            try:
-                shm = _shm.agree_on_board(records, shm, exchange)
-            except BaseException:
-                shm.close()
-                raise
         except BaseException:
             close_links(link for links in peer_links for link in links)
             raise

@@ -148,7 +148,7 @@ class MpiExchange:
     def __init__(self, comm: Any):
         self.comm = comm
 
-    def allgather(self, record: bytes, round: str = "addr") -> List[bytes]:
+    def allgather(self, record: bytes) -> List[bytes]:
         return self.comm.allgather(record)
 
     def raise_if_aborted(self, store_may_be_gone: bool = False, wait: float = 0.0) -> None:

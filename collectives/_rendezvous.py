@@ -73,9 +73,8 @@ class Exchange(Protocol):
     """The all-to-all of records among a job's workers, each in its rank's place, and the
     failure notices of those that failed."""
 
-    def allgather(self, record: bytes, round: str = "addr") -> List[bytes]:
-        """Every worker's ``record``, by rank, once all have given theirs; each ``round`` once
-        ("addr": the address records, first)."""
+    def allgather(self, record: bytes) -> List[bytes]:
+        """Every worker's ``record``, by rank, once all have given theirs."""
         ...
 
     def raise_if_aborted(self, store_may_be_gone: bool = False, wait: float = 0.0) -> None:
@@ -210,13 +209,13 @@ class StoreExchange(StoreWaits):
         super().__init__(store, prefix, deadline, timeout)
         self.rank, self.size, self.rendezvous = rank, size, rendezvous
 
-    def allgather(self, record: bytes, round: str = "addr") -> List[bytes]:
-        if round == "addr" and self.store.add(f"{self.prefix}claim/{self.rank}", 1) > 1:
+    def allgather(self, record: bytes) -> List[bytes]:
+        if self.store.add(f"{self.prefix}claim/{self.rank}", 1) > 1:
             raise CollectiveError(f"two processes claim rank {self.rank} of this job: give each process its "
                                   "own COLLECTIVES_RANK (or RANK)")
-        self.store.set(f"{self.prefix}{round}/{self.rank}", record)
+        self.store.set(f"{self.prefix}addr/{self.rank}", record)
         return self.wait_for_addresses(
-            [f"{round}/{peer}" for peer in range(self.size)], "rank", "ranks", "",
+            [f"addr/{peer}" for peer in range(self.size)], "rank", "ranks", "",
             lambda many: f"{'are they' if many else 'is it'} running, and using the same rendezvous "
                          f"({self.rendezvous})?")
 

@@ -15,9 +15,9 @@ through a pidfd of its process, which becomes readable when it exits.
 
 When every worker runs on one host, they also share a board (collectives._core.create_shm_board):
 memory that all of them map, through which an all-reduce takes one step (csrc/algorithms/
-allreduce_board.h). Rank 0 makes it and hands it over in each of its pairings; it is used only
-if every pair could share memory, which the workers agree on in one more exchange
-(agree_on_board), so that either all of them use it or none.
+allreduce_board.h). Rank 0 makes it and hands it over in each of its pairings; a worker whose
+pairing with rank 0 failed has none, so the core agrees at its first all-reduce that would take
+the board whether every worker has it (SharedMemory.board_expected), and all use it or none.
 
 Pairs are set up in one global order ((a, b) with a < b, lexicographic), which every worker
 follows for its own pairs, so no two wait on each other; a higher rank may connect before its
@@ -41,7 +41,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 from . import _core
 from ._config import Config
 
-__all__ = ["SharedMemory", "open_listener", "record_fields", "pair_same_host", "agree_on_board"]
+__all__ = ["SharedMemory", "open_listener", "record_fields", "pair_same_host"]
 
 log = logging.getLogger("collectives")
 
@@ -58,10 +58,8 @@ class SharedMemory(NamedTuple):
     handed to it (until then, close())."""
     doorbell: int = -1  # this worker's doorbell; -1: no pair
     links: List[Any] = []  # a _core.ShmLink by rank: an empty one for ranks not paired
-    board: int = -1  # the host's board, where every worker runs on this host; -1: none
-
-    def paired(self) -> int:
-        return sum(link.segment_fd >= 0 for link in self.links)
+    board: int = -1  # the host's board; -1: none
+    board_expected: bool = False  # every worker runs on this host: each should have the board
 
     def close(self) -> None:
         for fd in [self.doorbell, self.board] + [fd for link in self.links
@@ -91,7 +89,7 @@ def record_fields(listener: Optional[socket.socket]) -> Dict[str, Any]:
 def pair_same_host(rank: int, records: List[Dict[str, Any]], listener: Optional[socket.socket], config: Config,
                    deadline: float) -> SharedMemory:
     """The pairs of this worker with every same-host peer that shares memory with it, and the
-    board where every worker runs on this host (to agree_on_board before use)."""
+    board where every worker runs on this host."""
     size = len(records)
     hosts = {r["hostname"] for r in records}
     if config.transport == "shm" and len(hosts) > 1:
@@ -100,13 +98,13 @@ def pair_same_host(rank: int, records: List[Dict[str, Any]], listener: Optional[
                          "between hosts) or tcp")
     if listener is None:
         return SharedMemory()
+    board_from = 0 if _board_wanted(records) else -1  # the rank that makes the board and hands it over
     candidates = [p for p in range(size) if p != rank and records[p]["hostname"] == records[rank]["hostname"]
                   and "unix" in records[p]]
     if not candidates:
-        return SharedMemory()
-    board_from = 0 if _board_wanted(records) else -1  # the rank that makes the board and hands it over
+        return SharedMemory(board_expected=board_from == 0)
     shared = SharedMemory(_core.create_shm_doorbell(), [_core.ShmLink() for _ in range(size)],
-                          _core.create_shm_board(size) if rank == board_from else -1)
+                          _core.create_shm_board(size) if rank == board_from else -1, board_from == 0)
     paired = []
     early: Dict[int, socket.socket] = {}  # higher ranks that connected before their turn
     try:
@@ -133,24 +131,9 @@ def pair_same_host(rank: int, records: List[Dict[str, Any]], listener: Optional[
             conn.close()
     if not paired:
         shared.close()
-        return SharedMemory()
+        return SharedMemory(board_expected=shared.board_expected)
     log.info("rank %d: shared memory with rank(s) %s", rank, ", ".join(map(str, paired)))
     return shared
-
-
-def agree_on_board(records: List[Dict[str, Any]], shared: SharedMemory, exchange: Any) -> SharedMemory:
-    """`shared` with its board kept if every worker shares memory with every other (each then
-    has the board), or closed otherwise: one more round of `exchange` where a board was
-    wanted (pair_same_host), so that all workers decide alike."""
-    if not _board_wanted(records):
-        return shared
-    counts = [json.loads(r) for r in exchange.allgather(json.dumps(shared.paired()).encode(), round="board")]
-    if all(count == len(records) - 1 for count in counts):
-        return shared
-    if shared.board >= 0:
-        os.close(shared.board)
-    log.info("the workers share one host, but not every pair shares memory: all-reduce takes no shared board")
-    return shared._replace(board=-1)
 
 
 def _board_wanted(records: List[Dict[str, Any]]) -> bool:

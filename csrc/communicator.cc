@@ -64,7 +64,7 @@ void Work::finish(std::exception_ptr error) {
 
 Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,
                            std::vector<Link> reducer_links, std::vector<std::string> reducer_names,
-                           std::unique_ptr<ShmBoard> board)
+                           bool board_expected, std::unique_ptr<ShmBoard> board)
     : options_(options),
       transport_(std::move(transport)),
       lineage_(std::make_shared<Lineage>()),
@@ -88,7 +88,15 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
     for (const Link& link : reducer_links) ::close(link.fd);
     throw std::invalid_argument(refused);
   }
-  if (board_) board_allreduce_ = std::make_unique<BoardAllreduce>(*board_);
+  if (board_expected) {
+    board_allreduce_ = std::make_unique<BoardAllreduce>(board_.get(), [this](const AlgorithmContext& ctx, void* data,
+                                                                              size_t count) {
+      select_allreduce({ring_, recursive_doubling_, nullptr, hierarchical_.get()}, count, ctx.tag.dtype, size(),
+                       options_.cost)
+          .call(ctx.tag, data)
+          ->run(ctx);
+    });
+  }
   if (!reducer_links.empty()) {
     reduction_server_ = std::make_unique<ReductionServerAllreduce>(
         std::move(reducer_links), std::move(reducer_names), options.reduction_server_settings, rank());
@@ -308,8 +316,9 @@ std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType
   task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
   task.memory = {bytes_of(data, count, dtype)};
   const bool reducers = options_.reduction_server;
+  BoardAllreduce* board = board_allreduce_ && board_allreduce_->may_serve() ? board_allreduce_.get() : nullptr;
   task.allreduce = &select_allreduce({ring_, recursive_doubling_, reducers ? reduction_server_.get() : nullptr,
-                                      hierarchical_.get(), board_allreduce_.get(), options_.board_up_to_bytes},
+                                      hierarchical_.get(), board, options_.board_up_to_bytes},
                                      count, dtype, size(), options_.cost);
   task.data = data;
   return enqueue(std::move(task), caller);
@@ -542,6 +551,7 @@ void Communicator::close() {
     std::unique_lock<std::mutex> lock(mutex_);
     queued_.wait(lock, [&] { return !running_; });
   }
+  if (board_) board_->leave();
   if (reduction_server_) {
     // Before the abandoned collectives fail: some may have been posted ahead, and their
     // buffers may be freed as soon as they fail. A goodbye tells the reducers that this

@@ -90,11 +90,12 @@ class Work {
 class Communicator {
  public:
   // Over every rank of `transport`; reducer_links[r]: the connected, authenticated socket to
-  // reducer r (none: no reducers). All are owned from here on. `board`: the host's shared
-  // board, where every rank runs on one host (its members: every rank, in rank order).
+  // reducer r (none: no reducers). All are owned from here on. board_expected: every rank runs
+  // on one host, and each should have the host's board (its members: every rank, in rank
+  // order); `board` is this rank's (null if it did not get it: allreduce_board.h).
   Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,
                std::vector<Link> reducer_links = {}, std::vector<std::string> reducer_names = {},
-               std::unique_ptr<ShmBoard> board = nullptr);
+               bool board_expected = false, std::unique_ptr<ShmBoard> board = nullptr);
   ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
@@ -205,7 +206,7 @@ class Communicator {
   std::unique_ptr<Hierarchy> hierarchy_;  // null without a plan
   std::unique_ptr<HierarchicalAllreduce> hierarchical_;  // over hierarchy_
   std::unique_ptr<ShmBoard> board_;  // the world's only; null without one
-  std::unique_ptr<BoardAllreduce> board_allreduce_;  // over board_
+  std::unique_ptr<BoardAllreduce> board_allreduce_;  // over board_, where one is expected
   std::vector<char> scratch_;  // the executor's staging memory
 
   std::mutex mutex_;  // guards the fields below

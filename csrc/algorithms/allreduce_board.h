@@ -10,7 +10,14 @@
 // with the same bits, however it splits the work. The calls' headers sit in the slots, and
 // every rank checks all of them before it reads a payload byte, so ranks that called
 // differently all fail at the same barrier.
+//
+// A rank whose pairing with the board's maker failed has no board; so the first call agrees
+// (a max over the ranks, as a barrier) whether every rank has it, and from then on every rank
+// uses the board, or every rank runs `otherwise` (the algorithm auto takes without a board).
 #pragma once
+
+#include <atomic>
+#include <functional>
 
 #include "algorithms/allreduce.h"
 #include "transport/shm/board.h"
@@ -23,9 +30,13 @@ constexpr size_t kBoardDefaultUpToBytes = size_t{16} << 20;
 
 class BoardAllreduce : public DirectAllreduce {
  public:
-  explicit BoardAllreduce(ShmBoard& board) : board_(board) {}
+  using Otherwise = std::function<void(const AlgorithmContext& ctx, void* data, size_t count)>;
+  // board: this rank's, or null where it has none.
+  BoardAllreduce(ShmBoard* board, Otherwise otherwise) : board_(board), otherwise_(std::move(otherwise)) {}
   const char* name() const override { return "board"; }
   void run(const AlgorithmContext& ctx, void* data, size_t count) override;
+  // False once the ranks have found that one of them has no board.
+  bool may_serve() const { return state_.load() != kRefused; }
 
   // Up to this many bytes per slot, every rank reduces every slot itself; above it, the two
   // barriers' scheme.
@@ -39,7 +50,10 @@ class BoardAllreduce : public DirectAllreduce {
   // Every member's header in `set` is `expected`, or the transport fails naming the first that is not.
   void check_headers(const AlgorithmContext& ctx, int set, const FrameHeader& expected);
 
-  ShmBoard& board_;
+  ShmBoard* const board_;
+  const Otherwise otherwise_;
+  enum State { kUnagreed, kAgreed, kRefused };
+  std::atomic<int> state_{kUnagreed};  // set by run(), read when calls are queued
 };
 
 }  // namespace collectives

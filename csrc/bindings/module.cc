@@ -222,7 +222,7 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](int rank, int size, std::vector<std::vector<Link>> peer_links,
                        std::vector<std::string> peer_names, CommunicatorOptions options,
                        std::vector<Link> reducer_links, std::vector<std::string> reducer_names, int doorbell_fd,
-                       std::vector<ShmLink> shm_links, int board_fd) {
+                       std::vector<ShmLink> shm_links, int board_fd, bool board_expected) {
              FileDescriptor board_memory(board_fd);
              std::unique_ptr<Transport> transport;
              std::unique_ptr<ShmBoard> board;
@@ -239,12 +239,12 @@ PYBIND11_MODULE(_core, m) {
                throw;
              }
              return std::make_unique<Communicator>(std::move(transport), options, std::move(reducer_links),
-                                                   std::move(reducer_names), std::move(board));
+                                                   std::move(reducer_names), board_expected, std::move(board));
            }),
            py::arg("rank"), py::arg("size"), py::arg("peer_links"), py::arg("peer_names"),
            py::arg("options"), py::arg("reducer_links") = std::vector<Link>{},
            py::arg("reducer_names") = std::vector<std::string>{}, py::arg("doorbell_fd") = -1,
-           py::arg("shm_links") = std::vector<ShmLink>{}, py::arg("board_fd") = -1,
+           py::arg("shm_links") = std::vector<ShmLink>{}, py::arg("board_fd") = -1, py::arg("board_expected") = false,
            py::call_guard<py::gil_scoped_release>())
       .def("reducer_stats", [](const Communicator& c) {
         py::list result;

@@ -489,10 +489,19 @@ void run_board() {
   }
   test_mismatch_fails_everywhere();
   test_abort_reaches_every_rank(4);
+  // A rank without the board: the first call finds out, and every rank goes by messages.
+  job_board_missing = 1;
+  {
+    Job job(3);
+    for (size_t count : {size_t{5}, size_t{100003}}) test_allreduce<float>(job, ReduceOp::kSum, count, ++seed);
+  }
+  job_board_missing = -1;
   {
     Job job(3, 1, 0, 1.0);
     std::vector<std::vector<float>> data(3, std::vector<float>(1000, 1.0f));
     auto errors = job.run([&](int r) {
+      // The first call agrees on the board by messages; the second waits at the board.
+      wait(job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum));
       if (r == 2) return;
       wait(job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum));
     });

@@ -68,3 +68,33 @@ def test_reducers_serve_where_there_are_some(run_ranks):
         report = result.report()
         assert all(report[key] for key in report if key != "rank"), report  # the reducers sum in rank order too
         assert _boards(result) == 0, result.stderr[-2000:]
+
+
+CLOSES_SCRIPT = r'''
+import json, time
+import numpy as np
+import collectives as cc
+
+comm = cc.init()
+x = np.ones(49, np.float32)
+for _ in range(2):
+    comm.allreduce(x)
+if comm.rank == 1:
+    comm.close()  # the others' next all-reduce waits for it at the board
+else:
+    start = time.monotonic()
+    try:
+        comm.allreduce(x)
+        error = None
+    except cc.CollectiveError as e:
+        error = f"{type(e).__name__}: {e}"
+    print(json.dumps({"error": error, "seconds": time.monotonic() - start}))
+'''
+
+
+def test_a_rank_that_closes_fails_the_others_at_once_not_at_their_deadline(run_ranks):
+    results = run_ranks(CLOSES_SCRIPT, 3, env={"COLLECTIVES_TIMEOUT": "60"}, timeout=60)
+    for rank in (0, 2):
+        report = results[rank].report()
+        assert report["error"] and "rank 1" in report["error"] and "closed its communicator" in report["error"], report
+        assert report["seconds"] < 10, report

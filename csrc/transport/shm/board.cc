@@ -70,6 +70,12 @@ void ShmBoard::sleep(uint32_t target, int64_t timeout_ns) {
   control_->sleepers.fetch_sub(1, std::memory_order_seq_cst);
 }
 
+void ShmBoard::leave() {
+  control_->left[me_].store(1, std::memory_order_seq_cst);
+  // A sleeper's futex word is `arrived`: bump nothing, wake them all to look again.
+  if (control_->sleepers.load(std::memory_order_seq_cst) > 0) futex(&control_->arrived, FUTEX_WAKE, INT_MAX, nullptr);
+}
+
 std::vector<int> ShmBoard::late() const {
   std::vector<int> late;
   for (int m = 0; m < members(); ++m) {

@@ -32,6 +32,7 @@ struct BoardControl {
   alignas(64) std::atomic<uint32_t> arrived;   // arrivals at barriers, every member's together
   alignas(64) std::atomic<uint32_t> sleepers;  // members blocked in a futex wait on `arrived`
   alignas(64) std::atomic<uint32_t> passed[kBoardMaxMembers];  // barriers each member arrived at: who is late
+  alignas(64) std::atomic<uint32_t> left[kBoardMaxMembers];  // 1 once a member closed its communicator
 };
 static_assert(std::atomic<uint32_t>::is_always_lock_free, "a shared board needs lock-free atomics");
 
@@ -76,6 +77,10 @@ class ShmBoard {
   void sleep(uint32_t target, int64_t timeout_ns);
   // Members (indices) that have not arrived at the barrier this member last arrived at.
   std::vector<int> late() const;
+  // This member will arrive at no more barriers (its communicator closed): wakes the members
+  // that wait, so that those waiting for it fail at once rather than at their deadline.
+  void leave();
+  bool has_left(int member) const { return control_->left[member].load(std::memory_order_acquire) != 0; }
 
  private:
   char* slot_at(int set, int member) const {
