@@ -6,11 +6,12 @@ training on the global batches ends, on the ring and on a reducer; the same mode
 averaging (the negative control) does not. So do custom loops with DistributedGradientTape,
 eagerly and in tf.function. The tensor collectives, eagerly and in graphs (static shapes
 kept), the sparse-gradient rule's two branches, and a rank that raises mid-training making
-the others raise. scripts/test runs these in their own venv (.venv-tf, with tensorflow-cpu):
-`pytest -m tf`.
+the others raise; examples/tf_keras.py. scripts/test runs these in their own venv
+(.venv-tf, with tensorflow-cpu): `pytest -m tf`.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ tf = pytest.importorskip("tensorflow")
 import collectives.tf as ctf  # noqa: E402
 
 FULL = os.environ.get("COLLECTIVES_TEST_FULL") == "1"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tf_keras.py"
 pytestmark = [pytest.mark.tf, pytest.mark.timeout(300)]
 
 # Quiet TensorFlow's start-up lines; oneDNN off: its kernels may round differently for
@@ -284,3 +286,11 @@ def test_bad_arguments_are_refused_before_anything_is_sent():
         ctf.DistributedOptimizer(built)
     with pytest.raises(TypeError, match="dense tensors"):
         ctf.allreduce(tf.IndexedSlices(tf.ones([1, 2]), tf.constant([0]), tf.constant([3, 2])))
+
+
+def test_the_example_trains_on_2_workers_and_a_reducer(run_ranks):
+    results = run_ranks(EXAMPLE.read_text(), 2, env=TF_ENV, reducers=1, timeout=240,
+                        args=["--epochs", "1", "--steps-per-epoch", "4", "--batch", "4", "--width", "16"])
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "samples/s over 2 workers, allreduce by reduction_server" in results[0].stdout, results[0].stdout
