@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf  # noqa: F401  (Keras' backend: imported before Keras picks one)
+import tensorflow as tf
 import keras
 
 import collectives
@@ -56,8 +56,9 @@ def language_model(vocab: int, context: int, width: int) -> keras.Model:
 def sample(model: keras.Model, prompt: np.ndarray, length: int) -> np.ndarray:
     tokens = list(prompt)
     context = len(prompt)
+    next_logits = tf.function(lambda window: model(window, training=False)[0])  # traced once
     for _ in range(length):
-        logits = np.asarray(model(np.array([tokens[-context:]]), training=False)[0], np.float64)
+        logits = np.asarray(next_logits(np.array([tokens[-context:]], np.int32)), np.float64)
         p = np.exp(logits - np.max(logits))
         tokens.append(int(np.random.default_rng(len(tokens)).choice(len(p), p=p / p.sum())))
     return np.array(tokens)
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=48, help="characters per sequence")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--sample", type=int, default=200, help="characters of text generated at the end")
     parser.add_argument("--bucket-bytes", type=int, default=ctf.DEFAULT_BUCKET_BYTES,
                         help="the most gradient bytes fused into one all-reduce")
     args = parser.parse_args()
@@ -111,7 +113,7 @@ def main() -> None:
         print(f"epoch {args.epochs}: loss {history.history['loss'][-1]:.3f} (averaged over the workers), "
               f"{throughput.rate:.0f} samples/s over {size} workers, allreduce by {comm.algorithm}")
         prompt = data[:args.context]
-        print("sample:\n" + "".join(alphabet[i] for i in sample(model, prompt, 200)))
+        print("sample:\n" + "".join(alphabet[i] for i in sample(model, prompt, args.sample)))
     ctf.shutdown()
 
 

@@ -177,7 +177,8 @@ def collectives(x):
 x = tf.constant(value(rank, np.float32))
 outputs = collectives(x)
 shapes = [o.shape.as_list() for o in collectives.get_concrete_function(x).outputs]
-check("static shapes in tf.function", np.array(shapes, dtype=object), np.array([[2, 3], [size, 2, 3], [2, 3], [2, 3]], dtype=object))
+check("static shapes in tf.function", np.array(shapes, dtype=object),
+      np.array([[2, 3], [size, 2, 3], [2, 3], [2, 3]], dtype=object))
 for name, got, expected in zip(("allreduce", "allgather", "broadcast", "allreduce max"), outputs,
                                (everyone(np.float32).sum(0), everyone(np.float32), value(2, np.float32),
                                 everyone(np.float32).max(0))):
@@ -207,8 +208,8 @@ for rows, branch in ((50, "gathered"), (4, "densified")):
         check(f"sparse {branch} {mode}: kind", type(sparse).__name__, "IndexedSlices")
         check(f"sparse {branch} {mode}: rows sent", len(sparse.indices), 2 * size if branch == "gathered" else rows)
         check(f"sparse {branch} {mode}", tf.convert_to_tensor(sparse), expected, close=True)
-        check(f"dense beside sparse {branch} {mode}", dense, np.full((2, 1), 2 * sum(r + 1 for r in range(size)) / size),
-              close=True)
+        check(f"dense beside sparse {branch} {mode}", dense,
+              np.full((2, 1), 2 * sum(r + 1 for r in range(size)) / size), close=True)
 print(json.dumps({"failures": failures, "checked": checked}))
 ctf.shutdown()
 '''
@@ -241,7 +242,8 @@ class FailOnRank1(keras.callbacks.Callback):
 
 keras.utils.set_random_seed(0)
 m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(1)])
-m.compile(optimizer=ctf.DistributedOptimizer(keras.optimizers.SGD(0.01)), loss="mse", run_eagerly=sys.argv[1] == "eager")
+m.compile(optimizer=ctf.DistributedOptimizer(keras.optimizers.SGD(0.01)), loss="mse",
+          run_eagerly=sys.argv[1] == "eager")
 counter = FailOnRank1()
 try:
     m.fit(np.ones((400, 4), np.float32), np.ones((400, 1), np.float32), batch_size=4, verbose=0, callbacks=[counter])
@@ -291,7 +293,8 @@ def test_bad_arguments_are_refused_before_anything_is_sent():
 
 def test_the_example_trains_on_2_workers_and_a_reducer(run_ranks):
     results = run_ranks(EXAMPLE.read_text(), 2, env=TF_ENV, reducers=1, timeout=240,
-                        args=["--epochs", "1", "--steps-per-epoch", "4", "--batch", "4", "--width", "16"])
+                        args=["--epochs", "1", "--steps-per-epoch", "4", "--batch", "4", "--width", "16",
+                              "--sample", "20"])
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
     assert "samples/s over 2 workers, allreduce by reduction_server" in results[0].stdout, results[0].stdout
