@@ -32,5 +32,8 @@ def DistributedOptimizer(optimizer: keras.optimizers.Optimizer, *, op: str = "av
         def apply(self, grads, trainable_variables=None):
             return super().apply(reduce_gradients(list(grads), op, bucket_bytes), trainable_variables)
 
-    Distributed.__name__ = Distributed.__qualname__ = f"Distributed{base.__name__}"
+    # Saved as the optimizer it wraps (model.save, keras.saving): a saved model loads anywhere,
+    # with the plain optimizer; wrap that one's class and config anew to train on.
+    Distributed.__name__, Distributed.__qualname__ = base.__name__, base.__qualname__
+    Distributed.__module__ = base.__module__
     return Distributed.from_config(optimizer.get_config())

@@ -291,6 +291,23 @@ def test_bad_arguments_are_refused_before_anything_is_sent():
         ctf.allreduce(tf.IndexedSlices(tf.ones([1, 2]), tf.constant([0]), tf.constant([3, 2])))
 
 
+def test_a_model_saved_with_a_distributed_optimizer_loads_with_the_plain_one(tmp_path):
+    import keras
+    import numpy as np
+
+    ctf.init()  # nothing set: a communicator of one
+    try:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(optimizer=ctf.DistributedOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+        model.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
+        model.save(tmp_path / "model.keras")
+    finally:
+        ctf.shutdown()
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert type(loaded.optimizer) is keras.optimizers.SGD
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), model.get_weights()))
+
+
 def test_the_example_trains_on_2_workers_and_a_reducer(run_ranks):
     results = run_ranks(EXAMPLE.read_text(), 2, env=TF_ENV, reducers=1, timeout=240,
                         args=["--epochs", "1", "--steps-per-epoch", "4", "--batch", "4", "--width", "16",
