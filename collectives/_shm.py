@@ -57,7 +57,7 @@ class SharedMemory(NamedTuple):
     """What this worker shares with same-host workers; the core owns the descriptors once
     handed to it (until then, close())."""
     doorbell: int = -1  # this worker's doorbell; -1: no pair
-    links: List[Any] = []  # a _core.ShmLink by rank: an empty one for ranks not paired
+    links: Tuple[Any, ...] = ()  # a _core.ShmLink by rank: an empty one for ranks not paired
     board: int = -1  # the host's board; -1: none
     board_expected: bool = False  # every worker runs on this host: each should have the board
 
@@ -104,10 +104,16 @@ def pair_same_host(rank: int, records: List[Dict[str, Any]], listener: Optional[
     if not candidates:
         return SharedMemory(board_expected=board_from == 0)
     shared = SharedMemory(_core.create_shm_doorbell(), [_core.ShmLink() for _ in range(size)],
-                          _core.create_shm_board(size) if rank == board_from else -1, board_from == 0)
+                          board_expected=board_from == 0)
     paired = []
     early: Dict[int, socket.socket] = {}  # higher ranks that connected before their turn
     try:
+        if rank == board_from:
+            try:
+                shared = shared._replace(board=_core.create_shm_board(size))
+            except RuntimeError as e:  # out of descriptors or memory: all-reduces go by messages
+                log.warning("rank %d: could not make the host's shared board (%s): all-reduces go by messages",
+                            rank, e)
         for peer in candidates:  # ascending: the global order of this worker's pairs
             try:
                 conn = _accept(peer, candidates, listener, early, deadline) if rank < peer else _connect(records[peer])
@@ -176,15 +182,15 @@ def _accept(peer: int, candidates: List[int], listener: socket.socket, early: Di
 
 def _pair(conn: socket.socket, rank: int, peer: int, records: List[Dict[str, Any]], doorbell: int, board: int,
           expects_board: bool, deadline: float) -> Tuple[Any, int]:
-    """The link to `peer`, and the board if the peer hands it over (expects_board; else -1);
-    the lower rank hands over `board` if it has one."""
+    """The link to `peer`, and the board if the peer hands one over (only where expects_board;
+    else -1); the lower rank hands over `board` if it has one."""
     lower = rank < peer
     with conn:
         conn.settimeout(max(0.1, deadline - time.monotonic()))
         if not lower:
             conn.sendall(_RANK.pack(rank))
         _check_credentials(conn, records[peer]["pid"], peer)
-        made: List[int] = []  # segment, the peer's doorbell, (the board), the watch: closed if the pairing fails
+        made: List[int] = []  # closed if the pairing fails
         try:
             if lower:
                 made.append(_core.create_shm_segment())
@@ -201,11 +207,11 @@ def _pair(conn: socket.socket, rank: int, peer: int, records: List[Dict[str, Any
                         raise ValueError("the pair's memory is not shared (the probe's answer did not come)")
                 conn.sendall(b"k")
             else:
-                wanted = 3 if expects_board else 2
-                _, fds, _, _ = socket.recv_fds(conn, 1, wanted)
+                # The board comes third where the peer made one (it may not have managed to).
+                _, fds, _, _ = socket.recv_fds(conn, 1, 3 if expects_board else 2)
                 made += fds
-                if len(fds) != wanted:
-                    raise ValueError("the peer sent no segment" + (" and board" if expects_board else ""))
+                if len(fds) < 2:
+                    raise ValueError("the peer sent no segment")
                 with _probe_view(made[0]) as view:
                     nonce, _ = _PROBE.unpack_from(view, 0)
                     _PROBE.pack_into(view, 0, nonce, nonce ^ _ANSWER_MASK)
@@ -217,8 +223,10 @@ def _pair(conn: socket.socket, rank: int, peer: int, records: List[Dict[str, Any
             for fd in made:
                 os.close(fd)
             raise
-    segment, peer_doorbell, watch = made[0], made[1], made[-1]
-    received_board = made[2] if len(made) == 4 else -1
+    if len(made) == 4:  # the segment (or the lower rank's own), the peer's doorbell, the board, the watch
+        segment, peer_doorbell, received_board, watch = made
+    else:
+        (segment, peer_doorbell, watch), received_board = made, -1
     return _core.ShmLink(segment_fd=segment, watch_fd=watch, doorbell_fd=peer_doorbell,
                          pid=records[peer]["pid"]), received_board
 

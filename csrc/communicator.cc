@@ -89,13 +89,11 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
     throw std::invalid_argument(refused);
   }
   if (board_expected) {
-    board_allreduce_ = std::make_unique<BoardAllreduce>(board_.get(), [this](const AlgorithmContext& ctx, void* data,
-                                                                              size_t count) {
-      select_allreduce({ring_, recursive_doubling_, nullptr, hierarchical_.get()}, count, ctx.tag.dtype, size(),
-                       options_.cost)
-          .call(ctx.tag, data)
-          ->run(ctx);
-    });
+    // Never the reduction server: where it serves, the board is not chosen (nor this).
+    board_allreduce_ = std::make_unique<BoardAllreduce>(
+        board_.get(), [this](const AlgorithmContext& ctx, void* data, size_t count) {
+          choose_allreduce(count, ctx.tag.dtype, /*with_board=*/false).call(ctx.tag, data)->run(ctx);
+        });
   }
   if (!reducer_links.empty()) {
     reduction_server_ = std::make_unique<ReductionServerAllreduce>(
@@ -122,6 +120,14 @@ void Communicator::make_hierarchical() {
   if (options_.hierarchy.levels.empty()) return;
   hierarchy_ = std::make_unique<Hierarchy>(options_.hierarchy, group_);
   hierarchical_ = std::make_unique<HierarchicalAllreduce>(*hierarchy_);
+}
+
+AllreduceAlgorithm& Communicator::choose_allreduce(size_t count, DataType dtype, bool with_board) {
+  BoardAllreduce* board =
+      with_board && board_allreduce_ && board_allreduce_->may_serve() ? board_allreduce_.get() : nullptr;
+  return select_allreduce({ring_, recursive_doubling_, options_.reduction_server ? reduction_server_.get() : nullptr,
+                           hierarchical_.get(), board, options_.board_up_to_bytes},
+                          count, dtype, size(), options_.cost);
 }
 
 std::vector<int> Communicator::members() const {
@@ -255,6 +261,7 @@ void Communicator::execute(Task& task, Transport& transport, Interruption* calle
                        options_.segment_bytes, scratch_, options_.debug, caller};
   std::exception_ptr error;
   bool close_now = false;
+  if (board_) board_->announce(task.tag);
   try {
     if (ctx.debug) ctx.log(task.call ? std::string("start (") + task.allreduce->name() + ")" : "start");
     if (task.call) {
@@ -315,11 +322,7 @@ std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType
   Task task;
   task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
   task.memory = {bytes_of(data, count, dtype)};
-  const bool reducers = options_.reduction_server;
-  BoardAllreduce* board = board_allreduce_ && board_allreduce_->may_serve() ? board_allreduce_.get() : nullptr;
-  task.allreduce = &select_allreduce({ring_, recursive_doubling_, reducers ? reduction_server_.get() : nullptr,
-                                      hierarchical_.get(), board, options_.board_up_to_bytes},
-                                     count, dtype, size(), options_.cost);
+  task.allreduce = &choose_allreduce(count, dtype, /*with_board=*/true);
   task.data = data;
   return enqueue(std::move(task), caller);
 }

@@ -191,6 +191,8 @@ class Communicator {
   void execute(Task& task, Transport& transport, Interruption* caller);
   void start_ahead_locked();
   void make_hierarchical();
+  // auto's (or the forced) all-reduce for `count` elements; with_board: the board may be it.
+  AllreduceAlgorithm& choose_allreduce(size_t count, DataType dtype, bool with_board);
   // The plan, where an all-gather, reduce-scatter or broadcast of `count` elements in all is to
   // take it (select_hierarchical); null otherwise.
   Hierarchy* hierarchical_for(CollectiveKind kind, size_t count, DataType dtype);  // from options_.hierarchy, if any (std::invalid_argument if it breaks the rules)

@@ -6,18 +6,13 @@
 #include <chrono>
 #include <cstring>
 
+#include "transport/shm/waiting.h"
+
 namespace collectives {
-namespace {
-
-// As ShmTransport's waiters: spin this long before sleeping, since the others usually arrive
-// within a scheduling round.
-constexpr auto kSpin = std::chrono::microseconds(200);
-
-}  // namespace
 
 void BoardAllreduce::barrier(const AlgorithmContext& ctx) {
   const uint32_t target = board_->arrive();
-  const Clock::time_point spin_end = Clock::now() + kSpin;
+  const Clock::time_point spin_end = Clock::now() + kShmWaitSpin;
   while (!board_->reached(target)) {
     const Clock::time_point now = Clock::now();
     if (now < spin_end) {
@@ -26,8 +21,15 @@ void BoardAllreduce::barrier(const AlgorithmContext& ctx) {
     }
     if (const TransportFailure failure = ctx.transport.failure(); !failure.empty()) failure.raise();
     for (int member : board_->late()) {
-      if (!board_->has_left(member)) continue;
-      const std::string reason = ctx.tag.describe() + ": " + peer_has_closed(ctx.peer_name(member));
+      std::string reason;
+      if (board_->left_before_arriving(member)) {
+        reason = ctx.tag.describe() + ": " + peer_has_closed(ctx.peer_name(member));
+      } else if (board_->runs_another_call(member, ctx.tag)) {
+        reason = ctx.peer_name(member) + " runs another call than this rank's " + ctx.tag.describe() +
+                 " at the same place in the order (another collective, count, dtype, op or root): ranks must "
+                 "issue the same collectives, in the same order, with the same length, dtype and op";
+      }
+      if (reason.empty()) continue;
       ctx.transport.abort(reason);
       throw CollectiveError(reason);
     }

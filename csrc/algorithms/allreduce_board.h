@@ -9,7 +9,10 @@
 // Every rank combines the slots in member order, (((s0 op s1) op s2) ...), so every rank ends
 // with the same bits, however it splits the work. The calls' headers sit in the slots, and
 // every rank checks all of them before it reads a payload byte, so ranks that called
-// differently all fail at the same barrier.
+// differently all fail at the same barrier. A rank that runs another call at that place in the
+// order (another collective, or a count that the board does not take) never comes to the
+// barrier: every collective of the communicator announces itself on the board
+// (ShmBoard::announce), and the ranks that wait for it find the difference there.
 //
 // A rank whose pairing with the board's maker failed has no board; so the first call agrees
 // (a max over the ranks, as a barrier) whether every rank has it, and from then on every rank

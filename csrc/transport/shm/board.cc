@@ -1,7 +1,6 @@
 #include "transport/shm/board.h"
 
 #include <linux/futex.h>
-#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -10,6 +9,8 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+
+#include "transport/shm/waiting.h"
 
 namespace collectives {
 namespace {
@@ -33,7 +34,8 @@ int create_shm_board(int members) {
   return create_sealed_memfd("collectives-board", board_bytes(members));
 }
 
-ShmBoard::ShmBoard(FileDescriptor fd, std::vector<int> members, int me) : members_(std::move(members)), me_(me) {
+ShmBoard::ShmBoard(FileDescriptor fd, std::vector<int> members, int me)
+    : members_(std::move(members)), me_(me), oversubscribed_(ranks_outnumber_cores(static_cast<int>(members_.size()))) {
   const int count = static_cast<int>(members_.size());
   if (count < 2 || count > kBoardMaxMembers || me < 0 || me >= count) {
     throw std::invalid_argument("a shared board needs 2 to " + std::to_string(kBoardMaxMembers) +
@@ -42,9 +44,6 @@ ShmBoard::ShmBoard(FileDescriptor fd, std::vector<int> members, int me) : member
   mapping_ = SealedMapping(fd.get(), board_bytes(count));  // the mapping keeps the memory
   control_ = static_cast<BoardControl*>(mapping_.get());
   base_ = static_cast<char*>(mapping_.get()) + kControlBytes;
-  // As ShmTransport's: spin yielding where the members outnumber this process's cores.
-  cpu_set_t cores;
-  oversubscribed_ = sched_getaffinity(0, sizeof(cores), &cores) != 0 || count > CPU_COUNT(&cores);
 }
 
 uint32_t ShmBoard::arrive() {
@@ -74,6 +73,39 @@ void ShmBoard::leave() {
   control_->left[me_].store(1, std::memory_order_seq_cst);
   // A sleeper's futex word is `arrived`: bump nothing, wake them all to look again.
   if (control_->sleepers.load(std::memory_order_seq_cst) > 0) futex(&control_->arrived, FUTEX_WAKE, INT_MAX, nullptr);
+}
+
+bool ShmBoard::left_before_arriving(int member) const {
+  // `left` first: a member raises it after its last arrival, so once it shows, `passed` is final.
+  if (!control_->left[member].load(std::memory_order_acquire)) return false;
+  return static_cast<int32_t>(control_->passed[member].load(std::memory_order_relaxed) - barriers_) < 0;
+}
+
+namespace {
+
+// The call's place in the order (low 32 bits) and an FNV-1a hash of what the ranks must agree
+// on (high 32).
+uint64_t call_signature(const CollectiveTag& tag) {
+  uint32_t hash = 2166136261u;
+  auto mix = [&](uint64_t value) {
+    for (int byte = 0; byte < 8; ++byte) hash = (hash ^ ((value >> (8 * byte)) & 0xff)) * 16777619u;
+  };
+  for (uint64_t field : {static_cast<uint64_t>(tag.kind), tag.count, static_cast<uint64_t>(tag.dtype),
+                         static_cast<uint64_t>(tag.op), static_cast<uint64_t>(tag.root), tag.comm}) {
+    mix(field);
+  }
+  return (static_cast<uint64_t>(hash) << 32) | static_cast<uint32_t>(tag.seq);
+}
+
+}  // namespace
+
+void ShmBoard::announce(const CollectiveTag& tag) {
+  control_->calls[me_].store(call_signature(tag), std::memory_order_release);
+}
+
+bool ShmBoard::runs_another_call(int member, const CollectiveTag& tag) const {
+  const uint64_t theirs = control_->calls[member].load(std::memory_order_acquire), mine = call_signature(tag);
+  return static_cast<uint32_t>(theirs) == static_cast<uint32_t>(mine) && theirs != mine;
 }
 
 std::vector<int> ShmBoard::late() const {

@@ -33,6 +33,10 @@ struct BoardControl {
   alignas(64) std::atomic<uint32_t> sleepers;  // members blocked in a futex wait on `arrived`
   alignas(64) std::atomic<uint32_t> passed[kBoardMaxMembers];  // barriers each member arrived at: who is late
   alignas(64) std::atomic<uint32_t> left[kBoardMaxMembers];  // 1 once a member closed its communicator
+  // The collective each member runs now, whatever its algorithm: its sequence number (low 32
+  // bits) and a hash of the call (high 32), so that members waiting at a barrier for a member
+  // that runs another call at the same place in the order fail at once, not at their deadline.
+  alignas(64) std::atomic<uint64_t> calls[kBoardMaxMembers];
 };
 static_assert(std::atomic<uint32_t>::is_always_lock_free, "a shared board needs lock-free atomics");
 
@@ -62,8 +66,6 @@ class ShmBoard {
 
   // The set that the next barrier publishes (see the top of the file).
   int next_set() const { return static_cast<int>(barriers_ & 1); }
-  // The set that the last barrier published.
-  int last_set() const { return static_cast<int>((barriers_ - 1) & 1); }
   BoardSlotHeader& header(int set, int member) const { return *reinterpret_cast<BoardSlotHeader*>(slot_at(set, member)); }
   char* payload(int set, int member) const { return slot_at(set, member) + sizeof(BoardSlotHeader); }
 
@@ -80,7 +82,13 @@ class ShmBoard {
   // This member will arrive at no more barriers (its communicator closed): wakes the members
   // that wait, so that those waiting for it fail at once rather than at their deadline.
   void leave();
-  bool has_left(int member) const { return control_->left[member].load(std::memory_order_acquire) != 0; }
+  // Whether `member` left without arriving at the barrier this member last arrived at.
+  bool left_before_arriving(int member) const;
+  // Says which collective this member runs now (every collective of the board's communicator,
+  // whatever its algorithm).
+  void announce(const CollectiveTag& tag);
+  // Whether `member` has announced `tag`'s place in the order with another call.
+  bool runs_another_call(int member, const CollectiveTag& tag) const;
 
  private:
   char* slot_at(int set, int member) const {
@@ -92,7 +100,7 @@ class ShmBoard {
   char* base_;  // the first slot of set 0
   const std::vector<int> members_;
   const int me_;
-  bool oversubscribed_;
+  const bool oversubscribed_;
   uint32_t barriers_ = 0;  // barriers this member has arrived at
 };
 

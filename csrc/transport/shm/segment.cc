@@ -45,7 +45,7 @@ SealedMapping::SealedMapping(int fd, size_t bytes) {
   if (fstat(fd, &st) != 0) refuse("fstat of a shared-memory segment failed");
   const int seals = fcntl(fd, F_GET_SEALS);
   if (static_cast<size_t>(st.st_size) != bytes || seals < 0 || (seals & kSeals) != kSeals) {
-    throw std::runtime_error("the peer's shared-memory segment is not one of this version's (size " +
+    throw std::runtime_error("a shared-memory segment from a peer is not one of this version's (size " +
                              std::to_string(st.st_size) + ", expected " + std::to_string(bytes) +
                              ", or not sealed)");
   }
