@@ -3,7 +3,6 @@ Communicator."""
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import datetime
 import logging
@@ -20,8 +19,8 @@ from torch.distributed import ReduceOp
 import collectives as cc
 from collectives._bootstrap import bootstrap_with_store
 from collectives._config import Config
-from collectives._launch import NO_SECRET, read_secret, torchrun_rendezvous
-from collectives.errors import TimeoutError
+from collectives._launch import NO_SECRET, SECRET_BYTES, read_secret, torchrun_rendezvous
+from collectives._torch_store import TorchStore, secret_through_store
 
 from ._work import (Completer, MessageWork, Step, Work, as_bytes_if_needed, from_bytes, in_place, moved, reduced,
                     unreduced)
@@ -253,7 +252,7 @@ class ProcessGroup(dist.ProcessGroup):
             self._comm.send_async(token, 0, _MONITORED_BARRIER_TAG).wait(seconds)
             try:
                 self._comm.recv_async(torch.zeros(1, dtype=torch.uint8), 0, _MONITORED_BARRIER_TAG).wait(seconds)
-            except builtins.TimeoutError:
+            except TimeoutError:
                 raise RuntimeError(f"Rank {me} successfully reached monitoredBarrier, but received errors while waiting "
                                    f"for send/recv from rank 0 (no answer within {millis} ms)") from None
             return
@@ -264,7 +263,7 @@ class ProcessGroup(dist.ProcessGroup):
         for r, work in arrivals:
             try:
                 work.wait(max(0.0, deadline - time.monotonic()))
-            except builtins.TimeoutError:
+            except TimeoutError:
                 missing.append(r)
                 if not wait_all_ranks:
                     break
@@ -408,11 +407,11 @@ def _bootstrap(store: dist.Store, rank: int, size: int, timeout: datetime.timede
                              "every worker, and start each reducer with `collectives-reducer --rendezvous HOST:PORT`")
     config.check_runnable()
     secret = read_secret(env)
-    adapter = _StoreAdapter(store)
+    adapter = TorchStore(store)
     if secret is None:
         if config.num_reducers:
             raise ValueError(NO_SECRET + " (the reducers, started on their own, need it too)")
-        secret = _secret_through_store(adapter, rank, size, timeout.total_seconds())
+        secret = secret_through_store(adapter) if size > 1 else secrets.token_bytes(SECRET_BYTES)
     boot = bootstrap_with_store(adapter, rank, size, secret, config, toward=_store_host(store),
                                 rendezvous="the torch.distributed store", reducer_rendezvous=reducer_rendezvous)
     try:
@@ -422,72 +421,8 @@ def _bootstrap(store: dist.Store, rank: int, size: int, timeout: datetime.timede
         raise
 
 
-_SECRET_KEY = "collectives/job_secret"
-_said_secret_through_store = False
-
-
-def _secret_through_store(store: "_StoreAdapter", rank: int, size: int, timeout: float) -> bytes:
-    """Without COLLECTIVES_TOKEN (as gloo and NCCL need nothing): rank 0 makes a random secret
-    and shares it through the torch store this group was handed, so that the job is exactly as
-    protected as that store; said once at INFO. COLLECTIVES_TOKEN keeps the stronger mode,
-    where the secret crosses no wire."""
-    global _said_secret_through_store
-    if size == 1:
-        return secrets.token_bytes(32)
-    if rank == 0:
-        store.set(_SECRET_KEY, secrets.token_bytes(32))
-    secret = store.get(_SECRET_KEY, timeout)
-    if not _said_secret_through_store:
-        _said_secret_through_store = True
-        log.info("collectives: no COLLECTIVES_TOKEN, so the job's secret was made by rank 0 and shared through the "
-                 "torch.distributed store: this job is as protected as that store (as gloo and NCCL jobs are); set "
-                 "COLLECTIVES_TOKEN on every process for a secret that crosses no wire")
-    return secret
-
-
 def _store_host(store: dist.Store) -> Optional[str]:
     """The host of the TCP store under ``store`` (whose address reaches the other ranks)."""
     while isinstance(store, dist.PrefixStore):
         store = store.underlying_store
     return store.host if isinstance(store, dist.TCPStore) else None
-
-
-class _StoreAdapter:
-    """A torch.distributed Store as collectives' bootstrap uses a store: its errors become
-    CollectiveError, a missing key collectives' TimeoutError."""
-
-    # How often get() looks for its key: torch's timed wait() logs a warning at every timeout.
-    _POLL_S = (0.001, 0.05)
-
-    def __init__(self, store: dist.Store):
-        self._store = store
-
-    def set(self, key: str, value: bytes) -> None:
-        self._call(self._store.set, key, value)
-
-    def get(self, key: str, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        pause = self._POLL_S[0]
-        while not self.check([key]):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{key} was not set in the torch.distributed store within {timeout:g} s")
-            time.sleep(min(pause, remaining))
-            pause = min(2 * pause, self._POLL_S[1])
-        return self._call(self._store.get, key)
-
-    def add(self, key: str, amount: int) -> int:
-        return self._call(self._store.add, key, amount)
-
-    def check(self, keys: List[str]) -> bool:
-        return self._call(self._store.check, keys)
-
-    def close(self) -> None:
-        pass  # torch.distributed owns its store
-
-    @staticmethod
-    def _call(method: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return method(*args)
-        except RuntimeError as e:  # torch's DistStoreError, or a FileStore's error
-            raise cc.CollectiveError(f"the torch.distributed store failed: {e}") from e

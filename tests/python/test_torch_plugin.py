@@ -588,6 +588,40 @@ def test_torchrun_with_nothing_set_trains(run_ranks):
         assert result.stderr.count("shared through the torch.distributed store") == 1, result.stderr[-3000:]
 
 
+# cc.init() under torchrun with no COLLECTIVES_TOKEN, twice (the second communicator takes the
+# secret the first one put in torchrun's store), and without importing torch itself.
+CC_INIT_NOTHING_SET_SCRIPT = r'''
+import json, logging, sys
+import numpy as np
+import collectives as cc
+logging.basicConfig(level=logging.INFO)
+sums = []
+for _ in range(2):
+    with cc.init() as comm:
+        sums.append(int(comm.allreduce(np.array([comm.rank + 1], np.int64))[0]))
+print(json.dumps({"sums": sums, "size": comm.size}))
+'''
+
+
+def test_cc_init_under_torchrun_with_nothing_set(run_ranks):
+    results = run_ranks(CC_INIT_NOTHING_SET_SCRIPT, 3, launcher="torchrun", env={"COLLECTIVES_TOKEN": None},
+                        timeout=120)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.report() == {"sums": [6, 6], "size": 3}
+        assert result.stderr.count("shared through the torch.distributed store") == 1, result.stderr[-3000:]
+
+
+def test_cc_init_under_torchrun_without_its_store_or_with_reducers_asks_for_a_token(run_ranks):
+    # Without the agent's store (RANK/WORLD_SIZE set by hand) nothing can carry the secret; reducers
+    # started on their own need the token too.
+    for env, expected in (({"COLLECTIVES_TOKEN": None, "TORCHELASTIC_USE_AGENT_STORE": None}, "COLLECTIVES_TOKEN"),
+                          ({"COLLECTIVES_TOKEN": None, "COLLECTIVES_NUM_REDUCERS": "1"}, "reducers")):
+        results = run_ranks(CC_INIT_NOTHING_SET_SCRIPT, 2, launcher="torchrun", env=env, timeout=60)
+        for result in results:
+            assert result.returncode != 0 and expected in result.stderr, result.stderr[-3000:]
+
+
 def test_import_registers_the_backend_for_the_cpu():
     assert "collectives" in dist.Backend.backend_list
     devices = dist.Backend.backend_capability["collectives"]
