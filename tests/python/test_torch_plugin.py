@@ -588,6 +588,37 @@ def test_torchrun_with_nothing_set_trains(run_ranks):
         assert result.stderr.count("shared through the torch.distributed store") == 1, result.stderr[-3000:]
 
 
+# 2 * world_size groups by dist.new_group: each over the world's connections (comm.create_group),
+# so the process holds no more file descriptors (sockets, shared memory) after making them all.
+MANY_GROUPS_SCRIPT = r'''
+import itertools, json, os
+import torch, torch.distributed as dist
+dist.init_process_group("collectives")
+rank, n = dist.get_rank(), dist.get_world_size()
+dist.all_reduce(torch.ones(1))
+fds = len(os.listdir("/proc/self/fd"))
+lists = [list(pair) for pair in itertools.combinations(range(n), 2)] + [list(range(n)), [2, 0], [1, 2, 0]]
+failures = []
+for ranks in lists:
+    group = dist.new_group(ranks)  # every rank calls it, members or not (as torch asks)
+    if rank in ranks:
+        x = torch.full((5,), float(rank + 1))
+        dist.all_reduce(x, group=group)
+        if not torch.equal(x, torch.full((5,), float(sum(r + 1 for r in ranks)))):
+            failures.append(f"{ranks}: {x.tolist()}")
+        if dist.get_rank(group) != sorted(ranks).index(rank):  # torch orders a group's ranks
+            failures.append(f"{ranks}: group rank {dist.get_rank(group)}")
+print(json.dumps({"groups": len(lists), "failures": failures, "new_fds": len(os.listdir("/proc/self/fd")) - fds}))
+dist.destroy_process_group()
+'''
+
+
+def test_many_new_groups_open_no_connection(run_ranks):
+    for result in run_ranks(MANY_GROUPS_SCRIPT, 3, launcher="torchrun", timeout=120):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.report() == {"groups": 6, "failures": [], "new_fds": 0}, result.stderr[-3000:]
+
+
 # cc.init() under torchrun with no COLLECTIVES_TOKEN, twice (the second communicator takes the
 # secret the first one put in torchrun's store), and without importing torch itself.
 CC_INIT_NOTHING_SET_SCRIPT = r'''
