@@ -72,6 +72,7 @@ else:
     runs["summing_hook"] = train(hook=summing_hook, state=comm)
     for name in ("fp16_compress_hook", "bf16_compress_hook"):
         runs[name] = train(hook=getattr(hooks, name), state=comm)
+    runs["error_feedback_compress_hook"] = train(hook=hooks.error_feedback_hook, state=hooks.ErrorFeedback(comm))
 info = {"algorithm": comm.algorithm, "reducer_bytes": sum(r["bytes_received"] for r in comm.reducer_stats())}
 print(json.dumps({"runs": {name: report(p, reference) for name, p in runs.items()}, **info}))
 dist.destroy_process_group()
@@ -685,3 +686,35 @@ def test_a_group_over_a_given_communicator_and_hooks_in_one_process():
     assert "closed" in repr(comm)  # the group owned it
     with pytest.raises(cc.CollectiveError, match="closed"):
         group.allreduce([torch.ones(1)])
+
+
+def test_error_feedback_keeps_what_fp16_rounds_away():
+    # A gradient of 1 + 1e-4 on every step: float16 (spacing 2**-10 near 1) rounds it to 1, so
+    # fp16_compress_hook loses 1e-4 each step; with error feedback what the wire got over the
+    # steps is the true sum to within one rounding (half a float16 spacing).
+    steps, gradient = 10, 1.0 + 1e-4
+
+    def applied(hook, state_of):
+        comm = cc.init(rank=0, size=1)
+        group = cctorch.ProcessGroup(comm)
+        try:
+            layer = torch.nn.Linear(4, 1, bias=False)
+            torch.nn.init.zeros_(layer.weight)
+            model = torch.nn.parallel.DistributedDataParallel(layer, process_group=group)
+            model.register_comm_hook(state_of(comm), hook)
+            opt = torch.optim.SGD(model.parameters(), lr=1.0)
+            for _ in range(steps):
+                opt.zero_grad()
+                model(torch.full((1, 4), gradient)).sum().backward()
+                opt.step()
+            return -layer.weight.detach()
+        finally:
+            group.shutdown()
+
+    exact = torch.full((1, 4), steps * gradient)
+    plain = applied(cctorch.hooks.fp16_compress_hook, lambda comm: comm)
+    fed_back = applied(cctorch.hooks.error_feedback_hook, cctorch.hooks.ErrorFeedback)
+    assert (plain - exact).abs().max() > 9e-4, plain  # the control: ten losses of 1e-4
+    assert (fed_back - exact).abs().max() < 2**-11 + 1e-6, fed_back
+    with cc.init(rank=0, size=1) as comm, pytest.raises(TypeError, match="float16 or bfloat16"):
+        cctorch.hooks.ErrorFeedback(comm, torch.float32)
