@@ -718,3 +718,10 @@ def test_error_feedback_keeps_what_fp16_rounds_away():
     assert (fed_back - exact).abs().max() < 2**-11 + 1e-6, fed_back
     with cc.init(rank=0, size=1) as comm, pytest.raises(TypeError, match="float16 or bfloat16"):
         cctorch.hooks.ErrorFeedback(comm, torch.float32)
+
+
+def test_empty_tensors_are_gathered():
+    # torch's new_empty((size, 0)) has strides that are not row-major: with no elements, that is no matter.
+    with cc.init(rank=0, size=1) as comm:
+        assert comm.allgather(torch.empty(0)).shape == (1, 0)
+        assert comm.allgather(torch.empty(2, 0)).shape == (1, 2, 0)
