@@ -83,7 +83,7 @@ class ProcessGroup(dist.ProcessGroup):
                 steps.append(self._sparse_allreduce(t, op))
             else:
                 steps.append(in_place(t, op, "allreduce", self._comm.allreduce_async))
-        return self._start(tensors, steps)
+        return self._start(tensors, steps, "all_reduce", tensors)
 
     def _sparse_allreduce(self, tensor: torch.Tensor, op: str) -> Step:
         """As gloo: the sum of every rank's sparse tensor, coalesced, in place of ``tensor``.
@@ -104,25 +104,27 @@ class ProcessGroup(dist.ProcessGroup):
         for t in tensors:
             flat, finish = moved(t)
             steps.append((self._comm.broadcast_async(flat, root), finish))
-        return self._start(tensors, steps)
+        return self._start(tensors, steps, "broadcast", tensors)
 
     def allgather(self, output_tensors: List[List[torch.Tensor]], input_tensors: List[torch.Tensor],
                   opts: Any = None) -> Work:
-        return self._start(output_tensors, self._allgather_steps(output_tensors, input_tensors))
+        return self._start(output_tensors, self._allgather_steps(output_tensors, input_tensors), "all_gather",
+                           input_tensors)
 
     def allgather_coalesced(self, output_lists: List[List[torch.Tensor]], input_list: List[torch.Tensor],
                             opts: Any = None) -> Work:
         # torch lays the outputs out [rank][input]; allgather's are [input][rank].
         _check_count(len(output_lists), self._comm.size, "allgather_coalesced needs one output list per rank")
         by_input = [[outputs[i] for outputs in output_lists] for i in range(len(input_list))]
-        return self._start(output_lists, self._allgather_steps(by_input, input_list))
+        return self._start(output_lists, self._allgather_steps(by_input, input_list), "all_gather", input_list)
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Work:  # noqa: A002
-        return self._start([output], [self._gather_into(output, input)])
+        return self._start([output], [self._gather_into(output, input)], "all_gather_into_tensor", [input])
 
     def all_gather_single_coalesced(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor],
                                     opts: Any = None) -> Work:
-        return self._start(outputs, [self._gather_into(o, i) for o, i in zip(outputs, inputs)])
+        return self._start(outputs, [self._gather_into(o, i) for o, i in zip(outputs, inputs)], "all_gather_into_tensor",
+                           inputs)
 
     def reduce_scatter(self, outputs: List[torch.Tensor], input_lists: List[List[torch.Tensor]],
                        opts: Any = None) -> Work:
@@ -134,24 +136,26 @@ class ProcessGroup(dist.ProcessGroup):
                 _check_count(tensor.numel(), output.numel(),
                              "reduce_scatter needs input tensors of the output's size")
             steps.append(self._scatter_into(output, torch.cat([t.reshape(-1) for t in inputs]), op))
-        return self._start(outputs, steps)
+        return self._start(outputs, steps, "reduce_scatter", [t for inputs in input_lists for t in inputs])
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Work:  # noqa: A002
-        return self._start([output], [self._scatter_into(output, input, _op(opts, "reduce_scatter_tensor"))])
+        return self._start([output], [self._scatter_into(output, input, _op(opts, "reduce_scatter_tensor"))],
+                           "reduce_scatter_tensor", [input])
 
     def reduce_scatter_single_coalesced(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor],
                                         opts: Any = None) -> Work:
         op = _op(opts, "reduce_scatter_tensor")
-        return self._start(outputs, [self._scatter_into(o, i, op) for o, i in zip(outputs, inputs)])
+        return self._start(outputs, [self._scatter_into(o, i, op) for o, i in zip(outputs, inputs)],
+                           "reduce_scatter_tensor", inputs)
 
     def barrier(self, opts: Any = None) -> Work:
-        return self._start([], [(self._comm.barrier_async(), None)])
+        return self._start([], [(self._comm.barrier_async(), None)], "barrier", [])
 
     def reduce(self, tensors: List[torch.Tensor], opts: Any = None) -> Work:
         op = _op(opts, "reduce")
         root = 0 if opts is None else opts.rootRank
         return self._start(tensors, [in_place(t, op, "reduce", lambda x, o: self._comm.reduce_async(x, root, o))
-                                     for t in tensors])
+                                     for t in tensors], "reduce", tensors)
 
     def gather(self, output_tensors: List[List[torch.Tensor]], input_tensors: List[torch.Tensor],
                opts: Any = None) -> Work:
@@ -170,7 +174,8 @@ class ProcessGroup(dist.ProcessGroup):
             for output, row in zip(outputs, rows if rows is not None else []):
                 output.copy_(from_bytes(row, output))
 
-        return self._start(output_tensors, [(self._comm.gather_async(as_bytes_if_needed(tensor), root), finish)])
+        return self._start(output_tensors, [(self._comm.gather_async(as_bytes_if_needed(tensor), root), finish)],
+                           "gather", input_tensors)
 
     def scatter(self, output_tensors: List[torch.Tensor], input_tensors: List[List[torch.Tensor]],
                 opts: Any = None) -> Work:
@@ -186,7 +191,8 @@ class ProcessGroup(dist.ProcessGroup):
                 _check_count(tensor.numel(), output.numel(), "scatter needs input tensors of the output's size")
                 _check_dtype(output, tensor, "scatter")
             rows = torch.stack([as_bytes_if_needed(t) for t in input_tensors[0]])
-        return self._start(output_tensors, [(self._comm.scatter_async(rows, root, out=flat), finish)])
+        return self._start(output_tensors, [(self._comm.scatter_async(rows, root, out=flat), finish)], "scatter",
+                           input_tensors[0] if rows is not None else [])
 
     def alltoall(self, output_tensors: List[torch.Tensor], input_tensors: List[torch.Tensor],
                  opts: Any = None) -> Work:
@@ -202,7 +208,8 @@ class ProcessGroup(dist.ProcessGroup):
             for output, part in zip(output_tensors, torch.split(out, recv)):
                 output.copy_(from_bytes(part, output))
 
-        return self._start(output_tensors, [(self._comm.alltoall_async(x, [f.numel() for f in flats], recv), finish)])
+        return self._start(output_tensors, [(self._comm.alltoall_async(x, [f.numel() for f in flats], recv), finish)],
+                           "all_to_all", input_tensors)
 
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: List[int],  # noqa: A002
                       input_split_sizes: List[int], opts: Any = None) -> Work:
@@ -223,17 +230,18 @@ class ProcessGroup(dist.ProcessGroup):
         flat, finish = moved(output)
         work = self._comm.alltoall_async(x, [s * send_row for s in input_split_sizes],
                                          [s * recv_row for s in output_split_sizes], out=flat)
-        return self._start([output], [(work, finish)])
+        return self._start([output], [(work, finish)], "all_to_all", [input])
 
     def send(self, tensors: List[torch.Tensor], dstRank: int, tag: int = 0) -> MessageWork:  # noqa: N803
         _check_count(len(tensors), 1, "send takes one tensor")
         flat = as_bytes_if_needed(tensors[0])
-        return MessageWork(self._comm.send_async(flat, dstRank, tag), None, tensors)
+        return MessageWork(self._comm.send_async(flat, dstRank, tag), None, tensors, self._profiled("send", tensors))
 
     def recv(self, tensors: List[torch.Tensor], srcRank: int, tag: int = 0) -> MessageWork:  # noqa: N803
         _check_count(len(tensors), 1, "recv takes one tensor")
         flat, finish = moved(tensors[0])
-        return MessageWork(self._comm.recv_async(flat, srcRank, tag), finish, tensors, source=lambda: srcRank)
+        return MessageWork(self._comm.recv_async(flat, srcRank, tag), finish, tensors, self._profiled("recv", tensors),
+                           source=lambda: srcRank)
 
     def recv_anysource(self, tensors: List[torch.Tensor], tag: int = 0) -> MessageWork:
         raise NotImplementedError(
@@ -291,8 +299,21 @@ class ProcessGroup(dist.ProcessGroup):
             _world = None
 
     # -- internals ------------------------------------------------------------------------------
-    def _start(self, result: Any, steps: List[Step]) -> Work:
-        return Work(self._completer.future(steps, result))
+    def _start(self, result: Any, steps: List[Step], title: str, inputs: List[torch.Tensor]) -> Work:
+        return Work(self._completer.future(steps, result, self._profiled(title, inputs)))
+
+    def _profiled(self, title: str, inputs: List[torch.Tensor]) -> Optional[Callable[[], None]]:
+        """As gloo's ops: while torch's profiler runs, each op is an event "BACKEND:title" (the
+        name torch.distributed knows this group's backend by) with its input tensors' shapes,
+        from its start until it is done (an async event); what ends it, or None."""
+        if not torch.autograd._profiler_enabled():
+            return None
+        try:
+            backend = dist.get_backend(self)
+        except (ValueError, RuntimeError):  # a group made by hand, which torch does not know
+            backend = BACKEND
+        record = torch._C._autograd._record_function_with_args_enter(f"{backend}:{title}", *inputs)
+        return lambda: torch._C._autograd._record_function_with_args_exit(record)
 
     def _allgather_steps(self, output_tensors: List[List[torch.Tensor]],
                          input_tensors: List[torch.Tensor]) -> List[Step]:

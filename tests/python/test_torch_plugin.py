@@ -725,3 +725,21 @@ def test_empty_tensors_are_gathered():
     with cc.init(rank=0, size=1) as comm:
         assert comm.allgather(torch.empty(0)).shape == (1, 0)
         assert comm.allgather(torch.empty(2, 0)).shape == (1, 2, 0)
+
+
+def test_ops_are_async_profiler_events_as_gloos():
+    # PyTorch's suite looks for these on gloo ("gloo:all_reduce", ...): one async event per op,
+    # named after the group's backend, with the shapes of its inputs.
+    group = cctorch.ProcessGroup(cc.init(rank=0, size=1))
+    try:
+        x = torch.ones(4, 3)
+        with torch.autograd.profiler.profile(record_shapes=True) as prof:
+            group.allreduce([x]).wait()
+            group.broadcast([x]).wait()
+            group.allgather([[torch.empty(4, 3)]], [x]).wait()
+        events = [(e.name, e.is_async, e.count, e.input_shapes) for e in prof.function_events
+                  if e.name.startswith("collectives:")]
+        assert events == [(f"collectives:{op}", True, 1, [[4, 3]]) for op in ("all_reduce", "broadcast", "all_gather")]
+        group.allreduce([x]).wait()  # no profiler: no event, and nothing left open
+    finally:
+        group.shutdown()
