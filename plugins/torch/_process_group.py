@@ -8,6 +8,7 @@ import datetime
 import logging
 import os
 import secrets
+import threading
 import time
 import weakref
 from typing import Any, Callable, List, Optional
@@ -313,7 +314,19 @@ class ProcessGroup(dist.ProcessGroup):
         except (ValueError, RuntimeError):  # a group made by hand, which torch does not know
             backend = BACKEND
         record = torch._C._autograd._record_function_with_args_enter(f"{backend}:{title}", *inputs)
-        return lambda: torch._C._autograd._record_function_with_args_exit(record)
+        started_on = threading.get_ident()
+
+        def end() -> None:
+            if threading.get_ident() != started_on:
+                torch._C._autograd._record_function_with_args_exit(record)
+                return
+            # A message is ended by whoever waits on it, often the thread that started it: the
+            # profiler takes an event for async only if another thread ends it.
+            ender = threading.Thread(target=torch._C._autograd._record_function_with_args_exit, args=(record,))
+            ender.start()
+            ender.join()
+
+        return end
 
     def _allgather_steps(self, output_tensors: List[List[torch.Tensor]],
                          input_tensors: List[torch.Tensor]) -> List[Step]:

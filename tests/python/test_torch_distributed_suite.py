@@ -25,7 +25,9 @@ SELECTION = {
     "collectives": [r"^test_reduce_sum$", r"^test_gather$", r"^test_scatter$", r"^test_send_recv$", r"^test_isend$",
                     r"^test_send_recv_with_tag$", r"^test_barrier$", r"^test_all_gather_coalesced_with_empty$"],
     "gloo-as-collectives": [r"^test_batch_isend_irecv_gloo$", r"^test_monitored_barrier_gloo$",
-                            r"^test_sparse_all_reduce_sum$", r"^test_get_future$"],
+                            r"^test_sparse_all_reduce_sum$", r"^test_get_future$",
+                            # the profiler events it looks for on gloo
+                            r"^test_broadcast$", r"^test_isend_autograd_profiler$"],
 }
 
 
