@@ -268,10 +268,16 @@ class ProcessGroup(dist.ProcessGroup):
         deadline = time.monotonic() + seconds
         arrivals = [(r, self._comm.recv_async(torch.zeros(1, dtype=torch.uint8), r, _MONITORED_BARRIER_TAG))
                     for r in range(1, n)]
-        missing = []
+        missing, processed = [], []
         for r, work in arrivals:
+            remaining = deadline - time.monotonic()
+            if remaining < 0 and not wait_all_ranks:  # as gloo: the time was spent before this rank's turn
+                raise RuntimeError(f"Rank {me} timed out in monitoredBarrier after {millis} ms.\n" + (
+                    f"Successfully processed ranks: {', '.join(map(str, processed))}" if processed
+                    else "No ranks successfully processed in monitoredBarrier."))
             try:
-                work.wait(max(0.0, deadline - time.monotonic()))
+                work.wait(max(0.0, remaining))
+                processed.append(r)
             except TimeoutError:
                 missing.append(r)
                 if not wait_all_ranks:

@@ -76,13 +76,22 @@ def complete(steps: List[Step], future: torch.futures.Future, result: Any, endin
             if error is None and finish is not None:
                 finish(value)
         except BaseException as e:  # noqa: BLE001 - it goes to whoever waits on the future
-            error = error or e
+            error = error or as_gloo_says(e)
     if ending is not None:
         ending()
     if error is None:
         future.set_result(result)
     else:
         future.set_exception(error)
+
+
+def as_gloo_says(error: BaseException) -> BaseException:
+    """``error``, where it is collectives' TimeoutError (the group's timeout passed), worded so
+    that it says " Timed out ", as gloo's do: PyTorch's suite, and code written for gloo, look
+    for that."""
+    if isinstance(error, cc.TimeoutError):
+        return cc.TimeoutError(f"collectives: Timed out (the group's timeout passed): {error}")
+    return error
 
 
 def chained(future: torch.futures.Future) -> torch.futures.Future:
@@ -165,7 +174,7 @@ class MessageWork(dist._Work):
             value = self._work.wait(seconds)
         except TimeoutError as e:  # the builtin one: only this wait's timeout passed
             if isinstance(e, cc.CollectiveError):
-                raise
+                raise as_gloo_says(e) from e
             raise _timed_out("the message", seconds) from None
         with self._lock:
             if not self._finished:

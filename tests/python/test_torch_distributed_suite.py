@@ -27,7 +27,8 @@ SELECTION = {
     "gloo-as-collectives": [r"^test_batch_isend_irecv_gloo$", r"^test_monitored_barrier_gloo$",
                             r"^test_sparse_all_reduce_sum$", r"^test_get_future$",
                             # the profiler events it looks for on gloo
-                            r"^test_broadcast$", r"^test_isend_autograd_profiler$"],
+                            r"^test_broadcast$", r"^test_isend_autograd_profiler$",
+                            r"^test_monitored_barrier_gloo_rank_0_timeout$"],
 }
 
 
