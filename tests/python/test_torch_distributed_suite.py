@@ -3,8 +3,9 @@ tests/torch_suite/run_distributed_suite.py (which says how it runs the suite, an
 gloo-as-collectives mode makes the suite's "gloo" groups collectives ones).
 
 The normal run takes a bounded selection (the collectives issue 13 added: reduce, gather,
-scatter, all_to_all, send/recv, batch_isend_irecv, barrier); COLLECTIVES_TEST_FULL=1 runs the
-whole suite in both modes (tens of minutes: every test spawns 3 processes). Counts on this
+scatter, all_to_all, send/recv, batch_isend_irecv, barrier, empty tensors; and, as gloo, the
+profiler events and monitored_barrier's timeouts); COLLECTIVES_TEST_FULL=1 runs the whole suite
+in both modes (an hour or more on 2 cores: every test spawns 3 processes). Counts on this
 machine, with their command, are in benchmarks/RESULTS.md."""
 
 import os
