@@ -86,10 +86,11 @@ void BoardAllreduce::run(const AlgorithmContext& ctx, void* data, size_t count) 
     const FrameHeader header = ctx.tag.header(unit, n * element);
     const int set = board_->next_set();
     board_->header(set, me).header = header;
-    std::memcpy(board_->payload(set, me), out, n * element);
-    barrier(ctx);
-    check_headers(ctx, set, header);
+    char* const slot = board_->payload(set, me);
     if (n * element <= kEveryRankReducesBytes) {
+      std::memcpy(slot, out, n * element);
+      barrier(ctx);
+      check_headers(ctx, set, header);
       std::memcpy(out, board_->payload(set, 0), n * element);
       for (int member = 1; member < members; ++member) reduce_into(out, board_->payload(set, member), n, dtype, op);
       continue;
@@ -97,16 +98,20 @@ void BoardAllreduce::run(const AlgorithmContext& ctx, void* data, size_t count) 
     /*
      * Member m reduces elements [part(m), part(m + 1)) of every slot, in member order, into its
      * own slot of the other set, which the next barrier publishes; then every member copies
-     * every part out. part(m) = n * m / members: the parts differ by one element at most.
+     * every part out. part(m) = n * m / members: the parts differ by one element at most. A
+     * member's own part is read from its buffer, so it copies only the others' parts in.
      */
     auto part = [&](int member) { return n * member / members; };
+    const size_t begin = part(me) * element, bytes = (part(me + 1) - part(me)) * element;
+    std::memcpy(slot, out, begin);
+    std::memcpy(slot + begin + bytes, out + begin + bytes, n * element - begin - bytes);
+    barrier(ctx);
+    check_headers(ctx, set, header);
     const int results = board_->next_set();
     char* const mine = board_->payload(results, me);
-    const size_t begin = part(me) * element, bytes = (part(me + 1) - part(me)) * element;
-    std::memcpy(mine, board_->payload(set, 0) + begin, bytes);
-    for (int member = 1; member < members; ++member) {
-      reduce_into(mine, board_->payload(set, member) + begin, bytes / element, dtype, op);
-    }
+    auto contribution = [&](int member) { return member == me ? out + begin : board_->payload(set, member) + begin; };
+    std::memcpy(mine, contribution(0), bytes);
+    for (int member = 1; member < members; ++member) reduce_into(mine, contribution(member), bytes / element, dtype, op);
     barrier(ctx);
     for (int member = 0; member < members; ++member) {
       std::memcpy(out + part(member) * element, board_->payload(results, member),
