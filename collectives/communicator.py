@@ -80,7 +80,7 @@ class Communicator:
         self._plan = _hierarchy(config, boot.topology)
         self._core = _core.Communicator(
             boot.rank, boot.size, boot.peer_links, boot.peer_names, _options(config, self._plan), boot.reducer_links,
-            boot.reducer_names, boot.shm_doorbell, boot.shm_links
+            boot.reducer_names, boot.shm_doorbell, boot.shm_links, ucx=config.transport == "ucx" and boot.size > 1
         )
         self._rank, self._size, self._members = boot.rank, boot.size, list(range(boot.size))
         self._topology = boot.topology
@@ -500,7 +500,7 @@ def _options(config: Config, plan: Optional[hierarchical.Plan] = None) -> Any:
         forced = config.effective_algorithm == "hierarchical"
         options.hierarchy = hierarchical.core_plan(
             plan, network_cost=(options.cost_alpha_seconds, options.cost_beta_seconds_per_byte), forced=forced,
-            host_over_shm=config.transport != "tcp")
+            host_over_shm=config.transport in ("auto", "shm"))
         if forced:  # flat links of a second per message against levels that cost nothing
             options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 1.0, 1.0
     options.rs_chunk_bytes = config.rs_chunk_bytes or 0

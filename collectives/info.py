@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import __version__, _core, _topology, ring
+from . import __version__, _core, _topology, _ucx, ring
 from ._config import TRANSPORTS, Config
 
 
@@ -20,7 +20,7 @@ def describe() -> dict:
             "simd_levels_supported": list(_core.kernels.levels()),
             "transports": list(TRANSPORTS),
             "cuda": False,
-            "ucx": False,
+            "ucx": _ucx.describe(),
         },
         "settings": Config.from_env().as_dict(),
         "auto": ring.choices(),

@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings/buffers.h"
+#include "bindings/cuda.h"
 #include "bindings/kernels.h"
 #include "communicator.h"
 #include "kernels/reduce.h"
@@ -19,6 +20,9 @@
 #include "transport/shm/segment.h"
 #include "transport/tcp_transport.h"
 #include "transport/wire_security.h"
+#ifdef COLLECTIVES_HAVE_UCX
+#include "transport/ucx/ucx_transport.h"
+#endif
 
 namespace py = pybind11;
 using namespace collectives;
@@ -57,6 +61,31 @@ py::object submit(bool blocking, Collective collective) {
   return py::cast(work);
 }
 
+// A rank's transport over UCX (the links become its control links), with every descriptor
+// closed if it cannot be made.
+std::unique_ptr<Transport> make_ucx_transport(int rank, int size, std::vector<std::vector<Link>> links,
+                                              std::vector<std::string> names, double timeout_seconds) {
+#ifdef COLLECTIVES_HAVE_UCX
+  try {
+    loaded_ucx();
+  } catch (...) {
+    for (const auto& peer : links) {
+      for (const Link& link : peer) ::close(link.fd);
+    }
+    throw;
+  }
+  return std::make_unique<UcxTransport>(rank, size, std::move(links), std::move(names),
+                                        deadline_after(timeout_seconds));
+#else
+  for (const auto& peer : links) {
+    for (const Link& link : peer) ::close(link.fd);
+  }
+  (void)rank, (void)size, (void)names, (void)timeout_seconds;
+  throw CollectiveError("this build of collectives has no UCX transport: rebuild it where UCX's headers are found "
+                        "(pip install libucx-cu12 before building), or choose another COLLECTIVES_TRANSPORT");
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -84,6 +113,7 @@ PYBIND11_MODULE(_core, m) {
 
   bind_buffers(m);
   bind_kernels(m);
+  bind_cuda(m);
   m.def(
       "ring_family_choice",
       [](size_t bytes, int group_size, double alpha_seconds, double beta_seconds_per_byte) {
@@ -107,6 +137,19 @@ PYBIND11_MODULE(_core, m) {
       py::arg("secret"), py::arg("transcript"),
       "HKDF-SHA256 of the job's secret over a handshake's transcript: the client's sending key, "
       "then the server's (32 bytes each).");
+  // UCX, loaded on demand by collectives/_ucx.py.
+#ifdef COLLECTIVES_HAVE_UCX
+  m.attr("HAVE_UCX") = true;
+  m.def(
+      "load_ucx", [](const std::string& path) { load_ucx(path); }, py::arg("path"),
+      "Loads libucp from `path` (once per process; later calls keep the first).");
+  m.def("describe_ucx", [] {
+    UcxInfo info = describe_ucx();
+    return py::make_tuple(info.version, info.devices);
+  }, "(version, devices) of the UCX loaded, devices as transport/device.");
+#else
+  m.attr("HAVE_UCX") = false;
+#endif
   // The shared-memory links that collectives/_shm.py sets up between ranks of one host.
   m.attr("SHM_SEGMENT_BYTES") = kShmSegmentBytes;
   m.def("create_shm_segment", &create_shm_segment, "A sealed memfd for the rings of one pair of ranks.");
@@ -217,11 +260,13 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](int rank, int size, std::vector<std::vector<Link>> peer_links,
                        std::vector<std::string> peer_names, CommunicatorOptions options,
                        std::vector<Link> reducer_links, std::vector<std::string> reducer_names, int doorbell_fd,
-                       std::vector<ShmLink> shm_links) {
+                       std::vector<ShmLink> shm_links, bool ucx) {
              std::unique_ptr<Transport> transport;
              try {
-               transport = make_transport(rank, size, std::move(peer_links), std::move(peer_names), doorbell_fd,
-                                          std::move(shm_links));
+               transport = ucx ? make_ucx_transport(rank, size, std::move(peer_links), std::move(peer_names),
+                                                    options.timeout_seconds)
+                               : make_transport(rank, size, std::move(peer_links), std::move(peer_names), doorbell_fd,
+                                                std::move(shm_links));
              } catch (...) {
                for (const Link& link : reducer_links) ::close(link.fd);  // handed over too
                throw;
@@ -232,7 +277,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("rank"), py::arg("size"), py::arg("peer_links"), py::arg("peer_names"),
            py::arg("options"), py::arg("reducer_links") = std::vector<Link>{},
            py::arg("reducer_names") = std::vector<std::string>{}, py::arg("doorbell_fd") = -1,
-           py::arg("shm_links") = std::vector<ShmLink>{}, py::call_guard<py::gil_scoped_release>())
+           py::arg("shm_links") = std::vector<ShmLink>{}, py::arg("ucx") = false,
+           py::call_guard<py::gil_scoped_release>())
       .def("reducer_stats", [](const Communicator& c) {
         py::list result;
         for (const auto& st : c.reducer_stats()) {
