@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import _buffers, _core, hierarchical, ring
+from . import _buffers, _core, _device, hierarchical, ring
 from ._bootstrap import Bootstrap, bootstrap
 from ._config import Config
 from .errors import CollectiveError
@@ -65,6 +65,18 @@ class Work:
 
     def done(self) -> bool:
         return self._core_work.done()
+
+
+class _Finished:
+    """The core's side of a Work that finished before it was returned."""
+
+    @staticmethod
+    def wait_for(seconds: float) -> bool:
+        return True
+
+    @staticmethod
+    def done() -> bool:
+        return True
 
 
 class Communicator:
@@ -282,10 +294,21 @@ class Communicator:
     # Each returns the result (blocking) or a Work (async). A blocking call lends the core its
     # thread: the collective runs on it when nothing else is queued (_complete).
     def _allreduce(self, x, op: str, blocking: bool):
+        device = _device.find(x)
+        if device is not None:
+            return self._allreduce_staged(x, device, op, blocking)
         buf = _buffers.view(x, writable=True)
         code = self._op_code(op, buf.dtype)
         work = self._live_core().allreduce(buf.address, buf.count, buf.dtype_code, code, blocking)
         return self._complete(work, x, (buf,), blocking)
+
+    def _allreduce_staged(self, x, device: _device.DeviceBuffer, op: str, blocking: bool):
+        """A CUDA buffer, reduced in a host copy that is then copied back: done before this
+        returns, an async call's too (its Work is finished)."""
+        host = _device.to_host(device)
+        self._allreduce(host, op, blocking=True)
+        _device.to_device(host, device)
+        return x if blocking else Work(self, _Finished(), x, ())
 
     def _allgather(self, x, blocking: bool):
         buf = _buffers.view(x, writable=False)

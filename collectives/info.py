@@ -19,7 +19,8 @@ def describe() -> dict:
             "simd_level": _core.SIMD_LEVEL,
             "simd_levels_supported": list(_core.kernels.levels()),
             "transports": list(TRANSPORTS),
-            "cuda": False,
+            "cuda": ({"built": True, "runtime": _core.cuda.runtime_version(), "devices": _core.cuda.devices()}
+                     if _core.cuda.BUILT else {"built": False}),
             "ucx": _ucx.describe(),
         },
         "settings": Config.from_env().as_dict(),

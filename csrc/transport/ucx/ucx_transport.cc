@@ -1,6 +1,7 @@
 #include "transport/ucx/ucx_transport.h"
 
 #include <sys/epoll.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <stdexcept>
@@ -122,7 +123,11 @@ void UcxTransport::exchange_addresses(Deadline deadline) {
   size_t address_bytes = 0;
   ucs_status_t status = ucx_.worker_get_address(worker_, &address, &address_bytes);
   if (status != UCS_OK) throw CollectiveError("UCX gave no worker address: " + ucx_.describe(status));
-  const std::string mine(reinterpret_cast<const char*>(address), address_bytes);
+  // What each rank sends: its hostname, a NUL, its worker address.
+  char hostname[256] = {};
+  gethostname(hostname, sizeof(hostname) - 1);
+  const std::string mine = std::string(hostname) + '\0' +
+                           std::string(reinterpret_cast<const char*>(address), address_bytes);
   ucx_.worker_release_address(worker_, address);
 
   FrameHeader lengths_header;
@@ -159,11 +164,24 @@ void UcxTransport::exchange_addresses(Deadline deadline) {
 
   for (int p = 0; p < size_; ++p) {
     if (p == rank_) continue;
+    const size_t end_of_name = addresses[p].find('\0');
+    if (end_of_name == std::string::npos || end_of_name + 1 == addresses[p].size()) {
+      abort(peer_name(p) + " sent no UCX address");
+      throw CollectiveError(failure());
+    }
+    /*
+     * UCX's error handling for a peer's death (UCP_ERR_HANDLING_MODE_PEER) rules out its
+     * shared-memory transports, which cannot detect one. So a peer of this host is reached
+     * without it, over whatever UCX finds (its shared memory, unless UCX_TLS says otherwise),
+     * and its death is seen where the control link's socket ends; a peer of another host with
+     * it, so that a death reaches the requests on that endpoint too.
+     */
+    const bool same_host = addresses[p].compare(0, end_of_name, hostname) == 0;
     ucp_ep_params_t params{};
     params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                         UCP_EP_PARAM_FIELD_ERR_HANDLER;
-    params.address = reinterpret_cast<const ucp_address_t*>(addresses[p].data());
-    params.err_mode = UCP_ERR_HANDLING_MODE_PEER;  // a peer's death fails its requests
+    params.address = reinterpret_cast<const ucp_address_t*>(addresses[p].data() + end_of_name + 1);
+    params.err_mode = same_host ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
     params.err_handler.cb = &UcxTransport::endpoint_failed;
     params.err_handler.arg = peers_[p].get();
     std::lock_guard<std::mutex> lock(mutex_);
@@ -228,14 +246,14 @@ void UcxTransport::start_send(const OperationPtr& op, Part part, const void* buf
 }
 
 void UcxTransport::start_recv(const OperationPtr& op, Part part, int peer, void* buffer, size_t bytes) {
-  ucp_tag_recv_info_t info{};
+  // Never completed on the spot, even where the message is in already: receives finish in
+  // reap_locked's order, the order they were posted in (a header that arrived must not post
+  // its payload's receive ahead of an earlier header's).
   ucp_request_param_t param{};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_RECV_INFO;
-  param.recv_info.tag_info = &info;
+  param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
   const uint64_t comm = op ? uint64_t{op->header.comm} : 0;
   void* request = ucx_.tag_recv_nbx(worker_, buffer, bytes, ucx_tag(uint64_t(part), peer, comm), kWholeTag, &param);
   InFlight receiving{op, part, false, peer, request};
-  if (request == nullptr) return finished(receiving, UCS_OK, info.length);
   if (UCS_PTR_IS_ERR(request)) return finished(receiving, UCS_PTR_STATUS(request), 0);
   in_flight_.push_back(receiving);
 }
@@ -245,9 +263,17 @@ void UcxTransport::start_goodbye_recv(Peer& peer) {
 }
 
 bool UcxTransport::reap_locked() {
-  bool any = false;
-  for (size_t i = 0; i < in_flight_.size();) {
-    const InFlight entry = in_flight_[i];
+  // In posting order, finished ones first taken out: a receive's header that arrives posts
+  // its payload's receive, and payload receives of one stream must be posted in the order of
+  // their headers, which UCX matched in the order posted.
+  struct Done {
+    InFlight entry;
+    ucs_status_t status;
+    size_t bytes;
+  };
+  std::vector<Done> done;
+  size_t kept = 0;
+  for (const InFlight& entry : in_flight_) {
     ucs_status_t status;
     size_t bytes = 0;
     if (entry.sending) {
@@ -258,16 +284,15 @@ bool UcxTransport::reap_locked() {
       bytes = info.length;
     }
     if (status == UCS_INPROGRESS) {
-      ++i;
+      in_flight_[kept++] = entry;
       continue;
     }
     ucx_.request_free(entry.request);
-    in_flight_[i] = in_flight_.back();
-    in_flight_.pop_back();
-    any = true;
-    finished(entry, status, bytes);
+    done.push_back({entry, status, bytes});
   }
-  return any;
+  in_flight_.resize(kept);
+  for (const Done& d : done) finished(d.entry, d.status, d.bytes);
+  return !done.empty();
 }
 
 void UcxTransport::finished(const InFlight& done, ucs_status_t status, size_t bytes) {
