@@ -116,7 +116,8 @@ UcxTransport::~UcxTransport() {
 /*
  * Each rank sends every peer the length of its worker address, then the address, over the
  * control links (authenticated, and with COLLECTIVES_WIRE_SECURITY=mac or aead tagged): a rank
- * connects only to the addresses its real peers gave it. Two rounds on a lane of their own.
+ * connects only to the addresses its real peers gave it. Three rounds on a lane of their own:
+ * lengths, addresses, and word that the endpoints are made.
  */
 void UcxTransport::exchange_addresses(Deadline deadline) {
   ucp_address_t* address = nullptr;
@@ -190,6 +191,19 @@ void UcxTransport::exchange_addresses(Deadline deadline) {
       throw CollectiveError("UCX could not reach " + peer_name(p) + ": " + ucx_.describe(status));
     }
   }
+  // Every rank holds its endpoints before any goes on: a peer that closed at once would
+  // otherwise take its worker (its shared memory, its listening socket) away before a slower
+  // rank reached it.
+  FrameHeader ready_header = lengths_header;
+  ready_header.seq = 2;
+  ready_header.nbytes = 0;
+  requests.clear();
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    requests.push_back(control_->send(p, ready_header, nullptr));
+    requests.push_back(control_->recv(p, ready_header, nullptr));
+  }
+  for (const auto& request : requests) control_->wait(request, deadline);
 }
 
 TransportRequest UcxTransport::send(int peer, const FrameHeader& header, const void* data) {
