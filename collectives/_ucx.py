@@ -36,8 +36,9 @@ def library_path() -> str:
 
 
 def load() -> None:
-    """Loads libucp into the core (once per process); CollectiveError saying what to install
-    if this build has no UCX transport or no libucp is found."""
+    """Loads libucp into the core (once per process; a libucp the process has already, such as
+    Open MPI's under mpirun, is used instead); CollectiveError saying what to install if this
+    build has no UCX transport or no libucp is found."""
     if not built():
         raise CollectiveError("COLLECTIVES_TRANSPORT=ucx: this build of collectives has no UCX transport; rebuild it "
                               "with UCX's headers present (pip install libucx-cu12 first; CMake option "
@@ -54,5 +55,5 @@ def describe() -> Dict[str, Any]:
         load()
     except CollectiveError as e:
         return {"built": True, "loaded": False, "why": str(e)}
-    version, devices = _core.describe_ucx()
-    return {"built": True, "loaded": True, "library": library_path(), "version": version, "devices": list(devices)}
+    path, version, devices = _core.describe_ucx()
+    return {"built": True, "loaded": True, "library": path, "version": version, "devices": list(devices)}

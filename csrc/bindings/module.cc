@@ -145,8 +145,8 @@ PYBIND11_MODULE(_core, m) {
       "Loads libucp from `path` (once per process; later calls keep the first).");
   m.def("describe_ucx", [] {
     UcxInfo info = describe_ucx();
-    return py::make_tuple(info.version, info.devices);
-  }, "(version, devices) of the UCX loaded, devices as transport/device.");
+    return py::make_tuple(info.path, info.version, info.devices);
+  }, "(path, version, devices) of the UCX loaded, devices as transport/device.");
 #else
   m.attr("HAVE_UCX") = false;
 #endif

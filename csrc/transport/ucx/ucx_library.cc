@@ -30,7 +30,10 @@ void resolve(void* handle, const char* name, Function& into) {
 const UcxLibrary& load_ucx(const std::string& path) {
   std::lock_guard<std::mutex> lock(loading);
   if (loaded) return *loaded;
-  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL);
+  // A libucp already in the process (Open MPI's, under mpirun) is the one to use: loading a
+  // second would bind its libucs to the first's, of another version.
+  void* handle = dlopen("libucp.so.0", RTLD_NOW | RTLD_NOLOAD);
+  if (handle == nullptr) handle = dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL);
   if (handle == nullptr) {
     throw CollectiveError("cannot load UCX (" + path + "): " + dlerror() +
                           ". Install it (pip install libucx-cu12, or the system's libucx0) or choose another "
@@ -43,6 +46,7 @@ const UcxLibrary& load_ucx(const std::string& path) {
   resolve(handle, "ucp_init_version", l.init_version);
   resolve(handle, "ucp_cleanup", l.cleanup);
   resolve(handle, "ucp_get_version_string", l.get_version_string);
+  resolve(handle, "ucp_get_version", l.get_version);
   resolve(handle, "ucp_context_print_info", l.context_print_info);
   resolve(handle, "ucp_worker_create", l.worker_create);
   resolve(handle, "ucp_worker_destroy", l.worker_destroy);
@@ -60,8 +64,17 @@ const UcxLibrary& load_ucx(const std::string& path) {
   resolve(handle, "ucp_request_cancel", l.request_cancel);
   resolve(handle, "ucp_request_free", l.request_free);
   resolve(handle, "ucs_status_string", l.status_string);  // libucs, a dependency of libucp
+  Dl_info where{};
+  l.path = dladdr(reinterpret_cast<void*>(l.worker_create), &where) && where.dli_fname ? where.dli_fname : path;
   loaded = std::move(library);
   return *loaded;
+}
+
+ucs_status_t UcxLibrary::init(const ucp_params_t* params, const ucp_config_t* config, ucp_context_h* context) const {
+  unsigned major = 0, minor = 0, release = 0;
+  get_version(&major, &minor, &release);
+  if (major == UCP_API_MAJOR && minor < UCP_API_MINOR) return init_version(major, minor, params, config, context);
+  return init_version(UCP_API_MAJOR, UCP_API_MINOR, params, config, context);
 }
 
 const UcxLibrary& loaded_ucx() {
@@ -72,14 +85,14 @@ const UcxLibrary& loaded_ucx() {
 
 UcxInfo describe_ucx() {
   const UcxLibrary& ucx = loaded_ucx();
-  UcxInfo info{ucx.get_version_string(), {}};
+  UcxInfo info{ucx.path, ucx.get_version_string(), {}};
   ucp_config_t* config = nullptr;
   if (ucx.config_read(nullptr, nullptr, &config) != UCS_OK) return info;
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
   params.features = UCP_FEATURE_TAG;
   ucp_context_h context = nullptr;
-  const ucs_status_t status = ucx.init_version(UCP_API_MAJOR, UCP_API_MINOR, &params, config, &context);
+  const ucs_status_t status = ucx.init(&params, config, &context);
   ucx.config_release(config);
   if (status != UCS_OK) return info;
   // The context's resources, one a line: "#      resource 1  :  md 1  dev 1  flags -- tcp/lo".

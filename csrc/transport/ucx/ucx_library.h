@@ -19,6 +19,7 @@ struct UcxLibrary {
   decltype(&ucp_init_version) init_version;
   decltype(&ucp_cleanup) cleanup;
   decltype(&ucp_get_version_string) get_version_string;
+  decltype(&ucp_get_version) get_version;
   decltype(&ucp_context_print_info) context_print_info;
   decltype(&ucp_worker_create) worker_create;
   decltype(&ucp_worker_destroy) worker_destroy;
@@ -36,13 +37,20 @@ struct UcxLibrary {
   decltype(&ucp_request_cancel) request_cancel;
   decltype(&ucp_request_free) request_free;
   decltype(&ucs_status_string) status_string;
+  std::string path;  // the file loaded
+
+  // ucp_init for the library loaded: it may be older than the headers (Open MPI's own, under
+  // mpirun), and the calls made here are all in UCX 1.12 and later, so it is asked for the API
+  // it has rather than warn that the headers' is newer.
+  ucs_status_t init(const ucp_params_t* params, const ucp_config_t* config, ucp_context_h* context) const;
 
   // "UCX 1.18.1: Input/output error" style text for a status.
   std::string describe(ucs_status_t status) const { return status_string(status); }
 };
 
 // Loads libucp from `path` (a file, or a name the dynamic loader searches for) once per
-// process; later calls return the library already loaded. Throws CollectiveError, saying what
+// process, unless the process has one already (then that one); later calls return the library
+// already loaded. Throws CollectiveError, saying what
 // to install, if it cannot.
 const UcxLibrary& load_ucx(const std::string& path);
 // The library load_ucx loaded; throws CollectiveError if none was.
@@ -51,6 +59,7 @@ const UcxLibrary& loaded_ucx();
 // What UCX says of itself on this host: its version, and each device it can use as
 // "transport/device" (tcp/eth0, posix/memory, rc_mlx5/mlx5_0:1, ...).
 struct UcxInfo {
+  std::string path;  // the libucp loaded
   std::string version;
   std::vector<std::string> devices;
 };

@@ -69,7 +69,7 @@ UcxTransport::UcxTransport(int rank, int size, std::vector<std::vector<Link>> co
     ucp_params_t params{};
     params.field_mask = UCP_PARAM_FIELD_FEATURES;
     params.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
-    status = ucx_.init_version(UCP_API_MAJOR, UCP_API_MINOR, &params, config, &context_);
+    status = ucx_.init(&params, config, &context_);
     ucx_.config_release(config);
     if (status != UCS_OK) throw CollectiveError("UCX could not start: " + ucx_.describe(status));
     ucp_worker_params_t worker_params{};
