@@ -310,7 +310,9 @@ bool UcxTransport::reap_locked() {
 }
 
 void UcxTransport::finished(const InFlight& done, ucs_status_t status, size_t bytes) {
-  if (status == UCS_ERR_CANCELED || (failed_ && status != UCS_OK)) return;  // the failure says why
+  // After a failure nothing more starts (quiesce_locked waits for what is in flight), and the
+  // failure says why a request did not finish.
+  if (failed_ || status == UCS_ERR_CANCELED) return;
   const std::string& who = peer_name(done.peer);
   if (status != UCS_OK) {
     fail_locked(std::string(done.sending ? "sending to " : "receiving from ") + who + " over UCX failed: " +

@@ -21,7 +21,7 @@
 // still be matched (a receive beyond that count fails as the peer having closed).
 //
 // Frames over UCX carry no tag (wire_security.h): the control links keep their protection,
-// the data does not; collectives/_ucx.py refuses COLLECTIVES_WIRE_SECURITY other than none.
+// the data does not; collectives/_config.py refuses COLLECTIVES_WIRE_SECURITY other than none.
 #pragma once
 
 #include <condition_variable>
