@@ -474,18 +474,26 @@ void UcxTransport::quiesce_locked(std::unique_lock<std::mutex>& lock) {
   for (const InFlight& entry : in_flight_) {
     if (!entry.sending) ucx_.request_cancel(worker_, entry.request);
   }
+  close_endpoints(lock, /*force=*/true, deadline_after(kQuiesceSeconds), [&] { return !in_flight_.empty(); });
+  quiesced_ = true;
+  completed_.notify_all();
+}
+
+template <typename Busy>
+void UcxTransport::close_endpoints(std::unique_lock<std::mutex>& lock, bool force, Deadline give_up, Busy busy) {
+  ucp_request_param_t param{};
+  if (force) {
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  }
   std::vector<void*> closing;
-  ucp_request_param_t force{};
-  force.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-  force.flags = UCP_EP_CLOSE_FLAG_FORCE;
   for (auto& peer : peers_) {
     if (!peer || !peer->ep) continue;
-    void* request = ucx_.ep_close_nbx(peer->ep, &force);
+    void* request = ucx_.ep_close_nbx(peer->ep, &param);
     peer->ep = nullptr;
     if (request != nullptr && !UCS_PTR_IS_ERR(request)) closing.push_back(request);
   }
-  const Deadline give_up = deadline_after(kQuiesceSeconds);
-  while ((!in_flight_.empty() || !closing.empty()) && Clock::now() < give_up) {
+  while ((busy() || !closing.empty()) && Clock::now() < give_up) {
     ucx_.worker_progress(worker_);
     reap_locked();
     closing.erase(std::remove_if(closing.begin(), closing.end(),
@@ -495,12 +503,10 @@ void UcxTransport::quiesce_locked(std::unique_lock<std::mutex>& lock) {
                                    return true;
                                  }),
                   closing.end());
-    lock.unlock();
+    lock.unlock();  // a waiter may want to see the news
     std::this_thread::yield();
     lock.lock();
   }
-  quiesced_ = true;
-  completed_.notify_all();
 }
 
 void UcxTransport::say_goodbye() {
@@ -519,51 +525,21 @@ void UcxTransport::say_goodbye() {
       in_flight_.push_back({nullptr, Part::kGoodbye, true, peer->rank, request});
     }
   }
-  std::vector<void*> closing;
-  ucp_request_param_t flush{};
-  for (auto& peer : peers_) {
-    if (!peer || !peer->ep) continue;
-    void* request = ucx_.ep_close_nbx(peer->ep, &flush);
-    peer->ep = nullptr;
-    if (request != nullptr && !UCS_PTR_IS_ERR(request)) closing.push_back(request);
-  }
-  const Deadline give_up = deadline_after(kGoodbyeSeconds);
-  auto sends_left = [&] {
+  close_endpoints(lock, /*force=*/false, deadline_after(kGoodbyeSeconds), [&] {
     return std::any_of(in_flight_.begin(), in_flight_.end(), [](const InFlight& e) { return e.sending; });
-  };
-  while ((sends_left() || !closing.empty()) && Clock::now() < give_up) {
-    ucx_.worker_progress(worker_);
-    reap_locked();
-    closing.erase(std::remove_if(closing.begin(), closing.end(),
-                                 [&](void* request) {
-                                   if (ucx_.request_check_status(request) == UCS_INPROGRESS) return false;
-                                   ucx_.request_free(request);
-                                   return true;
-                                 }),
-                  closing.end());
-  }
+  });
 }
 
 void UcxTransport::release_ucx() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
   if (worker_ != nullptr) {
     for (const InFlight& entry : in_flight_) {
       if (!entry.sending) ucx_.request_cancel(worker_, entry.request);
     }
     ucx_.worker_progress(worker_);
-    for (const InFlight& entry : in_flight_) ucx_.request_free(entry.request);
+    for (const InFlight& entry : in_flight_) ucx_.request_free(entry.request);  // released once done
     in_flight_.clear();
-    ucp_request_param_t force{};
-    force.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    force.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    for (auto& peer : peers_) {
-      if (!peer || !peer->ep) continue;
-      void* request = ucx_.ep_close_nbx(peer->ep, &force);
-      peer->ep = nullptr;
-      if (request == nullptr || UCS_PTR_IS_ERR(request)) continue;
-      while (ucx_.request_check_status(request) == UCS_INPROGRESS) ucx_.worker_progress(worker_);
-      ucx_.request_free(request);
-    }
+    close_endpoints(lock, /*force=*/true, deadline_after(kQuiesceSeconds), [] { return false; });
     ucx_.worker_destroy(worker_);
     worker_ = nullptr;
   }

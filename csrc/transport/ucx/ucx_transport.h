@@ -100,6 +100,11 @@ class UcxTransport : public Transport {
   // With mutex_ held, after a failure: cancels every request and closes every endpoint, until
   // no posted buffer will be touched again.
   void quiesce_locked(std::unique_lock<std::mutex>& lock);
+  // With mutex_ held: closes every endpoint (force: at once, failing what is in flight on it;
+  // else once what was sent has reached the peer), then drives the worker until the closes
+  // are done and busy() is false, or until `give_up`.
+  template <typename Busy>
+  void close_endpoints(std::unique_lock<std::mutex>& lock, bool force, Deadline give_up, Busy busy);
   void progress_loop();
   void say_goodbye();
   void release_ucx();  // with no progress thread running: every request, endpoint, the worker
