@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from . import _core
+from ._buffers import numpy_dtype
 
 __all__ = ["DeviceBuffer", "find", "to_host", "to_device"]
 
@@ -49,8 +50,6 @@ def find(x: Any, what: str = "buffer") -> Optional[DeviceBuffer]:
 
 def to_host(device: DeviceBuffer) -> np.ndarray:
     """A host copy of the device buffer."""
-    from ._buffers import numpy_dtype
-
     host = np.empty(device.count, dtype=numpy_dtype(device.dtype))
     _core.cuda.copy(host.ctypes.data, device.address, host.nbytes)
     return host
