@@ -43,6 +43,7 @@ const UcxLibrary& load_ucx(const std::string& path) {
   UcxLibrary& l = *library;
   resolve(handle, "ucp_config_read", l.config_read);
   resolve(handle, "ucp_config_release", l.config_release);
+  resolve(handle, "ucp_config_modify", l.config_modify);
   resolve(handle, "ucp_init_version", l.init_version);
   resolve(handle, "ucp_cleanup", l.cleanup);
   resolve(handle, "ucp_get_version_string", l.get_version_string);

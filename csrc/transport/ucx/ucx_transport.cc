@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <utility>
 
@@ -66,6 +67,10 @@ UcxTransport::UcxTransport(int rank, int size, std::vector<std::vector<Link>> co
     ucp_config_t* config = nullptr;
     ucs_status_t status = ucx_.config_read(nullptr, nullptr, &config);
     if (status != UCS_OK) throw CollectiveError("UCX could not read its configuration: " + ucx_.describe(status));
+    // Large messages by zero-copy writes into the receiver's buffer, unless UCX_RNDV_SCHEME
+    // says otherwise: over TCP UCX's default copies every byte into and out of bounce buffers
+    // (benchmarks/RESULTS.md, issue 16), which on loopback cost 12-34% of the time.
+    if (std::getenv("UCX_RNDV_SCHEME") == nullptr) ucx_.config_modify(config, "RNDV_SCHEME", "put_zcopy");
     ucp_params_t params{};
     params.field_mask = UCP_PARAM_FIELD_FEATURES;
     params.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
