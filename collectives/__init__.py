@@ -7,10 +7,12 @@
 
 import os as _os
 
+from ._core_loading import own_symbols_first as _own_symbols_first
 from .errors import CollectiveError, TimeoutError  # noqa: A004 (cc.TimeoutError on purpose)
 
 try:
-    from . import _core  # noqa: E402  (imports collectives.errors)
+    with _own_symbols_first():
+        from . import _core  # noqa: E402  (imports collectives.errors)
 except ImportError as _error:
     from ._source_checkout import missing_core_message
 

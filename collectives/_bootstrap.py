@@ -28,7 +28,7 @@ from ._config import Config
 from ._handshake import JOB_ID_BYTES, ROLE_WORKER
 from ._launch import SECRET_BYTES, Launch, find_launch
 from ._mesh import close_links, connect_workers
-from ._shm import close_pairs
+from ._shm import SharedMemory
 from ._mpi import MpiExchange, MpiJob, mpi_world
 from ._rendezvous import Store, StoreExchange, serve_store, signed_store
 from ._store import StoreClient, StoreServer
@@ -62,9 +62,7 @@ class Bootstrap:
     reducer_links: List[Any] = dataclasses.field(default_factory=list)
     reducer_names: List[str] = dataclasses.field(default_factory=list)  # "reducer i (host:port)"
     topology: List[str] = dataclasses.field(default_factory=list)  # each worker's label (collectives._topology)
-    # Shared memory with same-host workers (collectives._shm); the core owns them once handed.
-    shm_doorbell: int = -1
-    shm_links: List[Any] = dataclasses.field(default_factory=list)
+    shm: SharedMemory = SharedMemory()  # with same-host workers; the core owns its fds once handed
 
     def close(self) -> None:
         """Closes the store client and server (not the fds: the core owns those). Idempotent."""
@@ -158,14 +156,14 @@ def bootstrap_with_store(store: Store, rank: int, size: int, secret: bytes, conf
     except Exception as e:
         close_links(link for links in peer_links for link in links)
         if mesh is not None:
-            close_pairs(mesh.shm_doorbell, mesh.shm_links)
+            mesh.shm.close()
         for closable in (meeting, server):
             if closable is not store and closable is not None:
                 closable.close()
         exchange.publish_failure(e)
         raise
     return Bootstrap(rank, size, peer_links, peer_names, meeting, server, None, secret, job_id, reducer_links,
-                     reducer_names, mesh.topology, mesh.shm_doorbell, mesh.shm_links)
+                     reducer_names, mesh.topology, mesh.shm)
 
 
 def _bootstrap_mpi(launch: Launch, config: Config, env: Mapping[str, str]) -> Bootstrap:
@@ -196,10 +194,10 @@ def _bootstrap_mpi(launch: Launch, config: Config, env: Mapping[str, str]) -> Bo
             reducer_links, reducer_names = [], []
     except BaseException:
         close_links(link for links in peer_links for link in links)
-        close_pairs(mesh.shm_doorbell, mesh.shm_links)
+        mesh.shm.close()
         for closable in (store, server):
             if closable is not None:
                 closable.close()
         raise
     return Bootstrap(rank, size, peer_links, peer_names, store, server, mpi_comm, secret, job_id, reducer_links,
-                     reducer_names, mesh.topology, mesh.shm_doorbell, mesh.shm_links)
+                     reducer_names, mesh.topology, mesh.shm)

@@ -217,9 +217,11 @@ class Config:
     @property
     def effective_algorithm(self) -> str:
         """The algorithm that allreduce runs: "auto" is the reduction server where there
-        are reducers, else stays "auto": per call, the ring, recursive doubling or (where ranks
-        share hosts or racks) the hierarchical plan, whichever the cost model expects to finish
-        first (recursive doubling for small messages)."""
+        are reducers, else stays "auto": per call, where every worker runs on one host, the
+        host's shared board up to 16 MiB (csrc/algorithms/allreduce_board.h); otherwise the
+        ring, recursive doubling or (where ranks share hosts or racks) the hierarchical plan,
+        whichever the cost model expects to finish first (recursive doubling for small
+        messages)."""
         if self.algorithm == "auto" and self.num_reducers:
             return "reduction_server"
         return self.algorithm

@@ -43,10 +43,7 @@ class Mesh(NamedTuple):
     links: List[List[Any]]
     names: List[str]
     topology: List[str]
-    # Shared memory with same-host workers (collectives._shm): this worker's doorbell (-1:
-    # none) and a _core.ShmLink by rank ([]: none).
-    shm_doorbell: int = -1
-    shm_links: List[Any] = []
+    shm: _shm.SharedMemory = _shm.SharedMemory()  # with same-host workers
 
 
 def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id: bytes, deadline: float,
@@ -87,7 +84,7 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
                      job_id, deadline)
         peer_links = mesh.build(exchange)
         try:
-            doorbell, shm_links = _shm.pair_same_host(rank, records, unix_listener, config, deadline)
+            shm = _shm.pair_same_host(rank, records, unix_listener, config, deadline)
         except BaseException:
             close_links(link for links in peer_links for link in links)
             raise
@@ -97,7 +94,7 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
                 closable.close()
     log.info("rank %d of %d (%s:%d): connected to %d peers, %d connection(s) each, in %.2f s",
              rank, size, address, port, size - 1, config.connections_per_peer, time.monotonic() - started)
-    return Mesh(peer_links, names, [r["topology"] for r in records], doorbell, shm_links)
+    return Mesh(peer_links, names, [r["topology"] for r in records], shm)
 
 
 def _check_records(records: List[Dict[str, Any]]) -> None:

@@ -208,12 +208,11 @@ class _Connection:
         self.sock, self.peer = sock, peer
         self.since = time.monotonic()  # when it last began a request, or began to idle
         self.idle = True
-        self.served = False  # it has made a whole request: a client's, not an idle stranger's
+        self.served = False  # it has sent a whole request: a client's, not an idle stranger's
         self.evicted = False  # guarded by the server's _cond; wakes its GET/WAIT
 
     def mark(self, idle: bool) -> None:
         self.since, self.idle = time.monotonic(), idle
-        self.served = self.served or idle  # idle again: a request was served
 
 
 def _timeout_field(seconds: float) -> bytes:
@@ -338,6 +337,8 @@ class StoreServer:
                 reader = _Reader(conn, time.monotonic() + MESSAGE_TIMEOUT_S, self._budget)
                 try:
                     op, fields = reader.message(MAX_VALUE_BYTES)
+                    with self._cond:  # from now on, not an idle stranger's: evicted after those
+                        connection.served = True
                     code, reply = self._execute(op, fields, connection)
                 except EOFError:
                     return

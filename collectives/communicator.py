@@ -92,7 +92,8 @@ class Communicator:
         self._plan = _hierarchy(config, boot.topology)
         self._core = _core.Communicator(
             boot.rank, boot.size, boot.peer_links, boot.peer_names, _options(config, self._plan), boot.reducer_links,
-            boot.reducer_names, boot.shm_doorbell, boot.shm_links, ucx=config.transport == "ucx" and boot.size > 1
+            boot.reducer_names, boot.shm.doorbell, boot.shm.links, boot.shm.board, boot.shm.board_expected,
+            ucx=config.transport == "ucx" and boot.size > 1
         )
         self._rank, self._size, self._members = boot.rank, boot.size, list(range(boot.size))
         self._topology = boot.topology
@@ -519,6 +520,8 @@ def _options(config: Config, plan: Optional[hierarchical.Plan] = None) -> Any:
     options.debug = config.debug
     options.reduction_server = config.effective_algorithm == "reduction_server"
     options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = ring.cost(config.algorithm)
+    if config.effective_algorithm != "auto" or plan is not None:
+        options.board_up_to_bytes = 0  # the host's board is auto's, where no plan of levels was asked for
     if plan is not None:
         forced = config.effective_algorithm == "hierarchical"
         options.hierarchy = hierarchical.core_plan(

@@ -63,16 +63,21 @@ void Work::finish(std::exception_ptr error) {
 }
 
 Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,
-                           std::vector<Link> reducer_links, std::vector<std::string> reducer_names)
+                           std::vector<Link> reducer_links, std::vector<std::string> reducer_names,
+                           bool board_expected, std::unique_ptr<ShmBoard> board)
     : options_(options),
       transport_(std::move(transport)),
       lineage_(std::make_shared<Lineage>()),
       group_(Group::world(transport_->size(), transport_->rank())),
-      id_(0) {
+      id_(0),
+      board_(std::move(board)) {
   std::string refused;
   if (!(options.timeout_seconds > 0)) refused = "timeout must be positive";
   if (options.reduction_server && reducer_links.empty()) {
     refused = "the reduction_server algorithm needs reducers";
+  }
+  if (board_ && (board_->ranks() != members() || board_->me() != rank())) {
+    refused = "the shared board's members are not the communicator's ranks";
   }
   try {
     make_hierarchical();
@@ -82,6 +87,13 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
   if (!refused.empty()) {
     for (const Link& link : reducer_links) ::close(link.fd);
     throw std::invalid_argument(refused);
+  }
+  if (board_expected) {
+    // Never the reduction server: where it serves, the board is not chosen (nor this).
+    board_allreduce_ = std::make_unique<BoardAllreduce>(
+        board_.get(), [this](const AlgorithmContext& ctx, void* data, size_t count) {
+          choose_allreduce(count, ctx.tag.dtype, /*with_board=*/false).call(ctx.tag, data)->run(ctx);
+        });
   }
   if (!reducer_links.empty()) {
     reduction_server_ = std::make_unique<ReductionServerAllreduce>(
@@ -108,6 +120,14 @@ void Communicator::make_hierarchical() {
   if (options_.hierarchy.levels.empty()) return;
   hierarchy_ = std::make_unique<Hierarchy>(options_.hierarchy, group_);
   hierarchical_ = std::make_unique<HierarchicalAllreduce>(*hierarchy_);
+}
+
+AllreduceAlgorithm& Communicator::choose_allreduce(size_t count, DataType dtype, bool with_board) {
+  BoardAllreduce* board =
+      with_board && board_allreduce_ && board_allreduce_->may_serve() ? board_allreduce_.get() : nullptr;
+  return select_allreduce({ring_, recursive_doubling_, options_.reduction_server ? reduction_server_.get() : nullptr,
+                           hierarchical_.get(), board, options_.board_up_to_bytes},
+                          count, dtype, size(), options_.cost);
 }
 
 std::vector<int> Communicator::members() const {
@@ -241,6 +261,7 @@ void Communicator::execute(Task& task, Transport& transport, Interruption* calle
                        options_.segment_bytes, scratch_, options_.debug, caller};
   std::exception_ptr error;
   bool close_now = false;
+  if (board_) board_->announce(task.tag);
   try {
     if (ctx.debug) ctx.log(task.call ? std::string("start (") + task.allreduce->name() + ")" : "start");
     if (task.call) {
@@ -301,10 +322,7 @@ std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType
   Task task;
   task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
   task.memory = {bytes_of(data, count, dtype)};
-  const bool reducers = options_.reduction_server;
-  task.allreduce = &select_allreduce(
-      {ring_, recursive_doubling_, reducers ? reduction_server_.get() : nullptr, hierarchical_.get()}, count, dtype,
-      size(), options_.cost);
+  task.allreduce = &choose_allreduce(count, dtype, /*with_board=*/true);
   task.data = data;
   return enqueue(std::move(task), caller);
 }
@@ -536,6 +554,7 @@ void Communicator::close() {
     std::unique_lock<std::mutex> lock(mutex_);
     queued_.wait(lock, [&] { return !running_; });
   }
+  if (board_) board_->leave();
   if (reduction_server_) {
     // Before the abandoned collectives fail: some may have been posted ahead, and their
     // buffers may be freed as soon as they fail. A goodbye tells the reducers that this

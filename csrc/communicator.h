@@ -20,6 +20,7 @@
 
 #include "algorithms/algorithm.h"
 #include "algorithms/allreduce.h"
+#include "algorithms/allreduce_board.h"
 #include "algorithms/allreduce_hierarchical.h"
 #include "algorithms/hierarchical_collectives.h"
 #include "algorithms/allreduce_recursive_doubling.h"
@@ -41,6 +42,9 @@ struct CommunicatorOptions {
   ReductionServerSettings reduction_server_settings;
   CostModel cost;  // chooses between the ring and recursive doubling; equal on every rank
   HierarchyPlan hierarchy;  // the hierarchical algorithm's plan, equal on every rank; none if empty
+  // All-reduces of up to this many bytes take the host's shared board, where the communicator
+  // has one (allreduce_board.h); 0: none does.
+  size_t board_up_to_bytes = kBoardDefaultUpToBytes;
 };
 
 // Bytes a collective reads or writes.
@@ -86,9 +90,12 @@ class Work {
 class Communicator {
  public:
   // Over every rank of `transport`; reducer_links[r]: the connected, authenticated socket to
-  // reducer r (none: no reducers). All are owned from here on.
+  // reducer r (none: no reducers). All are owned from here on. board_expected: every rank runs
+  // on one host, and each should have the host's board (its members: every rank, in rank
+  // order); `board` is this rank's (null if it did not get it: allreduce_board.h).
   Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,
-               std::vector<Link> reducer_links = {}, std::vector<std::string> reducer_names = {});
+               std::vector<Link> reducer_links = {}, std::vector<std::string> reducer_names = {},
+               bool board_expected = false, std::unique_ptr<ShmBoard> board = nullptr);
   ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
@@ -184,6 +191,8 @@ class Communicator {
   void execute(Task& task, Transport& transport, Interruption* caller);
   void start_ahead_locked();
   void make_hierarchical();
+  // auto's (or the forced) all-reduce for `count` elements; with_board: the board may be it.
+  AllreduceAlgorithm& choose_allreduce(size_t count, DataType dtype, bool with_board);
   // The plan, where an all-gather, reduce-scatter or broadcast of `count` elements in all is to
   // take it (select_hierarchical); null otherwise.
   Hierarchy* hierarchical_for(CollectiveKind kind, size_t count, DataType dtype);  // from options_.hierarchy, if any (std::invalid_argument if it breaks the rules)
@@ -198,6 +207,8 @@ class Communicator {
   std::unique_ptr<ReductionServerAllreduce> reduction_server_;  // null without reducers
   std::unique_ptr<Hierarchy> hierarchy_;  // null without a plan
   std::unique_ptr<HierarchicalAllreduce> hierarchical_;  // over hierarchy_
+  std::unique_ptr<ShmBoard> board_;  // the world's only; null without one
+  std::unique_ptr<BoardAllreduce> board_allreduce_;  // over board_, where one is expected
   std::vector<char> scratch_;  // the executor's staging memory
 
   std::mutex mutex_;  // guards the fields below

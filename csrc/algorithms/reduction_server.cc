@@ -173,7 +173,7 @@ void ReductionServerAllreduce::Call::run(const AlgorithmContext& ctx) {
                        "failed for " + ctx.transport.peer_name(notice.from) + ": it " + notice.text +
                            "; this worker stops using it too");
     }
-    return ctx.transport.failure();
+    return ctx.transport.failure().reason;
   };
 
   std::vector<bool> have(chunks, false);

@@ -32,6 +32,7 @@ AllreduceAlgorithm& select_allreduce(const AllreduceCandidates& candidates, size
   if (candidates.reduction_server) return *candidates.reduction_server;
   const int n = group_size;
   if (n < 2) return candidates.ring;
+  if (candidates.board && count * element_size(dtype) <= candidates.board_up_to_bytes) return *candidates.board;
   const double bytes = static_cast<double>(count) * element_size(dtype);
   auto time = [&](double messages, double bytes_per_message) { return message_time(cost, messages, bytes_per_message); };
   // Ring: 2(n-1) steps in a row, each a block of bytes/n. Recursive doubling: log2(p) rounds

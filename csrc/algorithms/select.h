@@ -29,11 +29,13 @@ struct AllreduceCandidates {
   AllreduceAlgorithm& recursive_doubling;
   AllreduceAlgorithm* reduction_server;  // null unless allreduce is to use the reducers
   HierarchicalAllreduce* hierarchical = nullptr;  // null without a plan (allreduce_hierarchical.h)
+  AllreduceAlgorithm* board = nullptr;  // null without a board (allreduce_board.h)
+  size_t board_up_to_bytes = 0;         // the board takes all-reduces of up to this many bytes
 };
 
-// The reduction server where it is to be used; otherwise the algorithm the cost model expects
-// to finish first: the ring, recursive doubling, or the hierarchical plan, whose levels have
-// costs of their own (the ring on a tie). `cost` is the model of the links that the flat ring
+// The reduction server where it is to be used; otherwise the board up to its size; otherwise
+// the algorithm the cost model expects to finish first: the ring, recursive doubling, or the
+// hierarchical plan, whose levels have costs of their own (the ring on a tie). `cost` is the model of the links that the flat ring
 // and recursive doubling cross.
 AllreduceAlgorithm& select_allreduce(const AllreduceCandidates& candidates, size_t count,
                                      DataType dtype, int group_size, const CostModel& cost);

@@ -17,6 +17,7 @@
 #include "reduction_server/server.h"
 #include "transport/frame.h"
 #include "transport/router.h"
+#include "transport/shm/board.h"
 #include "transport/shm/segment.h"
 #include "transport/tcp_transport.h"
 #include "transport/wire_security.h"
@@ -154,6 +155,9 @@ PYBIND11_MODULE(_core, m) {
   m.attr("SHM_SEGMENT_BYTES") = kShmSegmentBytes;
   m.def("create_shm_segment", &create_shm_segment, "A sealed memfd for the rings of one pair of ranks.");
   m.def("create_shm_doorbell", &create_shm_doorbell, "An eventfd through which peers wake this rank.");
+  m.attr("BOARD_MAX_MEMBERS") = kBoardMaxMembers;
+  m.def("create_shm_board", &create_shm_board, py::arg("members"),
+        "A sealed memfd that every worker of one host maps: the board of the shared-memory all-reduce.");
   py::class_<ShmLink>(m, "ShmLink", "A same-host peer: the pair's segment, a descriptor that becomes readable "
                                     "when the peer is gone (a pidfd), the peer's doorbell (all owned by the core once "
                                     "handed to a Communicator), and the peer's pid (0: large messages go through the "
@@ -208,6 +212,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("debug", &CommunicatorOptions::debug)
       .def_readwrite("reduction_server", &CommunicatorOptions::reduction_server)
       .def_readwrite("hierarchy", &CommunicatorOptions::hierarchy)
+      .def_readwrite("board_up_to_bytes", &CommunicatorOptions::board_up_to_bytes)
       .def_property(
           "cost_alpha_seconds", [](const CommunicatorOptions& o) { return o.cost.alpha_seconds; },
           [](CommunicatorOptions& o, double v) { o.cost.alpha_seconds = v; })
@@ -260,24 +265,32 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](int rank, int size, std::vector<std::vector<Link>> peer_links,
                        std::vector<std::string> peer_names, CommunicatorOptions options,
                        std::vector<Link> reducer_links, std::vector<std::string> reducer_names, int doorbell_fd,
-                       std::vector<ShmLink> shm_links, bool ucx) {
+                       std::vector<ShmLink> shm_links, int board_fd, bool board_expected, bool ucx) {
+             FileDescriptor board_memory(board_fd);
              std::unique_ptr<Transport> transport;
+             std::unique_ptr<ShmBoard> board;
              try {
                transport = ucx ? make_ucx_transport(rank, size, std::move(peer_links), std::move(peer_names),
                                                     options.timeout_seconds)
                                : make_transport(rank, size, std::move(peer_links), std::move(peer_names), doorbell_fd,
                                                 std::move(shm_links));
+               if (board_memory.get() >= 0) {
+                 std::vector<int> world(size);
+                 for (int r = 0; r < size; ++r) world[r] = r;
+                 board = std::make_unique<ShmBoard>(std::move(board_memory), std::move(world), rank);
+               }
              } catch (...) {
                for (const Link& link : reducer_links) ::close(link.fd);  // handed over too
                throw;
              }
-             return std::make_unique<Communicator>(std::move(transport), options,
-                                                   std::move(reducer_links), std::move(reducer_names));
+             return std::make_unique<Communicator>(std::move(transport), options, std::move(reducer_links),
+                                                   std::move(reducer_names), board_expected, std::move(board));
            }),
            py::arg("rank"), py::arg("size"), py::arg("peer_links"), py::arg("peer_names"),
            py::arg("options"), py::arg("reducer_links") = std::vector<Link>{},
            py::arg("reducer_names") = std::vector<std::string>{}, py::arg("doorbell_fd") = -1,
-           py::arg("shm_links") = std::vector<ShmLink>{}, py::arg("ucx") = false,
+           py::arg("shm_links") = std::vector<ShmLink>{}, py::arg("board_fd") = -1, py::arg("board_expected") = false,
+           py::arg("ucx") = false,
            py::call_guard<py::gil_scoped_release>())
       .def("reducer_stats", [](const Communicator& c) {
         py::list result;

@@ -47,9 +47,9 @@ void RoutingTransport::quiesce() {
   shm_->quiesce();
 }
 
-std::string RoutingTransport::failure() {
+TransportFailure RoutingTransport::failure() {
   // Both parts hold the same reason once both have failed; between the two, the one that has.
-  std::string failure = shm_->failure();
+  TransportFailure failure = shm_->failure();
   return failure.empty() ? tcp_->failure() : failure;
 }
 

@@ -178,8 +178,7 @@ bool TcpTransport::wait_until(const TransportRequest& posted, Deadline deadline,
   // A request that completed stays good even if the transport failed afterwards.
   if (request->ok) return true;
   completed_.wait(lock, [&] { return quiesced_; });  // the caller may free buffers next
-  if (failure_timed_out_) throw TimeoutError(failure_);
-  throw CollectiveError(failure_);
+  TransportFailure{failure_, failure_timed_out_}.raise();
 }
 
 int TcpTransport::ask_waiting_on(int peer) {
@@ -223,9 +222,9 @@ bool TcpTransport::has_failed() {
   return failed_;
 }
 
-std::string TcpTransport::failure() {
+TransportFailure TcpTransport::failure() {
   std::lock_guard<std::mutex> lock(mutex_);
-  return failed_ ? failure_ : std::string();
+  return failed_ ? TransportFailure{failure_, failure_timed_out_} : TransportFailure{};
 }
 
 std::string TcpTransport::take_stashed(Connection& conn, Operation& op) {

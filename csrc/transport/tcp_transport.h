@@ -54,7 +54,7 @@ class TcpTransport : public Transport {
   void abort(const std::string& reason, bool timed_out = false) override;
   // After abort(): blocks until no socket or posted buffer will be touched again.
   void quiesce() override;
-  std::string failure() override;
+  TransportFailure failure() override;
 
   // A notice travels behind the earlier messages on its connection: so a notice sent before
   // any message of a collective reaches a peer that is still inside that collective, or

@@ -65,6 +65,19 @@ struct PeerNotice {
   std::string text;
 };
 
+// Why a transport failed (Transport::failure); an empty reason while it has not.
+struct TransportFailure {
+  std::string reason;
+  bool timed_out = false;  // a deadline, this rank's or a peer's
+
+  bool empty() const { return reason.empty(); }
+  // TimeoutError for a deadline, else CollectiveError, with the reason: as a wait would throw.
+  [[noreturn]] void raise() const {
+    if (timed_out) throw TimeoutError(reason);
+    throw CollectiveError(reason);
+  }
+};
+
 // Where a chain of waiting ranks ends (Transport::trace_stall).
 struct StalledPeer {
   enum class Why { kSilent, kWaitsForNobody, kWaitsOnAsker, kWaitsInCircle };
@@ -126,8 +139,8 @@ class Transport {
   // After abort(): blocks until no posted buffer will be touched again.
   virtual void quiesce() = 0;
   // Why the transport failed; empty while it has not. For loops that wait on other things too
-  // (the reduction server's channels), so that they do not outwait a failed job.
-  virtual std::string failure() = 0;
+  // (the reduction server's channels, the shared board), so that they do not outwait a failed job.
+  virtual TransportFailure failure() = 0;
 
   // Sends every peer a notice (`about` and `text` are the caller's to define), behind what was
   // sent to it before, without waiting for it to go out. A peer takes it as soon as it has

@@ -236,8 +236,7 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
         net_->fail_locked(rank_, reason, true);
       }
       if (op->ok) return true;
-      if (me.timed_out) throw TimeoutError(me.failure);
-      throw CollectiveError(me.failure);
+      TransportFailure{me.failure, me.timed_out}.raise();
     }
 
     // The answer is there at once: no grace to wait, so fault tests stay fast.
@@ -259,10 +258,10 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
     // Payloads are copied under the network's lock, never after a failure: nothing to wait for.
     void quiesce() override {}
 
-    std::string failure() override {
+    TransportFailure failure() override {
       std::lock_guard<std::mutex> lock(net_->mutex_);
       const RankState& me = net_->ranks_[rank_];
-      return me.failed ? me.failure : std::string();
+      return me.failed ? TransportFailure{me.failure, me.timed_out} : TransportFailure{};
     }
 
     void notify(uint32_t about, const std::string& text) override {

@@ -74,6 +74,9 @@ inline WireSecurity job_security = WireSecurity::kMac;
 // Job::network).
 enum class TransportKind { kTcp, kShm, kRouted, kFake };
 inline TransportKind job_transport = TransportKind::kTcp;
+// With the shared-memory transport: the ranks also share a board (every rank of one host).
+inline bool job_board = false;
+inline int job_board_missing = -1;  // a rank that did not get the board (its pairing failed)
 inline const char* to_string(TransportKind kind) {
   switch (kind) {
     case TransportKind::kTcp: return "tcp";
@@ -286,9 +289,15 @@ struct Job {
         }
       });
     }
+    FileDescriptor board(job_board && job_transport == TransportKind::kShm && size > 1 ? create_shm_board(size) : -1);
+    std::vector<int> world(size);
+    for (int r = 0; r < size; ++r) world[r] = r;
     for (int r = 0; r < size; ++r) {
-      comms.push_back(std::make_unique<Communicator>(std::move(transports[r]), options,
-                                                     reducer_links[r], reducer_names));
+      auto shared = board.get() >= 0 && r != job_board_missing
+                        ? std::make_unique<ShmBoard>(FileDescriptor(dup(board.get())), world, r)
+                        : nullptr;
+      comms.push_back(std::make_unique<Communicator>(std::move(transports[r]), options, reducer_links[r],
+                                                     reducer_names, board.get() >= 0, std::move(shared)));
     }
   }
 

@@ -468,6 +468,88 @@ void test_hierarchical() {
   }
 }
 
+// The host's board (allreduce_board.h): every op at counts that take one barrier, two, and
+// more than one slot; a call that differs, an abort and a silent rank, as on the other paths.
+void run_board() {
+  job_board = true;
+  job_transport = TransportKind::kShm;
+  const size_t per_slot = kBoardSlotBytes / sizeof(float);
+  unsigned seed = 1000;
+  for (int size : {2, 3, 4}) {
+    Job job(size);
+    for (size_t count : {size_t{0}, size_t{1}, size_t{997}, size_t{100003}, per_slot + 5, 2 * per_slot + 3}) {
+      for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax, ReduceOp::kProd}) {
+        test_allreduce<float>(job, op, count, ++seed);
+        test_allreduce<int32_t>(job, op == ReduceOp::kAvg ? ReduceOp::kSum : op, count, ++seed);
+        test_every_rank_same_bits<float>(job, op, count, ++seed);
+      }
+      test_allreduce<double>(job, ReduceOp::kAvg, count, ++seed);
+      test_allreduce<int8_t>(job, ReduceOp::kSum, count, ++seed);
+    }
+  }
+  // Once the board is agreed on (the first call), ranks that call differently fail at once, not at
+  // the deadline (20 s): at the board's header check (two counts under the board's limit), or
+  // where one rank takes the board and another goes by messages (another collective, or a count
+  // above the limit), from the call each rank announced; a rank that aborts wakes the others.
+  auto warmed_up = [](Job& job) {
+    std::vector<std::vector<float>> warm(job.comms.size(), std::vector<float>(4, 1.0f));
+    auto errors = job.run([&](int r) { wait(job.comms[r]->allreduce(warm[r].data(), 4, DataType::kFloat32, ReduceOp::kSum)); });
+    for (auto& e : errors) check(e.empty(), "board warm-up raised " + e);
+  };
+  const size_t above_limit = kBoardDefaultUpToBytes / sizeof(float) + 1;
+  for (int variant = 0; variant < 3; ++variant) {
+    Job job(3, 1, 0, 20);
+    warmed_up(job);
+    std::vector<std::vector<float>> data(3, std::vector<float>(above_limit, 1.0f));
+    const auto start = Clock::now();
+    auto errors = job.run([&](int r) {
+      if (r == 1 && variant == 1) return wait(job.comms[r]->broadcast(data[r].data(), 1000, DataType::kFloat32, 0));
+      const size_t count = r != 1 ? 1000 : variant == 0 ? 1001 : above_limit;
+      wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+    });
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    for (int r = 0; r < 3; ++r) {
+      check(!errors[r].empty() && errors[r].find("#1") != std::string::npos,
+            "board mismatch " + std::to_string(variant) + ": rank " + std::to_string(r) + " said '" + errors[r] + "'");
+    }
+    check(seconds < 10, "board mismatch " + std::to_string(variant) + " took " + std::to_string(seconds) + " s");
+  }
+  {
+    Job job(4, 1, 0, 30);
+    warmed_up(job);
+    std::vector<std::vector<float>> data(4, std::vector<float>(1000, 1.0f));
+    auto errors = job.run([&](int r) {
+      if (r == 0) return job.comms[0]->abort("test abort");
+      wait(job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum));
+    });
+    for (int r = 1; r < 4; ++r) {
+      check(errors[r].find("test abort") != std::string::npos, "board abort: rank " + std::to_string(r) + " said '" + errors[r] + "'");
+    }
+  }
+  // A rank without the board: the first call finds out, and every rank goes by messages.
+  job_board_missing = 1;
+  {
+    Job job(3);
+    for (size_t count : {size_t{5}, size_t{100003}}) test_allreduce<float>(job, ReduceOp::kSum, count, ++seed);
+  }
+  job_board_missing = -1;
+  {
+    Job job(3, 1, 0, 1.0);
+    std::vector<std::vector<float>> data(3, std::vector<float>(1000, 1.0f));
+    auto errors = job.run([&](int r) {
+      // The first call agrees on the board by messages; the second waits at the board.
+      wait(job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum));
+      if (r == 2) return;
+      wait(job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum));
+    });
+    for (int r = 0; r < 2; ++r) {
+      check(errors[r].find("rank 2 did not reach the shared-memory barrier") != std::string::npos,
+            "board: rank " + std::to_string(r) + " must name the silent rank 2, said '" + errors[r] + "'");
+    }
+  }
+  job_board = false;
+}
+
 void run_all() {
   for (int size = 1; size <= 5; ++size) {
     for (int connections : {1, 2}) {
@@ -561,6 +643,8 @@ int main() {
     std::printf("%s transport\n", to_string(kind));
     run_all();
   }
+  std::printf("shared board\n");
+  run_board();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

@@ -62,6 +62,8 @@ if sys.argv[1] == "backend":
     dist.init_process_group("collectives")
     gloo = dist.new_group(backend="gloo")
     reference = train(gloo)
+    dist.destroy_process_group(gloo)
+    del gloo  # its threads end here, not while the interpreter finalizes (one that frees a tensor then aborts)
     runs["collectives"] = train()
     comm = dist.group.WORLD.communicator
 else:
@@ -362,6 +364,8 @@ refused("BAND", lambda: dist.all_reduce(torch.ones(4, dtype=torch.int64), op=dis
 refused("a meta tensor", lambda: dist.all_reduce(torch.empty(4, device="meta")), TypeError, ["meta", "CPU"])
 refused("a short output", lambda: dist.all_gather_into_tensor(torch.empty(3), torch.ones(4)), ValueError,
         ["all_gather_into_tensor", "expected 12"])
+dist.destroy_process_group(gloo)
+del gloo  # its threads end here, not while the interpreter finalizes (one that frees a tensor then aborts)
 dist.barrier()
 print(json.dumps({"rank": rank, "failures": failures, "checked": checked}))
 dist.destroy_process_group()
@@ -503,22 +507,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import collectives.torch
 
 collectives.torch.init_process_group()
-gloo = dist.new_group(backend="gloo")
+rank, size = dist.get_rank(), dist.get_world_size()
 
-def train(group):
+def batch(step, rank):
+    return torch.randn(4, 8, generator=torch.Generator().manual_seed(step * 10 + rank))
+
+def train(ddp):
+    """DDP's steps, or (ddp=False) the same steps in this one process: the gradient of
+    every rank's batch, averaged, as DDP averages them."""
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
-    ddp = DDP(model, process_group=group)
+    step_model = DDP(model) if ddp else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(4):
-        g = torch.Generator().manual_seed(step * 10 + dist.get_rank())
         opt.zero_grad()
-        ddp(torch.randn(4, 8, generator=g)).sum().backward()
+        ranks = [rank] if ddp else range(size)
+        (sum(step_model(batch(step, r)).sum() for r in ranks) / len(ranks)).backward()
         opt.step()
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
-close = torch.allclose(train(None), train(gloo), rtol=1e-5, atol=1e-6)
-print(json.dumps({"rank": dist.get_rank(), "size": dist.get_world_size(), "close": close,
+close = torch.allclose(train(ddp=True), train(ddp=False), rtol=1e-5, atol=1e-6)
+print(json.dumps({"rank": rank, "size": size, "close": close,
                   "algorithm": dist.group.WORLD.communicator.algorithm}))
 dist.destroy_process_group()
 '''

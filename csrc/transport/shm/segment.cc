@@ -20,10 +20,10 @@ constexpr int kSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
 
 }  // namespace
 
-int create_shm_segment() {
-  const int fd = memfd_create("collectives-shm", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+int create_sealed_memfd(const char* name, size_t bytes) {
+  const int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0) refuse("memfd_create failed");
-  if (ftruncate(fd, kShmSegmentBytes) != 0 || fcntl(fd, F_ADD_SEALS, kSeals) != 0) {
+  if (ftruncate(fd, static_cast<off_t>(bytes)) != 0 || fcntl(fd, F_ADD_SEALS, kSeals) != 0) {
     const int err = errno;
     ::close(fd);
     errno = err;
@@ -32,38 +32,43 @@ int create_shm_segment() {
   return fd;
 }
 
+int create_shm_segment() { return create_sealed_memfd("collectives-shm", kShmSegmentBytes); }
+
 int create_shm_doorbell() {
   const int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (fd < 0) refuse("eventfd failed");
   return fd;
 }
 
-ShmMapping::ShmMapping(int fd) {
+SealedMapping::SealedMapping(int fd, size_t bytes) {
   struct stat st;
   if (fstat(fd, &st) != 0) refuse("fstat of a shared-memory segment failed");
   const int seals = fcntl(fd, F_GET_SEALS);
-  if (static_cast<size_t>(st.st_size) != kShmSegmentBytes || seals < 0 || (seals & kSeals) != kSeals) {
-    throw std::runtime_error("the peer's shared-memory segment is not one of this version's (size " +
-                             std::to_string(st.st_size) + ", expected " + std::to_string(kShmSegmentBytes) +
+  if (static_cast<size_t>(st.st_size) != bytes || seals < 0 || (seals & kSeals) != kSeals) {
+    throw std::runtime_error("a shared-memory segment from a peer is not one of this version's (size " +
+                             std::to_string(st.st_size) + ", expected " + std::to_string(bytes) +
                              ", or not sealed)");
   }
-  void* at = mmap(nullptr, kShmSegmentBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  void* at = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (at == MAP_FAILED) refuse("mmap of a shared-memory segment failed");
-  layout_ = static_cast<ShmSegmentLayout*>(at);
+  at_ = at;
+  bytes_ = bytes;
 }
 
-ShmMapping::ShmMapping(ShmMapping&& other) noexcept : layout_(std::exchange(other.layout_, nullptr)) {}
+SealedMapping::SealedMapping(SealedMapping&& other) noexcept
+    : at_(std::exchange(other.at_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
 
-ShmMapping& ShmMapping::operator=(ShmMapping&& other) noexcept {
+SealedMapping& SealedMapping::operator=(SealedMapping&& other) noexcept {
   if (this != &other) {
-    if (layout_) munmap(layout_, kShmSegmentBytes);
-    layout_ = std::exchange(other.layout_, nullptr);
+    if (at_) munmap(at_, bytes_);
+    at_ = std::exchange(other.at_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
   }
   return *this;
 }
 
-ShmMapping::~ShmMapping() {
-  if (layout_) munmap(layout_, kShmSegmentBytes);
+SealedMapping::~SealedMapping() {
+  if (at_) munmap(at_, bytes_);
 }
 
 }  // namespace collectives

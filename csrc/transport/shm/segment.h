@@ -24,27 +24,42 @@ struct ShmSegmentLayout {
 };
 constexpr size_t kShmSegmentBytes = sizeof(ShmSegmentLayout);
 
-// A new memfd of kShmSegmentBytes, sealed so that its size can never change (a peer that
-// shrank it would make this process's next access to the mapping a SIGBUS). Returns the
-// descriptor; std::runtime_error if the kernel refuses.
+// A new memfd of `bytes`, sealed so that its size can never change (a peer that shrank it
+// would make this process's next access to the mapping a SIGBUS). Returns the descriptor;
+// std::runtime_error if the kernel refuses.
+int create_sealed_memfd(const char* name, size_t bytes);
+// A pair's segment: create_sealed_memfd of kShmSegmentBytes.
 int create_shm_segment();
 // An eventfd through which peers wake a rank (ShmTransport's doorbell).
 int create_shm_doorbell();
 
-// A segment mapped into this process, after checking that it is one (its size and seals).
+// A sealed memfd of `bytes` mapped into this process, after checking that it is one (its
+// size and seals): std::runtime_error if not, or if mmap fails.
+class SealedMapping {
+ public:
+  SealedMapping() = default;
+  SealedMapping(int fd, size_t bytes);
+  SealedMapping(SealedMapping&& other) noexcept;
+  SealedMapping& operator=(SealedMapping&& other) noexcept;
+  SealedMapping(const SealedMapping&) = delete;
+  SealedMapping& operator=(const SealedMapping&) = delete;
+  ~SealedMapping();
+  void* get() const { return at_; }
+
+ private:
+  void* at_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// A pair's segment mapped.
 class ShmMapping {
  public:
   ShmMapping() = default;
-  explicit ShmMapping(int fd);  // std::runtime_error if fd is no sealed segment, or mmap fails
-  ShmMapping(ShmMapping&& other) noexcept;
-  ShmMapping& operator=(ShmMapping&& other) noexcept;
-  ShmMapping(const ShmMapping&) = delete;
-  ShmMapping& operator=(const ShmMapping&) = delete;
-  ~ShmMapping();
-  ShmSegmentLayout* get() const { return layout_; }
+  explicit ShmMapping(int fd) : mapping_(fd, kShmSegmentBytes) {}
+  ShmSegmentLayout* get() const { return static_cast<ShmSegmentLayout*>(mapping_.get()); }
 
  private:
-  ShmSegmentLayout* layout_ = nullptr;
+  SealedMapping mapping_;
 };
 
 }  // namespace collectives

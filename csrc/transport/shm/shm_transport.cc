@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "transport/matching.h"
+#include "transport/shm/waiting.h"
 
 namespace collectives {
 
@@ -52,10 +53,8 @@ constexpr uint64_t kHeaderBytes = sizeof(FrameHeader);
 // Bytes moved on one ring before the others get their turn, so one busy peer cannot starve
 // the rest.
 constexpr uint64_t kFairnessBudget = 1 << 20;
-// How long a waiting thread drives the rings itself before it blocks, and how long the
-// progress thread looks for more work after the last it found before it sleeps: long enough
-// for a small message's round trip on one host, short enough that an idle rank costs nothing.
-constexpr auto kWaitSpin = std::chrono::microseconds(200);
+// How long the progress thread looks for more work after the last it found before it sleeps
+// (a waiting thread drives the rings itself for kShmWaitSpin before it blocks).
 constexpr auto kProgressSpin = std::chrono::microseconds(10);
 constexpr auto kAnswerPoll = std::chrono::milliseconds(1);
 
@@ -106,12 +105,8 @@ ShmTransport::ShmTransport(int rank, int size, int doorbell_fd, std::vector<ShmL
     peer->out.control().probe_address.store(reinterpret_cast<uint64_t>(&direct_probe_), std::memory_order_release);
     poller_.watch(peer->watch.get(), 0, EPOLLIN, peer.get());
   }
-  // As MPI's yield_when_idle: a spinning waiter gives its core away only where the ranks of
-  // this host outnumber the cores this process may run on (the peer it waits on may need it).
-  cpu_set_t cores;
-  const int local_ranks =
-      1 + static_cast<int>(std::count_if(peers_.begin(), peers_.end(), [](auto& p) { return p != nullptr; }));
-  oversubscribed_ = sched_getaffinity(0, sizeof(cores), &cores) != 0 || local_ranks > CPU_COUNT(&cores);
+  oversubscribed_ = ranks_outnumber_cores(
+      1 + static_cast<int>(std::count_if(peers_.begin(), peers_.end(), [](auto& p) { return p != nullptr; })));
   progress_thread_ = std::thread([this] { progress_loop(); });
 }
 
@@ -194,7 +189,7 @@ bool ShmTransport::wait_until(const TransportRequest& posted, Deadline deadline,
     std::lock_guard<std::mutex> lock(mutex_);
     return request->done || failed_;
   };
-  for (const auto spin_end = Clock::now() + kWaitSpin; !finished() && Clock::now() < spin_end;) {
+  for (const auto spin_end = Clock::now() + kShmWaitSpin; !finished() && Clock::now() < spin_end;) {
     if (!try_drive() && oversubscribed_) std::this_thread::yield();
   }
   // From here on the progress thread moves the bytes, woken by the peers' doorbell rings.
@@ -203,12 +198,10 @@ bool ShmTransport::wait_until(const TransportRequest& posted, Deadline deadline,
   if (!await(lock, completed_, *request, deadline, until, [&] { return request->done || failed_; })) return false;
   // A request that completed stays good even if the transport failed afterwards.
   if (request->ok) return true;
-  const bool timed_out = failure_timed_out_;
-  const std::string failure = failure_;
+  const TransportFailure failure{failure_, failure_timed_out_};
   lock.unlock();
   quiesce();  // the caller may free buffers next
-  if (timed_out) throw TimeoutError(failure);
-  throw CollectiveError(failure);
+  failure.raise();
 }
 
 int ShmTransport::ask_waiting_on(int peer) {
@@ -247,9 +240,9 @@ void ShmTransport::quiesce() {
   std::lock_guard<std::mutex> moving(progress_mutex_);
 }
 
-std::string ShmTransport::failure() {
+TransportFailure ShmTransport::failure() {
   std::lock_guard<std::mutex> lock(mutex_);
-  return failed_ ? failure_ : std::string();
+  return failed_ ? TransportFailure{failure_, failure_timed_out_} : TransportFailure{};
 }
 
 bool ShmTransport::has_failed() {
