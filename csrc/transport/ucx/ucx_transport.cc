@@ -158,7 +158,7 @@ void UcxTransport::exchange_addresses(Deadline deadline) {
     if (p == rank_) continue;
     if (lengths[p] == 0 || lengths[p] > kMaxAddressBytes) {
       abort(peer_name(p) + " sent a UCX address of " + std::to_string(lengths[p]) + " bytes");
-      throw CollectiveError(failure());
+      failure().raise();
     }
     address_header.nbytes = mine.size();
     requests.push_back(control_->send(p, address_header, mine.data()));
@@ -173,7 +173,7 @@ void UcxTransport::exchange_addresses(Deadline deadline) {
     const size_t end_of_name = addresses[p].find('\0');
     if (end_of_name == std::string::npos || end_of_name + 1 == addresses[p].size()) {
       abort(peer_name(p) + " sent no UCX address");
-      throw CollectiveError(failure());
+      failure().raise();
     }
     /*
      * UCX's error handling for a peer's death (UCP_ERR_HANDLING_MODE_PEER) rules out its
@@ -388,8 +388,7 @@ bool UcxTransport::wait_until(const TransportRequest& posted, Deadline deadline,
   // A request that completed stays good even if the transport failed afterwards.
   if (request->ok) return true;
   completed_.wait(lock, [&] { return quiesced_; });  // the caller may free buffers next
-  if (failure_timed_out_) throw TimeoutError(failure_);
-  throw CollectiveError(failure_);
+  TransportFailure{failure_, failure_timed_out_}.raise();
 }
 
 int UcxTransport::awaited_rank() {
@@ -427,9 +426,9 @@ void UcxTransport::quiesce() {
   control_->quiesce();
 }
 
-std::string UcxTransport::failure() {
+TransportFailure UcxTransport::failure() {
   std::lock_guard<std::mutex> lock(mutex_);
-  return failed_ ? failure_ : std::string();
+  return failed_ ? TransportFailure{failure_, failure_timed_out_} : TransportFailure{};
 }
 
 void UcxTransport::progress_loop() {

@@ -62,7 +62,7 @@ class UcxTransport : public Transport {
   int awaited_rank() override;
   void abort(const std::string& reason, bool timed_out = false) override;
   void quiesce() override;
-  std::string failure() override;
+  TransportFailure failure() override;
   void notify(uint32_t about, const std::string& text) override { control_->notify(about, text); }
   std::vector<PeerNotice> take_notices() override { return control_->take_notices(); }
 
