@@ -33,6 +33,7 @@ from ._mpi import MpiExchange, MpiJob, mpi_world
 from ._rendezvous import Store, StoreExchange, serve_store, signed_store
 from ._store import StoreClient, StoreServer
 from ._topology import own_label
+from ._torch_store import secret_through_store, torchrun_store
 from .reduction_server._meet import (check_reducer_records, connect_reducers, meet_reducers, open_job_store,
                                      publish_job)
 
@@ -90,11 +91,14 @@ def bootstrap(rank: Optional[int] = None, size: Optional[int] = None, rendezvous
 
     host, port = launch.address
     deadline = time.monotonic() + config.timeout
+    secret = launch.secret
+    if secret is None:  # torchrun without COLLECTIVES_TOKEN
+        secret = secret_through_store(torchrun_store(env, config.timeout))
     server = serve_store(host, port) if launch.rank == 0 else None
     client = None
     try:
         client = StoreClient(host, port, timeout=config.timeout)
-        result = bootstrap_with_store(client, launch.rank, launch.size, launch.secret, config, toward=host,
+        result = bootstrap_with_store(client, launch.rank, launch.size, secret, config, toward=host,
                                       rendezvous=launch.rendezvous, deadline=deadline)
     except BaseException as e:
         if client is not None:

@@ -103,7 +103,7 @@ def _view_dlpack(x: Any, what: str) -> Buffer:
             f"{what} lives on a device (DLPack device type {device_type}); collectives takes device memory in "
             "allreduce only (CUDA builds, collectives._device): move it to the CPU first"
         )
-    if not contiguous:
+    if not contiguous and count:  # without elements, strides say nothing (torch's new_empty((3, 0)))
         raise TypeError(f"{what} must be contiguous; pass x.contiguous() and copy back")
     return Buffer((x, owner), address, count, DTYPES[dtype_code], tuple(getattr(x, "shape", (count,))))
 

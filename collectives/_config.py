@@ -218,7 +218,7 @@ class Config:
     def effective_algorithm(self) -> str:
         """The algorithm that allreduce runs: "auto" is the reduction server where there
         are reducers, else stays "auto": per call, where every worker runs on one host, the
-        host's shared board up to 16 MiB (csrc/algorithms/allreduce_board.h); otherwise the
+        host's shared board (csrc/algorithms/allreduce_board.h); otherwise the
         ring, recursive doubling or (where ranks share hosts or racks) the hierarchical plan,
         whichever the cost model expects to finish first (recursive doubling for small
         messages)."""

@@ -13,7 +13,8 @@ the launcher's variables. First that applies:
   4. nothing: a job of one process.
 
 The job's secret comes from COLLECTIVES_TOKEN or COLLECTIVES_TOKEN_FILE (:func:`read_secret`);
-it is never logged.
+it is never logged. Under torchrun with neither set, it goes through the store that torchrun's
+agent serves, as everything of a gloo or NCCL job does (collectives._torch_store).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class Launch:
     rendezvous: Optional[str] = None  # HOST:PORT, as given
     rendezvous_source: str = "rendezvous"  # where it was given, for messages
     address: Optional[Tuple[str, int]] = None  # the rendezvous parsed ("store" only)
-    secret: Optional[bytes] = dataclasses.field(default=None, repr=False)  # "store" only; never logged
+    # "store" only; never logged. None under torchrun without COLLECTIVES_TOKEN: it goes through
+    # the store torchrun's agent serves (collectives._torch_store).
+    secret: Optional[bytes] = dataclasses.field(default=None, repr=False)
 
 
 def find_launch(rank: Optional[int], size: Optional[int], rendezvous: Optional[str], config: Config,
@@ -76,12 +79,14 @@ def find_launch(rank: Optional[int], size: Optional[int], rendezvous: Optional[s
         # There the job's reducers are counted, and the settings checked, over MPI.
         return Launch("mpirun", rendezvous=rendezvous, rendezvous_source=rendezvous_source)
     config.check_runnable()
+    launched_by_torchrun = False
     if rank is not None or size is not None:
         if rank is None or size is None:
             given = rank_source if rank is not None else size_source
             raise ValueError(f"{given} is set but not both of rank and size: set COLLECTIVES_RANK and "
                              "COLLECTIVES_SIZE (or pass rank= and size=) together")
     elif "RANK" in env and "WORLD_SIZE" in env:
+        launched_by_torchrun = True
         rank, rank_source = _setting(None, "RANK", env, "RANK")
         size, size_source = _setting(None, "WORLD_SIZE", env, "WORLD_SIZE")
         if rendezvous is None:
@@ -108,9 +113,14 @@ def find_launch(rank: Optional[int], size: Optional[int], rendezvous: Optional[s
     address = parse_address(rendezvous, rendezvous_source)
     secret = read_secret(env)
     if secret is None:
-        if size > 1 or config.num_reducers > 0:
+        if config.num_reducers > 0:
+            raise ValueError(NO_SECRET + " (the reducers, started on their own, need it too)")
+        if size == 1:
+            secret = secrets.token_bytes(SECRET_BYTES)
+        elif not (launched_by_torchrun and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
             raise ValueError(NO_SECRET)
-        secret = secrets.token_bytes(SECRET_BYTES)
+        # else torchrun's agent serves torch's store, which gloo and NCCL trust with everything: the
+        # secret goes through it (collectives._torch_store)
     return Launch("store", rank, size, rendezvous, rendezvous_source, address, secret)
 
 

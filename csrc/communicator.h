@@ -43,7 +43,7 @@ struct CommunicatorOptions {
   CostModel cost;  // chooses between the ring and recursive doubling; equal on every rank
   HierarchyPlan hierarchy;  // the hierarchical algorithm's plan, equal on every rank; none if empty
   // All-reduces of up to this many bytes take the host's shared board, where the communicator
-  // has one (allreduce_board.h); 0: none does.
+  // has one (allreduce_board.h; by default all); 0: none does.
   size_t board_up_to_bytes = kBoardDefaultUpToBytes;
 };
 

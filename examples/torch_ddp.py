@@ -4,12 +4,13 @@ The text is the collectives package's own Python source, read character by chara
 nothing is downloaded. Rank 0 shows a progress bar (rich) with the loss and the job's
 samples per second, and prints a sample of generated text at the end.
 
-    export COLLECTIVES_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(16))')
     torchrun --nproc-per-node 4 examples/torch_ddp.py                  # collectives' ring
     torchrun --nproc-per-node 4 examples/torch_ddp.py --backend gloo   # the same on gloo
     mpirun -np 4 python examples/torch_ddp.py                          # mpirun works too
 
-    # DDP's all-reduces served by 2 reducers (CPU-only processes, here on the same machine):
+    # DDP's all-reduces served by 2 reducers (CPU-only processes, here on the same machine),
+    # which need the job's secret given to them:
+    export COLLECTIVES_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(16))')
     for i in 1 2; do collectives-reducer --rendezvous 127.0.0.1:29600 & done
     COLLECTIVES_NUM_REDUCERS=2 COLLECTIVES_RENDEZVOUS=127.0.0.1:29600 \\
         torchrun --nproc-per-node 4 examples/torch_ddp.py

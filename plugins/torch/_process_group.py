@@ -3,12 +3,12 @@ Communicator."""
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import datetime
 import logging
 import os
 import secrets
+import threading
 import time
 import weakref
 from typing import Any, Callable, List, Optional
@@ -20,8 +20,8 @@ from torch.distributed import ReduceOp
 import collectives as cc
 from collectives._bootstrap import bootstrap_with_store
 from collectives._config import Config
-from collectives._launch import NO_SECRET, read_secret, torchrun_rendezvous
-from collectives.errors import TimeoutError
+from collectives._launch import NO_SECRET, SECRET_BYTES, read_secret, torchrun_rendezvous
+from collectives._torch_store import TorchStore, secret_through_store
 
 from ._work import (Completer, MessageWork, Step, Work, as_bytes_if_needed, from_bytes, in_place, moved, reduced,
                     unreduced)
@@ -84,7 +84,7 @@ class ProcessGroup(dist.ProcessGroup):
                 steps.append(self._sparse_allreduce(t, op))
             else:
                 steps.append(in_place(t, op, "allreduce", self._comm.allreduce_async))
-        return self._start(tensors, steps)
+        return self._start(tensors, steps, "all_reduce", tensors)
 
     def _sparse_allreduce(self, tensor: torch.Tensor, op: str) -> Step:
         """As gloo: the sum of every rank's sparse tensor, coalesced, in place of ``tensor``.
@@ -105,25 +105,27 @@ class ProcessGroup(dist.ProcessGroup):
         for t in tensors:
             flat, finish = moved(t)
             steps.append((self._comm.broadcast_async(flat, root), finish))
-        return self._start(tensors, steps)
+        return self._start(tensors, steps, "broadcast", tensors)
 
     def allgather(self, output_tensors: List[List[torch.Tensor]], input_tensors: List[torch.Tensor],
                   opts: Any = None) -> Work:
-        return self._start(output_tensors, self._allgather_steps(output_tensors, input_tensors))
+        return self._start(output_tensors, self._allgather_steps(output_tensors, input_tensors), "all_gather",
+                           input_tensors)
 
     def allgather_coalesced(self, output_lists: List[List[torch.Tensor]], input_list: List[torch.Tensor],
                             opts: Any = None) -> Work:
         # torch lays the outputs out [rank][input]; allgather's are [input][rank].
         _check_count(len(output_lists), self._comm.size, "allgather_coalesced needs one output list per rank")
         by_input = [[outputs[i] for outputs in output_lists] for i in range(len(input_list))]
-        return self._start(output_lists, self._allgather_steps(by_input, input_list))
+        return self._start(output_lists, self._allgather_steps(by_input, input_list), "all_gather", input_list)
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Work:  # noqa: A002
-        return self._start([output], [self._gather_into(output, input)])
+        return self._start([output], [self._gather_into(output, input)], "all_gather_into_tensor", [input])
 
     def all_gather_single_coalesced(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor],
                                     opts: Any = None) -> Work:
-        return self._start(outputs, [self._gather_into(o, i) for o, i in zip(outputs, inputs)])
+        return self._start(outputs, [self._gather_into(o, i) for o, i in zip(outputs, inputs)], "all_gather_into_tensor",
+                           inputs)
 
     def reduce_scatter(self, outputs: List[torch.Tensor], input_lists: List[List[torch.Tensor]],
                        opts: Any = None) -> Work:
@@ -135,24 +137,26 @@ class ProcessGroup(dist.ProcessGroup):
                 _check_count(tensor.numel(), output.numel(),
                              "reduce_scatter needs input tensors of the output's size")
             steps.append(self._scatter_into(output, torch.cat([t.reshape(-1) for t in inputs]), op))
-        return self._start(outputs, steps)
+        return self._start(outputs, steps, "reduce_scatter", [t for inputs in input_lists for t in inputs])
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Work:  # noqa: A002
-        return self._start([output], [self._scatter_into(output, input, _op(opts, "reduce_scatter_tensor"))])
+        return self._start([output], [self._scatter_into(output, input, _op(opts, "reduce_scatter_tensor"))],
+                           "reduce_scatter_tensor", [input])
 
     def reduce_scatter_single_coalesced(self, outputs: List[torch.Tensor], inputs: List[torch.Tensor],
                                         opts: Any = None) -> Work:
         op = _op(opts, "reduce_scatter_tensor")
-        return self._start(outputs, [self._scatter_into(o, i, op) for o, i in zip(outputs, inputs)])
+        return self._start(outputs, [self._scatter_into(o, i, op) for o, i in zip(outputs, inputs)],
+                           "reduce_scatter_tensor", inputs)
 
     def barrier(self, opts: Any = None) -> Work:
-        return self._start([], [(self._comm.barrier_async(), None)])
+        return self._start([], [(self._comm.barrier_async(), None)], "barrier", [])
 
     def reduce(self, tensors: List[torch.Tensor], opts: Any = None) -> Work:
         op = _op(opts, "reduce")
         root = 0 if opts is None else opts.rootRank
         return self._start(tensors, [in_place(t, op, "reduce", lambda x, o: self._comm.reduce_async(x, root, o))
-                                     for t in tensors])
+                                     for t in tensors], "reduce", tensors)
 
     def gather(self, output_tensors: List[List[torch.Tensor]], input_tensors: List[torch.Tensor],
                opts: Any = None) -> Work:
@@ -171,7 +175,8 @@ class ProcessGroup(dist.ProcessGroup):
             for output, row in zip(outputs, rows if rows is not None else []):
                 output.copy_(from_bytes(row, output))
 
-        return self._start(output_tensors, [(self._comm.gather_async(as_bytes_if_needed(tensor), root), finish)])
+        return self._start(output_tensors, [(self._comm.gather_async(as_bytes_if_needed(tensor), root), finish)],
+                           "gather", input_tensors)
 
     def scatter(self, output_tensors: List[torch.Tensor], input_tensors: List[List[torch.Tensor]],
                 opts: Any = None) -> Work:
@@ -187,7 +192,8 @@ class ProcessGroup(dist.ProcessGroup):
                 _check_count(tensor.numel(), output.numel(), "scatter needs input tensors of the output's size")
                 _check_dtype(output, tensor, "scatter")
             rows = torch.stack([as_bytes_if_needed(t) for t in input_tensors[0]])
-        return self._start(output_tensors, [(self._comm.scatter_async(rows, root, out=flat), finish)])
+        return self._start(output_tensors, [(self._comm.scatter_async(rows, root, out=flat), finish)], "scatter",
+                           input_tensors[0] if rows is not None else [])
 
     def alltoall(self, output_tensors: List[torch.Tensor], input_tensors: List[torch.Tensor],
                  opts: Any = None) -> Work:
@@ -203,7 +209,8 @@ class ProcessGroup(dist.ProcessGroup):
             for output, part in zip(output_tensors, torch.split(out, recv)):
                 output.copy_(from_bytes(part, output))
 
-        return self._start(output_tensors, [(self._comm.alltoall_async(x, [f.numel() for f in flats], recv), finish)])
+        return self._start(output_tensors, [(self._comm.alltoall_async(x, [f.numel() for f in flats], recv), finish)],
+                           "all_to_all", input_tensors)
 
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: List[int],  # noqa: A002
                       input_split_sizes: List[int], opts: Any = None) -> Work:
@@ -224,17 +231,18 @@ class ProcessGroup(dist.ProcessGroup):
         flat, finish = moved(output)
         work = self._comm.alltoall_async(x, [s * send_row for s in input_split_sizes],
                                          [s * recv_row for s in output_split_sizes], out=flat)
-        return self._start([output], [(work, finish)])
+        return self._start([output], [(work, finish)], "all_to_all", [input])
 
     def send(self, tensors: List[torch.Tensor], dstRank: int, tag: int = 0) -> MessageWork:  # noqa: N803
         _check_count(len(tensors), 1, "send takes one tensor")
         flat = as_bytes_if_needed(tensors[0])
-        return MessageWork(self._comm.send_async(flat, dstRank, tag), None, tensors)
+        return MessageWork(self._comm.send_async(flat, dstRank, tag), None, tensors, self._profiled("send", tensors))
 
     def recv(self, tensors: List[torch.Tensor], srcRank: int, tag: int = 0) -> MessageWork:  # noqa: N803
         _check_count(len(tensors), 1, "recv takes one tensor")
         flat, finish = moved(tensors[0])
-        return MessageWork(self._comm.recv_async(flat, srcRank, tag), finish, tensors, source=lambda: srcRank)
+        return MessageWork(self._comm.recv_async(flat, srcRank, tag), finish, tensors, self._profiled("recv", tensors),
+                           source=lambda: srcRank)
 
     def recv_anysource(self, tensors: List[torch.Tensor], tag: int = 0) -> MessageWork:
         raise NotImplementedError(
@@ -253,18 +261,24 @@ class ProcessGroup(dist.ProcessGroup):
             self._comm.send_async(token, 0, _MONITORED_BARRIER_TAG).wait(seconds)
             try:
                 self._comm.recv_async(torch.zeros(1, dtype=torch.uint8), 0, _MONITORED_BARRIER_TAG).wait(seconds)
-            except builtins.TimeoutError:
+            except TimeoutError:
                 raise RuntimeError(f"Rank {me} successfully reached monitoredBarrier, but received errors while waiting "
                                    f"for send/recv from rank 0 (no answer within {millis} ms)") from None
             return
         deadline = time.monotonic() + seconds
         arrivals = [(r, self._comm.recv_async(torch.zeros(1, dtype=torch.uint8), r, _MONITORED_BARRIER_TAG))
                     for r in range(1, n)]
-        missing = []
+        missing, processed = [], []
         for r, work in arrivals:
+            remaining = deadline - time.monotonic()
+            if remaining < 0 and not wait_all_ranks:  # as gloo: the time was spent before this rank's turn
+                raise RuntimeError(f"Rank {me} timed out in monitoredBarrier after {millis} ms.\n" + (
+                    f"Successfully processed ranks: {', '.join(map(str, processed))}" if processed
+                    else "No ranks successfully processed in monitoredBarrier."))
             try:
-                work.wait(max(0.0, deadline - time.monotonic()))
-            except builtins.TimeoutError:
+                work.wait(max(0.0, remaining))
+                processed.append(r)
+            except TimeoutError:
                 missing.append(r)
                 if not wait_all_ranks:
                     break
@@ -292,8 +306,33 @@ class ProcessGroup(dist.ProcessGroup):
             _world = None
 
     # -- internals ------------------------------------------------------------------------------
-    def _start(self, result: Any, steps: List[Step]) -> Work:
-        return Work(self._completer.future(steps, result))
+    def _start(self, result: Any, steps: List[Step], title: str, inputs: List[torch.Tensor]) -> Work:
+        return Work(self._completer.future(steps, result, self._profiled(title, inputs)))
+
+    def _profiled(self, title: str, inputs: List[torch.Tensor]) -> Optional[Callable[[], None]]:
+        """As gloo's ops: while torch's profiler runs, each op is an event "BACKEND:title" (the
+        name torch.distributed knows this group's backend by) with its input tensors' shapes,
+        from its start until it is done (an async event); what ends it, or None."""
+        if not torch.autograd._profiler_enabled():
+            return None
+        try:
+            backend = dist.get_backend(self)
+        except (ValueError, RuntimeError):  # a group made by hand, which torch does not know
+            backend = BACKEND
+        record = torch._C._autograd._record_function_with_args_enter(f"{backend}:{title}", *inputs)
+        started_on = threading.get_ident()
+
+        def end() -> None:
+            if threading.get_ident() != started_on:
+                torch._C._autograd._record_function_with_args_exit(record)
+                return
+            # A message is ended by whoever waits on it, often the thread that started it: the
+            # profiler takes an event for async only if another thread ends it.
+            ender = threading.Thread(target=torch._C._autograd._record_function_with_args_exit, args=(record,))
+            ender.start()
+            ender.join()
+
+        return end
 
     def _allgather_steps(self, output_tensors: List[List[torch.Tensor]],
                          input_tensors: List[torch.Tensor]) -> List[Step]:
@@ -408,11 +447,11 @@ def _bootstrap(store: dist.Store, rank: int, size: int, timeout: datetime.timede
                              "every worker, and start each reducer with `collectives-reducer --rendezvous HOST:PORT`")
     config.check_runnable()
     secret = read_secret(env)
-    adapter = _StoreAdapter(store)
+    adapter = TorchStore(store)
     if secret is None:
         if config.num_reducers:
             raise ValueError(NO_SECRET + " (the reducers, started on their own, need it too)")
-        secret = _secret_through_store(adapter, rank, size, timeout.total_seconds())
+        secret = secret_through_store(adapter) if size > 1 else secrets.token_bytes(SECRET_BYTES)
     boot = bootstrap_with_store(adapter, rank, size, secret, config, toward=_store_host(store),
                                 rendezvous="the torch.distributed store", reducer_rendezvous=reducer_rendezvous)
     try:
@@ -422,72 +461,8 @@ def _bootstrap(store: dist.Store, rank: int, size: int, timeout: datetime.timede
         raise
 
 
-_SECRET_KEY = "collectives/job_secret"
-_said_secret_through_store = False
-
-
-def _secret_through_store(store: "_StoreAdapter", rank: int, size: int, timeout: float) -> bytes:
-    """Without COLLECTIVES_TOKEN (as gloo and NCCL need nothing): rank 0 makes a random secret
-    and shares it through the torch store this group was handed, so that the job is exactly as
-    protected as that store; said once at INFO. COLLECTIVES_TOKEN keeps the stronger mode,
-    where the secret crosses no wire."""
-    global _said_secret_through_store
-    if size == 1:
-        return secrets.token_bytes(32)
-    if rank == 0:
-        store.set(_SECRET_KEY, secrets.token_bytes(32))
-    secret = store.get(_SECRET_KEY, timeout)
-    if not _said_secret_through_store:
-        _said_secret_through_store = True
-        log.info("collectives: no COLLECTIVES_TOKEN, so the job's secret was made by rank 0 and shared through the "
-                 "torch.distributed store: this job is as protected as that store (as gloo and NCCL jobs are); set "
-                 "COLLECTIVES_TOKEN on every process for a secret that crosses no wire")
-    return secret
-
-
 def _store_host(store: dist.Store) -> Optional[str]:
     """The host of the TCP store under ``store`` (whose address reaches the other ranks)."""
     while isinstance(store, dist.PrefixStore):
         store = store.underlying_store
     return store.host if isinstance(store, dist.TCPStore) else None
-
-
-class _StoreAdapter:
-    """A torch.distributed Store as collectives' bootstrap uses a store: its errors become
-    CollectiveError, a missing key collectives' TimeoutError."""
-
-    # How often get() looks for its key: torch's timed wait() logs a warning at every timeout.
-    _POLL_S = (0.001, 0.05)
-
-    def __init__(self, store: dist.Store):
-        self._store = store
-
-    def set(self, key: str, value: bytes) -> None:
-        self._call(self._store.set, key, value)
-
-    def get(self, key: str, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        pause = self._POLL_S[0]
-        while not self.check([key]):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{key} was not set in the torch.distributed store within {timeout:g} s")
-            time.sleep(min(pause, remaining))
-            pause = min(2 * pause, self._POLL_S[1])
-        return self._call(self._store.get, key)
-
-    def add(self, key: str, amount: int) -> int:
-        return self._call(self._store.add, key, amount)
-
-    def check(self, keys: List[str]) -> bool:
-        return self._call(self._store.check, keys)
-
-    def close(self) -> None:
-        pass  # torch.distributed owns its store
-
-    @staticmethod
-    def _call(method: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return method(*args)
-        except RuntimeError as e:  # torch's DistStoreError, or a FileStore's error
-            raise cc.CollectiveError(f"the torch.distributed store failed: {e}") from e

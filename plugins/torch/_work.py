@@ -18,6 +18,8 @@ import collectives as cc
 # One collective: the core's Work, and what to do with its result once it is done (copy it
 # into the caller's tensors), or None.
 Step = Tuple[cc.Work, Optional[Callable[[Any], Any]]]
+# What to call once an op is done, before anyone learns it is (ends its profiler event), or None.
+Ending = Optional[Callable[[], None]]
 
 
 class Completer:
@@ -26,19 +28,21 @@ class Completer:
     at once: DDP starts a bucket's all-reduce and goes on with the backward pass."""
 
     def __init__(self, name: str):
-        self._queue: "queue.SimpleQueue[Optional[Tuple[List[Step], torch.futures.Future, Any]]]" = queue.SimpleQueue()
+        self._queue: "queue.SimpleQueue[Optional[Tuple[List[Step], torch.futures.Future, Any, Ending]]]" = \
+            queue.SimpleQueue()
         self._closed = False
         # A daemon: a job that never destroys its process group must still be able to exit.
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def future(self, steps: List[Step], result: Any) -> torch.futures.Future:
+    def future(self, steps: List[Step], result: Any, ending: Ending = None) -> torch.futures.Future:
         """A Future that gets ``result`` once every step is done, or the first step's error
-        (hand torch's C++ side, DDP, :func:`chained` futures instead)."""
+        (hand torch's C++ side, DDP, :func:`chained` futures instead); ``ending`` is called
+        just before."""
         if self._closed:
             raise cc.CollectiveError("this process group is shut down: create a new one")
         future: torch.futures.Future = torch.futures.Future()
-        self._queue.put((steps, future, result))
+        self._queue.put((steps, future, result, ending))
         return future
 
     def close(self) -> None:
@@ -56,15 +60,15 @@ class Completer:
             item = self._queue.get()
             if item is None:
                 return
-            steps, future, result = item
+            steps, future, result, ending = item
             del item
-            complete(steps, future, result)
-            del steps, future, result
+            complete(steps, future, result, ending)
+            del steps, future, result, ending
 
 
-def complete(steps: List[Step], future: torch.futures.Future, result: Any) -> None:
-    """Waits for every step, runs its finish, and completes ``future`` with ``result`` or the
-    first error."""
+def complete(steps: List[Step], future: torch.futures.Future, result: Any, ending: Ending = None) -> None:
+    """Waits for every step, runs its finish, calls ``ending``, and completes ``future`` with
+    ``result`` or the first error."""
     error: Optional[BaseException] = None
     for work, finish in steps:
         try:
@@ -72,11 +76,22 @@ def complete(steps: List[Step], future: torch.futures.Future, result: Any) -> No
             if error is None and finish is not None:
                 finish(value)
         except BaseException as e:  # noqa: BLE001 - it goes to whoever waits on the future
-            error = error or e
+            error = error or as_gloo_says(e)
+    if ending is not None:
+        ending()
     if error is None:
         future.set_result(result)
     else:
         future.set_exception(error)
+
+
+def as_gloo_says(error: BaseException) -> BaseException:
+    """``error``, where it is collectives' TimeoutError (the group's timeout passed), worded so
+    that it says " Timed out ", as gloo's do: PyTorch's suite, and code written for gloo, look
+    for that."""
+    if isinstance(error, cc.TimeoutError):
+        return cc.TimeoutError(f"collectives: Timed out (the group's timeout passed): {error}")
+    return error
 
 
 def chained(future: torch.futures.Future) -> torch.futures.Future:
@@ -146,9 +161,9 @@ class MessageWork(dist._Work):
     a collective or another message); its future is made when asked for."""
 
     def __init__(self, work: cc.Work, finish: Optional[Callable[[Any], Any]], result: List[torch.Tensor],
-                 source: Optional[Callable[[], int]] = None):
+                 ending: Ending = None, source: Optional[Callable[[], int]] = None):
         super().__init__()
-        self._work, self._finish, self._result, self._source = work, finish, result, source
+        self._work, self._finish, self._result, self._ending, self._source = work, finish, result, ending, source
         self._lock = threading.Lock()
         self._finished = False
         self._future: Optional[torch.futures.Future] = None
@@ -159,13 +174,15 @@ class MessageWork(dist._Work):
             value = self._work.wait(seconds)
         except TimeoutError as e:  # the builtin one: only this wait's timeout passed
             if isinstance(e, cc.CollectiveError):
-                raise
+                raise as_gloo_says(e) from e
             raise _timed_out("the message", seconds) from None
         with self._lock:
             if not self._finished:
                 self._finished = True
                 if self._finish is not None:
                     self._finish(value)
+                if self._ending is not None:
+                    self._ending()
         return True
 
     def is_completed(self) -> bool:

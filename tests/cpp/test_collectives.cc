@@ -488,24 +488,23 @@ void run_board() {
     }
   }
   // Once the board is agreed on (the first call), ranks that call differently fail at once, not at
-  // the deadline (20 s): at the board's header check (two counts under the board's limit), or
-  // where one rank takes the board and another goes by messages (another collective, or a count
-  // above the limit), from the call each rank announced; a rank that aborts wakes the others.
+  // the deadline (20 s): at the board's header check (two counts), or where one rank runs
+  // another collective (a broadcast, a barrier), from the call each rank announced; a rank that
+  // aborts wakes the others.
   auto warmed_up = [](Job& job) {
     std::vector<std::vector<float>> warm(job.comms.size(), std::vector<float>(4, 1.0f));
     auto errors = job.run([&](int r) { wait(job.comms[r]->allreduce(warm[r].data(), 4, DataType::kFloat32, ReduceOp::kSum)); });
     for (auto& e : errors) check(e.empty(), "board warm-up raised " + e);
   };
-  const size_t above_limit = kBoardDefaultUpToBytes / sizeof(float) + 1;
   for (int variant = 0; variant < 3; ++variant) {
     Job job(3, 1, 0, 20);
     warmed_up(job);
-    std::vector<std::vector<float>> data(3, std::vector<float>(above_limit, 1.0f));
+    std::vector<std::vector<float>> data(3, std::vector<float>(1001, 1.0f));
     const auto start = Clock::now();
     auto errors = job.run([&](int r) {
       if (r == 1 && variant == 1) return wait(job.comms[r]->broadcast(data[r].data(), 1000, DataType::kFloat32, 0));
-      const size_t count = r != 1 ? 1000 : variant == 0 ? 1001 : above_limit;
-      wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+      if (r == 1 && variant == 2) return wait(job.comms[r]->barrier());
+      wait(job.comms[r]->allreduce(data[r].data(), r == 1 ? 1001 : 1000, DataType::kFloat32, ReduceOp::kSum));
     });
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     for (int r = 0; r < 3; ++r) {

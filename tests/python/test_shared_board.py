@@ -1,5 +1,5 @@
 """The host's shared board (csrc/algorithms/allreduce_board.h) on real processes of one host:
-auto takes it for all-reduces up to 16 MiB, and every rank ends with numpy's left-to-right
+auto takes it for all-reduces, and every rank ends with numpy's left-to-right
 sum over the ranks, bit for bit, through one barrier (8 B), two (100 KiB) and several slots
 (2.7 MiB); the average and the minimum too. Without shared memory (COLLECTIVES_TRANSPORT=tcp)
 or with a forced algorithm there is no board; with reducers, the reducers serve.

@@ -74,6 +74,7 @@ else:
     runs["summing_hook"] = train(hook=summing_hook, state=comm)
     for name in ("fp16_compress_hook", "bf16_compress_hook"):
         runs[name] = train(hook=getattr(hooks, name), state=comm)
+    runs["error_feedback_compress_hook"] = train(hook=hooks.error_feedback_hook, state=hooks.ErrorFeedback(comm))
 info = {"algorithm": comm.algorithm, "reducer_bytes": sum(r["bytes_received"] for r in comm.reducer_stats())}
 print(json.dumps({"runs": {name: report(p, reference) for name, p in runs.items()}, **info}))
 dist.destroy_process_group()
@@ -597,6 +598,71 @@ def test_torchrun_with_nothing_set_trains(run_ranks):
         assert result.stderr.count("shared through the torch.distributed store") == 1, result.stderr[-3000:]
 
 
+# 2 * world_size groups by dist.new_group: each over the world's connections (comm.create_group),
+# so the process holds no more file descriptors (sockets, shared memory) after making them all.
+MANY_GROUPS_SCRIPT = r'''
+import itertools, json, os
+import torch, torch.distributed as dist
+dist.init_process_group("collectives")
+rank, n = dist.get_rank(), dist.get_world_size()
+dist.all_reduce(torch.ones(1))
+fds = len(os.listdir("/proc/self/fd"))
+lists = [list(pair) for pair in itertools.combinations(range(n), 2)] + [list(range(n)), [2, 0], [1, 2, 0]]
+failures = []
+for ranks in lists:
+    group = dist.new_group(ranks)  # every rank calls it, members or not (as torch asks)
+    if rank in ranks:
+        x = torch.full((5,), float(rank + 1))
+        dist.all_reduce(x, group=group)
+        if not torch.equal(x, torch.full((5,), float(sum(r + 1 for r in ranks)))):
+            failures.append(f"{ranks}: {x.tolist()}")
+        if dist.get_rank(group) != sorted(ranks).index(rank):  # torch orders a group's ranks
+            failures.append(f"{ranks}: group rank {dist.get_rank(group)}")
+print(json.dumps({"groups": len(lists), "failures": failures, "new_fds": len(os.listdir("/proc/self/fd")) - fds}))
+dist.destroy_process_group()
+'''
+
+
+def test_many_new_groups_open_no_connection(run_ranks):
+    for result in run_ranks(MANY_GROUPS_SCRIPT, 3, launcher="torchrun", timeout=120):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.report() == {"groups": 6, "failures": [], "new_fds": 0}, result.stderr[-3000:]
+
+
+# cc.init() under torchrun with no COLLECTIVES_TOKEN, twice (the second communicator takes the
+# secret the first one put in torchrun's store), and without importing torch itself.
+CC_INIT_NOTHING_SET_SCRIPT = r'''
+import json, logging, sys
+import numpy as np
+import collectives as cc
+logging.basicConfig(level=logging.INFO)
+sums = []
+for _ in range(2):
+    with cc.init() as comm:
+        sums.append(int(comm.allreduce(np.array([comm.rank + 1], np.int64))[0]))
+print(json.dumps({"sums": sums, "size": comm.size}))
+'''
+
+
+def test_cc_init_under_torchrun_with_nothing_set(run_ranks):
+    results = run_ranks(CC_INIT_NOTHING_SET_SCRIPT, 3, launcher="torchrun", env={"COLLECTIVES_TOKEN": None},
+                        timeout=120)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.report() == {"sums": [6, 6], "size": 3}
+        assert result.stderr.count("shared through the torch.distributed store") == 1, result.stderr[-3000:]
+
+
+def test_cc_init_under_torchrun_without_its_store_or_with_reducers_asks_for_a_token(run_ranks):
+    # Without the agent's store (RANK/WORLD_SIZE set by hand) nothing can carry the secret; reducers
+    # started on their own need the token too.
+    for env, expected in (({"COLLECTIVES_TOKEN": None, "TORCHELASTIC_USE_AGENT_STORE": None}, "COLLECTIVES_TOKEN"),
+                          ({"COLLECTIVES_TOKEN": None, "COLLECTIVES_NUM_REDUCERS": "1"}, "reducers")):
+        results = run_ranks(CC_INIT_NOTHING_SET_SCRIPT, 2, launcher="torchrun", env=env, timeout=60)
+        for result in results:
+            assert result.returncode != 0 and expected in result.stderr, result.stderr[-3000:]
+
+
 def test_import_registers_the_backend_for_the_cpu():
     assert "collectives" in dist.Backend.backend_list
     devices = dist.Backend.backend_capability["collectives"]
@@ -629,3 +695,60 @@ def test_a_group_over_a_given_communicator_and_hooks_in_one_process():
     assert "closed" in repr(comm)  # the group owned it
     with pytest.raises(cc.CollectiveError, match="closed"):
         group.allreduce([torch.ones(1)])
+
+
+def test_error_feedback_keeps_what_fp16_rounds_away():
+    # A gradient of 1 + 1e-4 on every step: float16 (spacing 2**-10 near 1) rounds it to 1, so
+    # fp16_compress_hook loses 1e-4 each step; with error feedback what the wire got over the
+    # steps is the true sum to within one rounding (half a float16 spacing).
+    steps, gradient = 10, 1.0 + 1e-4
+
+    def applied(hook, state_of):
+        comm = cc.init(rank=0, size=1)
+        group = cctorch.ProcessGroup(comm)
+        try:
+            layer = torch.nn.Linear(4, 1, bias=False)
+            torch.nn.init.zeros_(layer.weight)
+            model = torch.nn.parallel.DistributedDataParallel(layer, process_group=group)
+            model.register_comm_hook(state_of(comm), hook)
+            opt = torch.optim.SGD(model.parameters(), lr=1.0)
+            for _ in range(steps):
+                opt.zero_grad()
+                model(torch.full((1, 4), gradient)).sum().backward()
+                opt.step()
+            return -layer.weight.detach()
+        finally:
+            group.shutdown()
+
+    exact = torch.full((1, 4), steps * gradient)
+    plain = applied(cctorch.hooks.fp16_compress_hook, lambda comm: comm)
+    fed_back = applied(cctorch.hooks.error_feedback_hook, cctorch.hooks.ErrorFeedback)
+    assert (plain - exact).abs().max() > 9e-4, plain  # the control: ten losses of 1e-4
+    assert (fed_back - exact).abs().max() < 2**-11 + 1e-6, fed_back
+    with cc.init(rank=0, size=1) as comm, pytest.raises(TypeError, match="float16 or bfloat16"):
+        cctorch.hooks.ErrorFeedback(comm, torch.float32)
+
+
+def test_empty_tensors_are_gathered():
+    # torch's new_empty((size, 0)) has strides that are not row-major: with no elements, that is no matter.
+    with cc.init(rank=0, size=1) as comm:
+        assert comm.allgather(torch.empty(0)).shape == (1, 0)
+        assert comm.allgather(torch.empty(2, 0)).shape == (1, 2, 0)
+
+
+def test_ops_are_async_profiler_events_as_gloos():
+    # PyTorch's suite looks for these on gloo ("gloo:all_reduce", ...): one async event per op,
+    # named after the group's backend, with the shapes of its inputs.
+    group = cctorch.ProcessGroup(cc.init(rank=0, size=1))
+    try:
+        x = torch.ones(4, 3)
+        with torch.autograd.profiler.profile(record_shapes=True) as prof:
+            group.allreduce([x]).wait()
+            group.broadcast([x]).wait()
+            group.allgather([[torch.empty(4, 3)]], [x]).wait()
+        events = [(e.name, e.is_async, e.count, e.input_shapes) for e in prof.function_events
+                  if e.name.startswith("collectives:")]
+        assert events == [(f"collectives:{op}", True, 1, [[4, 3]]) for op in ("all_reduce", "broadcast", "all_gather")]
+        group.allreduce([x]).wait()  # no profiler: no event, and nothing left open
+    finally:
+        group.shutdown()
