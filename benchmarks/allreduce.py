@@ -72,10 +72,16 @@ def configured_reducers(env=os.environ):
 
 
 def build_transports(cc):
-    """The COLLECTIVES_TRANSPORT values this installation offers (collectives-info's)."""
+    """The COLLECTIVES_TRANSPORT values this installation offers (collectives-info's), less UCX
+    where it cannot run: not loadable, or the wire security asked for is not none (UCX's
+    frames carry no tag; name it with --transports and COLLECTIVES_WIRE_SECURITY=none)."""
     from collectives import info
 
-    return list(info.describe()["build"]["transports"]) if cc is not None else []
+    if cc is None:
+        return []
+    described = info.describe()
+    runs_ucx = described["build"]["ucx"].get("loaded") and described["settings"]["COLLECTIVES_WIRE_SECURITY"] == "none"
+    return [t for t in described["build"]["transports"] if t != "ucx" or runs_ucx]
 
 
 def thread_ids():

@@ -47,7 +47,7 @@ def _native_name(dtype: np.dtype) -> Optional[str]:
         return _NATIVE_NAMES.setdefault(dtype, name)
 
 
-def _numpy_dtype(name: str):
+def numpy_dtype(name: str):
     if name == "bfloat16":
         import ml_dtypes
 
@@ -100,8 +100,8 @@ def _view_dlpack(x: Any, what: str) -> Buffer:
     address, count, dtype_code, device_type, contiguous, owner = _core.dlpack_info(capsule)
     if device_type not in _DLPACK_HOST_DEVICES:
         raise TypeError(
-            f"{what} lives on a device (DLPack device type {device_type}); this build of "
-            "collectives handles host memory only: move it to the CPU first"
+            f"{what} lives on a device (DLPack device type {device_type}); collectives takes device memory in "
+            "allreduce only (CUDA builds, collectives._device): move it to the CPU first"
         )
     if not contiguous and count:  # without elements, strides say nothing (torch's new_empty((3, 0)))
         raise TypeError(f"{what} must be contiguous; pass x.contiguous() and copy back")
@@ -112,4 +112,4 @@ def empty_like_kind(x: Any, shape: Tuple[int, ...], dtype: str) -> Any:
     """A new, uninitialised array of x's kind: a tensor for a tensor (x.new_empty), else numpy."""
     if not isinstance(x, np.ndarray) and hasattr(x, "new_empty"):
         return x.new_empty(shape)
-    return np.empty(shape, dtype=_numpy_dtype(dtype))
+    return np.empty(shape, dtype=numpy_dtype(dtype))

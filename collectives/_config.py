@@ -18,7 +18,7 @@ from ._topology import parse_levels
 __all__ = ["Config", "ALGORITHMS", "TRANSPORTS", "WIRE_SECURITY", "parse_bytes", "parse_int", "parse_seconds"]
 
 ALGORITHMS = ("auto", "ring", "recursive_doubling", "hierarchical", "reduction_server")
-TRANSPORTS = ("auto", "tcp", "shm")
+TRANSPORTS = ("auto", "tcp", "shm", "ucx")
 # What workers do when every reducer has failed: raise CollectiveError, or go on with the ring.
 RS_FALLBACKS = ("error", "ring")
 # What protects each frame after the handshake: nothing, a MAC, or a MAC and encryption (in
@@ -168,13 +168,19 @@ class Config:
     rs_fallback: str = "error"
     wire_security: str = "mac"
     topology: Optional[str] = None  # levels above the host, outermost first (collectives._topology)
-    transport: str = "auto"  # shared memory within a host and TCP between hosts, or one of them
+    transport: str = "auto"  # shared memory within a host and TCP between hosts, or one of them, or UCX
 
     def __post_init__(self) -> None:
         # Checked on construction too, so that Config(...) built by hand is as safe as
         # from_env(); parsing an already-valid value gives it back unchanged.
         for name, (_, parse) in _FIELDS.items():
             object.__setattr__(self, name, parse(getattr(self, name), name))
+        if self.transport == "ucx" and self.wire_security != "none":
+            raise ValueError(
+                f"COLLECTIVES_TRANSPORT=ucx carries data without a tag per frame, so it cannot give "
+                f"COLLECTIVES_WIRE_SECURITY={self.wire_security}: set COLLECTIVES_WIRE_SECURITY=none to accept that "
+                "(connections are still authenticated, and UCX addresses, aborts and notices travel over the "
+                "authenticated links), or use the tcp transport")
         # Only where there are reducers: a short COLLECTIVES_TIMEOUT alone is no mistake.
         if self.num_reducers and self.rs_heartbeat_timeout >= self.timeout:
             raise ValueError(

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from . import _handshake, _netif, _shm
+from . import _handshake, _netif, _shm, _ucx
 from ._config import Config
 from ._handshake import ROLE_WORKER, PeerHello, SessionKeys, client_handshake, server_handshake
 from ._rendezvous import ABORT_POLL_S, Exchange, plural
@@ -57,6 +57,8 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
     # rather than one raising while the others wait for its address.
     listener = unix_listener = None
     try:
+        if config.transport == "ucx":  # every worker fails alike where one cannot load it
+            _ucx.load()
         address = find_address()
         listener = _netif.listen(address, config.port_range)
         port = listener.getsockname()[1]

@@ -70,8 +70,8 @@ class SharedMemory(NamedTuple):
 
 def open_listener(config: Config) -> Optional[socket.socket]:
     """The abstract Unix socket where this worker's higher same-host peers reach it; None for
-    COLLECTIVES_TRANSPORT=tcp."""
-    if config.transport == "tcp":
+    COLLECTIVES_TRANSPORT=tcp or ucx."""
+    if config.transport in ("tcp", "ucx"):
         return None
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind("\0collectives-" + secrets.token_hex(16))

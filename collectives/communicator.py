@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import _buffers, _core, hierarchical, ring
+from . import _buffers, _core, _device, hierarchical, ring
 from ._bootstrap import Bootstrap, bootstrap
 from ._config import Config
 from .errors import CollectiveError
@@ -67,6 +67,18 @@ class Work:
         return self._core_work.done()
 
 
+class _Finished:
+    """The core's side of a Work that finished before it was returned."""
+
+    @staticmethod
+    def wait_for(seconds: float) -> bool:
+        return True
+
+    @staticmethod
+    def done() -> bool:
+        return True
+
+
 class Communicator:
     """Collectives among `size` workers; create it with collectives.init()."""
 
@@ -80,7 +92,8 @@ class Communicator:
         self._plan = _hierarchy(config, boot.topology)
         self._core = _core.Communicator(
             boot.rank, boot.size, boot.peer_links, boot.peer_names, _options(config, self._plan), boot.reducer_links,
-            boot.reducer_names, boot.shm.doorbell, boot.shm.links, boot.shm.board, boot.shm.board_expected
+            boot.reducer_names, boot.shm.doorbell, boot.shm.links, boot.shm.board, boot.shm.board_expected,
+            ucx=config.transport == "ucx" and boot.size > 1
         )
         self._rank, self._size, self._members = boot.rank, boot.size, list(range(boot.size))
         self._topology = boot.topology
@@ -282,10 +295,21 @@ class Communicator:
     # Each returns the result (blocking) or a Work (async). A blocking call lends the core its
     # thread: the collective runs on it when nothing else is queued (_complete).
     def _allreduce(self, x, op: str, blocking: bool):
+        device = _device.find(x)
+        if device is not None:
+            return self._allreduce_staged(x, device, op, blocking)
         buf = _buffers.view(x, writable=True)
         code = self._op_code(op, buf.dtype)
         work = self._live_core().allreduce(buf.address, buf.count, buf.dtype_code, code, blocking)
         return self._complete(work, x, (buf,), blocking)
+
+    def _allreduce_staged(self, x, device: _device.DeviceBuffer, op: str, blocking: bool):
+        """A CUDA buffer, reduced in a host copy that is then copied back: done before this
+        returns, an async call's too (its Work is finished)."""
+        host = _device.to_host(device)
+        self._allreduce(host, op, blocking=True)
+        _device.to_device(host, device)
+        return x if blocking else Work(self, _Finished(), x, ())
 
     def _allgather(self, x, blocking: bool):
         buf = _buffers.view(x, writable=False)
@@ -502,7 +526,7 @@ def _options(config: Config, plan: Optional[hierarchical.Plan] = None) -> Any:
         forced = config.effective_algorithm == "hierarchical"
         options.hierarchy = hierarchical.core_plan(
             plan, network_cost=(options.cost_alpha_seconds, options.cost_beta_seconds_per_byte), forced=forced,
-            host_over_shm=config.transport != "tcp")
+            host_over_shm=config.transport in ("auto", "shm"))
         if forced:  # flat links of a second per message against levels that cost nothing
             options.cost_alpha_seconds, options.cost_beta_seconds_per_byte = 1.0, 1.0
     options.rs_chunk_bytes = config.rs_chunk_bytes or 0

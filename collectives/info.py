@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import __version__, _core, _topology, ring
+from . import __version__, _core, _topology, _ucx, ring
 from ._config import TRANSPORTS, Config
 
 
@@ -19,8 +19,9 @@ def describe() -> dict:
             "simd_level": _core.SIMD_LEVEL,
             "simd_levels_supported": list(_core.kernels.levels()),
             "transports": list(TRANSPORTS),
-            "cuda": False,
-            "ucx": False,
+            "cuda": ({"built": True, "runtime": _core.cuda.runtime_version(), "devices": _core.cuda.devices()}
+                     if _core.cuda.BUILT else {"built": False}),
+            "ucx": _ucx.describe(),
         },
         "settings": Config.from_env().as_dict(),
         "auto": ring.choices(),

@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings/buffers.h"
+#include "bindings/cuda.h"
 #include "bindings/kernels.h"
 #include "communicator.h"
 #include "kernels/reduce.h"
@@ -20,6 +21,9 @@
 #include "transport/shm/segment.h"
 #include "transport/tcp_transport.h"
 #include "transport/wire_security.h"
+#ifdef COLLECTIVES_HAVE_UCX
+#include "transport/ucx/ucx_transport.h"
+#endif
 
 namespace py = pybind11;
 using namespace collectives;
@@ -58,6 +62,31 @@ py::object submit(bool blocking, Collective collective) {
   return py::cast(work);
 }
 
+// A rank's transport over UCX (the links become its control links), with every descriptor
+// closed if it cannot be made.
+std::unique_ptr<Transport> make_ucx_transport(int rank, int size, std::vector<std::vector<Link>> links,
+                                              std::vector<std::string> names, double timeout_seconds) {
+#ifdef COLLECTIVES_HAVE_UCX
+  try {
+    loaded_ucx();
+  } catch (...) {
+    for (const auto& peer : links) {
+      for (const Link& link : peer) ::close(link.fd);
+    }
+    throw;
+  }
+  return std::make_unique<UcxTransport>(rank, size, std::move(links), std::move(names),
+                                        deadline_after(timeout_seconds));
+#else
+  for (const auto& peer : links) {
+    for (const Link& link : peer) ::close(link.fd);
+  }
+  (void)rank, (void)size, (void)names, (void)timeout_seconds;
+  throw CollectiveError("this build of collectives has no UCX transport: rebuild it where UCX's headers are found "
+                        "(pip install libucx-cu12 before building), or choose another COLLECTIVES_TRANSPORT");
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -85,6 +114,7 @@ PYBIND11_MODULE(_core, m) {
 
   bind_buffers(m);
   bind_kernels(m);
+  bind_cuda(m);
   m.def(
       "ring_family_choice",
       [](size_t bytes, int group_size, double alpha_seconds, double beta_seconds_per_byte) {
@@ -108,6 +138,19 @@ PYBIND11_MODULE(_core, m) {
       py::arg("secret"), py::arg("transcript"),
       "HKDF-SHA256 of the job's secret over a handshake's transcript: the client's sending key, "
       "then the server's (32 bytes each).");
+  // UCX, loaded on demand by collectives/_ucx.py.
+#ifdef COLLECTIVES_HAVE_UCX
+  m.attr("HAVE_UCX") = true;
+  m.def(
+      "load_ucx", [](const std::string& path) { load_ucx(path); }, py::arg("path"),
+      "Loads libucp from `path` (once per process; later calls keep the first).");
+  m.def("describe_ucx", [] {
+    UcxInfo info = describe_ucx();
+    return py::make_tuple(info.path, info.version, info.devices);
+  }, "(path, version, devices) of the UCX loaded, devices as transport/device.");
+#else
+  m.attr("HAVE_UCX") = false;
+#endif
   // The shared-memory links that collectives/_shm.py sets up between ranks of one host.
   m.attr("SHM_SEGMENT_BYTES") = kShmSegmentBytes;
   m.def("create_shm_segment", &create_shm_segment, "A sealed memfd for the rings of one pair of ranks.");
@@ -222,13 +265,15 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](int rank, int size, std::vector<std::vector<Link>> peer_links,
                        std::vector<std::string> peer_names, CommunicatorOptions options,
                        std::vector<Link> reducer_links, std::vector<std::string> reducer_names, int doorbell_fd,
-                       std::vector<ShmLink> shm_links, int board_fd, bool board_expected) {
+                       std::vector<ShmLink> shm_links, int board_fd, bool board_expected, bool ucx) {
              FileDescriptor board_memory(board_fd);
              std::unique_ptr<Transport> transport;
              std::unique_ptr<ShmBoard> board;
              try {
-               transport = make_transport(rank, size, std::move(peer_links), std::move(peer_names), doorbell_fd,
-                                          std::move(shm_links));
+               transport = ucx ? make_ucx_transport(rank, size, std::move(peer_links), std::move(peer_names),
+                                                    options.timeout_seconds)
+                               : make_transport(rank, size, std::move(peer_links), std::move(peer_names), doorbell_fd,
+                                                std::move(shm_links));
                if (board_memory.get() >= 0) {
                  std::vector<int> world(size);
                  for (int r = 0; r < size; ++r) world[r] = r;
@@ -245,6 +290,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("options"), py::arg("reducer_links") = std::vector<Link>{},
            py::arg("reducer_names") = std::vector<std::string>{}, py::arg("doorbell_fd") = -1,
            py::arg("shm_links") = std::vector<ShmLink>{}, py::arg("board_fd") = -1, py::arg("board_expected") = false,
+           py::arg("ucx") = false,
            py::call_guard<py::gil_scoped_release>())
       .def("reducer_stats", [](const Communicator& c) {
         py::list result;

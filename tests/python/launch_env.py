@@ -1,13 +1,16 @@
 """The environment a test's child processes start from: this one, less the variables that a
 launcher around the test run (mpirun, torchrun, a CI job, a testbed) may have set, which would
-change how a rank process starts; the command that starts a reducer; and the benchmark scripts
-as modules."""
+change how a rank process starts, plus the transport that COLLECTIVES_TEST_TRANSPORT forces on
+every job of a run; the transports a test can run on; the command that starts a reducer; and
+the benchmark scripts as modules."""
 
 import importlib.util
 import os
 import sys
 from pathlib import Path
 from typing import Dict
+
+import pytest
 
 REDUCER_COMMAND = [sys.executable, "-m", "collectives.reduction_server"]
 
@@ -16,9 +19,33 @@ _LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROU
                    "MASTER_PORT")
 
 
+def transport_env(transport: str) -> Dict[str, str]:
+    """The variables that run a job over `transport` (UCX carries no per-frame tags, so it
+    runs with COLLECTIVES_WIRE_SECURITY=none)."""
+    return {"COLLECTIVES_TRANSPORT": transport, **({"COLLECTIVES_WIRE_SECURITY": "none"} if transport == "ucx" else {})}
+
+
+def ucx_missing() -> str:
+    """Why a job cannot run over UCX here; empty if it can."""
+    from collectives import _ucx
+
+    info = _ucx.describe()
+    if not info["built"]:
+        return "this build has no UCX transport (no UCX headers when it was built)"
+    return "" if info["loaded"] else info["why"]
+
+
+# For @pytest.mark.parametrize("transport", TRANSPORTS): each transport of the core, UCX skipped
+# with the reason where it cannot run.
+TRANSPORTS = ["tcp", "shm", pytest.param("ucx", marks=pytest.mark.skipif(bool(ucx_missing()), reason=ucx_missing()))]
+
+
 def clean_environ() -> Dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
+    # A run of the suite over one transport (scripts/test runs a selection with ucx).
+    if os.environ.get("COLLECTIVES_TEST_TRANSPORT"):
+        env.update(transport_env(os.environ["COLLECTIVES_TEST_TRANSPORT"]))
+    return env
 
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import collective_cases as cases_lib
+from launch_env import TRANSPORTS, transport_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,11 +41,11 @@ def test_many_segments_and_connections(run_ranks, tmp_path):
     cases_lib.run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 5, 4099, 100003]), env=env)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_matrix_on_each_transport(run_ranks, tmp_path, transport):
     """Ranks of one host: auto (test_matrix) takes shared memory; each forced here."""
     cases_lib.run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 7, 1009, 65537, 300007]),
-                      env={"COLLECTIVES_TRANSPORT": transport})
+                      env=transport_env(transport))
 
 
 @pytest.mark.parametrize("algorithm", ["ring", "recursive_doubling"])

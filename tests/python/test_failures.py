@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from launch_env import TRANSPORTS, transport_env
+
 SCENARIO_SCRIPT = r"""
 import json, os, signal, sys, threading, time
 import numpy as np
@@ -95,11 +97,11 @@ def test_mismatched_lengths_fail_on_every_rank(run_ranks):
     assert any("99999" in r["message"] or "100000" in r["message"] for r in found), found
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_killed_rank_fails_the_survivors_naming_it(run_ranks, transport):
     shm_before = set(os.listdir("/dev/shm"))
     start = time.monotonic()
-    results = run_scenario(run_ranks, "killed", 4, env={"COLLECTIVES_TRANSPORT": transport})
+    results = run_scenario(run_ranks, "killed", 4, env=transport_env(transport))
     survivors = [r for r in results if r.returncode != -signal.SIGKILL]
     assert len(survivors) == 3
     for report in reports(survivors):

@@ -8,6 +8,7 @@ import json
 import pytest
 
 import collective_cases as cases_lib
+from launch_env import TRANSPORTS, transport_env
 
 COUNTS = [0, 1, 2, 7, 1009, 65537, 300007]
 
@@ -17,10 +18,10 @@ def test_rooted_and_point_to_point(run_ranks, tmp_path, size):
     cases_lib.run_job(run_ranks, tmp_path, size, cases_lib.rooted_matrix(size, COUNTS))
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_on_each_transport(run_ranks, tmp_path, transport):
     cases_lib.run_job(run_ranks, tmp_path, 3, cases_lib.rooted_matrix(3, [0, 1, 4099, 300007]),
-                      env={"COLLECTIVES_TRANSPORT": transport})
+                      env=transport_env(transport))
 
 
 BAD_CALL_SCRIPT = """

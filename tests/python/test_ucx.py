@@ -1,0 +1,99 @@
+"""The UCX transport (COLLECTIVES_TRANSPORT=ucx): collectives against numpy over UCX's shared
+memory and over its TCP, the failure model (a peer closing mid-exchange, a header that
+disagrees), the wire-security rule, and what collectives-info says of UCX. The shared suites
+run over UCX too (TRANSPORTS in test_collectives, test_point_to_point, test_failures; and
+scripts/test's selection under COLLECTIVES_TEST_TRANSPORT=ucx)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import collective_cases as cases_lib
+from launch_env import transport_env, ucx_missing
+
+from collectives import _ucx
+from collectives._config import Config
+
+pytestmark = pytest.mark.skipif(bool(ucx_missing()), reason=ucx_missing() or "UCX runs here")
+
+INFO = Path(sys.executable).parent / "collectives-info"
+UCX = transport_env("ucx")
+
+
+@pytest.mark.parametrize("ucx_tls", ["tcp", "posix,sysv,cma,self"])
+def test_matrix_over_each_of_ucx_transports(run_ranks, tmp_path, ucx_tls):
+    """UCX over TCP (what a cluster without RDMA gets) and over its shared memory."""
+    cases_lib.run_job(run_ranks, tmp_path, 3, cases_lib.matrix(3, [0, 1, 1009, 300007]),
+                      env={**UCX, "UCX_TLS": ucx_tls})
+
+
+def test_subgroups_and_point_to_point_share_ucx(run_ranks, tmp_path):
+    """Communicators of several ids on one UCX worker: each its own stream of tags."""
+    cases_lib.run_job(run_ranks, tmp_path, 4, cases_lib.rooted_matrix(4, [0, 3, 65537]), env=UCX)
+
+
+CLOSE_MID_EXCHANGE = r"""
+import json, os, sys
+import numpy as np
+import collectives as cc
+rank = int(os.environ["COLLECTIVES_RANK"])
+comm = cc.init()
+result = {"rank": rank}
+try:
+    comm.allreduce(np.ones(1000, np.float32))
+    if rank == 1:
+        comm.close()  # rank 0 waits for a message it will never send
+    else:
+        comm.recv(np.zeros(10, np.float32), 1)
+    result["ok"] = True
+except cc.CollectiveError as error:
+    result["message"] = str(error)
+print(json.dumps(result), flush=True)
+"""
+
+
+def test_a_peer_that_closes_mid_exchange_is_reported_not_waited_out(run_ranks):
+    results = run_ranks(CLOSE_MID_EXCHANGE, 2, env={**UCX, "COLLECTIVES_TIMEOUT": "60"}, timeout=45)
+    waiting = results[0].report()
+    assert "rank 1" in waiting.get("message", "") and "closed its communicator" in waiting["message"], waiting
+    assert results[1].report().get("ok"), results[1].report()
+
+
+MISMATCH = r"""
+import json, os
+import numpy as np
+import collectives as cc
+rank = int(os.environ["COLLECTIVES_RANK"])
+comm = cc.init()
+try:
+    comm.allreduce(np.ones(1000 if rank else 999, np.float32))
+    print(json.dumps({"ok": True}))
+except cc.CollectiveError as error:
+    print(json.dumps({"message": str(error)}), flush=True)
+"""
+
+
+def test_a_header_that_disagrees_fails_every_rank(run_ranks):
+    reports = [r.report() for r in run_ranks(MISMATCH, 3, env={**UCX, "COLLECTIVES_TIMEOUT": "20"}, timeout=60)]
+    for report in reports:
+        assert "allreduce #" in report.get("message", ""), report
+    assert any("999" in r["message"] and "1000" in r["message"] for r in reports), reports
+
+
+def test_ucx_refuses_a_wire_security_it_cannot_give():
+    for security in ("mac", "aead"):
+        with pytest.raises(ValueError, match="COLLECTIVES_WIRE_SECURITY=none"):
+            Config(transport="ucx", wire_security=security)
+    assert Config(transport="ucx", wire_security="none").transport == "ucx"
+
+
+def test_info_shows_ucx_version_and_devices():
+    out = subprocess.run([str(INFO), "--json"], capture_output=True, text=True, timeout=60, check=True)
+    ucx = json.loads(out.stdout)["build"]["ucx"]
+    assert ucx["built"] and ucx["loaded"], ucx
+    assert ucx["version"][0].isdigit(), ucx
+    assert any(device.startswith("tcp/") for device in ucx["devices"]), ucx  # loopback at least
+    assert Path(ucx["library"]).resolve() == Path(_ucx.library_path()).resolve()
