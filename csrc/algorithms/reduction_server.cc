@@ -34,10 +34,19 @@ namespace {
 // R * chunk / B, and the link waits about as long for the last ones. Cutting each reducer's
 // share into kChunksPerReducer chunks keeps those waits near 1% of the transfer: at 64 MiB,
 // 32-64K chunks reached 95-97% of the bound where 256K reached 88-94% and 1M 91%. The floor
-// keeps the per-frame costs small; a deeper window (8) gained nothing over 4.
+// keeps the per-frame costs small.
 constexpr size_t kChunksPerReducer = 256;
 constexpr size_t kMinChunkBytes = 32 << 10, kMaxChunkBytes = 4 << 20;
+// Unanswered chunks per reducer, by default: 4, but at most kMaxChunksInFlight over all the
+// reducers together, since a worker's link carries all of them. 64 in flight lost to 32:
+// 8 + 8 at 250 Mbit/s reached 91.9% of the bound with 8 per reducer, 95.3% with 4; 16 + 16 at
+// 125 Mbit/s 94.7% with 4, 97.2% with 2 (benchmarks/RESULTS.md).
 constexpr int kDefaultInflight = 4;
+constexpr size_t kMaxChunksInFlight = 32;
+
+int default_inflight(size_t reducers) {
+  return static_cast<int>(std::clamp<size_t>(kMaxChunksInFlight / std::max<size_t>(reducers, 1), 1, kDefaultInflight));
+}
 // Units of the agreement messages: agreement a uses kUnitsPerAgreement * a onwards, one
 // per dissemination round (at most 32 rounds for 2^32 workers).
 constexpr uint32_t kUnitsPerAgreement = 32;
@@ -84,11 +93,13 @@ ReductionServerAllreduce::ReductionServerAllreduce(std::vector<Link> links,
                                                    std::vector<std::string> names,
                                                    const ReductionServerSettings& settings, int rank)
     : settings_(settings),
-      channels_(std::move(links), std::move(names),
-                settings.inflight > 0 ? settings.inflight : kDefaultInflight,
-                settings.heartbeat_timeout, [rank](const std::string& event) {
-                  std::fprintf(stderr, "[collectives rank %d] %s\n", rank, event.c_str());
-                }) {}
+      channels_([&] {
+        const int inflight = settings.inflight > 0 ? settings.inflight : default_inflight(links.size());
+        return ReducerChannels(std::move(links), std::move(names), inflight, settings.heartbeat_timeout,
+                               [rank](const std::string& event) {
+                                 std::fprintf(stderr, "[collectives rank %d] %s\n", rank, event.c_str());
+                               });
+      }()) {}
 
 class ReductionServerAllreduce::Call : public AllreduceCall {
  public:
