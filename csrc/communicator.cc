@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <utility>
 
+#include "common/fnv.h"
+
 namespace collectives {
 
 bool Work::wait_for(double seconds) {
@@ -158,12 +160,9 @@ std::unique_ptr<Communicator> Communicator::subgroup(const std::vector<int>& ran
     made = lineage_->made[ranks]++;
   }
   // FNV-1a over the ranks and the count: the same on every member; 0 is the world's.
-  uint64_t id = 14695981039346656037ull;
-  auto mix = [&](uint64_t value) {
-    for (int byte = 0; byte < 8; ++byte) id = (id ^ ((value >> (8 * byte)) & 0xff)) * 1099511628211ull;
-  };
-  for (int rank : ranks) mix(static_cast<uint64_t>(rank));
-  mix(made);
+  std::vector<uint64_t> identity(ranks.begin(), ranks.end());
+  identity.push_back(made);
+  uint64_t id = fnv1a(identity);
   if (id == 0) id = 1;
   CommunicatorOptions options = options_;
   options.reduction_server = false;
@@ -461,11 +460,7 @@ std::shared_ptr<Work> Communicator::message(bool is_send, void* data, size_t cou
   // Each tag a lane of its own (FrameHeader::comm), derived alike by both ends from the
   // communicator's id and the tag (FNV-1a, as subgroup ids), so that messages of one tag do
   // not queue behind another's.
-  uint64_t lane = 14695981039346656037ull;
-  for (uint64_t value : {id_, uint64_t{0x70327032}, uint64_t{tag}}) {
-    for (int byte = 0; byte < 8; ++byte) lane = (lane ^ ((value >> (8 * byte)) & 0xff)) * 1099511628211ull;
-  }
-  tag_of.comm = lane;
+  tag_of.comm = fnv1a({id_, uint64_t{0x70327032}, uint64_t{tag}});
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closing_ || !transport_) throw CollectiveError("the communicator is closed");

@@ -37,15 +37,18 @@ void AlgorithmContext::wait(const TransportRequest& request) const {
   if (!interruption) return transport.wait(request, deadline);
   for (;;) {
     const bool done = transport.wait_until(request, deadline, interruption->next_check());
-    if (interruption->interrupted()) {
-      // As for any failure of a wait: no posted buffer is touched once this throws.
-      const Interrupted interrupted;
-      transport.abort(interrupted.what());
-      transport.quiesce();
-      throw interrupted;
-    }
+    stop_if_interrupted();
     if (done) return;
   }
+}
+
+void AlgorithmContext::stop_if_interrupted() const {
+  if (!interruption || !interruption->interrupted()) return;
+  // As for any failure of a wait: no posted buffer is touched once this throws.
+  const Interrupted interrupted;
+  transport.abort(interrupted.what());
+  transport.quiesce();
+  throw interrupted;
 }
 
 void AlgorithmContext::log(const std::string& phase) const {

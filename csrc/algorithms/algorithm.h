@@ -67,6 +67,9 @@ struct AlgorithmContext {
   }
   const std::string& peer_name(int index) const { return transport.peer_name(group.peer(index)); }
   void wait(const TransportRequest& request) const;
+  // Where the caller's interruption asks to give up (once its check is due): aborts the
+  // transport and throws Interrupted.
+  void stop_if_interrupted() const;
   // "[collectives rank R] allreduce #7 (sum, 1000 x float32): <phase>", when debugging.
   void log(const std::string& phase) const;
   // The same line, always: for events a user must hear of (a reducer failed).

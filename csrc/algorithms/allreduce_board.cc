@@ -33,11 +33,7 @@ void BoardAllreduce::barrier(const AlgorithmContext& ctx) {
       ctx.transport.abort(reason);
       throw CollectiveError(reason);
     }
-    if (ctx.interruption && ctx.interruption->interrupted()) {
-      const Interrupted interrupted;
-      ctx.transport.abort(interrupted.what());
-      throw interrupted;
-    }
+    ctx.stop_if_interrupted();
     if (now >= ctx.deadline) {
       std::string late;
       for (int member : board_->late()) late += (late.empty() ? "" : ", ") + ctx.peer_name(member);

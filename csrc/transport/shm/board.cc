@@ -10,6 +10,7 @@
 #include <string>
 #include <utility>
 
+#include "common/fnv.h"
 #include "transport/shm/waiting.h"
 
 namespace collectives {
@@ -83,18 +84,12 @@ bool ShmBoard::left_before_arriving(int member) const {
 
 namespace {
 
-// The call's place in the order (low 32 bits) and an FNV-1a hash of what the ranks must agree
-// on (high 32).
+// The call's place in the order (low 32 bits) and a hash of what the ranks must agree on (the
+// high 32 bits of its FNV-1a).
 uint64_t call_signature(const CollectiveTag& tag) {
-  uint32_t hash = 2166136261u;
-  auto mix = [&](uint64_t value) {
-    for (int byte = 0; byte < 8; ++byte) hash = (hash ^ ((value >> (8 * byte)) & 0xff)) * 16777619u;
-  };
-  for (uint64_t field : {static_cast<uint64_t>(tag.kind), tag.count, static_cast<uint64_t>(tag.dtype),
-                         static_cast<uint64_t>(tag.op), static_cast<uint64_t>(tag.root), tag.comm}) {
-    mix(field);
-  }
-  return (static_cast<uint64_t>(hash) << 32) | static_cast<uint32_t>(tag.seq);
+  const uint64_t hash = fnv1a({static_cast<uint64_t>(tag.kind), tag.count, static_cast<uint64_t>(tag.dtype),
+                               static_cast<uint64_t>(tag.op), static_cast<uint64_t>(tag.root), tag.comm});
+  return (hash & 0xFFFFFFFF00000000ull) | static_cast<uint32_t>(tag.seq);
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <utility>
 
+#include "common/fnv.h"
+
 namespace collectives {
 
 struct UcxTransport::Operation : TransportOperation {
@@ -48,13 +50,7 @@ constexpr ucp_tag_t kWholeTag = ~ucp_tag_t{0};
 // The UCX tag of one part of the messages from `sender` on communicator `comm`: a hash
 // (FNV-1a) of the three, so a 64-bit communicator id fits; two streams that collide would
 // meet each other's headers, which mismatch() reports.
-ucp_tag_t ucx_tag(uint64_t part, int sender, uint64_t comm) {
-  uint64_t tag = 14695981039346656037ull;
-  for (uint64_t value : {part, uint64_t(sender), comm}) {
-    for (int byte = 0; byte < 8; ++byte) tag = (tag ^ ((value >> (8 * byte)) & 0xff)) * 1099511628211ull;
-  }
-  return tag;
-}
+ucp_tag_t ucx_tag(uint64_t part, int sender, uint64_t comm) { return fnv1a({part, uint64_t(sender), comm}); }
 
 }  // namespace
 
