@@ -8,8 +8,11 @@ Placement. Each rank reports where it runs (host_identity: its UTS hostname and 
 address of the testbed's interface in its network namespace, and its COLLECTIVES_TOPOLOGY);
 check_placement refuses a run in which rank i is not on the host the layout gives it, or, with
 racks, does not carry its host's rack as its topology label. The layout (Layout) places K
-ranks on each host, rank-order: ranks 0..K-1 on h0, K..2K-1 on h1, ...; hosts sit in racks in
-contiguous blocks (testbed.py), so rank order is rack order too. mpirun's mapping can come from the
+ranks on each host in one of two rank orders. block: ranks 0..K-1 on h0, K..2K-1 on h1, ...;
+hosts sit in racks in contiguous blocks (testbed.py), so rank order is rack order too.
+interleaved (as a scheduler may hand ranks out): the hosts taken round-robin over the racks
+(h0, h4, h1, h5, ... for 2 racks of 4) and the ranks dealt out cyclically over them, rank i on
+the (i mod N)-th, so consecutive ranks alternate racks (and hosts). mpirun's mapping can come from the
 environment (PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe puts every rank of
 `mpirun --host h0:1,h1:1,...` on h0), and loopback figures must never pass for the
 emulated cluster's.
@@ -165,15 +168,23 @@ def check_placement(hosts, reported, racks=None):
 
 # -- layouts
 
-class Layout:
-    """Where a job's workers sit: `hosts` worker hosts with `per_host` ranks each (rank-order:
-    K consecutive ranks per host), the hosts in `racks` (worker hosts per rack, contiguous
-    blocks in host order; () without racks), and `reducers` reducer hosts beside them."""
+RANK_ORDERS = ("block", "interleaved")
 
-    def __init__(self, hosts, per_host=1, racks=(), reducers=0):
+
+class Layout:
+    """Where a job's workers sit: `hosts` worker hosts with `per_host` ranks each, the hosts in
+    `racks` (worker hosts per rack, contiguous blocks in host order; () without racks), and
+    `reducers` reducer hosts beside them; `rank_order` (RANK_ORDERS) says which rank runs where:
+    block, K consecutive ranks per host in host order; interleaved, ranks dealt out cyclically
+    over the hosts taken round-robin over the racks, so that consecutive ranks alternate racks."""
+
+    def __init__(self, hosts, per_host=1, racks=(), reducers=0, rank_order="block"):
         self.hosts, self.per_host, self.racks, self.reducers = hosts, per_host, tuple(racks or ()), reducers or 0
+        self.rank_order = rank_order or "block"
         if self.racks and sum(self.racks) != hosts:
             raise ValueError(f"racks {self.racks} hold {sum(self.racks)} hosts, not {hosts}")
+        if self.rank_order not in RANK_ORDERS:
+            raise ValueError(f"rank order {self.rank_order!r}: choose from {', '.join(RANK_ORDERS)}")
 
     @property
     def ranks(self):
@@ -184,16 +195,35 @@ class Layout:
         """Whether ranks share hosts or hosts share racks: a layout with levels."""
         return self.per_host > 1 or bool(self.racks)
 
+    def host_racks(self):
+        """Each host's rack index (contiguous blocks); all 0 without racks."""
+        return [r for r, size in enumerate(self.racks or (self.hosts,)) for _ in range(size)]
+
+    def host_order(self):
+        """The host indices in the order ranks are dealt to them: interleaved, round-robin over
+        the racks (2 racks of 4: 0, 4, 1, 5, 2, 6, 3, 7); block, or without racks, 0, 1, ..."""
+        if self.rank_order == "block" or not self.racks:
+            return list(range(self.hosts))
+        firsts = [sum(self.racks[:r]) for r in range(len(self.racks))]
+        return [firsts[r] + j for j in range(max(self.racks)) for r in range(len(self.racks)) if j < self.racks[r]]
+
+    def rank_host_indices(self):
+        """Each rank's host index: block, rank // K; interleaved, host_order()[rank % N]."""
+        if self.rank_order == "block":
+            return [rank // self.per_host for rank in range(self.ranks)]
+        order = self.host_order()
+        return [order[rank % self.hosts] for rank in range(self.ranks)]
+
     def rank_hosts(self, hosts):
         """The host of each rank (hosts: the worker hosts, in order)."""
-        return [hosts[rank // self.per_host] for rank in range(self.ranks)]
+        return [hosts[i] for i in self.rank_host_indices()]
 
     def rank_racks(self):
         """Each rank's rack name (its COLLECTIVES_TOPOLOGY), or None per rank without racks."""
         if not self.racks:
             return [None] * self.ranks
-        racks = [f"rack{r}" for r, size in enumerate(self.racks) for _ in range(size)]
-        return [racks[rank // self.per_host] for rank in range(self.ranks)]
+        racks = self.host_racks()
+        return [f"rack{racks[i]}" for i in self.rank_host_indices()]
 
     def describe(self):
         """'2 hosts x 4 ranks', '8 hosts in 2 racks (4+4), 1 rank each'."""
@@ -201,11 +231,20 @@ class Layout:
                                          if self.racks else "")
         return f"{where}, {self.per_host} rank{'s' if self.per_host > 1 else ''} each"
 
+    def describe_order(self):
+        """'block (rank i on host i // 4)', 'interleaved (ranks on h0, h4, h1, h5, ... in turn)'."""
+        if self.rank_order == "block":
+            return f"block (rank i on host i // {self.per_host})"
+        order = self.host_order()
+        shown = ", ".join(f"h{i}" for i in order[:4]) + (", ..." if len(order) > 4 else "")
+        return f"interleaved (rank i on the (i mod {self.hosts})-th of {shown}: consecutive ranks alternate racks)"
+
     @classmethod
     def of_row(cls, row):
         """A result row's layout: rows carry hosts, per_host and racks (rows from before
         layouts had one rank per host and no racks)."""
-        return cls(row["hosts"], row.get("per_host") or 1, row.get("racks") or (), row.get("reducers") or 0)
+        return cls(row["hosts"], row.get("per_host") or 1, row.get("racks") or (), row.get("reducers") or 0,
+                   row.get("rank_order") or "block")
 
 
 # -- link bytes
@@ -238,12 +277,20 @@ def _log2(n):
     return n.bit_length() - 1
 
 
+RACK_ORDERED = "ring:rack-ordered"  # the flat ring over the ranks ordered rack by rack, host by host
+
+
 def plan_of(algorithm, layout):
     """The plan a row of `algorithm` runs on the layout, as rows name it: 'ring:rank-order'
-    (the flat ring in rank order, which on these layouts crosses each host NIC and each uplink
-    once each way), 'recursive_doubling:rank-order', 'hierarchical:host' (no racks) or
-    'hierarchical:host+rack', 'reduction_server'; a peer's is its name ('gloo', 'mpi')."""
+    (the flat ring in rank order: in block order it crosses each host NIC and each uplink once
+    each way, interleaved at every hop), 'ring:rack-ordered' (the flat ring over the ranks
+    ordered rack by rack and host by host, whatever the rank order: the best flat ring, once
+    each way through each NIC and uplink), 'recursive_doubling:rank-order', 'hierarchical:host'
+    (no racks) or 'hierarchical:host+rack', 'reduction_server'; a peer's is its name ('gloo',
+    'mpi')."""
     base, words = algorithm_name(algorithm), algorithm.partition("(")[2]
+    if base == RACK_ORDERED:
+        return base
     if base in ("ring", "recursive_doubling"):
         return f"{base}:rank-order"
     if base == "hierarchical":
@@ -260,15 +307,48 @@ def algorithm_name(algorithm):
     return algorithm.split("(")[0].strip()
 
 
+def rack_ordered(layout):
+    """The ranks ordered rack by rack, host by host (then by rank): RACK_ORDERED's ring order."""
+    hosts, racks = layout.rank_host_indices(), layout.host_racks()
+    return sorted(range(layout.ranks), key=lambda rank: (racks[hosts[rank]], hosts[rank], rank))
+
+
+def ring_pairs(order, share):
+    """A ring over `order` (ranks): each member sends `share` of S to the next."""
+    return [(a, b, share) for a, b in zip(order, order[1:] + order[:1])] if len(order) > 1 else []
+
+
+def level_bytes(pairs, layout):
+    """{"host": model, "uplink": model or None} for traffic `pairs` ((from rank, to rank, share
+    of S) for every message of an all-reduce): per host NIC and per rack uplink, the shares of
+    the pairs that leave and enter it (pairs inside a host cross no NIC, inside a rack no
+    uplink). A level's model is (value, True) where every host (rack) moves the same each way,
+    else (the least, False): a lower bound."""
+    host_of, rack_of = layout.rank_host_indices(), layout.host_racks()
+
+    def model(place, places):
+        moved = {p: [0.0, 0.0] for p in range(places)}
+        for a, b, share in pairs:
+            if place(a) != place(b):
+                moved[place(a)][0] += share
+                moved[place(b)][1] += share
+        values = [round(v, 9) for both in moved.values() for v in both]
+        return (values[0], True) if len(set(values)) == 1 else (min(values), False)
+
+    return {"host": model(lambda r: host_of[r], layout.hosts),
+            "uplink": model(lambda r: rack_of[host_of[r]], len(layout.racks)) if layout.racks else None}
+
+
 def level_models(plan, layout):
     """{"host": (value, two-sided), "uplink": (value, two-sided) or None, "reducer": (value,
     two-sided) or None}: the bytes each host NIC, each rack uplink and each reducer host's NIC
     moves each way per all-reduce of S bytes, over S, for `plan` (plan_of's names, or an
     algorithm's) on the layout; two-sided False where only a lower bound holds.
 
-    n = h*k ranks on h hosts, k per host, in R racks of m hosts each (rank-order placement:
-    each host's ranks consecutive, each rack's hosts consecutive). Traffic between ranks of one
-    host goes over shared memory (collectives) or loopback (gloo, MPI) and crosses no NIC.
+    n = h*k ranks on h hosts, k per host, in R racks of m hosts each, in the layout's rank order
+    (block: each host's ranks consecutive, each rack's hosts consecutive; interleaved:
+    consecutive ranks on hosts of alternating racks). Traffic between ranks of one host goes
+    over shared memory (collectives) or loopback (gloo, MPI) and crosses no NIC.
     """
     algorithm = plan.split(":")[0]
     h, k = layout.hosts, layout.per_host
@@ -276,39 +356,44 @@ def level_models(plan, layout):
     equal_racks = bool(racks) and len(set(racks)) == 1
     R, m = len(racks), (racks[0] if racks else h)
     lower = (1.0, False)  # any all-reduce: each host (and rack) must send out S and take in S
-    uplink = None
-    if algorithm in ("ring", "gloo"):
-        # A ring over the n ranks in rank order sends 2(n-1)/n*S from each rank to the next; of
-        # its hops only the one from a host's last rank to the next host's first crosses NICs
-        # (and of those, one per rack crosses its uplink out, one into it).
-        host = (2 * (n - 1) / n, True)
-        uplink = host if racks else None
+    if plan == RACK_ORDERED or algorithm in ("ring", "gloo"):
+        # A ring sends 2(n-1)/n*S from each member to the next; only the hops between hosts cross
+        # NICs, between racks uplinks. In rank order (the library's ring:rank-order, gloo's ring)
+        # on a block layout that is one hop out of each host and each rack (1.75 per NIC and per
+        # uplink for 8 ranks); interleaved, every hop leaves its host and its rack (2 racks of 4
+        # hosts: 4 hops out of each rack, 4 * 1.75 = 7.0 per uplink). Ordered rack by rack
+        # (ring:rack-ordered) it is one hop out of each host and each rack in any rank order.
+        order = rack_ordered(layout) if plan == RACK_ORDERED else list(range(n))
+        models = level_bytes(ring_pairs(order, 2 * (n - 1) / n), layout)
+        host, uplink = models["host"], models["uplink"]
     elif algorithm == "mpi":
         # Open MPI picks its algorithm by n and S: with one rank per host and h a power of two
         # it moves the ring's 2(n-1)/n (measured); otherwise only the lower bound is checked.
         host = (2 * (n - 1) / n, True) if k == 1 and _power_of_two(h) else lower
         uplink = lower if racks else None
     elif algorithm == "recursive_doubling":
-        # log2(n) steps, each rank exchanging all S with rank XOR 2^j: the steps with 2^j >= k
-        # (log2(h) of them) pair ranks of different hosts, all k ranks of a host at once: k*log2(h)
-        # per NIC; the steps with 2^j >= k*m (log2(R)) cross racks with k*m ranks each: k*m*log2(R).
-        # Only for powers of two (else folded ranks move less: the lower bound).
-        if _power_of_two(k) and _power_of_two(h):
-            host = (float(k * _log2(h)), True)
+        # log2(n) steps, each rank exchanging all S with rank XOR 2^j. In block order the steps
+        # with 2^j >= k (log2(h) of them) pair ranks of different hosts, all k ranks of a host at
+        # once: k*log2(h) per NIC; the steps with 2^j >= k*m (log2(R)) cross racks with k*m ranks
+        # each: k*m*log2(R). Only for n a power of two (else folded ranks move less: the lower
+        # bound); uneven counts per host or rack give the least of them as a lower bound.
+        if _power_of_two(n):
+            models = level_bytes([(r, r ^ (1 << j), 1.0) for j in range(_log2(n)) for r in range(n)], layout)
+            host, uplink = models["host"], models["uplink"]
         else:
-            host = lower
-        if racks:
-            uplink = ((float(k * m * _log2(R)), True) if equal_racks and _power_of_two(m) and _power_of_two(R)
-                      and host[1] else lower)
+            host, uplink = lower, (lower if racks else None)
     elif algorithm == "hierarchical":
         # Hierarchical (issue 12): reduce-scatter among the k ranks of a host over shared
         # memory (no NIC bytes), leaving each local rank 1/k of the sum; then each local rank runs
         # a ring across the h hosts on its S/k, all k at once: a ring all-reduce of S/k over h
         # members sends 2(h-1)/h*S/k from each, so a host NIC carries k*2(h-1)/h*S/k =
         # 2(h-1)/h*S per direction; the all-gather inside the host is shared memory again.
+        # The planner (collectives.hierarchical) groups ranks by their topology labels, not by
+        # rank arithmetic, so none of this depends on the rank order.
         # With racks and a plan that does not see them (hierarchical:host), each of the k rings
-        # runs over the hosts in rank order, rack by rack: it crosses each uplink once each way
-        # with 2(h-1)/h*S/k, so an uplink carries 2(h-1)/h*S.
+        # runs over the hosts ordered by their lowest rank: in block order rack by rack, crossing
+        # each uplink once each way with 2(h-1)/h*S/k, so an uplink carries 2(h-1)/h*S;
+        # interleaved, at every hop.
         # With racks in the plan (hierarchical:host+rack, R racks of m hosts): after the host
         # level, each of the k rings across the m hosts of a rack is a reduce-scatter (each host
         # NIC: (m-1)/m*S/k per local rank, k of them: (m-1)/m*S), leaving each of the k*m ranks
@@ -325,8 +410,10 @@ def level_models(plan, layout):
             else:
                 host = uplink = lower
         else:
-            host = (2 * (h - 1) / h, True)
-            uplink = host if racks else None
+            host_of = layout.rank_host_indices()
+            firsts = sorted({host_of.index(i) for i in range(h)})  # each host's lowest rank, in order
+            models = level_bytes(ring_pairs(firsts, 2 * (h - 1) / h), layout)
+            host, uplink = models["host"], models["uplink"]
     elif algorithm == "reduction_server":
         # Each worker rank sends S to the reducers and gets S back: k*S per worker NIC; each
         # reducer host takes N/R of it (N worker ranks).
@@ -339,9 +426,9 @@ def level_models(plan, layout):
 
 def bound_ratios(plan, layout):
     """{level: bytes per direction over S} that a plan's bound divides the level's goodput by:
-    its model's value; for MPI, whose algorithm is its own, the flat ring's (as before layouts:
-    the bound of a rank-order ring)."""
-    models = level_models("ring" if plan.split(":")[0] == "mpi" else plan, layout)
+    its model's value; for MPI, whose algorithm is its own, the best flat ring's
+    (ring:rack-ordered: in block order the rank-order ring, as before layouts)."""
+    models = level_models(RACK_ORDERED if plan.split(":")[0] == "mpi" else plan, layout)
     return {level: model[0] for level, model in models.items() if model is not None}
 
 

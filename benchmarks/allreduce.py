@@ -49,6 +49,7 @@ import testbed
 logger = logging.getLogger("allreduce")
 
 SYSTEMS = ("collectives", "gloo", "mpi")
+RACK_ORDERED = _checks.RACK_ORDERED  # --algorithm(s): the ring over a group ordered rack by rack
 DTYPES = ("float16", "float32", "float64", "int32", "int64")
 # op -> (numpy reduction, smallest and largest input value): small integers, so that every
 # partial result is exact in every dtype (8 ranks: sums within +-64, products of 1s and 2s).
@@ -94,7 +95,9 @@ class Collectives:
     configured; with COLLECTIVES_NUM_REDUCERS=R (and COLLECTIVES_RENDEZVOUS, where reducers
     started on their own meet the job) whatever the environment selects, the reduction server
     by default. With a transport, COLLECTIVES_TRANSPORT=transport while it starts (named
-    collectives-TRANSPORT then); `threads` are those it started (its idle cost)."""
+    collectives-TRANSPORT then); `threads` are those it started (its idle cost).
+    Algorithm RACK_ORDERED: the ring over a group of every rank ordered rack by rack, host by
+    host (comm.topology's labels; comm.create_group), whatever the rank order."""
 
     name = system = "collectives"
 
@@ -109,14 +112,17 @@ class Collectives:
             self.name = self.system = f"collectives-{transport}"
             os.environ["COLLECTIVES_TRANSPORT"] = transport
         try:
-            self.comm = cc.init() if self.reducers else cc.init(algorithm=algorithm)
+            self.world = self.comm = (cc.init() if self.reducers
+                                      else cc.init(algorithm="ring" if algorithm == RACK_ORDERED else algorithm))
         finally:
             if transport is not None:
                 os.environ.pop("COLLECTIVES_TRANSPORT", None)
                 if saved is not None:
                     os.environ["COLLECTIVES_TRANSPORT"] = saved
+        if algorithm == RACK_ORDERED and not self.reducers:
+            self.comm = self.world.create_group(rack_ordered(self.world.topology), algorithm="ring")
         self.threads = thread_ids() - before
-        self.algorithm = getattr(self.comm, "algorithm", algorithm)
+        self.algorithm = RACK_ORDERED if self.comm is not self.world else getattr(self.comm, "algorithm", algorithm)
         self.op = op
         if transport is not None:
             self._check_transport(transport)
@@ -144,6 +150,14 @@ class Collectives:
 
     def close(self):
         self.comm.close()
+        self.world.close()
+
+
+def rack_ordered(labels):
+    """The ranks ordered by their topology labels ("rack1/h5"), outermost level first, then by
+    rank: rack by rack, and inside a rack host by host, so that a ring in this order crosses
+    each uplink and each host NIC once each way."""
+    return sorted(range(len(labels)), key=lambda rank: (labels[rank].split("/"), rank))
 
 
 class Gloo:
@@ -342,7 +356,8 @@ def build_parser(description=__doc__):
     add("--pairs", type=int, default=5, help="least number of rounds (default 5)")
     add("--algorithm", default="ring",
         help="collectives' algorithm where no reducers are configured (default ring, whose link bytes compare.py "
-        "checks; auto: collectives' own choice per call)")
+        f"checks; auto: collectives' own choice per call; {RACK_ORDERED}: the ring over a group of all ranks "
+        "ordered rack by rack, host by host, from comm.topology)")
     add("--algorithms", type=_names,
         help="collectives once per algorithm listed (e.g. ring,hierarchical), each a communicator of its own "
         "forced to it, as system collectives-ALGORITHM (rows: system collectives, algorithm ALGORITHM); "

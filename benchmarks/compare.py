@@ -6,6 +6,7 @@
     python benchmarks/compare.py --hosts 4 --reducers 1,2,4 --rate 500mbit --size 64M --plot F.png
     python benchmarks/compare.py --per-host 4 --hosts 2 --rate 500mbit --size 64M          # 4 ranks per host
     python benchmarks/compare.py --hosts 8 --racks 2 --uplink-rate 100mbit --rate 500mbit --size 64M
+    python benchmarks/compare.py --hosts 8 --racks 2 --uplink-rate 100mbit --rank-order interleaved ...
     python benchmarks/compare.py --per-host 2 --hosts 4 --algorithms ring,recursive_doubling,hierarchical ...
 
 Builds a testbed (benchmarks/testbed.py: one network namespace per host, each link limited by
@@ -17,27 +18,36 @@ here reach every rank (and every reducer).
 
 The harness never trusts mpirun's placement (benchmarks/_checks.py): it leaves out the Open
 MPI, PRRTE and PMIx variables it inherits (a mapping policy such as
-PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe put every rank on h0) and maps one rank
-per host explicitly (--map-by ppr:1:node); each rank reports its hostname and eth0 address
+PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe put every rank on h0) and maps each rank
+to its host explicitly (--map-by seq:file=FILE, the file naming rank i's host on line i);
+each rank reports its hostname and eth0 address
 before anything is timed, and a run whose rank i is not on h<i> is stopped and refused (exit
 status 1, the expected and actual placement named, nothing written). Before anything is
 printed or written, every row's per-host link bytes are checked against its algorithm's
 model (within 10%; see _checks.py for MPI and for small sizes); a row that fails refuses the
 run the same way.
 
-Layouts. --per-host K puts K ranks on each worker host (ranks 0..K-1 on h0, K..2K-1 on h1,
-...: mpirun --map-by ppr:K:node), sharing its namespaces, /dev/shm and NIC; --racks R
---uplink-rate RATE spreads the worker hosts over R racks (contiguous blocks, the first racks
-one host larger where N is not a multiple of R; testbed.py), each behind an uplink of its
-own rate, and every rank carries its rack in COLLECTIVES_TOPOLOGY (rank order is rack order).
-gloo and MPI run in the same processes, so on the same placement. The placement check covers
-both: rank i must run on host i // K and, with racks, carry that host's rack. --algorithms
-a,b,... runs collectives once per algorithm, each a communicator of its own forced to it,
-side by side with the peers in the same alternating rounds; on a layout with shared hosts or
-racks the default is the flat ring and the hierarchical plan (where the installed collectives
-offers it; a note says when it does not) and the peers, else --algorithm alone. Each row
-names its plan ('ring:rank-order', 'hierarchical:host', 'hierarchical:host+rack', 'gloo',
-'mpi'), and carries per-level link bytes: each host NIC's (as before) and, with racks, each
+Layouts. --per-host K puts K ranks on each worker host, sharing its namespaces, /dev/shm and
+NIC; --racks R --uplink-rate RATE spreads the worker hosts over R racks (contiguous blocks,
+the first racks one host larger where N is not a multiple of R; testbed.py), each behind an
+uplink of its own rate, and every rank carries its rack in COLLECTIVES_TOPOLOGY. --rank-order
+says which rank runs where (_checks.Layout): block (the default), ranks 0..K-1 on h0, K..2K-1
+on h1, ..., so rank order is rack order; interleaved, as a scheduler may hand ranks out, the
+hosts taken round-robin over the racks (h0, h4, h1, h5, ... for 2 racks of 4) and the ranks
+dealt out over them in turn (rank i on the (i mod N)-th), so consecutive ranks alternate racks
+(and hosts): a rank-order ring (gloo's, the library's ring) then crosses an uplink at every
+hop. gloo and MPI run in the same processes, so on the same placement. The placement check
+covers both: rank i must run on its host of the layout and, with racks, carry that host's
+rack. --algorithms a,b,... runs collectives once per algorithm, each a communicator of its
+own forced to it, side by side with the peers in the same alternating rounds; ring:rack-ordered
+is the library's ring over a group of all ranks ordered rack by rack, host by host
+(comm.create_group over comm.topology's order), the best flat ring: once each way through
+each NIC and uplink in any rank order. On a layout with shared hosts or racks the default is
+the flat ring, with --rank-order interleaved the rack-ordered ring, and the hierarchical plan
+(where the installed collectives offers it; a note says when it does not) and the peers, else
+--algorithm alone. Each row names its plan ('ring:rank-order', 'ring:rack-ordered',
+'hierarchical:host', 'hierarchical:host+rack', 'gloo', 'mpi'), carries its rank order
+(rank_order), and per-level link bytes: each host NIC's (as before) and, with racks, each
 rack uplink's (bytes out of and into the rack per all-reduce, from the uplinks' counters,
 which rank 0 reads in the switch's namespace around each timed sample), each checked against
 the plan's model per level (_checks.level_models). A plan's bound is the slowest level's:
@@ -76,7 +86,8 @@ a cpu-paced collectives makes it a lower bound).
 
 --results MD rewrites the generated block of MD (benchmarks/RESULTS.md) named after the run's
 configuration ("ring 4,8 500mbit", "reducers 4+4 500mbit", "layout 2x4 500mbit", "layout 8x1
-racks 2 uplink 100mbit 500mbit"), between its markers
+racks 2 uplink 100mbit 500mbit", "layout 8x1 racks 2 uplink 100mbit interleaved 500mbit"),
+between its markers
     <!-- compare.py: begin NAME (generated; rerun the command below to regenerate) -->
     <!-- compare.py: end NAME -->
 so one command regenerates each. Run as root (it creates network namespaces).
@@ -102,7 +113,8 @@ import testbed
 
 HERE = Path(__file__).resolve().parent
 SYSTEMS = ("collectives", "gloo", "mpi")
-ALGORITHMS = ("ring", "recursive_doubling", "hierarchical")  # --algorithms: collectives' plans without reducers
+# --algorithms: collectives' plans without reducers (ring:rack-ordered: allreduce.py's ring over a rack-ordered group)
+ALGORITHMS = ("ring", _checks.RACK_ORDERED, "recursive_doubling", "hierarchical")
 # Under mpirun the ranks bootstrap over MPI, and the job's secret is made there; with
 # reducers, compare.py sets the rendezvous, the reducer count and the secret's file itself.
 NOT_FORWARDED = {"COLLECTIVES_RANK", "COLLECTIVES_SIZE", "COLLECTIVES_RENDEZVOUS", "COLLECTIVES_TOKEN",
@@ -160,6 +172,10 @@ def parse_args(argv=None):
     add("--per-host", type=int, default=1, metavar="K", help="ranks per worker host (default 1)")
     add("--racks", type=int, metavar="R", help="spread the worker hosts over R racks behind uplinks (testbed.py)")
     add("--uplink-rate", metavar="RATE", help="with --racks: each rack uplink's rate, both directions")
+    add("--rank-order", choices=_checks.RANK_ORDERS, default="block",
+        help="which rank runs where: block (default: K consecutive ranks per host, hosts rack by rack) or "
+        "interleaved (ranks dealt out over the hosts in turn, the hosts taken round-robin over the racks: "
+        "consecutive ranks alternate racks); with --racks or --per-host above 1")
     add("--json", metavar="FILE", help="write all result rows to FILE")
     add("--plot", metavar="PNG",
         help="with --sweep: algbw against size per system; with several --reducers at one size: algbw against R")
@@ -205,6 +221,9 @@ def parse_args(argv=None):
     layered = args.per_host > 1 or args.racks is not None
     if any(args.reducers) and layered:
         parser.error("--reducers runs on flat layouts only (one rank per host, no racks) for now")
+    if args.rank_order != "block" and not layered:
+        parser.error(f"--rank-order {args.rank_order}: needs --racks or --per-host above 1 (with one rank per host "
+                     "and no racks every order is the same)")
     if args.algorithms is not None:
         args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
         if not args.algorithms or set(args.algorithms) - set(ALGORITHMS):
@@ -214,7 +233,7 @@ def parse_args(argv=None):
         if "collectives" not in names:
             parser.error("--algorithms: keep collectives in --systems")
     elif layered and "collectives" in names:
-        args.algorithms = default_algorithms()
+        args.algorithms = default_algorithms(args.rank_order)
     if args.algorithms is not None and len(args.algorithms) == 1:
         args.algorithm, args.algorithms = args.algorithms[0], None
     return args
@@ -231,20 +250,22 @@ def algorithm_available(name):
     return True
 
 
-def default_algorithms():
-    """On a layout with shared hosts or racks: the flat ring and the hierarchical plan where the
-    installed collectives offers it (a note on stderr where it does not)."""
+def default_algorithms(rank_order="block"):
+    """On a layout with shared hosts or racks: the flat ring, in an interleaved rank order the
+    rack-ordered ring too (in block order it is the same ring), and the hierarchical plan where
+    the installed collectives offers it (a note on stderr where it does not)."""
+    flat = ["ring"] + ([_checks.RACK_ORDERED] if rank_order != "block" else [])
     if algorithm_available("hierarchical"):
-        return ["ring", "hierarchical"]
+        return [*flat, "hierarchical"]
     print("# note: the installed collectives does not offer the hierarchical algorithm yet: running the flat "
-          "ring alone (name the plans with --algorithms)", file=sys.stderr)
-    return ["ring"]
+          "flat ring alone (name the plans with --algorithms)", file=sys.stderr)
+    return flat
 
 
 def layout_of(args, hosts, reducers=0):
     """The run's _checks.Layout for `hosts` worker hosts."""
     racks = testbed.rack_sizes(hosts, args.racks) if args.racks else ()
-    return _checks.Layout(hosts, args.per_host, racks, reducers)
+    return _checks.Layout(hosts, args.per_host, racks, reducers, getattr(args, "rank_order", "block"))
 
 
 # -- bounds and expected traffic
@@ -434,13 +455,19 @@ def run_job(bed, args, workers, reducers, settings=None):
         forwarded = sorted(key for key in env if key.startswith("COLLECTIVES_") and key not in NOT_FORWARDED)
         per_host = args.per_host if not reducers else 1
         worker_hosts = ",".join(f"{h.name}:{per_host}" for h in bed.hosts[:workers])
+        layout = _checks.Layout(workers, per_host, [len(r.hosts) for r in bed.racks],
+                                rank_order=getattr(args, "rank_order", "block"))
+        rank_hosts, rank_racks = layout.rank_hosts(bed.hosts[:workers]), layout.rank_racks()
+        sequence = Path(work) / "ranks"  # line i: rank i's host (mpirun --map-by seq)
+        sequence.write_text("".join(f"{host.name}\n" for host in rank_hosts))
         algorithms = (["--algorithms", ",".join(args.algorithms)] if getattr(args, "algorithms", None)
                       else ["--algorithm", args.algorithm])
         command = [
-            # K ranks per host, ranks iK..iK+K-1 on the i-th host: an explicit map, which mpirun
-            # honours over any mapping policy in the environment (the ranks' reports are checked
-            # all the same).
-            str(mpirun), "--host", worker_hosts, "-np", str(workers * per_host), "--map-by", f"ppr:{per_host}:node",
+            # Rank i on the host of line i of the sequence file (the layout's, in its rank order):
+            # an explicit map, which mpirun honours over any mapping policy in the environment
+            # (the ranks' reports are checked all the same).
+            str(mpirun), "--host", worker_hosts, "-np", str(workers * per_host),
+            "--map-by", f"seq:file={sequence}",
             "--prtemca", "plm_ssh_agent", env["TESTBED_SSH_AGENT"],
             "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", testbed.IFNAME,
             "--mca", "oob_tcp_if_include", testbed.IFNAME,
@@ -453,8 +480,6 @@ def run_job(bed, args, workers, reducers, settings=None):
             "--link", testbed.IFNAME, "--placement", str(placement), "--json", str(rows_file),
             *(["--uplinks"] if bed.racks else []),
         ]
-        layout = _checks.Layout(workers, per_host, [len(r.hosts) for r in bed.racks])
-        rank_hosts, rank_racks = layout.rank_hosts(bed.hosts[:workers]), layout.rank_racks()
         started, links_before = [], bed.link_bytes()
         try:
             if reducers:
@@ -520,7 +545,7 @@ def with_link_figures(row, bed, reducer_info=None, layout=None):
     limit = _checks.plan_bound(plan, layout, goodput, uplink)
     row = {
         **row, "hosts": layout.hosts, "ranks": layout.ranks, "per_host": layout.per_host,
-        "racks": list(layout.racks) or None, "plan": plan,
+        "racks": list(layout.racks) or None, "rank_order": layout.rank_order, "plan": plan,
         "transport": "emulated", "rate_gbps": bed.rate_bps / 1e9, "goodput_GBps": goodput,
         "tc": bed.tc_description(), "bound_GBps": limit, "bound_fraction": row["algbw_GBps"] / limit,
     }
@@ -574,7 +599,8 @@ def link_problems(row):
 # -- reports
 
 def _group_key(row):
-    return row["hosts"], row["reducers"] or 0, row.get("per_host") or 1, tuple(row.get("racks") or ())
+    return (row["hosts"], row["reducers"] or 0, row.get("per_host") or 1, tuple(row.get("racks") or ()),
+            row.get("rank_order") or "block")
 
 
 def _layered(row):
@@ -604,7 +630,7 @@ def group_heading(first, group=None):
     if _layered(first):
         layout = _checks.Layout.of_row(first)
         uplink = first.get("uplink_goodput_GBps")
-        return [f"{layout.describe()}: {layout.ranks} ranks, rank-order (rank i on host i // {layout.per_host}); "
+        return [f"{layout.describe()}: {layout.ranks} ranks, rank order {layout.describe_order()}; "
                 f"{first['tc']}",
                 f"goodput B = {first['goodput_GBps'] * 8e3:.1f} Mbit/s per host link and direction"
                 + (f"; B_up = {uplink * 8e3:.1f} Mbit/s per rack uplink and direction" if uplink else "")
@@ -714,15 +740,16 @@ def print_rows(rows):
             print("# " + line)
 
 
-def block_name(hosts, reducers, rate, per_host=1, racks=None, uplink_rate=None):
+def block_name(hosts, reducers, rate, per_host=1, racks=None, uplink_rate=None, rank_order="block"):
     """The RESULTS.md block a run writes, named by what it ran: 'ring 4,8 500mbit',
     'reducers 4+4 500mbit', 'layout 2x4 500mbit' (2 hosts, 4 ranks each), 'layout 8x1 racks 2
-    uplink 100mbit 500mbit'."""
+    uplink 100mbit 500mbit', 'layout 8x1 racks 2 uplink 100mbit interleaved 500mbit'."""
     workers = ",".join(map(str, hosts))
     if any(reducers):
         return f"reducers {workers}+{','.join(map(str, reducers))} {rate}"
     if per_host > 1 or racks:
-        return f"layout {workers}x{per_host}" + (f" racks {racks} uplink {uplink_rate}" if racks else "") + f" {rate}"
+        return (f"layout {workers}x{per_host}" + (f" racks {racks} uplink {uplink_rate}" if racks else "")
+                + ("" if rank_order == "block" else f" {rank_order}") + f" {rate}")
     return f"ring {workers} {rate}"
 
 
@@ -885,7 +912,8 @@ def main(argv=None):
         plot(everything, args.plot)
         print(f"# plotted to {args.plot}")
     if args.results:
-        name = block_name(args.hosts, args.reducers, args.rate, args.per_host, args.racks, args.uplink_rate)
+        name = block_name(args.hosts, args.reducers, args.rate, args.per_host, args.racks, args.uplink_rate,
+                          args.rank_order)
         command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         update_results(args.results, markdown(everything, command, name, run_notes(load_before)), name)
         print(f"# rewrote the '{name}' block of {args.results}")

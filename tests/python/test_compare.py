@@ -228,6 +228,46 @@ def test_level_models_of_each_plan_on_shared_hosts_and_racks():
     assert compare._checks.plan_of("ring", racks) == "ring:rank-order"
 
 
+def test_interleaved_rank_order_alternates_racks_and_the_models_follow_the_order():
+    # Issue 12's interleaved layout: 2 racks x 4 hosts, consecutive ranks alternate racks.
+    interleaved = Layout(8, racks=(4, 4), rank_order="interleaved")
+    assert interleaved.host_order() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert interleaved.rank_racks() == ["rack0", "rack1"] * 4
+    assert compare._checks.rack_ordered(interleaved) == [0, 2, 4, 6, 1, 3, 5, 7]
+    models = compare._checks.level_models
+    # The rank-order ring (and gloo's) crosses an uplink at every hop: 4 hops out of each rack,
+    # 1.75 each; ordered rack by rack, once each way; the rack-aware plan S per uplink.
+    assert models("ring:rank-order", interleaved) == {"host": (1.75, True), "uplink": (7.0, True), "reducer": None}
+    assert models("gloo", interleaved)["uplink"] == (7.0, True)
+    assert models("ring:rack-ordered", interleaved) == {"host": (1.75, True), "uplink": (1.75, True),
+                                                        "reducer": None}
+    assert models("hierarchical:host+rack", interleaved)["uplink"] == (1.0, True)
+    assert models("hierarchical:host", interleaved)["uplink"] == (7.0, True)  # hosts in rank order
+    assert compare._checks.plan_of("ring:rack-ordered", interleaved) == "ring:rack-ordered"
+    bound = compare._checks.plan_bound
+    assert bound("ring:rack-ordered", interleaved, 1.0, 0.2) == pytest.approx(0.2 / 1.75)
+    assert bound("gloo", interleaved, 1.0, 0.2) == pytest.approx(0.2 / 7.0)
+    assert bound("mpi", interleaved, 1.0, 0.2) == pytest.approx(0.2 / 1.75)  # the best flat ring's
+    # K ranks per host are dealt out cyclically: rank i on the (i mod N)-th host, so every hop of a
+    # rank-order ring leaves its host (k*1.75 per NIC), and a rack-ordered one keeps a host's ranks
+    # together (1.75).
+    shared = Layout(4, per_host=2, racks=(2, 2), rank_order="interleaved")
+    assert shared.rank_host_indices() == [0, 2, 1, 3, 0, 2, 1, 3]
+    assert models("ring:rank-order", shared)["host"] == (3.5, True)
+    assert models("ring:rack-ordered", shared) == {"host": (1.75, True), "uplink": (1.75, True), "reducer": None}
+    assert models("hierarchical:host+rack", shared)["host"] == (1.5, True)
+    # Uneven racks (3 + 2): the hosts alternate racks while both have some left.
+    uneven = Layout(5, racks=(3, 2), rank_order="interleaved")
+    assert uneven.host_order() == [0, 3, 1, 4, 2] and uneven.rank_racks() == ["rack0", "rack1", "rack0", "rack1",
+                                                                              "rack0"]
+    # In block order both rings are one and the same.
+    block = Layout(4, per_host=2, racks=(2, 2))
+    assert compare._checks.rack_ordered(block) == list(range(8))
+    assert models("ring:rack-ordered", block) == models("ring:rank-order", block)
+    with pytest.raises(ValueError, match="rank order 'random'"):
+        Layout(4, rank_order="random")
+
+
 def test_a_plans_bound_is_its_slowest_level():
     # B = 1 GB/s per host link, B_up = 0.2 GB/s per uplink.
     bound = compare._checks.plan_bound
@@ -305,6 +345,15 @@ def test_layout_reports_name_each_plan_with_its_bound_and_its_ratios():
     assert "| uplink tx/size | uplink rx/size |" in markdown and "| 1.000 | 1.000 |" in markdown
     assert compare.block_name([2], [0], "500mbit", per_host=4) == "layout 2x4 500mbit"
     assert compare.block_name([8], [0], "500mbit", 1, 2, "100mbit") == "layout 8x1 racks 2 uplink 100mbit 500mbit"
+    assert (compare.block_name([8], [0], "500mbit", 1, 2, "100mbit", "interleaved")
+            == "layout 8x1 racks 2 uplink 100mbit interleaved 500mbit")
+    interleaved = Layout(8, racks=(4, 4), rank_order="interleaved")
+    ring = _layout_row("ring", interleaved, 1.75, 7.0)
+    assert ring["rank_order"] == "interleaved" and compare.link_problems(ring) == []
+    assert "rank order interleaved (rank i on the (i mod 8)-th of h0, h4, h1, h5, ..." in compare.group_heading(ring)[0]
+    # The rack-ordered ring's bytes under the rank-order ring's name: its uplinks carry too little.
+    assert any("rack0 tx/size 1.750, expected within 10% of 7.000" in problem
+               for problem in compare.link_problems(_layout_row("ring", interleaved, 1.75, 1.75)))
 
 
 def test_placement_covers_k_ranks_per_host_and_their_racks():
@@ -340,6 +389,11 @@ def test_layout_arguments(monkeypatch):
     args = compare.parse_args(["--per-host", "2", "--algorithms", "ring,recursive_doubling"])
     assert args.algorithms == ["ring", "recursive_doubling"]
     assert compare.parse_args(["--hosts", "4"]).algorithms is None  # flat: --algorithm alone, as before
+    assert args.rank_order == "block"
+    args = compare.parse_args(["--hosts", "8", "--racks", "2", "--uplink-rate", "100mbit", "--rank-order",
+                               "interleaved"])
+    assert args.algorithms == ["ring", "ring:rack-ordered", "hierarchical"]
+    assert compare.layout_of(args, 8).rank_racks() == ["rack0", "rack1"] * 4
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -350,6 +404,8 @@ def test_layout_arguments(monkeypatch):
     (["--per-host", "0"], "at least 1"),
     (["--per-host", "2", "--reducers", "2"], "flat layouts only"),
     (["--algorithms", "ring,nccl"], "choose from"),
+    (["--hosts", "4", "--rank-order", "interleaved"], "needs --racks or --per-host above 1"),
+    (["--per-host", "2", "--rank-order", "shuffled"], "invalid choice"),
 ])
 def test_bad_layout_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as stopped:
@@ -545,38 +601,46 @@ def test_compare_rows_carry_the_link_figures(tmp_path):
 
 
 @on_testbed(300)
-def test_plans_side_by_side_on_racks_of_shared_hosts_with_per_level_bytes(tmp_path):
-    # 2 racks x 2 hosts x 2 ranks: the wiring and the per-level bytes, never the speed (test_testbed
-    # checks that uplinks bind). Uplinks as fast as the hosts' links: one slower drops the flows
-    # that queue into it, and the resent bytes (1M at 50 Mbit/s uplinks on a busy machine: ring
-    # tx/size 2.04) refuse the run. Hierarchical joins where the installed collectives offers it.
+def test_plans_side_by_side_on_racks_of_shared_hosts_interleaved_with_per_level_bytes(tmp_path):
+    # 2 racks x 2 hosts x 2 ranks, in the interleaved rank order (rank i on the (i mod 4)-th of h0,
+    # h2, h1, h3: mpirun's map, each rank's rack label and each plan's model all follow the order):
+    # the wiring and the per-level bytes, never the speed (test_testbed checks that uplinks bind).
+    # Uplinks as fast as their rack's two host links: a slower one drops the flows that queue into
+    # it, and the resent bytes (1M at 50 Mbit/s uplinks on a busy machine: ring tx/size 2.04)
+    # refuse the run. Hierarchical joins where the installed collectives offers it.
     pytest.importorskip("torch")
-    algorithms = ["ring", "recursive_doubling"] + (["hierarchical"] if compare.algorithm_available("hierarchical")
-                                                   else [])
+    algorithms = ["ring", "ring:rack-ordered", "recursive_doubling"] + (
+        ["hierarchical"] if compare.algorithm_available("hierarchical") else [])
     rows_file = tmp_path / "rows.json"
     env = {**clean_environ(), **OVERSUBSCRIBE, "COLLECTIVES_TOPOLOGY": "rack9"}  # each rank gets its host's rack
     done = subprocess.run([sys.executable, str(COMPARE_PY), "--per-host", "2", "--hosts", "4", "--racks", "2",
-                           "--uplink-rate", "100mbit", "--rate", "100mbit", "--size", "1M", "--pairs", "1",
-                           "--algorithms", ",".join(algorithms), "--json", str(rows_file)],
+                           "--uplink-rate", "200mbit", "--rate", "100mbit", "--rank-order", "interleaved",
+                           "--size", "1M", "--pairs", "1", "--algorithms", ",".join(algorithms),
+                           "--json", str(rows_file)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(rows_file.read_text())
-    plans = {"ring": "ring:rank-order", "recursive_doubling": "recursive_doubling:rank-order",
-             "hierarchical": "hierarchical:host+rack"}
+    plans = {"ring": "ring:rank-order", "ring:rack-ordered": "ring:rack-ordered",
+             "recursive_doubling": "recursive_doubling:rank-order", "hierarchical": "hierarchical:host+rack"}
     assert [r["plan"] for r in rows] == [plans[a] for a in algorithms] + ["gloo", "mpi"]
     for row in rows:
         assert KEYS <= set(row), KEYS - set(row)
-        assert (row["hosts"], row["ranks"], row["per_host"], row["racks"], row["wrong"]) == (4, 8, 2, [2, 2], 0)
+        assert (row["hosts"], row["ranks"], row["per_host"], row["racks"], row["rank_order"], row["wrong"]) == (
+            4, 8, 2, [2, 2], "interleaved", 0)
         link = row["link_bytes"]
         assert sorted(link["per_host"]) == ["h0", "h1", "h2", "h3"] and sorted(link["uplinks"]) == ["rack0", "rack1"]
-        assert 0.3 < row["uplink_goodput_GBps"] * 8 / 0.1 < 1.1 and row["bound_GBps"] > 0
+        assert 0.3 < row["uplink_goodput_GBps"] * 8 / 0.2 < 1.1 and row["bound_GBps"] > 0
     by_plan = {r["plan"]: r for r in rows}
-    ring = by_plan["ring:rank-order"]["link_bytes"]  # 8 ranks in rank order: 2(n-1)/n = 1.75 per NIC and uplink
-    assert 1.7 < ring["tx_per_host"] / (1 << 20) < 1.85 and 1.7 < ring["tx_per_uplink"] / (1 << 20) < 1.85, ring
+    per_level = {plan: (row["link_bytes"]["tx_per_host"] / (1 << 20), row["link_bytes"]["tx_per_uplink"] / (1 << 20))
+                 for plan, row in by_plan.items()}
+    # In rank order every hop of the ring leaves its host and its rack: 2 x 1.75 per NIC, 4 x 1.75
+    # per uplink; ordered rack by rack, 1.75 through each; gloo's ring is in rank order.
+    for plan, (host, uplink) in [("ring:rank-order", (3.5, 7.0)), ("gloo", (3.5, 7.0)),
+                                 ("ring:rack-ordered", (1.75, 1.75))]:
+        assert per_level[plan] == (pytest.approx(host, rel=0.05), pytest.approx(uplink, rel=0.05)), per_level
     if "hierarchical" in algorithms:  # S per uplink, 2(m-1)/m + 2(R-1)/(Rm) = 1.5 per NIC
-        hier = by_plan["hierarchical:host+rack"]["link_bytes"]
-        assert 0.95 < hier["tx_per_uplink"] / (1 << 20) < 1.1 and 1.45 < hier["tx_per_host"] / (1 << 20) < 1.6, hier
-    assert "per uplink each way" in done.stdout and "up tx/sz" in done.stdout
+        assert per_level["hierarchical:host+rack"] == (pytest.approx(1.5, rel=0.05), pytest.approx(1.0, rel=0.05))
+    assert "rank order interleaved" in done.stdout and "up tx/sz" in done.stdout
     assert not _netns_left()
 
 

@@ -87,6 +87,26 @@ def test_plan_orders_children_by_their_lowest_rank_and_leaves_out_levels_that_do
     assert plan_of(["h", "r/h", "r/h"])[1] == [("host", [[0], [1, 2]]), ("top", [[0, 1]])]
 
 
+def test_plan_takes_hosts_and_racks_from_the_labels_in_any_rank_order():
+    # Issue 12's interleaved layout (benchmarks/compare.py --rank-order interleaved): 2 racks x
+    # 4 hosts, rank i on the (i mod 8)-th of h0, h4, h1, h5, ...: consecutive ranks alternate
+    # racks. The rack level rings over each rack's ranks, the top pairs one rank of each rack.
+    hosts = [0, 4, 1, 5, 2, 6, 3, 7]
+    labels = [f"rack{h // 4}/h{h}" for h in hosts]
+    assert plan_of(labels) == ("hierarchical(4 hosts/rack x 2 racks)",
+                               [("rack", [[0, 2, 4, 6], [1, 3, 5, 7]]), ("top", [[0, 1], [2, 3], [4, 5], [6, 7]])])
+    # 2 ranks per host dealt out cyclically (ranks of a host are not consecutive): the host's
+    # ranks still reduce-scatter together, and the same groups as in block order (renumbered).
+    hosts = [0, 2, 1, 3] * 2
+    labels = [f"rack{h // 2}/h{h}" for h in hosts]
+    block = plan_of([f"rack{r // 4}/h{r // 2}" for r in range(8)])
+    cyclic = plan_of(labels)
+    assert cyclic[0] == block[0] == "hierarchical(2 ranks/host x 2 hosts/rack x 2 racks)"
+    # h0 holds ranks 0 and 4, h2 (rack1) 1 and 5, h1 (rack0) 2 and 6, h3 3 and 7.
+    assert cyclic[1] == [("host", [[0, 4], [1, 5], [2, 6], [3, 7]]), ("rack", [[0, 2], [1, 3], [4, 6], [5, 7]]),
+                         ("top", [[0, 1], [2, 3], [4, 5], [6, 7]])]
+
+
 # -- all-reduce on real processes -------------------------------------------------------------
 
 TWO_RACKS = ["rackA", "rackA", "rackB", "rackB"]
