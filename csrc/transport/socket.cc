@@ -86,4 +86,14 @@ void Poller::wake() {
   [[maybe_unused]] ssize_t ignored = write(wake_fd_.get(), &one, sizeof(one));
 }
 
+Latch::Latch() : fd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
+  if (fd_.get() < 0) throw std::runtime_error("eventfd: " + errno_text(errno));
+}
+
+void Latch::raise() {
+  // Never read: the counter stays above zero, so the fd stays readable.
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t ignored = write(fd_.get(), &one, sizeof(one));
+}
+
 }  // namespace collectives

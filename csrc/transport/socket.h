@@ -41,4 +41,16 @@ class Poller {
   FileDescriptor epoll_fd_, wake_fd_;
 };
 
+// An eventfd that stays readable once raised: a thread blocked in poll() on its own socket
+// hears through it what it would otherwise miss (a transport's failure).
+class Latch {
+ public:
+  Latch();  // std::runtime_error if the kernel refuses
+  void raise();  // from any thread; idempotent
+  int fd() const { return fd_.get(); }
+
+ private:
+  FileDescriptor fd_;
+};
+
 }  // namespace collectives

@@ -11,6 +11,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -41,16 +43,26 @@ struct TcpTransport::Connection {
   OperationPtr sending;  // guarded by write_mutex: the frame being written
   FrameWriter writer;        // guarded by write_mutex
 
-  // Progress thread only:
-  FrameReader reader;
-  OperationPtr receiving;  // null while a control frame (goodbye, abort) is read
-  // Where payloads wait for their check when the link protects frames: a receive's buffer
-  // gets them only once they are known to be authentic. Also an abort's reason.
+  // Reading is the progress thread's, or a waiting caller's (receive_inline): whoever holds
+  // read_mutex. Taken before write_mutex and mutex_ where they are held too.
+  std::mutex read_mutex;
+  FrameReader reader;      // guarded by read_mutex
+  OperationPtr receiving;  // guarded by read_mutex; null while a control frame (goodbye, abort) is read
+  // Guarded by read_mutex: where payloads wait for their check when the link protects frames:
+  // a receive's buffer gets them only once they are known to be authentic. Also an abort's reason.
   std::vector<char> staging;
-  bool parked = false;    // the reader holds a header, waiting for a receive to be posted
-  bool stashing = false;  // the frame being read goes to `stashed`
-  uint32_t interest = 0;  // events registered with epoll; 0 = not registered
-  bool closed = false;    // no longer polled: after a failure, or the peer's goodbye
+  // Written with read_mutex held, read by update_interest from any thread.
+  std::atomic<bool> parked{false};  // the reader holds a header, waiting for a receive to be posted
+  bool stashing = false;  // guarded by read_mutex: the frame being read goes to `stashed`
+  std::atomic<bool> closed{false};  // no longer polled: after a failure, or the peer's goodbye
+  // The progress thread found the socket read by a caller: the caller wakes it when it lets go.
+  std::atomic<bool> missed_by_progress{false};
+
+  // What epoll watches, decided from the fields above and the queued sends under this mutex
+  // alone, so that two threads cannot leave a stale choice behind. Taken before write_mutex.
+  std::mutex interest_mutex;
+  uint32_t interest = 0;        // events registered with epoll; 0 = not registered
+  bool read_by_caller = false;  // a waiting caller reads the socket: not polled for reading
 };
 
 namespace {
@@ -58,6 +70,10 @@ namespace {
 // Bytes moved on one socket before the loop turns to the others, so one busy peer cannot
 // starve the rest.
 constexpr uint64_t kFairnessBudget = 4 << 20;
+// Receives of up to this many bytes are read by the waiting thread itself (receive_inline).
+// Larger ones are left to the progress thread, whose reads of many sockets are what the
+// ring's pipelining was tuned with.
+constexpr uint64_t kInlineReceiveBytes = 64 << 10;
 // How long a closing rank waits for room in a socket's buffer to say goodbye (its peer may
 // still be draining the last collective's data), and a failing rank to say why.
 constexpr int kGoodbyeMillis = 10000;
@@ -136,8 +152,7 @@ std::vector<PeerNotice> TcpTransport::take_notices() {
 void TcpTransport::submit(const OperationPtr& op) {
   const int peer = op->peer;
   const bool is_send = op->is_send;
-  auto& conns = connections_.at(peer);
-  Connection& conn = *conns[op->header.unit % conns.size()];
+  Connection& conn = connection_of(*op);
   bool was_idle = false, rejected = false, peer_gone = false, from_stash = false;
   std::string refused;
   {
@@ -164,6 +179,10 @@ void TcpTransport::submit(const OperationPtr& op) {
     // does not take at once is left to the progress thread.
     std::unique_lock<std::mutex> writing(conn.write_mutex, std::try_to_lock);
     if (writing.owns_lock() && write_queued(conn)) return;
+  } else if (!conn.parked) {
+    return;  // the socket is polled for reading (or read by a waiting caller): the frame is read when it comes
+  } else if (op->header.nbytes <= kInlineReceiveBytes && read_now(conn)) {
+    return;  // the frame was here, parked: taken from this thread, as receive_inline would
   }
   // An idle socket has no EPOLLOUT interest, and a parked one waits for exactly this receive:
   // the progress thread must be told.
@@ -173,12 +192,68 @@ void TcpTransport::submit(const OperationPtr& op) {
 bool TcpTransport::wait_until(const TransportRequest& posted, Deadline deadline, Clock::time_point until) {
   // Every request waited on here was made by post().
   Operation* request = static_cast<Operation*>(posted.get());
+  if (!request->is_send && request->header.nbytes <= kInlineReceiveBytes) {
+    receive_inline(*request, std::min(deadline, until));
+  }
   std::unique_lock<std::mutex> lock(mutex_);
   if (!await(lock, completed_, *request, deadline, until, [&] { return request->done || failed_; })) return false;
   // A request that completed stays good even if the transport failed afterwards.
   if (request->ok) return true;
   completed_.wait(lock, [&] { return quiesced_; });  // the caller may free buffers next
   TransportFailure{failure_, failure_timed_out_}.raise();
+}
+
+TcpTransport::Connection& TcpTransport::connection_of(const Operation& op) {
+  auto& conns = connections_.at(op.peer);
+  return *conns[op.header.unit % conns.size()];
+}
+
+bool TcpTransport::receive_inline(Operation& op, Clock::time_point until) {
+  auto finished = [&] {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return op.done || failed_;
+  };
+  if (finished()) return true;
+  Connection& conn = connection_of(op);
+  std::unique_lock<std::mutex> reading(conn.read_mutex, std::try_to_lock);
+  if (!reading.owns_lock() || conn.closed) return false;
+  set_read_by_caller(conn, true);
+  while (!finished() && !conn.closed) {
+    handle_readable(conn);
+    if (finished() || conn.closed) break;
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now()).count();
+    if (left <= 0) break;
+    pollfd ready[2] = {{conn.fd.get(), POLLIN, 0}, {failed_latch_.fd(), POLLIN, 0}};
+    if (::poll(ready, 2, static_cast<int>(std::min<int64_t>(left, 1000))) < 0 && errno != EINTR) break;
+  }
+  set_read_by_caller(conn, false);
+  let_go(conn, std::move(reading));
+  return finished();
+}
+
+bool TcpTransport::read_now(Connection& conn) {
+  std::unique_lock<std::mutex> reading(conn.read_mutex, std::try_to_lock);
+  if (!reading.owns_lock()) return false;
+  if (!conn.closed) handle_readable(conn);
+  update_interest(conn);  // no longer parked, perhaps: polled for reading again
+  let_go(conn, std::move(reading));
+  return true;
+}
+
+void TcpTransport::let_go(Connection& conn, std::unique_lock<std::mutex> reading) {
+  reading.unlock();
+  // The progress thread came for this socket meanwhile (a receive posted for a header that is
+  // parked now, say): it tries again.
+  if (conn.missed_by_progress.exchange(false)) wake();
+}
+
+void TcpTransport::read_if_free(Connection& conn) {
+  // Said before trying, so that a caller letting go after the try fails cannot miss it.
+  conn.missed_by_progress = true;
+  std::unique_lock<std::mutex> reading(conn.read_mutex, std::try_to_lock);
+  if (!reading.owns_lock()) return;
+  conn.missed_by_progress = false;
+  if (!conn.closed) handle_readable(conn);
 }
 
 int TcpTransport::ask_waiting_on(int peer) {
@@ -213,6 +288,7 @@ void TcpTransport::fail(const std::string& reason, bool timed_out) {
     failure_ = reason;
     completed_.notify_all();
   }
+  failed_latch_.raise();
   failed_first(reason, timed_out);
   wake();  // the progress thread tells the peers, wherever the failure was seen
 }
@@ -266,7 +342,7 @@ void TcpTransport::progress_loop() {
     for (int i = 0; i < n && !has_failed(); ++i) {
       auto* conn = static_cast<Connection*>(events[i].data.ptr);
       if (conn->closed) continue;
-      if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) handle_readable(*conn);
+      if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) read_if_free(*conn);
       if (!conn->closed && (events[i].events & EPOLLOUT)) handle_writable(*conn);
     }
     if (has_failed()) continue;
@@ -277,7 +353,7 @@ void TcpTransport::progress_loop() {
         if (conn->closed) continue;
         if (woken) {
           handle_writable(*conn);
-          if (conn->parked) handle_readable(*conn);
+          if (conn->parked) read_if_free(*conn);
         }
         update_interest(*conn);
       }
@@ -286,6 +362,7 @@ void TcpTransport::progress_loop() {
 }
 
 void TcpTransport::update_interest(Connection& conn) {
+  std::lock_guard<std::mutex> deciding(conn.interest_mutex);
   bool want_write;
   {
     std::lock_guard<std::mutex> writing(conn.write_mutex);
@@ -294,9 +371,20 @@ void TcpTransport::update_interest(Connection& conn) {
   }
   // A parked socket is not polled for reading: its next bytes belong to a receive not yet
   // posted, and a hang-up reported meanwhile would wake the loop for nothing, forever. It is
-  // read again (and a dead peer noticed) once that receive is posted.
-  uint32_t interest = (conn.parked ? 0u : uint32_t{EPOLLIN}) | (want_write ? uint32_t{EPOLLOUT} : 0u);
+  // read again (and a dead peer noticed) once that receive is posted. One that a caller reads
+  // is not polled for reading either: its data should wake that caller alone.
+  const bool want_read = !conn.parked && !conn.read_by_caller;
+  const uint32_t interest =
+      conn.closed ? 0u : (want_read ? uint32_t{EPOLLIN} : 0u) | (want_write ? uint32_t{EPOLLOUT} : 0u);
   conn.interest = poller_.watch(conn.fd.get(), conn.interest, interest, &conn);
+}
+
+void TcpTransport::set_read_by_caller(Connection& conn, bool by_caller) {
+  {
+    std::lock_guard<std::mutex> deciding(conn.interest_mutex);
+    conn.read_by_caller = by_caller;
+  }
+  update_interest(conn);
 }
 
 void TcpTransport::handle_readable(Connection& conn) {
@@ -492,8 +580,8 @@ bool TcpTransport::write_queued(Connection& conn) {
 void TcpTransport::peer_closed(Connection& conn) {
   // The peer sends nothing after its goodbye: stop polling, so the end of stream (or a reset
   // once it closes) that follows is not taken for a failure.
-  conn.interest = poller_.watch(conn.fd.get(), conn.interest, 0, &conn);
   conn.closed = true;
+  update_interest(conn);
   bool owed;
   {
     std::lock_guard<std::mutex> writing(conn.write_mutex);
@@ -539,16 +627,20 @@ void TcpTransport::notify_peers_of_failure() {
   for (auto& peer : connections_) {
     for (auto& conn : peer) {
       if (conn->closed) continue;
-      std::lock_guard<std::mutex> writing(conn->write_mutex);
-      // A frame half-written cannot be interrupted; that peer sees the shutdown instead.
-      if (!conn->writer.mid_frame()) {
-        if (conn->writer.busy()) conn->writer.discard();
-        write_frame(conn->fd.get(), conn->writer, abort_header, text, deadline_after(kAbortNoticeMillis / 1000.0));
+      // A caller that reads this socket sees the failure and lets go within a read.
+      std::lock_guard<std::mutex> reading(conn->read_mutex);
+      {
+        std::lock_guard<std::mutex> writing(conn->write_mutex);
+        // A frame half-written cannot be interrupted; that peer sees the shutdown instead.
+        if (!conn->writer.mid_frame()) {
+          if (conn->writer.busy()) conn->writer.discard();
+          write_frame(conn->fd.get(), conn->writer, abort_header, text, deadline_after(kAbortNoticeMillis / 1000.0));
+        }
+        shutdown(conn->fd.get(), SHUT_RDWR);
+        conn->sending.reset();
       }
-      shutdown(conn->fd.get(), SHUT_RDWR);
-      conn->interest = poller_.watch(conn->fd.get(), conn->interest, 0, conn.get());
       conn->closed = true;
-      conn->sending.reset();
+      update_interest(*conn);
       conn->receiving.reset();
     }
   }

@@ -7,6 +7,11 @@
 // n-th frame that arrives on it, and its header must be the one expected. A frame that arrives
 // before its receive is posted stays parked in the kernel (the socket is not read further), so
 // payloads go straight into the posted buffer and a fast sender is held back by TCP itself.
+//
+// Small messages pass no thread on their way: a send is written from the posting thread when
+// its socket has nothing queued, and a thread that waits on a small receive reads its socket
+// itself (the progress thread stops polling that socket for reading meanwhile), so a message's
+// arrival wakes one thread, the one that wants it.
 #pragma once
 
 #include <condition_variable>
@@ -77,7 +82,17 @@ class TcpTransport : public Transport {
   // Write queued frames until the socket is full; true when nothing is left to write.
   bool handle_writable(Connection& conn);
   bool write_queued(Connection& conn);  // the same, with conn.write_mutex held
+  // Reads the socket of a small receive from this thread until it completes, the transport
+  // fails or `until` comes; false where another thread reads that socket.
+  bool receive_inline(Operation& op, Clock::time_point until);
+  void read_if_free(Connection& conn);  // the progress thread's, unless another thread reads it now
+  // A caller's: reads what the socket has, unless another thread reads it now (false).
+  bool read_now(Connection& conn);
+  // Releases the socket's reading, waking the progress thread if it came for it meanwhile.
+  void let_go(Connection& conn, std::unique_lock<std::mutex> reading);
   void update_interest(Connection& conn);
+  void set_read_by_caller(Connection& conn, bool by_caller);
+  Connection& connection_of(const Operation& op);
   void fail(const std::string& reason, bool timed_out);
   void notify_peers_of_failure();
   void say_goodbye();
@@ -95,6 +110,7 @@ class TcpTransport : public Transport {
   std::vector<std::vector<std::unique_ptr<Connection>>> connections_;  // [peer][index]
 
   Poller poller_;  // posts and aborts wake the progress thread
+  Latch failed_latch_;  // raised on failure: wakes threads that read a socket themselves
 
   std::mutex mutex_;  // guards queues, completion flags and the failure fields below
   std::condition_variable completed_;
