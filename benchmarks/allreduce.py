@@ -108,9 +108,16 @@ class Collectives:
         if transport is not None:
             self.name = self.system = f"collectives-{transport}"
             os.environ["COLLECTIVES_TRANSPORT"] = transport
+        # Beside the reducers' communicator (--algorithms hierarchical,reduction_server), another
+        # algorithm's meets no reducers: the reducers and the job's store serve one communicator.
+        hidden = ({key: os.environ.pop(key) for key in ("COLLECTIVES_NUM_REDUCERS", "COLLECTIVES_RENDEZVOUS")
+                   if key in os.environ} if named and algorithm != "reduction_server" else {})
+        if hidden:
+            self.reducers = 0
         try:
             self.comm = cc.init() if self.reducers else cc.init(algorithm=algorithm)
         finally:
+            os.environ.update(hidden)
             if transport is not None:
                 os.environ.pop("COLLECTIVES_TRANSPORT", None)
                 if saved is not None:
@@ -135,7 +142,7 @@ class Collectives:
     def reducer_counters(self):
         """{reducer index: (bytes this worker sent it, bytes it received from it)}, or None
         where the communicator has no reducers (or cannot tell)."""
-        if self.algorithm != "reduction_server" or not hasattr(self.comm, "reducer_stats"):
+        if not self.algorithm.startswith("reduction_server") or not hasattr(self.comm, "reducer_stats"):
             return None
         return {i: (r["bytes_sent"], r["bytes_received"]) for i, r in enumerate(self.comm.reducer_stats())}
 
