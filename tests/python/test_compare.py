@@ -340,6 +340,10 @@ def test_layout_arguments(monkeypatch):
     args = compare.parse_args(["--per-host", "2", "--algorithms", "ring,recursive_doubling"])
     assert args.algorithms == ["ring", "recursive_doubling"]
     assert compare.parse_args(["--hosts", "4"]).algorithms is None  # flat: --algorithm alone, as before
+    # With reducers on K ranks per host: the hierarchical plan beside the reduction server's host plan.
+    args = compare.parse_args(["--per-host", "2", "--hosts", "4", "--reducers", "4"])
+    assert args.algorithms == ["hierarchical", "reduction_server"]
+    assert compare.parse_args(["--hosts", "4", "--reducers", "4"]).algorithms is None  # flat: as before
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -348,7 +352,9 @@ def test_layout_arguments(monkeypatch):
     (["--hosts", "4", "--racks", "5", "--uplink-rate", "1gbit"], "at most --hosts"),
     (["--hosts", "4", "--racks", "2", "--uplink-rate", "fast"], "--uplink-rate"),
     (["--per-host", "0"], "at least 1"),
-    (["--per-host", "2", "--reducers", "2"], "flat layouts only"),
+    (["--hosts", "4", "--racks", "2", "--uplink-rate", "1gbit", "--reducers", "2"], "without racks only"),
+    (["--per-host", "2", "--reducers", "2", "--algorithms", "ring,hierarchical"], "goes with --reducers"),
+    (["--per-host", "2", "--algorithms", "hierarchical,reduction_server"], "goes with --reducers"),
     (["--algorithms", "ring,nccl"], "choose from"),
 ])
 def test_bad_layout_arguments_are_refused(argv, message, capsys):
@@ -388,6 +394,20 @@ def test_block_name_is_the_configuration():
     assert compare.block_name([4, 8], [0], "500mbit") == "ring 4,8 500mbit"
     assert compare.block_name([4], [1, 2, 4], "250mbit") == "reducers 4+1,2,4 250mbit"
     assert compare.block_name([8], [8], "250mbit") == "reducers 8+8 250mbit"
+    assert compare.block_name([4], [4], "250mbit", per_host=2) == "reducers 4x2+4 250mbit"
+
+
+def test_the_reduction_servers_host_plan_moves_the_buffer_once_per_host():
+    """4 hosts of 2 ranks, 4 reducers: the host plan moves S per NIC and h/R*S per reducer host,
+    where the flat plan moves K*S and the hierarchical ring 2(h-1)/h*S; its bound is B."""
+    layout = Layout(4, per_host=2, reducers=4)
+    assert compare._checks.plan_of("reduction_server:host", layout) == "reduction_server:host"
+    assert compare._checks.algorithm_name("reduction_server:host") == "reduction_server"
+    models = compare._checks.level_models("reduction_server:host", layout)
+    assert models == {"host": (1.0, True), "uplink": None, "reducer": (1.0, True)}
+    assert compare._checks.level_models("reduction_server", layout)["host"] == (2.0, True)
+    assert compare._checks.plan_bound("reduction_server:host", layout, 1.0) == 1.0
+    assert compare._checks.plan_bound("hierarchical:host", layout, 1.0) == pytest.approx(1 / 1.5)
 
 
 def _results_file(tmp_path):
