@@ -12,11 +12,12 @@
 // Recovery. A reducer that fails takes with it the chunks it had not answered, and it may have
 // answered a chunk to some workers and not to others. So after the exchange the workers that
 // share the chunks (all of them under the flat plan; the j-th ranks of the hosts under the host
-// plan) agree, over their own mesh, on three things: which reducers failed for anyone, which chunks someone
-// lacks, and who has each of those. A chunk that some worker has is broadcast from the lowest
-// such rank (the sum is the same bit for bit wherever it was computed); a chunk nobody has is
-// sent again to a surviving reducer. Then they agree again, until nobody lacks anything; so no
-// worker returns before every worker holds every sum, and no sum is lost or wrong.
+// plan) agree, over their own mesh, on three things: which reducers failed for anyone, which
+// chunks someone lacks, and who has each of those. A chunk that some worker has is broadcast
+// from the lowest such rank (the sum is the same bit for bit wherever it was computed); a chunk
+// nobody has is sent again to a surviving reducer. Then they agree again, until nobody lacks
+// anything; so no worker returns before every worker holds every sum, and no sum is lost or
+// wrong.
 //
 // Partitions. A reducer may fail for one worker only (their link is cut) and stay alive for
 // the others, who would then wait on it until the collective's deadline: it waits for the
