@@ -463,17 +463,18 @@ def usage_fields(world, usage):
     hosts, and each host's), CPU busy fraction of the machine; with reducers, what each
     reducer received from and sent to all workers per all-reduce, as the workers counted it
     (payload and frame headers, no TCP/IP: compare.py scales it to link bytes)."""
-    per_host = world.gather((MPI.Get_processor_name(), usage.tx / usage.allreduces,
+    per_rank = world.gather((MPI.Get_processor_name(), usage.tx / usage.allreduces,
                              usage.rx / usage.allreduces, usage.to_reducers))
     if world.rank != 0:
         return {}
-    # Ranks that share a host read the same counters: one figure per host.
-    per_host = list({host: (host, tx, rx, to_reducers) for host, tx, rx, to_reducers in per_host}.values())
+    # Ranks that share a host read the same link counters: one figure per host. Each rank counts
+    # its own bytes to the reducers: those add up over every rank.
+    per_host = list({host: (host, tx, rx, to_reducers) for host, tx, rx, to_reducers in per_rank}.values())
     uplinks = {rack: {"tx": out / usage.allreduces, "rx": into / usage.allreduces}
                for rack, (out, into) in usage.uplinks.items()}
     cpu_util = usage.cpu_util
     reducers = {}
-    for *_, to_reducers in per_host:
+    for *_, to_reducers in per_rank:
         for index, (sent, received) in to_reducers.items():
             entry = reducers.setdefault(str(index), {"rx": 0.0, "tx": 0.0})
             entry["rx"] += sent / usage.allreduces  # what workers sent, the reducer received
