@@ -667,6 +667,32 @@ def test_reduction_server_on_hosts_of_its_own(tmp_path):
     assert not _netns_left() and not _reducers_running()
 
 
+@on_testbed(240)
+def test_reduction_servers_host_plan_beside_the_hierarchical_plan(tmp_path):
+    # 2 hosts x 2 ranks + 2 reducers: the reduction server's host plan moves S per host NIC and
+    # h/R*S = S per reducer host, the hierarchical plan 2(h-1)/h*S = S per NIC; the wiring and the
+    # bytes, never the speed.
+    pytest.importorskip("torch")
+    rows_file = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(COMPARE_PY), "--per-host", "2", "--hosts", "2", "--reducers", "2",
+                           "--rate", "200mbit", "--size", "4M", "--pairs", "1", "--systems", "collectives",
+                           "--json", str(rows_file)], env=clean_environ(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=230)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    assert [r["plan"] for r in rows] == ["hierarchical:host", "reduction_server:host"]
+    for row in rows:
+        assert row["wrong"] == 0 and (row["hosts"], row["per_host"], row["reducers"]) == (2, 2, 2)
+        for host, figures in row["link_bytes"]["per_host"].items():
+            assert 0.97 < figures["tx"] / row["bytes"] < 1.05, (row["plan"], host, figures)
+    rs = rows[1]
+    assert rs["bound_GBps"] == pytest.approx(rs["goodput_GBps"])
+    for host, figures in rs["link_bytes"]["reducer_hosts"].items():
+        assert figures["scaled"] and 0.97 < figures["rx"] / rs["bytes"] < 1.05, (host, figures)
+    assert "x collectives hierarchical at 4194304" in done.stdout  # the ratio of the two plans, and its standing
+    assert not _netns_left() and not _reducers_running()
+
+
 @on_testbed(120)
 def test_interrupted_compare_stops_its_reducers_and_removes_the_testbed(tmp_path):
     proc = subprocess.Popen([sys.executable, str(COMPARE_PY), "--hosts", "2", "--reducers", "1", "--rate",
