@@ -521,13 +521,15 @@ def _hierarchy(config: Config, topology: Sequence[str]) -> Optional[hierarchical
 
 def _reducer_plan(config: Config, rank: int, topology: Sequence[str]) -> Optional[HostPlan]:
     """The reduction server's plan (host_plan), where allreduce goes through the reducers; rank 0
-    says why the flat plan runs where ranks share hosts but the host plan cannot."""
+    says why the flat plan runs: a warning where ranks share hosts of different sizes (the host
+    plan would have paid), else for the log."""
     if config.effective_algorithm != "reduction_server":
         return None
     plan = host_plan(topology)
-    if plan.hosts is None and rank == 0 and len(set(topology)) < len(topology):
-        logger.warning("reduction server: %s: the flat plan runs (every worker exchanges its whole buffer with the "
-                       "reducers)", plan.why_flat)
+    if plan.hosts is None and rank == 0:
+        uneven = 1 < len(set(topology)) < len(topology)
+        logger.log(logging.WARNING if uneven else logging.INFO, "reduction server: %s: the flat plan runs (every "
+                   "worker exchanges its whole buffer with the reducers)", plan.why_flat)
     return plan
 
 
