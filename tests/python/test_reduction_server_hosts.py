@@ -4,8 +4,9 @@ label reduce-scatter and all-gather among themselves), each local rank exchangin
 with the reducers. Every dtype and op against numpy on exact data; order-sensitive float32,
 float16 and bfloat16 sums and averages against numpy computing the plan's order (the host's ring,
 then the hosts folded left at the reducer, half types in float32 rounded once), bit for bit, for
-1-3 reducers and several chunk sizes (the same bits for all); a reducer killed mid-sequence; and
-uneven hosts, which fall back to the flat plan and say so. CI runs 2 reducers against numpy and
+1-3 reducers and several chunk sizes (the same bits for all); a reducer killed mid-sequence; a
+worker killed mid-sequence, which fails every other worker, naming it; and uneven hosts, which
+fall back to the flat plan and say so. CI runs 2 reducers against numpy and
 two settings per layout for the bits; COLLECTIVES_TEST_FULL=1 runs 1-3 reducers and three.
 """
 
@@ -23,7 +24,7 @@ FULL = os.environ.get("COLLECTIVES_TEST_FULL") == "1"
 # The plan's order, computed in numpy by the rank processes (hierarchical_cases: the host's ring
 # over the hierarchical plan's pieces).
 RANK_SCRIPT = r'''
-import hashlib, json, os, sys
+import hashlib, json, os, sys, threading
 sys.path.insert(0, os.environ["TEST_CASES_DIR"])
 import numpy as np
 import collective_cases, hierarchical_cases
@@ -78,6 +79,8 @@ with cc.init() as comm:
             stop[0] = os.path.exists(os.environ["TEST_STOP_FILE"])
             if comm.broadcast(stop, root=0)[0]:
                 break
+            if steps == 3 and os.environ.get("TEST_DIE_RANK") == str(comm.rank):  # inside the next all-reduce
+                threading.Timer(0.02, os.kill, (os.getpid(), 9)).start()
             inputs = [spread(1000 + steps, r, 300_001, "float32") for r in range(comm.size)]
             x = inputs[comm.rank].copy()
             comm.allreduce(x)
@@ -183,6 +186,24 @@ def test_a_reducer_killed_mid_sequence_loses_nothing(run_ranks, tmp_path):
         assert "go to the other reducers" in stderr or "stops using it too" in stderr, stderr[-3000:]
     assert reducers[1].returncode == -signal.SIGKILL
     assert reducers[0].returncode == 0 and reducers[2].returncode == 0
+
+
+def test_a_worker_killed_mid_sequence_fails_every_other_naming_it(run_ranks, tmp_path):
+    from pathlib import Path
+
+    running, stop = tmp_path / "running", tmp_path / "stop"
+    running.mkdir()
+    (tmp_path / "cases.json").write_text("[]")
+    started = time.monotonic()
+    results = run_ranks(RANK_SCRIPT, 4, args=[str(tmp_path / "cases.json")], reducers=2, timeout=120,
+                        rank_env=lambda r: {"COLLECTIVES_TOPOLOGY": f"host{r // 2}"},
+                        env={"TEST_CASES_DIR": str(Path(__file__).resolve().parent), "COLLECTIVES_TIMEOUT": "60",
+                             "TEST_STOP_FILE": str(stop), "TEST_RUNNING_DIR": str(running), "TEST_DIE_RANK": "1"})
+    assert time.monotonic() - started < 100  # well within the collective's timeout: no rank hung
+    assert results[1].returncode == -signal.SIGKILL
+    for rank in (0, 2, 3):
+        assert results[rank].returncode != 0, results[rank].stdout
+        assert "CollectiveError" in results[rank].stderr and "rank 1" in results[rank].stderr, results[rank].stderr[-3000:]
 
 
 def test_uneven_hosts_run_the_flat_plan_and_say_so(run_ranks, tmp_path):
