@@ -525,7 +525,7 @@ def _reducer_plan(config: Config, rank: int, topology: Sequence[str]) -> Optiona
     plan would have paid), else for the log."""
     if config.effective_algorithm != "reduction_server":
         return None
-    plan = host_plan(topology)
+    plan = host_plan(topology) if config.rs_plan == "auto" else HostPlan(None, "COLLECTIVES_RS_PLAN=flat")
     if plan.hosts is None and rank == 0:
         uneven = 1 < len(set(topology)) < len(topology)
         logger.log(logging.WARNING if uneven else logging.INFO, "reduction server: %s: the flat plan runs (every "

@@ -5,8 +5,8 @@ with the reducers. Every dtype and op against numpy on exact data; order-sensiti
 float16 and bfloat16 sums and averages against numpy computing the plan's order (the host's ring,
 then the hosts folded left at the reducer, half types in float32 rounded once), bit for bit, for
 1-3 reducers and several chunk sizes (the same bits for all); a reducer killed mid-sequence; a
-worker killed mid-sequence, which fails every other worker, naming it; and uneven hosts, which
-fall back to the flat plan and say so. CI runs 2 reducers against numpy and
+worker killed mid-sequence, which fails every other worker, naming it; uneven hosts, which fall
+back to the flat plan and say so; and the flat plan where COLLECTIVES_RS_PLAN=flat asks for it. CI runs 2 reducers against numpy and
 two settings per layout for the bits; COLLECTIVES_TEST_FULL=1 runs 1-3 reducers and three.
 """
 
@@ -204,6 +204,13 @@ def test_a_worker_killed_mid_sequence_fails_every_other_naming_it(run_ranks, tmp
     for rank in (0, 2, 3):
         assert results[rank].returncode != 0, results[rank].stdout
         assert "CollectiveError" in results[rank].stderr and "rank 1" in results[rank].stderr, results[rank].stderr[-3000:]
+
+
+def test_the_flat_plan_where_asked_for(run_ranks, tmp_path):
+    reports, _ = run_hosts(run_ranks, tmp_path, labels_of(2, 2),
+                           [c for c in exact_cases(4) if c["dtype"] in ("float16", "int32")], 2,
+                           env={"COLLECTIVES_RS_PLAN": "flat"})
+    assert all(report["algorithm"] == "reduction_server" for report, _ in reports)
 
 
 def test_uneven_hosts_run_the_flat_plan_and_say_so(run_ranks, tmp_path):
