@@ -11,9 +11,11 @@ CI runs 2 reducers against numpy and, for the bits, two settings on the interlea
 hosts of 3); COLLECTIVES_TEST_FULL=1 runs 1-3 reducers, and three settings on both layouts.
 """
 
+import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,10 +121,8 @@ def exact_cases(size):
 def run_hosts(run_ranks, tmp_path, labels, cases, reducers, env=None, timeout=200, during=None):
     """One job of len(labels) workers, rank r labelled labels[r], and `reducers` reducers; each
     worker's report (failing the test on any problem)."""
-    from pathlib import Path
-
     path = tmp_path / "cases.json"
-    path.write_text(__import__("json").dumps(cases))
+    path.write_text(json.dumps(cases))
     results = run_ranks(RANK_SCRIPT, len(labels), args=[str(path)], reducers=reducers, timeout=timeout,
                         during=during, rank_env=lambda r: {"COLLECTIVES_TOPOLOGY": labels[r]},
                         env={"TEST_CASES_DIR": str(Path(__file__).resolve().parent), "COLLECTIVES_TIMEOUT": "90",
@@ -191,8 +191,6 @@ def test_a_reducer_killed_mid_sequence_loses_nothing(run_ranks, tmp_path):
 
 
 def test_a_worker_killed_mid_sequence_fails_every_other_naming_it(run_ranks, tmp_path):
-    from pathlib import Path
-
     running, stop = tmp_path / "running", tmp_path / "stop"
     running.mkdir()
     (tmp_path / "cases.json").write_text("[]")
