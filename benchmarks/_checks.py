@@ -28,7 +28,8 @@ one model per level, host NICs and rack uplinks):
     (3 hosts, >= 256 KiB: 1.0 to 2.5 per host), so only what every all-reduce must move is
     checked: at least 1.0 each way (each host's data must leave it, and the sum of the
     others' must reach it);
-  reduction server: each worker host 1.0 each way, each reducer host N/R;
+  reduction server: each worker host 1.0 each way, each reducer host N/R (its host plan on
+    layouts with K ranks per host: see level_models);
   recursive doubling (collectives): with n a power of two, each host log2(n) each way; with
     other n the folded hosts move less, so only the lower bound of 1.0 is checked.
 A figure more than LINK_TOLERANCE (10%) below its model is refused at every size: the bytes
@@ -286,13 +287,15 @@ def plan_of(algorithm, layout):
     each way, interleaved at every hop), 'ring:rack-ordered' (the flat ring over the ranks
     ordered rack by rack and host by host, whatever the rank order: the best flat ring, once
     each way through each NIC and uplink), 'recursive_doubling:rank-order', 'hierarchical:host'
-    (no racks) or 'hierarchical:host+rack', 'reduction_server'; a peer's is its name ('gloo',
-    'mpi')."""
+    (no racks) or 'hierarchical:host+rack', 'reduction_server' (flat) or 'reduction_server:host'
+    (its host plan); a peer's is its name ('gloo', 'mpi')."""
     base, words = algorithm_name(algorithm), algorithm.partition("(")[2]
     if base == RACK_ORDERED:
         return base
     if base in ("ring", "recursive_doubling"):
         return f"{base}:rank-order"
+    if base == "reduction_server":
+        return algorithm if algorithm == "reduction_server:host" else base
     if base == "hierarchical":
         # The library describes its plan, e.g. "hierarchical(2 ranks/host x 2 hosts/rack x 2
         # racks)": a rack level where it names racks; without a description, the layout's.
@@ -303,8 +306,9 @@ def plan_of(algorithm, layout):
 
 def algorithm_name(algorithm):
     """The algorithm of a communicator's description: 'hierarchical(2 ranks/host x 2 hosts)'
-    -> 'hierarchical'."""
-    return algorithm.split("(")[0].strip()
+    -> 'hierarchical', 'reduction_server:host' -> 'reduction_server'."""
+    name = algorithm.split("(")[0].strip()
+    return "reduction_server" if name.startswith("reduction_server:") else name
 
 
 def rack_ordered(layout):
@@ -414,6 +418,13 @@ def level_models(plan, layout):
             firsts = sorted({host_of.index(i) for i in range(h)})  # each host's lowest rank, in order
             models = level_bytes(ring_pairs(firsts, 2 * (h - 1) / h), layout)
             host, uplink = models["host"], models["uplink"]
+    elif plan == "reduction_server:host":
+        # The reduction server's host plan (issue 12): reduce-scatter among the k ranks of a host
+        # over shared memory (no NIC bytes), each local rank sends its S/k to the reducers and
+        # gets S/k of sums back, all k at once: S per host NIC each way; the all-gather inside
+        # the host is shared memory again. The reducers take each host's S: h/R*S per reducer
+        # host each way.
+        return {"host": (1.0, True), "uplink": None, "reducer": (h / layout.reducers, True)}
     elif algorithm == "reduction_server":
         # Each worker rank sends S to the reducers and gets S back: k*S per worker NIC; each
         # reducer host takes N/R of it (N worker ranks).

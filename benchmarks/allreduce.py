@@ -111,10 +111,17 @@ class Collectives:
         if transport is not None:
             self.name = self.system = f"collectives-{transport}"
             os.environ["COLLECTIVES_TRANSPORT"] = transport
+        # Beside the reducers' communicator (--algorithms hierarchical,reduction_server), another
+        # algorithm's meets no reducers: the reducers and the job's store serve one communicator.
+        hidden = ({key: os.environ.pop(key) for key in ("COLLECTIVES_NUM_REDUCERS", "COLLECTIVES_RENDEZVOUS")
+                   if key in os.environ} if named and algorithm != "reduction_server" else {})
+        if hidden:
+            self.reducers = 0
         try:
             self.world = self.comm = (cc.init() if self.reducers
                                       else cc.init(algorithm="ring" if algorithm == RACK_ORDERED else algorithm))
         finally:
+            os.environ.update(hidden)
             if transport is not None:
                 os.environ.pop("COLLECTIVES_TRANSPORT", None)
                 if saved is not None:
@@ -141,7 +148,7 @@ class Collectives:
     def reducer_counters(self):
         """{reducer index: (bytes this worker sent it, bytes it received from it)}, or None
         where the communicator has no reducers (or cannot tell)."""
-        if self.algorithm != "reduction_server" or not hasattr(self.comm, "reducer_stats"):
+        if not self.algorithm.startswith("reduction_server") or not hasattr(self.comm, "reducer_stats"):
             return None
         return {i: (r["bytes_sent"], r["bytes_received"]) for i, r in enumerate(self.comm.reducer_stats())}
 
@@ -471,17 +478,18 @@ def usage_fields(world, usage):
     hosts, and each host's), CPU busy fraction of the machine; with reducers, what each
     reducer received from and sent to all workers per all-reduce, as the workers counted it
     (payload and frame headers, no TCP/IP: compare.py scales it to link bytes)."""
-    per_host = world.gather((MPI.Get_processor_name(), usage.tx / usage.allreduces,
+    per_rank = world.gather((MPI.Get_processor_name(), usage.tx / usage.allreduces,
                              usage.rx / usage.allreduces, usage.to_reducers))
     if world.rank != 0:
         return {}
-    # Ranks that share a host read the same counters: one figure per host.
-    per_host = list({host: (host, tx, rx, to_reducers) for host, tx, rx, to_reducers in per_host}.values())
+    # Ranks that share a host read the same link counters: one figure per host. Each rank counts
+    # its own bytes to the reducers: those add up over every rank.
+    per_host = list({host: (host, tx, rx, to_reducers) for host, tx, rx, to_reducers in per_rank}.values())
     uplinks = {rack: {"tx": out / usage.allreduces, "rx": into / usage.allreduces}
                for rack, (out, into) in usage.uplinks.items()}
     cpu_util = usage.cpu_util
     reducers = {}
-    for *_, to_reducers in per_host:
+    for *_, to_reducers in per_rank:
         for index, (sent, received) in to_reducers.items():
             entry = reducers.setdefault(str(index), {"rx": 0.0, "tx": 0.0})
             entry["rx"] += sent / usage.allreduces  # what workers sent, the reducer received

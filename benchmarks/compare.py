@@ -53,7 +53,9 @@ which rank 0 reads in the switch's namespace around each timed sample), each che
 the plan's model per level (_checks.level_models). A plan's bound is the slowest level's:
 algbw <= min(B/host, B_up/uplink), host and uplink being what the plan moves per direction
 over S through a host NIC and an uplink, B and B_up the measured goodputs (_checks.plan_bound;
-the hierarchical plan's derivation is there). --reducers is for flat layouts only (for now).
+the hierarchical plan's derivation is there). With --reducers on a layout with --per-host K
+(no racks), the default is the hierarchical plan and the reduction server side by side (its
+host plan, 'reduction_server:host': each host NIC moves S each way; --algorithms may add ring).
 
 With --reducers R (R > 0) the testbed has N + R hosts, all links at the same rate: workers on
 h0..h(N-1), one reducer on each of the next R hosts (as cheap CPU VMs would be). Each reducer
@@ -113,8 +115,8 @@ import testbed
 
 HERE = Path(__file__).resolve().parent
 SYSTEMS = ("collectives", "gloo", "mpi")
-# --algorithms: collectives' plans without reducers (ring:rack-ordered: allreduce.py's ring over a rack-ordered group)
-ALGORITHMS = ("ring", _checks.RACK_ORDERED, "recursive_doubling", "hierarchical")
+# --algorithms: collectives' plans (ring:rack-ordered: allreduce.py's ring over a rack-ordered group)
+ALGORITHMS = ("ring", _checks.RACK_ORDERED, "recursive_doubling", "hierarchical", "reduction_server")
 # Under mpirun the ranks bootstrap over MPI, and the job's secret is made there; with
 # reducers, compare.py sets the rendezvous, the reducer count and the secret's file itself.
 NOT_FORWARDED = {"COLLECTIVES_RANK", "COLLECTIVES_SIZE", "COLLECTIVES_RENDEZVOUS", "COLLECTIVES_TOKEN",
@@ -219,8 +221,8 @@ def parse_args(argv=None):
         except ValueError as e:
             parser.error(f"--uplink-rate: {e}")
     layered = args.per_host > 1 or args.racks is not None
-    if any(args.reducers) and layered:
-        parser.error("--reducers runs on flat layouts only (one rank per host, no racks) for now")
+    if any(args.reducers) and args.racks is not None:
+        parser.error("--reducers runs on layouts without racks only (for now)")
     if args.rank_order != "block" and not layered:
         parser.error(f"--rank-order {args.rank_order}: needs --racks or --per-host above 1 (with one rank per host "
                      "and no racks every order is the same)")
@@ -228,12 +230,12 @@ def parse_args(argv=None):
         args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
         if not args.algorithms or set(args.algorithms) - set(ALGORITHMS):
             parser.error(f"--algorithms: choose from {','.join(ALGORITHMS)}, not {','.join(args.algorithms)!r}")
-        if any(args.reducers):
-            parser.error("--algorithms: with --reducers collectives runs the reduction server")
+        if any(args.reducers) != ("reduction_server" in args.algorithms):
+            parser.error("--algorithms: reduction_server goes with --reducers, and --reducers with reduction_server")
         if "collectives" not in names:
             parser.error("--algorithms: keep collectives in --systems")
     elif layered and "collectives" in names:
-        args.algorithms = default_algorithms(args.rank_order)
+        args.algorithms = default_algorithms(args.rank_order, any(args.reducers))
     if args.algorithms is not None and len(args.algorithms) == 1:
         args.algorithm, args.algorithms = args.algorithms[0], None
     return args
@@ -250,10 +252,13 @@ def algorithm_available(name):
     return True
 
 
-def default_algorithms(rank_order="block"):
+def default_algorithms(rank_order="block", reducers=False):
     """On a layout with shared hosts or racks: the flat ring, in an interleaved rank order the
     rack-ordered ring too (in block order it is the same ring), and the hierarchical plan where
-    the installed collectives offers it (a note on stderr where it does not)."""
+    the installed collectives offers it (a note on stderr where it does not); with reducers, the
+    hierarchical plan and the reduction server (its host plan where the hosts share it)."""
+    if reducers:
+        return ["hierarchical", "reduction_server"]
     flat = ["ring"] + ([_checks.RACK_ORDERED] if rank_order != "block" else [])
     if algorithm_available("hierarchical"):
         return [*flat, "hierarchical"]
@@ -453,7 +458,7 @@ def run_job(bed, args, workers, reducers, settings=None):
         # Settings reach the ranks by name (-x NAME: mpirun copies the value), so that nothing
         # secret lands on a command line; the launch variables stay MPI's own business.
         forwarded = sorted(key for key in env if key.startswith("COLLECTIVES_") and key not in NOT_FORWARDED)
-        per_host = args.per_host if not reducers else 1
+        per_host = args.per_host
         worker_hosts = ",".join(f"{h.name}:{per_host}" for h in bed.hosts[:workers])
         layout = _checks.Layout(workers, per_host, [len(r.hosts) for r in bed.racks],
                                 rank_order=getattr(args, "rank_order", "block"))
@@ -742,11 +747,12 @@ def print_rows(rows):
 
 def block_name(hosts, reducers, rate, per_host=1, racks=None, uplink_rate=None, rank_order="block"):
     """The RESULTS.md block a run writes, named by what it ran: 'ring 4,8 500mbit',
-    'reducers 4+4 500mbit', 'layout 2x4 500mbit' (2 hosts, 4 ranks each), 'layout 8x1 racks 2
-    uplink 100mbit 500mbit', 'layout 8x1 racks 2 uplink 100mbit interleaved 500mbit'."""
+    'reducers 4+4 500mbit', 'reducers 4x2+4 250mbit' (4 hosts of 2 ranks, 4 reducers), 'layout
+    2x4 500mbit' (2 hosts, 4 ranks each), 'layout 8x1 racks 2 uplink 100mbit 500mbit', 'layout 8x1
+    racks 2 uplink 100mbit interleaved 500mbit'."""
     workers = ",".join(map(str, hosts))
     if any(reducers):
-        return f"reducers {workers}+{','.join(map(str, reducers))} {rate}"
+        return f"reducers {workers}{f'x{per_host}' if per_host > 1 else ''}+{','.join(map(str, reducers))} {rate}"
     if per_host > 1 or racks:
         return (f"layout {workers}x{per_host}" + (f" racks {racks} uplink {uplink_rate}" if racks else "")
                 + ("" if rank_order == "block" else f" {rank_order}") + f" {rate}")

@@ -60,7 +60,8 @@ host i // K, LOCAL_RANK i % K, LOCAL_WORLD_SIZE K), sharing its namespaces, /dev
 rate, each worker carrying its rack in COLLECTIVES_TOPOLOGY. On such a layout the systems are
 none, gloo, the collectives ring and a third collectives group forced to the hierarchical plan
 (where the installed collectives offers it; a note says when not), and no reducers unless
-asked for (--reducers is for flat layouts only, for now). Rows carry the layout (hosts, ranks,
+asked for (--reducers runs on layouts without racks, for now: with --per-host K the reduction
+server runs its host plan, reduction_server:host). Rows carry the layout (hosts, ranks,
 per_host, racks) and each collectives row its plan; the floor is the plan's bound on the
 layout (the slowest level's, as compare.py's: _checks.plan_bound), and the link bytes per
 step are checked per level: each host NIC's and, with racks, each uplink's (worker 0 reads the
@@ -162,8 +163,8 @@ def parse_args(argv=None):
     layered = args.per_host > 1 or args.racks is not None
     if args.reducers is None:
         args.reducers = 0 if layered else 4
-    elif args.reducers > 0 and layered:
-        parser.error("--reducers runs on flat layouts only (one worker per host, no racks) for now")
+    elif args.reducers > 0 and args.racks is not None:
+        parser.error("--reducers runs on layouts without racks only (for now)")
     if args.reducers < 0:
         parser.error("--reducers must be 0 or more")
     if args.hosts + args.reducers > 250:
@@ -564,9 +565,10 @@ def reducer_lines(rows):
 
 def block_name(hosts, reducers, rate, per_host=1, racks=None, uplink_rate=None):
     """The RESULTS.md block a run writes: 'ddp 4+4 500mbit'; on layouts 'ddp 4x2 500mbit',
-    'ddp 4x2 racks 2 uplink 250mbit 500mbit'."""
+    'ddp 4x2+4 500mbit' (with 4 reducers), 'ddp 4x2 racks 2 uplink 250mbit 500mbit'."""
     if per_host > 1 or racks:
-        return f"ddp {hosts}x{per_host}" + (f" racks {racks} uplink {uplink_rate}" if racks else "") + f" {rate}"
+        return (f"ddp {hosts}x{per_host}" + (f"+{reducers}" if reducers else "")
+                + (f" racks {racks} uplink {uplink_rate}" if racks else "") + f" {rate}")
     return f"ddp {hosts}+{reducers} {rate}"
 
 

@@ -21,6 +21,7 @@ ALGORITHMS = ("auto", "ring", "recursive_doubling", "hierarchical", "reduction_s
 TRANSPORTS = ("auto", "tcp", "shm", "ucx")
 # What workers do when every reducer has failed: raise CollectiveError, or go on with the ring.
 RS_FALLBACKS = ("error", "ring")
+RS_PLANS = ("auto", "flat")  # the reduction server's plan: the host plan where the hosts allow it, or flat
 # What protects each frame after the handshake: nothing, a MAC, or a MAC and encryption (in
 # the order of their codes in the core).
 WIRE_SECURITY = tuple(_core.WIRE_SECURITY)
@@ -143,6 +144,7 @@ _FIELDS: Mapping[str, Tuple[str, Callable[[Any, str], Any]]] = {
     "rs_inflight": ("COLLECTIVES_RS_INFLIGHT", _parse_optional_count),
     "rs_heartbeat_timeout": ("COLLECTIVES_RS_HEARTBEAT_TIMEOUT", parse_seconds),
     "rs_fallback": ("COLLECTIVES_RS_FALLBACK", _choice(RS_FALLBACKS, "a fallback")),
+    "rs_plan": ("COLLECTIVES_RS_PLAN", _choice(RS_PLANS, "a reduction-server plan")),
     "wire_security": ("COLLECTIVES_WIRE_SECURITY", _choice(WIRE_SECURITY, "a wire security")),
     "topology": ("COLLECTIVES_TOPOLOGY", parse_levels),
     "transport": ("COLLECTIVES_TRANSPORT", _choice(TRANSPORTS, "a transport")),
@@ -166,6 +168,7 @@ class Config:
     rs_inflight: Optional[int] = None  # None: the core's default
     rs_heartbeat_timeout: float = 10.0
     rs_fallback: str = "error"
+    rs_plan: str = "auto"  # "flat": every worker exchanges its whole buffer, even where hosts share ranks
     wire_security: str = "mac"
     topology: Optional[str] = None  # levels above the host, outermost first (collectives._topology)
     transport: str = "auto"  # shared memory within a host and TCP between hosts, or one of them, or UCX
@@ -212,7 +215,8 @@ class Config:
         """(name, value) pairs that every rank of a job must agree on, checked at init."""
         return tuple((name, getattr(self, name))
                      for name in ("algorithm", "ring_segment_bytes", "connections_per_peer", "num_reducers",
-                                  "rs_chunk_bytes", "rs_inflight", "rs_fallback", "wire_security", "transport"))
+                                  "rs_chunk_bytes", "rs_inflight", "rs_fallback", "rs_plan", "wire_security",
+                                  "transport"))
 
     @property
     def effective_algorithm(self) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 from . import _buffers, _core, _device, hierarchical, ring
 from ._bootstrap import Bootstrap, bootstrap
 from ._config import Config
+from .reduction_server.host_plan import HostPlan, host_plan
 from .errors import CollectiveError
 
 __all__ = ["Communicator", "Work", "init"]
@@ -90,8 +91,10 @@ class Communicator:
         self._pid = os.getpid()
         self._pending: List[Work] = []
         self._plan = _hierarchy(config, boot.topology)
+        self._reducer_plan = _reducer_plan(config, boot.rank, boot.topology)
         self._core = _core.Communicator(
-            boot.rank, boot.size, boot.peer_links, boot.peer_names, _options(config, self._plan), boot.reducer_links,
+            boot.rank, boot.size, boot.peer_links, boot.peer_names, _options(config, self._plan, self._reducer_plan),
+            boot.reducer_links,
             boot.reducer_names, boot.shm.doorbell, boot.shm.links, boot.shm.board, boot.shm.board_expected,
             ucx=config.transport == "ucx" and boot.size > 1
         )
@@ -121,6 +124,7 @@ class Communicator:
         self._pending = []
         self._topology = [parent._topology[m] for m in members]
         self._plan = _hierarchy(self._config, self._topology)  # from its members' labels
+        self._reducer_plan = None
         self._core = parent._live_core().subgroup([parent._members[m] for m in members],
                                                   _options(self._config, self._plan))
         self._rank, self._size = self._core.rank, self._core.size
@@ -185,11 +189,14 @@ class Communicator:
 
     @property
     def algorithm(self) -> str:
-        """The algorithm that allreduce runs: "ring", "recursive_doubling", "reduction_server",
-        the hierarchical plan ("hierarchical(4 ranks/host x 2 hosts)"), or "auto" (per call, the
-        ring or recursive doubling by the cost model: recursive doubling for small messages),
+        """The algorithm that allreduce runs: "ring", "recursive_doubling", "reduction_server"
+        (the flat plan) or "reduction_server:host" (its host plan), the hierarchical plan
+        ("hierarchical(4 ranks/host x 2 hosts)"), or "auto" (per call, the ring or recursive
+        doubling by the cost model: recursive doubling for small messages),
         "auto:hierarchical(...)" where the hierarchical plan is a candidate too."""
         algorithm = self._config.effective_algorithm
+        if self._reducer_plan is not None:
+            return self._reducer_plan.algorithm
         if self._plan is None:
             return algorithm
         return self._plan.description if algorithm == "hierarchical" else f"auto:{self._plan.description}"
@@ -512,8 +519,23 @@ def _hierarchy(config: Config, topology: Sequence[str]) -> Optional[hierarchical
     return plan if plan.shares or (algorithm == "hierarchical" and plan.levels) else None
 
 
-def _options(config: Config, plan: Optional[hierarchical.Plan] = None) -> Any:
-    """The core's options for a communicator of `config`, with `plan` (_hierarchy) if any."""
+def _reducer_plan(config: Config, rank: int, topology: Sequence[str]) -> Optional[HostPlan]:
+    """The reduction server's plan (host_plan), where allreduce goes through the reducers; rank 0
+    says why the flat plan runs: a warning where ranks share hosts of different sizes (the host
+    plan would have paid), else for the log."""
+    if config.effective_algorithm != "reduction_server":
+        return None
+    plan = host_plan(topology) if config.rs_plan == "auto" else HostPlan(None, "COLLECTIVES_RS_PLAN=flat")
+    if plan.hosts is None and rank == 0:
+        uneven = 1 < len(set(topology)) < len(topology)
+        logger.log(logging.WARNING if uneven else logging.INFO, "reduction server: %s: the flat plan runs (every "
+                   "worker exchanges its whole buffer with the reducers)", plan.why_flat)
+    return plan
+
+
+def _options(config: Config, plan: Optional[hierarchical.Plan] = None, reducer_plan: Optional[HostPlan] = None) -> Any:
+    """The core's options for a communicator of `config`, with `plan` (_hierarchy) and
+    `reducer_plan` (_reducer_plan) if any."""
     options = _core.Options()
     options.timeout_seconds = config.timeout
     options.segment_bytes = config.ring_segment_bytes or 0
@@ -533,6 +555,8 @@ def _options(config: Config, plan: Optional[hierarchical.Plan] = None) -> Any:
     options.rs_inflight = config.rs_inflight or 0
     options.rs_heartbeat_timeout = config.rs_heartbeat_timeout
     options.rs_fallback_ring = config.rs_fallback == "ring"
+    if reducer_plan is not None and reducer_plan.hosts:
+        options.rs_hosts = reducer_plan.hosts
     return options
 
 

@@ -99,7 +99,7 @@ Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOpt
   }
   if (!reducer_links.empty()) {
     reduction_server_ = std::make_unique<ReductionServerAllreduce>(
-        std::move(reducer_links), std::move(reducer_names), options.reduction_server_settings, rank());
+        std::move(reducer_links), std::move(reducer_names), options.reduction_server_settings, group_);
   }
   executor_ = std::thread([this] { execute_loop(); });
 }

@@ -234,7 +234,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property(
           "rs_fallback_ring",
           [](const CommunicatorOptions& o) { return o.reduction_server_settings.fallback_ring; },
-          [](CommunicatorOptions& o, bool v) { o.reduction_server_settings.fallback_ring = v; });
+          [](CommunicatorOptions& o, bool v) { o.reduction_server_settings.fallback_ring = v; })
+      .def_property(
+          "rs_hosts", [](const CommunicatorOptions& o) { return o.reduction_server_settings.hosts; },
+          [](CommunicatorOptions& o, std::vector<std::vector<int>> v) { o.reduction_server_settings.hosts = std::move(v); });
 
   py::class_<ReducerOptions>(m, "ReducerOptions")
       .def(py::init<>())

@@ -97,7 +97,8 @@ struct ReducerChannels::Reducer {
 
 ReducerChannels::ReducerChannels(std::vector<Link> links, std::vector<std::string> names,
                                  int inflight, double heartbeat_timeout,
-                                 std::function<void(const std::string&)> log)
+                                 std::function<void(const std::string&)> log,
+                                 const std::vector<uint32_t>& groups)
     : inflight_(std::max(1, inflight)), heartbeat_timeout_(heartbeat_timeout), log_(std::move(log)) {
   for (size_t r = 0; r < links.size(); ++r) {
     reducers_.push_back(std::make_unique<Reducer>(
@@ -109,6 +110,22 @@ ReducerChannels::ReducerChannels(std::vector<Link> links, std::vector<std::strin
   for (auto& reducer : reducers_) {
     set_nonblocking(reducer->fd.get());
     set_keepalive(reducer->fd.get(), kProbeSeconds, kProbeSeconds, kProbeCount);
+  }
+  if (!groups.empty()) {
+    // Ahead of any chunk on each connection; a reducer that cannot take it is lost here.
+    std::string payload(4 * groups.size(), '\0');
+    for (size_t k = 0; k < groups.size(); ++k) {
+      for (int b = 0; b < 4; ++b) payload[4 * k + b] = static_cast<char>(groups[k] >> (8 * b));
+    }
+    FrameHeader header;
+    header.kind = static_cast<uint8_t>(FrameKind::kGroups);
+    header.nbytes = payload.size();
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& reducer : reducers_) {
+      if (!write_frame(reducer->fd.get(), reducer->writer, header, payload, deadline_after(heartbeat_timeout_))) {
+        lose(*reducer, "did not take this worker's groups (" + errno_text(errno) + ")");
+      }
+    }
   }
   progress_thread_ = std::thread([this] { progress_loop(); });
 }

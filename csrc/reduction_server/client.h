@@ -63,9 +63,11 @@ class ReducerChannels {
  public:
   // links[r]: the connected, authenticated socket to reducer r (owned from here on). At most
   // `inflight` chunks per reducer are unanswered at a time. `log` tells the user of a
-  // reducer's failure (called from the progress thread).
+  // reducer's failure (called from the progress thread). `groups`, where not empty: every
+  // worker's contributing group, told each reducer first (a kGroups frame, server.h).
   ReducerChannels(std::vector<Link> links, std::vector<std::string> names, int inflight,
-                  double heartbeat_timeout, std::function<void(const std::string&)> log);
+                  double heartbeat_timeout, std::function<void(const std::string&)> log,
+                  const std::vector<uint32_t>& groups = {});
   ~ReducerChannels();
   ReducerChannels(const ReducerChannels&) = delete;
   ReducerChannels& operator=(const ReducerChannels&) = delete;

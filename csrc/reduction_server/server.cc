@@ -17,6 +17,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <tuple>
 
 #include "common/error.h"
 #include "kernels/reduce.h"
@@ -46,28 +47,32 @@ struct JobFailure {
   std::string what;
 };
 
-// One chunk (seq, unit) of one all-reduce, from its first contribution until every worker
-// has its sum.
+// One chunk (seq, group, unit) of one all-reduce, from its first contribution until every
+// member of its group has its sum.
 struct Slot {
   FrameHeader header;                          // as the first contribution announced it
-  std::vector<std::unique_ptr<char[]>> parts;  // [worker]; parts[0] becomes the sum
+  std::vector<std::unique_ptr<char[]>> parts;  // [worker]; the group's members' only
+  int first = 0;                               // the group's lowest rank: parts[first] becomes the sum
+  int expected = 0;                            // the group's members
+  int workers = 0;                             // the job's workers (avg divides by them)
   int arrived = 0;                             // complete contributions
   int unanswered = 0;                          // workers whose copy of the sum is not yet written
   Clock::time_point since = Clock::now();      // when the first contribution began
+  const char* sum() const { return parts[first].get(); }
 };
-using SlotKey = std::pair<uint64_t, uint32_t>;  // (seq, unit)
+using SlotKey = std::tuple<uint64_t, uint32_t, uint32_t>;  // (seq, group, unit)
 SlotKey key_of(const FrameHeader& h) {
   // Copies first: a packed header's fields may not be bound to references.
   const uint64_t seq = h.seq;
-  const uint32_t unit = h.unit;
-  return {seq, unit};
+  const uint32_t group = h.root, unit = h.unit;
+  return {seq, group, unit};
 }
 
 struct OutFrame {
   FrameHeader header;
   std::shared_ptr<Slot> slot;  // the sum's owner, for data frames
   std::string text;            // the payload of a control frame
-  const char* payload() const { return slot ? slot->parts[0].get() : text.data(); }
+  const char* payload() const { return slot ? slot->sum() : text.data(); }
 };
 
 struct WorkerConnection {
@@ -79,11 +84,12 @@ struct WorkerConnection {
   std::string name;
   FrameReader reader;
   std::shared_ptr<Slot> receiving;  // the slot whose payload is being read
-  std::string abort_reason;       // the payload of an abort frame being read
+  std::string abort_reason;       // the payload of a control frame being read (abort, goodbye, groups)
   std::deque<OutFrame> out;       // the front one is in the writer once started
   FrameWriter writer;
   uint64_t held = 0;  // bytes of its chunks here whose sum it has not fully received
   bool goodbye = false;
+  bool declared = false;  // sent its kGroups frame
   bool closed = false;
   uint32_t interest = 0;
 };
@@ -92,16 +98,21 @@ bool is_half(DataType dtype) {
   return dtype == DataType::kFloat16 || dtype == DataType::kBFloat16;
 }
 
-// Sums slot.parts into parts[0], in worker-rank order: ((p0 + p1) + p2) + ... for every
-// element, whatever the tiling, so the result is the same bit for bit on every run, for
-// every chunk size and every number of reducers.
+// Sums the group's contributions into parts[first], in worker-rank order: ((p0 + p1) + p2) +
+// ... over the members for every element, whatever the tiling, so the result is the same bit
+// for bit on every run, for every chunk size and every number of reducers. Avg divides by the
+// job's workers: under the host plan each contribution is already a host's sum.
 void sum_parts(Slot& slot, std::vector<float>& acc, std::vector<float>& widened) {
   const auto dtype = static_cast<DataType>(slot.header.dtype);
   const auto op = static_cast<ReduceOp>(slot.header.op);
   const size_t element = element_size(dtype);
   const size_t count = slot.header.nbytes / element;
-  const int workers = static_cast<int>(slot.parts.size());
-  char* sum = slot.parts[0].get();
+  const int workers = slot.workers;
+  std::vector<const char*> others;
+  for (size_t w = slot.first + 1; w < slot.parts.size(); ++w) {
+    if (slot.parts[w]) others.push_back(slot.parts[w].get());
+  }
+  char* sum = slot.parts[slot.first].get();
   for (size_t begin = 0; begin < count; begin += kTileElements) {
     const size_t n = std::min(kTileElements, count - begin);
     const size_t offset = begin * element;
@@ -110,20 +121,18 @@ void sum_parts(Slot& slot, std::vector<float>& acc, std::vector<float>& widened)
       acc.resize(kTileElements);
       widened.resize(kTileElements);
       widen(acc.data(), sum + offset, n, dtype);
-      for (int w = 1; w < workers; ++w) {
-        widen(widened.data(), slot.parts[w].get() + offset, n, dtype);
+      for (const char* part : others) {
+        widen(widened.data(), part + offset, n, dtype);
         reduce_into(acc.data(), widened.data(), n, DataType::kFloat32, op);
       }
       if (op == ReduceOp::kAvg) divide(acc.data(), n, DataType::kFloat32, workers);
       narrow(sum + offset, acc.data(), n, dtype);
     } else {
-      for (int w = 1; w < workers; ++w) {
-        reduce_into(sum + offset, slot.parts[w].get() + offset, n, dtype, op);
-      }
+      for (const char* part : others) reduce_into(sum + offset, part + offset, n, dtype, op);
       if (op == ReduceOp::kAvg) divide(sum + offset, n, dtype, workers);
     }
   }
-  for (int w = 1; w < workers; ++w) slot.parts[w].reset();
+  for (size_t w = slot.first + 1; w < slot.parts.size(); ++w) slot.parts[w].reset();
 }
 
 // Threads that sum complete slots while the event loop goes on moving bytes; a finished
@@ -200,6 +209,8 @@ struct ReductionServer::State {
   void update_interest(WorkerConnection& w);
   void close(WorkerConnection& w);
   void tell_everyone(const std::string& reason);
+  void take_groups(WorkerConnection& w);
+  bool member(const WorkerConnection& w, const Slot& slot) const { return group_of[w.rank] == slot.header.root; }
   std::string describe_chunk(const FrameHeader& h) const;
   // What a chunk costs its sender's share of memory: its bytes and the slot's bookkeeping,
   // so that many tiny chunks cannot outgrow the bound either.
@@ -213,6 +224,11 @@ struct ReductionServer::State {
   Poller poller;
   std::unique_ptr<SummingPool> pool;
   std::map<SlotKey, std::shared_ptr<Slot>> filling;  // slots still missing contributions
+  // Each worker's group, and each group's members (ascending): all one group until the
+  // workers declare theirs (kGroups).
+  std::vector<uint32_t> group_of;
+  std::vector<std::vector<int>> members;
+  std::string groups_from;  // the worker whose kGroups frame set them; empty: none did
   size_t unfinished = 0;  // slots created and not yet answered to every worker
   int open_connections = 0;
   std::string goodbye_from;  // the first worker that said goodbye
@@ -244,6 +260,9 @@ ReductionServer::State::State(const std::vector<Link>& links, const std::vector<
   }
   open_connections = static_cast<int>(workers.size());
   connected = open_connections;
+  group_of.assign(workers.size(), 0);
+  members.assign(1, {});
+  for (const WorkerConnection& w : workers) members[0].push_back(w.rank);
   int threads = options.threads > 0
                     ? options.threads
                     : static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
@@ -340,8 +359,10 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
     case FrameKind::kHeartbeat:
     case FrameKind::kGoodbye:
     case FrameKind::kAbort:
+    case FrameKind::kGroups:
       // Control frames are acted on once whole and checked (on_frame).
-      if (h.nbytes > kMaxAbortReason) {
+      if (static_cast<FrameKind>(h.kind) == FrameKind::kGroups ? h.nbytes != 4 * workers.size()
+                                                               : h.nbytes > kMaxAbortReason) {
         throw JobFailure{w.name + " sent a control frame of " + std::to_string(h.nbytes) + " bytes"};
       }
       w.abort_reason.assign(h.nbytes, '\0');
@@ -378,11 +399,22 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
   if (!goodbye_from.empty()) {
     throw JobFailure{""};  // data after a goodbye: the workers are giving this reducer up
   }
+  if (!groups_from.empty() && !w.declared) {
+    throw JobFailure{w.name + " sent data without saying which workers share its chunks, where " + groups_from +
+                     " did (the host plan): the workers run different versions or settings"};
+  }
+  if (h.root != group_of[w.rank]) {
+    throw JobFailure{w.name + " sent " + describe_chunk(h) + " for group " + std::to_string(h.root) +
+                     ", but belongs to group " + std::to_string(group_of[w.rank])};
+  }
   auto& slot = filling[key_of(h)];
   if (!slot) {
     slot = std::make_shared<Slot>();
     slot->header = h;
     slot->parts.resize(workers.size());
+    slot->first = members[h.root].front();
+    slot->expected = static_cast<int>(members[h.root].size());
+    slot->workers = static_cast<int>(workers.size());
     ++unfinished;
   } else {
     const FrameHeader& first = slot->header;
@@ -428,8 +460,9 @@ void ReductionServer::State::on_frame(WorkerConnection& w) {
     return;
   }
   if (kind == FrameKind::kAbort) throw JobFailure{w.name + " aborted the job: " + w.abort_reason};
+  if (kind == FrameKind::kGroups) return take_groups(w);
   std::shared_ptr<Slot> slot = std::move(w.receiving);
-  if (++slot->arrived < static_cast<int>(workers.size())) return;
+  if (++slot->arrived < slot->expected) return;
   filling.erase(key_of(slot->header));
   pool->submit(std::move(slot));
 }
@@ -441,7 +474,7 @@ void ReductionServer::State::answer(const std::shared_ptr<Slot>& slot) {
     std::cerr << "[collectives reducer] summed " + describe_chunk(slot->header) + "\n";
   }
   for (auto& w : workers) {
-    if (w.closed) continue;
+    if (w.closed || !member(w, *slot)) continue;
     ++slot->unanswered;
     w.out.push_back(OutFrame{slot->header, slot, ""});
   }
@@ -498,10 +531,49 @@ WaitingFor ReductionServer::State::oldest_wait() const {
   waits.chunk = slot.header;
   waits.seconds = std::chrono::duration<double>(Clock::now() - slot.since).count();
   for (const WorkerConnection& w : workers) {
-    if (slot.parts[w.rank] && w.receiving.get() != &slot) continue;
+    if (!member(w, slot) || (slot.parts[w.rank] && w.receiving.get() != &slot)) continue;
     if (++waits.missing <= WaitingFor::kNamedRanks) waits.ranks.push_back(static_cast<uint32_t>(w.rank));
   }
   return waits;
+}
+
+/*
+ * A worker's kGroups frame (in w.abort_reason): the group of every worker. The first one sets
+ * them, before any chunk came (each worker sends it ahead of its data); every later one must
+ * say the same, so that no sum takes a contribution the workers did not mean.
+ */
+void ReductionServer::State::take_groups(WorkerConnection& w) {
+  const size_t n = workers.size();
+  std::vector<uint32_t> groups(n);
+  for (size_t k = 0; k < n; ++k) {
+    const auto* b = reinterpret_cast<const unsigned char*>(w.abort_reason.data()) + 4 * k;
+    groups[k] = b[0] | b[1] << 8 | b[2] << 16 | static_cast<uint32_t>(b[3]) << 24;
+  }
+  if (w.declared) throw JobFailure{w.name + " said twice which workers share its chunks"};
+  w.declared = true;
+  if (!groups_from.empty()) {
+    if (groups != group_of) {
+      throw JobFailure{w.name + " groups the workers otherwise than " + groups_from +
+                       " does: the workers disagree on the host plan (their topologies differ)"};
+    }
+    return;
+  }
+  if (unfinished > 0 || chunks_reduced > 0) {
+    throw JobFailure{w.name + " said which workers share its chunks after others had sent data without: the "
+                              "workers disagree on the plan (different versions or settings)"};
+  }
+  std::vector<std::vector<int>> by_group;
+  for (size_t k = 0; k < n; ++k) {
+    if (groups[k] >= n) throw JobFailure{w.name + " named group " + std::to_string(groups[k]) + " of " + std::to_string(n) + " workers"};
+    if (by_group.size() <= groups[k]) by_group.resize(groups[k] + 1);
+    by_group[groups[k]].push_back(static_cast<int>(k));
+  }
+  for (size_t g = 0; g < by_group.size(); ++g) {
+    if (by_group[g].empty()) throw JobFailure{w.name + " left group " + std::to_string(g) + " without members"};
+  }
+  group_of = std::move(groups);
+  members = std::move(by_group);
+  groups_from = w.name;
 }
 
 void ReductionServer::State::tell_everyone(const std::string& reason) {

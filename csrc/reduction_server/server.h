@@ -1,11 +1,19 @@
 // The reducer: a CPU process that sums all-reduce chunks for the N workers of one job.
 //
 // Protocol (each worker has one authenticated connection to each reducer):
+//  - Groups. The workers fall into contributing groups: by default one group of all N (the
+//    flat plan: every worker sends its whole buffer). Under the host plan
+//    (algorithms/reduction_server.h) each worker first sends a kGroups frame: N little-endian
+//    uint32, the group of each worker (its index among its host's ranks), the same from every
+//    worker; a worker that sends another list, or data without a list where the others sent
+//    one, stops the job.
 //  - A worker sends a chunk of its buffer as a kData frame: the all-reduce's sequence number,
-//    dtype, op and element count, and `unit` = the chunk's index in the buffer.
-//  - Once all N workers have sent chunk (seq, unit), the reducer sums the N contributions in
-//    worker-rank order (float16/bfloat16 in float32, rounded once; avg divided once by N) and
-//    sends the sum to every worker as a kData frame with the same header.
+//    dtype, op and element count, `root` = its group and `unit` = the chunk's index among the
+//    group's chunks. A chunk for another group than the sender's stops the job.
+//  - Once every member of group g has sent chunk (seq, g, unit), the reducer sums the members'
+//    contributions in worker-rank order (float16/bfloat16 in float32, rounded once; avg
+//    divided once by N, the job's workers, whatever the group) and sends the sum to every
+//    member as a kData frame with the same header.
 //  - While a worker has chunks here that are not yet answered, the reducer sends it a
 //    kHeartbeat frame every heartbeat interval, so that the worker can tell a silent reducer
 //    (dead, or its link cut) from a slow job. It says which workers' contributions the oldest

@@ -13,7 +13,7 @@ namespace collectives {
 constexpr uint32_t kFrameMagic = 0x54434c43;  // "CLCT" in little-endian byte order
 // Bumped whenever the header or a collective's message schedule changes. Must equal
 // collectives._handshake.PROTOCOL_VERSION, which refuses peers of another version at connect.
-constexpr uint16_t kProtocolVersion = 6;
+constexpr uint16_t kProtocolVersion = 7;
 // An abort frame carries a reason of at most this many bytes; larger ones are refused.
 constexpr uint64_t kMaxAbortReason = 4096;
 
@@ -27,9 +27,11 @@ constexpr uint64_t kMaxAbortReason = 4096;
 // waits for; kWaitingOn is the answer: `root` is the rank it waits to receive from, or
 // kWaitsForNobody (transport.h, trace_stall). kByReference (shared memory only): a kData
 // message whose payload stays in the sender's memory, at the address that follows the header,
-// for the receiver to copy from there.
+// for the receiver to copy from there. kGroups (worker to reducer, once, before any data):
+// which workers contribute to which chunks (reduction_server/server.h).
 enum class FrameKind : uint8_t {
-  kData = 0, kAbort = 1, kGoodbye = 2, kHeartbeat = 3, kNotice = 4, kStalled = 5, kWaitingOn = 6, kByReference = 7
+  kData = 0, kAbort = 1, kGoodbye = 2, kHeartbeat = 3, kNotice = 4, kStalled = 5, kWaitingOn = 6, kByReference = 7,
+  kGroups = 8
 };
 constexpr uint32_t kWaitsForNobody = UINT32_MAX;
 

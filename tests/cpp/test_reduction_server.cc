@@ -1,7 +1,9 @@
 // The reduction server with workers and reducers as threads over loopback TCP: every result
 // against a left fold over ranks, bit for bit, for several N, R and chunk sizes; reducers that
 // stop or go silent mid-sequence; a reducer cut off from one worker only; no reducer left;
-// workers that disagree; a worker that stops, named by every other.
+// workers that disagree; a worker that stops, named by every other. The host plan: sums in the
+// host, then in host order, for several H, R and chunk sizes; a reducer that stops; the
+// reducer's checks of the workers' groups.
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -457,6 +459,131 @@ void test_disagreeing_workers_fail_everywhere() {
   }
 }
 
+// The host plan over `hosts` hosts of 2 ranks (ranks 2h and 2h + 1 on host h): each element is
+// x_2h + x_2h+1 inside the host (two ranks: either order gives the same bits), then the hosts'
+// sums folded left in host order; avg divides that once by the number of workers. The same bits
+// for every number of reducers and chunk size, as the flat plan's are.
+CommunicatorOptions host_plan_options(int hosts, size_t chunk_bytes) {
+  CommunicatorOptions options = reducer_options(chunk_bytes);
+  for (int h = 0; h < hosts; ++h) options.reduction_server_settings.hosts.push_back({2 * h, 2 * h + 1});
+  return options;
+}
+
+std::vector<float> host_fold(const std::vector<std::vector<float>>& data) {
+  std::vector<std::vector<float>> host_sums;
+  for (size_t h = 0; 2 * h < data.size(); ++h) host_sums.push_back(left_fold({data[2 * h], data[2 * h + 1]}));
+  return left_fold(host_sums);
+}
+
+void test_host_plan_sums_in_host_then_host_order(int hosts, int reducers, size_t chunk, size_t count) {
+  const int workers = 2 * hosts;
+  Job job(workers, reducers, host_plan_options(hosts, chunk));
+  const std::string what = "host plan, " + describe_job(workers, reducers, chunk, count);
+  for (unsigned seed = 0; seed < 2; ++seed) {
+    std::vector<std::vector<float>> data(workers);
+    for (int r = 0; r < workers; ++r) data[r] = spread_floats(r, count, seed);
+    const auto expected = host_fold(data);
+    std::vector<std::vector<float>> averaged = data;
+    auto expected_avg = expected;
+    for (auto& x : expected_avg) x /= workers;
+    auto errors = job.run([&](int r) {
+      wait(job.comms[r]->allreduce(data[r].data(), count, DataType::kFloat32, ReduceOp::kSum));
+      wait(job.comms[r]->allreduce(averaged[r].data(), count, DataType::kFloat32, ReduceOp::kAvg));
+    });
+    for (int r = 0; r < workers; ++r) {
+      check(errors[r].empty(), what + ": rank " + std::to_string(r) + " raised " + errors[r]);
+      check(same_bits(data[r], expected), what + ": rank " + std::to_string(r) +
+                                              " differs from the host sums folded in host order");
+      check(same_bits(averaged[r], expected_avg), what + ": avg on rank " + std::to_string(r) +
+                                                      " is not that sum divided once by the workers");
+    }
+  }
+}
+
+// A reducer stopped in the middle of a sequence under the host plan: its chunks move to the
+// others, within each group, and every result stays exact.
+void test_host_plan_survives_a_stopped_reducer() {
+  const int hosts = 3, workers = 2 * hosts, reducers = 3, rounds = 20;
+  const size_t count = 300000;
+  Job job(workers, reducers, host_plan_options(hosts, 32 << 10));
+  std::thread stopper([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    job.reducers[1]->stop();
+  });
+  std::vector<std::vector<std::vector<float>>> inputs(rounds, std::vector<std::vector<float>>(workers));
+  for (int round = 0; round < rounds; ++round) {
+    for (int r = 0; r < workers; ++r) inputs[round][r] = spread_floats(r, count, 300 + round);
+  }
+  std::vector<int> wrong(workers, 0);
+  auto errors = job.run([&](int r) {
+    for (int round = 0; round < rounds; ++round) {
+      std::vector<float> x = inputs[round][r];
+      wait(job.comms[r]->allreduce(x.data(), count, DataType::kFloat32, ReduceOp::kSum));
+      if (!same_bits(x, host_fold(inputs[round]))) ++wrong[r];
+    }
+  });
+  stopper.join();
+  for (int r = 0; r < workers; ++r) {
+    check(errors[r].empty(), "host plan, a reducer stopped: rank " + std::to_string(r) + " raised " + errors[r]);
+    check(wrong[r] == 0, "host plan, a reducer stopped: " + std::to_string(wrong[r]) + " wrong results on rank " +
+                             std::to_string(r));
+    check(!job.comms[r]->reducer_stats()[1].alive, "host plan: rank " + std::to_string(r) + " still uses it");
+  }
+}
+
+// The reducer's side of the groups, with two workers written by hand: a worker whose list of
+// groups differs from the first one's, and a chunk for another group than the sender's, stop
+// the job with the reason, told to the workers.
+void test_reducer_checks_the_groups(bool disagree) {
+  auto [reducer0, worker0] = loopback_link();
+  auto [reducer1, worker1] = loopback_link();
+  std::string reducer_error;
+  std::thread serving([&, a = reducer0, b = reducer1] {
+    try {
+      ReductionServer server({a, b}, {"rank 0", "rank 1"}, {});
+      server.serve();
+    } catch (const std::exception& e) {
+      reducer_error = e.what();
+    }
+  });
+  auto groups_frame = [](uint32_t g0, uint32_t g1) {
+    std::string payload(8, '\0');
+    payload[0] = static_cast<char>(g0);
+    payload[4] = static_cast<char>(g1);
+    FrameHeader header;
+    header.kind = static_cast<uint8_t>(FrameKind::kGroups);
+    header.nbytes = payload.size();
+    return std::make_pair(header, payload);
+  };
+  FrameWriter writer0(sending_protection(worker0)), writer1(sending_protection(worker1));
+  const auto [h0, p0] = groups_frame(0, 1);
+  write_frame(worker0.fd, writer0, h0, p0, deadline_after(10));
+  if (disagree) {
+    const auto [h1, p1] = groups_frame(0, 0);
+    write_frame(worker1.fd, writer1, h1, p1, deadline_after(10));
+  } else {
+    write_frame(worker1.fd, writer1, h0, p0, deadline_after(10));
+    std::vector<float> chunk(64, 1.0f);
+    CollectiveTag tag{CollectiveKind::kAllreduce, 0, chunk.size(), DataType::kFloat32, ReduceOp::kSum};
+    FrameHeader header = tag.header(0, chunk.size() * sizeof(float));
+    header.root = 0;  // rank 1 is in group 1
+    write_frame(worker1.fd, writer1, header, std::string(reinterpret_cast<const char*>(chunk.data()), header.nbytes),
+                deadline_after(10));
+  }
+  FrameReader reader(receiving_protection(worker0));
+  std::vector<char> notice;
+  const bool got_notice = read_frame(worker0.fd, reader, notice);
+  serving.join();
+  ::close(worker0.fd);
+  ::close(worker1.fd);
+  const std::string expected = disagree ? "groups the workers otherwise" : "belongs to group 1";
+  check(reducer_error.find(expected) != std::string::npos,
+        "groups: the reducer must stop the job with '" + expected + "', said '" + reducer_error + "'");
+  check(got_notice && reader.header().kind == static_cast<uint8_t>(FrameKind::kAbort) &&
+            std::string(notice.begin(), notice.end()).find(expected) != std::string::npos,
+        "groups: the workers must hear why");
+}
+
 }  // namespace
 
 int main() {
@@ -486,6 +613,15 @@ int main() {
   test_reducer_cut_off_from_one_worker();
   test_stopped_worker_is_named_everywhere();
   test_reducer_refuses_a_forged_chunk();
+  for (int hosts : {2, 3}) {
+    for (int reducers : {1, 2, 3}) test_host_plan_sums_in_host_then_host_order(hosts, reducers, 4096, 100003);
+  }
+  for (size_t chunk : {size_t(4), size_t(1) << 20}) test_host_plan_sums_in_host_then_host_order(2, 2, chunk, 54321);
+  test_host_plan_sums_in_host_then_host_order(3, 2, 0, 1);
+  test_host_plan_sums_in_host_then_host_order(2, 3, 0, 3 << 20);  // three pieces
+  test_host_plan_survives_a_stopped_reducer();
+  test_reducer_checks_the_groups(true);
+  test_reducer_checks_the_groups(false);
   for (WireSecurity security : {WireSecurity::kNone, WireSecurity::kAead}) {
     job_security = security;
     test_sum_is_left_fold(3, 2, 4096, 10007);

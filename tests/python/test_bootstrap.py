@@ -309,8 +309,8 @@ def test_must_match_and_as_dict():
     config = Config(algorithm="ring", ring_segment_bytes=1 << 20, connections_per_peer=2)
     assert config.must_match() == (("algorithm", "ring"), ("ring_segment_bytes", 1 << 20),
                                    ("connections_per_peer", 2), ("num_reducers", 0), ("rs_chunk_bytes", None),
-                                   ("rs_inflight", None), ("rs_fallback", "error"), ("wire_security", "mac"),
-                                   ("transport", "auto"))
+                                   ("rs_inflight", None), ("rs_fallback", "error"), ("rs_plan", "auto"),
+                                   ("wire_security", "mac"), ("transport", "auto"))
     shown = config.as_dict()
     assert shown["COLLECTIVES_ALGORITHM"] == "ring" and shown["COLLECTIVES_TIMEOUT"] == 300.0
     assert len(shown) == len(dataclasses.fields(Config))

@@ -394,6 +394,10 @@ def test_layout_arguments(monkeypatch):
                                "interleaved"])
     assert args.algorithms == ["ring", "ring:rack-ordered", "hierarchical"]
     assert compare.layout_of(args, 8).rank_racks() == ["rack0", "rack1"] * 4
+    # With reducers on K ranks per host: the hierarchical plan beside the reduction server's host plan.
+    args = compare.parse_args(["--per-host", "2", "--hosts", "4", "--reducers", "4"])
+    assert args.algorithms == ["hierarchical", "reduction_server"]
+    assert compare.parse_args(["--hosts", "4", "--reducers", "4"]).algorithms is None  # flat: as before
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -402,7 +406,9 @@ def test_layout_arguments(monkeypatch):
     (["--hosts", "4", "--racks", "5", "--uplink-rate", "1gbit"], "at most --hosts"),
     (["--hosts", "4", "--racks", "2", "--uplink-rate", "fast"], "--uplink-rate"),
     (["--per-host", "0"], "at least 1"),
-    (["--per-host", "2", "--reducers", "2"], "flat layouts only"),
+    (["--hosts", "4", "--racks", "2", "--uplink-rate", "1gbit", "--reducers", "2"], "without racks only"),
+    (["--per-host", "2", "--reducers", "2", "--algorithms", "ring,hierarchical"], "goes with --reducers"),
+    (["--per-host", "2", "--algorithms", "hierarchical,reduction_server"], "goes with --reducers"),
     (["--algorithms", "ring,nccl"], "choose from"),
     (["--hosts", "4", "--rank-order", "interleaved"], "needs --racks or --per-host above 1"),
     (["--per-host", "2", "--rank-order", "shuffled"], "invalid choice"),
@@ -444,6 +450,20 @@ def test_block_name_is_the_configuration():
     assert compare.block_name([4, 8], [0], "500mbit") == "ring 4,8 500mbit"
     assert compare.block_name([4], [1, 2, 4], "250mbit") == "reducers 4+1,2,4 250mbit"
     assert compare.block_name([8], [8], "250mbit") == "reducers 8+8 250mbit"
+    assert compare.block_name([4], [4], "250mbit", per_host=2) == "reducers 4x2+4 250mbit"
+
+
+def test_the_reduction_servers_host_plan_moves_the_buffer_once_per_host():
+    """4 hosts of 2 ranks, 4 reducers: the host plan moves S per NIC and h/R*S per reducer host,
+    where the flat plan moves K*S and the hierarchical ring 2(h-1)/h*S; its bound is B."""
+    layout = Layout(4, per_host=2, reducers=4)
+    assert compare._checks.plan_of("reduction_server:host", layout) == "reduction_server:host"
+    assert compare._checks.algorithm_name("reduction_server:host") == "reduction_server"
+    models = compare._checks.level_models("reduction_server:host", layout)
+    assert models == {"host": (1.0, True), "uplink": None, "reducer": (1.0, True)}
+    assert compare._checks.level_models("reduction_server", layout)["host"] == (2.0, True)
+    assert compare._checks.plan_bound("reduction_server:host", layout, 1.0) == 1.0
+    assert compare._checks.plan_bound("hierarchical:host", layout, 1.0) == pytest.approx(1 / 1.5)
 
 
 def _results_file(tmp_path):
@@ -708,6 +728,32 @@ def test_reduction_server_on_hosts_of_its_own(tmp_path):
         for way in ("tx", "rx"):
             assert 0.99 < figures[way] / rs["bytes"] < 1.03, (host, way, link)
     assert "collectives reduction_server" in done.stdout and "(reducer 1): tx/size" in done.stdout
+    assert not _netns_left() and not _reducers_running()
+
+
+@on_testbed(240)
+def test_reduction_servers_host_plan_beside_the_hierarchical_plan(tmp_path):
+    # 2 hosts x 2 ranks + 2 reducers: the reduction server's host plan moves S per host NIC and
+    # h/R*S = S per reducer host, the hierarchical plan 2(h-1)/h*S = S per NIC; the wiring and the
+    # bytes, never the speed.
+    pytest.importorskip("torch")
+    rows_file = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(COMPARE_PY), "--per-host", "2", "--hosts", "2", "--reducers", "2",
+                           "--rate", "200mbit", "--size", "4M", "--pairs", "1", "--systems", "collectives",
+                           "--json", str(rows_file)], env=clean_environ(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=230)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    assert [r["plan"] for r in rows] == ["hierarchical:host", "reduction_server:host"]
+    for row in rows:
+        assert row["wrong"] == 0 and (row["hosts"], row["per_host"], row["reducers"]) == (2, 2, 2)
+        for host, figures in row["link_bytes"]["per_host"].items():
+            assert 0.97 < figures["tx"] / row["bytes"] < 1.05, (row["plan"], host, figures)
+    rs = rows[1]
+    assert rs["bound_GBps"] == pytest.approx(rs["goodput_GBps"])
+    for host, figures in rs["link_bytes"]["reducer_hosts"].items():
+        assert figures["scaled"] and 0.97 < figures["rx"] / rs["bytes"] < 1.05, (host, figures)
+    assert "x collectives hierarchical at 4194304" in done.stdout  # the ratio of the two plans, and its standing
     assert not _netns_left() and not _reducers_running()
 
 

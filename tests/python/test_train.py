@@ -201,11 +201,14 @@ def test_layout_arguments(monkeypatch):
     monkeypatch.setattr(train.compare, "algorithm_available", lambda name: False)
     assert train.parse_args(["--per-host", "2"]).systems == ["none", "gloo", "ring"]
     assert train.block_name(4, 0, "500mbit", 2) == "ddp 4x2 500mbit"
+    assert train.block_name(4, 4, "250mbit", 2) == "ddp 4x2+4 250mbit"
+    args = train.parse_args(["--per-host", "2", "--hosts", "4", "--reducers", "4"])  # the host plan's row
+    assert args.systems == ["none", "gloo", "ring", "reduction_server"]  # (hierarchical "not offered" here)
     assert train.block_name(4, 0, "500mbit", 2, 2, "250mbit") == "ddp 4x2 racks 2 uplink 250mbit 500mbit"
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--per-host", "2", "--reducers", "2"], "flat layouts only"),
+    (["--hosts", "4", "--racks", "2", "--uplink-rate", "1gbit", "--reducers", "2"], "without racks only"),
     (["--racks", "2"], "go together"),
     (["--hosts", "2", "--racks", "3", "--uplink-rate", "1gbit"], "at most --hosts"),
     (["--per-host", "0"], "at least 1"),
