@@ -282,6 +282,34 @@ void test_receive_from_any_source(int size, size_t count, int rounds) {
   }
 }
 
+// The transport numbers point-to-point messages as it matches them (with receives from any
+// source the receiver cannot number them at posting): a message whose sender's number is not the
+// next of its lane fails the receive, for its sender or from any source, before a byte lands.
+void test_point_to_point_numbers_are_checked() {
+  for (bool any_source : {false, true}) {
+    const std::vector<std::string> names{"rank 0", "rank 1"};
+    auto transports = real_transports(2, 1, names);
+    CollectiveTag tag{CollectiveKind::kSendRecv, 1, 1, DataType::kInt32, ReduceOp::kSum, 0, 42};
+    const FrameHeader skipped = tag.header(0, sizeof(int32_t));  // number 1, where 0 is due
+    int32_t sent = 7, got = 0;
+    TransportRequest send = transports[1]->send(0, skipped, &sent);
+    tag.seq = 0;
+    const FrameHeader expected = tag.header(0, sizeof(int32_t));
+    TransportRequest recv = any_source ? transports[0]->recv_any({1}, expected, &got) : transports[0]->recv(1, expected, &got);
+    std::string error;
+    try {
+      transports[0]->wait(recv, deadline_after(20));
+    } catch (const CollectiveError& e) {
+      error = e.what();
+    }
+    const std::string where = std::string("point-to-point numbers, ") + (any_source ? "from any source" : "per peer");
+    check(error.find("send/recv #1") != std::string::npos && error.find("send/recv #0") != std::string::npos,
+          where + ": said '" + error + "'");
+    check(got == 0, where + ": the payload landed");
+    for (auto& t : transports) t->abort("test over");
+  }
+}
+
 // A receive from any source that no message comes for: an abort ends it at once, with the
 // reason, and so does closing the communicator; the ranks it waits on closing theirs end it too.
 void test_pending_receive_from_any_source_ends(int size) {
@@ -717,6 +745,7 @@ void run_all() {
       for (size_t count : {size_t{1}, size_t{5000}, size_t{100003}}) test_receive_from_any_source(size, count, 4);
       test_pending_receive_from_any_source_ends(size);
     }
+    test_point_to_point_numbers_are_checked();
   }
   for (int size : {3, 5}) test_silent_rank_is_named_not_its_neighbour(size);
   if (job_transport == TransportKind::kTcp) test_altered_frame_is_refused();  // a relay between sockets
