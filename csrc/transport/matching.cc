@@ -28,10 +28,17 @@ bool ReceiveMatching::post(const PostedOperationPtr& op, bool* all_gone) {
     return false;
   }
   pending_.push_back(op);
+  pending_count_.store(pending_.size());
   return true;
 }
 
 PostedOperationPtr ReceiveMatching::take(int peer, uint64_t comm, std::deque<PostedOperationPtr>& mine) {
+  if (pending_count_.load() == 0 && (mine.empty() || mine.front()->header.collective != static_cast<uint8_t>(CollectiveKind::kSendRecv))) {
+    if (mine.empty()) return nullptr;
+    PostedOperationPtr op = mine.front();
+    mine.pop_front();
+    return op;
+  }
   std::lock_guard<std::mutex> lock(mutex_);
   auto any = std::find_if(pending_.begin(), pending_.end(), [&](const PostedOperationPtr& op) {
     return uint64_t{op->header.comm} == comm && may_complete(*op, peer);
@@ -40,6 +47,7 @@ PostedOperationPtr ReceiveMatching::take(int peer, uint64_t comm, std::deque<Pos
   if (any != pending_.end() && (mine.empty() || (*any)->order < mine.front()->order)) {
     op = *any;
     pending_.erase(any);
+    pending_count_.store(pending_.size());
     op->peer = peer;
   } else if (!mine.empty()) {
     op = mine.front();
@@ -56,6 +64,7 @@ bool ReceiveMatching::claim(PostedOperation& op, int peer) {
   auto it = std::find_if(pending_.begin(), pending_.end(), [&](const PostedOperationPtr& p) { return p.get() == &op; });
   if (it == pending_.end()) return false;
   pending_.erase(it);
+  pending_count_.store(pending_.size());
   op.peer = peer;
   number_locked(peer, op.header);
   return true;
@@ -72,6 +81,7 @@ void ReceiveMatching::number_locked(int peer, FrameHeader& expected) {
 }
 
 bool ReceiveMatching::awaits(int peer) {
+  if (pending_count_.load() == 0) return false;
   std::lock_guard<std::mutex> lock(mutex_);
   return std::any_of(pending_.begin(), pending_.end(), [&](const PostedOperationPtr& op) { return may_complete(*op, peer); });
 }
@@ -98,6 +108,7 @@ void ReceiveMatching::fail() {
   failed_ = true;
   for (const PostedOperationPtr& op : pending_) op->done = true;
   pending_.clear();
+  pending_count_.store(0);
   changed_.notify_all();
 }
 

@@ -92,6 +92,9 @@ class ReceiveMatching {
   bool all_gone_locked(const PostedOperation& op) const;
 
   std::atomic<uint64_t> order_{0};
+  // pending_.size(), read without the lock: a frame while none waits (every collective's) costs
+  // no lock. One posted meanwhile on another thread is one posted after the frame was matched.
+  std::atomic<size_t> pending_count_{0};
   std::mutex mutex_;
   std::condition_variable changed_;  // a receive from any source finished, or the transport failed
   std::deque<PostedOperationPtr> pending_;  // in posting order
