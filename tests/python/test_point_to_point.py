@@ -150,6 +150,13 @@ with cc.init(timeout=60) as comm:
             if r == 1:
                 comm.send(payload(-1, k), 0, tag=6)
         comm.send(np.full(1, r, np.int64), 0, tag=8)
+    # In a subgroup ordered backwards (ranks 2, 0 and 3, 1): the source is a rank of the subgroup.
+    sub = comm.split(r % 2, key=-r)
+    if r < 2:
+        got = np.zeros(5, np.int64)
+        report["subgroup"] = [sub.recv(got, cc.ANY_SOURCE, tag=1), got.tolist()]
+    else:
+        sub.send(np.arange(5, dtype=np.int64) * r, 1, tag=1)
     comm.barrier()
     print(json.dumps(report))
 """
@@ -167,6 +174,8 @@ def test_receive_from_any_source(run_ranks, transport):
     assert report["wrong"] == [], report
     assert report["rounds"] == {str(s): 6 for s in range(1, 4)}, report
     assert report["senders"] == [1, 2, 3], report
+    assert report["subgroup"] == [0, [0, 2, 4, 6, 8]], report
+    assert results[1].report()["subgroup"] == [0, [0, 3, 6, 9, 12]], results[1].report()
 
 
 PENDING_ANY_SOURCE_SCRIPT = """
