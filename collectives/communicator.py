@@ -305,7 +305,8 @@ class Communicator:
         if src == ANY_SOURCE:
             if self._config.transport == "ucx":
                 raise NotImplementedError("receiving from any source is not supported over the UCX transport "
-                                          "(COLLECTIVES_TRANSPORT=ucx): name the sender, or use the tcp or shm transport")
+                                          "(COLLECTIVES_TRANSPORT=ucx): name the sender, or use the tcp or shm "
+                                          "transport")
             if self.size < 2:
                 raise ValueError("recv from any source: this communicator has no other rank")
             work = core.recv_any(buf.address, buf.count, buf.dtype_code, tag)

@@ -33,7 +33,8 @@ bool ReceiveMatching::post(const PostedOperationPtr& op, bool* all_gone) {
 }
 
 PostedOperationPtr ReceiveMatching::take(int peer, uint64_t comm, std::deque<PostedOperationPtr>& mine) {
-  if (pending_count_.load() == 0 && (mine.empty() || mine.front()->header.collective != static_cast<uint8_t>(CollectiveKind::kSendRecv))) {
+  const bool numbered = !mine.empty() && mine.front()->header.collective == static_cast<uint8_t>(CollectiveKind::kSendRecv);
+  if (pending_count_.load() == 0 && !numbered) {
     if (mine.empty()) return nullptr;
     PostedOperationPtr op = mine.front();
     mine.pop_front();
