@@ -72,6 +72,7 @@ bool ReceiveMatching::claim(PostedOperation& op, int peer) {
 }
 
 void ReceiveMatching::number(int peer, FrameHeader& expected) {
+  if (expected.collective != static_cast<uint8_t>(CollectiveKind::kSendRecv)) return;
   std::lock_guard<std::mutex> lock(mutex_);
   number_locked(peer, expected);
 }
