@@ -17,7 +17,7 @@ except ImportError as _error:
     from ._source_checkout import missing_core_message
 
     raise ImportError(missing_core_message(_os.path.dirname(_os.path.abspath(__file__)), _error)) from None
-from .communicator import Communicator, Work, init  # noqa: E402
+from .communicator import ANY_SOURCE, Communicator, Work, init  # noqa: E402
 
 # The framework plugins live in plugins/ (plugins/torch is installed as collectives/torch): in a
 # source checkout, `import collectives.torch` finds them there.
@@ -28,4 +28,4 @@ if _os.path.isfile(_os.path.join(_checkout, "CMakeLists.txt")) and _os.path.isdi
 __version__ = "0.1.0"
 PROTOCOL_VERSION = _core.PROTOCOL_VERSION
 
-__all__ = ["init", "Communicator", "Work", "CollectiveError", "TimeoutError", "__version__"]
+__all__ = ["init", "Communicator", "Work", "ANY_SOURCE", "CollectiveError", "TimeoutError", "__version__"]

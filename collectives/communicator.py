@@ -27,6 +27,8 @@ logger = logging.getLogger("collectives")
 OPS = tuple(_core.OPS)
 # How often a waiting thread returns to Python, so that Ctrl-C is handled promptly.
 _WAIT_SLICE_SECONDS = 0.1
+# recv's src for a message from any rank (MPI_ANY_SOURCE).
+ANY_SOURCE = -1
 
 
 class Work:
@@ -66,6 +68,12 @@ class Work:
 
     def done(self) -> bool:
         return self._core_work.done()
+
+    @property
+    def source(self) -> int:
+        """A receive's sender, its rank in the communicator (from ANY_SOURCE: once done, -1
+        before); -1 for every other Work."""
+        return getattr(self._core_work, "source", -1)
 
 
 class _Finished:
@@ -289,15 +297,30 @@ class Communicator:
         return self._complete(self._live_core().send(buf.address, buf.count, buf.dtype_code, int(dst), self._tag(tag)),
                               None, (buf,), blocking=False)
 
-    def recv(self, x, src: int, tag: int = 0):
-        """Receive into x, in place, the next message from rank src with this tag; returns x."""
-        return self.recv_async(x, src, tag).wait()
+    def recv(self, x, src: int = ANY_SOURCE, tag: int = 0):
+        """Receive into x, in place, the next message from rank src with this tag; returns x.
+        With src=ANY_SOURCE (as MPI's), the first message with this tag that any other rank
+        sends, unless a receive posted earlier for that sender takes it; returns the sender's rank."""
+        work = self.recv_async(x, src, tag)
+        result = work.wait()
+        return work.source if src == ANY_SOURCE else result
 
-    def recv_async(self, x, src: int, tag: int = 0) -> Work:
+    def recv_async(self, x, src: int = ANY_SOURCE, tag: int = 0) -> Work:
+        """As recv; the Work's ``source`` says the sender once it is done."""
         buf = _buffers.view(x, writable=True)
-        self._check_peer(src, "recv from")
-        return self._complete(self._live_core().recv(buf.address, buf.count, buf.dtype_code, int(src), self._tag(tag)),
-                              x, (buf,), blocking=False)
+        core, tag = self._live_core(), self._tag(tag)
+        if src == ANY_SOURCE:
+            if self._config.transport == "ucx":
+                raise NotImplementedError("receiving from any source is not supported over the UCX transport "
+                                          "(COLLECTIVES_TRANSPORT=ucx): name the sender, or use the tcp or shm "
+                                          "transport")
+            if self.size < 2:
+                raise ValueError("recv from any source: this communicator has no other rank")
+            work = core.recv_any(buf.address, buf.count, buf.dtype_code, tag)
+        else:
+            self._check_peer(src, "recv from")
+            work = core.recv(buf.address, buf.count, buf.dtype_code, int(src), tag)
+        return self._complete(work, x, (buf,), blocking=False)
 
     # Each returns the result (blocking) or a Work (async). A blocking call lends the core its
     # thread: the collective runs on it when nothing else is queued (_complete).

@@ -27,6 +27,11 @@ bool Work::wait_for(double seconds) {
       if (!transport) throw CollectiveError("the communicator was closed before the message was done");
       const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
       if (!transport->wait_until(message_->request, message_->deadline, until)) return false;
+      const TransportRequest& request = message_->request;
+      if (request->from_any_source()) {  // the sender, now that it is known: its rank here
+        const auto& members = message_->members;
+        source_ = static_cast<int>(std::find(members.begin(), members.end(), request->peer) - members.begin());
+      }
     } catch (const TimeoutError& e) {
       error = std::make_exception_ptr(
           TimeoutError(message_->what + " failed on rank " + std::to_string(message_->rank) + ": " + e.what()));
@@ -448,14 +453,19 @@ std::shared_ptr<Work> Communicator::recv(void* data, size_t count, DataType dtyp
   return message(false, data, count, dtype, peer, tag);
 }
 
+std::shared_ptr<Work> Communicator::recv_any(void* data, size_t count, DataType dtype, uint32_t tag) {
+  if (size() < 2) throw std::invalid_argument("recv from any source: this communicator has no other rank");
+  return message(false, data, count, dtype, kAnySource, tag);
+}
+
 std::shared_ptr<Work> Communicator::message(bool is_send, void* data, size_t count, DataType dtype, int peer,
                                             uint32_t tag) {
-  if (peer < 0 || peer >= size() || peer == rank()) {
+  const bool any_source = peer == kAnySource;
+  if (!any_source && (peer < 0 || peer >= size() || peer == rank())) {
     throw std::invalid_argument(std::string(is_send ? "send to " : "recv from ") + "rank " + std::to_string(peer) +
                                 ": not another rank of this " + std::to_string(size()) + "-rank communicator");
   }
   auto work = std::make_shared<Work>();
-  const int global = group_.peer(peer);
   CollectiveTag tag_of{CollectiveKind::kSendRecv, 0, count, dtype, ReduceOp::kSum, tag};
   // Each tag a lane of its own (FrameHeader::comm), derived alike by both ends from the
   // communicator's id and the tag (FNV-1a, as subgroup ids), so that messages of one tag do
@@ -464,9 +474,16 @@ std::shared_ptr<Work> Communicator::message(bool is_send, void* data, size_t cou
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closing_ || !transport_) throw CollectiveError("the communicator is closed");
-    auto& numbers = is_send ? sent_ : received_;
-    tag_of.seq = numbers[{global, tag}]++;
-    const std::string what = tag_of.describe() + (is_send ? " to rank " : " from rank ") + std::to_string(peer);
+    // A send is numbered among this rank's messages to that rank with that tag; a receive takes
+    // its number from the transport as a message is matched with it (transport/matching.h).
+    std::string what;
+    if (is_send) {
+      tag_of.seq = sent_[{group_.peer(peer), tag}]++;
+      what = tag_of.describe() + " to rank " + std::to_string(peer);
+    } else {
+      what = "recv (tag " + std::to_string(tag) + ", " + std::to_string(count) + " x " + to_string(dtype) + ") from " +
+             (any_source ? "any rank" : "rank " + std::to_string(peer));
+    }
     if (!failure_.empty()) {
       work->finish(std::make_exception_ptr(CollectiveError(
           what + " on rank " + std::to_string(rank()) + ": the communicator was aborted by an earlier failure (" +
@@ -474,9 +491,19 @@ std::shared_ptr<Work> Communicator::message(bool is_send, void* data, size_t cou
       return work;
     }
     const FrameHeader header = tag_of.header(0, count * element_size(dtype));
-    TransportRequest request = is_send ? transport_->send(global, header, data) : transport_->recv(global, header, data);
-    work->message_ = Work::Message{transport_, std::move(request), deadline_after(options_.timeout_seconds), what, rank()};
-    if (!is_send) work->source_ = peer;
+    TransportRequest request;
+    std::vector<int> sources;  // a receive from any source: the other members, in this communicator's order
+    if (any_source) {
+      sources = members();
+      sources.erase(sources.begin() + rank());
+      request = transport_->recv_any(sources, header, data);
+    } else {
+      const int global = group_.peer(peer);
+      request = is_send ? transport_->send(global, header, data) : transport_->recv(global, header, data);
+    }
+    work->message_ = Work::Message{transport_, std::move(request), deadline_after(options_.timeout_seconds), what, rank(),
+                                   members()};
+    if (!is_send && !any_source) work->source_ = peer;
     // Those dropped, or seen done, are forgotten (asking the transport here would wait under the lock).
     messages_.erase(std::remove_if(messages_.begin(), messages_.end(),
                                    [](const std::weak_ptr<Work>& w) {

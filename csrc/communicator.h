@@ -61,8 +61,8 @@ class Work {
   // True once finished (rethrowing its failure); false if `seconds` passed first.
   bool wait_for(double seconds);
   bool done();
-  // A message received from any source: the communicator rank it came from; -1 before then,
-  // and for every other Work.
+  // A received message: the communicator rank it came from (from any source: once done, -1
+  // before); -1 for every other Work.
   int source() const { return source_.load(); }
 
  private:
@@ -77,6 +77,7 @@ class Work {
     Deadline deadline;
     std::string what;  // "send/recv #3 (tag 0, 10 x float32) to rank 2"
     int rank;          // this rank, for messages
+    std::vector<int> members;  // the communicator's global ranks, in its order
   };
   std::optional<Message> message_;  // set once, before the Work is handed out
 
@@ -156,6 +157,10 @@ class Communicator {
    */
   std::shared_ptr<Work> send(const void* data, size_t count, DataType dtype, int peer, uint32_t tag);
   std::shared_ptr<Work> recv(void* data, size_t count, DataType dtype, int peer, uint32_t tag);
+  // The first message with `tag` that any other rank sends this one (MPI_ANY_SOURCE), unless a
+  // receive posted before it for that sender takes it (Transport::recv_any); Work::source() says
+  // who sent it. std::invalid_argument where the transport cannot (UCX).
+  std::shared_ptr<Work> recv_any(void* data, size_t count, DataType dtype, uint32_t tag);
   // Bytes exchanged with each reducer, and whether it is still in use.
   std::vector<ReducerStat> reducer_stats() const;
 
@@ -221,8 +226,8 @@ class Communicator {
   bool close_when_done_ = false;   // close() was called from inside it: closes once it has unwound
   std::vector<MemoryRange> running_memory_;  // what the collective in flight reads or writes
   std::string failure_;  // set once a collective failed: the communicator is aborted
-  // Point-to-point messages so far, by (peer's global rank, tag): the next one's number.
-  std::map<std::pair<int, uint32_t>, uint64_t> sent_, received_;
+  // Messages sent so far, by (peer's global rank, tag): the next one's number.
+  std::map<std::pair<int, uint32_t>, uint64_t> sent_;
   std::vector<std::weak_ptr<Work>> messages_;  // posted, perhaps unfinished: close() ends them
   std::thread executor_;
 };

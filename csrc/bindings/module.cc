@@ -191,7 +191,7 @@ PYBIND11_MODULE(_core, m) {
            "True once finished (raising its error); False if `seconds` passed first.")
       .def("done", &Work::done, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("source", &Work::source,
-                             "The rank a received message came from; -1 for anything else.");
+                             "The rank a received message came from (from any source: once done); -1 for anything else.");
 
   py::class_<HierarchyLevel>(m, "HierarchyLevel", "One level of a hierarchical plan (algorithms/allreduce_hierarchical.h).")
       .def(py::init<>())
@@ -407,6 +407,13 @@ PYBIND11_MODULE(_core, m) {
             return c.recv(as_pointer(data), count, checked_dtype(dtype), peer, tag);
           },
           py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("peer"), py::arg("tag"),
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "recv_any",
+          [](Communicator& c, uintptr_t data, size_t count, int dtype, uint32_t tag) {
+            return c.recv_any(as_pointer(data), count, checked_dtype(dtype), tag);
+          },
+          py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("tag"),
           py::call_guard<py::gil_scoped_release>())
       .def("abort", &Communicator::abort, py::arg("reason"),
            py::call_guard<py::gil_scoped_release>())

@@ -25,6 +25,7 @@ RoutingTransport::~RoutingTransport() {
 }
 
 bool RoutingTransport::wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) {
+  if (request->from_any_source()) return wait_any_until(request, deadline, until);
   if (over_shm_.at(request->peer)) return shm_->wait_until(request, deadline, until);
   // A thread waiting on TCP does not drive the shared-memory rings: their progress thread must.
   const WaitingElsewhere meanwhile(*shm_);

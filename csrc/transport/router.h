@@ -32,8 +32,22 @@ class RoutingTransport : public Transport {
   TransportRequest recv(int peer, const FrameHeader& expected, void* data) override {
     return part(peer).recv(peer, expected, data);
   }
+  bool receives_from_any_source() const override {
+    return tcp_->receives_from_any_source() && shm_->receives_from_any_source();
+  }
+  // Each part looks at the links to the sources it reaches.
+  void offer_waiting_frames(const std::shared_ptr<PostedOperation>& op) override {
+    tcp_->offer_waiting_frames(op);
+    shm_->offer_waiting_frames(op);
+  }
   bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) override;
+  // A receive from any source waits on both parts.
+  void waiting_elsewhere(bool begins) override {
+    tcp_->waiting_elsewhere(begins);
+    shm_->waiting_elsewhere(begins);
+  }
   int ask_waiting_on(int peer) override { return part(peer).ask_waiting_on(peer); }
+  Transport* part_for(int peer) override { return &part(peer); }
   int awaited_rank() override;
   void abort(const std::string& reason, bool timed_out = false) override;
   void quiesce() override;

@@ -134,6 +134,7 @@ TcpTransport::OperationPtr TcpTransport::post(int peer, const FrameHeader& heade
   op->is_send = is_send;
   op->header = header;
   op->data = static_cast<char*>(data);
+  if (!is_send) op->order = matching().next_order();
   submit(op);
   return op;
 }
@@ -164,6 +165,7 @@ void TcpTransport::submit(const OperationPtr& op) {
       peer_gone = !failed_;
     } else if (!is_send && !conn.stashed[uint64_t{op->header.comm}].empty()) {
       from_stash = true;
+      matching().number(peer, op->header);
       refused = take_stashed(conn, *op);
     } else {
       was_idle = queue.empty();
@@ -190,6 +192,7 @@ void TcpTransport::submit(const OperationPtr& op) {
 }
 
 bool TcpTransport::wait_until(const TransportRequest& posted, Deadline deadline, Clock::time_point until) {
+  if (posted->from_any_source()) return wait_any_until(posted, deadline, until);
   // Every request waited on here was made by post().
   Operation* request = static_cast<Operation*>(posted.get());
   if (!request->is_send && request->header.nbytes <= kInlineReceiveBytes) {
@@ -289,6 +292,7 @@ void TcpTransport::fail(const std::string& reason, bool timed_out) {
     completed_.notify_all();
   }
   failed_latch_.raise();
+  matching().fail();
   failed_first(reason, timed_out);
   wake();  // the progress thread tells the peers, wherever the failure was seen
 }
@@ -304,19 +308,34 @@ TransportFailure TcpTransport::failure() {
 }
 
 std::string TcpTransport::take_stashed(Connection& conn, Operation& op) {
-  op.done = true;
+  const std::string why = collectives::take_stashed(conn.stashed[uint64_t{op.header.comm}], op);
+  matching().finish(op, why.empty());
   completed_.notify_all();
-  const std::string why = collectives::take_stashed(conn.stashed[uint64_t{op.header.comm}], op.header, op.data);
-  if (!why.empty()) return peer_names_[conn.peer] + " sent " + why;
-  op.ok = true;
-  return "";
+  return why.empty() ? why : peer_names_[conn.peer] + " sent " + why;
 }
 
 void TcpTransport::complete(Operation& op) {
   std::lock_guard<std::mutex> lock(mutex_);
-  op.done = true;
-  op.ok = true;
+  matching().finish(op, true);
   completed_.notify_all();
+}
+
+void TcpTransport::offer_waiting_frames(const OperationPtr& op) {
+  std::string refused;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (failed_) return;
+    for (int peer : op->sources) {
+      auto& conns = connections_.at(peer);
+      if (conns.empty()) continue;  // not this transport's (a routing transport's other part)
+      Connection& conn = *conns[op->header.unit % conns.size()];
+      if (conn.stashed[uint64_t{op->header.comm}].empty() || !matching().claim(*op, peer)) continue;
+      refused = take_stashed(conn, *op);
+      break;
+    }
+  }
+  if (!refused.empty()) fail(refused, false);
+  wake();  // a parked frame may be the one it waits for
 }
 
 void TcpTransport::progress_loop() {
@@ -441,13 +460,8 @@ bool TcpTransport::take_header(Connection& conn) {
        */
       std::lock_guard<std::mutex> lock(mutex_);
       if (failed_) return false;  // posted buffers may be handed back from here on
-      auto& mine = conn.recvs[uint64_t{h.comm}];
-      conn.stashing = read_ahead(h, conn.recvs, conn.stashed);
-      conn.parked = !conn.stashing && mine.empty();
-      if (!conn.stashing && !conn.parked) {
-        conn.receiving = mine.front();
-        mine.pop_front();
-      }
+      conn.receiving = place_frame(h, conn.peer, conn.recvs, conn.stashed, matching(), &conn.stashing);
+      conn.parked = !conn.stashing && !conn.receiving;
     }
     if (conn.parked) return false;
     if (conn.stashing) {
@@ -520,10 +534,8 @@ bool TcpTransport::take_frame(Connection& conn) {
       std::lock_guard<std::mutex> lock(mutex_);
       conn.stashed[uint64_t{h.comm}].push_back({h, std::move(conn.staging)});
       conn.staging.clear();
-      auto& mine = conn.recvs[uint64_t{h.comm}];
-      if (!mine.empty()) {  // posted while the frame was read
-        OperationPtr op = mine.front();
-        mine.pop_front();
+      // A receive posted while the frame was read, for its sender or from any source.
+      if (OperationPtr op = matching().take(conn.peer, uint64_t{h.comm}, conn.recvs[uint64_t{h.comm}])) {
         refused = take_stashed(conn, *op);
       }
     }
@@ -544,7 +556,7 @@ int TcpTransport::awaited_rank() {
       if (!conn->closed && (conn->receiving || any_waiting(conn->recvs))) return conn->peer;
     }
   }
-  return -1;
+  return matching().awaited_rank();
 }
 
 bool TcpTransport::handle_writable(Connection& conn) {
@@ -582,15 +594,19 @@ void TcpTransport::peer_closed(Connection& conn) {
   // once it closes) that follows is not taken for a failure.
   conn.closed = true;
   update_interest(conn);
-  bool owed;
+  bool owed, gone;
   {
     std::lock_guard<std::mutex> writing(conn.write_mutex);
     std::lock_guard<std::mutex> lock(mutex_);
     conn.peer_closed = true;
     owed = any_waiting(conn.recvs) || !conn.sends.empty() || conn.sending != nullptr;
+    const auto& all = connections_[conn.peer];
+    gone = std::all_of(all.begin(), all.end(), [](const auto& c) { return c->peer_closed; });
   }
   if (owed) {
     fail(peer_closed_mid_exchange(peer_names_[conn.peer]), false);
+  } else if (gone) {
+    source_gone(conn.peer);
   }
 }
 

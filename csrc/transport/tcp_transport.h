@@ -50,6 +50,8 @@ class TcpTransport : public Transport {
   // ends agree on which socket carries it.
   TransportRequest send(int peer, const FrameHeader& header, const void* data) override;
   TransportRequest recv(int peer, const FrameHeader& expected, void* data) override;
+  bool receives_from_any_source() const override { return true; }
+  void offer_waiting_frames(const std::shared_ptr<PostedOperation>& op) override;
 
   bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) override;
   int ask_waiting_on(int peer) override;
@@ -98,8 +100,8 @@ class TcpTransport : public Transport {
   void say_goodbye();
   void peer_closed(Connection& conn);
   void complete(Operation& op);
-  // With mutex_ held: completes `op` with the oldest frame stashed for its communicator; why
-  // it does not match, if it does not.
+  // With mutex_ held: completes `op` (numbered) with the oldest frame stashed for its
+  // communicator; why it does not match, if it does not.
   std::string take_stashed(Connection& conn, Operation& op);
   void wake();
   bool has_failed();

@@ -1,6 +1,7 @@
 #include "transport/transport.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 namespace collectives {
 namespace {
@@ -84,11 +85,73 @@ std::string Transport::why_receive_timed_out(int peer, const FrameHeader& expect
   return "timed out waiting for " + message + ": " + describe(found.front());
 }
 
+std::string Transport::why_any_receive_timed_out(const std::vector<int>& sources, const FrameHeader& expected) {
+  const std::vector<StalledPeer> found = trace_stall(sources);
+  if (found.empty()) return "";
+  std::string text = "timed out waiting for message " + std::to_string(expected.unit) + " (" +
+                     std::to_string(expected.nbytes) + " bytes) from any of " + std::to_string(sources.size()) + " ranks";
+  for (const StalledPeer& stalled : found) text += "; " + describe(stalled);
+  return text;
+}
+
 std::string Transport::why_timed_out(const TransportOperation& request) {
   const FrameHeader& h = request.header;
+  if (request.from_any_source()) return why_any_receive_timed_out(request.sources, h);
   if (!request.is_send) return why_receive_timed_out(request.peer, h);
   return "timed out sending message " + std::to_string(h.unit) + " (" + std::to_string(h.nbytes) + " bytes) to " +
          peer_name(request.peer);
+}
+
+std::string Transport::all_sources_gone(const std::vector<int>& sources) const {
+  std::string who;
+  for (int p : sources) who += (who.empty() ? "" : ", ") + peer_name(p);
+  return "every rank this rank receives from (" + who + ") has closed its communicator";
+}
+
+void Transport::source_gone(int peer) {
+  Transport* whole = whole_.load();
+  if (whole && whole->part_for(peer) != this) return;
+  const std::vector<int> sources = matching().gone(peer);
+  if (!sources.empty()) abort(all_sources_gone(sources));
+}
+
+TransportRequest Transport::recv_any(std::vector<int> sources, const FrameHeader& expected, void* data) {
+  if (!receives_from_any_source()) {
+    throw std::invalid_argument("this transport cannot receive from any source (the UCX transport matches messages "
+                                "by sender in UCX itself): name the sender, or use COLLECTIVES_TRANSPORT=tcp or shm");
+  }
+  for (int p : sources) {
+    if (p < 0 || p >= size() || p == rank() || std::count(sources.begin(), sources.end(), p) != 1) {
+      throw std::invalid_argument("recv_any: the ranks must be other ranks, each once");
+    }
+  }
+  if (sources.empty()) throw std::invalid_argument("recv_any needs a rank to receive from");
+  auto op = std::make_shared<PostedOperation>();
+  op->peer = kAnySource;
+  op->sources = std::move(sources);
+  op->header = expected;
+  op->data = static_cast<char*>(data);
+  bool all_gone = false;
+  if (matching().post(op, &all_gone)) {
+    offer_waiting_frames(op);
+  } else if (all_gone) {
+    abort(all_sources_gone(op->sources));
+  }
+  return op;
+}
+
+bool Transport::wait_any_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) {
+  const PostedOperation& op = static_cast<const PostedOperation&>(*request);
+  ReceiveMatching& matching = this->matching();
+  const WaitingElsewhere meanwhile(*this);
+  std::unique_lock<std::mutex> lock(matching.mutex_);
+  if (!await(lock, matching.changed_, op, deadline, until, [&] { return op.done || matching.failed_; })) return false;
+  if (op.ok) return true;
+  lock.unlock();
+  quiesce();  // the caller may free the buffer next
+  TransportFailure why = failure();
+  if (why.empty()) why.reason = "the receive from any source ended without a message";
+  why.raise();
 }
 
 }  // namespace collectives

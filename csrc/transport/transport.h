@@ -8,7 +8,9 @@
 // Every implementation keeps the same contract:
 //   - matching: the n-th receive posted for a peer takes the n-th message that peer sent to
 //     this rank on the same lane (TcpTransport: connection header.unit % connections), and its
-//     header must be the one expected, checked before a payload byte reaches `data`;
+//     header must be the one expected, checked before a payload byte reaches `data`; a receive
+//     from any source (recv_any) takes part in every one of its ranks' matching, in posting
+//     order (ReceiveMatching, matching.h);
 //   - failure: the first failure (a peer's abort or death, a header that disagrees, abort())
 //     fails every pending and later request, and every peer is told why;
 //   - deadlines: a wait that reaches its deadline aborts the transport and throws TimeoutError,
@@ -27,6 +29,7 @@
 
 #include "common/error.h"
 #include "transport/frame.h"
+#include "transport/matching.h"
 
 namespace collectives {
 
@@ -41,18 +44,27 @@ std::string peer_closed_mid_exchange(const std::string& peer);
 // is only ever waited on by the transport that made it.
 struct TransportOperation {
   virtual ~TransportOperation() = default;
+  // The rank it goes to or comes from; for a receive from any source (recv_any), kAnySource
+  // until a message claims it, then the rank that sent it (set once, before it is done).
   int peer = 0;
   bool is_send = false;
   FrameHeader header;  // the header to send, or the one expected
+  // recv_any: the ranks whose message may complete it (set once, at posting); empty otherwise.
+  std::vector<int> sources;
+  bool from_any_source() const { return !sources.empty(); }
 };
+constexpr int kAnySource = -1;
 using TransportRequest = std::shared_ptr<TransportOperation>;
 
 // What TcpTransport and ShmTransport keep of a request they posted.
 struct PostedOperation : TransportOperation {
   char* data = nullptr;  // payload (header.nbytes bytes)
   std::string owned;     // the payload, where the transport sends it on its own (notices)
-  bool done = false;     // guarded by the transport's mutex: finished, well or not
-  bool ok = false;       // guarded by the transport's mutex: every byte moved
+  // Guarded by the transport's mutex, or for a receive from any source by its
+  // ReceiveMatching's (which every transport that may complete it shares):
+  bool done = false;     // finished, well or not
+  bool ok = false;       // every byte moved
+  uint64_t order = 0;    // a receive's place in posting order (ReceiveMatching::next_order)
 
   // A notice to `peer` (Transport::notify), its text (cut to kMaxAbortReason) owned as payload.
   static std::shared_ptr<PostedOperation> notice(int peer, uint32_t about, const std::string& text);
@@ -97,6 +109,19 @@ class Transport {
   // `data` (header.nbytes bytes) must stay valid until the request is done.
   virtual TransportRequest send(int peer, const FrameHeader& header, const void* data) = 0;
   virtual TransportRequest recv(int peer, const FrameHeader& expected, void* data) = 0;
+  /*
+   * Receives the first message of lane expected.comm that any rank of `sources` (other ranks,
+   * each once) sends, as MPI_ANY_SOURCE: a message is matched with it as with a receive posted
+   * for its sender (a rank's n-th message of a lane goes to the n-th receive, for that rank or
+   * from any source, that may take it, in posting order), its header checked before a byte
+   * lands, and it is then no other receive's. Once done, the request's `peer` is the sender.
+   * std::invalid_argument where the transport cannot (receives_from_any_source()).
+   */
+  TransportRequest recv_any(std::vector<int> sources, const FrameHeader& expected, void* data);
+  virtual bool receives_from_any_source() const { return false; }
+  // recv_any, for implementations and a routing transport's parts: `op` (pending in matching())
+  // claims a frame of one of its sources that arrived before it and waits (read ahead, or parked).
+  virtual void offer_waiting_frames(const std::shared_ptr<PostedOperation>& /*op*/) {}
 
   // Blocks until the request is done. Throws CollectiveError if the transport failed, and
   // TimeoutError at the deadline (after aborting the transport, so peers learn of it). Once it
@@ -123,6 +148,10 @@ class Transport {
   // Why a receive of `expected` from `peer` timed out, as trace_stall finds it; empty if the
   // transport failed meanwhile.
   std::string why_receive_timed_out(int peer, const FrameHeader& expected);
+  // "every rank this rank receives from (rank 1 (ADDRESS), ...) has closed its communicator"
+  std::string all_sources_gone(const std::vector<int>& sources) const;
+  // The same as why_receive_timed_out for a receive from any of `sources`.
+  std::string why_any_receive_timed_out(const std::vector<int>& sources, const FrameHeader& expected);
 
   // Asks `peer` which rank it waits to receive from (a kStalled frame; a peer answers whatever
   // it is doing) and waits up to kStalledGraceSeconds for the answer: that rank, or kNobody,
@@ -168,8 +197,24 @@ class Transport {
   // it): its first failure fails the whole, and what it answers and asks about stalls speaks
   // for the whole (a receive may wait on a rank that another part reaches).
   void become_part_of(Transport* whole) { whole_.store(whole); }
+  // The transport that carries messages to and from `peer`: this one, or a part of it.
+  virtual Transport* part_for(int /*peer*/) { return this; }
 
  protected:
+  // The receives from any source and the point-to-point numbers: the whole's, for a part.
+  ReceiveMatching& matching() {
+    Transport* whole = whole_.load();
+    return whole ? whole->matching_ : matching_;
+  }
+  // `peer` closed its communicator, and its last message to this rank was read here: fails this
+  // transport if a receive from any source now waits on ranks that have all gone. Unless this is
+  // a part that does not carry that peer's messages (a routing transport's TCP part hears the
+  // goodbye of a peer reached over shared memory too).
+  void source_gone(int peer);
+  // wait_until() of a receive from any source, for implementations whose receives it is: woken
+  // through matching(), it lets this transport's threads move the bytes meanwhile
+  // (waiting_elsewhere), and after a failure returns (throwing) once quiesce() has.
+  bool wait_any_until(const TransportRequest& request, Deadline deadline, Clock::time_point until);
   // For implementations: once their first failure sticks, so that the whole fails with it.
   void failed_first(const std::string& reason, bool timed_out) {
     if (Transport* whole = whole_.load()) whole->abort(reason, timed_out);
@@ -206,6 +251,7 @@ class Transport {
 
  private:
   std::atomic<Transport*> whole_{nullptr};
+  ReceiveMatching matching_;
 };
 
 }  // namespace collectives

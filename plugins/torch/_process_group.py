@@ -245,9 +245,10 @@ class ProcessGroup(dist.ProcessGroup):
                            source=lambda: srcRank)
 
     def recv_anysource(self, tensors: List[torch.Tensor], tag: int = 0) -> MessageWork:
-        raise NotImplementedError(
-            "collectives' torch backend cannot receive from any source yet (dist.recv/irecv without src): name the "
-            "sender, or run this exchange on a gloo group (dist.new_group(backend='gloo'))")
+        _check_count(len(tensors), 1, "recv takes one tensor")
+        flat, finish = moved(tensors[0])
+        work = self._comm.recv_async(flat, cc.ANY_SOURCE, tag)
+        return MessageWork(work, finish, tensors, self._profiled("recvAnySource", tensors), source=lambda: work.source)
 
     def monitored_barrier(self, timeout: Optional[datetime.timedelta] = None, wait_all_ranks: bool = False) -> None:
         """As gloo's: every rank checks in with rank 0, which answers once all have; rank 0 raises

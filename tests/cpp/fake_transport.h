@@ -201,6 +201,7 @@ class FakeNetwork : public std::enable_shared_from_this<FakeNetwork> {
 
     TransportRequest recv(int peer, const FrameHeader& expected, void* data) override {
       auto op = make(peer, expected, data, false);
+      matching().number(peer, op->header);  // matched in posting order: numbered at posting
       std::lock_guard<std::mutex> lock(net_->mutex_);
       RankState& me = net_->ranks_[rank_];
       if (me.failed) {

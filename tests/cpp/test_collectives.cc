@@ -198,6 +198,153 @@ void test_abort_reaches_every_rank(int size) {
   }
 }
 
+/*
+ * Receives from any source (Communicator::recv_any), on the real transports. Rank 0 takes
+ * `rounds` messages from every other rank on one tag through receives from any source, all
+ * posted at once, while rank 1 also sends it messages of another tag, taken by receives for
+ * rank 1 alone: each message must land whole and unchanged (its elements say its sender and its
+ * round), each rank's messages in the order sent, every source said, and no message of the
+ * other tag taken. Then the posting order on one tag: a receive for rank 1 posted before one
+ * from any source takes rank 1's first message, and the other way round.
+ */
+void test_receive_from_any_source(int size, size_t count, int rounds) {
+  const std::string where = "recv_any, size " + std::to_string(size) + ", count " + std::to_string(count);
+  Job job(size);
+  auto value = [](int sender, int round, size_t i) { return static_cast<int32_t>(sender * 1000003 + round * 7919 + i); };
+  const int messages = (size - 1) * rounds;
+  std::vector<std::vector<int32_t>> got(messages, std::vector<int32_t>(count)), other(rounds, std::vector<int32_t>(count));
+  std::vector<int> sources(messages, -1);
+  auto errors = job.run([&](int r) {
+    Communicator& comm = *job.comms[r];
+    if (r == 0) {
+      std::vector<std::shared_ptr<Work>> any, own;
+      for (int k = 0; k < messages; ++k) any.push_back(comm.recv_any(got[k].data(), count, DataType::kInt32, 5));
+      for (int k = 0; k < rounds; ++k) own.push_back(comm.recv(other[k].data(), count, DataType::kInt32, 1, 6));
+      for (int k = 0; k < messages; ++k) {
+        wait(any[k]);
+        sources[k] = any[k]->source();
+      }
+      for (auto& work : own) wait(work);
+      return;
+    }
+    std::vector<std::vector<int32_t>> out(rounds, std::vector<int32_t>(count)), aside(rounds, std::vector<int32_t>(count));
+    std::vector<std::shared_ptr<Work>> sent;
+    for (int k = 0; k < rounds; ++k) {
+      for (size_t i = 0; i < count; ++i) out[k][i] = value(r, k, i);
+      for (size_t i = 0; i < count; ++i) aside[k][i] = -value(r, k, i);
+      if (r == 1) sent.push_back(comm.send(aside[k].data(), count, DataType::kInt32, 0, 6));
+      sent.push_back(comm.send(out[k].data(), count, DataType::kInt32, 0, 5));
+    }
+    for (auto& work : sent) wait(work);
+  });
+  for (int r = 0; r < size; ++r) check(errors[r].empty(), where + ": rank " + std::to_string(r) + " raised " + errors[r]);
+  std::vector<int> next_round(size, 0);
+  for (int k = 0; k < messages; ++k) {
+    const int from = sources[k];
+    if (from < 1 || from >= size) {
+      check(false, where + ": message " + std::to_string(k) + " says it came from rank " + std::to_string(from));
+      continue;
+    }
+    const int round = next_round[from]++;
+    bool exact = true;
+    for (size_t i = 0; i < count; ++i) exact &= got[k][i] == value(from, round, i);
+    check(exact, where + ": message " + std::to_string(k) + " from rank " + std::to_string(from) + " is not its round " +
+                     std::to_string(round) + " (out of order, another tag's, or altered)");
+  }
+  for (int r = 1; r < size; ++r) check(next_round[r] == rounds, where + ": rank " + std::to_string(r) + "'s messages");
+  for (int k = 0; k < rounds; ++k) {
+    bool exact = true;
+    for (size_t i = 0; i < count; ++i) exact &= other[k][i] == -value(1, k, i);
+    check(exact, where + ": tag 6 message " + std::to_string(k) + " from rank 1");
+  }
+  // Posting order on one tag, both ways: rank 1 sends 1 then 2.
+  for (bool any_first : {false, true}) {
+    int32_t first = 0, second = 0;
+    std::shared_ptr<Work> any;
+    errors = job.run([&](int r) {
+      if (r == 1) {
+        int32_t one = 1, two = 2;
+        wait(job.comms[1]->send(&one, 1, DataType::kInt32, 0, 7));
+        wait(job.comms[1]->send(&two, 1, DataType::kInt32, 0, 7));
+      } else if (r == 0) {
+        std::shared_ptr<Work> own;
+        if (!any_first) own = job.comms[0]->recv(&first, 1, DataType::kInt32, 1, 7);
+        any = job.comms[0]->recv_any(any_first ? &first : &second, 1, DataType::kInt32, 7);
+        if (any_first) own = job.comms[0]->recv(&second, 1, DataType::kInt32, 1, 7);
+        wait(own);
+        wait(any);
+      }
+    });
+    const std::string order = where + (any_first ? ": any source posted first" : ": rank 1's posted first");
+    for (int r = 0; r < size; ++r) check(errors[r].empty(), order + ": rank " + std::to_string(r) + " raised " + errors[r]);
+    check(first == 1 && second == 2, order + ": got " + std::to_string(first) + ", " + std::to_string(second));
+    check(any->source() == 1, order + ": source " + std::to_string(any->source()));
+  }
+}
+
+// The transport numbers point-to-point messages as it matches them (with receives from any
+// source the receiver cannot number them at posting): a message whose sender's number is not the
+// next of its lane fails the receive, for its sender or from any source, before a byte lands.
+void test_point_to_point_numbers_are_checked() {
+  for (bool any_source : {false, true}) {
+    const std::vector<std::string> names{"rank 0", "rank 1"};
+    auto transports = real_transports(2, 1, names);
+    CollectiveTag tag{CollectiveKind::kSendRecv, 1, 1, DataType::kInt32, ReduceOp::kSum, 0, 42};
+    const FrameHeader skipped = tag.header(0, sizeof(int32_t));  // number 1, where 0 is due
+    int32_t sent = 7, got = 0;
+    TransportRequest send = transports[1]->send(0, skipped, &sent);
+    tag.seq = 0;
+    const FrameHeader expected = tag.header(0, sizeof(int32_t));
+    TransportRequest recv = any_source ? transports[0]->recv_any({1}, expected, &got) : transports[0]->recv(1, expected, &got);
+    std::string error;
+    try {
+      transports[0]->wait(recv, deadline_after(20));
+    } catch (const CollectiveError& e) {
+      error = e.what();
+    }
+    const std::string where = std::string("point-to-point numbers, ") + (any_source ? "from any source" : "per peer");
+    check(error.find("send/recv #1") != std::string::npos && error.find("send/recv #0") != std::string::npos,
+          where + ": said '" + error + "'");
+    check(got == 0, where + ": the payload landed");
+    for (auto& t : transports) t->abort("test over");
+  }
+}
+
+// A receive from any source that no message comes for: an abort ends it at once, with the
+// reason, and so does closing the communicator; the ranks it waits on closing theirs end it too.
+void test_pending_receive_from_any_source_ends(int size) {
+  for (const char* how : {"abort", "close", "others close", "timeout"}) {
+    const std::string where = std::string("pending recv_any, ") + how + ", size " + std::to_string(size);
+    const bool times_out = std::string(how) == "timeout";
+    Job job(size, 1, 0, times_out ? 1 : 30);
+    std::vector<int32_t> buffer(1000);
+    std::shared_ptr<Work> work = job.comms[0]->recv_any(buffer.data(), buffer.size(), DataType::kInt32, 3);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const auto start = std::chrono::steady_clock::now();
+    if (std::string(how) == "abort") {
+      job.comms[0]->abort("test abort");
+    } else if (std::string(how) == "close") {
+      job.comms[0]->close();
+    } else if (!times_out) {
+      for (int r = 1; r < size; ++r) job.comms[r]->close();
+    }
+    std::string error;
+    try {
+      while (!work->wait_for(1.0) && std::chrono::steady_clock::now() - start < std::chrono::seconds(20)) {
+      }
+    } catch (const CollectiveError& e) {
+      error = e.what();
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const std::string said = std::string(how) == "abort"   ? "test abort"
+                             : std::string(how) == "close" ? "the communicator was closed before the message was done"
+                             : times_out ? "from any of " + std::to_string(size - 1) + " ranks; rank 1 waits to receive from no rank"
+                                         : "has closed its communicator";
+    check(error.find(said) != std::string::npos, where + ": said '" + error + "'");
+    check(seconds < 5, where + ": ended after " + std::to_string(seconds) + " s");
+  }
+}
+
 // Whether a timeout names `culprit` as the rank it waited for, directly or at the end of a chain
 // of waiting ranks, and blames no other rank for not sending.
 bool names_only(const std::string& error, int culprit) {
@@ -588,6 +735,23 @@ void run_all() {
   test_mismatch_fails_everywhere();
   test_abort_wakes_peers();
   test_abort_reaches_every_rank(4);
+  if (job_transport == TransportKind::kFake) {
+    Job job(2);
+    int32_t x = 0;
+    bool refused = false;
+    try {
+      job.comms[0]->recv_any(&x, 1, DataType::kInt32, 0);
+    } catch (const std::invalid_argument&) {
+      refused = true;
+    }
+    check(refused, "recv_any over a transport that cannot must be refused");
+  } else {
+    for (int size : {2, 4}) {
+      for (size_t count : {size_t{1}, size_t{5000}, size_t{100003}}) test_receive_from_any_source(size, count, 4);
+      test_pending_receive_from_any_source_ends(size);
+    }
+    test_point_to_point_numbers_are_checked();
+  }
   for (int size : {3, 5}) test_silent_rank_is_named_not_its_neighbour(size);
   if (job_transport == TransportKind::kTcp) test_altered_frame_is_refused();  // a relay between sockets
   if (job_transport == TransportKind::kFake) {

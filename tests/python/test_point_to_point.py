@@ -8,7 +8,7 @@ import json
 import pytest
 
 import collective_cases as cases_lib
-from launch_env import TRANSPORTS, transport_env
+from launch_env import TRANSPORTS, transport_env, ucx_missing
 
 COUNTS = [0, 1, 2, 7, 1009, 65537, 300007]
 
@@ -102,3 +102,130 @@ with cc.init() as comm:
     for result in run_ranks(script, 2, timeout=60):
         assert result.returncode == 0, result.stderr[-3000:]
         assert all(result.report().values()), result.report()
+
+
+ANY_SOURCE_SCRIPT = """
+import json, sys
+import numpy as np
+import collectives as cc
+
+ROUNDS, COUNT = 6, 70001  # 280 KB a message: over shared memory, copied from the sender's memory
+
+
+def payload(sender, round_):  # random bits, NaNs included: compared bit for bit
+    return np.random.default_rng([sender + 10, round_]).integers(0, 2**32, COUNT, dtype=np.uint32).view(np.float32)
+
+
+with cc.init(timeout=60) as comm:
+    r, n = comm.rank, comm.size
+    report = {}
+    if r == 0:
+        # Every receive is posted before any is waited on: the senders race for them.
+        anys = [comm.recv_async(np.zeros(COUNT, np.float32), cc.ANY_SOURCE, tag=5) for _ in range((n - 1) * ROUNDS)]
+        own = [comm.recv_async(np.zeros(COUNT, np.float32), 1, tag=6) for _ in range(ROUNDS)]
+        rounds = {s: 0 for s in range(1, n)}
+        wrong = []
+        for w in anys:
+            x = w.wait()
+            s = w.source
+            if not (1 <= s < n and np.array_equal(x.view(np.uint32), payload(s, rounds[s]).view(np.uint32))):
+                wrong.append((s, rounds.get(s)))
+            rounds[s] = rounds.get(s, 0) + 1
+        for k, w in enumerate(own):
+            if not np.array_equal(w.wait().view(np.uint32), payload(-1, k).view(np.uint32)):
+                wrong.append(("tag 6", k))
+        # Rank 2 sent a tag-7 message before all of its tag-5 ones: no receive from any source took it.
+        late = comm.recv(np.zeros(COUNT, np.float32), 2, tag=7)
+        if not np.array_equal(late.view(np.uint32), payload(-2, 0).view(np.uint32)):
+            wrong.append(("tag 7", 0))
+        # The blocking form returns the sender.
+        one = np.zeros(1, np.int64)
+        senders = sorted(comm.recv(one, tag=8) for _ in range(n - 1))
+        report = {"wrong": wrong, "rounds": rounds, "senders": senders}
+    else:
+        if r == 2:
+            comm.send(payload(-2, 0), 0, tag=7)
+        for k in range(ROUNDS):
+            comm.send(payload(r, k), 0, tag=5)
+            if r == 1:
+                comm.send(payload(-1, k), 0, tag=6)
+        comm.send(np.full(1, r, np.int64), 0, tag=8)
+    # In a subgroup ordered backwards (ranks 2, 0 and 3, 1): the source is a rank of the subgroup.
+    sub = comm.split(r % 2, key=-r)
+    if r < 2:
+        got = np.zeros(5, np.int64)
+        report["subgroup"] = [sub.recv(got, cc.ANY_SOURCE, tag=1), got.tolist()]
+    else:
+        sub.send(np.arange(5, dtype=np.int64) * r, 1, tag=1)
+    comm.barrier()
+    print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm", "auto"])
+def test_receive_from_any_source(run_ranks, transport):
+    """Senders race for receives from any source (as MPI_ANY_SOURCE, torch's recv without src):
+    each message lands once, bit for bit, each sender's in the order sent, its sender said;
+    messages of other tags and per-peer receives are left alone."""
+    results = run_ranks(ANY_SOURCE_SCRIPT, 4, env=transport_env(transport), timeout=120)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, (rank, result.stderr[-3000:])
+    report = results[0].report()
+    assert report["wrong"] == [], report
+    assert report["rounds"] == {str(s): 6 for s in range(1, 4)}, report
+    assert report["senders"] == [1, 2, 3], report
+    assert report["subgroup"] == [0, [0, 2, 4, 6, 8]], report
+    assert results[1].report()["subgroup"] == [0, [0, 3, 6, 9, 12]], results[1].report()
+
+
+PENDING_ANY_SOURCE_SCRIPT = """
+import json, sys, threading, time
+import numpy as np
+import collectives as cc
+
+how = sys.argv[1]
+with cc.init(timeout=60) as comm:
+    start = time.monotonic()
+    error = None
+    try:
+        if comm.rank == 0:
+            w = comm.recv_async(np.zeros(1000, np.float32), cc.ANY_SOURCE, tag=3)
+            if how == "abort":
+                threading.Timer(0.5, comm.abort).start()
+            w.wait()
+        else:
+            comm.recv(np.zeros(1), 0, tag=9)  # never sent: the abort ends it
+    except cc.CollectiveError as e:
+        error = str(e)
+    print(json.dumps({"error": error, "seconds": time.monotonic() - start}))
+"""
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_abort_while_receiving_from_any_source(run_ranks, transport):
+    results = run_ranks(PENDING_ANY_SOURCE_SCRIPT, 3, args=["abort"], env=transport_env(transport), timeout=60)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = result.report()
+        assert report["error"] and "abort" in report["error"], (rank, report)
+        assert report["seconds"] < 15, (rank, report)
+
+
+def test_any_source_refused_over_ucx(run_ranks):
+    if ucx_missing():
+        pytest.skip(ucx_missing())
+    script = """
+import json
+import numpy as np
+import collectives as cc
+with cc.init() as comm:
+    try:
+        comm.recv(np.zeros(3), cc.ANY_SOURCE)
+        print(json.dumps({"error": None}))
+    except NotImplementedError as e:
+        print(json.dumps({"error": str(e)}))
+    comm.barrier()
+"""
+    for result in run_ranks(script, 2, env=transport_env("ucx"), timeout=60):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "UCX" in result.report()["error"]

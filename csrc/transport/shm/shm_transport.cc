@@ -45,6 +45,7 @@ struct ShmTransport::Peer {
   StashedFrame ahead;      // the frame read ahead
   uint64_t received = 0;   // payload bytes of the frame copied out
   bool watched = true;     // its watch descriptor is polled (until the peer is gone)
+  bool gone_told = false;  // guarded by mutex_: closed, its ring read to the end, and matching() told
 };
 
 namespace {
@@ -144,6 +145,7 @@ ShmTransport::OperationPtr ShmTransport::post(int peer, const FrameHeader& heade
   op->is_send = is_send;
   op->header = header;
   op->data = static_cast<char*>(data);
+  if (!is_send) op->order = matching().next_order();
   Peer& to = *peers_.at(peer);
   bool gone = false;
   std::string refused;
@@ -155,9 +157,9 @@ ShmTransport::OperationPtr ShmTransport::post(int peer, const FrameHeader& heade
     if (failed_ || gone) {
       op->done = true;  // not ok: wait() reports the failure
     } else if (!is_send && !stash.empty()) {
-      op->done = true;
-      refused = take_stashed(stash, op->header, op->data);
-      op->ok = refused.empty();
+      matching().number(peer, op->header);
+      refused = take_stashed(stash, *op);
+      matching().finish(*op, refused.empty());
     } else {
       (is_send ? to.sends : to.recvs[uint64_t{header.comm}]).push_back(op);
     }
@@ -165,6 +167,26 @@ ShmTransport::OperationPtr ShmTransport::post(int peer, const FrameHeader& heade
   if (gone) abort(peer_has_closed(peer_names_[peer]));
   if (!refused.empty()) fail(peer_names_[peer] + " sent " + refused, false);
   return op;
+}
+
+void ShmTransport::offer_waiting_frames(const OperationPtr& op) {
+  std::string refused;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (failed_) return;
+    for (int rank : op->sources) {
+      Peer* peer = peers_.at(rank).get();
+      if (!peer) continue;  // not this transport's (a routing transport's other part)
+      auto& stash = peer->stashed[uint64_t{op->header.comm}];
+      if (stash.empty() || !matching().claim(*op, rank)) continue;
+      refused = take_stashed(stash, *op);
+      matching().finish(*op, refused.empty());
+      if (!refused.empty()) refused = peer_names_[rank] + " sent " + refused;
+      break;
+    }
+  }
+  if (!refused.empty()) fail(refused, false);
+  poller_.wake();  // a parked frame may be the one it waits for
 }
 
 void ShmTransport::notify(uint32_t about, const std::string& text) {
@@ -183,6 +205,7 @@ std::vector<PeerNotice> ShmTransport::take_notices() {
 }
 
 bool ShmTransport::wait_until(const TransportRequest& posted, Deadline deadline, Clock::time_point until) {
+  if (posted->from_any_source()) return wait_any_until(posted, deadline, until);
   // Every request waited on here was made by post().
   Operation* request = static_cast<Operation*>(posted.get());
   auto finished = [&] {
@@ -230,7 +253,7 @@ int ShmTransport::awaited_rank() {
   for (auto& peer : peers_) {
     if (peer && (peer->receiving || any_waiting(peer->recvs))) return peer->rank;
   }
-  return kNobody;
+  return matching().awaited_rank();
 }
 
 void ShmTransport::abort(const std::string& reason, bool timed_out) { fail(reason, timed_out); }
@@ -282,6 +305,7 @@ void ShmTransport::fail(const std::string& reason, bool timed_out) {
     failure_timed_out_ = timed_out;
     completed_.notify_all();
   }
+  matching().fail();
   failed_first(reason, timed_out);
   poller_.wake();
 }
@@ -299,8 +323,7 @@ void ShmTransport::ring(Peer& peer) {
 
 void ShmTransport::complete(Operation& op) {
   std::lock_guard<std::mutex> lock(mutex_);
-  op.done = true;
-  op.ok = true;
+  matching().finish(op, true);
   Peer& peer = *peers_[op.peer];
   if (peer.sending.get() == &op) peer.sending.reset();
   if (peer.receiving.get() == &op) peer.receiving.reset();
@@ -320,13 +343,16 @@ bool ShmTransport::drive_locked() {
     if (has_failed()) return false;  // posted buffers may be handed back from here on
     moved |= write_some(*peer);
     moved |= read_some(*peer);
-    bool owed;
+    bool owed, drained;
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      drained = peer->closed && peer->in.readable() == 0 && !peer->gone_told;
       owed = peer->closed && (peer->sending || !peer->sends.empty() || !peer->awaiting_copy.empty() ||
                               ((peer->receiving || any_waiting(peer->recvs)) && peer->in.readable() == 0));
+      peer->gone_told |= drained;
     }
     if (owed) fail(peer_closed_mid_exchange(peer_names_[peer->rank]), false);
+    if (drained) source_gone(peer->rank);
   }
   return moved;
 }
@@ -516,14 +542,9 @@ bool ShmTransport::take_header(Peer& peer) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (failed_) return false;
-    peer.reading_ahead = read_ahead(h, peer.recvs, peer.stashed);
-    auto& mine = peer.recvs[uint64_t{h.comm}];
-    if (!peer.reading_ahead && mine.empty()) return false;  // parked until its receive is posted
-    if (!peer.reading_ahead) {
-      op = mine.front();
-      mine.pop_front();
-      peer.receiving = op;
-    }
+    op = place_frame(h, peer.rank, peer.recvs, peer.stashed, matching(), &peer.reading_ahead);
+    if (!peer.reading_ahead && !op) return false;  // parked until its receive is posted
+    peer.receiving = op;
   }
   if (peer.reading_ahead) {
     std::string refused;
@@ -549,13 +570,10 @@ void ShmTransport::stash_ahead(Peer& peer) {
     std::lock_guard<std::mutex> lock(mutex_);
     const uint64_t comm = peer.ahead.header.comm;
     peer.stashed[comm].push_back(std::move(peer.ahead));
-    auto& mine = peer.recvs[comm];
-    if (!mine.empty()) {  // posted while the frame was read
-      OperationPtr op = mine.front();
-      mine.pop_front();
-      op->done = true;
-      refused = take_stashed(peer.stashed[comm], op->header, op->data);
-      op->ok = refused.empty();
+    // A receive posted while the frame was read, for its sender or from any source.
+    if (OperationPtr op = matching().take(peer.rank, comm, peer.recvs[comm])) {
+      refused = take_stashed(peer.stashed[comm], *op);
+      matching().finish(*op, refused.empty());
       completed_.notify_all();
     }
   }

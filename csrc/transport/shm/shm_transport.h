@@ -72,6 +72,8 @@ class ShmTransport : public Transport {
 
   TransportRequest send(int peer, const FrameHeader& header, const void* data) override;
   TransportRequest recv(int peer, const FrameHeader& expected, void* data) override;
+  bool receives_from_any_source() const override { return true; }
+  void offer_waiting_frames(const std::shared_ptr<PostedOperation>& op) override;
   bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) override;
   int ask_waiting_on(int peer) override;
   // Also for a waiter of its own that stops driving the rings and blocks (wait_until).

@@ -233,6 +233,7 @@ TransportRequest UcxTransport::recv(int peer, const FrameHeader& expected, void*
   op->peer = peer;
   op->header = expected;
   op->data = static_cast<char*>(data);
+  matching().number(peer, op->header);  // UCX matches a peer's messages of a lane in posting order
   bool peer_gone = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
