@@ -298,12 +298,13 @@ class Communicator:
                               None, (buf,), blocking=False)
 
     def recv(self, x, src: int = ANY_SOURCE, tag: int = 0):
-        """Receive into x, in place, the next message from rank src with this tag; returns x.
-        With src=ANY_SOURCE (as MPI's), the first message with this tag that any other rank
-        sends, unless a receive posted earlier for that sender takes it; returns the sender's rank."""
+        """Receive into x, in place, the next message from rank src with this tag; returns the
+        rank it came from (as torch.distributed.recv). With src=ANY_SOURCE (as MPI's), the first
+        message with this tag that any other rank sends, unless a receive posted earlier for that
+        sender takes it."""
         work = self.recv_async(x, src, tag)
-        result = work.wait()
-        return work.source if src == ANY_SOURCE else result
+        work.wait()
+        return work.source
 
     def recv_async(self, x, src: int = ANY_SOURCE, tag: int = 0) -> Work:
         """As recv; the Work's ``source`` says the sender once it is done."""

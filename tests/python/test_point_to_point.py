@@ -135,8 +135,8 @@ with cc.init(timeout=60) as comm:
             if not np.array_equal(w.wait().view(np.uint32), payload(-1, k).view(np.uint32)):
                 wrong.append(("tag 6", k))
         # Rank 2 sent a tag-7 message before all of its tag-5 ones: no receive from any source took it.
-        late = comm.recv(np.zeros(COUNT, np.float32), 2, tag=7)
-        if not np.array_equal(late.view(np.uint32), payload(-2, 0).view(np.uint32)):
+        late = np.zeros(COUNT, np.float32)
+        if comm.recv(late, 2, tag=7) != 2 or not np.array_equal(late.view(np.uint32), payload(-2, 0).view(np.uint32)):
             wrong.append(("tag 7", 0))
         # The blocking form returns the sender.
         one = np.zeros(1, np.int64)
