@@ -476,9 +476,11 @@ def run_job(bed, args, workers, reducers, settings=None):
             "--prtemca", "plm_ssh_agent", env["TESTBED_SSH_AGENT"],
             "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", testbed.IFNAME,
             "--mca", "oob_tcp_if_include", testbed.IFNAME,
-            # K ranks share a host's (here: the machine's 2) cores, which Open MPI, told K slots
-            # per host, cannot know: told to yield while it waits, as it does where it knows.
-            *(["--mca", "mpi_yield_when_idle", "1"] if per_host > 1 else []),
+            # Every emulated host shares this machine's cores, which Open MPI, told a slot or K per
+            # host, cannot know: where the ranks outnumber the cores it is told to yield while it
+            # waits, as it does where it knows. Its polling threads otherwise take the cores from
+            # every system's ranks (8 hosts x 8 B: each rank at 100% of a core in libevent's loop).
+            *(["--mca", "mpi_yield_when_idle", "1"] if workers * per_host > (os.cpu_count() or 1) else []),
             *[arg for key in [*pinned, *forwarded, *job, "PYTHONPATH"] for arg in ("-x", key)],
             sys.executable, str(HERE / "allreduce.py"), "--min", str(min(sizes)), "--max", str(max(sizes)),
             "--factor", "4", "--pairs", str(args.pairs), "--systems", args.systems, *algorithms,
