@@ -16,7 +16,7 @@ import math
 from typing import Iterable, List, Optional, Sequence
 
 from .prices import Instance
-from .simulator import PLANS, RUN_BY_LIBRARY, Calibration, Cluster, allreduce_time, step_time
+from .simulator import PLANS, Calibration, Cluster, allreduce_time, step_time
 
 __all__ = ["SUM_GBPS_PER_CORE", "SUM_SOURCE", "REDUCER_PLANS", "PLAIN_PLANS", "Job", "Setup", "Option", "Advice",
            "evaluate", "reducer_Bps", "sizing_rule", "advise", "brute_force"]
@@ -153,7 +153,6 @@ def _candidates(job: Job, setup: Setup, calibration: Calibration, plan: str, red
 class Advice:
     best: Option  # the most samples per dollar, any plan
     best_without_reducers: Option
-    best_run_by_library: Option  # the most samples per dollar among what collectives runs today
     considered: List[Option]
 
     @property
@@ -167,10 +166,6 @@ class Advice:
         else:
             head = (f"No reducers: {b.plan} maximises samples per dollar ({b.samples_per_usd:,.0f} samples/$) "
                     f"and reaches {b.of_limit:.0%} of the samples/s limit")
-        if not RUN_BY_LIBRARY[b.plan]:
-            r = self.best_run_by_library
-            head += (f". Modelled, not yet run by collectives (its reducers serve each rank on its own); "
-                     f"of what it runs today, {r.label} gives the most ({r.samples_per_usd:,.0f} samples/$)")
         return head + "."
 
 
@@ -190,8 +185,7 @@ def _advice(options: List[Option]) -> Advice:
         of = list(of)
         top = max(o.samples_per_usd for o in of)
         return min((o for o in of if o.samples_per_usd >= top * 0.9999), key=lambda o: (o.reducers, PLANS.index(o.plan)))
-    return Advice(best(options), best(o for o in options if not o.reducers),
-                  best(o for o in options if RUN_BY_LIBRARY[o.plan]), options)
+    return Advice(best(options), best(o for o in options if not o.reducers), options)
 
 
 def brute_force(job: Job, setup: Setup, calibration: Calibration, reducer_types: Sequence[Instance],

@@ -31,8 +31,23 @@ __all__ = ["Measurement", "Check", "TESTBED_INTRA_BPS", "measurements", "fit", "
 # a bus bandwidth of 1.518 * 2(n-1)/n.
 TESTBED_INTRA_BPS = 1.518e9 * 2 * 3 / 4
 
-# The algorithms of compare.py/train.py rows that the simulator has a plan for (of the same name).
-_MEASURED_PLANS = ("ring", "hierarchical", "reduction_server")
+# The plans of compare.py/train.py rows (their `plan` key, else their `algorithm`) that the
+# simulator models, by the simulator's name. The flat ring in an interleaved rank order (it
+# crosses a rack uplink at every hop, "ring:rank-order") is not modelled.
+_MEASURED_PLANS = {"ring": "ring", "ring:rank-order": "ring", "ring:rack-ordered": "ring", "hierarchical": "hierarchical",
+                   "reduction_server": "reduction_server",
+                   "reduction_server:host": "hierarchical+reduction_server"}
+_REDUCER_PLANS = ("reduction_server", "hierarchical+reduction_server")
+
+
+def _plan(row: Dict) -> Optional[str]:
+    """The simulator's plan for a row, or None where it models none."""
+    plan = row.get("plan") or row.get("algorithm")
+    if plan.startswith("hierarchical:"):  # the planner's levels, e.g. "hierarchical:host+rack"
+        plan = "hierarchical"
+    if plan in ("ring", "ring:rank-order") and row.get("rank_order") not in (None, "block"):
+        return None
+    return _MEASURED_PLANS.get(plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +100,10 @@ def measurements(path: str) -> List[Measurement]:
         rows = [rows]
     found = []
     for i, row in enumerate(rows):
-        if row.get("system") != "collectives" or row.get("algorithm") not in _MEASURED_PLANS:
+        plan = _plan(row) if row.get("system") == "collectives" else None
+        if plan is None:
             continue
-        # Not modelled yet: the flat ring in an interleaved rank order (it crosses a rack uplink
-        # at every hop) and the reduction server's host plan.
-        if (row.get("rank_order", "block") != "block" and row["algorithm"] == "ring") or \
-                row.get("plan") == "reduction_server:host":
-            continue
-        plan = row["algorithm"]
-        reducers = row.get("reducers") or 0 if plan == "reduction_server" else 0
+        reducers = (row.get("reducers") or 0) if plan in _REDUCER_PLANS else 0
         source = f"{Path(path).name}#{i}"
         # compare.py's pace says whether the links set it despite a busy CPU; older rows have cpu_bound only.
         note = "CPU-bound" if row.get("pace", "cpu" if row.get("cpu_bound") else "links") == "cpu" else ""

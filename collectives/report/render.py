@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .advisor import Advice, Option
 from .calibration import Check, Stored, median_error
 from .prices import Instance
-from .simulator import RUN_BY_LIBRARY
 
 __all__ = ["Report", "Sweep", "write"]
 
@@ -59,8 +58,7 @@ def _plot(sweep: Sweep, log_x: bool, marks: Dict[str, float]) -> bytes:
     for ax, (field, label, scale) in zip(axes.flat, _METRICS):
         for plan, options in sweep.series.items():
             ys = [getattr(o, field) * scale for o in options]
-            style = "-" if RUN_BY_LIBRARY[plan] else "--"
-            ax.plot(sweep.x, ys, style, color=_COLOURS[plan], label=plan, linewidth=2, marker="o" if len(ys) < 16 else None,
+            ax.plot(sweep.x, ys, "-", color=_COLOURS[plan], label=plan, linewidth=2, marker="o" if len(ys) < 16 else None,
                     markersize=3)
         for name, x in marks.items():
             ax.axvline(x, color="#555555", linestyle=":", linewidth=1)
@@ -87,10 +85,10 @@ def _ms(seconds: float) -> str:
 
 def _options_table(options: Sequence[Option]) -> Tuple[List[str], List[List[str]]]:
     head = ["plan", "reducers", "all-reduce ms", "paced by", "step ms", "samples/s", "of limit", "$/h",
-            "samples per $", "run by collectives"]
+            "samples per $"]
     rows = [[o.plan, f"{o.reducers} x {o.reducer.type}" if o.reducers else "0", _ms(o.allreduce_s), o.bottleneck,
-             _ms(o.step_s), f"{o.samples_per_s:,.0f}", f"{o.of_limit:.0%}", f"{o.usd_h:,.2f}", f"{o.samples_per_usd:,.0f}",
-             "yes" if RUN_BY_LIBRARY[o.plan] else "modelled"] for o in options]
+             _ms(o.step_s), f"{o.samples_per_s:,.0f}", f"{o.of_limit:.0%}", f"{o.usd_h:,.2f}", f"{o.samples_per_usd:,.0f}"]
+            for o in options]
     return head, rows
 
 

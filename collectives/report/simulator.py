@@ -17,12 +17,14 @@ An all-reduce of S bytes (on the wire) costs
     - hierarchical (the planner's levels, collectives/hierarchical/planner.py): a level of groups
       of m moves 2(m-1)/m * S out of each of its children (a rank, a host, a rack), spread over
       the links one level down (a rack's hosts share its traffic);
-    - reduction server, flat (what collectives runs today): each rank sends S to the reducers
-      and gets S back, so a host of G ranks moves G * S through its NIC; each of R reducers
-      moves n*S/R and sums n*S/R;
-    - hierarchical + reduction server (modelled; the library's reducers serve ranks one by one):
-      the ranks of a host reduce-scatter first, then move S per host through the NIC;
-      reducers n_hosts*S/R.
+    - reduction server, flat (COLLECTIVES_RS_PLAN=flat, or one rank per host): each rank sends S
+      to the reducers and gets S back, so a host of G ranks moves G * S through its NIC; each of
+      R reducers moves n*S/R and sums n*S/R;
+    - hierarchical + reduction server (the library's host plan, "reduction_server:host",
+      collectives/reduction_server/host_plan.py): the ranks of a host reduce-scatter over shared
+      memory, local rank j exchanges its 1/G of the buffer with the reducers, and the host
+      all-gathers the sums, pipelined over pieces; so each host's NIC moves S each way, each
+      rank's shared-memory link 2(G-1)/G * S, and each reducer n_hosts*S/R.
 * fill: a reduction-server chunk's trip up and its sum's trip down before the pipeline is full.
 * efficiency: the fraction of the links' goodput a plan reaches, calibrated on the testbed
   (calibration.py), per algorithm family.
@@ -40,13 +42,10 @@ from typing import Dict, Optional, Tuple
 
 from ..hierarchical import planner
 
-__all__ = ["PLANS", "RUN_BY_LIBRARY", "Calibration", "Cluster", "Result", "allreduce_time", "link_bytes",
+__all__ = ["PLANS", "Calibration", "Cluster", "Result", "allreduce_time", "link_bytes",
            "rs_chunk_bytes", "step_time"]
 
 PLANS = ("ring", "hierarchical", "reduction_server", "hierarchical+reduction_server")
-# The plans collectives runs today; the last one is modelled to answer "reducers, hierarchy or both".
-RUN_BY_LIBRARY = {"ring": True, "hierarchical": True, "reduction_server": True,
-                  "hierarchical+reduction_server": False}
 
 # The reduction server's chunking (README, COLLECTIVES_RS_CHUNK_BYTES): a reducer's share cut into
 # 256 chunks, clamped to 32 KiB..4 MiB.
