@@ -2,6 +2,7 @@
 collectives reduction server, on the same hosts, rate, model and run (issue 5).
 
     python benchmarks/train.py --hosts 4 --reducers 4 --rate 500mbit [--bucket-cap-mb 25,64] [--steps K]
+        [--compress fp16[,bf16]]
         [--json F] [--results benchmarks/RESULTS.md]
     python benchmarks/train.py --per-host 2 --hosts 4 [--racks 2 --uplink-rate 250mbit] --rate 500mbit ...
 
@@ -47,6 +48,13 @@ row's pace from these two (benchmarks/_checks.py: "links" at >= 90% of the floor
 with the cores > 90% busy, else "own"; a ratio to gloo counts, and the bar can pass, only if
 neither row is cpu-paced), and whether the parameters ended identical on every rank (a
 SHA-256 of each rank's parameters, allgathered).
+
+--compress fp16 (bf16, or fp16,bf16) adds, per type, gloo and the reduction server with
+torch's own DDP hook registered (default_hooks.fp16_compress_hook / bf16_compress_hook: each
+bucket divided by N, cast to the half type, all-reduced as such, the reducers summing it in
+float32 and rounding once, and cast back): rows "gloo fp16 (fp16_compress_hook)", ...; their
+floors and link bytes are those of S/2, their ratio to gloo is to gloo's float32 row (issue
+13's bars: reduction server >= 1.45x gloo, with fp16 through the reducers >= 2.2x).
 
 As compare.py does, the driver refuses a run (exit status 1, nothing written) whose workers
 did not each run on their own host (each reports its hostname and eth0 address at start), or
