@@ -2,6 +2,7 @@
 collectives reduction server, on the same hosts, rate, model and run (issue 5).
 
     python benchmarks/train.py --hosts 4 --reducers 4 --rate 500mbit [--bucket-cap-mb 25,64] [--steps K]
+        [--compress fp16[,bf16]]
         [--json F] [--results benchmarks/RESULTS.md]
     python benchmarks/train.py --per-host 2 --hosts 4 [--racks 2 --uplink-rate 250mbit] --rate 500mbit ...
 
@@ -47,6 +48,13 @@ row's pace from these two (benchmarks/_checks.py: "links" at >= 90% of the floor
 with the cores > 90% busy, else "own"; a ratio to gloo counts, and the bar can pass, only if
 neither row is cpu-paced), and whether the parameters ended identical on every rank (a
 SHA-256 of each rank's parameters, allgathered).
+
+--compress fp16 (bf16, or fp16,bf16) adds, per type, gloo and the reduction server with
+torch's own DDP hook registered (default_hooks.fp16_compress_hook / bf16_compress_hook: each
+bucket divided by N, cast to the half type, all-reduced as such, the reducers summing it in
+float32 and rounding once, and cast back): rows "gloo fp16 (fp16_compress_hook)", ...; their
+floors and link bytes are those of S/2, their ratio to gloo is to gloo's float32 row (issue
+13's bars: reduction server >= 1.45x gloo, with fp16 through the reducers >= 2.2x).
 
 As compare.py does, the driver refuses a run (exit status 1, nothing written) whose workers
 did not each run on their own host (each reports its hostname and eth0 address at start), or
@@ -104,12 +112,34 @@ LABELS = {"none": "no communication", "gloo": "gloo", "ring": "collectives ring"
 MASTER_PORT = 29500  # on h0: torch's store (compare.RENDEZVOUS_PORT holds the reducers' store)
 LEARNING_RATE = 0.01
 CLASSES = 16
-BAR = 1.3  # issue 5: reduction server >= 1.3x gloo samples/s at 4 workers + 4 reducers, 500 Mbit/s
+BAR = 1.45  # issue 13: reduction server >= 1.45x gloo samples/s at 4 workers + 4 reducers, 500 Mbit/s
+COMPRESSED_BAR = 2.2  # issue 13: with fp16 compression through the reducers, >= 2.2x gloo (fp32)
+# --compress: torch's own DDP communication hooks, which cast each bucket to the half type,
+# all-reduce it (the reducers sum it in float32 and round once) and cast it back.
+HOOKS = {"fp16": "fp16_compress_hook", "bf16": "bf16_compress_hook"}
+COMPRESSED = ("gloo", "reduction_server")  # the systems a --compress type adds a row of
 WORKER_POLL_S = 0.5
 # DDP's runtime logging (nanoseconds), sampled every step: the backward pass's compute, its
 # all-reduces (first bucket's start to last bucket's end) and how much of them overlapped.
 DDP_TIMES = {"ddp_backward_compute_s": "backward_compute_time", "ddp_backward_comm_s": "backward_comm_time",
              "ddp_overlap_s": "backward_compute_comm_overlap_time"}
+
+
+def system_parts(name):
+    """A system's key split: "reduction_server+fp16" -> ("reduction_server", "fp16"); "gloo" -> ("gloo", None)."""
+    base, _, compress = name.partition("+")
+    return base, compress or None
+
+
+def label(row):
+    """A row's name in the table: "collectives reduction_server fp16 (fp16_compress_hook)"."""
+    compress = row.get("compress")
+    return LABELS[row["algorithm"]] + (f" {compress} ({HOOKS[compress]})" if compress else "")
+
+
+def wire_bytes(row):
+    """The bytes of one step's all-reduces: the gradients' S, half of it compressed to 16 bits."""
+    return row["grad_bytes"] // 2 if row.get("compress") else row["grad_bytes"]
 
 
 def _positive_numbers(text, option):
@@ -138,6 +168,9 @@ def parse_args(argv=None):
     add("--burst", default="256kb", help="tbf burst (default 256kb)")
     add("--tcp-cc", default="cubic", help="the hosts' TCP congestion control (default cubic; see testbed.py)")
     add("--bucket-cap-mb", default="25,64", help="DDP bucket_cap_mb, or a comma-separated list (default 25,64)")
+    add("--compress", default="",
+        help="also time gloo and the reduction server with gradients compressed to these types through torch's "
+        "DDP hooks (fp16_compress_hook, bf16_compress_hook): fp16, bf16 or fp16,bf16 (default: none)")
     add("--steps", type=int, default=10, help="timed rounds: one step per system each (default 10)")
     add("--warmup", type=int, default=2, help="rounds before them, not counted (default 2)")
     add("--batch", type=int, default=32, help="samples per worker and step (default 32)")
@@ -188,8 +221,13 @@ def parse_args(argv=None):
     if layered and args.hierarchical and not hierarchical:
         print("# note: the installed collectives does not offer the hierarchical algorithm yet: no hierarchical "
               "row", file=sys.stderr)
+    args.compress_types = [c for c in args.compress.split(",") if c]
+    unknown = [c for c in args.compress_types if c not in HOOKS]
+    if unknown:
+        parser.error(f"--compress takes {' or '.join(HOOKS)} (comma-separated), not {', '.join(unknown)}")
     args.systems = [s for s in SYSTEMS if (s != "reduction_server" or args.reducers)
                     and (s != "hierarchical" or hierarchical)]
+    args.systems += [f"{s}+{c}" for c in args.compress_types for s in COMPRESSED if s in args.systems]
     return args
 
 
@@ -213,6 +251,7 @@ def worker(args):
     import torch.distributed as dist
     import torch.nn as nn
     import torch.nn.functional as F
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import collectives.torch  # noqa: F401 - registers the backend "collectives"
@@ -243,6 +282,8 @@ def worker(args):
             algorithms[name] = groups[name].communicator.algorithm
             if _checks.algorithm_name(algorithms[name]) != name:
                 raise RuntimeError(f"the collectives group meant for {name} runs {algorithms[name]}")
+    for name in systems:
+        algorithms[name] = algorithms[system_parts(name)[0]]
     # With racks, worker 0 also reads the uplinks' counters (in the switch's namespace).
     switch = os.environ.get("TESTBED_SWITCH_PID", "") if rank == 0 and args.racks else ""
 
@@ -277,7 +318,10 @@ def worker(args):
         models = {name: build_model() for name in systems}
         runners = {"none": models["none"]}
         for name in systems[1:]:
-            runners[name] = DDP(models[name], process_group=groups[name], bucket_cap_mb=cap, init_sync=False)
+            base, compress = system_parts(name)
+            runners[name] = DDP(models[name], process_group=groups[base], bucket_cap_mb=cap, init_sync=False)
+            if compress:
+                runners[name].register_comm_hook(groups[base], getattr(default_hooks, HOOKS[compress]))
             runners[name]._set_ddp_runtime_logging_sample_rate(1)
         optimizers = {name: torch.optim.SGD(models[name].parameters(), lr=LEARNING_RATE) for name in systems}
         record = {name: {} for name in systems}
@@ -395,9 +439,10 @@ def rows_from_report(report, setting):
                 link_bytes.update(uplinks=uplinks,
                                   tx_per_uplink=statistics.fmean(u["tx"] for u in uplinks.values()),
                                   rx_per_uplink=statistics.fmean(u["rx"] for u in uplinks.values()))
+            base, compress = system_parts(name)
             row = {
-                "system": "collectives" if name in COLLECTIVES_SYSTEMS else name,
-                "algorithm": algorithm, "plan": plan, "hosts": hosts, "ranks": layout.ranks,
+                "system": "collectives" if base in COLLECTIVES_SYSTEMS else base,
+                "algorithm": algorithm, "compress": compress, "hook": HOOKS.get(compress), "plan": plan, "hosts": hosts, "ranks": layout.ranks,
                 "per_host": layout.per_host, "racks": list(layout.racks) or None, "reducers": reducers,
                 "rate_gbps": setting["rate_gbps"], "goodput_GBps": setting["goodput_GBps"], "tc": setting["tc"],
                 "bucket_cap_mb": phase["bucket_cap_mb"], "buckets_bytes": phase["buckets"].get(name),
@@ -411,7 +456,7 @@ def rows_from_report(report, setting):
                              if other not in ("none", name)},
                 "compute_time_s": none,
                 "comm_share": None if none is None or name == "none" else 1 - none / median,
-                "comm_floor_s": comm_floor_s(plan or algorithm, grad_bytes, setting["goodput_GBps"], hosts, reducers,
+                "comm_floor_s": comm_floor_s(plan or algorithm, grad_bytes // 2 if compress else grad_bytes, setting["goodput_GBps"], hosts, reducers,
                                              layout, uplink_goodput),
                 "link_bytes": link_bytes,
                 "cpu_util": cpu_util,
@@ -438,16 +483,18 @@ def rows_from_report(report, setting):
 
 def _ratio_standing(row, rows):
     """Whether the row's ratio to gloo (at its bucket cap) counts, and why: _checks.ratio_standing."""
-    gloo = next(r for r in rows if r["algorithm"] == "gloo" and r["bucket_cap_mb"] == row["bucket_cap_mb"])
-    return _checks.ratio_standing(LABELS[row["algorithm"]], row["pace"], "gloo", gloo["pace"])
+    gloo = next(r for r in rows if r["algorithm"] == "gloo" and not r.get("compress")
+                and r["bucket_cap_mb"] == row["bucket_cap_mb"])
+    return _checks.ratio_standing(label(row), row["pace"], "gloo", gloo["pace"])
 
 
 def standing_lines(rows):
     """Each collectives system's ratio to gloo (and the hierarchical plan's to the flat ring),
     per bucket cap, and whether it counts."""
-    lines = [f"{LABELS[row['algorithm']]} {row['speedup_vs_gloo']:.2f}x gloo at bucket_cap_mb "
+    lines = [f"{label(row)} {row['speedup_vs_gloo']:.2f}x gloo at bucket_cap_mb "
              f"{row['bucket_cap_mb']:g}: {_ratio_standing(row, rows)[1]}"
-             for row in rows if row["algorithm"] in COLLECTIVES_SYSTEMS]
+             for row in rows if row["algorithm"] in COLLECTIVES_SYSTEMS or (row["algorithm"] == "gloo"
+                                                                         and row.get("compress"))]
     for row in rows:
         ratio = (row.get("speedups") or {}).get("ring")
         if row["algorithm"] == "hierarchical" and ratio is not None:
@@ -459,16 +506,19 @@ def standing_lines(rows):
 
 
 def bar_lines(rows):
-    """The issue's bar (reduction server >= 1.3x gloo samples/s), per bucket cap, in words."""
+    """The issue's bars (reduction server >= 1.45x gloo samples/s; with fp16 compression
+    >= 2.2x gloo fp32), per bucket cap, in words."""
     lines = []
     for row in rows:
-        if row["algorithm"] != "reduction_server":
+        if row["algorithm"] != "reduction_server" or row.get("compress") not in (None, "fp16"):
             continue
         config = f"{row['hosts']} workers + {row['reducers']} reducer{'s' if row['reducers'] != 1 else ''}"
         counts, words = _ratio_standing(row, rows)
-        met = row["speedup_vs_gloo"] >= BAR and counts
-        lines.append(f"bar ({config}): reduction server {row['speedup_vs_gloo']:.2f}x gloo samples/s at "
-                     f"bucket_cap_mb {row['bucket_cap_mb']:g}, need >= {BAR}: "
+        bar = COMPRESSED_BAR if row.get("compress") else BAR
+        met = row["speedup_vs_gloo"] >= bar and counts
+        compressed = f" with {row['compress']} compression ({row['hook']})" if row.get("compress") else ""
+        lines.append(f"bar ({config}): reduction server{compressed} {row['speedup_vs_gloo']:.2f}x gloo samples/s at "
+                     f"bucket_cap_mb {row['bucket_cap_mb']:g}, need >= {bar}: "
                      + ("PASS" if met else "FAIL" + ("" if counts else f" (the ratio {words})")))
     return lines
 
@@ -484,7 +534,7 @@ def heading(first, rows=None):
     for row in rows or []:
         if row["algorithm"] != "none" and row["bucket_cap_mb"] == first["bucket_cap_mb"] and layout.shared:
             models = _checks.level_models(row["plan"], layout)
-            plans.append(f"{LABELS[row['algorithm']]} ({row['plan']}) moves " + ", ".join(
+            plans.append(f"{label(row)} ({row['plan']}) moves " + ", ".join(
                 f"{'' if model[1] else '>= '}{model[0]:.3f} x S per {level} each way"
                 for level, model in (("host NIC", models["host"]), ("uplink", models["uplink"])) if model is not None))
     lines = [f"{where}; {first['tc']}",
@@ -510,7 +560,7 @@ def _cells(row):
     same = {True: "yes", False: "NO", None: "-"}[row["params_identical"]]
     uplinks = ([_share(link.get("tx_per_uplink"), row), _share(link.get("rx_per_uplink"), row)]
                if row.get("racks") else [])
-    return [LABELS[row["algorithm"]],
+    return [label(row),
             f"{row['bucket_cap_mb']:g}", _ms(row["step_time_s"]), f"{row['samples_per_s']:.1f}",
             "-" if ratio is None else f"{ratio:.2f}x", "-" if share is None else f"{share:.0%}",
             f"{_ms(row['forward_s'])}/{_ms(row['backward_s'])}/{_ms(row['optimizer_s'])}", ddp,
@@ -618,6 +668,7 @@ def run_job(bed, args):
                    "--bucket-cap-mb", ",".join(f"{c:g}" for c in args.bucket_caps), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--width", str(args.width),
                    "--layers", str(args.layers), "--timeout", str(args.timeout), "--per-host", str(args.per_host),
+                   "--compress", ",".join(args.compress_types),
                    *(["--racks", str(args.racks), "--uplink-rate", args.uplink_rate] if args.racks else []),
                    *([] if "hierarchical" in args.systems else ["--no-hierarchical"])]
         started, procs, logs = [], [], []
@@ -687,29 +738,32 @@ def link_problems(rows, reducer_info):
         layout = _checks.Layout.of_row(row)
         models = _checks.level_models(row.get("plan") or _checks.plan_of(row["algorithm"], layout), layout)
         worker_model = models["host"]
-        label = f"{LABELS[row['algorithm']]} per step at bucket_cap_mb {row['bucket_cap_mb']:g}"
-        smallest = min(row["buckets_bytes"] or [row["grad_bytes"]])
+        what = f"{label(row)} per step at bucket_cap_mb {row['bucket_cap_mb']:g}"
+        # DDP's bucket sizes are the float32 gradients'; a compressing hook sends half of each.
+        smallest = min(row["buckets_bytes"] or [row["grad_bytes"]]) * wire_bytes(row) // row["grad_bytes"]
         per_host = row["link_bytes"]["per_host"]
         if len(per_host) != layout.hosts:
-            problems.append(f"{label}: link bytes of {len(per_host)} distinct hosts "
+            problems.append(f"{what}: link bytes of {len(per_host)} distinct hosts "
                             f"({', '.join(sorted(per_host)) or 'none'}), expected {layout.hosts}")
-        problems += _checks.traffic_problems(label, per_host, worker_model, row["grad_bytes"], layout.ranks, smallest)
+        problems += _checks.traffic_problems(what, per_host, worker_model, wire_bytes(row), layout.ranks, smallest)
         if models["uplink"] is not None:
             uplinks = row["link_bytes"].get("uplinks") or {}
             if len(uplinks) != len(layout.racks):
-                problems.append(f"{label}: byte counts of {len(uplinks)} rack uplinks, expected {len(layout.racks)}")
-            problems += _checks.traffic_problems(f"{label} (rack uplink)", uplinks, models["uplink"],
-                                                 row["grad_bytes"], layout.ranks, smallest)
+                problems.append(f"{what}: byte counts of {len(uplinks)} rack uplinks, expected {len(layout.racks)}")
+            problems += _checks.traffic_problems(f"{what} (rack uplink)", uplinks, models["uplink"],
+                                                 wire_bytes(row), layout.ranks, smallest)
     served = [r for r in rows if r["algorithm"] == "reduction_server"]
     if served and reducer_info:
-        steps = sum(r["warmup"] + r["steps"] for r in served)
+        # In full-size steps: a compressed step moves half the bytes.
+        steps = sum((r["warmup"] + r["steps"]) * wire_bytes(r) / r["grad_bytes"] for r in served)
         per_step = {host: {way: info["link_bytes"][way] / steps for way in ("tx", "rx")}
                     for host, info in reducer_info.items()}
         first = served[0]
         _, reducer_model = _checks.link_model("reduction_server", first["hosts"], first["reducers"])
         problems += _checks.traffic_problems("collectives reduction_server (reducer host, per step over the job)",
                                              per_step, reducer_model, first["grad_bytes"], first["hosts"],
-                                             min(b for r in served for b in (r["buckets_bytes"] or [r["grad_bytes"]])))
+                                             min(b * wire_bytes(r) // r["grad_bytes"]
+                                                 for r in served for b in (r["buckets_bytes"] or [r["grad_bytes"]])))
     return problems
 
 
@@ -745,7 +799,7 @@ def main(argv=None):
         print(f"# rewrote the '{name}' block of {args.results}")
     if any(row["params_identical"] is False for row in rows):
         raise SystemExit("the parameters differ across ranks for "
-                         + ", ".join(LABELS[r["algorithm"]] for r in rows if r["params_identical"] is False))
+                         + ", ".join(label(r) for r in rows if r["params_identical"] is False))
 
 
 if __name__ == "__main__":
