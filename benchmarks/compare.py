@@ -8,6 +8,7 @@
     python benchmarks/compare.py --hosts 8 --racks 2 --uplink-rate 100mbit --rate 500mbit --size 64M
     python benchmarks/compare.py --hosts 8 --racks 2 --uplink-rate 100mbit --rank-order interleaved ...
     python benchmarks/compare.py --per-host 2 --hosts 4 --algorithms ring,recursive_doubling,hierarchical ...
+    python benchmarks/compare.py --replot benchmarks/results/layout_2x4_500mbit.json --plot F.png  # no run
 
 Builds a testbed (benchmarks/testbed.py: one network namespace per host, each link limited by
 tc tbf in both directions), measures the links' TCP goodput B, and runs benchmarks/allreduce.py
@@ -180,11 +181,19 @@ def parse_args(argv=None):
         "consecutive ranks alternate racks); with --racks or --per-host above 1")
     add("--json", metavar="FILE", help="write all result rows to FILE")
     add("--plot", metavar="PNG",
-        help="with --sweep: algbw against size per system; with several --reducers at one size: algbw against R")
+        help="with --sweep: algbw against size per system; with several --reducers at one size: algbw against R; "
+        "on a layout with shared hosts or racks: each plan's algbw against its bound, and its bytes per level")
+    add("--replot", metavar="JSON",
+        help="with --plot: draw the plot of a recorded run (the rows its --json wrote) instead of running one; "
+        "the other options are not used")
     add("--results", metavar="MD",
         help="also rewrite this run's generated block in MD (benchmarks/RESULTS.md): the block named "
         "'reducers' when --reducers is above 0, else 'ring'; with this run's table, command and date")
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot PNG: the file to draw the recorded run's plot to")
+        return args
     try:
         args.hosts = _counts(args.hosts, "--hosts", 2)
         args.reducers = _counts(args.reducers, "--reducers", 0)
@@ -207,8 +216,6 @@ def parse_args(argv=None):
         parser.error(str(e))
     if not 1 <= args.sizes[0] <= args.sizes[-1]:
         parser.error("need 1 <= --min <= --max")
-    if args.plot and not (args.sweep or len(args.reducers) > 1):
-        parser.error("--plot needs --sweep, or several values of --reducers")
     if args.per_host < 1:
         parser.error("--per-host must be at least 1")
     if (args.racks is None) != (args.uplink_rate is None):
@@ -221,6 +228,11 @@ def parse_args(argv=None):
         except ValueError as e:
             parser.error(f"--uplink-rate: {e}")
     layered = args.per_host > 1 or args.racks is not None
+    if args.plot and not (args.sweep or len(args.reducers) > 1 or layered):
+        parser.error("--plot needs --sweep, several values of --reducers, or a layout with shared hosts or racks "
+                     "(--per-host above 1 or --racks)")
+    if args.plot and not (args.sweep or len(args.reducers) > 1) and len(args.hosts) > 1:
+        parser.error("--plot on a layout draws one layout's plans: give one value of --hosts")
     if any(args.reducers) and args.racks is not None:
         parser.error("--reducers runs on layouts without racks only (for now)")
     if args.rank_order != "block" and not layered:
@@ -824,58 +836,143 @@ def update_results(path, block, name, tool="compare.py"):
 
 
 def plot(rows, path):
-    """algbw against size (a size sweep), or against R (one size, several R), per system."""
+    """Draws the run's rows to path (PNG): several sizes, algbw against size per system; one
+    size and several R, algbw against R; one size on one layout, each plan's algbw beside its
+    bound and the bytes it moved per level. ValueError where rows fit none of these."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5))
-    by_size = len({r["bytes"] for r in rows}) > 1
-    if by_size:
-        for key in sorted({(row_label(r), r["hosts"], r["reducers"] or 0) for r in rows}):
-            series = sorted((r["bytes"], r["algbw_GBps"]) for r in rows
-                            if (row_label(r), r["hosts"], r["reducers"] or 0) == key)
-            label, n, r = key
-            if r:  # only the reduction server uses the reducers; the others ran beside them
-                label += f", N={n} R={r}" if "reduction_server" in label else f", N={n} (run with R={r})"
-            else:
-                label += f", {n} hosts"
-            axes.plot([s for s, _ in series], [b for _, b in series], marker="o", label=label)
-        limits = {}  # bound -> what it bounds; equal bounds share one line
-        for row in rows:
-            what = (f"reduction-server bound, N={row['hosts']} R={row['reducers']}"
-                    if row["algorithm"] == "reduction_server" else f"ring bound, {row['hosts']} hosts")
-            names = limits.setdefault(round(row["bound_GBps"], 12), [])
-            if what not in names:
-                names.append(what)
-        for limit, names in limits.items():
-            axes.axhline(limit, linestyle=":", color="grey")
-            axes.annotate("; ".join(names), (min(x["bytes"] for x in rows), limit), fontsize=8)
-        axes.set_xscale("log", base=2)
-        axes.set_xlabel("message size (bytes)")
+    if not rows:
+        raise ValueError("no rows to plot")
+    if len({r["bytes"] for r in rows}) > 1:
+        figure = _plot_sizes(plt, rows)
+    elif len({r["reducers"] or 0 for r in rows}) > 1:
+        figure = _plot_reducers(plt, rows)
+    elif len({_group_key(r) for r in rows}) == 1:
+        figure = _plot_plans(plt, rows)
     else:
-        for key in sorted({(row_label(r), r["hosts"]) for r in rows}):
-            series = sorted((r["reducers"] or 0, r["algbw_GBps"]) for r in rows if (row_label(r), r["hosts"]) == key)
-            axes.plot([x for x, _ in series], [b for _, b in series], marker="o", label=f"{key[0]}, {key[1]} hosts")
-        for n in sorted({r["hosts"] for r in rows}):
-            group = [r for r in rows if r["hosts"] == n]
-            goodput = group[0]["goodput_GBps"]
-            counts = sorted({r["reducers"] or 0 for r in group} - {0})
-            if counts:
-                axes.plot(counts, [reduction_server_bound(goodput, n, r) for r in counts], linestyle="--",
-                          color="grey", label=f"reduction-server bound B*min(1, R/N), {n} hosts")
-            axes.axhline(ring_bound(goodput, n), linestyle=":", color="grey")
-            axes.annotate(f"ring bound, {n} hosts", (min(r["reducers"] or 0 for r in rows), ring_bound(goodput, n)),
-                          fontsize=8)
-        axes.set_xlabel("reducer hosts R")
-        axes.set_xticks(sorted({r["reducers"] or 0 for r in rows}))
-    axes.set_ylabel("algbw (GB/s)")
-    size = "" if by_size else f", {rows[0]['bytes'] / (1 << 20):g} MiB"
-    axes.set_title(f"all-reduce on emulated hosts, {rows[0]['rate_gbps'] * 1e3:g} Mbit/s links{size}")
-    axes.legend(fontsize=8)
+        raise ValueError("rows of one size and one reducer count on several layouts: a plot of plans shows one "
+                         "layout (run one value of --hosts), and a sweep plot needs several sizes")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_title(rows):
+    size = "" if len({r["bytes"] for r in rows}) > 1 else f", {rows[0]['bytes'] / (1 << 20):g} MiB"
+    return f"all-reduce on emulated hosts, {rows[0]['rate_gbps'] * 1e3:g} Mbit/s links{size}"
+
+
+def _plot_sizes(plt, rows):
+    """algbw against size per system, each bound a dotted line."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for key in sorted({(row_label(r), r["hosts"], r["reducers"] or 0) for r in rows}):
+        series = sorted((r["bytes"], r["algbw_GBps"]) for r in rows
+                        if (row_label(r), r["hosts"], r["reducers"] or 0) == key)
+        label, n, r = key
+        if r:  # only the reduction server uses the reducers; the others ran beside them
+            label += f", N={n} R={r}" if "reduction_server" in label else f", N={n} (run with R={r})"
+        else:
+            label += f", {n} hosts"
+        axes.plot([s for s, _ in series], [b for _, b in series], marker="o", label=label)
+    limits = {}  # bound -> what it bounds; equal bounds share one line
+    for row in rows:
+        what = (f"reduction-server bound, N={row['hosts']} R={row['reducers']}"
+                if row["algorithm"] == "reduction_server" else f"ring bound, {row['hosts']} hosts")
+        names = limits.setdefault(round(row["bound_GBps"], 12), [])
+        if what not in names:
+            names.append(what)
+    for limit, names in limits.items():
+        axes.axhline(limit, linestyle=":", color="grey")
+        axes.annotate("; ".join(names), (min(x["bytes"] for x in rows), limit), fontsize=8)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("message size (bytes)")
+    axes.set_ylabel("algbw (GB/s)")
+    axes.set_title(_plot_title(rows))
+    axes.legend(fontsize=8)
+    return figure
+
+
+def _plot_reducers(plt, rows):
+    """algbw against R at one size, per system, with the reduction server's and the ring's bounds."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for key in sorted({(row_label(r), r["hosts"]) for r in rows}):
+        series = sorted((r["reducers"] or 0, r["algbw_GBps"]) for r in rows if (row_label(r), r["hosts"]) == key)
+        axes.plot([x for x, _ in series], [b for _, b in series], marker="o", label=f"{key[0]}, {key[1]} hosts")
+    for n in sorted({r["hosts"] for r in rows}):
+        group = [r for r in rows if r["hosts"] == n]
+        goodput = group[0]["goodput_GBps"]
+        counts = sorted({r["reducers"] or 0 for r in group} - {0})
+        if counts:
+            axes.plot(counts, [reduction_server_bound(goodput, n, r) for r in counts], linestyle="--",
+                      color="grey", label=f"reduction-server bound B*min(1, R/N), {n} hosts")
+        axes.axhline(ring_bound(goodput, n), linestyle=":", color="grey")
+        axes.annotate(f"ring bound, {n} hosts", (min(r["reducers"] or 0 for r in rows), ring_bound(goodput, n)),
+                      fontsize=8)
+    axes.set_xlabel("reducer hosts R")
+    axes.set_xticks(sorted({r["reducers"] or 0 for r in rows}))
+    axes.set_ylabel("algbw (GB/s)")
+    axes.set_title(_plot_title(rows))
+    axes.legend(fontsize=8)
+    return figure
+
+
+# Per-level link bytes of a row (link_bytes keys, tx and rx), drawn per plan under its algbw.
+PLOT_LEVELS = (("host NIC", "tx_per_host", "rx_per_host"), ("rack uplink", "tx_per_uplink", "rx_per_uplink"),
+               ("reducer host NIC", "tx_per_reducer_host", "rx_per_reducer_host"))
+
+
+def _plot_plans(plt, rows):
+    """One size on one layout: a bar per row (its plan) of algbw, its own bound a black mark
+    over it, time and fraction of the bound on it; below, the bytes it moved per direction
+    through each level's links (host NIC, rack uplink, reducer host NIC) over the size."""
+    first = rows[0]
+    layout = _checks.Layout.of_row(first)
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 1.7 * len(rows) + 2), 7.5), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 2]})
+    places = range(len(rows))
+    names = [f"collectives\n{r.get('plan') or r['algorithm']}" if r["system"] == "collectives" else r["system"]
+             for r in rows]
+    algbw = [r["algbw_GBps"] * 1e3 for r in rows]
+    top.bar(places, algbw, width=0.6, color=["tab:blue" if r["system"] == "collectives" else "tab:grey" for r in rows])
+    top.hlines([r["bound_GBps"] * 1e3 for r in rows], [x - 0.4 for x in places], [x + 0.4 for x in places],
+               colors="black", linewidth=2, label="its bound: the slowest level's goodput over the bytes it moves there")
+    top_value = max(max(algbw), max(r["bound_GBps"] * 1e3 for r in rows))
+    for x, row, value in zip(places, rows, algbw):
+        top.annotate(f"{row['time_s'] * 1e3:.0f} ms, {row['bound_fraction']:.0%} of bound",
+                     (x, max(value, row["bound_GBps"] * 1e3) + 0.02 * top_value), ha="center", va="bottom", fontsize=8)
+    top.set_ylabel("algbw (MB/s)")
+    top.set_ylim(0, 1.25 * top_value)
+    top.legend(fontsize=8, loc="upper left")
+    levels = [(name, tx, rx) for name, tx, rx in PLOT_LEVELS
+              if any((r.get("link_bytes") or {}).get(tx) is not None for r in rows)]
+    width = 0.8 / max(1, len(levels))
+    for index, (name, tx, rx) in enumerate(levels):
+        places_here = [x + (index - (len(levels) - 1) / 2) * width for x in places]
+        moved = [_each_way((r.get("link_bytes") or {}).get(tx), (r.get("link_bytes") or {}).get(rx), r["bytes"])
+                 for r in rows]
+        bars = bottom.bar(places_here, [m or 0 for m in moved], width=width * 0.9, label=f"per {name}")
+        bottom.bar_label(bars, labels=["" if m is None else f"{m:.2f}" for m in moved], fontsize=7)
+    bottom.set_ylabel("bytes / size, each way")
+    bottom.set_ylim(0, 1.25 * max([1.0] + [b.get_height() for b in bottom.patches]))
+    bottom.legend(fontsize=8, loc="upper left", ncol=len(levels))
+    bottom.set_xticks(list(places), names, fontsize=8)
+    links = f"{first['rate_gbps'] * 1e3:g} Mbit/s host links"
+    if first.get("uplink_rate_gbps"):
+        links += f", {first['uplink_rate_gbps'] * 1e3:g} Mbit/s rack uplinks"
+    if layout.reducers:
+        links += f", {layout.reducers} reducer hosts"
+    order = "" if layout.rank_order == "block" else f", rank order {layout.rank_order}"
+    top.set_title(f"all-reduce of {first['bytes'] / (1 << 20):g} MiB on {layout.describe()}{order}\n{links}",
+                  fontsize=10)
+    return figure
+
+
+def _each_way(tx, rx, nbytes):
+    """The mean of a level's bytes out and in per all-reduce, over the size; None without counts."""
+    return None if tx is None or rx is None else (tx + rx) / 2 / nbytes
 
 
 def run_notes(load_before):
@@ -897,8 +994,29 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def replot(json_path, png_path):
+    """Draws the plot of a recorded run (the rows of its --json file) to png_path."""
+    try:
+        rows = json.loads(Path(json_path).read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--replot: cannot read the rows of {json_path}: {error}") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise SystemExit(f"--replot: {json_path} holds no list of result rows (write one with --json FILE)")
+    try:
+        plot(rows, png_path)
+    except KeyError as error:
+        raise SystemExit(f"--replot: the rows of {json_path} have no {error} (recorded by an older compare.py: "
+                         "rerun its command to plot it)") from None
+    except ValueError as error:
+        raise SystemExit(f"--replot: cannot plot the rows of {json_path}: {error}") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        replot(args.replot, args.plot)
+        print(f"# plotted the rows of {args.replot} to {args.plot}")
+        return
     signal.signal(signal.SIGTERM, _interrupt)  # cleaned up as after Ctrl-C
     everything = []
     load_before = os.getloadavg()

@@ -402,6 +402,8 @@ def test_layout_arguments(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--racks", "2"], "--racks and --uplink-rate go together"),
+    (["--replot", "run.json"], "--replot needs --plot"),
+    (["--hosts", "2,4", "--per-host", "2", "--plot", "x.png"], "give one value of --hosts"),
     (["--uplink-rate", "1gbit"], "--racks and --uplink-rate go together"),
     (["--hosts", "4", "--racks", "5", "--uplink-rate", "1gbit"], "at most --hosts"),
     (["--hosts", "4", "--racks", "2", "--uplink-rate", "fast"], "--uplink-rate"),
@@ -532,6 +534,7 @@ def test_arguments():
     args = compare.parse_args(["--hosts", "4,8", "--reducers", "4", "--sweep"])
     assert args.hosts == [4, 8] and args.reducers == [4] and args.sizes == [64 << 10, 256 * MIB]
     assert compare.parse_args([]).reducers == [0]
+    assert compare.parse_args(["--per-host", "4", "--hosts", "2", "--plot", "x.png"]).plot == "x.png"  # a layout
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -564,6 +567,34 @@ def test_plots_by_size_and_by_reducers(tmp_path):
     compare.plot(by_r, tmp_path / "reducers.png")
     for name in ("sizes.png", "reducers.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_recorded_layout_run_replots_as_a_bar_per_plan_under_its_own_bound(tmp_path, capsys):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    recorded = BENCHMARKS / "results" / "layout_8x1_racks2_100mbit_interleaved_500mbit.json"
+    compare.main(["--replot", str(recorded), "--plot", str(tmp_path / "layout.png")])
+    assert (tmp_path / "layout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plotted the rows of" in capsys.readouterr().out
+    rows = json.loads(recorded.read_text())
+    figure = compare._plot_plans(plt, rows)
+    top, bottom = figure.axes
+    assert [bar.get_height() for bar in top.patches] == pytest.approx([r["algbw_GBps"] * 1e3 for r in rows])
+    (bounds,) = top.collections  # one mark per row, at its own bound
+    assert [segment[0][1] for segment in bounds.get_segments()] == pytest.approx([r["bound_GBps"] * 1e3 for r in rows])
+    moved = [bar.get_height() for bar in bottom.patches]  # per host NIC, then per rack uplink, a bar per row
+    assert moved == pytest.approx([(r["link_bytes"][f"tx_per_{level}"] + r["link_bytes"][f"rx_per_{level}"]) / 2
+                                   / r["bytes"] for level in ("host", "uplink") for r in rows])
+    plt.close(figure)
+
+
+def test_replot_refuses_what_it_cannot_plot_with_the_reason(tmp_path):
+    (tmp_path / "notrows.json").write_text('{"rows": 1}')
+    (tmp_path / "two_layouts.json").write_text(json.dumps(
+        [compare.with_link_figures(_row(hosts=n), FakeBed()) for n in (4, 8)]))
+    for name, reason in [("missing.json", "cannot read the rows"), ("notrows.json", "no list of result rows"),
+                         ("two_layouts.json", "one layout")]:
+        with pytest.raises(SystemExit, match=reason):
+            compare.main(["--replot", str(tmp_path / name), "--plot", str(tmp_path / "x.png")])
 
 
 # -- end to end, on the testbed (root)
