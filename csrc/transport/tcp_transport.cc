@@ -153,7 +153,7 @@ std::vector<PeerNotice> TcpTransport::take_notices() {
 void TcpTransport::submit(const OperationPtr& op) {
   const int peer = op->peer;
   const bool is_send = op->is_send;
-  Connection& conn = connection_of(*op);
+  Connection& conn = connection_of(op->peer, op->header.unit);
   bool was_idle = false, rejected = false, peer_gone = false, from_stash = false;
   std::string refused;
   {
@@ -206,9 +206,9 @@ bool TcpTransport::wait_until(const TransportRequest& posted, Deadline deadline,
   TransportFailure{failure_, failure_timed_out_}.raise();
 }
 
-TcpTransport::Connection& TcpTransport::connection_of(const Operation& op) {
-  auto& conns = connections_.at(op.peer);
-  return *conns[op.header.unit % conns.size()];
+TcpTransport::Connection& TcpTransport::connection_of(int peer, uint32_t unit) {
+  auto& conns = connections_.at(peer);
+  return *conns[unit % conns.size()];
 }
 
 bool TcpTransport::receive_inline(Operation& op, Clock::time_point until) {
@@ -217,7 +217,7 @@ bool TcpTransport::receive_inline(Operation& op, Clock::time_point until) {
     return op.done || failed_;
   };
   if (finished()) return true;
-  Connection& conn = connection_of(op);
+  Connection& conn = connection_of(op.peer, op.header.unit);
   std::unique_lock<std::mutex> reading(conn.read_mutex, std::try_to_lock);
   if (!reading.owns_lock() || conn.closed) return false;
   set_read_by_caller(conn, true);
@@ -326,9 +326,8 @@ void TcpTransport::offer_waiting_frames(const OperationPtr& op) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (failed_) return;
     for (int peer : op->sources) {
-      auto& conns = connections_.at(peer);
-      if (conns.empty()) continue;  // not this transport's (a routing transport's other part)
-      Connection& conn = *conns[op->header.unit % conns.size()];
+      if (connections_.at(peer).empty()) continue;  // not this transport's (a routing transport's other part)
+      Connection& conn = connection_of(peer, op->header.unit);
       if (conn.stashed[uint64_t{op->header.comm}].empty() || !matching().claim(*op, peer)) continue;
       refused = take_stashed(conn, *op);
       break;

@@ -94,7 +94,8 @@ class TcpTransport : public Transport {
   void let_go(Connection& conn, std::unique_lock<std::mutex> reading);
   void update_interest(Connection& conn);
   void set_read_by_caller(Connection& conn, bool by_caller);
-  Connection& connection_of(const Operation& op);
+  // The socket that carries message `unit` to or from `peer` (both ends pick the same one).
+  Connection& connection_of(int peer, uint32_t unit);
   void fail(const std::string& reason, bool timed_out);
   void notify_peers_of_failure();
   void say_goodbye();

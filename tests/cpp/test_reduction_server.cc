@@ -38,6 +38,15 @@ std::vector<float> spread_floats(int rank, size_t count, unsigned seed) {
   return v;
 }
 
+// inputs[round][rank]: spread_floats with seed first_seed + round.
+std::vector<std::vector<std::vector<float>>> inputs_per_round(int rounds, int workers, size_t count, unsigned first_seed) {
+  std::vector<std::vector<std::vector<float>>> inputs(rounds, std::vector<std::vector<float>>(workers));
+  for (int round = 0; round < rounds; ++round) {
+    for (int r = 0; r < workers; ++r) inputs[round][r] = spread_floats(r, count, first_seed + round);
+  }
+  return inputs;
+}
+
 // ((x0 + x1) + x2) + ... element by element, as numpy's left fold over ranks.
 std::vector<float> left_fold(const std::vector<std::vector<float>>& data) {
   std::vector<float> sum = data[0];
@@ -147,10 +156,7 @@ void test_reducer_fails_midway(bool silent) {
       job.reducers[1]->stop();
     });
   }
-  std::vector<std::vector<std::vector<float>>> inputs(rounds, std::vector<std::vector<float>>(workers));
-  for (int round = 0; round < rounds; ++round) {
-    for (int r = 0; r < workers; ++r) inputs[round][r] = spread_floats(r, count, 100 + round);
-  }
+  const auto inputs = inputs_per_round(rounds, workers, count, 100);
   std::vector<int> wrong(workers, 0);
   auto errors = job.run([&](int r) {
     for (int round = 0; round < rounds; ++round) {
@@ -510,10 +516,7 @@ void test_host_plan_survives_a_stopped_reducer() {
     std::this_thread::sleep_for(std::chrono::milliseconds(150));
     job.reducers[1]->stop();
   });
-  std::vector<std::vector<std::vector<float>>> inputs(rounds, std::vector<std::vector<float>>(workers));
-  for (int round = 0; round < rounds; ++round) {
-    for (int r = 0; r < workers; ++r) inputs[round][r] = spread_floats(r, count, 300 + round);
-  }
+  const auto inputs = inputs_per_round(rounds, workers, count, 300);
   std::vector<int> wrong(workers, 0);
   auto errors = job.run([&](int r) {
     for (int round = 0; round < rounds; ++round) {
