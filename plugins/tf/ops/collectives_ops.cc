@@ -1,0 +1,221 @@
+// collectives.tf's TensorFlow ops, compiled against the installed TensorFlow at first use
+// (collectives/tf/_native.py). They link nothing of collectives: the collectives are queued
+// through the C API table (collectives/c_api.h) whose address Python hands to
+// collectives_tf_bind once the library is loaded.
+//
+// A collective is two ops, as Horovod's are one asynchronous op whose work a background thread
+// does: CollectivesStart queues it on the communicator's thread and returns a handle at once;
+// CollectivesWait (asynchronous: it holds no thread while it waits) outputs the result once
+// the communicator reports it done. Both are stateful, so tf.function keeps them in program
+// order: every rank queues its collectives in the same order, and the starts of a step's
+// gradient buckets run as soon as their gradients exist while the waits come after them, so the
+// all-reduces overlap the rest of the backward pass.
+//
+// The result lives in a buffer of the start op's: its input's own when the start op holds the
+// only reference (the concatenated bucket), so the collective runs in place; a copy otherwise.
+// The wait op outputs that buffer, flat: Python gives it back its shape.
+#include <collectives/c_api.h>
+
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace {
+
+using namespace tensorflow;  // NOLINT: TensorFlow's op macros expect its names
+
+const collectives_c_api* api = nullptr;  // set once by collectives_tf_bind, before any op runs
+
+// A collective between its start and its wait.
+struct InFlight {
+  Tensor input;   // an all-gather's, read after the start op has returned
+  Tensor result;  // the buffer the collective writes
+  std::mutex mutex;
+  bool finished = false;
+  Status status;
+  std::function<void()> waiter;  // the wait op's completion, if it came first
+};
+
+// Start ops hand their collectives to wait ops by handle.
+class Registry {
+ public:
+  int64_t add(std::shared_ptr<InFlight> entry) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int64_t handle = next_++;
+    entries_.emplace(handle, std::move(entry));
+    return handle;
+  }
+  std::shared_ptr<InFlight> take(int64_t handle) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(handle);
+    if (it == entries_.end()) return nullptr;
+    std::shared_ptr<InFlight> entry = std::move(it->second);
+    entries_.erase(it);
+    return entry;
+  }
+
+ private:
+  std::mutex mutex_;
+  int64_t next_ = 0;
+  std::unordered_map<int64_t, std::shared_ptr<InFlight>> entries_;
+};
+
+Registry& registry() {
+  static Registry* instance = new Registry();  // never destroyed: callbacks may outlive exit
+  return *instance;
+}
+
+// The C API's done: the collective's status, then the wait op's completion if it waits already.
+void finished(void* context, int status, const char* message) {
+  std::unique_ptr<std::shared_ptr<InFlight>> held(static_cast<std::shared_ptr<InFlight>*>(context));
+  InFlight& entry = **held;
+  std::function<void()> waiter;
+  {
+    std::lock_guard<std::mutex> lock(entry.mutex);
+    // The Python exception's name first, as the numpy_function path reports it.
+    if (status == COLLECTIVES_INVALID_ARGUMENT) {
+      entry.status = errors::InvalidArgument(message);
+    } else if (status == COLLECTIVES_TIMEOUT) {
+      entry.status = errors::Unknown("collectives.errors.TimeoutError: ", message);
+    } else if (status != COLLECTIVES_OK) {
+      entry.status = errors::Unknown("collectives.errors.CollectiveError: ", message);
+    }
+    entry.finished = true;
+    waiter.swap(entry.waiter);
+  }
+  if (waiter) waiter();
+}
+
+int dtype_code(DataType dtype) {
+  switch (dtype) {
+    case DT_HALF: return COLLECTIVES_FLOAT16;
+    case DT_BFLOAT16: return COLLECTIVES_BFLOAT16;
+    case DT_FLOAT: return COLLECTIVES_FLOAT32;
+    case DT_DOUBLE: return COLLECTIVES_FLOAT64;
+    case DT_INT8: return COLLECTIVES_INT8;
+    case DT_UINT8: return COLLECTIVES_UINT8;
+    case DT_INT32: return COLLECTIVES_INT32;
+    case DT_INT64: return COLLECTIVES_INT64;
+    default: return -1;  // refused by the op's type constraint first
+  }
+}
+
+class CollectivesStartOp : public OpKernel {
+ public:
+  explicit CollectivesStartOp(OpKernelConstruction* context) : OpKernel(context) {
+    int64_t communicator;
+    OP_REQUIRES_OK(context, context->GetAttr("communicator", &communicator));
+    communicator_ = reinterpret_cast<void*>(static_cast<uintptr_t>(communicator));
+    OP_REQUIRES_OK(context, context->GetAttr("kind", &kind_));
+    OP_REQUIRES_OK(context, context->GetAttr("reduce_op", &reduce_op_));
+    OP_REQUIRES_OK(context, context->GetAttr("root", &root_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    OP_REQUIRES(context, api != nullptr,
+                errors::FailedPrecondition("collectives' C API was not bound: load the ops through collectives.tf"));
+    const Tensor& input = context->input(0);
+    const int64_t count = input.NumElements();
+    const int dtype = dtype_code(input.dtype());
+    auto entry = std::make_shared<InFlight>();
+    if (kind_ == "allgather") {
+      entry->input = input;
+      const int64_t size = api->size(communicator_);
+      OP_REQUIRES_OK(context, context->allocate_temp(input.dtype(), TensorShape({size * count}), &entry->result));
+    } else {
+      OP_REQUIRES_OK(context, context->forward_input_or_allocate_temp({0}, input.dtype(), TensorShape({count}),
+                                                                     AllocatorAttributes(), &entry->result));
+      if (entry->result.data() != input.data()) {
+        std::memcpy(entry->result.data(), input.data(), input.TotalBytes());
+      }
+    }
+    Tensor* handle = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({}), &handle));
+    handle->scalar<int64_t>()() = registry().add(entry);
+    auto* context_of_done = new std::shared_ptr<InFlight>(entry);  // freed by finished()
+    void* data = entry->result.data();
+    if (kind_ == "allreduce") {
+      api->allreduce(communicator_, data, count, dtype, reduce_op_, finished, context_of_done);
+    } else if (kind_ == "broadcast") {
+      api->broadcast(communicator_, data, count, dtype, root_, finished, context_of_done);
+    } else {
+      api->allgather(communicator_, entry->input.data(), data, count, dtype, finished, context_of_done);
+    }
+  }
+
+ private:
+  void* communicator_;
+  std::string kind_;
+  int reduce_op_;
+  int root_;
+};
+
+class CollectivesWaitOp : public AsyncOpKernel {
+ public:
+  using AsyncOpKernel::AsyncOpKernel;
+
+  void ComputeAsync(OpKernelContext* context, DoneCallback done) override {
+    const int64_t handle = context->input(0).scalar<int64_t>()();
+    std::shared_ptr<InFlight> entry = registry().take(handle);
+    OP_REQUIRES_ASYNC(context, entry != nullptr,
+                      errors::InvalidArgument("no collective in flight has handle ", handle), done);
+    auto complete = [context, done, entry] {
+      if (entry->status.ok()) {
+        context->set_output(0, entry->result);
+      } else {
+        context->SetStatus(entry->status);
+      }
+      done();
+    };
+    {
+      std::lock_guard<std::mutex> lock(entry->mutex);
+      if (!entry->finished) {
+        entry->waiter = std::move(complete);
+        return;
+      }
+    }
+    complete();
+  }
+};
+
+REGISTER_OP("CollectivesStart")
+    .Input("tensor: T")
+    .Output("handle: int64")
+    .Attr("T: {half, bfloat16, float, double, int8, uint8, int32, int64}")
+    .Attr("kind: {'allreduce', 'allgather', 'broadcast'}")
+    .Attr("communicator: int")
+    .Attr("reduce_op: int = 0")
+    .Attr("root: int = 0")
+    .SetIsStateful()
+    .SetShapeFn(shape_inference::ScalarShape);
+
+REGISTER_OP("CollectivesWait")
+    .Input("handle: int64")
+    .Output("output: T")
+    .Attr("T: {half, bfloat16, float, double, int8, uint8, int32, int64}")
+    .SetIsStateful()
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      c->set_output(0, c->Vector(c->UnknownDim()));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("CollectivesStart").Device(DEVICE_CPU), CollectivesStartOp);
+REGISTER_KERNEL_BUILDER(Name("CollectivesWait").Device(DEVICE_CPU), CollectivesWaitOp);
+
+}  // namespace
+
+// Called once by Python after loading: 0, or -1 if the core's C API is of another version.
+extern "C" int collectives_tf_bind(const collectives_c_api* table) {
+  if (table == nullptr || table->version != COLLECTIVES_C_API_VERSION) return -1;
+  api = table;
+  return 0;
+}
