@@ -158,8 +158,10 @@ def wait(handle: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
         raise
 
 
-def run(comm: cc.Communicator, tensor: tf.Tensor, kind: str, shape: tf.TensorShape, op: str = "sum",
-        root: int = 0) -> tf.Tensor:
-    """One collective of ``tensor``, its result given ``shape``."""
+def run(comm: cc.Communicator, tensor: tf.Tensor, kind: str, op: str = "sum", root: int = 0) -> tf.Tensor:
+    """One collective of ``tensor``: a tensor of its shape (an all-gather's: (size, *shape))."""
     flat = wait(start(comm, tf.reshape(tensor, [-1]), kind, op, root), tensor.dtype)
+    shape = tensor.shape.as_list() if tensor.shape.is_fully_defined() else tf.shape(tensor)
+    if kind == "allgather":
+        shape = [comm.size, *shape] if isinstance(shape, list) else tf.concat([[comm.size], shape], 0)
     return tf.reshape(flat, shape)
