@@ -55,6 +55,12 @@ def ops():
         return _ops
 
 
+def ops_in_use() -> str:
+    """"custom" where collectives.tf's collectives run in its TensorFlow custom ops, "numpy"
+    where they run in tf.numpy_function (chosen at the first call: see COLLECTIVES_TF_OPS)."""
+    return "numpy" if ops() is None else "custom"
+
+
 def _choose(mode: str):
     if mode not in MODES:
         raise ValueError(f"{MODE_ENV}={mode!r}: choose one of {', '.join(MODES)}")
