@@ -1,7 +1,8 @@
 """collectives.tf: TensorFlow 2 / Keras 3 over collectives, with real TensorFlow processes.
 
 Keras model.fit on 3 workers (DistributedOptimizer, BroadcastGlobalVariablesCallback,
-MetricAverageCallback), each on its shard of every global batch, ends where single-process
+MetricAverageCallback; and under ctf.Strategy's scope with a plain optimizer), each on its
+shard of every global batch, ends where single-process
 training on the global batches ends, on the ring and on a reducer; the same model without
 averaging (the negative control) does not. So do custom loops with DistributedGradientTape,
 eagerly and in tf.function. The tensor collectives, eagerly and in graphs (static shapes
@@ -124,6 +125,15 @@ def custom_loop(name, compiled):
             grads = step(tf.constant(ids[rows]), tf.constant(y[rows]))
     record(name, m, initial_sha=before, sparse=isinstance(grads[0], tf.IndexedSlices))
 
+def strategy_fit(name):
+    strategy = ctf.Strategy(bucket_bytes=512)
+    with strategy.scope():  # no broadcast callback: the strategy gives every worker rank 0's initial weights
+        m = model(100 + rank)
+        m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    history = m.fit(ids[mine], y[mine], batch_size=PER_WORKER, epochs=EPOCHS, shuffle=False, verbose=0)
+    record(name, m, replicas=strategy.num_replicas_in_sync)
+
+strategy_fit("strategy_fit")
 custom_loop("tape_eager", compiled=False)
 custom_loop("tape_function", compiled=True)
 print(json.dumps({"runs": runs, "algorithm": comm.algorithm, "ops": ctf.ops_in_use(),
@@ -149,6 +159,7 @@ def test_training_on_3_workers_ends_where_one_process_on_the_global_batch_ends(r
         assert all(run["close"] for run in runs), (name, runs)
     fit_runs = [report["runs"]["fit"] for report in reports]
     assert all(run["loss"] == fit_runs[0]["loss"] for run in fit_runs), "MetricAverageCallback: losses differ"
+    assert all(report["runs"]["strategy_fit"]["replicas"] == 3 for report in reports)
     for report in reports:
         tape_runs = [report["runs"][name] for name in ("tape_eager", "tape_function")]
         assert all(run["sparse"] for run in tape_runs), "the embedding's gradient was not an IndexedSlices"
