@@ -35,12 +35,15 @@ void report(std::exception_ptr error, collectives_done_fn done, void* context) {
   }
 }
 
-// Queues `collective` (a call returning the Work), reporting a refusal at once.
+// Queues `collective` (a call of the Communicator's, given the caller's Interruption or null,
+// returning the Work), reporting a refusal at once. Blocking: the caller lends its thread,
+// and is never interrupted (it has no signals to look at: its own timeout ends a wait).
 template <typename Collective>
-void queue(collectives_done_fn done, void* context, Collective collective) {
+void queue(int blocking, collectives_done_fn done, void* context, Collective collective) {
+  Interruption never([] { return false; });
   std::shared_ptr<Work> work;
   try {
-    work = collective();
+    work = collective(blocking ? &never : nullptr);
   } catch (...) {
     report(std::current_exception(), done, context);
     return;
@@ -50,24 +53,30 @@ void queue(collectives_done_fn done, void* context, Collective collective) {
 
 Communicator& communicator(void* handle) { return *static_cast<Communicator*>(handle); }
 
-void allreduce(void* comm, void* data, size_t count, int dtype, int op, collectives_done_fn done, void* context) {
-  queue(done, context, [&] {
+void allreduce(void* comm, void* data, size_t count, int dtype, int op, int blocking, collectives_done_fn done,
+               void* context) {
+  queue(blocking, done, context, [&](Interruption* caller) {
     DataType type = checked_dtype(dtype);
     ReduceOp reduce_op = checked_op(op);
     if (reduce_op == ReduceOp::kAvg && !is_floating(type)) {
       throw std::invalid_argument("op 'avg' needs a floating dtype: use 'sum' and divide");
     }
-    return communicator(comm).allreduce(data, count, type, reduce_op);
+    return communicator(comm).allreduce(data, count, type, reduce_op, caller);
   });
 }
 
-void allgather(void* comm, const void* input, void* output, size_t count, int dtype, collectives_done_fn done,
-               void* context) {
-  queue(done, context, [&] { return communicator(comm).allgather(input, output, count, checked_dtype(dtype)); });
+void allgather(void* comm, const void* input, void* output, size_t count, int dtype, int blocking,
+               collectives_done_fn done, void* context) {
+  queue(blocking, done, context, [&](Interruption* caller) {
+    return communicator(comm).allgather(input, output, count, checked_dtype(dtype), caller);
+  });
 }
 
-void broadcast(void* comm, void* data, size_t count, int dtype, int root, collectives_done_fn done, void* context) {
-  queue(done, context, [&] { return communicator(comm).broadcast(data, count, checked_dtype(dtype), root); });
+void broadcast(void* comm, void* data, size_t count, int dtype, int root, int blocking, collectives_done_fn done,
+               void* context) {
+  queue(blocking, done, context, [&](Interruption* caller) {
+    return communicator(comm).broadcast(data, count, checked_dtype(dtype), root, caller);
+  });
 }
 
 int size(void* comm) { return communicator(comm).size(); }

@@ -11,11 +11,14 @@ TensorFlow's version, Python's ABI and a hash of the sources and flags; ranks th
 together build it once (a file lock), and a library is renamed into place only once complete.
 
 The ops queue collectives through collectives' C API (collectives.c_api): nothing of the core
-is linked into TensorFlow's process twice. Each collective is a start op (returns a handle)
-and a wait op (asynchronous: no thread and no GIL held while the collective runs)."""
+is linked into TensorFlow's process twice. A gradient bucket is a start op (returns a handle
+at once) and a wait op (asynchronous: no thread and no GIL held while the collective runs); a
+single collective (ctf.allreduce ...) is one op that lends the communicator its thread when
+nothing else is queued (no thread hand-off), and otherwise completes asynchronously too."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Optional
+from typing import Iterator
 
 import tensorflow as tf
 
@@ -145,17 +148,28 @@ def op_code(op: str, dtype: tf.DType) -> int:
     return OPS.index(op)
 
 
+def _attrs(comm: cc.Communicator, dtype: tf.DType, kind: str, op: str, root: int) -> dict:
+    return {"kind": kind, "communicator": comm.c_handle, "root": root,
+            "reduce_op": op_code(op, dtype) if kind == "allreduce" else 0}
+
+
 def start(comm: cc.Communicator, flat: tf.Tensor, kind: str, op: str = "sum", root: int = 0) -> tf.Tensor:
     """Queues ``kind`` (allreduce, allgather, broadcast) of the 1-D ``flat``: its handle."""
-    return _ops.collectives_start(flat, kind=kind, communicator=comm.c_handle,
-                                  reduce_op=op_code(op, flat.dtype) if kind == "allreduce" else 0, root=root)
+    return _ops.collectives_start(flat, **_attrs(comm, flat.dtype, kind, op, root))
 
 
 def wait(handle: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-    """The 1-D result of the collective ``handle`` stands for, once it is done. Eagerly a
-    failure raises collectives.CollectiveError (or TimeoutError), as the numpy path's does."""
-    try:
+    """The 1-D result of the collective ``handle`` stands for, once it is done."""
+    with _collective_errors():
         return _ops.collectives_wait(handle, T=dtype)
+
+
+@contextlib.contextmanager
+def _collective_errors() -> Iterator[None]:
+    """Eagerly a collective's failure raises collectives.CollectiveError (or TimeoutError), as
+    the numpy path's does; in a graph TensorFlow reports it as UnknownError, with its name."""
+    try:
+        yield
     except tf.errors.UnknownError as error:
         for kind in (cc.TimeoutError, cc.CollectiveError):
             prefix = f"collectives.errors.{kind.__name__}: "
@@ -166,7 +180,8 @@ def wait(handle: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
 
 def run(comm: cc.Communicator, tensor: tf.Tensor, kind: str, op: str = "sum", root: int = 0) -> tf.Tensor:
     """One collective of ``tensor``: a tensor of its shape (an all-gather's: (size, *shape))."""
-    flat = wait(start(comm, tf.reshape(tensor, [-1]), kind, op, root), tensor.dtype)
+    with _collective_errors():
+        flat = _ops.collectives_run(tf.reshape(tensor, [-1]), **_attrs(comm, tensor.dtype, kind, op, root))
     shape = tensor.shape.as_list() if tensor.shape.is_fully_defined() else tf.shape(tensor)
     if kind == "allgather":
         shape = [comm.size, *shape] if isinstance(shape, list) else tf.concat([[comm.size], shape], 0)

@@ -46,20 +46,24 @@ typedef void (*collectives_done_fn)(void* context, int status, const char* messa
 
 /*
  * Each function queues one collective on `communicator` behind those queued before it (every
- * rank queues the same collectives in the same order) and returns at once; the buffers must
- * stay valid, and unread and unwritten by others, until `done` is called.
+ * rank queues the same collectives in the same order); the buffers must stay valid, and unread
+ * and unwritten by others, until `done` is called. blocking == 0: returns at once, and `done`
+ * runs on the communicator's thread. blocking != 0: the caller lends its thread (it is going to
+ * wait for `done` anyway): where nothing else is queued, the collective runs on it and `done`
+ * is called before the function returns (no thread hand-off: the fastest for one collective at
+ * a time), otherwise as without it.
  */
 typedef struct collectives_c_api {
   uint32_t version; /* COLLECTIVES_C_API_VERSION */
   /* In place: count elements at data reduced over every rank. */
-  void (*allreduce)(void* communicator, void* data, size_t count, int dtype, int op, collectives_done_fn done,
-                    void* context);
+  void (*allreduce)(void* communicator, void* data, size_t count, int dtype, int op, int blocking,
+                    collectives_done_fn done, void* context);
   /* output: size() * count elements, block r rank r's input. */
-  void (*allgather)(void* communicator, const void* input, void* output, size_t count, int dtype,
+  void (*allgather)(void* communicator, const void* input, void* output, size_t count, int dtype, int blocking,
                     collectives_done_fn done, void* context);
   /* In place: root's data on every rank. */
-  void (*broadcast)(void* communicator, void* data, size_t count, int dtype, int root, collectives_done_fn done,
-                    void* context);
+  void (*broadcast)(void* communicator, void* data, size_t count, int dtype, int root, int blocking,
+                    collectives_done_fn done, void* context);
   int (*size)(void* communicator);
 } collectives_c_api;
 

@@ -37,6 +37,7 @@ const collectives_c_api* api = nullptr;  // set once by collectives_tf_bind, bef
 
 // A collective between its start and its wait.
 struct InFlight {
+  int64_t count = 0;  // elements of the input (per rank)
   Tensor input;   // an all-gather's, read after the start op has returned
   Tensor result;  // the buffer the collective writes
   std::mutex mutex;
@@ -109,9 +110,10 @@ int dtype_code(DataType dtype) {
   }
 }
 
-class CollectivesStartOp : public OpKernel {
+// What the start and run ops share: the collective's attributes, its buffers and its queuing.
+class Collective {
  public:
-  explicit CollectivesStartOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit Collective(OpKernelConstruction* context) {
     int64_t communicator;
     OP_REQUIRES_OK(context, context->GetAttr("communicator", &communicator));
     communicator_ = reinterpret_cast<void*>(static_cast<uintptr_t>(communicator));
@@ -120,35 +122,36 @@ class CollectivesStartOp : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("root", &root_));
   }
 
-  void Compute(OpKernelContext* context) override {
-    OP_REQUIRES(context, api != nullptr,
-                errors::FailedPrecondition("collectives' C API was not bound: load the ops through collectives.tf"));
+  // The collective of input 0, its result's buffer made (in place where the input may be).
+  Status prepare(OpKernelContext* context, InFlight& entry) const {
+    if (api == nullptr) {
+      return errors::FailedPrecondition("collectives' C API was not bound: load the ops through collectives.tf");
+    }
     const Tensor& input = context->input(0);
     const int64_t count = input.NumElements();
-    const int dtype = dtype_code(input.dtype());
-    auto entry = std::make_shared<InFlight>();
     if (kind_ == "allgather") {
-      entry->input = input;
-      const int64_t size = api->size(communicator_);
-      OP_REQUIRES_OK(context, context->allocate_temp(input.dtype(), TensorShape({size * count}), &entry->result));
-    } else {
-      OP_REQUIRES_OK(context, context->forward_input_or_allocate_temp({0}, input.dtype(), TensorShape({count}),
-                                                                     AllocatorAttributes(), &entry->result));
-      if (entry->result.data() != input.data()) {
-        std::memcpy(entry->result.data(), input.data(), input.TotalBytes());
-      }
+      entry.input = input;
+      return context->allocate_temp(input.dtype(), TensorShape({api->size(communicator_) * count}), &entry.result);
     }
-    Tensor* handle = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({}), &handle));
-    handle->scalar<int64_t>()() = registry().add(entry);
-    auto* context_of_done = new std::shared_ptr<InFlight>(entry);  // freed by finished()
+    TF_RETURN_IF_ERROR(context->forward_input_or_allocate_temp({0}, input.dtype(), TensorShape({count}),
+                                                               AllocatorAttributes(), &entry.result));
+    if (entry.result.data() != input.data()) std::memcpy(entry.result.data(), input.data(), input.TotalBytes());
+    return absl::OkStatus();
+  }
+
+  // Hands the collective to the communicator; finished() reports its end to `entry`.
+  void queue(std::shared_ptr<InFlight> entry, int blocking) const {
+    const int64_t count = entry->count;
+    const int dtype = dtype_code(entry->result.dtype());
     void* data = entry->result.data();
+    const void* input = entry->input.data();
+    auto* context_of_done = new std::shared_ptr<InFlight>(std::move(entry));  // freed by finished()
     if (kind_ == "allreduce") {
-      api->allreduce(communicator_, data, count, dtype, reduce_op_, finished, context_of_done);
+      api->allreduce(communicator_, data, count, dtype, reduce_op_, blocking, finished, context_of_done);
     } else if (kind_ == "broadcast") {
-      api->broadcast(communicator_, data, count, dtype, root_, finished, context_of_done);
+      api->broadcast(communicator_, data, count, dtype, root_, blocking, finished, context_of_done);
     } else {
-      api->allgather(communicator_, entry->input.data(), data, count, dtype, finished, context_of_done);
+      api->allgather(communicator_, input, data, count, dtype, blocking, finished, context_of_done);
     }
   }
 
@@ -159,6 +162,36 @@ class CollectivesStartOp : public OpKernel {
   int root_;
 };
 
+// Outputs the collective's result, or fails with its status; then done().
+void complete(OpKernelContext* context, const InFlight& entry, const AsyncOpKernel::DoneCallback& done) {
+  if (entry.status.ok()) {
+    context->set_output(0, entry.result);
+  } else {
+    context->SetStatus(entry.status);
+  }
+  done();
+}
+
+// Queues the collective and returns its handle at once (for the gradient buckets).
+class CollectivesStartOp : public OpKernel {
+ public:
+  explicit CollectivesStartOp(OpKernelConstruction* context) : OpKernel(context), collective_(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    auto entry = std::make_shared<InFlight>();
+    entry->count = context->input(0).NumElements();
+    OP_REQUIRES_OK(context, collective_.prepare(context, *entry));
+    Tensor* handle = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({}), &handle));
+    handle->scalar<int64_t>()() = registry().add(entry);
+    collective_.queue(std::move(entry), /*blocking=*/0);
+  }
+
+ private:
+  Collective collective_;
+};
+
+// Outputs the result of the collective that a start op's handle stands for, once done.
 class CollectivesWaitOp : public AsyncOpKernel {
  public:
   using AsyncOpKernel::AsyncOpKernel;
@@ -168,23 +201,35 @@ class CollectivesWaitOp : public AsyncOpKernel {
     std::shared_ptr<InFlight> entry = registry().take(handle);
     OP_REQUIRES_ASYNC(context, entry != nullptr,
                       errors::InvalidArgument("no collective in flight has handle ", handle), done);
-    auto complete = [context, done, entry] {
-      if (entry->status.ok()) {
-        context->set_output(0, entry->result);
-      } else {
-        context->SetStatus(entry->status);
-      }
-      done();
-    };
     {
       std::lock_guard<std::mutex> lock(entry->mutex);
       if (!entry->finished) {
-        entry->waiter = std::move(complete);
+        entry->waiter = [context, done, entry] { complete(context, *entry, done); };
         return;
       }
     }
-    complete();
+    complete(context, *entry, done);
   }
+};
+
+// One collective, start to end (ctf.allreduce and its kind): lends the communicator its thread
+// where nothing else is queued, so a lone collective runs without a thread hand-off; else it
+// completes from the communicator's thread, holding none.
+class CollectivesRunOp : public AsyncOpKernel {
+ public:
+  explicit CollectivesRunOp(OpKernelConstruction* context) : AsyncOpKernel(context), collective_(context) {}
+
+  void ComputeAsync(OpKernelContext* context, DoneCallback done) override {
+    auto entry = std::make_shared<InFlight>();
+    entry->count = context->input(0).NumElements();
+    OP_REQUIRES_OK_ASYNC(context, collective_.prepare(context, *entry), done);
+    InFlight* raw = entry.get();  // the waiter is the entry's own: no cycle once it has run
+    entry->waiter = [context, done, raw] { complete(context, *raw, done); };
+    collective_.queue(std::move(entry), /*blocking=*/1);
+  }
+
+ private:
+  Collective collective_;
 };
 
 REGISTER_OP("CollectivesStart")
@@ -208,6 +253,21 @@ REGISTER_OP("CollectivesWait")
       return absl::OkStatus();
     });
 
+REGISTER_OP("CollectivesRun")
+    .Input("tensor: T")
+    .Output("output: T")
+    .Attr("T: {half, bfloat16, float, double, int8, uint8, int32, int64}")
+    .Attr("kind: {'allreduce', 'allgather', 'broadcast'}")
+    .Attr("communicator: int")
+    .Attr("reduce_op: int = 0")
+    .Attr("root: int = 0")
+    .SetIsStateful()
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      c->set_output(0, c->Vector(c->UnknownDim()));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("CollectivesRun").Device(DEVICE_CPU), CollectivesRunOp);
 REGISTER_KERNEL_BUILDER(Name("CollectivesStart").Device(DEVICE_CPU), CollectivesStartOp);
 REGISTER_KERNEL_BUILDER(Name("CollectivesWait").Device(DEVICE_CPU), CollectivesWaitOp);
 
