@@ -131,7 +131,7 @@ def strategy_fit(name):
         m = model(100 + rank)
         m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     history = m.fit(ids[mine], y[mine], batch_size=PER_WORKER, epochs=EPOCHS, shuffle=False, verbose=0)
-    record(name, m, replicas=strategy.num_replicas_in_sync)
+    record(name, m, replicas=strategy.num_replicas_in_sync, loss=history.history["loss"])
 
 strategy_fit("strategy_fit")
 custom_loop("tape_eager", compiled=False)

@@ -232,40 +232,31 @@ class CollectivesRunOp : public AsyncOpKernel {
   Collective collective_;
 };
 
+// The ops' attributes: the dtypes the core reduces, and a collective's (start, run).
+constexpr char kTypes[] = "T: {half, bfloat16, float, double, int8, uint8, int32, int64}";
+constexpr char kKind[] = "kind: {'allreduce', 'allgather', 'broadcast'}";
+constexpr char kCommunicator[] = "communicator: int";  // Communicator.c_handle
+constexpr char kReduceOp[] = "reduce_op: int = 0";     // a collectives_op
+constexpr char kRoot[] = "root: int = 0";
+
+// The result is flat; Python gives it its shape.
+absl::Status flat_output(shape_inference::InferenceContext* c) {
+  c->set_output(0, c->Vector(c->UnknownDim()));
+  return absl::OkStatus();
+}
+
 REGISTER_OP("CollectivesStart")
-    .Input("tensor: T")
-    .Output("handle: int64")
-    .Attr("T: {half, bfloat16, float, double, int8, uint8, int32, int64}")
-    .Attr("kind: {'allreduce', 'allgather', 'broadcast'}")
-    .Attr("communicator: int")
-    .Attr("reduce_op: int = 0")
-    .Attr("root: int = 0")
-    .SetIsStateful()
-    .SetShapeFn(shape_inference::ScalarShape);
-
+    .Input("tensor: T").Output("handle: int64")
+    .Attr(kTypes).Attr(kKind).Attr(kCommunicator).Attr(kReduceOp).Attr(kRoot)
+    .SetIsStateful().SetShapeFn(shape_inference::ScalarShape);
 REGISTER_OP("CollectivesWait")
-    .Input("handle: int64")
-    .Output("output: T")
-    .Attr("T: {half, bfloat16, float, double, int8, uint8, int32, int64}")
-    .SetIsStateful()
-    .SetShapeFn([](shape_inference::InferenceContext* c) {
-      c->set_output(0, c->Vector(c->UnknownDim()));
-      return absl::OkStatus();
-    });
-
+    .Input("handle: int64").Output("output: T")
+    .Attr(kTypes)
+    .SetIsStateful().SetShapeFn(flat_output);
 REGISTER_OP("CollectivesRun")
-    .Input("tensor: T")
-    .Output("output: T")
-    .Attr("T: {half, bfloat16, float, double, int8, uint8, int32, int64}")
-    .Attr("kind: {'allreduce', 'allgather', 'broadcast'}")
-    .Attr("communicator: int")
-    .Attr("reduce_op: int = 0")
-    .Attr("root: int = 0")
-    .SetIsStateful()
-    .SetShapeFn([](shape_inference::InferenceContext* c) {
-      c->set_output(0, c->Vector(c->UnknownDim()));
-      return absl::OkStatus();
-    });
+    .Input("tensor: T").Output("output: T")
+    .Attr(kTypes).Attr(kKind).Attr(kCommunicator).Attr(kReduceOp).Attr(kRoot)
+    .SetIsStateful().SetShapeFn(flat_output);
 
 REGISTER_KERNEL_BUILDER(Name("CollectivesRun").Device(DEVICE_CPU), CollectivesRunOp);
 REGISTER_KERNEL_BUILDER(Name("CollectivesStart").Device(DEVICE_CPU), CollectivesStartOp);
