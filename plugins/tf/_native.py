@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ MODE_ENV = "COLLECTIVES_TF_OPS"
 MODES = ("auto", "custom", "numpy")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops", "collectives_ops.cc")
 logger = logging.getLogger("collectives")
+_ERROR = re.compile(r"collectives\.errors\.(CollectiveError|TimeoutError): (.*?)(?: \[Op:\w+\].*)?$", re.DOTALL)
 
 _lock = threading.Lock()
 _chosen = False
@@ -171,11 +173,12 @@ def _collective_errors() -> Iterator[None]:
     try:
         yield
     except tf.errors.UnknownError as error:
-        for kind in (cc.TimeoutError, cc.CollectiveError):
-            prefix = f"collectives.errors.{kind.__name__}: "
-            if error.message.startswith(prefix):
-                raise kind(error.message[len(prefix):]) from None
-        raise
+        # Eagerly TensorFlow wraps the op's message: "{{function_node ...}}MESSAGE [Op:NAME] name: "
+        found = _ERROR.search(error.message)
+        if found is None:
+            raise
+        kind = cc.TimeoutError if found.group(1) == "TimeoutError" else cc.CollectiveError
+        raise kind(found.group(2)) from None
 
 
 def run(comm: cc.Communicator, tensor: tf.Tensor, kind: str, op: str = "sum", root: int = 0) -> tf.Tensor:
