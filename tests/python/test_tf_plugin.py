@@ -343,6 +343,8 @@ def test_bad_arguments_are_refused_before_anything_is_sent():
 
     with pytest.raises(RuntimeError, match="init"):
         ctf.rank()
+    with pytest.raises(RuntimeError, match="init"):
+        ctf.Strategy()
     with pytest.raises(ValueError, match="'avg' or 'sum'"):
         ctf.DistributedOptimizer(keras.optimizers.SGD(0.1), op="max")
     with pytest.raises(ValueError, match="bucket_bytes"):
