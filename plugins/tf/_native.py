@@ -184,8 +184,7 @@ def _collective_errors() -> Iterator[None]:
 def run(comm: cc.Communicator, tensor: tf.Tensor, kind: str, op: str = "sum", root: int = 0) -> tf.Tensor:
     """One collective of ``tensor``: a tensor of its shape (an all-gather's: (size, *shape))."""
     with _collective_errors():
-        flat = _ops.collectives_run(tf.reshape(tensor, [-1]), **_attrs(comm, tensor.dtype, kind, op, root))
-    shape = tensor.shape.as_list() if tensor.shape.is_fully_defined() else tf.shape(tensor)
-    if kind == "allgather":
-        shape = [comm.size, *shape] if isinstance(shape, list) else tf.concat([[comm.size], shape], 0)
-    return tf.reshape(flat, shape)
+        out = _ops.collectives_run(tensor, **_attrs(comm, tensor.dtype, kind, op, root))
+    if kind == "allgather" and not tf.executing_eagerly():
+        out.set_shape(tf.TensorShape([comm.size]).concatenate(tensor.shape))
+    return out

@@ -11,9 +11,9 @@
 // gradient buckets run as soon as their gradients exist while the waits come after them, so the
 // all-reduces overlap the rest of the backward pass.
 //
-// The result lives in a buffer of the start op's: its input's own when the start op holds the
-// only reference (the concatenated bucket), so the collective runs in place; a copy otherwise.
-// The wait op outputs that buffer, flat: Python gives it back its shape.
+// The result lives in a buffer of the op's: its input's own when the op holds the only
+// reference (a concatenated bucket), so the collective runs in place; a copy otherwise. It
+// has the input's shape (an all-gather's: the ranks' dimension first).
 #include <collectives/c_api.h>
 
 #include <atomic>
@@ -128,12 +128,13 @@ class Collective {
       return errors::FailedPrecondition("collectives' C API was not bound: load the ops through collectives.tf");
     }
     const Tensor& input = context->input(0);
-    const int64_t count = input.NumElements();
     if (kind_ == "allgather") {
       entry.input = input;
-      return context->allocate_temp(input.dtype(), TensorShape({api->size(communicator_) * count}), &entry.result);
+      TensorShape stacked = input.shape();
+      stacked.InsertDim(0, api->size(communicator_));
+      return context->allocate_temp(input.dtype(), stacked, &entry.result);
     }
-    TF_RETURN_IF_ERROR(context->forward_input_or_allocate_temp({0}, input.dtype(), TensorShape({count}),
+    TF_RETURN_IF_ERROR(context->forward_input_or_allocate_temp({0}, input.dtype(), input.shape(),
                                                                AllocatorAttributes(), &entry.result));
     if (entry.result.data() != input.data()) std::memcpy(entry.result.data(), input.data(), input.TotalBytes());
     return absl::OkStatus();
@@ -239,9 +240,15 @@ constexpr char kCommunicator[] = "communicator: int";  // Communicator.c_handle
 constexpr char kReduceOp[] = "reduce_op: int = 0";     // a collectives_op
 constexpr char kRoot[] = "root: int = 0";
 
-// The result is flat; Python gives it its shape.
-absl::Status flat_output(shape_inference::InferenceContext* c) {
-  c->set_output(0, c->Vector(c->UnknownDim()));
+// A collective's result: the input's shape, an all-gather's with the ranks' dimension first
+// (its size known when the op runs; Python sets it in the static shape).
+absl::Status result_shape(shape_inference::InferenceContext* c) {
+  std::string kind;
+  TF_RETURN_IF_ERROR(c->GetAttr("kind", &kind));
+  if (kind != "allgather") return shape_inference::UnchangedShape(c);
+  shape_inference::ShapeHandle stacked;
+  TF_RETURN_IF_ERROR(c->Concatenate(c->Vector(c->UnknownDim()), c->input(0), &stacked));
+  c->set_output(0, stacked);
   return absl::OkStatus();
 }
 
@@ -252,11 +259,11 @@ REGISTER_OP("CollectivesStart")
 REGISTER_OP("CollectivesWait")
     .Input("handle: int64").Output("output: T")
     .Attr(kTypes)
-    .SetIsStateful().SetShapeFn(flat_output);
+    .SetIsStateful().SetShapeFn(shape_inference::UnknownShape);
 REGISTER_OP("CollectivesRun")
     .Input("tensor: T").Output("output: T")
     .Attr(kTypes).Attr(kKind).Attr(kCommunicator).Attr(kReduceOp).Attr(kRoot)
-    .SetIsStateful().SetShapeFn(flat_output);
+    .SetIsStateful().SetShapeFn(result_shape);
 
 REGISTER_KERNEL_BUILDER(Name("CollectivesRun").Device(DEVICE_CPU), CollectivesRunOp);
 REGISTER_KERNEL_BUILDER(Name("CollectivesStart").Device(DEVICE_CPU), CollectivesStartOp);
