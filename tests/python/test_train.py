@@ -201,7 +201,7 @@ def test_compressed_rows_are_named_by_their_hook_checked_at_half_the_bytes_and_h
     served = by["reduction_server", "fp16"]
     assert served["hook"] == "fp16_compress_hook" and served["speedup_vs_gloo"] == pytest.approx(2.2)
     assert served["comm_floor_s"] == pytest.approx(by["reduction_server", None]["comm_floor_s"] / 2)
-    assert train._cells(served)[0] == "collectives reduction_server fp16 (fp16_compress_hook)"
+    assert train._cells(served, train.COLUMNS)[0] == "collectives reduction_server fp16 (fp16_compress_hook)"
     assert train.bar_lines(rows) == [
         "bar (2 workers + 2 reducers): reduction server 1.47x gloo samples/s at bucket_cap_mb 25, need >= 1.45: PASS",
         "bar (2 workers + 2 reducers): reduction server with fp16 compression (fp16_compress_hook) 2.20x gloo "
