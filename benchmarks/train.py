@@ -83,6 +83,7 @@ Run as root (it creates network namespaces).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -741,6 +742,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _interrupt)  # cleaned up as after Ctrl-C
     runs, notes = [None], []
     if args.framework == "tf":  # a job per collectives.tf op path
+        if importlib.util.find_spec("tensorflow") is None:
+            raise SystemExit(f"--framework tf: {sys.executable} has no tensorflow: run train.py with a Python that has "
+                             "it and collectives (scripts/setup-venv .venv-tf test,tf makes one: .venv-tf/bin/python)")
         probe_env = {key: value for key, value in compare.base_env().items()
                      if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TF_CONFIG")}
         runs, notes = train_tf.offered_ops(args.tf_ops, probe_env)
