@@ -364,7 +364,8 @@ def rows_from_report(report, setting):
             if described != algorithm:
                 row["plan_detail"] = described
             if framework == "tf":
-                row.update(tf_ops=report["tf_ops"], tensorflow=report["tensorflow"], keras=report["keras"])
+                row.update(tf_ops=report["tf_ops"], tf_ops_line=report.get("tf_ops_line"),
+                           tensorflow=report["tensorflow"], keras=report["keras"])
             if layout.racks:
                 row["uplink_rate_gbps"], row["uplink_goodput_GBps"] = setting.get("uplink_rate_gbps"), uplink_goodput
             for key in ("forward_s", "backward_s", "optimizer_s", *(DDP_TIMES if name != "none" else ())):
@@ -447,6 +448,26 @@ def bar_lines(rows):
                          f"tf.numpy_function (runs one after the other: not paired), need >= 1.0: "
                          + ("PASS" if ratio >= 1.0 else "FAIL"))
     return lines
+
+
+def path_lines(rows):
+    """Per TensorFlow run, the op path collectives.tf said it used (its log line), and what is
+    wrong: a line that names another path than the run's COLLECTIVES_TF_OPS."""
+    lines, problems = [], []
+    runs = {row["tf_ops"]: row.get("tf_ops_line") for row in rows if row["framework"] == "tf"}
+    for ops, line in runs.items():
+        lines.append(f"{ops} run (COLLECTIVES_TF_OPS={ops}): " + (
+            f"collectives.tf logged '{line}'" if line else
+            "collectives.tf logged no op path (one that has no custom op: tf.numpy_function)"))
+        used = "custom" if line and "custom op" in line else "numpy"
+        if used != ops:
+            problems.append(f"the {ops} run used collectives.tf's {used} path: {line}")
+    return lines, problems
+
+
+def summary_lines(rows, notes=()):
+    """The lines under a run's table: ratios, bars, op paths, notes."""
+    return [*standing_lines(rows), *bar_lines(rows), *path_lines(rows)[0], *notes]
 
 
 def heading(first, rows=None):
@@ -542,7 +563,7 @@ def print_rows(rows, notes=()):
     for index, line in enumerate(table):
         text = "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
         print(("# " if index == 0 else "  ") + text)
-    for line in [_checks.PACE_LEGEND, *standing_lines(rows), *bar_lines(rows), *notes]:
+    for line in [_checks.PACE_LEGEND, *summary_lines(rows, notes)]:
         print("# " + line)
 
 
@@ -584,8 +605,7 @@ def markdown(rows, command, name, notes=()):
     lines = ["; ".join(heading(rows[0], rows)), "",
              "| " + " | ".join(names) + " |", "| --- " + "| ---: " * (len(names) - 1) + "|"]
     lines += ["| " + " | ".join(_cells(row, names)) + " |" for row in rows]
-    lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in
-                                                     [*standing_lines(rows), *bar_lines(rows), *notes]]
+    lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in summary_lines(rows, notes)]
     buckets = sorted({(r["bucket_cap_mb"], tuple(r["buckets_bytes"])) for r in rows
                       if r["algorithm"] != "none" and r["buckets_bytes"]})
     lines += [f"- DDP's buckets at bucket_cap_mb {cap:g}: " + ", ".join(f"{b / 1e6:.1f}" for b in sizes) + " MB"
@@ -766,6 +786,9 @@ def main(argv=None):
         problems += link_problems(job_rows, reducer_info)
         rows += job_rows
     _checks.check_traffic(problems)
+    mixed = path_lines(rows)[1]
+    if mixed:
+        raise SystemExit("collectives.tf ran another op path than asked: " + "; ".join(mixed))
     print_rows(rows, notes)
     for line in reducer_lines(rows):
         print("# " + line)

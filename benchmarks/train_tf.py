@@ -12,6 +12,7 @@ op path where the installed collectives.tf offers more than one."""
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import _checks
 from _train_worker import CLASSES, LEARNING_RATE, timed_rounds, write_report
 
 OPS_ENV = "COLLECTIVES_TF_OPS"
+PATH_LINE = "collectives.tf: collectives run in"  # how collectives.tf's log line on the path in use starts
 GRPC_PORT = 29700  # on each worker host: MultiWorkerMirroredStrategy's gRPC server (TF_CONFIG)
 
 
@@ -68,6 +70,20 @@ def offered_ops(paths, env):
             [f"collectives.tf's {path} path not measured: {why}" for path, why in reasons.items()])
 
 
+class _PathLine(logging.Handler):
+    """Keeps collectives.tf's log line saying which op path is in use (logger "collectives",
+    INFO, at its first collective)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.line = None
+
+    def emit(self, record):
+        message = record.getMessage()
+        if self.line is None and message.startswith(PATH_LINE):
+            self.line = message
+
+
 def _gather(comm, record):
     """Every rank's record (JSON-able), in rank order, over the collectives communicator."""
     data = np.frombuffer(json.dumps(record).encode(), np.uint8)
@@ -97,6 +113,11 @@ def worker(args):
                 bytes_per_pack=bucket_bytes, implementation=ring))
     import keras
 
+    path_line = _PathLine()
+    logger = logging.getLogger("collectives")
+    logger.addHandler(path_line)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
     import collectives
     import collectives.tf as ctf
 
@@ -190,6 +211,6 @@ def worker(args):
         write_report(args, size, systems, algorithms,
                      [{"bucket_cap_mb": cap, "buckets": {}, "ranks": everyone, "cpu": cpu}],
                      framework="tf", baseline="mwms", tf_ops=os.environ.get(OPS_ENV),
-                     tensorflow=tf.__version__, keras=keras.__version__)
+                     tf_ops_line=path_line.line, tensorflow=tf.__version__, keras=keras.__version__)
     ctf.shutdown()
     world.close()

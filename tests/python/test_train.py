@@ -312,10 +312,14 @@ def test_the_repositorys_results_file_has_the_ddp_block():
     assert begin.split(" (")[0] in text and end in text
 
 
-def _tf_report(times, tf_ops="numpy", hashes=None):
+CUSTOM_LINE = "collectives.tf: collectives run in TensorFlow custom ops (loaded /cache/collectives_tf_ops.so)"
+
+
+def _tf_report(times, tf_ops="numpy", hashes=None, line=None):
     """A TensorFlow job's report (train_tf.worker's): whole steps, the strategy as baseline."""
     report = _report(times, hashes)
-    report.update(framework="tf", baseline="mwms", tf_ops=tf_ops, tensorflow="2.21.0", keras="3.13.0")
+    report.update(framework="tf", baseline="mwms", tf_ops=tf_ops, tf_ops_line=line, tensorflow="2.21.0",
+                  keras="3.13.0")
     report["algorithms"]["mwms"] = "mwms"
     report["phases"][0]["buckets"] = {}
     for record in report["phases"][0]["ranks"]:
@@ -355,7 +359,7 @@ def test_tf_rows_are_paired_with_the_strategy_of_their_run_and_held_to_issue_14s
 
     setting = dict(SETTING, reducers=2)
     rows = (train.rows_from_report(_tf_report(times(2.8, 2.7, 1.9), "numpy"), setting)
-            + train.rows_from_report(_tf_report(times(2.8, 2.8, 2.1), "custom"), setting))
+            + train.rows_from_report(_tf_report(times(2.8, 2.8, 2.1), "custom", line=CUSTOM_LINE), setting))
     by = {(r["algorithm"], r["tf_ops"]): r for r in rows}
     assert by["ring", "numpy"]["speedup_vs_mwms"] == pytest.approx(2.8 / 2.7)
     assert by["reduction_server", "custom"]["speedup_vs_mwms"] == pytest.approx(2.8 / 2.1)
@@ -372,6 +376,11 @@ def test_tf_rows_are_paired_with_the_strategy_of_their_run_and_held_to_issue_14s
     assert any("collectives reduction_server (custom op) 1.33x" in line and line.endswith("FAIL") for line in bars)
     assert any("collectives ring (custom op) 1.00x" in line and line.endswith("PASS") for line in bars)
     assert any("collectives ring through the custom op 0.96x" in line and line.endswith("FAIL") for line in bars)
+    lines, problems = train.path_lines(rows)
+    assert problems == [] and lines[1] == f"custom run (COLLECTIVES_TF_OPS=custom): collectives.tf logged '{CUSTOM_LINE}'"
+    assert "no op path" in lines[0]  # a collectives.tf without custom ops says nothing: the numpy path
+    fallen_back = train.rows_from_report(_tf_report(times(1, 1, 1), "custom"), setting)
+    assert train.path_lines(fallen_back)[1] == ["the custom run used collectives.tf's numpy path: None"]
     text = train.markdown(rows, "python benchmarks/train.py --framework tf", "tf 2+2 500mbit", ["a note"])
     assert "| vs MultiWorkerMirroredStrategy |" in text and "DDP" not in text and "- a note" in text
     assert "TensorFlow 2.21.0, Keras 3.13.0" in text and "COLLECTIVES_TF_OPS=numpy, custom" in text
