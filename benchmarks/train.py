@@ -1,10 +1,13 @@
 """DDP training throughput on the emulated cluster: torch gloo, collectives ring and the
-collectives reduction server, on the same hosts, rate, model and run (issue 5).
+collectives reduction server, on the same hosts, rate, model and run (issue 5); with
+--framework tf, TensorFlow's MultiWorkerMirroredStrategy against collectives.tf (issue 14).
 
     python benchmarks/train.py --hosts 4 --reducers 4 --rate 500mbit [--bucket-cap-mb 25,64] [--steps K]
         [--compress fp16[,bf16]]
         [--json F] [--results benchmarks/RESULTS.md]
     python benchmarks/train.py --per-host 2 --hosts 4 [--racks 2 --uplink-rate 250mbit] --rate 500mbit ...
+    .venv-tf/bin/python benchmarks/train.py --framework tf --hosts 4 --reducers 4 --rate 500mbit
+        [--bucket-cap-mb 25] [--tf-ops numpy,custom] ...
 
 Builds a testbed (benchmarks/testbed.py) of N worker hosts and R reducer hosts, every link at
 the same rate, and starts one worker process per worker host with the variables torchrun
@@ -75,8 +78,28 @@ layout (the slowest level's, as compare.py's: _checks.plan_bound), and the link 
 step are checked per level: each host NIC's and, with racks, each uplink's (worker 0 reads the
 uplinks' counters around each step), against the plan's model. samples/s counts every worker.
 
+--framework tf (train_tf.py; a Python with TensorFlow and collectives, e.g. the venv
+scripts/test makes, .venv-tf): the same MLP, batch, learning rate and testbed in Keras 3, each
+step one tf.function, no DDP. The systems: "none" (no communication), "mwms" (TensorFlow's
+tf.distribute.MultiWorkerMirroredStrategy, CommunicationImplementation.RING over gRPC, the
+workers named by TF_CONFIG with their hosts' addresses; each worker's loss scaled by the global
+batch, Keras' optimizer summing the replicas' gradients through the strategy, in packs of
+--bucket-cap-mb), the collectives ring and the reduction server (collectives.tf's
+DistributedGradientTape, buckets of --bucket-cap-mb, op "avg"). All live in the same worker
+processes (the strategy made first, before TensorFlow runs anything; its model in its scope, the
+others outside it) and alternate step by step as with torch; one bucket size per run (the
+strategy's pack size is fixed when it is made). A job per collectives.tf op path (--tf-ops,
+COLLECTIVES_TF_OPS=numpy or custom), each with its own strategy and "none" rows, the ratios
+paired within the job; a path the installed collectives.tf does not run (a one-process probe,
+train_tf.offered_ops) is left out with a note, and each job records collectives.tf's log line
+on the path it used (a job whose path is not the one asked for is refused). TensorFlow's step
+is timed whole: floor/comm is the floor over the step (a lower bound of the all-reduces'), and
+the weights' SHA-256 per rank and their largest difference to the strategy's are reported.
+Bars (issue 14): the reduction server >= 1.4x the strategy's samples/s, the ring >= 1.0x, per
+op path; the custom op's samples/s >= the numpy_function's.
+
 --results MD rewrites the block "ddp N+R RATE" (on layouts "ddp NxK RATE", "ddp NxK racks R
-uplink RATE RATE") of MD (benchmarks/RESULTS.md) between
+uplink RATE RATE"; with --framework tf "tf N+R RATE") of MD (benchmarks/RESULTS.md) between
     <!-- train.py: begin NAME (generated; rerun the command below to regenerate) -->
     <!-- train.py: end NAME -->
 Run as root (it creates network namespaces).
