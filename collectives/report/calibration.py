@@ -32,8 +32,10 @@ __all__ = ["Measurement", "Check", "TESTBED_INTRA_BPS", "measurements", "fit", "
 TESTBED_INTRA_BPS = 1.518e9 * 2 * 3 / 4
 
 # The plans of compare.py/train.py rows (their `plan` key, else their `algorithm`) that the
-# simulator models, by the simulator's name. The flat ring in an interleaved rank order (it
-# crosses a rack uplink at every hop, "ring:rank-order") is not modelled.
+# simulator models, by the simulator's name. The flat ring runs in the row's rank order
+# ("ring:rank-order": in an interleaved order it crosses a rack uplink at every hop), except
+# "ring:rack-ordered", a ring over a group ordered rack by rack: a block order whatever the
+# ranks' order.
 _MEASURED_PLANS = {"ring": "ring", "ring:rank-order": "ring", "ring:rack-ordered": "ring", "hierarchical": "hierarchical",
                    "reduction_server": "reduction_server",
                    "reduction_server:host": "hierarchical+reduction_server"}
@@ -45,9 +47,14 @@ def _plan(row: Dict) -> Optional[str]:
     plan = row.get("plan") or row.get("algorithm")
     if plan.startswith("hierarchical:"):  # the planner's levels, e.g. "hierarchical:host+rack"
         plan = "hierarchical"
-    if plan in ("ring", "ring:rank-order") and row.get("rank_order") not in (None, "block"):
-        return None
     return _MEASURED_PLANS.get(plan)
+
+
+def _rank_order(row: Dict) -> str:
+    """The order the modelled ring takes: the row's rank order, but rack by rack for ring:rack-ordered."""
+    if (row.get("plan") or row.get("algorithm")) == "ring:rack-ordered":
+        return "block"
+    return row.get("rank_order") or "block"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +67,14 @@ class Measurement:
     seconds: float  # measured: the all-reduce's median time or the step's
     compute_s: float = 0.0  # a step's compute without communication (DDP steps)
     note: str = ""
+    rank_order: str = "block"  # the run's (the modelled ring's is the cluster's: ring:rack-ordered orders its group)
 
     @property
     def config(self) -> Tuple:
         """What makes two measurements the same configuration."""
         c = self.cluster
         return (self.what, self.plan, c.workers, c.ranks_per_host, c.hosts_per_rack, c.reducers,
-                round(c.nic_Bps, -5), self.bytes)
+                round(c.nic_Bps, -5), self.bytes, self.rank_order, c.rank_order)
 
     def describe(self) -> str:
         c = self.cluster
@@ -75,6 +83,10 @@ class Measurement:
             shape += f" in {c.racks} racks ({c.uplink_Bps * 8 / 1e6:.0f} Mbit/s uplinks)"
         if c.reducers:
             shape += f" + {c.reducers} reducers"
+        if self.rank_order != "block":
+            shape += f", {self.rank_order} rank order"
+            if c.rank_order != self.rank_order:
+                shape += " (ring:rack-ordered: its group takes the ranks in rack order)"
         return f"{self.what} {self.plan}, {shape}, {c.nic_Bps * 8 / 1e6:.0f} Mbit/s, {self.bytes / 2**20:.1f} MiB"
 
     def model(self, calibration: Calibration) -> float:
@@ -90,7 +102,7 @@ def _cluster(row: Dict, reducers: int) -> Cluster:
                    nic_Bps=row["goodput_GBps"] * 1e9, intra_Bps=TESTBED_INTRA_BPS, alpha_s=0.0,
                    hosts_per_rack=max(racks) if racks and len(racks) > 1 else None,
                    uplink_Bps=uplink * 1e9 if racks and len(racks) > 1 else None,
-                   reducers=reducers, reducer_nic_Bps=row["goodput_GBps"] * 1e9)
+                   reducers=reducers, reducer_nic_Bps=row["goodput_GBps"] * 1e9, rank_order=_rank_order(row))
 
 
 def measurements(path: str) -> List[Measurement]:
@@ -105,6 +117,7 @@ def measurements(path: str) -> List[Measurement]:
             continue
         reducers = (row.get("reducers") or 0) if plan in _REDUCER_PLANS else 0
         source = f"{Path(path).name}#{i}"
+        order = row.get("rank_order") or "block"
         # compare.py's pace says whether the links set it despite a busy CPU; older rows have cpu_bound only.
         note = "CPU-bound" if row.get("pace", "cpu" if row.get("cpu_bound") else "links") == "cpu" else ""
         if "step_time_s" in row:  # train.py: the compute is the step of the "none" row of its bucket size
@@ -112,10 +125,10 @@ def measurements(path: str) -> List[Measurement]:
             if not none:
                 continue
             found.append(Measurement(source, "DDP step", plan, _cluster(row, reducers), row["grad_bytes"],
-                                     row["step_time_s"], none[0]["step_time_s"], note))
+                                     row["step_time_s"], none[0]["step_time_s"], note, order))
         elif "time_s" in row:
             found.append(Measurement(source, "all-reduce", plan, _cluster(row, reducers), row["bytes"],
-                                     row["time_s"], 0.0, note))
+                                     row["time_s"], 0.0, note, order))
     return found
 
 
