@@ -420,6 +420,19 @@ def test_docs_worked_examples_are_what_the_tool_computes(tmp_path):
     docs = (REPO / "docs" / "report.md").read_text()
     examples = re.findall(r"^\$ collectives-report (.*) --out \S+\n(.*)$", docs, re.M)
     assert len(examples) == 4
-    for args, advice in examples:
-        done = run_report(args.split(), tmp_path / str(abs(hash(args))))
+    for k, (args, advice) in enumerate(examples):
+        done = run_report(args.split(), tmp_path / str(k))
         assert done.stdout.splitlines()[0] == advice, args
+    # The Vertex example's table: each row is the report's row of that plan and reducer count
+    # (its options and its --reducers 20 table), the docs' remarks in brackets aside.
+    md = (tmp_path / "0" / "report.md").read_text()
+    report = {(r["plan"], r["reducers"]): r for heading in ("Options at 8 workers", "Given: 20 reducers")
+              for r in md_table(md, heading)}
+    after = docs.split(examples[0][1], 1)[1].lstrip("`\n")
+    lines = [line for line in after.split("\n\n", 1)[0].splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(head, (re.sub(r" \(.*\)$", "", c.strip()) for c in line.strip("|").split("|")))) for line in lines[2:]]
+    assert len(rows) == 5
+    for row in rows:
+        mine = report[(row["plan"], row["reducers"])]
+        assert {c: mine[c] for c in head} == row, row
