@@ -40,6 +40,9 @@ _MEASURED_PLANS = {"ring": "ring", "ring:rank-order": "ring", "ring:rack-ordered
                    "reduction_server": "reduction_server",
                    "reduction_server:host": "hierarchical+reduction_server"}
 _REDUCER_PLANS = ("reduction_server", "hierarchical+reduction_server")
+# Bytes on the wire per gradient byte of a train.py row by its `compress`: torch's fp16/bf16
+# compress hooks send 2 bytes per 4-byte float32 gradient (the counters: 0.503 x S per host).
+_WIRE_PER_GRADIENT_BYTE = {None: 1.0, "fp16": 0.5, "bf16": 0.5}
 
 
 def _plan(row: Dict) -> Optional[str]:
@@ -68,6 +71,7 @@ class Measurement:
     compute_s: float = 0.0  # a step's compute without communication (DDP steps)
     note: str = ""
     rank_order: str = "block"  # the run's (the modelled ring's is the cluster's: ring:rack-ordered orders its group)
+    compress: Optional[str] = None  # train.py --compress: `bytes` is what went on the wire
 
     @property
     def config(self) -> Tuple:
@@ -87,7 +91,8 @@ class Measurement:
             shape += f", {self.rank_order} rank order"
             if c.rank_order != self.rank_order:
                 shape += " (ring:rack-ordered: its group takes the ranks in rack order)"
-        return f"{self.what} {self.plan}, {shape}, {c.nic_Bps * 8 / 1e6:.0f} Mbit/s, {self.bytes / 2**20:.1f} MiB"
+        wire = f" ({self.compress} on the wire)" if self.compress else ""
+        return f"{self.what} {self.plan}, {shape}, {c.nic_Bps * 8 / 1e6:.0f} Mbit/s, {self.bytes / 2**20:.1f} MiB{wire}"
 
     def model(self, calibration: Calibration) -> float:
         cluster = dataclasses.replace(self.cluster, alpha_s=calibration.alpha_s)
@@ -122,10 +127,12 @@ def measurements(path: str) -> List[Measurement]:
         note = "CPU-bound" if row.get("pace", "cpu" if row.get("cpu_bound") else "links") == "cpu" else ""
         if "step_time_s" in row:  # train.py: the compute is the step of the "none" row of its bucket size
             none = [r for r in rows if r.get("system") == "none" and r.get("bucket_cap_mb") == row.get("bucket_cap_mb")]
-            if not none:
+            compress = row.get("compress")
+            if not none or compress not in _WIRE_PER_GRADIENT_BYTE:
                 continue
-            found.append(Measurement(source, "DDP step", plan, _cluster(row, reducers), row["grad_bytes"],
-                                     row["step_time_s"], none[0]["step_time_s"], note, order))
+            found.append(Measurement(source, "DDP step", plan, _cluster(row, reducers),
+                                     row["grad_bytes"] * _WIRE_PER_GRADIENT_BYTE[compress], row["step_time_s"],
+                                     none[0]["step_time_s"], note, order, compress))
         elif "time_s" in row:
             found.append(Measurement(source, "all-reduce", plan, _cluster(row, reducers), row["bytes"],
                                      row["time_s"], 0.0, note, order))

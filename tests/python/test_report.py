@@ -161,6 +161,24 @@ def test_interleaved_ring_model_against_its_recorded_run():
     assert abs(shipped[interleaved.source].error) <= 0.15  # in the report's validation table
 
 
+def test_compression_model_against_recorded_fp16_runs():
+    """DDP through 4 reducers with torch's fp16_compress_hook (train.py --compress fp16, held
+    out of the fit): the model puts half the float32 gradients' bytes on the wire, which each
+    worker host's counters confirm (0.503 x S per step), and gives the fp16 and fp32 steps within
+    the held-out bar and their ratio within 10%."""
+    cal = calibration.load().calibration
+    path = RESULTS / "ddp_4+4_500mbit_fp16.json"
+    rows = json.loads(path.read_text())
+    runs = {m.compress: m for m in calibration.measurements(str(path)) if m.plan == "reduction_server"}
+    fp16, fp32 = runs["fp16"], runs[None]
+    assert fp16.bytes == fp32.bytes / 2 and "(fp16 on the wire)" in fp16.describe()
+    links, _ = simulator.link_bytes("reduction_server", fp16.cluster, fp16.bytes)
+    assert rows[int(fp16.source.split("#")[1])]["link_bytes"]["tx_per_step"] / links["nic"] == pytest.approx(1.0, abs=0.03)
+    for m in runs.values():
+        assert m.model(cal) == pytest.approx(m.seconds, rel=0.15), m.describe()
+    assert fp16.seconds / fp32.seconds == pytest.approx(fp16.model(cal) / fp32.model(cal), rel=0.10)
+
+
 def test_calibration_is_reproduced_and_meets_the_bar_on_held_out_runs(tmp_path):
     """benchmarks/calibrate.py on the recorded runs gives the shipped constants, and the model's
     median error on the runs it was not fitted on is at most 15%."""
@@ -177,6 +195,7 @@ def test_calibration_is_reproduced_and_meets_the_bar_on_held_out_runs(tmp_path):
     assert len(fresh.checks) >= 10 and plans == set(simulator.PLANS)
     assert any("interleaved rank order," in k.description and k.description.startswith("all-reduce ring,")
                for k in fresh.checks)  # the flat ring crossing the uplinks at every hop
+    assert any("(fp16 on the wire)" in k.description for k in fresh.checks)  # compression
     assert calibration.median_error(fresh.checks) <= 0.15
 
 
