@@ -2,6 +2,7 @@
 times, the advisor against cases worked by hand and against brute force, the console script's
 Markdown by value, and its HTML rendered by headless Chromium."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -263,16 +264,18 @@ def test_sizing_rule_total_reducer_bandwidth_covers_the_workers():
         assert r == rule and r * each >= workers * setup.nic_Bps > (r - 1) * each, (gpu, cpu)
 
 
-@pytest.mark.parametrize("gpu, workers, dtype_bytes, compression, overlap, pricing, compute_s", [
-    ("a2-highgpu-8g", 8, 4, 1.0, 0.0, "on-demand", 0.18),
-    ("a2-highgpu-8g", 64, 2, 1.0, 0.5, "spot", 0.18),
-    ("a3-highgpu-8g", 16, 2, 0.5, 0.0, "on-demand", 0.4),
-    ("p4d.24xlarge", 4, 4, 1.0, 0.3, "on-demand", 0.05),
-    ("p5.48xlarge", 32, 2, 1.0, 0.0, "spot", 1.0),
-    ("Standard_ND96asr_v4", 8, 4, 1.0, 0.0, "on-demand", 0.18),
-    ("Standard_ND96asr_v4", 2, 2, 0.25, 0.6, "spot", 2.0),
+@pytest.mark.parametrize("gpu, workers, dtype_bytes, compression, overlap, pricing, compute_s, racks", [
+    ("a2-highgpu-8g", 8, 4, 1.0, 0.0, "on-demand", 0.18, None),
+    ("a2-highgpu-8g", 16, 4, 1.0, 0.0, "on-demand", 0.18, (4, 200, "interleaved")),  # racks of 4, 200 Gbit/s uplinks
+    ("a2-highgpu-8g", 64, 2, 1.0, 0.5, "spot", 0.18, None),
+    ("a3-highgpu-8g", 16, 2, 0.5, 0.0, "on-demand", 0.4, None),
+    ("p4d.24xlarge", 4, 4, 1.0, 0.3, "on-demand", 0.05, None),
+    ("p5.48xlarge", 32, 2, 1.0, 0.0, "spot", 1.0, None),
+    ("Standard_ND96asr_v4", 8, 4, 1.0, 0.0, "on-demand", 0.18, None),
+    ("Standard_ND96asr_v4", 2, 2, 0.25, 0.6, "spot", 2.0, None),
 ])
-def test_advisor_is_within_5_percent_of_brute_force(gpu, workers, dtype_bytes, compression, overlap, pricing, compute_s):
+def test_advisor_is_within_5_percent_of_brute_force(gpu, workers, dtype_bytes, compression, overlap, pricing, compute_s,
+                                                    racks):
     book = prices.load()
     cal = calibration.load().calibration
     worker = book[gpu]
@@ -281,6 +284,10 @@ def test_advisor_is_within_5_percent_of_brute_force(gpu, workers, dtype_bytes, c
     setup = advisor.Setup(worker=worker, workers=workers, gpus_per_worker=worker.gpus,
                           nic_Bps=worker.nic_gbps * 1e9 / 8 * cal.goodput_fraction, intra_Bps=worker.intra_GBps * 1e9,
                           alpha_s=25e-6, pricing=pricing, goodput_fraction=cal.goodput_fraction)
+    if racks:
+        hosts_per_rack, uplink_gbps, order = racks
+        setup = dataclasses.replace(setup, hosts_per_rack=hosts_per_rack, rank_order=order,
+                                    uplink_Bps=uplink_gbps * 1e9 / 8 * cal.goodput_fraction)
     types = book.reducer_types(worker.cloud)
     most = 3 * max(advisor.sizing_rule(job, setup, r) for r in types)
     advice = advisor.advise(job, setup, cal, types, max_reducers=most)
