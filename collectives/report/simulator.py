@@ -21,7 +21,8 @@ An all-reduce of S bytes (on the wire) costs
       rank i on the (i mod W)-th host, the hosts taken round-robin over the racks) consecutive
       ranks sit on different hosts of alternating racks, so every hop crosses a NIC and, with
       racks, an uplink: 2 racks of 4 hosts send 4 hops out of each rack, 4x a block ring's
-      uplink bytes (benchmarks/compare.py --rank-order interleaved measured 4.07x);
+      uplink bytes (benchmarks/compare.py --rank-order interleaved counted 4.06x those of the
+      ring over the same ranks in rack order);
     - hierarchical (the planner's levels, collectives/hierarchical/planner.py): a level of groups
       of m moves 2(m-1)/m * S out of each of its children (a rank, a host, a rack), spread over
       the links one level down (a rack's hosts share its traffic);
@@ -176,7 +177,7 @@ def link_bytes(plan: str, cluster: Cluster, size: float) -> Tuple[Dict[str, floa
     if plan == "ring":
         hop = 2 * (n - 1) / n * size
         hosts, racks, inside = _ring_crossings(c.workers, c.ranks_per_host, c.hosts_per_rack, c.rank_order)
-        links = {"intra": hop if inside else 0.0, "nic": hop * hosts, "uplink": hop * racks if c.racks > 1 else 0.0}
+        links = {"intra": hop if inside else 0.0, "nic": hop * hosts, "uplink": hop * racks}
         return links, 2 * (n - 1)
     if plan == "hierarchical":
         links = {"intra": 0.0, "nic": 0.0, "uplink": 0.0}
