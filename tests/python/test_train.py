@@ -314,11 +314,6 @@ def test_the_repositorys_results_file_has_the_ddp_block():
 
 # -- end to end, on the testbed (root)
 
-def _netns_left():
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith("cc-tb-")]
-
-
 def on_testbed(timeout):
     """Marks a test that runs train.py on the testbed: root, the tools, a timeout."""
     marks = [pytest.mark.testbed, pytest.mark.timeout(timeout),
@@ -369,7 +364,7 @@ def test_ddp_on_every_system_across_hosts(tmp_path):
     rs = next(r for r in rows if r["algorithm"] == "reduction_server")
     assert [info["outcome"] for info in rs["reducer_hosts"].values()] == ["ok"]
     assert "collectives reduction_server" in done.stdout and "bar (2 workers + 1 reducer)" in done.stdout
-    assert not _netns_left()
+    assert not train.testbed.leftover_namespaces()
 
 
 @on_testbed(150)
@@ -386,4 +381,4 @@ def test_ddp_on_racks_of_shared_hosts(tmp_path):
         if row["algorithm"] != "none":
             assert row["params_identical"] is True and row["link_bytes"]["tx_per_uplink"] >= row["grad_bytes"], row
     assert next(r for r in rows if r["algorithm"] == "ring")["plan"] == "ring:rank-order"
-    assert "8 workers" in done.stdout and not _netns_left()
+    assert "8 workers" in done.stdout and not train.testbed.leftover_namespaces()
