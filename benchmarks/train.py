@@ -75,6 +75,16 @@ layout (the slowest level's, as compare.py's: _checks.plan_bound), and the link 
 step are checked per level: each host NIC's and, with racks, each uplink's (worker 0 reads the
 uplinks' counters around each step), against the plan's model. samples/s counts every worker.
 
+--timeline says where each step's time goes, from the links rather than from DDP's own timer:
+each worker reads its host's link counters every millisecond during the step (a thread in the
+worker: it costs some CPU, so the run's other figures are not the plain run's), and per round
+the step's wire time runs from the last worker's first bulk bytes out (its first bucket's
+all-reduce started) to the last bulk bytes into any worker (the last bucket's result is in).
+Per system a line gives its median, the floor, and the step's time before the wire (forward
+and the backward pass up to the first bucket, on the slowest worker) and after it (DDP's
+finishing and the optimizer), and the ratio to gloo that the reduction server would reach with
+both systems at their floors and those times.
+
 --results MD rewrites the block "ddp N+R RATE" (on layouts "ddp NxK RATE", "ddp NxK racks R
 uplink RATE RATE") of MD (benchmarks/RESULTS.md) between
     <!-- train.py: begin NAME (generated; rerun the command below to regenerate) -->
@@ -177,6 +187,8 @@ def parse_args(argv=None):
     add("--width", type=int, default=2048, help="the MLP's width (default 2048; change only for tests)")
     add("--layers", type=int, default=6, help="its square layers (default 6; change only for tests)")
     add("--timeout", type=float, default=600.0, help="every process group's timeout, seconds (default 600)")
+    add("--timeline", action="store_true",
+        help="also time each step's traffic on the links (see above; the workers then do more work)")
     add("--json", metavar="FILE", help="write the result rows to FILE")
     add("--results", metavar="MD",
         help="also rewrite this run's generated block ('ddp N+R RATE') in MD (benchmarks/RESULTS.md)")
@@ -336,8 +348,12 @@ def worker(args):
                 uplinks = testbed.uplink_counters(switch) if switch else None
                 dist.barrier()
                 sampler = testbed.CpuSampler().start()
+                timeline = _common.LinkTimeline(args.link).start() if args.timeline else None
                 figures = train_step(runners[name], optimizers[name])
                 sampler.stop()
+                if timeline:
+                    timeline.stop()
+                    figures["wire_out_s"], figures["wire_in_s"] = timeline.out_s, timeline.in_s
                 dist.barrier()
                 link_after = _common.link_counters(args.link)
                 uplinks_after = testbed.uplink_counters(switch) if switch else None
@@ -477,8 +493,44 @@ def rows_from_report(report, setting):
             row["bound_fraction"] = (None if name == "none" or not row["ddp_backward_comm_s"]
                                      else row["comm_floor_s"] / row["ddp_backward_comm_s"])
             row["pace"] = _checks.pace(row["bound_fraction"], cpu_util)
+            if name != "none" and "wire_out_s" in ranks[0][name]:
+                row.update(_wire_times(ranks, name, times[name]))
             rows.append(row)
     return rows
+
+
+def _wire_times(ranks, name, step_times):
+    """--timeline: the medians over rounds of the step's time on the wire (the last worker's
+    first bulk bytes out to the last bulk bytes in), of the time before it (from the step's
+    start) and of the time after it (to the slowest worker's end of the step)."""
+    rounds = []
+    for outs, ins, step in zip(zip(*(r[name]["wire_out_s"] for r in ranks)),
+                               zip(*(r[name]["wire_in_s"] for r in ranks)), step_times):
+        if None not in (*outs, *ins):
+            rounds.append((max(ins) - max(outs), max(outs), step - max(ins)))
+    if not rounds:
+        return {"wire_s": None, "before_wire_s": None, "after_wire_s": None}
+    return {key: statistics.median(r[i] for r in rounds)
+            for i, key in enumerate(("wire_s", "before_wire_s", "after_wire_s"))}
+
+
+def timeline_lines(rows):
+    """--timeline: per system, its wire time against its floor and the step's time outside it;
+    per bucket cap, the reduction server's ratio to gloo with both at their floors."""
+    timed = [row for row in rows if row.get("wire_s") is not None]
+    lines = [f"{label(row)} at bucket_cap_mb {row['bucket_cap_mb']:g}: on the wire {_ms(row['wire_s'])} ms "
+             f"(floor {_ms(row['comm_floor_s'])}, {(row['wire_s'] - row['comm_floor_s']) * 1e3:+.0f} ms), "
+             f"before it {_ms(row['before_wire_s'])} ms, after it {_ms(row['after_wire_s'])} ms" for row in timed]
+    for row in timed:
+        gloo = next((r for r in timed if r["algorithm"] == "gloo" and not r.get("compress")
+                     and r["bucket_cap_mb"] == row["bucket_cap_mb"]), None)
+        if row["algorithm"] != "reduction_server" or row.get("compress") or gloo is None:
+            continue
+        outside = {r["algorithm"]: r["before_wire_s"] + r["after_wire_s"] for r in (row, gloo)}
+        cap = (outside["gloo"] + gloo["comm_floor_s"]) / (outside["reduction_server"] + row["comm_floor_s"])
+        lines.append(f"{label(row)} at bucket_cap_mb {row['bucket_cap_mb']:g}: with both it and gloo at their floors "
+                     f"and these times outside the wire, {cap:.2f}x gloo")
+    return lines
 
 
 def _ratio_standing(row, rows):
@@ -596,7 +648,7 @@ def print_rows(rows):
     for index, line in enumerate(table):
         text = "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
         print(("# " if index == 0 else "  ") + text)
-    for line in [_checks.PACE_LEGEND, *standing_lines(rows), *bar_lines(rows)]:
+    for line in [_checks.PACE_LEGEND, *standing_lines(rows), *bar_lines(rows), *timeline_lines(rows)]:
         print("# " + line)
 
 
@@ -628,7 +680,8 @@ def markdown(rows, command, name):
     lines = ["; ".join(heading(rows[0], rows)), "",
              "| " + " | ".join(names) + " |", "| --- " + "| ---: " * (len(names) - 1) + "|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in [*standing_lines(rows), *bar_lines(rows)]]
+    lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in [*standing_lines(rows), *bar_lines(rows),
+                                                                             *timeline_lines(rows)]]
     buckets = sorted({(r["bucket_cap_mb"], tuple(r["buckets_bytes"] or ())) for r in rows
                       if r["algorithm"] != "none"})
     lines += [f"- DDP's buckets at bucket_cap_mb {cap:g}: " + ", ".join(f"{b / 1e6:.1f}" for b in sizes) + " MB"
@@ -668,7 +721,7 @@ def run_job(bed, args):
                    "--bucket-cap-mb", ",".join(f"{c:g}" for c in args.bucket_caps), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--width", str(args.width),
                    "--layers", str(args.layers), "--timeout", str(args.timeout), "--per-host", str(args.per_host),
-                   "--compress", ",".join(args.compress_types),
+                   "--compress", ",".join(args.compress_types), *(["--timeline"] if args.timeline else []),
                    *(["--racks", str(args.racks), "--uplink-rate", args.uplink_rate] if args.racks else []),
                    *([] if "hierarchical" in args.systems else ["--no-hierarchical"])]
         started, procs, logs = [], [], []
