@@ -21,7 +21,8 @@ def parameter_count(width, layers, classes=CLASSES):
 def timed_rounds(args, systems, step, barrier, rank, what, extra=None, switch=""):
     """--warmup then --steps rounds of one step(name) per system, the order rotating from round
     to round, every step between two barrier()s; ({system: {figure: [per timed round]}},
-    {system: [[machine CPU use, step seconds] per timed round]}). step(name) returns its
+    {system: [[machine CPU use, step seconds] per timed round]}); with --timeline, each step's
+    link timeline too (wire_out_s, wire_in_s: _common.LinkTimeline). step(name) returns its
     figures (step_s and any others); extra(name), if given, more figures of a communicating
     system's step (read after it). switch: with racks, the switch namespace's pid whose uplink
     counters worker 0 reads around each step. Rank 0 prints each round's step times after
@@ -38,8 +39,12 @@ def timed_rounds(args, systems, step, barrier, rank, what, extra=None, switch=""
             uplinks = testbed.uplink_counters(switch) if switch else None
             barrier()
             sampler = testbed.CpuSampler().start()
+            timeline = _common.LinkTimeline(args.link).start() if args.timeline else None
             figures = step(name)
             sampler.stop()
+            if timeline:
+                timeline.stop()
+                figures["wire_out_s"], figures["wire_in_s"] = timeline.out_s, timeline.in_s
             barrier()
             link_after = _common.link_counters(args.link)
             uplinks_after = testbed.uplink_counters(switch) if switch else None

@@ -78,6 +78,16 @@ layout (the slowest level's, as compare.py's: _checks.plan_bound), and the link 
 step are checked per level: each host NIC's and, with racks, each uplink's (worker 0 reads the
 uplinks' counters around each step), against the plan's model. samples/s counts every worker.
 
+--timeline says where each step's time goes, from the links rather than from DDP's own timer:
+each worker reads its host's link counters every millisecond during the step (a thread in the
+worker: it costs some CPU, so the run's other figures are not the plain run's), and per round
+the step's wire time runs from the last worker's first bulk bytes out (its first bucket's
+all-reduce started) to the last bulk bytes into any worker (the last bucket's result is in).
+Per system a line gives its median, the floor, and the step's time before the wire (forward
+and the backward pass up to the first bucket, on the slowest worker) and after it (DDP's
+finishing and the optimizer), and the ratio to gloo that the reduction server would reach with
+both systems at their floors and those times.
+
 --framework tf (train_tf.py; a Python with TensorFlow and collectives, e.g. the venv
 scripts/test makes, .venv-tf): the same MLP, batch, learning rate and testbed in Keras 3, each
 step one tf.function, no DDP. The systems: "none" (no communication), "mwms" (TensorFlow's
@@ -216,6 +226,8 @@ def parse_args(argv=None):
     add("--width", type=int, default=2048, help="the MLP's width (default 2048; change only for tests)")
     add("--layers", type=int, default=6, help="its square layers (default 6; change only for tests)")
     add("--timeout", type=float, default=600.0, help="every process group's timeout, seconds (default 600)")
+    add("--timeline", action="store_true",
+        help="also time each step's traffic on the links (see above; the workers then do more work)")
     add("--json", metavar="FILE", help="write the result rows to FILE")
     add("--results", metavar="MD",
         help="also rewrite this run's generated block ('ddp N+R RATE') in MD (benchmarks/RESULTS.md)")
@@ -400,8 +412,44 @@ def rows_from_report(report, setting):
             comm = row.get("ddp_backward_comm_s", median)
             row["bound_fraction"] = None if name == "none" or not comm else row["comm_floor_s"] / comm
             row["pace"] = _checks.pace(row["bound_fraction"], cpu_util)
+            if name != "none" and "wire_out_s" in ranks[0][name]:
+                row.update(_wire_times(ranks, name, times[name]))
             rows.append(row)
     return rows
+
+
+def _wire_times(ranks, name, step_times):
+    """--timeline: the medians over rounds of the step's time on the wire (the last worker's
+    first bulk bytes out to the last bulk bytes in), of the time before it (from the step's
+    start) and of the time after it (to the slowest worker's end of the step)."""
+    rounds = []
+    for outs, ins, step in zip(zip(*(r[name]["wire_out_s"] for r in ranks)),
+                               zip(*(r[name]["wire_in_s"] for r in ranks)), step_times):
+        if None not in (*outs, *ins):
+            rounds.append((max(ins) - max(outs), max(outs), step - max(ins)))
+    if not rounds:
+        return {"wire_s": None, "before_wire_s": None, "after_wire_s": None}
+    return {key: statistics.median(r[i] for r in rounds)
+            for i, key in enumerate(("wire_s", "before_wire_s", "after_wire_s"))}
+
+
+def timeline_lines(rows):
+    """--timeline: per system, its wire time against its floor and the step's time outside it;
+    per bucket cap, the reduction server's ratio to gloo with both at their floors."""
+    timed = [row for row in rows if row.get("wire_s") is not None]
+    lines = [f"{label(row)} at bucket_cap_mb {row['bucket_cap_mb']:g}: on the wire {_ms(row['wire_s'])} ms "
+             f"(floor {_ms(row['comm_floor_s'])}, {(row['wire_s'] - row['comm_floor_s']) * 1e3:+.0f} ms), "
+             f"before it {_ms(row['before_wire_s'])} ms, after it {_ms(row['after_wire_s'])} ms" for row in timed]
+    for row in timed:
+        gloo = next((r for r in timed if r["algorithm"] == "gloo" and not r.get("compress")
+                     and r["bucket_cap_mb"] == row["bucket_cap_mb"]), None)
+        if row["algorithm"] != "reduction_server" or row.get("compress") or gloo is None:
+            continue
+        outside = {r["algorithm"]: r["before_wire_s"] + r["after_wire_s"] for r in (row, gloo)}
+        cap = (outside["gloo"] + gloo["comm_floor_s"]) / (outside["reduction_server"] + row["comm_floor_s"])
+        lines.append(f"{label(row)} at bucket_cap_mb {row['bucket_cap_mb']:g}: with both it and gloo at their floors "
+                     f"and these times outside the wire, {cap:.2f}x gloo")
+    return lines
 
 
 BASELINE_WORDS = {"gloo": "gloo", "mwms": "MultiWorkerMirroredStrategy"}
@@ -490,7 +538,7 @@ def path_lines(rows):
 
 def summary_lines(rows, notes=()):
     """The lines under a run's table: ratios, bars, op paths, notes."""
-    return [*standing_lines(rows), *bar_lines(rows), *path_lines(rows)[0], *notes]
+    return [*standing_lines(rows), *bar_lines(rows), *timeline_lines(rows), *path_lines(rows)[0], *notes]
 
 
 def heading(first, rows=None):
@@ -672,7 +720,7 @@ def run_job(bed, args, tf_ops=None):
                    "--bucket-cap-mb", ",".join(f"{c:g}" for c in args.bucket_caps), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--width", str(args.width),
                    "--layers", str(args.layers), "--timeout", str(args.timeout), "--per-host", str(args.per_host),
-                   "--compress", ",".join(args.compress_types),
+                   "--compress", ",".join(args.compress_types), *(["--timeline"] if args.timeline else []),
                    *(["--racks", str(args.racks), "--uplink-rate", args.uplink_rate] if args.racks else []),
                    *([] if "hierarchical" in args.systems else ["--no-hierarchical"])]
         started, procs, logs = [], [], []

@@ -280,6 +280,40 @@ def test_rows_on_a_layout_carry_the_plans_and_are_checked_per_level():
     assert "| uplink tx/S | uplink rx/S |" in text and "per uplink each way" in text
 
 
+
+def test_the_timeline_splits_each_step_at_the_wire():
+    """--timeline: per round, the wire runs from the last worker's first bytes out to the last
+    bytes in; before it is the step's start to then, after it the rest of the slowest step."""
+    times = {"none": [[0.2, 0.2]] * 2, "gloo": [[3.0, 2.9], [3.2, 3.0]],
+             "reduction_server": [[2.0, 2.1], [2.2, 2.0]]}
+    report = _report(times)
+    wire = {"gloo": ([[0.2, 0.1], [0.1, 0.3]], [[2.8, 2.7], [3.0, 2.9]]),  # [round][rank]: out, in
+            "reduction_server": ([[0.2, 0.25], [0.3, 0.2]], [[1.9, 1.95], [2.1, 2.0]])}
+    for name, (outs, ins) in wire.items():
+        for rank, record in enumerate(report["phases"][0]["ranks"]):
+            record[name]["wire_out_s"] = [per_round[rank] for per_round in outs]
+            record[name]["wire_in_s"] = [per_round[rank] for per_round in ins]
+    by = {r["algorithm"]: r for r in train.rows_from_report(report, SETTING)}
+    # gloo: wires 2.8 - 0.2 = 2.6 and 3.0 - 0.3 = 2.7; before 0.2 and 0.3; after 3.0 - 2.8, 3.2 - 3.0.
+    assert by["gloo"]["wire_s"] == pytest.approx(2.65)
+    assert by["gloo"]["before_wire_s"] == pytest.approx(0.25)
+    assert by["gloo"]["after_wire_s"] == pytest.approx(0.2)
+    assert by["reduction_server"]["wire_s"] == pytest.approx((1.7 + 1.8) / 2)
+    assert "wire_s" not in by["none"]
+    lines = train.timeline_lines(list(by.values()))
+    assert lines[0].startswith("gloo at bucket_cap_mb 25: on the wire 2650 ms (floor 17, +2633 ms), before it "
+                               "250 ms, after it 200 ms")
+    # Both at their floors (1e6 B / 0.06 GB/s = 16.7 ms each) with their times outside the wire.
+    assert (by["reduction_server"]["before_wire_s"], by["reduction_server"]["after_wire_s"]) == pytest.approx(
+        ((0.25 + 0.3) / 2, (0.15 + 0.1) / 2))
+    outside = {"gloo": 0.25 + 0.2, "reduction_server": 0.275 + 0.125}
+    floor = 1e6 / 0.06e9
+    cap = (outside["gloo"] + floor) / (outside["reduction_server"] + floor)
+    assert lines[-1].endswith(f"{cap:.2f}x gloo")
+    # A round where a worker saw no bulk traffic (None) is left out.
+    report["phases"][0]["ranks"][0]["gloo"]["wire_out_s"][1] = None
+    assert train.rows_from_report(report, SETTING)[1]["wire_s"] == pytest.approx(2.6)
+
 def test_the_bar_is_met_at_1_45x_gloo():
     times = {"none": [[0.1, 0.1]] * 3, "gloo": [[1.45, 1.45]] * 3, "ring": [[1.45, 1.45]] * 3,
              "reduction_server": [[1.0, 1.0]] * 3}
@@ -388,11 +422,6 @@ def test_tf_rows_are_paired_with_the_strategy_of_their_run_and_held_to_issue_14s
 
 # -- end to end, on the testbed (root)
 
-def _netns_left():
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith("cc-tb-")]
-
-
 def on_testbed(timeout):
     """Marks a test that runs train.py on the testbed: root, the tools, a timeout."""
     marks = [pytest.mark.testbed, pytest.mark.timeout(timeout),
@@ -443,7 +472,7 @@ def test_ddp_on_every_system_across_hosts(tmp_path):
     rs = next(r for r in rows if r["algorithm"] == "reduction_server")
     assert [info["outcome"] for info in rs["reducer_hosts"].values()] == ["ok"]
     assert "collectives reduction_server" in done.stdout and "bar (2 workers + 1 reducer)" in done.stdout
-    assert not _netns_left()
+    assert not train.testbed.leftover_namespaces()
 
 
 @on_testbed(150)
@@ -460,7 +489,7 @@ def test_ddp_on_racks_of_shared_hosts(tmp_path):
         if row["algorithm"] != "none":
             assert row["params_identical"] is True and row["link_bytes"]["tx_per_uplink"] >= row["grad_bytes"], row
     assert next(r for r in rows if r["algorithm"] == "ring")["plan"] == "ring:rank-order"
-    assert "8 workers" in done.stdout and not _netns_left()
+    assert "8 workers" in done.stdout and not train.testbed.leftover_namespaces()
 
 
 @on_testbed(150)
@@ -485,4 +514,4 @@ def test_tf_strategy_and_collectives_tf_across_hosts(tmp_path):
             assert row["params_identical"] is True and row["max_abs_diff_vs_mwms"] < 1e-4, row
             assert row["link_bytes"]["tx_per_step"] >= row["grad_bytes"] / 2, row  # the gradients crossed
     assert "bar (2 workers + 1 reducer): collectives reduction_server (tf.numpy_function)" in done.stdout
-    assert not _netns_left()
+    assert not train.testbed.leftover_namespaces()
