@@ -360,13 +360,15 @@ def level_models(plan, layout):
     equal_racks = bool(racks) and len(set(racks)) == 1
     R, m = len(racks), (racks[0] if racks else h)
     lower = (1.0, False)  # any all-reduce: each host (and rack) must send out S and take in S
-    if plan == RACK_ORDERED or algorithm in ("ring", "gloo"):
+    if plan == RACK_ORDERED or algorithm in ("ring", "gloo", "mwms"):
         # A ring sends 2(n-1)/n*S from each member to the next; only the hops between hosts cross
         # NICs, between racks uplinks. In rank order (the library's ring:rank-order, gloo's ring)
         # on a block layout that is one hop out of each host and each rack (1.75 per NIC and per
         # uplink for 8 ranks); interleaved, every hop leaves its host and its rack (2 racks of 4
         # hosts: 4 hops out of each rack, 4 * 1.75 = 7.0 per uplink). Ordered rack by rack
         # (ring:rack-ordered) it is one hop out of each host and each rack in any rank order.
+        # TensorFlow's MultiWorkerMirroredStrategy ("mwms", its RING collective) runs the ring over
+        # the workers in task order (TF_CONFIG's, the rank order here), its tensors in gRPC messages.
         order = rack_ordered(layout) if plan == RACK_ORDERED else list(range(n))
         models = level_bytes(ring_pairs(order, 2 * (n - 1) / n), layout)
         host, uplink = models["host"], models["uplink"]

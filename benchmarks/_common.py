@@ -7,6 +7,8 @@ algbw = size / time and, for all-reduce, busbw = algbw * 2(n-1)/n.
 import re
 import statistics
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -113,6 +115,48 @@ def link_counters(ifname):
     stats = f"/sys/class/net/{ifname}/statistics"
     with open(f"{stats}/tx_bytes") as tx, open(f"{stats}/rx_bytes") as rx:
         return int(tx.read()), int(rx.read())
+
+
+
+class LinkTimeline:
+    """When this host's link carried a step's bulk traffic, read from its counters every
+    `period_s` by a thread between start() and stop(): out_s, when the bytes sent since start()
+    first passed `threshold` (a barrier's or an acknowledgement's few bytes do not count), and
+    in_s, the end of the last period in which more than `threshold_in` bytes came in (a final
+    control message does not count); seconds after start(), None where it never happened."""
+
+    def __init__(self, ifname, period_s=0.001, threshold=64 << 10, threshold_in=4 << 10):
+        self._ifname, self._period, self._threshold, self._threshold_in = ifname, period_s, threshold, threshold_in
+        self._thread = None
+        self._stopping = threading.Event()
+        self.out_s = self.in_s = None
+
+    def start(self):
+        self.out_s = self.in_s = None
+        self._stopping.clear()
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="link-timeline", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stopping.set()
+        self._thread.join()
+        return self
+
+    def _run(self):
+        first_tx, last_rx = link_counters(self._ifname)
+        while True:
+            stopping = self._stopping.wait(self._period)
+            tx, rx = link_counters(self._ifname)
+            now = time.perf_counter() - self._started
+            if self.out_s is None and tx - first_tx > self._threshold:
+                self.out_s = now
+            if rx - last_rx > self._threshold_in:
+                self.in_s = now
+            last_rx = rx
+            if stopping:
+                return
 
 
 def git_commit():

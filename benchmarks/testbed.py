@@ -414,11 +414,17 @@ def permitted_tcp_cc(requested: str) -> str:
     return default
 
 
+def leftover_namespaces() -> List[str]:
+    """The testbed namespaces whose run's process is gone: what a run that did not clean up
+    left behind (those of runs still going, in this process or beside it, are not)."""
+    names = [line.split()[0] for line in _run(["ip", "netns", "list"]).splitlines() if line.strip()]
+    return sorted(n for n in names if n.startswith(PREFIX) and not _owner_alive(n))
+
+
 def remove_stale() -> None:
     """Removes what earlier runs left behind when they were killed outright (their owner
     process is gone): their processes, namespaces (with their veths and bridge) and state."""
-    names = [line.split()[0] for line in _run(["ip", "netns", "list"]).splitlines() if line.strip()]
-    for name in sorted(n for n in names if n.startswith(PREFIX) and not _owner_alive(n)):
+    for name in leftover_namespaces():
         log.warning("removing %s, left behind by a testbed run that did not clean up", name)
         _remove_netns(name)
     if STATE_ROOT.is_dir():

@@ -1,10 +1,13 @@
 """DDP training throughput on the emulated cluster: torch gloo, collectives ring and the
-collectives reduction server, on the same hosts, rate, model and run (issue 5).
+collectives reduction server, on the same hosts, rate, model and run (issue 5); with
+--framework tf, TensorFlow's MultiWorkerMirroredStrategy against collectives.tf (issue 14).
 
     python benchmarks/train.py --hosts 4 --reducers 4 --rate 500mbit [--bucket-cap-mb 25,64] [--steps K]
         [--compress fp16[,bf16]]
         [--json F] [--results benchmarks/RESULTS.md]
     python benchmarks/train.py --per-host 2 --hosts 4 [--racks 2 --uplink-rate 250mbit] --rate 500mbit ...
+    .venv-tf/bin/python benchmarks/train.py --framework tf --hosts 4 --reducers 4 --rate 500mbit
+        [--bucket-cap-mb 25] [--tf-ops numpy,custom] ...
 
 Builds a testbed (benchmarks/testbed.py) of N worker hosts and R reducer hosts, every link at
 the same rate, and starts one worker process per worker host with the variables torchrun
@@ -75,16 +78,45 @@ layout (the slowest level's, as compare.py's: _checks.plan_bound), and the link 
 step are checked per level: each host NIC's and, with racks, each uplink's (worker 0 reads the
 uplinks' counters around each step), against the plan's model. samples/s counts every worker.
 
+--timeline says where each step's time goes, from the links rather than from DDP's own timer:
+each worker reads its host's link counters every millisecond during the step (a thread in the
+worker: it costs some CPU, so the run's other figures are not the plain run's), and per round
+the step's wire time runs from the last worker's first bulk bytes out (its first bucket's
+all-reduce started) to the last bulk bytes into any worker (the last bucket's result is in).
+Per system a line gives its median, the floor, and the step's time before the wire (forward
+and the backward pass up to the first bucket, on the slowest worker) and after it (DDP's
+finishing and the optimizer), and the ratio to gloo that the reduction server would reach with
+both systems at their floors and those times.
+
+--framework tf (train_tf.py; a Python with TensorFlow and collectives, e.g. the venv
+scripts/test makes, .venv-tf): the same MLP, batch, learning rate and testbed in Keras 3, each
+step one tf.function, no DDP. The systems: "none" (no communication), "mwms" (TensorFlow's
+tf.distribute.MultiWorkerMirroredStrategy, CommunicationImplementation.RING over gRPC, the
+workers named by TF_CONFIG with their hosts' addresses; each worker's loss scaled by the global
+batch, Keras' optimizer summing the replicas' gradients through the strategy, in packs of
+--bucket-cap-mb), the collectives ring and the reduction server (collectives.tf's
+DistributedGradientTape, buckets of --bucket-cap-mb, op "avg"). All live in the same worker
+processes (the strategy made first, before TensorFlow runs anything; its model in its scope, the
+others outside it) and alternate step by step as with torch; one bucket size per run (the
+strategy's pack size is fixed when it is made). A job per collectives.tf op path (--tf-ops,
+COLLECTIVES_TF_OPS=numpy or custom), each with its own strategy and "none" rows, the ratios
+paired within the job; a path the installed collectives.tf does not run (a one-process probe,
+train_tf.offered_ops) is left out with a note, and each job records collectives.tf's log line
+on the path it used (a job whose path is not the one asked for is refused). TensorFlow's step
+is timed whole: floor/comm is the floor over the step (a lower bound of the all-reduces'), and
+the weights' SHA-256 per rank and their largest difference to the strategy's are reported.
+Bars (issue 14): the reduction server >= 1.4x the strategy's samples/s, the ring >= 1.0x, per
+op path; the custom op's samples/s >= the numpy_function's.
+
 --results MD rewrites the block "ddp N+R RATE" (on layouts "ddp NxK RATE", "ddp NxK racks R
-uplink RATE RATE") of MD (benchmarks/RESULTS.md) between
+uplink RATE RATE"; with --framework tf "tf N+R RATE") of MD (benchmarks/RESULTS.md) between
     <!-- train.py: begin NAME (generated; rerun the command below to regenerate) -->
     <!-- train.py: end NAME -->
 Run as root (it creates network namespaces).
 """
 
 import argparse
-import datetime
-import hashlib
+import importlib.util
 import json
 import os
 import shlex
@@ -98,43 +130,52 @@ from pathlib import Path
 
 import _checks
 import _common
+import _train_worker
 import compare
 import testbed
+import train_tf
+import train_torch
+from _train_worker import CLASSES, COLLECTIVES_SYSTEMS
+from train_torch import DDP_TIMES, HOOKS, system_parts
 
 HERE = Path(__file__).resolve().parent
 # One training step each per round, in this order (rotated from round to round). "none" is
 # the model without DDP: the step time without communication.
 SYSTEMS = ("none", "gloo", "ring", "hierarchical", "reduction_server")
 COMM_SYSTEMS = SYSTEMS[1:]
-COLLECTIVES_SYSTEMS = ("ring", "hierarchical", "reduction_server")
+# --framework tf: TensorFlow's MultiWorkerMirroredStrategy ("mwms") in gloo's place.
+TF_SYSTEMS = ("none", "mwms", "ring", "reduction_server")
+BASELINES = {"torch": "gloo", "tf": "mwms"}  # the peer every row's ratio is to
 LABELS = {"none": "no communication", "gloo": "gloo", "ring": "collectives ring",
-          "hierarchical": "collectives hierarchical", "reduction_server": "collectives reduction_server"}
+          "hierarchical": "collectives hierarchical", "reduction_server": "collectives reduction_server",
+          "mwms": "TF MultiWorkerMirroredStrategy (RING, gRPC)"}
+# collectives.tf's op paths (COLLECTIVES_TF_OPS), each a run of its own, in this order.
+TF_OPS = {"numpy": "tf.numpy_function", "custom": "custom op"}
 MASTER_PORT = 29500  # on h0: torch's store (compare.RENDEZVOUS_PORT holds the reducers' store)
-LEARNING_RATE = 0.01
-CLASSES = 16
 BAR = 1.45  # issue 13: reduction server >= 1.45x gloo samples/s at 4 workers + 4 reducers, 500 Mbit/s
 COMPRESSED_BAR = 2.2  # issue 13: with fp16 compression through the reducers, >= 2.2x gloo (fp32)
-# --compress: torch's own DDP communication hooks, which cast each bucket to the half type,
-# all-reduce it (the reducers sum it in float32 and round once) and cast it back.
-HOOKS = {"fp16": "fp16_compress_hook", "bf16": "bf16_compress_hook"}
+# Issue 14, per collectives.tf op path: the reduction server >= 1.4x MultiWorkerMirroredStrategy's
+# samples/s, the ring >= 1.0x it.
+TF_BARS = {"reduction_server": 1.4, "ring": 1.0}
 COMPRESSED = ("gloo", "reduction_server")  # the systems a --compress type adds a row of
 WORKER_POLL_S = 0.5
-# DDP's runtime logging (nanoseconds), sampled every step: the backward pass's compute, its
-# all-reduces (first bucket's start to last bucket's end) and how much of them overlapped.
-DDP_TIMES = {"ddp_backward_compute_s": "backward_compute_time", "ddp_backward_comm_s": "backward_comm_time",
-             "ddp_overlap_s": "backward_compute_comm_overlap_time"}
-
-
-def system_parts(name):
-    """A system's key split: "reduction_server+fp16" -> ("reduction_server", "fp16"); "gloo" -> ("gloo", None)."""
-    base, _, compress = name.partition("+")
-    return base, compress or None
+parameter_count = _train_worker.parameter_count
 
 
 def label(row):
-    """A row's name in the table: "collectives reduction_server fp16 (fp16_compress_hook)"."""
+    """A row's name in the table: "collectives reduction_server fp16 (fp16_compress_hook)";
+    with TensorFlow "collectives ring (tf.numpy_function)", "no communication [numpy run]"."""
     compress = row.get("compress")
-    return LABELS[row["algorithm"]] + (f" {compress} ({HOOKS[compress]})" if compress else "")
+    name = LABELS[row["algorithm"]] + (f" {compress} ({HOOKS[compress]})" if compress else "")
+    ops = row.get("tf_ops")
+    if ops is None:
+        return name
+    return f"{name} ({TF_OPS[ops]})" if row["algorithm"] in COLLECTIVES_SYSTEMS else f"{name} [{ops} run]"
+
+
+def speedup(row):
+    """The row's paired ratio to its run's baseline (gloo, or TensorFlow's strategy): above 1 faster."""
+    return row[f"speedup_vs_{row['baseline']}"]
 
 
 def wire_bytes(row):
@@ -155,6 +196,12 @@ def _positive_numbers(text, option):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
+    add("--framework", choices=("torch", "tf"), default="torch",
+        help="torch: DDP over gloo and collectives (default); tf: Keras 3 tf.function steps with TensorFlow's "
+        "MultiWorkerMirroredStrategy and collectives.tf (run it with a Python that has tensorflow)")
+    add("--tf-ops", default=",".join(TF_OPS),
+        help="with --framework tf: collectives.tf's op paths to time, a run each (COLLECTIVES_TF_OPS): numpy, "
+        "custom; one the installed collectives.tf does not offer is left out with a note (default numpy,custom)")
     add("--hosts", type=int, default=4, help="worker hosts N, --per-host worker processes each (default 4)")
     add("--reducers", type=int,
         help="reducer hosts R beside them, one reducer each (default 4 on flat layouts, else 0; 0: no "
@@ -167,7 +214,9 @@ def parse_args(argv=None):
     add("--rate", default="500mbit", help="each link's rate, both directions (default 500mbit)")
     add("--burst", default="256kb", help="tbf burst (default 256kb)")
     add("--tcp-cc", default="cubic", help="the hosts' TCP congestion control (default cubic; see testbed.py)")
-    add("--bucket-cap-mb", default="25,64", help="DDP bucket_cap_mb, or a comma-separated list (default 25,64)")
+    add("--bucket-cap-mb",
+        help="DDP bucket_cap_mb, or a comma-separated list (default 25,64); with --framework tf one size, of "
+        "collectives.tf's buckets and MultiWorkerMirroredStrategy's packs alike (default 25)")
     add("--compress", default="",
         help="also time gloo and the reduction server with gradients compressed to these types through torch's "
         "DDP hooks (fp16_compress_hook, bf16_compress_hook): fp16, bf16 or fp16,bf16 (default: none)")
@@ -177,6 +226,8 @@ def parse_args(argv=None):
     add("--width", type=int, default=2048, help="the MLP's width (default 2048; change only for tests)")
     add("--layers", type=int, default=6, help="its square layers (default 6; change only for tests)")
     add("--timeout", type=float, default=600.0, help="every process group's timeout, seconds (default 600)")
+    add("--timeline", action="store_true",
+        help="also time each step's traffic on the links (see above; the workers then do more work)")
     add("--json", metavar="FILE", help="write the result rows to FILE")
     add("--results", metavar="MD",
         help="also rewrite this run's generated block ('ddp N+R RATE') in MD (benchmarks/RESULTS.md)")
@@ -209,6 +260,9 @@ def parse_args(argv=None):
         parser.error("--warmup must be 0 or more")
     if args.timeout <= 0:
         parser.error("--timeout must be above 0")
+    tf = args.framework == "tf"
+    if args.bucket_cap_mb is None:
+        args.bucket_cap_mb = "25" if tf else "25,64"
     try:
         args.bucket_caps = _positive_numbers(args.bucket_cap_mb, "--bucket-cap-mb")
         testbed.parse_rate(args.rate)
@@ -225,6 +279,17 @@ def parse_args(argv=None):
     unknown = [c for c in args.compress_types if c not in HOOKS]
     if unknown:
         parser.error(f"--compress takes {' or '.join(HOOKS)} (comma-separated), not {', '.join(unknown)}")
+    if tf:
+        if layered or args.compress_types:
+            parser.error("--framework tf runs one worker per host without racks, uncompressed: no --per-host, "
+                         "--racks or --compress")
+        if len(args.bucket_caps) > 1:
+            parser.error("--framework tf takes one --bucket-cap-mb (the strategy's pack size is fixed per process)")
+        args.tf_ops = [o for o in args.tf_ops.split(",") if o]
+        if not args.tf_ops or set(args.tf_ops) - set(TF_OPS):
+            parser.error(f"--tf-ops takes {' or '.join(TF_OPS)} (comma-separated), not {','.join(args.tf_ops)!r}")
+        args.systems = [s for s in TF_SYSTEMS if s != "reduction_server" or args.reducers]
+        return args
     args.systems = [s for s in SYSTEMS if (s != "reduction_server" or args.reducers)
                     and (s != "hierarchical" or hierarchical)]
     args.systems += [f"{s}+{c}" for c in args.compress_types for s in COMPRESSED if s in args.systems]
@@ -235,150 +300,6 @@ def layout_of(args):
     """The run's _checks.Layout (worker hosts only)."""
     racks = testbed.rack_sizes(args.hosts, args.racks) if args.racks else ()
     return _checks.Layout(args.hosts, args.per_host, racks, args.reducers)
-
-
-def parameter_count(width, layers, classes=CLASSES):
-    """The MLP's parameters: `layers` square layers with biases, then the classifier."""
-    return layers * (width * width + width) + width * classes + classes
-
-
-# -- the worker: one process per worker host
-
-def worker(args):
-    """One worker of the job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment);
-    worker 0 writes the job's raw figures to --worker-report."""
-    import torch
-    import torch.distributed as dist
-    import torch.nn as nn
-    import torch.nn.functional as F
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    import collectives.torch  # noqa: F401 - registers the backend "collectives"
-
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=args.timeout)
-    if args.placement:
-        _checks.report_placement(args.placement, int(os.environ["RANK"]), args.link)
-    dist.init_process_group("gloo", timeout=timeout)
-    rank, size = dist.get_rank(), dist.get_world_size()
-    systems = args.systems
-    groups = {}
-    # The first collectives group that spans the job gets its reducers; the ring row runs a
-    # subgroup of it over the same connections, forced to the ring at every size (auto would
-    # take recursive doubling for small buckets, whose link bytes differ).
-    world = dist.new_group(backend="collectives", timeout=timeout)
-    if "reduction_server" in systems:
-        groups["reduction_server"] = world
-    for name in ("ring", "hierarchical"):
-        if name in systems:  # a subgroup spanning the job, forced to the algorithm
-            groups[name] = dist.new_group(backend="collectives", timeout=timeout, pg_options=world.communicator
-                                          .create_group(list(range(size)), algorithm=name))
-    groups["gloo"] = dist.new_group(backend="gloo", timeout=timeout)
-    algorithms = {"gloo": "gloo", "none": "none"}
-    for name in COLLECTIVES_SYSTEMS:
-        if name in groups:
-            # The library's words for what runs: "ring", or the plan, "hierarchical(2 ranks/host x 2 hosts)".
-            algorithms[name] = groups[name].communicator.algorithm
-            if _checks.algorithm_name(algorithms[name]) != name:
-                raise RuntimeError(f"the collectives group meant for {name} runs {algorithms[name]}")
-    for name in systems:
-        algorithms[name] = algorithms[system_parts(name)[0]]
-    # With racks, worker 0 also reads the uplinks' counters (in the switch's namespace).
-    switch = os.environ.get("TESTBED_SWITCH_PID", "") if rank == 0 and args.racks else ""
-
-    def build_model():
-        torch.manual_seed(0)  # every system and every rank: the same initial parameters
-        layers = []
-        for _ in range(args.layers):
-            layers += [nn.Linear(args.width, args.width), nn.ReLU()]
-        return nn.Sequential(*layers, nn.Linear(args.width, CLASSES))
-
-    generator = torch.Generator().manual_seed(1000 + rank)  # each worker its own fixed batch
-    inputs = torch.randn(args.batch, args.width, generator=generator)
-    targets = torch.randint(0, CLASSES, (args.batch,), generator=generator)
-
-    def train_step(module, optimizer):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(module(inputs), targets)
-        forward = time.perf_counter()
-        loss.backward()  # DDP: returns once every bucket's all-reduce is done
-        backward = time.perf_counter()
-        optimizer.step()
-        end = time.perf_counter()
-        return {"step_s": end - start, "forward_s": forward - start, "backward_s": backward - forward,
-                "optimizer_s": end - backward}
-
-    def parameters(model):
-        return [p.detach() for p in model.parameters()]
-
-    phases = []
-    for cap in args.bucket_caps:
-        models = {name: build_model() for name in systems}
-        runners = {"none": models["none"]}
-        for name in systems[1:]:
-            base, compress = system_parts(name)
-            runners[name] = DDP(models[name], process_group=groups[base], bucket_cap_mb=cap, init_sync=False)
-            if compress:
-                runners[name].register_comm_hook(groups[base], getattr(default_hooks, HOOKS[compress]))
-            runners[name]._set_ddp_runtime_logging_sample_rate(1)
-        optimizers = {name: torch.optim.SGD(models[name].parameters(), lr=LEARNING_RATE) for name in systems}
-        record = {name: {} for name in systems}
-        cpu = {name: [] for name in systems}
-        for round_ in range(args.warmup + args.steps):
-            turn, last = round_ % len(systems), {}
-            for name in systems[turn:] + systems[:turn]:
-                # The link counters are read before the barrier (once a worker leaves it, its
-                # bytes may reach a host whose worker has not) and after another (every
-                # worker's step is done, so every byte of it has crossed), as allreduce.py does.
-                link = _common.link_counters(args.link)
-                uplinks = testbed.uplink_counters(switch) if switch else None
-                dist.barrier()
-                sampler = testbed.CpuSampler().start()
-                figures = train_step(runners[name], optimizers[name])
-                sampler.stop()
-                dist.barrier()
-                link_after = _common.link_counters(args.link)
-                uplinks_after = testbed.uplink_counters(switch) if switch else None
-                last[name] = figures["step_s"]
-                if round_ < args.warmup:
-                    continue
-                figures["tx"], figures["rx"] = link_after[0] - link[0], link_after[1] - link[1]
-                if uplinks is not None:
-                    figures["uplinks"] = {rack: [out - uplinks[rack][0], into - uplinks[rack][1]]
-                                          for rack, (out, into) in uplinks_after.items()}
-                if name != "none":
-                    logged = runners[name]._get_ddp_logging_data()
-                    figures.update({key: logged.get(field, 0) / 1e9 for key, field in DDP_TIMES.items()})
-                for key, value in figures.items():
-                    record[name].setdefault(key, []).append(value)
-                cpu[name].append([sampler.util, figures["step_s"]])
-            if rank == 0:
-                print(f"# bucket_cap_mb {cap:g}, {'warm-up ' if round_ < args.warmup else ''}round "
-                      f"{round_ + 1 - (0 if round_ < args.warmup else args.warmup)}, rank 0's steps: "
-                      + ", ".join(f"{name} {last[name]:.3f} s" for name in systems), flush=True)
-        gloo_params = parameters(models["gloo"])
-        for name in systems[1:]:
-            digest = hashlib.sha256()
-            for p in parameters(models[name]):
-                digest.update(p.contiguous().numpy())
-            record[name]["hash"] = digest.hexdigest()
-            record[name]["max_abs_diff_vs_gloo"] = max(
-                float((a - b).abs().max()) for a, b in zip(parameters(models[name]), gloo_params))
-        buckets = {name: [int(b) for b in str(runners[name]._get_ddp_logging_data().get("rebuilt_bucket_sizes", ""))
-                          .replace(",", " ").split()] for name in systems[1:]}
-        everyone = [None] * size
-        dist.all_gather_object(everyone, record)
-        phases.append({"bucket_cap_mb": cap, "buckets": buckets, "ranks": everyone, "cpu": cpu})
-        del runners, models, optimizers
-    if rank == 0:
-        report = {"world": size, "systems": systems, "algorithms": algorithms,
-                  "params": parameter_count(args.width, args.layers), "width": args.width, "layers": args.layers,
-                  "classes": CLASSES, "batch": args.batch, "lr": LEARNING_RATE, "warmup": args.warmup,
-                  "steps": args.steps, "phases": phases}
-        Path(args.worker_report).write_text(json.dumps(report) + "\n")
-    dist.destroy_process_group()
 
 
 # -- from the job's raw figures to rows
@@ -406,8 +327,12 @@ def _mean_over_ranks(ranks, name, key):
 def rows_from_report(report, setting):
     """One row per (bucket cap, system) from the workers' report. setting: hosts, reducers,
     rate_gbps, goodput_GBps, tc, commit; on layouts also per_host, racks (worker hosts per
-    rack), uplink_goodput_GBps, uplink_rate_gbps and worker_hosts (each rank's host)."""
+    rack), uplink_goodput_GBps, uplink_rate_gbps and worker_hosts (each rank's host). A
+    TensorFlow job's report (framework "tf") names its baseline (the strategy), its
+    collectives.tf op path and TensorFlow's version; its rows carry them."""
     rows = []
+    framework = report.get("framework", "torch")
+    baseline = BASELINES[framework]
     hosts, reducers = setting["hosts"], setting["reducers"]
     layout = _checks.Layout(hosts, setting.get("per_host") or 1, setting.get("racks") or (), reducers)
     uplink_goodput = setting.get("uplink_goodput_GBps")
@@ -441,7 +366,9 @@ def rows_from_report(report, setting):
                                   rx_per_uplink=statistics.fmean(u["rx"] for u in uplinks.values()))
             base, compress = system_parts(name)
             row = {
-                "system": "collectives" if base in COLLECTIVES_SYSTEMS else base,
+                "system": ("collectives" if base in COLLECTIVES_SYSTEMS else "tensorflow" if base == "mwms"
+                           else base),
+                "framework": framework, "baseline": baseline,
                 "algorithm": algorithm, "compress": compress, "hook": HOOKS.get(compress), "plan": plan, "hosts": hosts, "ranks": layout.ranks,
                 "per_host": layout.per_host, "racks": list(layout.racks) or None, "reducers": reducers,
                 "rate_gbps": setting["rate_gbps"], "goodput_GBps": setting["goodput_GBps"], "tc": setting["tc"],
@@ -451,7 +378,8 @@ def rows_from_report(report, setting):
                 "warmup": report["warmup"], "steps": report["steps"],
                 "step_time_s": median, "step_times_s": times[name],
                 "samples_per_s": layout.ranks * report["batch"] / median,
-                "speedup_vs_gloo": (_common.paired_ratio(times["gloo"], times[name]) if "gloo" in times else None),
+                f"speedup_vs_{baseline}": (_common.paired_ratio(times[baseline], times[name]) if baseline in times
+                                           else None),
                 "speedups": {other: _common.paired_ratio(times[other], times[name]) for other in report["systems"]
                              if other not in ("none", name)},
                 "compute_time_s": none,
@@ -464,34 +392,86 @@ def rows_from_report(report, setting):
                 "cpu_bound": (None if name == "none"
                               else cpu_util is not None and cpu_util > testbed.CPU_BOUND_UTIL),
                 "params_identical": None if name == "none" else len(set(hashes)) == 1 and None not in hashes,
-                "max_abs_diff_vs_gloo": None if name == "none" else max(r[name]["max_abs_diff_vs_gloo"] for r in ranks),
+                f"max_abs_diff_vs_{baseline}": (None if name == "none" or f"max_abs_diff_vs_{baseline}" not in ranks[0][name]
+                                                else max(r[name][f"max_abs_diff_vs_{baseline}"] for r in ranks)),
                 "commit": setting["commit"],
             }
             if described != algorithm:
                 row["plan_detail"] = described
+            if framework == "tf":
+                row.update(tf_ops=report["tf_ops"], tf_ops_line=report.get("tf_ops_line"),
+                           tensorflow=report["tensorflow"], keras=report["keras"])
             if layout.racks:
                 row["uplink_rate_gbps"], row["uplink_goodput_GBps"] = setting.get("uplink_rate_gbps"), uplink_goodput
             for key in ("forward_s", "backward_s", "optimizer_s", *(DDP_TIMES if name != "none" else ())):
-                row[key] = statistics.median(_slowest(ranks, name, key))
-            # How close DDP's all-reduces (first bucket's start to last one's end) came to the floor.
-            row["bound_fraction"] = (None if name == "none" or not row["ddp_backward_comm_s"]
-                                     else row["comm_floor_s"] / row["ddp_backward_comm_s"])
+                if key in ranks[0][name]:  # TensorFlow's steps are timed whole
+                    row[key] = statistics.median(_slowest(ranks, name, key))
+            # How close DDP's all-reduces (first bucket's start to last one's end) came to the floor;
+            # TensorFlow times no all-reduce of its own: the whole step's time stands for it (a
+            # lower bound of how close).
+            comm = row.get("ddp_backward_comm_s", median)
+            row["bound_fraction"] = None if name == "none" or not comm else row["comm_floor_s"] / comm
             row["pace"] = _checks.pace(row["bound_fraction"], cpu_util)
+            if name != "none" and "wire_out_s" in ranks[0][name]:
+                row.update(_wire_times(ranks, name, times[name]))
             rows.append(row)
     return rows
 
 
+def _wire_times(ranks, name, step_times):
+    """--timeline: the medians over rounds of the step's time on the wire (the last worker's
+    first bulk bytes out to the last bulk bytes in), of the time before it (from the step's
+    start) and of the time after it (to the slowest worker's end of the step)."""
+    rounds = []
+    for outs, ins, step in zip(zip(*(r[name]["wire_out_s"] for r in ranks)),
+                               zip(*(r[name]["wire_in_s"] for r in ranks)), step_times):
+        if None not in (*outs, *ins):
+            rounds.append((max(ins) - max(outs), max(outs), step - max(ins)))
+    if not rounds:
+        return {"wire_s": None, "before_wire_s": None, "after_wire_s": None}
+    return {key: statistics.median(r[i] for r in rounds)
+            for i, key in enumerate(("wire_s", "before_wire_s", "after_wire_s"))}
+
+
+def timeline_lines(rows):
+    """--timeline: per system, its wire time against its floor and the step's time outside it;
+    per bucket cap, the reduction server's ratio to gloo with both at their floors."""
+    timed = [row for row in rows if row.get("wire_s") is not None]
+    lines = [f"{label(row)} at bucket_cap_mb {row['bucket_cap_mb']:g}: on the wire {_ms(row['wire_s'])} ms "
+             f"(floor {_ms(row['comm_floor_s'])}, {(row['wire_s'] - row['comm_floor_s']) * 1e3:+.0f} ms), "
+             f"before it {_ms(row['before_wire_s'])} ms, after it {_ms(row['after_wire_s'])} ms" for row in timed]
+    for row in timed:
+        gloo = next((r for r in timed if r["algorithm"] == "gloo" and not r.get("compress")
+                     and r["bucket_cap_mb"] == row["bucket_cap_mb"]), None)
+        if row["algorithm"] != "reduction_server" or row.get("compress") or gloo is None:
+            continue
+        outside = {r["algorithm"]: r["before_wire_s"] + r["after_wire_s"] for r in (row, gloo)}
+        cap = (outside["gloo"] + gloo["comm_floor_s"]) / (outside["reduction_server"] + row["comm_floor_s"])
+        lines.append(f"{label(row)} at bucket_cap_mb {row['bucket_cap_mb']:g}: with both it and gloo at their floors "
+                     f"and these times outside the wire, {cap:.2f}x gloo")
+    return lines
+
+
+BASELINE_WORDS = {"gloo": "gloo", "mwms": "MultiWorkerMirroredStrategy"}
+
+
+def _baseline_row(row, rows):
+    """The row of the baseline (gloo, uncompressed; or TensorFlow's strategy) that `row` is
+    paired with: the same bucket cap and, with TensorFlow, the same run."""
+    return next(r for r in rows if r["algorithm"] == row["baseline"] and not r.get("compress")
+                and r["bucket_cap_mb"] == row["bucket_cap_mb"] and r.get("tf_ops") == row.get("tf_ops"))
+
+
 def _ratio_standing(row, rows):
-    """Whether the row's ratio to gloo (at its bucket cap) counts, and why: _checks.ratio_standing."""
-    gloo = next(r for r in rows if r["algorithm"] == "gloo" and not r.get("compress")
-                and r["bucket_cap_mb"] == row["bucket_cap_mb"])
-    return _checks.ratio_standing(label(row), row["pace"], "gloo", gloo["pace"])
+    """Whether the row's ratio to its baseline counts, and why: _checks.ratio_standing."""
+    return _checks.ratio_standing(label(row), row["pace"], BASELINE_WORDS[row["baseline"]],
+                                  _baseline_row(row, rows)["pace"])
 
 
 def standing_lines(rows):
-    """Each collectives system's ratio to gloo (and the hierarchical plan's to the flat ring),
-    per bucket cap, and whether it counts."""
-    lines = [f"{label(row)} {row['speedup_vs_gloo']:.2f}x gloo at bucket_cap_mb "
+    """Each collectives system's ratio to gloo or TensorFlow's strategy (and the hierarchical
+    plan's to the flat ring), per bucket cap, and whether it counts."""
+    lines = [f"{label(row)} {speedup(row):.2f}x {BASELINE_WORDS[row['baseline']]} at bucket_cap_mb "
              f"{row['bucket_cap_mb']:g}: {_ratio_standing(row, rows)[1]}"
              for row in rows if row["algorithm"] in COLLECTIVES_SYSTEMS or (row["algorithm"] == "gloo"
                                                                          and row.get("compress"))]
@@ -505,22 +485,60 @@ def standing_lines(rows):
     return lines
 
 
+def _verdict(ratio, bar, counts, words):
+    return "PASS" if ratio >= bar and counts else "FAIL" + ("" if counts else f" (the ratio {words})")
+
+
 def bar_lines(rows):
-    """The issue's bars (reduction server >= 1.45x gloo samples/s; with fp16 compression
-    >= 2.2x gloo fp32), per bucket cap, in words."""
+    """The issues' bars in words, per bucket cap: with torch, the reduction server >= 1.45x
+    gloo samples/s (with fp16 compression >= 2.2x gloo fp32); with TensorFlow, per op path,
+    the reduction server >= 1.4x and the ring >= 1.0x MultiWorkerMirroredStrategy, and the
+    custom op's samples/s not below the numpy_function's."""
     lines = []
     for row in rows:
+        config = f"{row['hosts']} workers + {row['reducers']} reducer{'s' if row['reducers'] != 1 else ''}"
+        if row["framework"] == "tf":
+            if row["algorithm"] in TF_BARS:
+                bar, (counts, words) = TF_BARS[row["algorithm"]], _ratio_standing(row, rows)
+                lines.append(f"bar ({config}): {label(row)} {speedup(row):.2f}x MultiWorkerMirroredStrategy "
+                             f"samples/s, need >= {bar}: {_verdict(speedup(row), bar, counts, words)}")
+            continue
         if row["algorithm"] != "reduction_server" or row.get("compress") not in (None, "fp16"):
             continue
-        config = f"{row['hosts']} workers + {row['reducers']} reducer{'s' if row['reducers'] != 1 else ''}"
         counts, words = _ratio_standing(row, rows)
         bar = COMPRESSED_BAR if row.get("compress") else BAR
-        met = row["speedup_vs_gloo"] >= bar and counts
         compressed = f" with {row['compress']} compression ({row['hook']})" if row.get("compress") else ""
-        lines.append(f"bar ({config}): reduction server{compressed} {row['speedup_vs_gloo']:.2f}x gloo samples/s at "
-                     f"bucket_cap_mb {row['bucket_cap_mb']:g}, need >= {bar}: "
-                     + ("PASS" if met else "FAIL" + ("" if counts else f" (the ratio {words})")))
+        lines.append(f"bar ({config}): reduction server{compressed} {speedup(row):.2f}x gloo samples/s at "
+                     f"bucket_cap_mb {row['bucket_cap_mb']:g}, need >= {bar}: {_verdict(speedup(row), bar, counts, words)}")
+    by_path = {(r["algorithm"], r.get("tf_ops")): r for r in rows if r["framework"] == "tf"}
+    for algorithm in TF_BARS:
+        numpy_row, custom_row = by_path.get((algorithm, "numpy")), by_path.get((algorithm, "custom"))
+        if numpy_row and custom_row:
+            ratio = custom_row["samples_per_s"] / numpy_row["samples_per_s"]
+            lines.append(f"bar: {LABELS[algorithm]} through the custom op {ratio:.2f}x its samples/s through "
+                         f"tf.numpy_function (runs one after the other: not paired), need >= 1.0: "
+                         + ("PASS" if ratio >= 1.0 else "FAIL"))
     return lines
+
+
+def path_lines(rows):
+    """Per TensorFlow run, the op path collectives.tf said it used (its log line), and what is
+    wrong: a line that names another path than the run's COLLECTIVES_TF_OPS."""
+    lines, problems = [], []
+    runs = {row["tf_ops"]: row.get("tf_ops_line") for row in rows if row["framework"] == "tf"}
+    for ops, line in runs.items():
+        lines.append(f"{ops} run (COLLECTIVES_TF_OPS={ops}): " + (
+            f"collectives.tf logged '{line}'" if line else
+            "collectives.tf logged no op path (one that has no custom op: tf.numpy_function)"))
+        used = "custom" if line and "custom op" in line else "numpy"
+        if used != ops:
+            problems.append(f"the {ops} run used collectives.tf's {used} path: {line}")
+    return lines, problems
+
+
+def summary_lines(rows, notes=()):
+    """The lines under a run's table: ratios, bars, op paths, notes."""
+    return [*standing_lines(rows), *bar_lines(rows), *timeline_lines(rows), *path_lines(rows)[0], *notes]
 
 
 def heading(first, rows=None):
@@ -537,6 +555,16 @@ def heading(first, rows=None):
             plans.append(f"{label(row)} ({row['plan']}) moves " + ", ".join(
                 f"{'' if model[1] else '>= '}{model[0]:.3f} x S per {level} each way"
                 for level, model in (("host NIC", models["host"]), ("uplink", models["uplink"])) if model is not None))
+    if first["framework"] == "tf":
+        runs = sorted({row["tf_ops"] for row in rows or [first]}, key=list(TF_OPS).index)
+        how = (f"TensorFlow {first['tensorflow']}, Keras {first['keras']}: each step one tf.function, the "
+               "collectives rows through DistributedGradientTape (buckets of the size above), the strategy's "
+               "through Keras' optimizer (packs of that size); one run (job) per collectives.tf op path "
+               f"(COLLECTIVES_TF_OPS={', '.join(runs)}), the strategy in the same processes as collectives, the "
+               "systems alternating step by step within each run; floor/comm: the floor over the whole step "
+               "(TensorFlow times no all-reduce apart)")
+    else:
+        how = "the systems alternating step by step"
     lines = [f"{where}; {first['tc']}",
              f"goodput B = {first['goodput_GBps'] * 8e3:.1f} Mbit/s per link and direction"
              + (f"; B_up = {uplink * 8e3:.1f} Mbit/s per rack uplink and direction" if uplink else ""),
@@ -544,7 +572,7 @@ def heading(first, rows=None):
              f"model: MLP, {first['layers']} x {first['width']}x{first['width']} + classifier ({CLASSES}), "
              f"{first['params'] / 1e6:.1f} M parameters = {first['grad_bytes'] / 1e6:.1f} MB of float32 gradients "
              f"(S); batch {first['batch']} per worker, SGD; {first['steps']} timed rounds after {first['warmup']} "
-             "warm-up, the systems alternating step by step"]
+             f"warm-up, {how}"]
     return lines
 
 
@@ -552,22 +580,28 @@ def _ms(value):
     return "-" if value is None else f"{value * 1e3:.0f}"
 
 
-def _cells(row):
-    """The table's cells of one row."""
-    ratio, share, link = row["speedup_vs_gloo"], row["comm_share"], row["link_bytes"]
-    ddp = ("-" if row["algorithm"] == "none" else
-           f"{_ms(row['ddp_backward_compute_s'])}/{_ms(row['ddp_backward_comm_s'])}/{_ms(row['ddp_overlap_s'])}")
-    same = {True: "yes", False: "NO", None: "-"}[row["params_identical"]]
-    uplinks = ([_share(link.get("tx_per_uplink"), row), _share(link.get("rx_per_uplink"), row)]
-               if row.get("racks") else [])
-    return [label(row),
-            f"{row['bucket_cap_mb']:g}", _ms(row["step_time_s"]), f"{row['samples_per_s']:.1f}",
-            "-" if ratio is None else f"{ratio:.2f}x", "-" if share is None else f"{share:.0%}",
-            f"{_ms(row['forward_s'])}/{_ms(row['backward_s'])}/{_ms(row['optimizer_s'])}", ddp,
-            _ms(row["comm_floor_s"]), f"{link['tx_per_step'] / row['grad_bytes']:.3f}",
-            f"{link['rx_per_step'] / row['grad_bytes']:.3f}", *uplinks,
-            "-" if row["cpu_util"] is None else format(row["cpu_util"], ".0%"),
-            "-" if row["bound_fraction"] is None else format(row["bound_fraction"], ".0%"), row["pace"] or "-", same]
+def _cells(row, names):
+    """The table's cells of one row, for the columns `names`."""
+    ratio, share, link = speedup(row), row["comm_share"], row["link_bytes"]
+    cells = {
+        "system": label(row), "bucket MB": f"{row['bucket_cap_mb']:g}", "step ms": _ms(row["step_time_s"]),
+        "samples/s": f"{row['samples_per_s']:.1f}", "comm share": "-" if share is None else f"{share:.0%}",
+        "comm floor ms": _ms(row["comm_floor_s"]), "tx/S": f"{link['tx_per_step'] / row['grad_bytes']:.3f}",
+        "rx/S": f"{link['rx_per_step'] / row['grad_bytes']:.3f}",
+        "cpu": "-" if row["cpu_util"] is None else format(row["cpu_util"], ".0%"),
+        "floor/comm": "-" if row["bound_fraction"] is None else format(row["bound_fraction"], ".0%"),
+        "pace": row["pace"] or "-", "params identical": {True: "yes", False: "NO", None: "-"}[row["params_identical"]],
+    }
+    cells[f"vs {BASELINE_WORDS[row['baseline']]}"] = "-" if ratio is None else f"{ratio:.2f}x"
+    if row["framework"] == "torch":
+        cells["fwd/bwd/opt ms"] = f"{_ms(row['forward_s'])}/{_ms(row['backward_s'])}/{_ms(row['optimizer_s'])}"
+        cells["DDP bwd compute/comm/overlap ms"] = (
+            "-" if row["algorithm"] == "none" else
+            f"{_ms(row['ddp_backward_compute_s'])}/{_ms(row['ddp_backward_comm_s'])}/{_ms(row['ddp_overlap_s'])}")
+    if row.get("racks"):
+        cells["uplink tx/S"] = _share(link.get("tx_per_uplink"), row)
+        cells["uplink rx/S"] = _share(link.get("rx_per_uplink"), row)
+    return [cells[name] for name in names]
 
 
 def _share(value, row):
@@ -577,60 +611,74 @@ def _share(value, row):
 COLUMNS = ("system", "bucket MB", "step ms", "samples/s", "vs gloo", "comm share", "fwd/bwd/opt ms",
            "DDP bwd compute/comm/overlap ms", "comm floor ms", "tx/S", "rx/S", "cpu", "floor/comm", "pace",
            "params identical")
+TF_COLUMNS = tuple("vs MultiWorkerMirroredStrategy" if c == "vs gloo" else c for c in COLUMNS
+                   if c not in ("fwd/bwd/opt ms", "DDP bwd compute/comm/overlap ms"))  # TF's steps are timed whole
 
 
 def columns(rows):
-    """COLUMNS, with each uplink's (mean) bytes per step over S after rx/S where there are racks."""
+    """COLUMNS (TF_COLUMNS for TensorFlow), with each uplink's (mean) bytes per step over S after
+    rx/S where there are racks."""
+    names = TF_COLUMNS if rows[0]["framework"] == "tf" else COLUMNS
     if not rows[0].get("racks"):
-        return COLUMNS
-    at = COLUMNS.index("rx/S") + 1
-    return COLUMNS[:at] + ("uplink tx/S", "uplink rx/S") + COLUMNS[at:]
+        return names
+    at = names.index("rx/S") + 1
+    return names[:at] + ("uplink tx/S", "uplink rx/S") + names[at:]
 
 
-def print_rows(rows):
+def print_rows(rows, notes=()):
     for line in heading(rows[0], rows):
         print("# " + line)
     names = columns(rows)
-    table = [list(names)] + [_cells(row) for row in rows]
+    table = [list(names)] + [_cells(row, names) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(names))]
     for index, line in enumerate(table):
         text = "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
         print(("# " if index == 0 else "  ") + text)
-    for line in [_checks.PACE_LEGEND, *standing_lines(rows), *bar_lines(rows)]:
+    for line in [_checks.PACE_LEGEND, *summary_lines(rows, notes)]:
         print("# " + line)
 
 
 def reducer_lines(rows):
-    """A line per reducer host of the run: its link's bytes over the whole job (every bucket
-    size, warm-up included), its CPU use and how it ended."""
-    info = next((r.get("reducer_hosts") for r in rows if r.get("reducer_hosts")), None) or {}
+    """A line per reducer host of each job of the run (with TensorFlow one per op path): its
+    link's bytes over the whole job (every bucket size, warm-up included), its CPU use and how
+    it ended."""
+    jobs = {}
+    for row in rows:
+        if row.get("reducer_hosts"):
+            jobs.setdefault(row.get("tf_ops"), row["reducer_hosts"])
     lines = []
-    for host, figures in sorted(info.items(), key=lambda item: int(item[0][1:])):
-        totals = figures.get("totals") or {}
-        lines.append(f"{host} (reducer {figures['index']}): {figures['link_bytes']['rx'] / 1e6:.0f} MB in, "
-                     f"{figures['link_bytes']['tx'] / 1e6:.0f} MB out over its link during the job; "
-                     f"{compare.reducer_cpu(totals)}; outcome {figures['outcome']}")
+    for ops, info in jobs.items():
+        for host, figures in sorted(info.items(), key=lambda item: int(item[0][1:])):
+            totals = figures.get("totals") or {}
+            lines.append(("" if ops is None else f"{ops} run: ")
+                         + f"{host} (reducer {figures['index']}): {figures['link_bytes']['rx'] / 1e6:.0f} MB in, "
+                         f"{figures['link_bytes']['tx'] / 1e6:.0f} MB out over its link during the job; "
+                         f"{compare.reducer_cpu(totals)}; outcome {figures['outcome']}")
     return lines
 
 
-def block_name(hosts, reducers, rate, per_host=1, racks=None, uplink_rate=None):
+def block_name(hosts, reducers, rate, per_host=1, racks=None, uplink_rate=None, framework="torch"):
     """The RESULTS.md block a run writes: 'ddp 4+4 500mbit'; on layouts 'ddp 4x2 500mbit',
-    'ddp 4x2+4 500mbit' (with 4 reducers), 'ddp 4x2 racks 2 uplink 250mbit 500mbit'."""
+    'ddp 4x2+4 500mbit' (with 4 reducers), 'ddp 4x2 racks 2 uplink 250mbit 500mbit'; with
+    TensorFlow 'tf 4+4 500mbit'."""
+    if framework == "tf":
+        return f"tf {hosts}+{reducers} {rate}"
     if per_host > 1 or racks:
         return (f"ddp {hosts}x{per_host}" + (f"+{reducers}" if reducers else "")
                 + (f" racks {racks} uplink {uplink_rate}" if racks else "") + f" {rate}")
     return f"ddp {hosts}+{reducers} {rate}"
 
 
-def markdown(rows, command, name):
-    """This run as a RESULTS.md block: the command, the date, the commit, the table, the bar."""
+def markdown(rows, command, name, notes=()):
+    """This run as a RESULTS.md block: the command, the date, the commit, the table, the bar
+    and the notes."""
     names = columns(rows)
     lines = ["; ".join(heading(rows[0], rows)), "",
              "| " + " | ".join(names) + " |", "| --- " + "| ---: " * (len(names) - 1) + "|"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in [*standing_lines(rows), *bar_lines(rows)]]
-    buckets = sorted({(r["bucket_cap_mb"], tuple(r["buckets_bytes"] or ())) for r in rows
-                      if r["algorithm"] != "none"})
+    lines += ["| " + " | ".join(_cells(row, names)) + " |" for row in rows]
+    lines += ["", _checks.PACE_LEGEND + ".", ""] + [f"- {line}" for line in summary_lines(rows, notes)]
+    buckets = sorted({(r["bucket_cap_mb"], tuple(r["buckets_bytes"])) for r in rows
+                      if r["algorithm"] != "none" and r["buckets_bytes"]})
     lines += [f"- DDP's buckets at bucket_cap_mb {cap:g}: " + ", ".join(f"{b / 1e6:.1f}" for b in sizes) + " MB"
               for cap, sizes in buckets]
     lines += [f"- {line}" for line in reducer_lines(rows)]
@@ -646,9 +694,11 @@ def _tail(path, lines=25):
         return ""
 
 
-def run_job(bed, args):
+def run_job(bed, args, tf_ops=None):
     """The workers on the first N hosts, a reducer on each of the next R; (the workers'
-    report, the reducers' figures, the link bytes of every host over the job)."""
+    report, the reducers' figures, the link bytes of every host over the job). With
+    TensorFlow, tf_ops is collectives.tf's op path (COLLECTIVES_TF_OPS) and each worker gets
+    TF_CONFIG naming every worker host's address."""
     workers, reducers = args.hosts, args.reducers
     with tempfile.TemporaryDirectory(prefix="cc-train-") as work:
         os.chmod(work, 0o755)
@@ -656,19 +706,21 @@ def run_job(bed, args):
         job = (compare.reducer_job_env(bed, work, reducers) if reducers
                else {"COLLECTIVES_TOKEN_FILE": str(compare.secret_file(work))})
         env = {**compare.base_env(), **bed.env(), **compare.PINNED_ENV, **job, "PYTHONUNBUFFERED": "1"}
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if tf_ops is not None:
+            env = {"TF_CPP_MIN_LOG_LEVEL": "2", **env, train_tf.OPS_ENV: tf_ops}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TF_CONFIG"):
             env.pop(key, None)
         layout = layout_of(args)
         rank_hosts, rank_racks = layout.rank_hosts(bed.hosts[:workers]), layout.rank_racks()
         report_file, placement = Path(work) / "report.json", Path(work) / "placement"
         placement.mkdir()
-        command = [sys.executable, str(HERE / "train.py"), "--worker-report", str(report_file),
+        command = [sys.executable, str(HERE / "train.py"), "--framework", args.framework, "--worker-report", str(report_file),
                    "--link", testbed.IFNAME, "--placement", str(placement), "--hosts", str(workers),
                    "--reducers", str(reducers),
                    "--bucket-cap-mb", ",".join(f"{c:g}" for c in args.bucket_caps), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--width", str(args.width),
                    "--layers", str(args.layers), "--timeout", str(args.timeout), "--per-host", str(args.per_host),
-                   "--compress", ",".join(args.compress_types),
+                   "--compress", ",".join(args.compress_types), *(["--timeline"] if args.timeline else []),
                    *(["--racks", str(args.racks), "--uplink-rate", args.uplink_rate] if args.racks else []),
                    *([] if "hierarchical" in args.systems else ["--no-hierarchical"])]
         started, procs, logs = [], [], []
@@ -681,6 +733,8 @@ def run_job(bed, args):
                 torchrun = {"RANK": str(rank), "WORLD_SIZE": str(layout.ranks), "LOCAL_RANK": str(rank % args.per_host),
                             "LOCAL_WORLD_SIZE": str(args.per_host), "GROUP_RANK": str(rank // args.per_host),
                             "MASTER_ADDR": bed.hosts[0].address, "MASTER_PORT": str(MASTER_PORT)}
+                if tf_ops is not None:
+                    torchrun["TF_CONFIG"] = train_tf.tf_config([h.address for h in rank_hosts], rank)
                 log = Path(work) / f"worker-{rank}-{host.name}.log"
                 logs.append(log)
                 with open(log, "wb") as out:  # worker 0 writes its progress to this process's stdout
@@ -774,28 +828,49 @@ def _interrupt(signum, frame):
 def main(argv=None):
     args = parse_args(argv)
     if args.worker_report:
-        worker(args)
+        (train_tf if args.framework == "tf" else train_torch).worker(args)
         return
     signal.signal(signal.SIGTERM, _interrupt)  # cleaned up as after Ctrl-C
+    runs, notes = [None], []
+    if args.framework == "tf":  # a job per collectives.tf op path
+        if importlib.util.find_spec("tensorflow") is None:
+            raise SystemExit(f"--framework tf: {sys.executable} has no tensorflow: run train.py with a Python that has "
+                             "it and collectives (scripts/setup-venv .venv-tf test,tf makes one: .venv-tf/bin/python)")
+        probe_env = {key: value for key, value in compare.base_env().items()
+                     if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TF_CONFIG")}
+        runs, notes = train_tf.offered_ops(args.tf_ops, probe_env)
+        for note in notes:
+            print(f"# note: {note}", file=sys.stderr)
+        if not runs:
+            raise SystemExit("none of the collectives.tf op paths asked for (--tf-ops) runs here: " + "; ".join(notes))
     with testbed.Testbed(hosts=args.hosts + args.reducers, rate=args.rate, burst=args.burst,
                          tcp_cc=args.tcp_cc, per_host=args.per_host, racks=args.racks,
                          uplink_rate=args.uplink_rate) as bed:
-        report, reducer_info = run_job(bed, args)
-        rows = rows_from_report(report, setting_of(bed, args))
-    for row in rows:
-        if row["algorithm"] == "reduction_server":
-            row["reducer_hosts"] = reducer_info
-    _checks.check_traffic(link_problems(rows, reducer_info))
-    print_rows(rows)
+        jobs = [run_job(bed, args, tf_ops) for tf_ops in runs]
+        setting = setting_of(bed, args)
+    rows, problems = [], []
+    for report, reducer_info in jobs:
+        job_rows = rows_from_report(report, setting)
+        for row in job_rows:
+            if row["algorithm"] == "reduction_server":
+                row["reducer_hosts"] = reducer_info
+        problems += link_problems(job_rows, reducer_info)
+        rows += job_rows
+    _checks.check_traffic(problems)
+    mixed = path_lines(rows)[1]
+    if mixed:
+        raise SystemExit("collectives.tf ran another op path than asked: " + "; ".join(mixed))
+    print_rows(rows, notes)
     for line in reducer_lines(rows):
         print("# " + line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
         print(f"# wrote {len(rows)} rows to {args.json}")
     if args.results:
-        name = block_name(args.hosts, args.reducers, args.rate, args.per_host, args.racks, args.uplink_rate)
+        name = block_name(args.hosts, args.reducers, args.rate, args.per_host, args.racks, args.uplink_rate,
+                          args.framework)
         command = "python benchmarks/train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        compare.update_results(args.results, markdown(rows, command, name), name, "train.py")
+        compare.update_results(args.results, markdown(rows, command, name, notes), name, "train.py")
         print(f"# rewrote the '{name}' block of {args.results}")
     if any(row["params_identical"] is False for row in rows):
         raise SystemExit("the parameters differ across ranks for "

@@ -55,6 +55,7 @@ class Setup:
     hosts_per_rack: Optional[int] = None
     uplink_Bps: Optional[float] = None
     goodput_fraction: float = 1.0  # turns a NIC's Gbit/s into goodput
+    rank_order: str = "block"  # which worker each rank sits on (simulator.RANK_ORDERS): the flat ring follows it
 
     def resized(self, workers: int) -> "Setup":
         return dataclasses.replace(self, workers=workers)
@@ -97,7 +98,8 @@ def _cluster(job: Job, setup: Setup, reducer: Optional[Instance], reducers: int)
     return Cluster(workers=setup.workers, ranks_per_host=setup.gpus_per_worker, nic_Bps=setup.nic_Bps,
                    intra_Bps=setup.intra_Bps, alpha_s=setup.alpha_s, hosts_per_rack=setup.hosts_per_rack,
                    uplink_Bps=setup.uplink_Bps, reducers=reducers,
-                   reducer_nic_Bps=setup.reducer_nic_Bps(reducer) if reducer else 0.0, reducer_sum_Bps=sum_Bps)
+                   reducer_nic_Bps=setup.reducer_nic_Bps(reducer) if reducer else 0.0, reducer_sum_Bps=sum_Bps,
+                   rank_order=setup.rank_order)
 
 
 def evaluate(job: Job, setup: Setup, calibration: Calibration, plan: str,

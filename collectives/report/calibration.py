@@ -32,12 +32,17 @@ __all__ = ["Measurement", "Check", "TESTBED_INTRA_BPS", "measurements", "fit", "
 TESTBED_INTRA_BPS = 1.518e9 * 2 * 3 / 4
 
 # The plans of compare.py/train.py rows (their `plan` key, else their `algorithm`) that the
-# simulator models, by the simulator's name. The flat ring in an interleaved rank order (it
-# crosses a rack uplink at every hop, "ring:rank-order") is not modelled.
+# simulator models, by the simulator's name. The flat ring runs in the row's rank order
+# ("ring:rank-order": in an interleaved order it crosses a rack uplink at every hop), except
+# "ring:rack-ordered", a ring over a group ordered rack by rack: a block order whatever the
+# ranks' order.
 _MEASURED_PLANS = {"ring": "ring", "ring:rank-order": "ring", "ring:rack-ordered": "ring", "hierarchical": "hierarchical",
                    "reduction_server": "reduction_server",
                    "reduction_server:host": "hierarchical+reduction_server"}
 _REDUCER_PLANS = ("reduction_server", "hierarchical+reduction_server")
+# Bytes on the wire per gradient byte of a train.py row by its `compress`: torch's fp16/bf16
+# compress hooks send 2 bytes per 4-byte float32 gradient (the counters: 0.503 x S per host).
+_WIRE_PER_GRADIENT_BYTE = {None: 1.0, "fp16": 0.5, "bf16": 0.5}
 
 
 def _plan(row: Dict) -> Optional[str]:
@@ -45,9 +50,14 @@ def _plan(row: Dict) -> Optional[str]:
     plan = row.get("plan") or row.get("algorithm")
     if plan.startswith("hierarchical:"):  # the planner's levels, e.g. "hierarchical:host+rack"
         plan = "hierarchical"
-    if plan in ("ring", "ring:rank-order") and row.get("rank_order") not in (None, "block"):
-        return None
     return _MEASURED_PLANS.get(plan)
+
+
+def _rank_order(row: Dict) -> str:
+    """The order the modelled ring takes: the row's rank order, but rack by rack for ring:rack-ordered."""
+    if (row.get("plan") or row.get("algorithm")) == "ring:rack-ordered":
+        return "block"
+    return row.get("rank_order") or "block"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +70,15 @@ class Measurement:
     seconds: float  # measured: the all-reduce's median time or the step's
     compute_s: float = 0.0  # a step's compute without communication (DDP steps)
     note: str = ""
+    rank_order: str = "block"  # the run's (the modelled ring's is the cluster's: ring:rack-ordered orders its group)
+    compress: Optional[str] = None  # train.py --compress: `bytes` is what went on the wire
 
     @property
     def config(self) -> Tuple:
         """What makes two measurements the same configuration."""
         c = self.cluster
         return (self.what, self.plan, c.workers, c.ranks_per_host, c.hosts_per_rack, c.reducers,
-                round(c.nic_Bps, -5), self.bytes)
+                round(c.nic_Bps, -5), self.bytes, self.rank_order, c.rank_order)
 
     def describe(self) -> str:
         c = self.cluster
@@ -75,7 +87,12 @@ class Measurement:
             shape += f" in {c.racks} racks ({c.uplink_Bps * 8 / 1e6:.0f} Mbit/s uplinks)"
         if c.reducers:
             shape += f" + {c.reducers} reducers"
-        return f"{self.what} {self.plan}, {shape}, {c.nic_Bps * 8 / 1e6:.0f} Mbit/s, {self.bytes / 2**20:.1f} MiB"
+        if self.rank_order != "block":
+            shape += f", {self.rank_order} rank order"
+            if c.rank_order != self.rank_order:
+                shape += " (ring:rack-ordered: its group takes the ranks in rack order)"
+        wire = f" ({self.compress} on the wire)" if self.compress else ""
+        return f"{self.what} {self.plan}, {shape}, {c.nic_Bps * 8 / 1e6:.0f} Mbit/s, {self.bytes / 2**20:.1f} MiB{wire}"
 
     def model(self, calibration: Calibration) -> float:
         cluster = dataclasses.replace(self.cluster, alpha_s=calibration.alpha_s)
@@ -90,7 +107,7 @@ def _cluster(row: Dict, reducers: int) -> Cluster:
                    nic_Bps=row["goodput_GBps"] * 1e9, intra_Bps=TESTBED_INTRA_BPS, alpha_s=0.0,
                    hosts_per_rack=max(racks) if racks and len(racks) > 1 else None,
                    uplink_Bps=uplink * 1e9 if racks and len(racks) > 1 else None,
-                   reducers=reducers, reducer_nic_Bps=row["goodput_GBps"] * 1e9)
+                   reducers=reducers, reducer_nic_Bps=row["goodput_GBps"] * 1e9, rank_order=_rank_order(row))
 
 
 def measurements(path: str) -> List[Measurement]:
@@ -105,17 +122,20 @@ def measurements(path: str) -> List[Measurement]:
             continue
         reducers = (row.get("reducers") or 0) if plan in _REDUCER_PLANS else 0
         source = f"{Path(path).name}#{i}"
+        order = row.get("rank_order") or "block"
         # compare.py's pace says whether the links set it despite a busy CPU; older rows have cpu_bound only.
         note = "CPU-bound" if row.get("pace", "cpu" if row.get("cpu_bound") else "links") == "cpu" else ""
         if "step_time_s" in row:  # train.py: the compute is the step of the "none" row of its bucket size
             none = [r for r in rows if r.get("system") == "none" and r.get("bucket_cap_mb") == row.get("bucket_cap_mb")]
-            if not none:
+            compress = row.get("compress")
+            if not none or compress not in _WIRE_PER_GRADIENT_BYTE:
                 continue
-            found.append(Measurement(source, "DDP step", plan, _cluster(row, reducers), row["grad_bytes"],
-                                     row["step_time_s"], none[0]["step_time_s"], note))
+            found.append(Measurement(source, "DDP step", plan, _cluster(row, reducers),
+                                     row["grad_bytes"] * _WIRE_PER_GRADIENT_BYTE[compress], row["step_time_s"],
+                                     none[0]["step_time_s"], note, order, compress))
         elif "time_s" in row:
             found.append(Measurement(source, "all-reduce", plan, _cluster(row, reducers), row["bytes"],
-                                     row["time_s"], 0.0, note))
+                                     row["time_s"], 0.0, note, order))
     return found
 
 

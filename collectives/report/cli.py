@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from . import advisor, calibration, prices, render
-from .simulator import PLANS
+from .simulator import PLANS, RANK_ORDERS
 
 __all__ = ["main"]
 
@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--latency-us", type=_positive(float), help="seconds per message, in us (default: the core's cost model)")
     add("--hosts-per-rack", type=_positive(int), help="workers per rack, with --uplink-gbps (default: one flat network)")
     add("--uplink-gbps", type=_positive(float), help="a rack's uplink, Gbit/s")
+    add("--rank-order", choices=RANK_ORDERS, default="block",
+        help="which worker each rank sits on, which the flat ring follows: block (each worker's GPUs consecutive, "
+        "the workers rack by rack) or interleaved (rank i on the (i mod W)-th worker, the workers taken round-robin "
+        "over the racks, as a scheduler may deal them out: every ring hop then crosses a NIC and an uplink)")
     add("--reducer-types", help="comma-separated CPU types for reducers (default: every CPU type of the workers' cloud)")
     add("--max-reducers", type=_positive(int), default=4096, help="the most reducers to consider")
     add("--reducers", type=_positive(int), help="also model exactly this many reducers of each reducer type "
@@ -146,7 +150,7 @@ def build(args: argparse.Namespace) -> render.Report:
     setup = advisor.Setup(worker=worker, workers=args.workers, gpus_per_worker=gpus, nic_Bps=nic_gbps * 1e9 / 8 * goodput,
                           intra_Bps=intra * 1e9, alpha_s=alpha, pricing=args.pricing, hosts_per_rack=args.hosts_per_rack,
                           uplink_Bps=args.uplink_gbps * 1e9 / 8 * goodput if args.uplink_gbps else None,
-                          goodput_fraction=goodput)
+                          goodput_fraction=goodput, rank_order=args.rank_order)
 
     inputs += [
         ("model parameters", f"{params:,.0f}", params_source),
@@ -167,6 +171,7 @@ def build(args: argparse.Namespace) -> render.Report:
         (f"worker price ({args.pricing})", f"${worker.usd_h(args.pricing):g}/h", worker.cited),
         ("network", f"racks of {args.hosts_per_rack} workers, {args.uplink_gbps:g} Gbit/s uplinks" if args.hosts_per_rack
          else "one flat network (no oversubscription)", "flags --hosts-per-rack, --uplink-gbps" if args.hosts_per_rack else "default"),
+        ("rank order (the flat ring's)", args.rank_order, flag("rank-order")),
         ("reducer summing rate", f"{advisor.SUM_GBPS_PER_CORE[4 if job.bytes_per_param == 4 else 2]:.2f} GB/s of input per core "
          "(vCPUs / 2 cores)", f"measurement: {advisor.SUM_SOURCE}"),
         ("simulator constants", f"alpha on the testbed {cal.alpha_s * 1e3:.3f} ms/step, reducers' latency {cal.rs_steps:.2f} steps, "

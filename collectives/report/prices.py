@@ -2,13 +2,16 @@
 
 The book ships as TOML files beside this module (prices/gcp.toml, aws.toml, azure.toml), one
 ``[[instance]]`` table per type; users add rows or replace shipped ones with files of the same
-form (``collectives-report --prices FILE``). Every row names its source page and date, and the
-report prints the rows it used.
+form (``collectives-report --prices FILE``). Every row names its source page, the date its
+prices are of, and whether anyone has compared it with that page since (``checked``: the date
+that was done, or "no"); the report prints the rows it used with all three. Nothing here is
+fetched: the prices are what the files say, list prices as of their dates.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -31,6 +34,7 @@ class Instance:
     source: str  # where the figures come from (a page), and how current they are
     date: str  # when they were taken (YYYY-MM)
     origin: str  # the file the row was read from
+    checked: str = "no"  # when the row was last compared with its source page (YYYY-MM-DD), or "no"
     gpus: int = 0
     gpu_model: str = ""
     intra_GBps: Optional[float] = None  # one GPU's bandwidth to the host's other GPUs, each way
@@ -45,8 +49,9 @@ class Instance:
 
     @property
     def cited(self) -> str:
-        """How a figure from this row is credited: "price book: a2-highgpu-8g (gcp.toml, 2024-06)"."""
-        return f"price book: {self.type} ({Path(self.origin).name}, {self.date})"
+        """How a figure from this row is credited: "price book: a2-highgpu-8g (gcp.toml, 2024-06, unchecked)"."""
+        checked = "unchecked" if self.checked == "no" else f"checked {self.checked}"
+        return f"price book: {self.type} ({Path(self.origin).name}, {self.date}, {checked})"
 
 
 class PriceBook:
@@ -87,6 +92,11 @@ def _rows(text: str, origin: str) -> List[Instance]:
         row = Instance(origin=origin, **table)
         if row.nic_gbps <= 0 or row.on_demand_usd_h < 0 or row.spot_usd_h < 0 or row.vcpus <= 0:
             raise ValueError(f"{origin}: {row.type}: nic_gbps and vcpus must be positive, prices not negative")
+        if not re.fullmatch(r"\d{4}-\d{2}(-\d{2})?", str(row.date)):
+            raise ValueError(f"{origin}: {row.type}: date {row.date!r}: the month the prices are of, YYYY-MM")
+        if row.checked != "no" and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(row.checked)):
+            raise ValueError(f"{origin}: {row.type}: checked {row.checked!r}: the day the row was compared with "
+                             "its source page (YYYY-MM-DD), or \"no\"")
         rows.append(row)
     return rows
 

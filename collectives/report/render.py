@@ -98,11 +98,18 @@ def _tables(report: Report) -> List[Tuple[str, str, List[str], List[List[str]]]]
     sections = []
     sections.append(("Inputs", "Every number the model uses, with where it comes from.",
                      ["quantity", "value", "source"], [list(i) for i in r.inputs]))
+    unchecked = [i.type for i in r.rows_used if i.checked == "no"]
     sections.append(("Price book rows used",
-                     "Edit or add rows with `--prices FILE` (TOML, the form of collectives/report/prices/*.toml).",
-                     ["type", "cloud", "region", "GPUs", "vCPUs", "NIC Gbit/s", "$/h on demand", "$/h spot", "date", "source"],
+                     "List prices as of each row's date, read from the price book's files (the file column), not "
+                     "fetched from the clouds; spot prices vary by the hour. "
+                     + (f"{len(unchecked)} of these {len(r.rows_used)} rows were never compared with their source "
+                        "page (checked: no): check them there before buying. " if unchecked else "")
+                     + "Replace or add rows with `--prices FILE` (TOML, the form of collectives/report/prices/*.toml).",
+                     ["type", "cloud", "region", "GPUs", "vCPUs", "NIC Gbit/s", "$/h on demand", "$/h spot", "date",
+                      "checked", "file", "source"],
                      [[i.type, i.cloud, i.region, f"{i.gpus} {i.gpu_model}".strip(), str(i.vcpus), f"{i.nic_gbps:g}",
-                       f"{i.on_demand_usd_h:g}", f"{i.spot_usd_h:g}", i.date, i.source] for i in r.rows_used]))
+                       f"{i.on_demand_usd_h:g}", f"{i.spot_usd_h:g}", i.date, i.checked, i.origin, i.source]
+                      for i in r.rows_used]))
     head, rows = _options_table(r.options)
     sections.append((f"Options at {r.workers} workers",
                      "Per plan and reducer type, the count the advisor found best; the limit is the samples/s "

@@ -13,7 +13,16 @@ An all-reduce of S bytes (on the wire) costs
   which is what they cost unpipelined). Links: a rank's link to the other ranks of its host
   (shared memory, NVLink), each worker host's NIC, each rack's uplink, each reducer's NIC, and
   each reducer's summing rate. Bytes per link, each way:
-    - ring over n ranks in host order (and rack order): every hop carries 2(n-1)/n * S;
+    - ring over n ranks: every hop carries 2(n-1)/n * S, and crosses the links between its two
+      ranks: the hops that leave a host go through its NIC, those that leave a rack through its
+      uplink, so the host (rack) with the most hops out of it paces the ring. In block rank order
+      (each host's ranks consecutive, each rack's hosts consecutive) that is one hop out of each
+      host and each rack. In interleaved order (`rank_order`, as a scheduler may deal ranks out:
+      rank i on the (i mod W)-th host, the hosts taken round-robin over the racks) consecutive
+      ranks sit on different hosts of alternating racks, so every hop crosses a NIC and, with
+      racks, an uplink: 2 racks of 4 hosts send 4 hops out of each rack, 4x a block ring's
+      uplink bytes (benchmarks/compare.py --rank-order interleaved counted 4.06x those of the
+      ring over the same ranks in rack order);
     - hierarchical (the planner's levels, collectives/hierarchical/planner.py): a level of groups
       of m moves 2(m-1)/m * S out of each of its children (a rank, a host, a rack), spread over
       the links one level down (a rack's hosts share its traffic);
@@ -42,10 +51,13 @@ from typing import Dict, Optional, Tuple
 
 from ..hierarchical import planner
 
-__all__ = ["PLANS", "Calibration", "Cluster", "Result", "allreduce_time", "link_bytes",
-           "rs_chunk_bytes", "step_time"]
+__all__ = ["PLANS", "RANK_ORDERS", "Calibration", "Cluster", "Result", "allreduce_time", "link_bytes",
+           "rank_hosts", "rs_chunk_bytes", "step_time"]
 
 PLANS = ("ring", "hierarchical", "reduction_server", "hierarchical+reduction_server")
+# Which host each rank sits on (the flat ring follows rank order; the other plans group ranks by
+# host and rack, whatever their order): see rank_hosts().
+RANK_ORDERS = ("block", "interleaved")
 
 # The reduction server's chunking (README, COLLECTIVES_RS_CHUNK_BYTES): a reducer's share cut into
 # 256 chunks, clamped to 32 KiB..4 MiB.
@@ -77,8 +89,11 @@ class Cluster:
     reducers: int = 0
     reducer_nic_Bps: float = 0.0
     reducer_sum_Bps: float = math.inf  # bytes of contributions one reducer sums per second
+    rank_order: str = "block"  # RANK_ORDERS
 
     def __post_init__(self):
+        if self.rank_order not in RANK_ORDERS:
+            raise ValueError(f"rank order {self.rank_order!r}: choose from {', '.join(RANK_ORDERS)}")
         if self.workers < 1 or self.ranks_per_host < 1:
             raise ValueError("a cluster needs at least one worker host with at least one rank")
         if self.reducers and self.reducer_nic_Bps <= 0:
@@ -110,6 +125,40 @@ def rs_chunk_bytes(size: float, reducers: int) -> float:
     return min(max(size / reducers / _RS_CHUNKS_PER_SHARE, _RS_CHUNK_MIN), _RS_CHUNK_MAX)
 
 
+def rank_hosts(workers: int, ranks_per_host: int, hosts_per_rack: Optional[int], rank_order: str) -> Tuple[int, ...]:
+    """Each rank's host index. block: rank // K. interleaved: rank i on the (i mod W)-th host of
+    the hosts taken round-robin over the racks (racks of `hosts_per_rack` consecutive hosts, the
+    last one possibly smaller; 2 racks of 4: hosts 0, 4, 1, 5, 2, 6, 3, 7), as
+    benchmarks/_checks.py's Layout places ranks for compare.py --rank-order interleaved."""
+    if rank_order == "block":
+        return tuple(rank // ranks_per_host for rank in range(workers * ranks_per_host))
+    per_rack = hosts_per_rack or workers
+    racks = [range(first, min(first + per_rack, workers)) for first in range(0, workers, per_rack)]
+    order = [rack[j] for j in range(per_rack) for rack in racks if j < len(rack)]
+    return tuple(order[rank % workers] for rank in range(workers * ranks_per_host))
+
+
+@functools.lru_cache(maxsize=64)
+def _ring_crossings(workers: int, ranks_per_host: int, hosts_per_rack: Optional[int],
+                    rank_order: str) -> Tuple[int, int, bool]:
+    """The flat ring's hops (rank i to rank i+1 mod n) in this rank order: the most that leave
+    one host, the most that leave one rack, and whether any stays inside a host."""
+    host_of = rank_hosts(workers, ranks_per_host, hosts_per_rack, rank_order)
+    rack_of = [host // (hosts_per_rack or workers) for host in range(workers)]
+    out_of_host = [0] * workers
+    out_of_rack = [0] * (max(rack_of) + 1)
+    inside = False
+    for rank, host in enumerate(host_of):
+        to = host_of[(rank + 1) % len(host_of)]
+        if to == host:
+            inside = True
+            continue
+        out_of_host[host] += 1
+        if rack_of[to] != rack_of[host]:
+            out_of_rack[rack_of[host]] += 1
+    return max(out_of_host), max(out_of_rack), inside
+
+
 @functools.lru_cache(maxsize=64)
 def _hierarchy(workers: int, ranks_per_host: int, hosts_per_rack: Optional[int]) -> Tuple[Tuple[str, int], ...]:
     """The planner's levels for ranks in host order (and rack order): (child kind, largest group)."""
@@ -127,9 +176,8 @@ def link_bytes(plan: str, cluster: Cluster, size: float) -> Tuple[Dict[str, floa
     n = c.ranks
     if plan == "ring":
         hop = 2 * (n - 1) / n * size
-        links = {"intra": hop if c.ranks_per_host > 1 else 0.0,
-                 "nic": hop if c.workers > 1 else 0.0,
-                 "uplink": hop if c.racks > 1 else 0.0}
+        hosts, racks, inside = _ring_crossings(c.workers, c.ranks_per_host, c.hosts_per_rack, c.rank_order)
+        links = {"intra": hop if inside else 0.0, "nic": hop * hosts, "uplink": hop * racks}
         return links, 2 * (n - 1)
     if plan == "hierarchical":
         links = {"intra": 0.0, "nic": 0.0, "uplink": 0.0}

@@ -77,12 +77,13 @@ def test_silent_strangers_holding_every_slot_do_not_keep_a_peer_out(server, monk
     job's peer still gets through at once, and the silent ones go at the hello deadline."""
     monkeypatch.setattr(hs, "HELLO_TIMEOUT_S", 1.0)
     held = _strangers(server.address, 300)
+    last, last_connected = held[-1], time.monotonic()  # the newest of them waits its full hello deadline
     try:
         assert _join_as_rank_1(server) < 2.0
-        start = time.monotonic()
-        last = held[-1]  # the newest of them waits its full hello deadline
         assert closed_within(last, 5.0)
-        assert 0.5 < time.monotonic() - start < 3.0
+        # From its accept (after its connect) to the deadline's 1 s; the join's time, which a
+        # loaded machine stretches, counts for nothing.
+        assert 0.8 < time.monotonic() - last_connected < 6.0
         reasons = {str(server.refused.get(timeout=5)[1]) for _ in range(len(held))}
         assert any("sent no hello within 1 s" in r for r in reasons), reasons
         assert any("to make room for a newer connection" in r for r in reasons), reasons

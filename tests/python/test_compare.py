@@ -599,11 +599,6 @@ def test_replot_refuses_what_it_cannot_plot_with_the_reason(tmp_path):
 
 # -- end to end, on the testbed (root)
 
-def _netns_left():
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith("cc-tb-")]
-
-
 RENDEZVOUS = f"198.18.0.1:{compare.RENDEZVOUS_PORT}".encode()
 
 
@@ -648,7 +643,7 @@ def test_compare_rows_carry_the_link_figures(tmp_path):
     assert next(r for r in rows if r["system"] == "collectives")["algorithm"] == "ring"
     assert "PRTE_MCA_rmaps_default_mapping_policy" in done.stderr  # named as not passed on
     assert compare._checks.PACE_LEGEND in done.stdout
-    assert not _netns_left()
+    assert not compare.testbed.leftover_namespaces()
 
 
 @on_testbed(300)
@@ -692,7 +687,7 @@ def test_plans_side_by_side_on_racks_of_shared_hosts_interleaved_with_per_level_
     if "hierarchical" in algorithms:  # S per uplink, 2(m-1)/m + 2(R-1)/(Rm) = 1.5 per NIC
         assert per_level["hierarchical:host+rack"] == (pytest.approx(1.5, rel=0.05), pytest.approx(1.0, rel=0.05))
     assert "rank order interleaved" in done.stdout and "up tx/sz" in done.stdout
-    assert not _netns_left()
+    assert not compare.testbed.leftover_namespaces()
 
 
 @on_testbed(120)
@@ -722,7 +717,7 @@ def test_a_run_with_every_rank_on_h0_is_refused_for_its_placement_and_its_link_b
     problems = compare.link_problems(rows[0])
     assert "mpi, 1048576 bytes: link bytes of 1 distinct hosts (h0), expected 3" in problems, problems
     assert any(p.startswith("mpi, 1048576 bytes: h0 tx/size 0.0") for p in problems), problems
-    assert not _netns_left()
+    assert not compare.testbed.leftover_namespaces()
 
 
 @on_testbed(240)
@@ -759,7 +754,7 @@ def test_reduction_server_on_hosts_of_its_own(tmp_path):
         for way in ("tx", "rx"):
             assert 0.99 < figures[way] / rs["bytes"] < 1.03, (host, way, link)
     assert "collectives reduction_server" in done.stdout and "(reducer 1): tx/size" in done.stdout
-    assert not _netns_left() and not _reducers_running()
+    assert not compare.testbed.leftover_namespaces() and not _reducers_running()
 
 
 @on_testbed(240)
@@ -785,7 +780,7 @@ def test_reduction_servers_host_plan_beside_the_hierarchical_plan(tmp_path):
     for host, figures in rs["link_bytes"]["reducer_hosts"].items():
         assert figures["scaled"] and 0.97 < figures["rx"] / rs["bytes"] < 1.05, (host, figures)
     assert "x collectives hierarchical at 4194304" in done.stdout  # the ratio of the two plans, and its standing
-    assert not _netns_left() and not _reducers_running()
+    assert not compare.testbed.leftover_namespaces() and not _reducers_running()
 
 
 @on_testbed(120)
@@ -807,4 +802,4 @@ def test_interrupted_compare_stops_its_reducers_and_removes_the_testbed(tmp_path
             proc.kill()
             proc.wait()
     assert proc.returncode != 0, out[-2000:]
-    assert not _netns_left() and not _reducers_running(), out[-2000:]
+    assert not compare.testbed.leftover_namespaces() and not _reducers_running(), out[-2000:]

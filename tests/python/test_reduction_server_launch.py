@@ -1,7 +1,8 @@
 """Launching reducers: settings, store mode (COLLECTIVES_* and torchrun workers, reducers
 started by `collectives-reducer --rendezvous`), the MPMD mpirun job, and the refusals (a
 missing reducer, one too many, a wrong secret, strangers at a reducer's port); and losing
-them mid-job (SIGTERM, SIGKILL, all of them).
+them mid-job (SIGTERM, SIGKILL, all of them; also while async all-reduces of several
+sizes stream back to back).
 
 Every job checks its all-reduces against numpy; the reduction server's numerics have tests
 of their own.
@@ -454,6 +455,98 @@ def test_killing_every_reducer_fails_every_worker_within_the_timeout(run_ranks, 
         assert report["error"] == "CollectiveError", report
         assert "all 2 reducers failed" in report["message"] and "COLLECTIVES_RS_FALLBACK=ring" in report["message"]
         assert report["seconds"] < 30, report  # well within the collective timeout
+
+
+# Rounds of all-reduces of several sizes issued back to back, each round's all waiting at once
+# (the communicator puts the next ones' chunks on the wire while the earlier ones' sums are
+# still coming back: DDP's buckets), each result compared bit for bit with numpy's left fold
+# over ranks of floats whose sums depend on the order of the additions. Rank 0 says when to
+# stop (TEST_STOP_FILE). One JSON report; a failure is reported with its message.
+STREAM_SCRIPT = r"""
+import json, os, time
+from pathlib import Path
+import numpy as np
+import collectives as cc
+
+COUNTS = [65537, 1, 300007, 7, 131072, 4099]
+
+def inputs(seed, count, size):
+    rng = np.random.default_rng(seed)
+    return [(rng.uniform(-1, 1, count) * 2.0 ** rng.integers(-20, 21, count)).astype(np.float32)
+            for _ in range(size)]
+
+with cc.init() as comm:
+    Path(os.environ["TEST_RUNNING_DIR"], str(comm.rank)).touch()
+    report = {"ok": True, "rounds": 0, "error": None}
+    started = time.monotonic()
+    try:
+        while True:
+            stop = np.array([os.path.exists(os.environ["TEST_STOP_FILE"])], np.int32)
+            comm.broadcast(stop, root=0)
+            if stop[0]:
+                break
+            batch = []
+            for k, count in enumerate(COUNTS):
+                mine = inputs([report["rounds"], k], count, comm.size)
+                expected = mine[0].copy()
+                for y in mine[1:]:
+                    expected += y
+                x = mine[comm.rank]
+                batch.append((comm.allreduce_async(x), x, expected))
+            for work, x, expected in batch:
+                work.wait()
+                report["ok"] = report["ok"] and x.tobytes() == expected.tobytes()
+            report["rounds"] += 1
+        report["reducers"] = comm.reducer_stats()
+    except cc.CollectiveError as e:
+        report["error"] = {"type": type(e).__name__, "message": str(e)}
+    report["seconds"] = time.monotonic() - started
+    print(json.dumps(report))
+"""
+
+
+def _stream(run_ranks, tmp_path, killed, linger):
+    """3 workers and 2 reducers (16K chunks: the larger all-reduces span many) run
+    STREAM_SCRIPT; `killed` reducers are SIGKILLed once every worker streams, `linger`
+    seconds before the stop file is made. The workers' reports and the reducers' results."""
+    running, stop = tmp_path / "running", tmp_path / "stop"
+    running.mkdir()
+
+    def kill(procs):
+        _wait_for(lambda: len(list(running.iterdir())) == 3, "the workers to start")
+        time.sleep(0.5)
+        for index in killed:
+            procs[f"reducer {index}"].kill()
+        time.sleep(linger)
+        stop.touch()
+
+    results = run_ranks(STREAM_SCRIPT, 3, reducers=2, timeout=120, during=kill,
+                        env={"COLLECTIVES_RS_CHUNK_BYTES": "16K", "COLLECTIVES_TIMEOUT": "30",
+                             "COLLECTIVES_RS_HEARTBEAT_TIMEOUT": "5", "TEST_STOP_FILE": str(stop),
+                             "TEST_RUNNING_DIR": str(running)})
+    for rank, result in enumerate(results[:3]):
+        assert result.returncode == 0, f"rank {rank}:\n{result.stderr[-4000:]}"
+    return [result.report() for result in results[:3]], results[3:]
+
+
+def test_back_to_back_async_allreduces_survive_a_reducer_killed_mid_stream(run_ranks, tmp_path):
+    reports, reducers = _stream(run_ranks, tmp_path, killed=[1], linger=1.0)
+    for report in reports:
+        assert report["error"] is None and report["ok"], report  # every result numpy's bits
+        assert report["rounds"] >= 2, report
+        assert [s["alive"] for s in report["reducers"]].count(False) == 1, report
+    assert len({report["rounds"] for report in reports}) == 1, reports
+    assert reducers[1].returncode == -signal.SIGKILL and reducers[0].returncode == 0
+
+
+def test_killing_every_reducer_mid_stream_fails_every_worker_within_the_timeout(run_ranks, tmp_path):
+    reports, reducers = _stream(run_ranks, tmp_path, killed=[0, 1], linger=0.5)
+    for report in reports:
+        assert report["ok"], report  # the all-reduces before the kill were right
+        assert report["error"] is not None and report["error"]["type"] == "CollectiveError", report
+        assert "all 2 reducers failed" in report["error"]["message"], report
+        assert report["seconds"] < 30, report  # an error well within the collective timeout, not a hang
+    assert all(r.returncode == -signal.SIGKILL for r in reducers)
 
 
 # --- mpirun: one MPMD job -------------------------------------------------------------------

@@ -558,7 +558,9 @@ def test_cli_runs_the_command_with_the_testbed_environment(tmp_path):
                   "--summary", str(summary), "--", sys.executable, "-c", show)
     assert result.returncode == 3, result.stderr  # COMMAND's exit status
     hosts, goodput = result.stdout.split()
-    assert hosts == "h0=198.18.0.1,h1=198.18.0.2" and 0 < float(goodput) < 10e6
+    # At most the rate, give or take what tbf's bucket refilled while a loaded machine stalled
+    # the sender (a 0.2 s window sees it).
+    assert hosts == "h0=198.18.0.1,h1=198.18.0.2" and 0 < float(goodput) < 1.1 * 10e6
     report = json.loads(summary.read_text())
     assert report["per_host"] == 2 and report["returncode"] == 3 and report["burst_bytes"] == BURST
     assert set(report["link_bytes"]) == {"h0", "h1"} and isinstance(report["cpu_bound"], bool)

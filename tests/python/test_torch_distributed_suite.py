@@ -44,6 +44,7 @@ def _run(backend, patterns, timeout):
     return counts, done.stdout
 
 
+@pytest.mark.timeout(7500 if FULL else 900)  # beyond the run's own limit, which says more
 @pytest.mark.parametrize("backend", ["collectives", "gloo-as-collectives"])
 def test_selection_of_pytorchs_distributed_suite(backend):
     counts, out = _run(backend, [] if FULL else SELECTION[backend], timeout=7200 if FULL else 600)

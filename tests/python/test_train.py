@@ -201,7 +201,7 @@ def test_compressed_rows_are_named_by_their_hook_checked_at_half_the_bytes_and_h
     served = by["reduction_server", "fp16"]
     assert served["hook"] == "fp16_compress_hook" and served["speedup_vs_gloo"] == pytest.approx(2.2)
     assert served["comm_floor_s"] == pytest.approx(by["reduction_server", None]["comm_floor_s"] / 2)
-    assert train._cells(served)[0] == "collectives reduction_server fp16 (fp16_compress_hook)"
+    assert train._cells(served, train.COLUMNS)[0] == "collectives reduction_server fp16 (fp16_compress_hook)"
     assert train.bar_lines(rows) == [
         "bar (2 workers + 2 reducers): reduction server 1.47x gloo samples/s at bucket_cap_mb 25, need >= 1.45: PASS",
         "bar (2 workers + 2 reducers): reduction server with fp16 compression (fp16_compress_hook) 2.20x gloo "
@@ -280,6 +280,40 @@ def test_rows_on_a_layout_carry_the_plans_and_are_checked_per_level():
     assert "| uplink tx/S | uplink rx/S |" in text and "per uplink each way" in text
 
 
+
+def test_the_timeline_splits_each_step_at_the_wire():
+    """--timeline: per round, the wire runs from the last worker's first bytes out to the last
+    bytes in; before it is the step's start to then, after it the rest of the slowest step."""
+    times = {"none": [[0.2, 0.2]] * 2, "gloo": [[3.0, 2.9], [3.2, 3.0]],
+             "reduction_server": [[2.0, 2.1], [2.2, 2.0]]}
+    report = _report(times)
+    wire = {"gloo": ([[0.2, 0.1], [0.1, 0.3]], [[2.8, 2.7], [3.0, 2.9]]),  # [round][rank]: out, in
+            "reduction_server": ([[0.2, 0.25], [0.3, 0.2]], [[1.9, 1.95], [2.1, 2.0]])}
+    for name, (outs, ins) in wire.items():
+        for rank, record in enumerate(report["phases"][0]["ranks"]):
+            record[name]["wire_out_s"] = [per_round[rank] for per_round in outs]
+            record[name]["wire_in_s"] = [per_round[rank] for per_round in ins]
+    by = {r["algorithm"]: r for r in train.rows_from_report(report, SETTING)}
+    # gloo: wires 2.8 - 0.2 = 2.6 and 3.0 - 0.3 = 2.7; before 0.2 and 0.3; after 3.0 - 2.8, 3.2 - 3.0.
+    assert by["gloo"]["wire_s"] == pytest.approx(2.65)
+    assert by["gloo"]["before_wire_s"] == pytest.approx(0.25)
+    assert by["gloo"]["after_wire_s"] == pytest.approx(0.2)
+    assert by["reduction_server"]["wire_s"] == pytest.approx((1.7 + 1.8) / 2)
+    assert "wire_s" not in by["none"]
+    lines = train.timeline_lines(list(by.values()))
+    assert lines[0].startswith("gloo at bucket_cap_mb 25: on the wire 2650 ms (floor 17, +2633 ms), before it "
+                               "250 ms, after it 200 ms")
+    # Both at their floors (1e6 B / 0.06 GB/s = 16.7 ms each) with their times outside the wire.
+    assert (by["reduction_server"]["before_wire_s"], by["reduction_server"]["after_wire_s"]) == pytest.approx(
+        ((0.25 + 0.3) / 2, (0.15 + 0.1) / 2))
+    outside = {"gloo": 0.25 + 0.2, "reduction_server": 0.275 + 0.125}
+    floor = 1e6 / 0.06e9
+    cap = (outside["gloo"] + floor) / (outside["reduction_server"] + floor)
+    assert lines[-1].endswith(f"{cap:.2f}x gloo")
+    # A round where a worker saw no bulk traffic (None) is left out.
+    report["phases"][0]["ranks"][0]["gloo"]["wire_out_s"][1] = None
+    assert train.rows_from_report(report, SETTING)[1]["wire_s"] == pytest.approx(2.6)
+
 def test_the_bar_is_met_at_1_45x_gloo():
     times = {"none": [[0.1, 0.1]] * 3, "gloo": [[1.45, 1.45]] * 3, "ring": [[1.45, 1.45]] * 3,
              "reduction_server": [[1.0, 1.0]] * 3}
@@ -312,12 +346,81 @@ def test_the_repositorys_results_file_has_the_ddp_block():
     assert begin.split(" (")[0] in text and end in text
 
 
+CUSTOM_LINE = "collectives.tf: collectives run in TensorFlow custom ops (loaded /cache/collectives_tf_ops.so)"
+
+
+def _tf_report(times, tf_ops="numpy", hashes=None, line=None):
+    """A TensorFlow job's report (train_tf.worker's): whole steps, the strategy as baseline."""
+    report = _report(times, hashes)
+    report.update(framework="tf", baseline="mwms", tf_ops=tf_ops, tf_ops_line=line, tensorflow="2.21.0",
+                  keras="3.13.0")
+    report["algorithms"]["mwms"] = "mwms"
+    report["phases"][0]["buckets"] = {}
+    for record in report["phases"][0]["ranks"]:
+        for name, figures in record.items():
+            for key in ("forward_s", "backward_s", "optimizer_s", *train.DDP_TIMES, "max_abs_diff_vs_gloo"):
+                figures.pop(key, None)
+            if name != "none":
+                figures["max_abs_diff_vs_mwms"] = 0.0
+    return report
+
+
+def test_tf_arguments():
+    args = train.parse_args(["--framework", "tf"])
+    assert (args.bucket_caps, args.tf_ops, args.systems) == ([25], ["numpy", "custom"],
+                                                             ["none", "mwms", "ring", "reduction_server"])
+    assert train.parse_args(["--framework", "tf", "--reducers", "0", "--tf-ops", "numpy"]).systems == \
+        ["none", "mwms", "ring"]
+    assert train.block_name(4, 4, "500mbit", framework="tf") == "tf 4+4 500mbit"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bucket-cap-mb", "25,64"], "one --bucket-cap-mb"),
+    (["--compress", "fp16"], "no --per-host, --racks or --compress"),
+    (["--per-host", "2"], "no --per-host, --racks or --compress"),
+    (["--tf-ops", "numpy,xla"], "--tf-ops takes numpy or custom"),
+])
+def test_bad_tf_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--framework", "tf", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_tf_rows_are_paired_with_the_strategy_of_their_run_and_held_to_issue_14s_bars(tmp_path):
+    def times(strategy, ring, served):
+        return {"none": [[0.1, 0.1]] * 3, "mwms": [[strategy] * 2] * 3, "ring": [[ring] * 2] * 3,
+                "reduction_server": [[served] * 2] * 3}
+
+    setting = dict(SETTING, reducers=2)
+    rows = (train.rows_from_report(_tf_report(times(2.8, 2.7, 1.9), "numpy"), setting)
+            + train.rows_from_report(_tf_report(times(2.8, 2.8, 2.1), "custom", line=CUSTOM_LINE), setting))
+    by = {(r["algorithm"], r["tf_ops"]): r for r in rows}
+    assert by["ring", "numpy"]["speedup_vs_mwms"] == pytest.approx(2.8 / 2.7)
+    assert by["reduction_server", "custom"]["speedup_vs_mwms"] == pytest.approx(2.8 / 2.1)
+    assert by["mwms", "numpy"]["system"] == "tensorflow" and by["mwms", "numpy"]["plan"] == "mwms"
+    assert by["mwms", "numpy"]["comm_floor_s"] == by["ring", "numpy"]["comm_floor_s"]  # a ring's bytes
+    # TensorFlow times whole steps: the floor over the step is the link-bound fraction.
+    assert by["ring", "numpy"]["bound_fraction"] == pytest.approx(by["ring", "numpy"]["comm_floor_s"] / 2.7)
+    assert all(r["params_identical"] for r in rows if r["algorithm"] != "none")
+    assert train.label(by["ring", "custom"]) == "collectives ring (custom op)"
+    assert train.label(by["mwms", "custom"]) == "TF MultiWorkerMirroredStrategy (RING, gRPC) [custom run]"
+    bars = train.bar_lines(rows)
+    assert any("collectives reduction_server (tf.numpy_function) 1.47x MultiWorkerMirroredStrategy samples/s, "
+               "need >= 1.4: PASS" in line for line in bars), bars
+    assert any("collectives reduction_server (custom op) 1.33x" in line and line.endswith("FAIL") for line in bars)
+    assert any("collectives ring (custom op) 1.00x" in line and line.endswith("PASS") for line in bars)
+    assert any("collectives ring through the custom op 0.96x" in line and line.endswith("FAIL") for line in bars)
+    lines, problems = train.path_lines(rows)
+    assert problems == [] and lines[1] == f"custom run (COLLECTIVES_TF_OPS=custom): collectives.tf logged '{CUSTOM_LINE}'"
+    assert "no op path" in lines[0]  # a collectives.tf without custom ops says nothing: the numpy path
+    fallen_back = train.rows_from_report(_tf_report(times(1, 1, 1), "custom"), setting)
+    assert train.path_lines(fallen_back)[1] == ["the custom run used collectives.tf's numpy path: None"]
+    text = train.markdown(rows, "python benchmarks/train.py --framework tf", "tf 2+2 500mbit", ["a note"])
+    assert "| vs MultiWorkerMirroredStrategy |" in text and "DDP" not in text and "- a note" in text
+    assert "TensorFlow 2.21.0, Keras 3.13.0" in text and "COLLECTIVES_TF_OPS=numpy, custom" in text
+
+
 # -- end to end, on the testbed (root)
-
-def _netns_left():
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith("cc-tb-")]
-
 
 def on_testbed(timeout):
     """Marks a test that runs train.py on the testbed: root, the tools, a timeout."""
@@ -369,7 +472,7 @@ def test_ddp_on_every_system_across_hosts(tmp_path):
     rs = next(r for r in rows if r["algorithm"] == "reduction_server")
     assert [info["outcome"] for info in rs["reducer_hosts"].values()] == ["ok"]
     assert "collectives reduction_server" in done.stdout and "bar (2 workers + 1 reducer)" in done.stdout
-    assert not _netns_left()
+    assert not train.testbed.leftover_namespaces()
 
 
 @on_testbed(150)
@@ -386,4 +489,29 @@ def test_ddp_on_racks_of_shared_hosts(tmp_path):
         if row["algorithm"] != "none":
             assert row["params_identical"] is True and row["link_bytes"]["tx_per_uplink"] >= row["grad_bytes"], row
     assert next(r for r in rows if r["algorithm"] == "ring")["plan"] == "ring:rank-order"
-    assert "8 workers" in done.stdout and not _netns_left()
+    assert "8 workers" in done.stdout and not train.testbed.leftover_namespaces()
+
+
+@on_testbed(150)
+@pytest.mark.tf  # scripts/test runs it in the TensorFlow venv (-m tf)
+def test_tf_strategy_and_collectives_tf_across_hosts(tmp_path):
+    # --framework tf end to end, tiny (2 x 64x64, one timed round): TensorFlow's strategy over
+    # gRPC between the hosts, collectives.tf's ring and reduction server (one reducer) in the
+    # same processes, the weights equal on both workers and to the strategy's.
+    pytest.importorskip("tensorflow")
+    rows_file = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(TRAIN_PY), "--framework", "tf", "--tf-ops", "numpy", "--hosts", "2",
+                           "--reducers", "1", "--rate", "100mbit", "--width", "64", "--layers", "2", "--batch", "4",
+                           "--warmup", "1", "--steps", "1", "--timeout", "60", "--json", str(rows_file)],
+                          env=clean_environ(), cwd=tmp_path, capture_output=True, text=True, timeout=140)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    assert [(r["algorithm"], r["tf_ops"]) for r in rows] == [
+        ("none", "numpy"), ("mwms", "numpy"), ("ring", "numpy"), ("reduction_server", "numpy")]
+    for row in rows:
+        assert row["hosts"] == 2 and row["reducers"] == 1 and row["framework"] == "tf", row
+        if row["algorithm"] != "none":
+            assert row["params_identical"] is True and row["max_abs_diff_vs_mwms"] < 1e-4, row
+            assert row["link_bytes"]["tx_per_step"] >= row["grad_bytes"] / 2, row  # the gradients crossed
+    assert "bar (2 workers + 1 reducer): collectives reduction_server (tf.numpy_function)" in done.stdout
+    assert not train.testbed.leftover_namespaces()
