@@ -77,7 +77,7 @@ def _choose(mode: str):
     except OpBuildError as error:
         if mode == "custom":
             raise
-        logger.info("collectives.tf: collectives run in tf.numpy_function: the custom ops are unavailable (%s)", error)
+        logger.info("collectives.tf: collectives run in tf.numpy_function: its TensorFlow ops are unavailable (%s)", error)
         return None
     logger.info("collectives.tf: collectives run in TensorFlow custom ops (%s)", how)
     return module
