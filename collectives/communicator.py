@@ -209,6 +209,12 @@ class Communicator:
             return algorithm
         return self._plan.description if algorithm == "hierarchical" else f"auto:{self._plan.description}"
 
+    @property
+    def c_handle(self) -> int:
+        """This communicator for compiled extensions through collectives' C API
+        (collectives.c_api): valid while it is open; its collectives queue behind this one's."""
+        return self._live_core().address
+
     def reducer_stats(self) -> List[Dict[str, Any]]:
         """Per reducer, by index: {name, alive, bytes_sent, bytes_received} as this worker saw it."""
         return self._live_core().reducer_stats()

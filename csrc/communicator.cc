@@ -61,12 +61,29 @@ bool Work::done() {
   }
 }
 
+void Work::when_done(std::function<void(std::exception_ptr)> callback) {
+  if (message_) throw std::logic_error("Work::when_done is for collectives, not messages");
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (!done_) {
+    callbacks_.push_back(std::move(callback));
+    return;
+  }
+  std::exception_ptr error = error_;
+  lock.unlock();
+  callback(error);
+}
+
 void Work::finish(std::exception_ptr error) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (done_) return;  // a message may be waited on by several threads
-  done_ = true;
-  error_ = error;
-  finished_.notify_all();
+  std::vector<std::function<void(std::exception_ptr)>> callbacks;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (done_) return;  // a message may be waited on by several threads
+    done_ = true;
+    error_ = error;
+    callbacks.swap(callbacks_);
+    finished_.notify_all();
+  }
+  for (auto& callback : callbacks) callback(error);
 }
 
 Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,

@@ -61,6 +61,11 @@ class Work {
   // True once finished (rethrowing its failure); false if `seconds` passed first.
   bool wait_for(double seconds);
   bool done();
+  // Collectives only (a message's Work finishes when waited on): calls `callback` with the
+  // collective's error (null on success) once it is finished: at once, on this thread, if it is;
+  // otherwise on the thread that finishes it (the communicator's), after waiters were woken.
+  // So it must not block: it is how compiled callers (the C API) wait without a thread.
+  void when_done(std::function<void(std::exception_ptr)> callback);
   // A received message: the communicator rank it came from (from any source: once done, -1
   // before); -1 for every other Work.
   int source() const { return source_.load(); }
@@ -85,6 +90,7 @@ class Work {
   std::condition_variable finished_;
   bool done_ = false;
   std::exception_ptr error_;
+  std::vector<std::function<void(std::exception_ptr)>> callbacks_;  // when_done's, until finished
   std::atomic<int> source_{-1};
 };
 

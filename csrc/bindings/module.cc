@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings/buffers.h"
+#include "bindings/c_api.h"
 #include "bindings/cuda.h"
 #include "bindings/kernels.h"
 #include "communicator.h"
@@ -113,6 +114,7 @@ PYBIND11_MODULE(_core, m) {
   });
 
   bind_buffers(m);
+  bind_c_api(m);
   bind_kernels(m);
   bind_cuda(m);
   m.def(
@@ -307,6 +309,9 @@ PYBIND11_MODULE(_core, m) {
         }
         return result;
       })
+      .def_property_readonly(
+          "address", [](Communicator& c) { return reinterpret_cast<uintptr_t>(&c); },
+          "This communicator's handle in the C API (bindings/c_api.cc).")
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
       .def_property_readonly("members", &Communicator::members)

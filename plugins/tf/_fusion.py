@@ -3,9 +3,11 @@
 Dense gradients are packed, per dtype, into buckets of at most ``bucket_bytes`` (a larger
 gradient is a bucket of its own), last variable first: backpropagation produces the last
 layer's gradients first, so the first bucket is the first ready (as DDP orders its buckets).
-Each bucket is two numpy functions: the first packs it and starts the core's
-allreduce_async, returning a handle; the second waits for it. Inside tf.function every
-bucket's start is an op that runs as soon as its gradients exist (and the previous start
+Each bucket is two ops: the first packs it and starts its all-reduce, returning a handle; the
+second waits for it. They are collectives.tf's custom ops where those are in use (the bucket
+packed by tf.concat, reduced in place in that buffer, the wait holding no thread), numpy
+functions otherwise (packed by numpy, started by the core's allreduce_async, waited on with
+the GIL taken back at the end). Inside tf.function every bucket's start is an op that runs as soon as its gradients exist (and the previous start
 has run: stateful ops keep program order, the order the core needs), so the all-reduce of
 one bucket overlaps the backward pass of the layers below it and the packing of the next.
 
@@ -29,6 +31,7 @@ import tensorflow as tf
 
 import collectives as cc
 
+from . import _native
 from ._context import communicator
 from ._ops import concatenate, split_like
 
@@ -94,6 +97,9 @@ def _buckets(tensors: Sequence[tf.Tensor], bucket_bytes: int) -> List[List[int]]
 
 def _start(comm: cc.Communicator, tensors: Sequence[tf.Tensor], op: str):
     """Packs the tensors and starts their all-reduce: the handle that _finish waits on."""
+    if _native.ops():
+        return _native.start(comm, tf.concat([tf.reshape(t, [-1]) for t in tensors], 0), "allreduce", op)
+
     def start(*arrays: np.ndarray) -> np.int64:
         work = comm.allreduce_async(concatenate(arrays), op=op)
         with _lock:
@@ -113,9 +119,12 @@ def _finish(handle, members: Sequence[tf.Tensor]) -> tf.Tensor:
             work = _in_flight.pop(int(handle))
         return work.wait()
 
-    if tf.executing_eagerly():
+    if _native.ops():
+        flat = _native.wait(handle, members[0].dtype)
+    elif tf.executing_eagerly():
         return tf.convert_to_tensor(finish(handle))
-    flat = tf.numpy_function(finish, [handle], members[0].dtype, stateful=True)
+    else:
+        flat = tf.numpy_function(finish, [handle], members[0].dtype, stateful=True)
     count = sum(m.shape.num_elements() or 0 for m in members)
     static = all(m.shape.is_fully_defined() for m in members)
     return tf.ensure_shape(flat, [count if static else None])

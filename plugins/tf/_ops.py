@@ -1,10 +1,12 @@
-"""Collectives on TensorFlow tensors, eagerly and inside tf.function: eagerly the numpy
-function runs at once (so a failure raises collectives.CollectiveError itself); in a graph it
-runs as a tf.numpy_function, and the output's static shape is restored with tf.ensure_shape.
+"""Collectives on TensorFlow tensors, eagerly and inside tf.function, through collectives.tf's
+custom ops where they are in use (_native.py), else through numpy functions: eagerly the
+numpy function runs at once (so a failure raises collectives.CollectiveError itself); in a
+graph it runs as a tf.numpy_function, and the output's static shape is restored with
+tf.ensure_shape.
 
-Order: tf.function adds control dependencies between stateful ops in program order, and
-numpy functions are stateful here, so every rank issues its collectives in the order the
-program wrote them, as the core requires."""
+Order: tf.function adds control dependencies between stateful ops in program order, and both
+the custom ops and the numpy functions here are stateful, so every rank issues its
+collectives in the order the program wrote them, as the core requires."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Callable, List, Sequence
 import numpy as np
 import tensorflow as tf
 
+from . import _native
 from ._context import communicator
 
 
@@ -35,6 +38,8 @@ def allreduce(tensor, op: str = "sum") -> tf.Tensor:
     dtypes only), on the ring or the reducers. A new tensor of the same shape and dtype."""
     tensor = _dense(tensor, "allreduce")
     comm = communicator()
+    if _native.ops():
+        return _native.run(comm, tensor, "allreduce", op=op)
     return run(lambda x: comm.allreduce(writable_copy(x), op=op), [tensor], tensor.dtype, tensor.shape)
 
 
@@ -43,6 +48,8 @@ def allgather(tensor) -> tf.Tensor:
     ``(size, *tensor.shape)``, as collectives' Communicator.allgather."""
     tensor = _dense(tensor, "allgather")
     comm = communicator()
+    if _native.ops():
+        return _native.run(comm, tensor, "allgather")
     return run(lambda x: comm.allgather(writable_copy(x)), [tensor], tensor.dtype,
                tf.TensorShape([comm.size]).concatenate(tensor.shape))
 
@@ -51,6 +58,8 @@ def broadcast(tensor, root: int = 0) -> tf.Tensor:
     """Worker ``root``'s ``tensor`` on every worker (a new tensor)."""
     tensor = _dense(tensor, "broadcast")
     comm = communicator()
+    if _native.ops():
+        return _native.run(comm, tensor, "broadcast", root=root)
     return run(lambda x: comm.broadcast(writable_copy(x), root=root), [tensor], tensor.dtype, tensor.shape)
 
 
@@ -64,8 +73,11 @@ def broadcast_variables(variables: Sequence[tf.Variable], root: int = 0):
     for dtype in sorted(set(dtypes), key=lambda d: d.name):
         group = [v for v, d in zip(variables, dtypes) if d == dtype]
         values = [tf.convert_to_tensor(v) for v in group]
-        flat = run(lambda *xs: comm.broadcast(concatenate(xs), root=root), values, dtype,
-                   tf.TensorShape([sum(v.shape.num_elements() for v in group)]))
+        if _native.ops():
+            flat = _native.run(comm, tf.concat([tf.reshape(v, [-1]) for v in values], 0), "broadcast", root=root)
+        else:
+            flat = run(lambda *xs: comm.broadcast(concatenate(xs), root=root), values, dtype,
+                       tf.TensorShape([sum(v.shape.num_elements() for v in group)]))
         for variable, value in zip(group, split_like(flat, values)):
             variable.assign(value)
 

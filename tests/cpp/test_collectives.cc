@@ -182,6 +182,46 @@ void test_abort_wakes_peers() {
         "abort reason reaches the peer: '" + errors[1] + "'");
 }
 
+// Work::when_done (the C API's completion): each callback runs once, with the collective's
+// error; one registered after the end runs at once, on the caller's thread.
+void test_when_done() {
+  Job job(2, 1, 0, 30);
+  std::vector<std::vector<float>> data(2, std::vector<float>(1000, 1.0f));
+  std::vector<int> calls(2, 0);
+  std::vector<std::string> errors_seen(2);
+  auto message_of = [](std::exception_ptr error) -> std::string {
+    if (!error) return "";
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+  };
+  auto errors = job.run([&](int r) {
+    auto work = job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum);
+    work->when_done([&, r](std::exception_ptr error) { ++calls[r], errors_seen[r] = message_of(error); });
+    wait(work);
+    bool at_once = false;
+    work->when_done([&](std::exception_ptr) { at_once = true; });
+    check(at_once, "a callback registered after the end runs at once");
+  });
+  for (int r = 0; r < 2; ++r) {
+    check(errors[r].empty() && calls[r] == 1 && errors_seen[r].empty() && data[r][999] == 2.0f,
+          "when_done after a successful all-reduce: " + errors[r] + errors_seen[r]);
+  }
+  errors = job.run([&](int r) {
+    if (r == 0) {
+      job.comms[0]->abort("test abort");
+      return;
+    }
+    auto work = job.comms[1]->allreduce(data[1].data(), data[1].size(), DataType::kFloat32, ReduceOp::kSum);
+    work->when_done([&](std::exception_ptr error) { ++calls[1], errors_seen[1] = message_of(error); });
+    wait(work);
+  });
+  check(calls[1] == 2 && errors_seen[1].find("test abort") != std::string::npos,
+        "when_done hears a failure: '" + errors_seen[1] + "'");
+}
+
 // Every rank but the one that aborts waits in an all-reduce: each hears the reason, over
 // whichever link reaches it (routed: a part that fails fails the whole, so a rank told over TCP
 // tells its shared-memory peers in turn).
@@ -734,6 +774,7 @@ void run_all() {
   if (job_transport != TransportKind::kTcp || job_security == WireSecurity::kMac) test_hierarchical();
   test_mismatch_fails_everywhere();
   test_abort_wakes_peers();
+  test_when_done();
   test_abort_reaches_every_rank(4);
   if (job_transport == TransportKind::kFake) {
     Job job(2);

@@ -1,13 +1,17 @@
 """collectives.tf: TensorFlow 2 / Keras 3 over collectives, with real TensorFlow processes.
 
 Keras model.fit on 3 workers (DistributedOptimizer, BroadcastGlobalVariablesCallback,
-MetricAverageCallback), each on its shard of every global batch, ends where single-process
+MetricAverageCallback; and under ctf.Strategy's scope with a plain optimizer), each on its
+shard of every global batch, ends where single-process
 training on the global batches ends, on the ring and on a reducer; the same model without
 averaging (the negative control) does not. So do custom loops with DistributedGradientTape,
 eagerly and in tf.function. The tensor collectives, eagerly and in graphs (static shapes
 kept), the sparse-gradient rule's two branches, and a rank that raises mid-training making
-the others raise; examples/tf_keras.py. scripts/test runs these in their own venv
-(.venv-tf, with tensorflow-cpu): `pytest -m tf`.
+the others raise; examples/tf_keras.py. The key cases run on both paths of the collectives
+(COLLECTIVES_TF_OPS): the custom ops, built once per test session into a fresh cache by the
+first job's 3 ranks at once, and the numpy functions; without a compiler the first falls back
+to the second, saying so. scripts/test runs these in their own venv (.venv-tf, with
+tensorflow-cpu): `pytest -m tf`.
 """
 
 import os
@@ -27,6 +31,20 @@ pytestmark = [pytest.mark.tf, pytest.mark.timeout(300)]
 # Quiet TensorFlow's start-up lines; oneDNN off: its kernels may round differently for
 # different batch sizes, and the checks compare a batch of 12 with three of 4.
 TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "COLLECTIVES_TIMEOUT": "30"}
+# The two paths; the numpy one's heavier runs with COLLECTIVES_TEST_FULL=1 only.
+OPS_PATHS = ["custom", "numpy"]
+OPS_PATHS_IN_FULL = ["custom", pytest.param("numpy", marks=pytest.mark.skipif(
+    not FULL, reason="the numpy_function path's run (the custom ops' in CI): runs with COLLECTIVES_TEST_FULL=1"))]
+
+
+@pytest.fixture(scope="module")
+def op_cache(tmp_path_factory):
+    """A cache of the custom ops of this session's own: the first job builds them."""
+    return tmp_path_factory.mktemp("tf-ops-cache")
+
+
+def tf_env(op_cache, ops: str) -> dict:
+    return {**TF_ENV, "COLLECTIVES_CACHE": str(op_cache), "COLLECTIVES_TF_OPS": ops}
 
 # A model with an embedding (sparse gradients) and dense layers, trained on 3 workers by
 # model.fit and by custom loops, and on one process over the global batches: each run's
@@ -107,19 +125,30 @@ def custom_loop(name, compiled):
             grads = step(tf.constant(ids[rows]), tf.constant(y[rows]))
     record(name, m, initial_sha=before, sparse=isinstance(grads[0], tf.IndexedSlices))
 
+def strategy_fit(name):
+    strategy = ctf.Strategy(bucket_bytes=512)
+    with strategy.scope():  # no broadcast callback: the strategy gives every worker rank 0's initial weights
+        m = model(100 + rank)
+        m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    history = m.fit(ids[mine], y[mine], batch_size=PER_WORKER, epochs=EPOCHS, shuffle=False, verbose=0)
+    record(name, m, replicas=strategy.num_replicas_in_sync, loss=history.history["loss"])
+
+strategy_fit("strategy_fit")
 custom_loop("tape_eager", compiled=False)
 custom_loop("tape_function", compiled=True)
-print(json.dumps({"runs": runs, "algorithm": comm.algorithm,
+print(json.dumps({"runs": runs, "algorithm": comm.algorithm, "ops": ctf.ops_in_use(),
                   "reducer_bytes": sum(r["bytes_received"] for r in comm.reducer_stats())}))
 ctf.shutdown()
 '''
 
 
+@pytest.mark.parametrize("ops", OPS_PATHS_IN_FULL)
 @pytest.mark.parametrize("reducers", [pytest.param(0, marks=pytest.mark.skipif(
     not FULL, reason="the ring's run (the reducer's runs in CI): runs with COLLECTIVES_TEST_FULL=1")), 1])
-def test_training_on_3_workers_ends_where_one_process_on_the_global_batch_ends(run_ranks, reducers):
-    results = run_ranks(TRAIN_SCRIPT, 3, env=TF_ENV, reducers=reducers, timeout=240)
+def test_training_on_3_workers_ends_where_one_process_on_the_global_batch_ends(run_ranks, op_cache, reducers, ops):
+    results = run_ranks(TRAIN_SCRIPT, 3, env=tf_env(op_cache, ops), reducers=reducers, timeout=240)
     reports = [r.report() for r in results[:3]]
+    assert {report["ops"] for report in reports} == {ops}
     served = {(report["algorithm"], report["reducer_bytes"] > 0) for report in reports}
     assert served == {("reduction_server", True) if reducers else ("auto", False)}, served
     for name, runs in ((name, [report["runs"][name] for report in reports]) for name in reports[0]["runs"]):
@@ -130,6 +159,7 @@ def test_training_on_3_workers_ends_where_one_process_on_the_global_batch_ends(r
         assert all(run["close"] for run in runs), (name, runs)
     fit_runs = [report["runs"]["fit"] for report in reports]
     assert all(run["loss"] == fit_runs[0]["loss"] for run in fit_runs), "MetricAverageCallback: losses differ"
+    assert all(report["runs"]["strategy_fit"]["replicas"] == 3 for report in reports)
     for report in reports:
         tape_runs = [report["runs"][name] for name in ("tape_eager", "tape_function")]
         assert all(run["sparse"] for run in tape_runs), "the embedding's gradient was not an IndexedSlices"
@@ -211,16 +241,17 @@ for rows, branch in ((50, "gathered"), (4, "densified")):
         check(f"sparse {branch} {mode}", tf.convert_to_tensor(sparse), expected, close=True)
         check(f"dense beside sparse {branch} {mode}", dense,
               np.full((2, 1), 2 * sum(r + 1 for r in range(size)) / size), close=True)
-print(json.dumps({"failures": failures, "checked": checked}))
+print(json.dumps({"failures": failures, "checked": checked, "ops": ctf.ops_in_use()}))
 ctf.shutdown()
 '''
 
 
-def test_tensor_collectives_eagerly_and_in_tf_function(run_ranks):
-    results = run_ranks(OPS_SCRIPT, 3, env=TF_ENV, timeout=180)
+@pytest.mark.parametrize("ops", OPS_PATHS)
+def test_tensor_collectives_eagerly_and_in_tf_function(run_ranks, op_cache, ops):
+    results = run_ranks(OPS_SCRIPT, 3, env=tf_env(op_cache, ops), timeout=180)
     for result in results:
         report = result.report()
-        assert report["failures"] == [] and report["checked"] > 40, report
+        assert report["failures"] == [] and report["checked"] > 40 and report["ops"] == ops, report
 
 
 # Rank 1 raises after its second step; the others are in (or start) the next all-reduce.
@@ -256,10 +287,11 @@ except Exception as e:
 '''
 
 
+@pytest.mark.parametrize("ops", OPS_PATHS_IN_FULL)
 @pytest.mark.parametrize("mode", ["graph", pytest.param("eager", marks=pytest.mark.skipif(
     not FULL, reason="model.fit(run_eagerly=True) failing: runs with COLLECTIVES_TEST_FULL=1"))])
-def test_a_rank_that_raises_mid_training_makes_the_others_raise(run_ranks, mode):
-    results = run_ranks(FAILING_RANK_SCRIPT, 3, env=TF_ENV, args=[mode], timeout=150)
+def test_a_rank_that_raises_mid_training_makes_the_others_raise(run_ranks, op_cache, mode, ops):
+    results = run_ranks(FAILING_RANK_SCRIPT, 3, env=tf_env(op_cache, ops), args=[mode], timeout=150)
     for result in results:
         report = result.report()
         assert result.returncode == 1 and "error" in report, report
@@ -274,11 +306,45 @@ def test_a_rank_that_raises_mid_training_makes_the_others_raise(run_ranks, mode)
             assert re.search(r"collectives\.errors\.(CollectiveError|TimeoutError)", report["error"]), report
 
 
+# One process, with a "compiler" that always fails: auto falls back to the numpy functions and
+# says why in one log line; custom refuses to go on.
+FALLBACK_SCRIPT = r'''
+import json, logging
+import tensorflow as tf
+import collectives.tf as ctf
+
+lines = []
+handler = logging.Handler()
+handler.emit = lambda record: lines.append(record.getMessage())
+logging.getLogger("collectives").addHandler(handler)
+logging.getLogger("collectives").setLevel(logging.INFO)
+ctf.init()
+try:
+    total = ctf.allreduce(tf.constant([1.0, 2.0])).numpy().tolist()
+    print(json.dumps({"ops": ctf.ops_in_use(), "total": total, "log": [l for l in lines if "collectives.tf" in l]}))
+except Exception as e:
+    print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+'''
+
+
+def test_without_a_compiler_auto_falls_back_to_numpy_functions_and_custom_refuses(run_ranks, tmp_path):
+    env = {**TF_ENV, "COLLECTIVES_CACHE": str(tmp_path), "CXX": "false"}
+    auto, = run_ranks(FALLBACK_SCRIPT, 1, launcher=None, env={**env, "COLLECTIVES_TF_OPS": "auto"}, timeout=120)
+    report = auto.report()
+    assert report["ops"] == "numpy" and report["total"] == [1.0, 2.0], report
+    assert len(report["log"]) == 1 and "tf.numpy_function" in report["log"][0], report
+    assert re.search(r"false failed \(exit 1\): its output is in \S+build.log", report["log"][0]), report
+    custom, = run_ranks(FALLBACK_SCRIPT, 1, launcher=None, env={**env, "COLLECTIVES_TF_OPS": "custom"}, timeout=120)
+    assert re.match(r"OpBuildError: false failed", custom.report()["error"]), custom.report()
+
+
 def test_bad_arguments_are_refused_before_anything_is_sent():
     import keras
 
     with pytest.raises(RuntimeError, match="init"):
         ctf.rank()
+    with pytest.raises(RuntimeError, match="init"):
+        ctf.Strategy()
     with pytest.raises(ValueError, match="'avg' or 'sum'"):
         ctf.DistributedOptimizer(keras.optimizers.SGD(0.1), op="max")
     with pytest.raises(ValueError, match="bucket_bytes"):
