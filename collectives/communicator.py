@@ -212,8 +212,12 @@ class Communicator:
     @property
     def c_handle(self) -> int:
         """This communicator for compiled extensions through collectives' C API
-        (collectives.c_api): valid while it is open; its collectives queue behind this one's."""
-        return self._live_core().address
+        (collectives.c_api); its collectives queue behind this one's. Once it is closed, a
+        collective queued through the handle fails with "the communicator is closed" (a
+        tf.function traced before ctf.shutdown() and run after a new ctf.init())."""
+        core = self._live_core()
+        _cores_handed_to_extensions.add(core)
+        return core.address
 
     def reducer_stats(self) -> List[Dict[str, Any]]:
         """Per reducer, by index: {name, alive, bytes_sent, bytes_received} as this worker saw it."""
@@ -593,6 +597,11 @@ def _options(config: Config, plan: Optional[hierarchical.Plan] = None, reducer_p
 # Communicators alive in this process: closed at exit (so that peers see a goodbye, not a
 # lost connection) and disowned in forked children.
 _live: "weakref.WeakSet[Communicator]" = weakref.WeakSet()
+# The core objects whose address an extension holds (Communicator.c_handle): kept, closed,
+# until the process ends, so that a handle outliving its communicator reaches a closed one
+# (which refuses every collective) and never freed memory. A closed core holds no connection
+# and no thread.
+_cores_handed_to_extensions: set = set()
 
 
 def _close_all_at_exit() -> None:

@@ -229,3 +229,50 @@ with cc.init() as comm:
     for result in run_ranks(script, 2, env=transport_env("ucx"), timeout=60):
         assert result.returncode == 0, result.stderr[-3000:]
         assert "UCX" in result.report()["error"]
+
+
+C_API_SCRIPT = """
+import ctypes, gc, json
+import numpy as np
+import collectives as cc
+from collectives import c_api
+
+DONE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)
+ALLREDUCE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_int, DONE, ctypes.c_void_p)
+# collectives_c_api: uint32 version, then the function pointers (allreduce first)
+version = ctypes.c_uint32.from_address(c_api.table_address()).value
+allreduce = ALLREDUCE(ctypes.c_void_p.from_address(c_api.table_address() + ctypes.sizeof(ctypes.c_void_p)).value)
+
+def through_the_c_api(handle, data):
+    ended = []
+    done = DONE(lambda context, status, message: ended.append((status, message and message.decode())))
+    allreduce(handle, data.ctypes.data, data.size, 2, 0, 1, done, None)  # float32, sum, blocking
+    assert ended, "blocking with nothing queued: done is called before the call returns"
+    return ended[0]
+
+comm = cc.init(timeout=30)
+handle, rank = comm.c_handle, comm.rank
+data = np.full(1000, rank + 1, np.float32)
+open_status = through_the_c_api(handle, data)
+total = float(data[0])
+comm.close()
+del comm
+gc.collect()
+# What the heap gives out next overwrites anything freed (a freed communicator would be garbage).
+filler = [bytes([255]) * size for size in range(64, 8192, 16) for _ in range(8)]
+closed_status = through_the_c_api(handle, np.ones(10, np.float32))
+print(json.dumps({"version": version, "open": open_status, "total": total, "closed": closed_status}))
+"""
+
+
+def test_the_c_api_reduces_and_a_handle_outliving_its_communicator_is_refused(run_ranks):
+    """collectives' C API (what collectives.tf's ops call) from ctypes: an all-reduce through a
+    communicator's c_handle, and the same handle after the communicator was closed and dropped
+    (a tf.function traced before ctf.shutdown()): a clear error, never freed memory."""
+    for result in run_ranks(C_API_SCRIPT, 2, timeout=60):
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = result.report()
+        assert report["version"] == 1 and report["open"] == [0, None] and report["total"] == 3.0, report
+        status, message = report["closed"]
+        assert status == 1 and "closed" in message, report
