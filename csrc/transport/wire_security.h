@@ -63,12 +63,19 @@ class FrameProtection {
             unsigned char* tag);
   // Whether the next frame's tag is right; with kAead its payload is decrypted in place (and
   // must not be used when this returns false).
-  bool open(const FrameHeader& header, char* payload, uint64_t nbytes, const unsigned char* tag);
+  bool open(const FrameHeader& header, char* payload, uint64_t nbytes, const unsigned char* tag) {
+    return open_numbered(take_number(), header, payload, nbytes, tag);
+  }
+  // For a receiver whose frames arrive in order but whose payloads complete in any order (UCX):
+  // the next frame's number, taken as its header arrives, then its check with that number.
+  uint64_t take_number() { return frames_++; }
+  bool open_numbered(uint64_t number, const FrameHeader& header, char* payload, uint64_t nbytes,
+                     const unsigned char* tag);
   // The last sealed frame never reached the wire: its number goes to the next one.
   void unseal() { --frames_; }
 
  private:
-  void start_frame(const FrameHeader& header, bool sealing);
+  void start_frame(uint64_t number, const FrameHeader& header, bool sealing);
 
   WireSecurity mode_ = WireSecurity::kNone;
   EVP_CIPHER_CTX* ctx_ = nullptr;
