@@ -64,11 +64,10 @@ class FrameProtection {
   // Whether the next frame's tag is right; with kAead its payload is decrypted in place (and
   // must not be used when this returns false).
   bool open(const FrameHeader& header, char* payload, uint64_t nbytes, const unsigned char* tag) {
-    return open_numbered(take_number(), header, payload, nbytes, tag);
+    return open_numbered(frames_++, header, payload, nbytes, tag);
   }
-  // For a receiver whose frames arrive in order but whose payloads complete in any order (UCX):
-  // the next frame's number, taken as its header arrives, then its check with that number.
-  uint64_t take_number() { return frames_++; }
+  // open() of frame `number`, for a receiver that numbers its frames itself (UCX: a lane's
+  // headers arrive in order, their payloads complete in any order).
   bool open_numbered(uint64_t number, const FrameHeader& header, char* payload, uint64_t nbytes,
                      const unsigned char* tag);
   // The last sealed frame never reached the wire: its number goes to the next one.

@@ -31,7 +31,11 @@ struct UcxTransport::Operation : TransportOperation {
   WireHeader wire;       // a send's header and tag as they go; a receive's, as they came
   // Protected frames: a receive's payload until its tag is checked; kAead: a send's ciphertext.
   std::vector<char> sealed;
-  uint64_t frame = 0;    // a protected receive's number on its lane, taken as its header came
+  // A protected receive: its number on its lane, taken as its header came, and the lane's key.
+  uint64_t frame = 0;
+  const std::string* lane_key = nullptr;
+  bool unchecked = false;  // its payload is in `sealed`: the first wait checks and copies it
+  bool checking = false;   // a wait does so now
   int parts_left = 0;    // a send's UCX messages not yet done
   bool done = false;     // finished, well or not
   bool ok = false;       // every byte moved
@@ -47,9 +51,14 @@ struct UcxTransport::Peer {
   bool said_goodbye = false;      // then `goodbye` is the number of messages it sent this rank
   uint64_t goodbye = 0;           // its goodbye lands here
   uint64_t goodbye_to_send = 0;   // ours leaves from here
-  // COLLECTIVES_WIRE_SECURITY mac or aead: each lane (communicator) of each direction its own
-  // key and frame count (lane_protection).
-  std::map<uint64_t, FrameProtection> sealing, opening;
+  // COLLECTIVES_WIRE_SECURITY mac or aead: each lane (communicator) of each direction has a key
+  // of its own (lane_key) and counts its frames. Sending: guarded by sealing_mutex_.
+  std::map<uint64_t, FrameProtection> sealing;
+  struct OpeningLane {
+    std::string key;
+    uint64_t frames = 0;
+  };
+  std::map<uint64_t, OpeningLane> opening;
 };
 
 namespace {
@@ -79,6 +88,14 @@ constexpr ucp_tag_t kWholeTag = ~ucp_tag_t{0};
 constexpr ucp_tag_t kAnySenderTag = ~kSenderMask;
 
 constexpr char kLaneKeyLabel[] = "collectives ucx lane ";
+
+// The key of a lane of one direction: HKDF of the control link's key for that direction, so no
+// (key, frame number) pair is used twice, whatever order the lanes' messages go in.
+std::string lane_key(const std::string& link_key, uint64_t comm) {
+  std::string label(kLaneKeyLabel);
+  label.append(reinterpret_cast<const char*>(&comm), sizeof(comm));
+  return derive_session_keys(link_key, label).substr(0, kSessionKeyBytes);
+}
 
 ucp_tag_t ucx_tag(uint64_t part, int sender, uint64_t comm) {
   return part << (kLaneBits + kSenderBits) | ucp_tag_t(sender) << kLaneBits | (fnv1a({comm}) & kLaneMask);
@@ -251,25 +268,33 @@ TransportRequest UcxTransport::send(int peer, const FrameHeader& header, const v
   op->is_send = true;
   op->header = header;
   op->data = static_cast<char*>(const_cast<void*>(data));
+  op->wire.header = header;
+  Peer& to = *peers_.at(peer);
+  const char* payload = op->data;
+  // Sealed without mutex_, so that the progress thread moves other messages meanwhile, and
+  // posted before sealing_mutex_ is let go: UCX matches a lane's messages at the peer in the
+  // order they are posted, which must be the order they are numbered in.
+  std::unique_lock<std::mutex> in_lane_order;
+  if (security_ != WireSecurity::kNone) {
+    in_lane_order = std::unique_lock<std::mutex>(sealing_mutex_);
+    auto lane = to.sealing.find(header.comm);
+    if (lane == to.sealing.end()) {
+      lane = to.sealing.emplace(header.comm, FrameProtection(security_, lane_key(link_keys_[peer].first, header.comm)))
+                 .first;
+    }
+    if (lane->second.encrypts()) {
+      op->sealed.resize(header.nbytes);
+      payload = op->sealed.data();
+    }
+    lane->second.seal(header, op->data, op->sealed.data(), header.nbytes, op->wire.tag);
+  }
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (failed_) {
       op->done = true;  // not ok: wait() reports the failure
       return op;
     }
-    Peer& to = *peers_.at(peer);
     ++to.sent;
-    op->wire.header = header;
-    const char* payload = op->data;
-    if (security_ != WireSecurity::kNone) {
-      // In posting order, the order in which UCX matches a lane's messages at the peer.
-      FrameProtection& protection = lane_protection(to.sealing, link_keys_[peer].first, header.comm);
-      if (protection.encrypts()) {
-        op->sealed.resize(header.nbytes);
-        payload = op->sealed.data();
-      }
-      protection.seal(header, op->data, op->sealed.data(), header.nbytes, op->wire.tag);
-    }
     op->parts_left = header.nbytes > 0 ? 2 : 1;
     start_send(op, Part::kHeader, &op->wire, header_bytes_);
     if (header.nbytes > 0) start_send(op, Part::kPayload, payload, header.nbytes);
@@ -427,11 +452,7 @@ void UcxTransport::finished(const InFlight& done, ucs_status_t status, size_t by
                   false);
       return;
     }
-    if (!authentic(op, sender)) return;
-    if (security_ != WireSecurity::kNone) {
-      std::memcpy(op.data, op.sealed.data(), bytes);
-      std::vector<char>().swap(op.sealed);
-    }
+    op.unchecked = security_ != WireSecurity::kNone;  // checked by its waiter, without mutex_
     return complete(op);
   }
   if (bytes != header_bytes_) {
@@ -462,42 +483,34 @@ void UcxTransport::finished(const InFlight& done, ucs_status_t status, size_t by
   }
   char* into = op.data;
   if (security_ != WireSecurity::kNone) {
-    Peer& from = *peers_[sender];
-    op.frame = lane_protection(from.opening, link_keys_[sender].second, op.header.comm).take_number();
+    auto lane = peers_[sender]->opening.find(op.header.comm);
+    if (lane == peers_[sender]->opening.end()) {
+      lane = peers_[sender]->opening.emplace(op.header.comm, Peer::OpeningLane{lane_key(link_keys_[sender].second, op.header.comm)}).first;
+    }
+    op.frame = lane->second.frames++;
+    op.lane_key = &lane->second.key;
     op.sealed.resize(op.header.nbytes);
     into = op.sealed.data();
   }
   if (op.header.nbytes == 0) {
-    if (authentic(op, sender)) complete(op);
+    if (authentic(op)) {
+      complete(op);
+    } else {
+      fail_locked(integrity_failure(op), false);
+    }
     return;
   }
   start_recv(done.op, Part::kPayload, sender, into, op.header.nbytes);
 }
 
-bool UcxTransport::authentic(Operation& op, int sender) {
-  if (security_ == WireSecurity::kNone) return true;
-  Peer& from = *peers_[sender];
-  FrameProtection& protection = lane_protection(from.opening, link_keys_[sender].second, op.header.comm);
-  if (protection.open_numbered(op.frame, op.wire.header, op.sealed.data(), op.header.nbytes, op.wire.tag)) return true;
-  fail_locked(peer_name(sender) + " sent a message over UCX that failed its integrity check (COLLECTIVES_WIRE_SECURITY=" +
-                  to_string(security_) + "): it was altered on the way, or injected by someone other than " +
-                  peer_name(sender),
-              false);
-  return false;
+bool UcxTransport::authentic(Operation& op) const {
+  return FrameProtection(security_, *op.lane_key)
+      .open_numbered(op.frame, op.wire.header, op.sealed.data(), op.header.nbytes, op.wire.tag);
 }
 
-FrameProtection& UcxTransport::lane_protection(std::map<uint64_t, FrameProtection>& lanes, const std::string& key,
-                                               uint64_t comm) {
-  auto lane = lanes.find(comm);
-  if (lane == lanes.end()) {
-    // HKDF of the control link's key for that direction, per lane: no (key, frame number) pair
-    // is used twice, whatever order the lanes' messages go in.
-    std::string label(kLaneKeyLabel);
-    label.append(reinterpret_cast<const char*>(&comm), sizeof(comm));
-    const std::string lane_key = derive_session_keys(key, label).substr(0, kSessionKeyBytes);
-    lane = lanes.emplace(comm, FrameProtection(security_, lane_key)).first;
-  }
-  return lane->second;
+std::string UcxTransport::integrity_failure(const Operation& op) const {
+  return peer_name(op.peer) + " sent a message over UCX that failed its integrity check (COLLECTIVES_WIRE_SECURITY=" +
+         to_string(security_) + "): it was altered on the way, or injected by someone other than " + peer_name(op.peer);
 }
 
 std::vector<std::pair<std::string, std::string>> UcxTransport::keys_of(
@@ -555,6 +568,24 @@ bool UcxTransport::wait_until(const TransportRequest& posted, Deadline deadline,
   Operation* request = static_cast<Operation*>(posted.get());
   std::unique_lock<std::mutex> lock(mutex_);
   if (!await(lock, completed_, *request, deadline, until, [&] { return request->done || failed_; })) return false;
+  completed_.wait(lock, [&] { return !request->checking; });  // another waiter checks it
+  if (request->ok && request->unchecked) {
+    // Its tag, then the copy into the caller's buffer, on this thread: the progress thread goes on.
+    request->unchecked = false;
+    request->checking = true;
+    lock.unlock();
+    const bool good = authentic(*request);
+    if (good) std::memcpy(request->data, request->sealed.data(), request->header.nbytes);
+    std::vector<char>().swap(request->sealed);
+    lock.lock();
+    request->checking = false;
+    completed_.notify_all();
+    if (!good) {
+      request->ok = false;
+      fail_locked(integrity_failure(*request), false);
+      wake();  // the progress thread tells the peers and quiesces
+    }
+  }
   // A request that completed stays good even if the transport failed afterwards.
   if (request->ok) return true;
   completed_.wait(lock, [&] { return quiesced_; });  // the caller may free buffers next

@@ -23,8 +23,9 @@
 // still be matched (a receive beyond that count fails as the peer having closed).
 //
 // Wire security (wire_security.h) as on the control links: with mac or aead each message's
-// header goes with a tag over header and payload, made before it leaves, and a receive's payload
-// lands in staging memory, reaching the caller's buffer only once the tag is checked. Each lane
+// header goes with a tag over header and payload, made before it leaves (by the sending thread),
+// and a receive's payload lands in staging memory, reaching the caller's buffer only once its
+// waiter has checked the tag (the progress thread meanwhile moves other messages). Each lane
 // (communicator) of each direction has a key of its own, derived from the control link's, and
 // counts its frames: UCX keeps a lane's messages in order, not different lanes' (a payload may
 // complete before an earlier header's, so its number is taken as its header arrives). The
@@ -102,10 +103,10 @@ class UcxTransport : public Transport {
   // `sender`: the rank the message came from (a receive's), else done.peer.
   void finished(const InFlight& done, ucs_status_t status, size_t bytes, int sender);
   void complete(Operation& op);
-  // With mutex_ held: whether a protected receive's tag is right (its payload, decrypted with
-  // kAead, in op.sealed); fails the transport if not. True where frames carry no tag.
-  bool authentic(Operation& op, int sender);
-  FrameProtection& lane_protection(std::map<uint64_t, FrameProtection>& lanes, const std::string& key, uint64_t comm);
+  // Whether a protected receive's tag is right (its payload, in op.sealed, decrypted with
+  // kAead); touches nothing shared, so a waiter checks without mutex_.
+  bool authentic(Operation& op) const;
+  std::string integrity_failure(const Operation& op) const;
   static WireSecurity security_of(const std::vector<std::vector<Link>>& control_links);
   static std::vector<std::pair<std::string, std::string>> keys_of(const std::vector<std::vector<Link>>& control_links);
   void endpoint_lost(Peer& peer, ucs_status_t status);
@@ -149,6 +150,7 @@ class UcxTransport : public Transport {
 
   // Guards every UCX call (the worker is UCS_THREAD_MODE_SERIALIZED) and the state below.
   std::mutex mutex_;
+  std::mutex sealing_mutex_;  // taken before mutex_: a send's sealing and posting, in lane order
   std::condition_variable completed_;
   std::vector<InFlight> in_flight_;
   bool failed_ = false;
