@@ -45,7 +45,6 @@ struct UcxTransport::Peer {
   UcxTransport* owner = nullptr;
   int rank = 0;
   ucp_ep_h ep = nullptr;
-  bool failure_detected = false;  // its endpoint reports the peer's death (another host's)
   // Guarded by mutex_:
   uint64_t sent = 0;              // messages sent to it
   uint64_t receives_posted = 0;   // receives posted for its messages
@@ -240,7 +239,6 @@ void UcxTransport::exchange_addresses(Deadline deadline) {
                         UCP_EP_PARAM_FIELD_ERR_HANDLER;
     params.address = reinterpret_cast<const ucp_address_t*>(addresses[p].data() + end_of_name + 1);
     params.err_mode = same_host ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
-    peers_[p]->failure_detected = !same_host;
     params.err_handler.cb = &UcxTransport::endpoint_failed;
     params.err_handler.arg = peers_[p].get();
     std::lock_guard<std::mutex> lock(mutex_);
@@ -681,18 +679,7 @@ void UcxTransport::quiesce_locked(std::unique_lock<std::mutex>& lock) {
   for (const InFlight& entry : in_flight_) {
     if (!entry.sending) ucx_.request_cancel(worker_, entry.request);
   }
-  /*
-   * A send to a peer of this host (an endpoint without error handling, which a forced close
-   * does not complete) may stay in flight: a rendezvous that the peer never answers. It is not
-   * waited for: its buffer is read only once the peer posts the matching receive, which a peer
-   * that failed (and was told so over the control link) no longer does, and an eager send's
-   * bytes were copied when it was posted. Waiting would hold a Ctrl-C or an abort up for
-   * kQuiesceSeconds.
-   */
-  close_endpoints(lock, /*force=*/true, deadline_after(kQuiesceSeconds), [&] {
-    return std::any_of(in_flight_.begin(), in_flight_.end(),
-                       [&](const InFlight& e) { return !e.sending || peers_[e.peer]->failure_detected; });
-  });
+  close_endpoints(lock, /*force=*/true, deadline_after(kQuiesceSeconds), [&] { return !in_flight_.empty(); });
   quiesced_ = true;
   completed_.notify_all();
 }
