@@ -74,14 +74,13 @@ def configured_reducers(env=os.environ):
 
 def build_transports(cc):
     """The COLLECTIVES_TRANSPORT values this installation offers (collectives-info's), less UCX
-    where it cannot run: not loadable, or the wire security asked for is not none (UCX's
-    frames carry no tag; name it with --transports and COLLECTIVES_WIRE_SECURITY=none)."""
+    where libucp does not load."""
     from collectives import info
 
     if cc is None:
         return []
     described = info.describe()
-    runs_ucx = described["build"]["ucx"].get("loaded") and described["settings"]["COLLECTIVES_WIRE_SECURITY"] == "none"
+    runs_ucx = described["build"]["ucx"].get("loaded")
     return [t for t in described["build"]["transports"] if t != "ucx" or runs_ucx]
 
 

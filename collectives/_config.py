@@ -178,12 +178,6 @@ class Config:
         # from_env(); parsing an already-valid value gives it back unchanged.
         for name, (_, parse) in _FIELDS.items():
             object.__setattr__(self, name, parse(getattr(self, name), name))
-        if self.transport == "ucx" and self.wire_security != "none":
-            raise ValueError(
-                f"COLLECTIVES_TRANSPORT=ucx carries data without a tag per frame, so it cannot give "
-                f"COLLECTIVES_WIRE_SECURITY={self.wire_security}: set COLLECTIVES_WIRE_SECURITY=none to accept that "
-                "(connections are still authenticated, and UCX addresses, aborts and notices travel over the "
-                "authenticated links), or use the tcp transport")
         # Only where there are reducers: a short COLLECTIVES_TIMEOUT alone is no mistake.
         if self.num_reducers and self.rs_heartbeat_timeout >= self.timeout:
             raise ValueError(

@@ -321,10 +321,6 @@ class Communicator:
         buf = _buffers.view(x, writable=True)
         core, tag = self._live_core(), self._tag(tag)
         if src == ANY_SOURCE:
-            if self._config.transport == "ucx":
-                raise NotImplementedError("receiving from any source is not supported over the UCX transport "
-                                          "(COLLECTIVES_TRANSPORT=ucx): name the sender, or use the tcp or shm "
-                                          "transport")
             if self.size < 2:
                 raise ValueError("recv from any source: this communicator has no other rank")
             work = core.recv_any(buf.address, buf.count, buf.dtype_code, tag)

@@ -117,8 +117,7 @@ void Transport::source_gone(int peer) {
 
 TransportRequest Transport::recv_any(std::vector<int> sources, const FrameHeader& expected, void* data) {
   if (!receives_from_any_source()) {
-    throw std::invalid_argument("this transport cannot receive from any source (the UCX transport matches messages "
-                                "by sender in UCX itself): name the sender, or use COLLECTIVES_TRANSPORT=tcp or shm");
+    throw std::invalid_argument("this transport cannot receive from any source: name the sender");
   }
   for (int p : sources) {
     if (p < 0 || p >= size() || p == rank() || std::count(sources.begin(), sources.end(), p) != 1) {
@@ -126,6 +125,10 @@ TransportRequest Transport::recv_any(std::vector<int> sources, const FrameHeader
     }
   }
   if (sources.empty()) throw std::invalid_argument("recv_any needs a rank to receive from");
+  return post_recv_any(std::move(sources), expected, data);
+}
+
+TransportRequest Transport::post_recv_any(std::vector<int> sources, const FrameHeader& expected, void* data) {
   auto op = std::make_shared<PostedOperation>();
   op->peer = kAnySource;
   op->sources = std::move(sources);

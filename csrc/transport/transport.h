@@ -211,6 +211,9 @@ class Transport {
   // a part that does not carry that peer's messages (a routing transport's TCP part hears the
   // goodbye of a peer reached over shared memory too).
   void source_gone(int peer);
+  // recv_any once its arguments are checked: by default a receive that waits in matching() for
+  // the links to offer it a frame; a transport that matches messages itself (UCX) posts its own.
+  virtual TransportRequest post_recv_any(std::vector<int> sources, const FrameHeader& expected, void* data);
   // wait_until() of a receive from any source, for implementations whose receives it is: woken
   // through matching(), it lets this transport's threads move the bytes meanwhile
   // (waiting_elsewhere), and after a failure returns (throwing) once quiesce() has.

@@ -82,11 +82,10 @@ FrameProtection& FrameProtection::operator=(FrameProtection&& other) noexcept {
 
 FrameProtection::~FrameProtection() { EVP_CIPHER_CTX_free(ctx_); }
 
-void FrameProtection::start_frame(const FrameHeader& header, bool sealing) {
+void FrameProtection::start_frame(uint64_t frame, const FrameHeader& header, bool sealing) {
   // The nonce is the frame's number: never reused under one key, and a frame taken out of
   // order (replayed, reordered, dropped before it) is opened with the wrong one.
   unsigned char nonce[kNonceBytes] = {};
-  const uint64_t frame = frames_++;
   std::memcpy(nonce + kNonceBytes - sizeof(frame), &frame, sizeof(frame));
   int unused;
   if (EVP_CipherInit_ex(ctx_, nullptr, nullptr, nullptr, nonce, sealing ? 1 : 0) != 1 ||
@@ -99,7 +98,7 @@ void FrameProtection::start_frame(const FrameHeader& header, bool sealing) {
 void FrameProtection::seal(const FrameHeader& header, const char* payload, char* out, uint64_t nbytes,
                            unsigned char* tag) {
   if (mode_ == WireSecurity::kNone) return;
-  start_frame(header, /*sealing=*/true);
+  start_frame(frames_++, header, /*sealing=*/true);
   int written;
   for (uint64_t done = 0; done < nbytes; done += kMaxPiece) {
     const int piece = static_cast<int>(std::min(kMaxPiece, nbytes - done));
@@ -114,9 +113,10 @@ void FrameProtection::seal(const FrameHeader& header, const char* payload, char*
   }
 }
 
-bool FrameProtection::open(const FrameHeader& header, char* payload, uint64_t nbytes, const unsigned char* tag) {
+bool FrameProtection::open_numbered(uint64_t number, const FrameHeader& header, char* payload, uint64_t nbytes,
+                                    const unsigned char* tag) {
   if (mode_ == WireSecurity::kNone) return true;
-  start_frame(header, /*sealing=*/false);
+  start_frame(number, header, /*sealing=*/false);
   int written;
   for (uint64_t done = 0; done < nbytes; done += kMaxPiece) {
     const int piece = static_cast<int>(std::min(kMaxPiece, nbytes - done));

@@ -63,12 +63,18 @@ class FrameProtection {
             unsigned char* tag);
   // Whether the next frame's tag is right; with kAead its payload is decrypted in place (and
   // must not be used when this returns false).
-  bool open(const FrameHeader& header, char* payload, uint64_t nbytes, const unsigned char* tag);
+  bool open(const FrameHeader& header, char* payload, uint64_t nbytes, const unsigned char* tag) {
+    return open_numbered(frames_++, header, payload, nbytes, tag);
+  }
+  // open() of frame `number`, for a receiver that numbers its frames itself (UCX: a lane's
+  // headers arrive in order, their payloads complete in any order).
+  bool open_numbered(uint64_t number, const FrameHeader& header, char* payload, uint64_t nbytes,
+                     const unsigned char* tag);
   // The last sealed frame never reached the wire: its number goes to the next one.
   void unseal() { --frames_; }
 
  private:
-  void start_frame(const FrameHeader& header, bool sealing);
+  void start_frame(uint64_t number, const FrameHeader& header, bool sealing);
 
   WireSecurity mode_ = WireSecurity::kNone;
   EVP_CIPHER_CTX* ctx_ = nullptr;

@@ -20,9 +20,8 @@ _LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROU
 
 
 def transport_env(transport: str) -> Dict[str, str]:
-    """The variables that run a job over `transport` (UCX carries no per-frame tags, so it
-    runs with COLLECTIVES_WIRE_SECURITY=none)."""
-    return {"COLLECTIVES_TRANSPORT": transport, **({"COLLECTIVES_WIRE_SECURITY": "none"} if transport == "ucx" else {})}
+    """The variables that run a job over `transport` (with the default wire security, mac)."""
+    return {"COLLECTIVES_TRANSPORT": transport}
 
 
 def ucx_missing() -> str:

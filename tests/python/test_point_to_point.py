@@ -8,7 +8,7 @@ import json
 import pytest
 
 import collective_cases as cases_lib
-from launch_env import TRANSPORTS, transport_env, ucx_missing
+from launch_env import TRANSPORTS, transport_env
 
 COUNTS = [0, 1, 2, 7, 1009, 65537, 300007]
 
@@ -30,11 +30,13 @@ import numpy as np
 import collectives as cc
 
 case = sys.argv[1]
-with cc.init(timeout=60) as comm:
-    r, n = comm.rank, comm.size
-    start = time.monotonic()
-    error = None
-    try:
+start = time.monotonic()
+error = None
+# Init is inside: a rank still finishing the start-up's last exchange when the others, done with it,
+# find the bad call hears of it there (more often over UCX, whose start-up has one more round).
+try:
+    with cc.init(timeout=60) as comm:
+        r, n = comm.rank, comm.size
         if case == "root":  # rank 0 thinks the root is 0, the others 1
             comm.gather(np.ones(5, np.float32), root=0 if r == 0 else 1)
         elif case == "reduce_count":
@@ -53,9 +55,9 @@ with cc.init(timeout=60) as comm:
                 comm.recv(np.ones(12, np.float32), 0)
             comm.barrier()
         comm.barrier()
-    except cc.CollectiveError as e:
-        error = str(e)
-    print(json.dumps({"error": error, "seconds": time.monotonic() - start}))
+except cc.CollectiveError as e:
+    error = str(e)
+print(json.dumps({"error": error, "seconds": time.monotonic() - start}))
 """
 
 
@@ -143,13 +145,16 @@ with cc.init(timeout=60) as comm:
         senders = sorted(comm.recv(one, tag=8) for _ in range(n - 1))
         report = {"wrong": wrong, "rounds": rounds, "senders": senders}
     else:
-        if r == 2:
-            comm.send(payload(-2, 0), 0, tag=7)
+        if r == 2:  # not waited on yet: over UCX a large message's send ends once its receive is posted
+            late = payload(-2, 0)
+            late_send = comm.send_async(late, 0, tag=7)
         for k in range(ROUNDS):
             comm.send(payload(r, k), 0, tag=5)
             if r == 1:
                 comm.send(payload(-1, k), 0, tag=6)
         comm.send(np.full(1, r, np.int64), 0, tag=8)
+        if r == 2:
+            late_send.wait()
     # In a subgroup ordered backwards (ranks 2, 0 and 3, 1): the source is a rank of the subgroup.
     sub = comm.split(r % 2, key=-r)
     if r < 2:
@@ -162,7 +167,7 @@ with cc.init(timeout=60) as comm:
 """
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm", "auto"])
+@pytest.mark.parametrize("transport", [*TRANSPORTS, "auto"])
 def test_receive_from_any_source(run_ranks, transport):
     """Senders race for receives from any source (as MPI_ANY_SOURCE, torch's recv without src):
     each message lands once, bit for bit, each sender's in the order sent, its sender said;
@@ -193,7 +198,7 @@ with cc.init(timeout=60) as comm:
             if how == "abort":
                 threading.Timer(0.5, comm.abort).start()
             w.wait()
-        else:
+        elif how == "abort":
             comm.recv(np.zeros(1), 0, tag=9)  # never sent: the abort ends it
     except cc.CollectiveError as e:
         error = str(e)
@@ -201,34 +206,19 @@ with cc.init(timeout=60) as comm:
 """
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
-def test_abort_while_receiving_from_any_source(run_ranks, transport):
-    results = run_ranks(PENDING_ANY_SOURCE_SCRIPT, 3, args=["abort"], env=transport_env(transport), timeout=60)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("how,words", [("abort", "abort"), ("closed", "has closed")])
+def test_a_pending_receive_from_any_source_ends(run_ranks, transport, how, words):
+    """Aborted by its own rank, or every rank it could take a message from closed: it fails at
+    once, never waiting for the timeout."""
+    results = run_ranks(PENDING_ANY_SOURCE_SCRIPT, 3, args=[how], env=transport_env(transport), timeout=60)
     for rank, result in enumerate(results):
         assert result.returncode == 0, result.stderr[-3000:]
         report = result.report()
-        assert report["error"] and "abort" in report["error"], (rank, report)
+        if how == "closed" and rank > 0:
+            continue
+        assert report["error"] and words in report["error"], (rank, report)
         assert report["seconds"] < 15, (rank, report)
-
-
-def test_any_source_refused_over_ucx(run_ranks):
-    if ucx_missing():
-        pytest.skip(ucx_missing())
-    script = """
-import json
-import numpy as np
-import collectives as cc
-with cc.init() as comm:
-    try:
-        comm.recv(np.zeros(3), cc.ANY_SOURCE)
-        print(json.dumps({"error": None}))
-    except NotImplementedError as e:
-        print(json.dumps({"error": str(e)}))
-    comm.barrier()
-"""
-    for result in run_ranks(script, 2, env=transport_env("ucx"), timeout=60):
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "UCX" in result.report()["error"]
 
 
 C_API_SCRIPT = """

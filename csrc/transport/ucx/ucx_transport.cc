@@ -5,17 +5,37 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <map>
 #include <stdexcept>
 #include <utility>
 
 #include "common/fnv.h"
+#include "transport/frame_io.h"
+#include "transport/wire_security.h"
 
 namespace collectives {
+
+// A message's first UCX message: its header, and its tag where the frames are protected (the tag
+// covers the payload too, so a sender makes it before the header leaves).
+#pragma pack(push, 1)
+struct WireHeader {
+  FrameHeader header;
+  unsigned char tag[kTagBytes];
+};
+#pragma pack(pop)
 
 struct UcxTransport::Operation : TransportOperation {
   char* data = nullptr;  // payload (header.nbytes bytes)
   // Guarded by mutex_:
-  FrameHeader received;  // a receive's header, as it came
+  WireHeader wire;       // a send's header and tag as they go; a receive's, as they came
+  // Protected frames: a receive's payload until its tag is checked; kAead: a send's ciphertext.
+  std::vector<char> sealed;
+  // A protected receive: its number on its lane, taken as its header came, and the lane's key.
+  uint64_t frame = 0;
+  const std::string* lane_key = nullptr;
+  bool unchecked = false;  // its payload is in `sealed`: the first wait checks and copies it
+  bool checking = false;   // a wait does so now
   int parts_left = 0;    // a send's UCX messages not yet done
   bool done = false;     // finished, well or not
   bool ok = false;       // every byte moved
@@ -31,6 +51,14 @@ struct UcxTransport::Peer {
   bool said_goodbye = false;      // then `goodbye` is the number of messages it sent this rank
   uint64_t goodbye = 0;           // its goodbye lands here
   uint64_t goodbye_to_send = 0;   // ours leaves from here
+  // COLLECTIVES_WIRE_SECURITY mac or aead: each lane (communicator) of each direction has a key
+  // of its own (lane_key) and counts its frames. Sending: guarded by sealing_mutex_.
+  std::map<uint64_t, FrameProtection> sealing;
+  struct OpeningLane {
+    std::string key;
+    uint64_t frames = 0;
+  };
+  std::map<uint64_t, OpeningLane> opening;
 };
 
 namespace {
@@ -45,21 +73,48 @@ constexpr int kSpinTurns = 64;
 // are in flight and while not (a transport may move bytes without signalling it).
 constexpr int kBusySleepMillis = 2, kIdleSleepMillis = 100;
 constexpr double kGoodbyeSeconds = 10.0, kQuiesceSeconds = 10.0;
-constexpr ucp_tag_t kWholeTag = ~ucp_tag_t{0};
 
-// The UCX tag of one part of the messages from `sender` on communicator `comm`: a hash
-// (FNV-1a) of the three, so a 64-bit communicator id fits; two streams that collide would
-// meet each other's headers, which mismatch() reports.
-ucp_tag_t ucx_tag(uint64_t part, int sender, uint64_t comm) { return fnv1a({part, uint64_t(sender), comm}); }
+/*
+ * A UCX tag, 64 bits: the part (header, payload, goodbye) in the top 2, the sender's rank in the
+ * next kSenderBits, and a hash (FNV-1a) of the communicator's 64-bit id in the low kLaneBits. A
+ * receive from any source masks the sender's bits out, so that UCX matches it with the first
+ * header of its lane from any rank (MPI's rule: the receive posted first takes it). Two lanes
+ * whose hashes collide would meet each other's headers, which mismatch() reports.
+ */
+constexpr int kLaneBits = 40, kSenderBits = 22;
+constexpr ucp_tag_t kLaneMask = (ucp_tag_t{1} << kLaneBits) - 1;
+constexpr ucp_tag_t kSenderMask = ((ucp_tag_t{1} << kSenderBits) - 1) << kLaneBits;
+constexpr ucp_tag_t kWholeTag = ~ucp_tag_t{0};
+constexpr ucp_tag_t kAnySenderTag = ~kSenderMask;
+
+constexpr char kLaneKeyLabel[] = "collectives ucx lane ";
+
+// The key of a lane of one direction: HKDF of the control link's key for that direction, so no
+// (key, frame number) pair is used twice, whatever order the lanes' messages go in.
+std::string lane_key(const std::string& link_key, uint64_t comm) {
+  std::string label(kLaneKeyLabel);
+  label.append(reinterpret_cast<const char*>(&comm), sizeof(comm));
+  return derive_session_keys(link_key, label).substr(0, kSessionKeyBytes);
+}
+
+ucp_tag_t ucx_tag(uint64_t part, int sender, uint64_t comm) {
+  return part << (kLaneBits + kSenderBits) | ucp_tag_t(sender) << kLaneBits | (fnv1a({comm}) & kLaneMask);
+}
+int sender_of(ucp_tag_t tag) { return static_cast<int>((tag & kSenderMask) >> kLaneBits); }
 
 }  // namespace
 
 UcxTransport::UcxTransport(int rank, int size, std::vector<std::vector<Link>> control_links,
                            std::vector<std::string> peer_names, Deadline deadline)
-    : rank_(rank), size_(size), ucx_(loaded_ucx()),
+    : rank_(rank), size_(size), ucx_(loaded_ucx()), security_(security_of(control_links)),
+      link_keys_(keys_of(control_links)),
+      header_bytes_(sizeof(FrameHeader) + (security_ == WireSecurity::kNone ? 0 : kTagBytes)),
       control_(std::make_unique<TcpTransport>(rank, size, std::move(control_links), std::move(peer_names))) {
   control_->become_part_of(this);
   try {
+    if (size > (1 << kSenderBits)) {
+      throw CollectiveError("the UCX transport takes at most " + std::to_string(1 << kSenderBits) + " ranks");
+    }
     ucp_config_t* config = nullptr;
     ucs_status_t status = ucx_.config_read(nullptr, nullptr, &config);
     if (status != UCS_OK) throw CollectiveError("UCX could not read its configuration: " + ucx_.describe(status));
@@ -213,16 +268,36 @@ TransportRequest UcxTransport::send(int peer, const FrameHeader& header, const v
   op->is_send = true;
   op->header = header;
   op->data = static_cast<char*>(const_cast<void*>(data));
+  op->wire.header = header;
+  Peer& to = *peers_.at(peer);
+  const char* payload = op->data;
+  // Sealed without mutex_, so that the progress thread moves other messages meanwhile, and
+  // posted before sealing_mutex_ is let go: UCX matches a lane's messages at the peer in the
+  // order they are posted, which must be the order they are numbered in.
+  std::unique_lock<std::mutex> in_lane_order;
+  if (security_ != WireSecurity::kNone) {
+    in_lane_order = std::unique_lock<std::mutex>(sealing_mutex_);
+    auto lane = to.sealing.find(header.comm);
+    if (lane == to.sealing.end()) {
+      lane = to.sealing.emplace(header.comm, FrameProtection(security_, lane_key(link_keys_[peer].first, header.comm)))
+                 .first;
+    }
+    if (lane->second.encrypts()) {
+      op->sealed.resize(header.nbytes);
+      payload = op->sealed.data();
+    }
+    lane->second.seal(header, op->data, op->sealed.data(), header.nbytes, op->wire.tag);
+  }
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (failed_) {
       op->done = true;  // not ok: wait() reports the failure
       return op;
     }
-    ++peers_.at(peer)->sent;
+    ++to.sent;
     op->parts_left = header.nbytes > 0 ? 2 : 1;
-    start_send(op, Part::kHeader, &op->header, sizeof(FrameHeader));
-    if (header.nbytes > 0) start_send(op, Part::kPayload, op->data, header.nbytes);
+    start_send(op, Part::kHeader, &op->wire, header_bytes_);
+    if (header.nbytes > 0) start_send(op, Part::kPayload, payload, header.nbytes);
   }
   wake();
   return op;
@@ -233,7 +308,6 @@ TransportRequest UcxTransport::recv(int peer, const FrameHeader& expected, void*
   op->peer = peer;
   op->header = expected;
   op->data = static_cast<char*>(data);
-  matching().number(peer, op->header);  // UCX matches a peer's messages of a lane in posting order
   bool peer_gone = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -243,10 +317,31 @@ TransportRequest UcxTransport::recv(int peer, const FrameHeader& expected, void*
     if (failed_ || peer_gone) {
       op->done = true;
     } else {
-      start_recv(op, Part::kHeader, peer, &op->received, sizeof(FrameHeader));
+      start_recv(op, Part::kHeader, peer, &op->wire, header_bytes_);
     }
   }
   if (peer_gone) abort(peer_has_closed(peer_name(peer)));
+  wake();
+  return op;
+}
+
+TransportRequest UcxTransport::post_recv_any(std::vector<int> sources, const FrameHeader& expected, void* data) {
+  auto op = std::make_shared<Operation>();
+  op->peer = kAnySource;
+  op->sources = std::move(sources);
+  op->header = expected;
+  op->data = static_cast<char*>(data);
+  std::string all_gone;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (failed_) {
+      op->done = true;
+    } else {
+      start_recv(op, Part::kHeader, kAnySource, &op->wire, header_bytes_);
+      all_gone = sources_gone_locked();
+    }
+  }
+  if (!all_gone.empty()) abort(all_gone);
   wake();
   return op;
 }
@@ -256,8 +351,8 @@ void UcxTransport::start_send(const OperationPtr& op, Part part, const void* buf
   void* request = ucx_.tag_send_nbx(peers_[op->peer]->ep, buffer, bytes,
                                     ucx_tag(uint64_t(part), rank_, op->header.comm), &param);
   InFlight sending{op, part, true, op->peer, request};
-  if (request == nullptr) return finished(sending, UCS_OK, bytes);
-  if (UCS_PTR_IS_ERR(request)) return finished(sending, UCS_PTR_STATUS(request), 0);
+  if (request == nullptr) return finished(sending, UCS_OK, bytes, op->peer);
+  if (UCS_PTR_IS_ERR(request)) return finished(sending, UCS_PTR_STATUS(request), 0, op->peer);
   in_flight_.push_back(sending);
 }
 
@@ -268,9 +363,11 @@ void UcxTransport::start_recv(const OperationPtr& op, Part part, int peer, void*
   ucp_request_param_t param{};
   param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
   const uint64_t comm = op ? uint64_t{op->header.comm} : 0;
-  void* request = ucx_.tag_recv_nbx(worker_, buffer, bytes, ucx_tag(uint64_t(part), peer, comm), kWholeTag, &param);
+  const bool any_source = peer == kAnySource;
+  void* request = ucx_.tag_recv_nbx(worker_, buffer, bytes, ucx_tag(uint64_t(part), any_source ? 0 : peer, comm),
+                                    any_source ? kAnySenderTag : kWholeTag, &param);
   InFlight receiving{op, part, false, peer, request};
-  if (UCS_PTR_IS_ERR(request)) return finished(receiving, UCS_PTR_STATUS(request), 0);
+  if (UCS_PTR_IS_ERR(request)) return finished(receiving, UCS_PTR_STATUS(request), 0, peer);
   in_flight_.push_back(receiving);
 }
 
@@ -286,36 +383,50 @@ bool UcxTransport::reap_locked() {
     InFlight entry;
     ucs_status_t status;
     size_t bytes;
+    int sender;
   };
   std::vector<Done> done;
   size_t kept = 0;
   for (const InFlight& entry : in_flight_) {
     ucs_status_t status;
     size_t bytes = 0;
+    int sender = entry.peer;
     if (entry.sending) {
       status = ucx_.request_check_status(entry.request);
     } else {
       ucp_tag_recv_info_t info{};
       status = ucx_.tag_recv_request_test(entry.request, &info);
       bytes = info.length;
+      if (status == UCS_OK) sender = sender_of(info.sender_tag);
     }
     if (status == UCS_INPROGRESS) {
       in_flight_[kept++] = entry;
       continue;
     }
     ucx_.request_free(entry.request);
-    done.push_back({entry, status, bytes});
+    done.push_back({entry, status, bytes, sender});
   }
   in_flight_.resize(kept);
-  for (const Done& d : done) finished(d.entry, d.status, d.bytes);
-  return !done.empty();
+  for (const Done& d : done) finished(d.entry, d.status, d.bytes, d.sender);
+  if (done.empty()) return false;
+  // After every message that arrived with them: a goodbye taken here follows its sender's last
+  // header, which a receive from any source took in this pass if it could.
+  const std::string all_gone = sources_gone_locked();
+  if (!all_gone.empty()) fail_locked(all_gone, false);
+  return true;
 }
 
-void UcxTransport::finished(const InFlight& done, ucs_status_t status, size_t bytes) {
+void UcxTransport::finished(const InFlight& done, ucs_status_t status, size_t bytes, int sender) {
   // After a failure nothing more starts (quiesce_locked waits for what is in flight), and the
   // failure says why a request did not finish.
   if (failed_ || status == UCS_ERR_CANCELED) return;
-  const std::string& who = peer_name(done.peer);
+  if (status != UCS_OK && done.peer == kAnySource) {
+    fail_locked("receiving from any of " + std::to_string(done.op->sources.size()) + " ranks over UCX failed: " +
+                    ucx_.describe(status),
+                false);
+    return;
+  }
+  const std::string& who = peer_name(sender);
   if (status != UCS_OK) {
     fail_locked(std::string(done.sending ? "sending to " : "receiving from ") + who + " over UCX failed: " +
                     ucx_.describe(status),
@@ -341,19 +452,81 @@ void UcxTransport::finished(const InFlight& done, ucs_status_t status, size_t by
                   false);
       return;
     }
+    op.unchecked = security_ != WireSecurity::kNone;  // checked by its waiter, without mutex_
     return complete(op);
   }
-  if (bytes != sizeof(FrameHeader)) {
+  if (bytes != header_bytes_) {
     fail_locked(who + " sent a header of " + std::to_string(bytes) + " bytes", false);
     return;
   }
-  const std::string why = mismatch(op.header, op.received);
+  if (done.peer == kAnySource) {
+    // Its lane is a communicator's (and a tag's), which only the communicator's members use.
+    if (std::find(op.sources.begin(), op.sources.end(), sender) == op.sources.end()) {
+      fail_locked(who + " sent a message to a receive from ranks that do not include it", false);
+      return;
+    }
+    op.peer = sender;
+    Peer& from = *peers_[sender];
+    ++from.receives_posted;
+    if (outlived_by_receives(from)) {
+      fail_locked(peer_closed_mid_exchange(who), false);  // a receive posted for it after this one waits in vain
+      return;
+    }
+  }
+  // A point-to-point message's number, as UCX matched it: in posting order among the receives
+  // that could take it, per-peer ones and those from any source alike.
+  matching().number(sender, op.header);
+  const std::string why = mismatch(op.header, op.wire.header);
   if (!why.empty()) {
-    fail_locked(who + " sent " + why, false);
+    fail_locked(who + " sent " + why + (security_ != WireSecurity::kNone ? kUncheckedHeader : ""), false);
     return;
   }
-  if (op.header.nbytes == 0) return complete(op);
-  start_recv(done.op, Part::kPayload, done.peer, op.data, op.header.nbytes);
+  char* into = op.data;
+  if (security_ != WireSecurity::kNone) {
+    auto lane = peers_[sender]->opening.find(op.header.comm);
+    if (lane == peers_[sender]->opening.end()) {
+      lane = peers_[sender]->opening.emplace(op.header.comm, Peer::OpeningLane{lane_key(link_keys_[sender].second, op.header.comm)}).first;
+    }
+    op.frame = lane->second.frames++;
+    op.lane_key = &lane->second.key;
+    op.sealed.resize(op.header.nbytes);
+    into = op.sealed.data();
+  }
+  if (op.header.nbytes == 0) {
+    if (authentic(op)) {
+      complete(op);
+    } else {
+      fail_locked(integrity_failure(op), false);
+    }
+    return;
+  }
+  start_recv(done.op, Part::kPayload, sender, into, op.header.nbytes);
+}
+
+bool UcxTransport::authentic(Operation& op) const {
+  return FrameProtection(security_, *op.lane_key)
+      .open_numbered(op.frame, op.wire.header, op.sealed.data(), op.header.nbytes, op.wire.tag);
+}
+
+std::string UcxTransport::integrity_failure(const Operation& op) const {
+  return peer_name(op.peer) + " sent a message over UCX that failed its integrity check (COLLECTIVES_WIRE_SECURITY=" +
+         to_string(security_) + "): it was altered on the way, or injected by someone other than " + peer_name(op.peer);
+}
+
+std::vector<std::pair<std::string, std::string>> UcxTransport::keys_of(
+    const std::vector<std::vector<Link>>& control_links) {
+  std::vector<std::pair<std::string, std::string>> keys(control_links.size());
+  for (size_t p = 0; p < control_links.size(); ++p) {
+    if (!control_links[p].empty()) keys[p] = {control_links[p].front().send_key, control_links[p].front().recv_key};
+  }
+  return keys;
+}
+
+WireSecurity UcxTransport::security_of(const std::vector<std::vector<Link>>& control_links) {
+  for (const auto& links : control_links) {
+    if (!links.empty()) return links.front().security;
+  }
+  return WireSecurity::kNone;
 }
 
 void UcxTransport::complete(Operation& op) {
@@ -364,6 +537,19 @@ void UcxTransport::complete(Operation& op) {
 
 bool UcxTransport::outlived_by_receives(const Peer& peer) const {
   return peer.said_goodbye && peer.receives_posted > peer.goodbye;
+}
+
+std::string UcxTransport::sources_gone_locked() {
+  for (const InFlight& entry : in_flight_) {
+    if (entry.sending || entry.peer != kAnySource) continue;
+    const std::vector<int>& sources = entry.op->sources;
+    const bool all_gone = std::all_of(sources.begin(), sources.end(), [&](int p) {
+      const Peer& peer = *peers_[p];
+      return peer.said_goodbye && peer.receives_posted >= peer.goodbye;
+    });
+    if (all_gone) return all_sources_gone(sources);
+  }
+  return "";
 }
 
 void UcxTransport::endpoint_failed(void* arg, ucp_ep_h, ucs_status_t status) {
@@ -382,6 +568,24 @@ bool UcxTransport::wait_until(const TransportRequest& posted, Deadline deadline,
   Operation* request = static_cast<Operation*>(posted.get());
   std::unique_lock<std::mutex> lock(mutex_);
   if (!await(lock, completed_, *request, deadline, until, [&] { return request->done || failed_; })) return false;
+  completed_.wait(lock, [&] { return !request->checking; });  // another waiter checks it
+  if (request->ok && request->unchecked) {
+    // Its tag, then the copy into the caller's buffer, on this thread: the progress thread goes on.
+    request->unchecked = false;
+    request->checking = true;
+    lock.unlock();
+    const bool good = authentic(*request);
+    if (good) std::memcpy(request->data, request->sealed.data(), request->header.nbytes);
+    std::vector<char>().swap(request->sealed);
+    lock.lock();
+    request->checking = false;
+    completed_.notify_all();
+    if (!good) {
+      request->ok = false;
+      fail_locked(integrity_failure(*request), false);
+      wake();  // the progress thread tells the peers and quiesces
+    }
+  }
   // A request that completed stays good even if the transport failed afterwards.
   if (request->ok) return true;
   completed_.wait(lock, [&] { return quiesced_; });  // the caller may free buffers next
@@ -391,7 +595,7 @@ bool UcxTransport::wait_until(const TransportRequest& posted, Deadline deadline,
 int UcxTransport::awaited_rank() {
   std::lock_guard<std::mutex> lock(mutex_);
   for (const InFlight& entry : in_flight_) {
-    if (entry.op && !entry.sending) return entry.peer;
+    if (entry.op && !entry.sending) return entry.peer == kAnySource ? entry.op->sources.front() : entry.peer;
   }
   return kNobody;
 }

@@ -7,7 +7,9 @@
 // A message is two UCX messages from the sender: its FrameHeader, then its payload, each with
 // a tag naming the sender, the communicator (FrameHeader::comm) and which of the two it is
 // (ucx_tag). UCX matches messages of one tag from one sender in order, so the n-th receive
-// posted for a (peer, communicator) takes that peer's n-th message of that communicator; the
+// posted for a (peer, communicator) takes that peer's n-th message of that communicator; a
+// receive from any source posts its header's receive with the sender's bits of the tag masked
+// out, so UCX matches it in posting order with the per-peer ones (MPI_ANY_SOURCE's rule); the
 // receiver posts the payload's receive, into the caller's buffer, only once the header has
 // arrived and matched the one expected (mismatch), so no byte of a message that disagrees
 // reaches the buffer. Nothing is read ahead: UCX holds messages that arrive early.
@@ -20,17 +22,25 @@
 // messages it sent that peer, and flushes: the peer then knows which of its receives can
 // still be matched (a receive beyond that count fails as the peer having closed).
 //
-// Frames over UCX carry no tag (wire_security.h): the control links keep their protection,
-// the data does not; collectives/_config.py refuses COLLECTIVES_WIRE_SECURITY other than none.
+// Wire security (wire_security.h) as on the control links: with mac or aead each message's
+// header goes with a tag over header and payload, made before it leaves (by the sending thread),
+// and a receive's payload lands in staging memory, reaching the caller's buffer only once its
+// waiter has checked the tag (the progress thread meanwhile moves other messages). Each lane
+// (communicator) of each direction has a key of its own, derived from the control link's, and
+// counts its frames: UCX keeps a lane's messages in order, not different lanes' (a payload may
+// complete before an earlier header's, so its number is taken as its header arrives). The
+// goodbyes are not tagged: a forged one can only fail the job early.
 #pragma once
 
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "transport/socket.h"
@@ -57,6 +67,7 @@ class UcxTransport : public Transport {
 
   TransportRequest send(int peer, const FrameHeader& header, const void* data) override;
   TransportRequest recv(int peer, const FrameHeader& expected, void* data) override;
+  bool receives_from_any_source() const override { return true; }
   bool wait_until(const TransportRequest& request, Deadline deadline, Clock::time_point until) override;
   int ask_waiting_on(int peer) override { return control_->ask_waiting_on(peer); }
   int awaited_rank() override;
@@ -76,9 +87,11 @@ class UcxTransport : public Transport {
     OperationPtr op;  // null for a goodbye
     Part part;
     bool sending;
-    int peer;
+    int peer;       // kAnySource for the header of a receive from any source
     void* request;  // UCX's
   };
+
+  TransportRequest post_recv_any(std::vector<int> sources, const FrameHeader& expected, void* data) override;
 
   void exchange_addresses(Deadline deadline);
   // With mutex_ held: starts a UCX send or receive of one part; an immediate completion or
@@ -87,8 +100,15 @@ class UcxTransport : public Transport {
   void start_recv(const OperationPtr& op, Part part, int peer, void* buffer, size_t bytes);
   void start_goodbye_recv(Peer& peer);
   // With mutex_ held: what a finished UCX request means.
-  void finished(const InFlight& done, ucs_status_t status, size_t bytes);
+  // `sender`: the rank the message came from (a receive's), else done.peer.
+  void finished(const InFlight& done, ucs_status_t status, size_t bytes, int sender);
   void complete(Operation& op);
+  // Whether a protected receive's tag is right (its payload, in op.sealed, decrypted with
+  // kAead); touches nothing shared, so a waiter checks without mutex_.
+  bool authentic(Operation& op) const;
+  std::string integrity_failure(const Operation& op) const;
+  static WireSecurity security_of(const std::vector<std::vector<Link>>& control_links);
+  static std::vector<std::pair<std::string, std::string>> keys_of(const std::vector<std::vector<Link>>& control_links);
   void endpoint_lost(Peer& peer, ucs_status_t status);
   bool reap_locked();  // finished requests leave in_flight_; true if any did
   // With mutex_ held: the first failure sticks (told to the peers by the caller, unlocked).
@@ -97,6 +117,9 @@ class UcxTransport : public Transport {
   // With mutex_ held: whether peer `p` said goodbye having sent fewer messages than this rank
   // has posted receives for: then some receive can never be matched.
   bool outlived_by_receives(const Peer& peer) const;
+  // With mutex_ held: why a pending receive from any source can never be matched (every rank it
+  // takes messages from said goodbye, and its messages are all taken); empty while none is.
+  std::string sources_gone_locked();
   // With mutex_ held, after a failure: cancels every request and closes every endpoint, until
   // no posted buffer will be touched again.
   void quiesce_locked(std::unique_lock<std::mutex>& lock);
@@ -114,6 +137,10 @@ class UcxTransport : public Transport {
   const int rank_;
   const int size_;
   const UcxLibrary& ucx_;
+  const WireSecurity security_;  // the control links'
+  // [peer]: its first control link's (sending, receiving) keys, from which each lane's derive.
+  const std::vector<std::pair<std::string, std::string>> link_keys_;
+  const size_t header_bytes_;    // a header's UCX message: the header, and its tag where protected
   std::unique_ptr<TcpTransport> control_;
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
@@ -123,6 +150,7 @@ class UcxTransport : public Transport {
 
   // Guards every UCX call (the worker is UCS_THREAD_MODE_SERIALIZED) and the state below.
   std::mutex mutex_;
+  std::mutex sealing_mutex_;  // taken before mutex_: a send's sealing and posting, in lane order
   std::condition_variable completed_;
   std::vector<InFlight> in_flight_;
   bool failed_ = false;
