@@ -83,7 +83,16 @@ void Work::finish(std::exception_ptr error) {
     callbacks.swap(callbacks_);
     finished_.notify_all();
   }
-  for (auto& callback : callbacks) callback(error);
+  for (auto& callback : callbacks) {
+    // One that throws must neither skip the others nor end the thread finishing the work.
+    try {
+      callback(error);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "collectives: a when_done callback threw: %s\n", e.what());
+    } catch (...) {
+      std::fprintf(stderr, "collectives: a when_done callback threw\n");
+    }
+  }
 }
 
 Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,
@@ -259,6 +268,7 @@ void Communicator::begin_locked(Task& task) {
 void Communicator::execute_loop() {
   for (;;) {
     Task task;
+    std::exception_ptr aborted_earlier;
     {
       std::unique_lock<std::mutex> lock(mutex_);
       // Not while a caller's thread runs a collective: they run one at a time, in order.
@@ -266,12 +276,17 @@ void Communicator::execute_loop() {
       if (queue_.empty() || running_) return;
       task = std::move(queue_.front());
       queue_.pop_front();
+      // Queued before the failure: it cannot run without the peers it lost.
       if (!failure_.empty()) {
-        // Queued before the failure: it cannot run without the peers it lost.
-        task.work->finish(aborted_earlier_locked(task));
-        continue;
+        aborted_earlier = aborted_earlier_locked(task);
+      } else {
+        begin_locked(task);
       }
-      begin_locked(task);
+    }
+    if (aborted_earlier) {
+      // Outside the lock: its when_done callbacks may queue the next collective.
+      task.work->finish(aborted_earlier);
+      continue;
     }
     execute(task, *transport_, nullptr);
   }

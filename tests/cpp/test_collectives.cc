@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <future>
 #include <memory>
 #include <random>
 #include <stdexcept>
@@ -187,8 +188,6 @@ void test_abort_wakes_peers() {
 void test_when_done() {
   Job job(2, 1, 0, 30);
   std::vector<std::vector<float>> data(2, std::vector<float>(1000, 1.0f));
-  std::vector<int> calls(2, 0);
-  std::vector<std::string> errors_seen(2);
   auto message_of = [](std::exception_ptr error) -> std::string {
     if (!error) return "";
     try {
@@ -197,29 +196,38 @@ void test_when_done() {
       return e.what();
     }
   };
+  // Waiters are woken before the callbacks run (on the communicator's thread): what a callback
+  // saw is read from its promise, never from a variable it may still be writing.
+  std::vector<std::promise<std::string>> heard(2);
   auto errors = job.run([&](int r) {
     auto work = job.comms[r]->allreduce(data[r].data(), data[r].size(), DataType::kFloat32, ReduceOp::kSum);
-    work->when_done([&, r](std::exception_ptr error) { ++calls[r], errors_seen[r] = message_of(error); });
+    work->when_done([&, r](std::exception_ptr error) { heard[r].set_value(message_of(error)); });
     wait(work);
     bool at_once = false;
     work->when_done([&](std::exception_ptr) { at_once = true; });
     check(at_once, "a callback registered after the end runs at once");
   });
   for (int r = 0; r < 2; ++r) {
-    check(errors[r].empty() && calls[r] == 1 && errors_seen[r].empty() && data[r][999] == 2.0f,
-          "when_done after a successful all-reduce: " + errors[r] + errors_seen[r]);
+    std::future<std::string> seen = heard[r].get_future();
+    const bool called = seen.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+    const std::string message = called ? seen.get() : "not called";
+    check(errors[r].empty() && message.empty() && data[r][999] == 2.0f,
+          "when_done after a successful all-reduce: " + errors[r] + message);
   }
+  std::promise<std::string> failure_heard;
   errors = job.run([&](int r) {
     if (r == 0) {
       job.comms[0]->abort("test abort");
       return;
     }
     auto work = job.comms[1]->allreduce(data[1].data(), data[1].size(), DataType::kFloat32, ReduceOp::kSum);
-    work->when_done([&](std::exception_ptr error) { ++calls[1], errors_seen[1] = message_of(error); });
+    work->when_done([&](std::exception_ptr error) { failure_heard.set_value(message_of(error)); });
     wait(work);
   });
-  check(calls[1] == 2 && errors_seen[1].find("test abort") != std::string::npos,
-        "when_done hears a failure: '" + errors_seen[1] + "'");
+  std::future<std::string> seen = failure_heard.get_future();
+  const std::string message =
+      seen.wait_for(std::chrono::seconds(10)) == std::future_status::ready ? seen.get() : "not called";
+  check(message.find("test abort") != std::string::npos, "when_done hears a failure: '" + message + "'");
 }
 
 // Every rank but the one that aborts waits in an all-reduce: each hears the reason, over

@@ -39,8 +39,10 @@ enum collectives_op { COLLECTIVES_SUM = 0, COLLECTIVES_AVG = 1, COLLECTIVES_MIN 
 /*
  * Called exactly once per collective: with COLLECTIVES_OK and a null message when it finished,
  * otherwise with the failure's status and message (valid during the call only). It runs on the
- * communicator's thread (or, for a collective refused at once, on the caller's, before the
- * queuing function returns), so it must return quickly and never wait on another collective.
+ * communicator's thread; on the caller's, before the queuing function returns, for a collective
+ * refused at once or run there (blocking, below); or on the thread that closes the communicator,
+ * for the collectives still queued then. So it must return quickly, throw nothing, and never
+ * wait on another collective.
  */
 typedef void (*collectives_done_fn)(void* context, int status, const char* message);
 
