@@ -25,6 +25,16 @@ __all__ = ["Communicator", "Work", "init"]
 logger = logging.getLogger("collectives")
 
 OPS = tuple(_core.OPS)
+
+
+def op_code(op: str, dtype: str) -> int:
+    """The core's code of reduce op ``op`` (one of OPS) for elements of ``dtype`` (its name:
+    "float32", ...), or ValueError saying why not: for the plugins' collectives too."""
+    if op not in OPS:
+        raise ValueError(f"op {op!r} is not one of {', '.join(OPS)}")
+    if op == "avg" and dtype not in _buffers.FLOATING:
+        raise ValueError(f"op 'avg' needs a floating dtype, not {dtype}: use 'sum' and divide")
+    return OPS.index(op)
 # How often a waiting thread returns to Python, so that Ctrl-C is handled promptly.
 _WAIT_SLICE_SECONDS = 0.1
 # recv's src for a message from any rank (MPI_ANY_SOURCE).
@@ -336,7 +346,7 @@ class Communicator:
         if device is not None:
             return self._allreduce_staged(x, device, op, blocking)
         buf = _buffers.view(x, writable=True)
-        code = self._op_code(op, buf.dtype)
+        code = op_code(op, buf.dtype)
         work = self._live_core().allreduce(buf.address, buf.count, buf.dtype_code, code, blocking)
         return self._complete(work, x, (buf,), blocking)
 
@@ -363,7 +373,7 @@ class Communicator:
 
     def _reduce_scatter(self, x, op: str, blocking: bool):
         buf = _buffers.view(x, writable=False)
-        code = self._op_code(op, buf.dtype)
+        code = op_code(op, buf.dtype)
         rows = buf.shape[0] if buf.shape else buf.count
         if rows % self.size:
             raise ValueError(
@@ -380,7 +390,7 @@ class Communicator:
     def _reduce(self, x, root: int, op: str, blocking: bool) -> Work:
         self._check_root(root)
         buf = _buffers.view(x, writable=True)
-        code = self._op_code(op, buf.dtype)
+        code = op_code(op, buf.dtype)
         work = self._live_core().reduce(buf.address, buf.count, buf.dtype_code, code, int(root), blocking)
         return self._complete(work, x, (buf,), blocking)
 
@@ -511,14 +521,6 @@ class Communicator:
                         pass
                 except CollectiveError:
                     pass
-
-    @staticmethod
-    def _op_code(op: str, dtype: str) -> int:
-        if op not in OPS:
-            raise ValueError(f"op {op!r} is not one of {', '.join(OPS)}")
-        if op == "avg" and dtype not in _buffers.FLOATING:
-            raise ValueError(f"op 'avg' needs a floating dtype, not {dtype}: use 'sum' and divide")
-        return OPS.index(op)
 
     def _check_peer(self, peer: int, what: str) -> None:
         if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size or peer == self.rank:

@@ -36,7 +36,7 @@ import tensorflow as tf
 
 import collectives as cc
 from collectives import c_api
-from collectives.communicator import OPS
+from collectives.communicator import op_code
 
 MODE_ENV = "COLLECTIVES_TF_OPS"
 MODES = ("auto", "custom", "numpy")
@@ -142,17 +142,9 @@ def _build(path: str) -> None:
     os.replace(partial, path)
 
 
-def op_code(op: str, dtype: tf.DType) -> int:
-    if op not in OPS:
-        raise ValueError(f"op {op!r} is not one of {', '.join(OPS)}")
-    if op == "avg" and not dtype.is_floating:
-        raise ValueError(f"op 'avg' needs a floating dtype, not {dtype.name}: use 'sum' and divide")
-    return OPS.index(op)
-
-
 def _attrs(comm: cc.Communicator, dtype: tf.DType, kind: str, op: str, root: int) -> dict:
     return {"kind": kind, "communicator": comm.c_handle, "root": root,
-            "reduce_op": op_code(op, dtype) if kind == "allreduce" else 0}
+            "reduce_op": op_code(op, dtype.name) if kind == "allreduce" else 0}
 
 
 def start(comm: cc.Communicator, flat: tf.Tensor, kind: str, op: str = "sum", root: int = 0) -> tf.Tensor:
