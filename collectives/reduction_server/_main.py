@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from .. import _core
+from .. import _core, _ucx
 from .._config import Config, parse_bytes, parse_int, parse_seconds
 from ..errors import CollectiveError
 from ._join import join
@@ -208,6 +208,8 @@ def _run(args: argparse.Namespace, tag: _Tag, signals: _Signals, report: Dict[st
     options.max_memory_bytes = args.max_memory
     options.heartbeat_interval_seconds = args.heartbeat_interval
     options.debug = config.debug
+    # Loaded only if a worker asks for UCX (its job runs over it): the reducer follows the workers.
+    options.ucx_library = _ucx.library_path() if _ucx.built() else ""
     environ = os.environ if args.token_file is None else {**os.environ, "COLLECTIVES_TOKEN_FILE": args.token_file}
     joined = join(args.rendezvous or os.environ.get("COLLECTIVES_RENDEZVOUS") or None, environ, config,
                   on_index=tag.set)

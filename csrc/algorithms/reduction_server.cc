@@ -186,7 +186,7 @@ ReductionServerAllreduce::ReductionServerAllreduce(std::vector<Link> links,
                                [rank](const std::string& event) {
                                  std::fprintf(stderr, "[collectives rank %d] %s\n", rank, event.c_str());
                                },
-                               groups_);
+                               groups_, settings.ucx);
       }()) {}
 
 class ReductionServerAllreduce::Call : public AllreduceCall {

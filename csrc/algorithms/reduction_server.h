@@ -42,6 +42,7 @@ struct ReductionServerSettings {
   int inflight = 0;        // unanswered chunks per reducer; 0: the default
   double heartbeat_timeout = 10;
   bool fallback_ring = false;  // with every reducer gone, finish on the ring instead of failing
+  bool ucx = false;            // the frames go over UCX streams (the links carry their addresses)
   // The host plan's hosts, each its ranks in order (every host the same number, at least 2, of
   // at least 2 hosts); empty: the flat plan.
   std::vector<std::vector<int>> hosts;

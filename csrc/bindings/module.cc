@@ -246,7 +246,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("threads", &ReducerOptions::threads)
       .def_readwrite("max_memory_bytes", &ReducerOptions::max_memory_bytes)
       .def_readwrite("heartbeat_interval_seconds", &ReducerOptions::heartbeat_interval_seconds)
-      .def_readwrite("debug", &ReducerOptions::debug);
+      .def_readwrite("debug", &ReducerOptions::debug)
+      .def_readwrite("ucx_library", &ReducerOptions::ucx_library);
 
   py::class_<ReductionServer>(m, "ReductionServer")
       .def(py::init<std::vector<Link>, std::vector<std::string>, ReducerOptions>(),
@@ -263,6 +264,7 @@ PYBIND11_MODULE(_core, m) {
         d["chunks_reduced"] = st.chunks_reduced;
         d["elements_reduced"] = st.elements_reduced;
         d["workers_connected"] = st.workers_connected;
+        d["workers_over_ucx"] = st.workers_over_ucx;
         return d;
       });
 
@@ -274,6 +276,7 @@ PYBIND11_MODULE(_core, m) {
              FileDescriptor board_memory(board_fd);
              std::unique_ptr<Transport> transport;
              std::unique_ptr<ShmBoard> board;
+             options.reduction_server_settings.ucx = ucx;  // the reducers' frames too
              try {
                transport = ucx ? make_ucx_transport(rank, size, std::move(peer_links), std::move(peer_names),
                                                     options.timeout_seconds)
@@ -305,6 +308,7 @@ PYBIND11_MODULE(_core, m) {
           d["alive"] = st.alive;
           d["bytes_sent"] = st.bytes_sent;
           d["bytes_received"] = st.bytes_received;
+          d["transport"] = st.transport;
           result.append(d);
         }
         return result;

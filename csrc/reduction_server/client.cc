@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -21,6 +22,10 @@ namespace {
 // How often waiters and the progress thread look at the clock and at the rest of the job.
 constexpr int kPollMillis = 20;
 constexpr int kGoodbyeMillis = 1000;
+// Over UCX: how long the progress thread sleeps on the UCX worker's descriptor alone while sums
+// are owed (a transport may move bytes without signalling it).
+constexpr int kUcxBusyMillis = 2;
+constexpr double kUcxAnswerSeconds = 10;
 
 /*
  * Telling a stopped reducer from a cut link. Keepalive probes every kProbeSeconds while the
@@ -58,10 +63,11 @@ struct Ref {
 
 struct ReducerChannels::Reducer {
   Reducer(int index, const Link& link, std::string name)
-      : index(index), fd(link.fd), name(std::move(name)), writer(sending_protection(link)),
-        reader(receiving_protection(link)) {}
+      : index(index), fd(link.fd), stream(std::make_unique<SocketStream>(link.fd)), name(std::move(name)),
+        writer(sending_protection(link)), reader(receiving_protection(link)) {}
   int index = 0;
-  FileDescriptor fd;
+  FileDescriptor fd;  // the authenticated TCP link; its keepalive answers tell a cut from a stop
+  std::unique_ptr<ByteStream> stream;  // what the frames go over: the link, or a UCX stream
   std::string name;
   std::atomic<bool> alive{true};
   std::atomic<uint64_t> bytes_sent{0}, bytes_received{0};
@@ -77,6 +83,7 @@ struct ReducerChannels::Reducer {
   Clock::time_point cut_seen;  // when its host was last found not answering (see above)
   WaitingFor waits;  // as its last heartbeat said
   Clock::time_point waits_heard;
+  std::array<char, 4096> sink;  // what is read and dropped while saying farewell
   std::string lost;        // why this worker stopped using it, when it found that out itself
   bool announced = false;  // `lost` was handed to take_losses()
   uint32_t interest = 0;
@@ -98,7 +105,7 @@ struct ReducerChannels::Reducer {
 ReducerChannels::ReducerChannels(std::vector<Link> links, std::vector<std::string> names,
                                  int inflight, double heartbeat_timeout,
                                  std::function<void(const std::string&)> log,
-                                 const std::vector<uint32_t>& groups)
+                                 const std::vector<uint32_t>& groups, bool ucx)
     : inflight_(std::max(1, inflight)), heartbeat_timeout_(heartbeat_timeout), log_(std::move(log)) {
   for (size_t r = 0; r < links.size(); ++r) {
     reducers_.push_back(std::make_unique<Reducer>(
@@ -111,6 +118,7 @@ ReducerChannels::ReducerChannels(std::vector<Link> links, std::vector<std::strin
     set_nonblocking(reducer->fd.get());
     set_keepalive(reducer->fd.get(), kProbeSeconds, kProbeSeconds, kProbeCount);
   }
+  if (ucx) switch_to_ucx();
   if (!groups.empty()) {
     // Ahead of any chunk on each connection; a reducer that cannot take it is lost here.
     std::string payload(4 * groups.size(), '\0');
@@ -122,12 +130,52 @@ ReducerChannels::ReducerChannels(std::vector<Link> links, std::vector<std::strin
     header.nbytes = payload.size();
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& reducer : reducers_) {
-      if (!write_frame(reducer->fd.get(), reducer->writer, header, payload, deadline_after(heartbeat_timeout_))) {
+      if (!reducer->alive) continue;
+      if (!write_frame(*reducer->stream, reducer->writer, header, payload, deadline_after(heartbeat_timeout_))) {
         lose(*reducer, "did not take this worker's groups (" + errno_text(errno) + ")");
       }
     }
   }
   progress_thread_ = std::thread([this] { progress_loop(); });
+}
+
+/*
+ * Every reducer first hears this worker's UCX address, then each answers with its own (or, if it
+ * cannot run over UCX, with an abort notice that it relays to every worker). Both go over the
+ * authenticated link, as frames protected and counted like the ones after them, so a reducer
+ * reaches only workers that authenticated themselves, and the reverse.
+ */
+void ReducerChannels::switch_to_ucx() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ucx_ = make_ucx_stream_worker("");
+  poller_.watch(ucx_->fd(), 0, EPOLLIN, this);
+  // A reducer answers once it serves: after every worker has joined it.
+  const Deadline deadline = deadline_after(std::max(heartbeat_timeout_, kUcxAnswerSeconds));
+  FrameHeader header;
+  header.kind = static_cast<uint8_t>(FrameKind::kUcxAddress);
+  header.nbytes = ucx_->address().size();
+  for (auto& reducer : reducers_) {
+    if (!write_frame(*reducer->stream, reducer->writer, header, ucx_->address(), deadline)) {
+      lose(*reducer, "did not take this worker's UCX address (" + errno_text(errno) + ")");
+    }
+  }
+  for (auto& reducer : reducers_) {
+    if (!reducer->alive) continue;
+    std::string answer;
+    const std::string why = read_frame(*reducer->stream, reducer->reader, &answer, kMaxUcxAddress, deadline);
+    if (!why.empty()) {
+      lose(*reducer, why + " instead of its UCX address");
+    } else if (reducer->reader.header().kind == static_cast<uint8_t>(FrameKind::kAbort)) {
+      fail(reducer->name + ": " + answer);
+      abandon_locked(*reducer, std::nullopt);
+    } else if (reducer->reader.header().kind != static_cast<uint8_t>(FrameKind::kUcxAddress)) {
+      fail(reducer->name + " answered this worker's UCX address with a frame of kind " +
+           std::to_string(reducer->reader.header().kind));
+      abandon_locked(*reducer, std::nullopt);
+    } else {
+      reducer->stream = ucx_->connect(answer, reducer->name);
+    }
+  }
 }
 
 ReducerChannels::~ReducerChannels() { close("the worker closed its channels to the reducers"); }
@@ -259,6 +307,7 @@ void ReducerChannels::abandon_locked(Reducer& reducer, std::optional<FrameKind> 
   reducer.alive = false;
   reducer.interest = poller_.watch(reducer.fd.get(), reducer.interest, 0, &reducer);
   if (farewell) say_farewell(reducer, *farewell, reason);
+  reducer.stream.reset();  // first: a UCX receive may be under way into `staging`
   for (auto& ref : reducer.queue) settle(*ref.batch, ref.transfer(), ShardTransfer::State::kLost);
   for (auto& ref : reducer.waiting) settle(*ref.batch, ref.transfer(), ShardTransfer::State::kLost);
   reducer.queue.clear();
@@ -278,7 +327,7 @@ void ReducerChannels::abandon_locked(Reducer& reducer, std::optional<FrameKind> 
  * kGoodbyeMillis.
  */
 void ReducerChannels::say_farewell(Reducer& reducer, FrameKind kind, const std::string& reason) {
-  const int fd = reducer.fd.get();
+  ByteStream& stream = *reducer.stream;
   const Deadline deadline = deadline_after(kGoodbyeMillis / 1000.0);
   FrameHeader farewell;
   farewell.kind = static_cast<uint8_t>(kind);
@@ -286,15 +335,15 @@ void ReducerChannels::say_farewell(Reducer& reducer, FrameKind kind, const std::
   farewell.nbytes = text.size();
   // The frame under way is finished first; if the reducer is gone or silent, the end of the
   // connection says enough.
-  if (!write_frame(fd, reducer.writer, farewell, text, deadline)) return;
-  ::shutdown(fd, SHUT_WR);
-  char sink[4096];
+  if (!write_frame(stream, reducer.writer, farewell, text, deadline)) return;
+  stream.end_writes();
   for (;;) {
-    ssize_t n = ::recv(fd, sink, sizeof(sink), 0);
+    ssize_t n = stream.read_some(reducer.sink.data(), reducer.sink.size());
     if (n == 0 || (n < 0 && !would_block(errno))) return;
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    pollfd pfd{fd, POLLIN, 0};
-    if (n < 0 && (left.count() <= 0 || poll(&pfd, 1, static_cast<int>(left.count())) <= 0)) return;
+    if (n > 0) continue;
+    if (left.count() <= 0) return;
+    stream.wait(POLLIN, static_cast<int>(left.count()));
   }
 }
 
@@ -315,14 +364,15 @@ void ReducerChannels::close(const std::string& failure) {
 std::vector<ReducerStat> ReducerChannels::stats() const {
   std::vector<ReducerStat> result;
   for (const auto& reducer : reducers_) {
-    result.push_back({reducer->name, reducer->alive, reducer->bytes_sent, reducer->bytes_received});
+    result.push_back({reducer->name, reducer->alive, reducer->bytes_sent, reducer->bytes_received,
+                      ucx_ ? "ucx" : "tcp"});
   }
   return result;
 }
 
 void ReducerChannels::update_interest(Reducer& reducer) {
   uint32_t wanted = 0;
-  if (reducer.alive) {
+  if (reducer.alive && reducer.stream->poll_fd() >= 0) {
     if (!reducer.queue.empty() || !reducer.waiting.empty()) wanted = EPOLLIN;
     if (reducer.may_send(inflight_)) wanted |= EPOLLOUT;
   }
@@ -339,7 +389,7 @@ bool ReducerChannels::write_some(Reducer& reducer) {
       const ShardTransfer& t = reducer.sending->transfer();
       reducer.writer.start(t.header, t.data);
     }
-    ssize_t n = reducer.writer.write_some(reducer.fd.get());
+    ssize_t n = reducer.writer.write_some(*reducer.stream);
     if (n < 0) {
       lose(reducer, "refused our data (" + errno_text(errno) + ")");
       return false;
@@ -354,7 +404,7 @@ bool ReducerChannels::write_some(Reducer& reducer) {
 bool ReducerChannels::read_some(Reducer& reducer) {
   FrameReader& reader = reducer.reader;
   for (;;) {
-    ssize_t n = ::recv(reducer.fd.get(), reader.next(), reader.wanted(UINT64_MAX), 0);
+    ssize_t n = reducer.stream->read_some(reader.next(), reader.wanted(UINT64_MAX));
     if (n == 0 || (n < 0 && !would_block(errno))) {
       lose(reducer, n == 0 ? "closed the connection" : "lost the connection (" + errno_text(errno) + ")");
       return false;
@@ -427,6 +477,17 @@ bool ReducerChannels::read_some(Reducer& reducer) {
   }
 }
 
+// Every stream over UCX is tried on each turn: they share the UCX worker's one descriptor.
+// Writes first: a chunk's send that UCX finished in this progress is taken for done before its
+// sum is read (a sum of a chunk still being sent breaks the protocol), and again after the
+// sums, which open the window for the next chunks.
+void ReducerChannels::drive_ucx() {
+  ucx_->progress();
+  for (auto& reducer : reducers_) {
+    if (reducer->alive && write_some(*reducer) && read_some(*reducer)) write_some(*reducer);
+  }
+}
+
 std::string ReducerChannels::silence_verdict(Reducer& reducer) {
   const Clock::time_point now = Clock::now();
   const double silent = std::chrono::duration<double>(now - reducer.last_heard).count();
@@ -460,10 +521,18 @@ void ReducerChannels::progress_loop() {
       }
       update_interest(*reducer);
     }
+    int sleep_millis = kPollMillis;
+    if (ucx_) {
+      drive_ucx();
+      const bool owed = std::any_of(reducers_.begin(), reducers_.end(),
+                                    [](const auto& r) { return r->alive && !r->waiting.empty(); });
+      sleep_millis = !ucx_->arm() ? 0 : owed ? kUcxBusyMillis : kPollMillis;
+    }
     lock.unlock();
-    int n = poller_.wait(events, 16, kPollMillis);
+    int n = poller_.wait(events, 16, sleep_millis);
     lock.lock();
     for (int i = 0; i < n && !stopping_; ++i) {
+      if (events[i].data.ptr == this) continue;  // the UCX worker's descriptor: driven above
       auto* reducer = static_cast<Reducer*>(events[i].data.ptr);
       if (!reducer->alive) continue;
       if ((events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !read_some(*reducer)) continue;

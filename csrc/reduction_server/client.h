@@ -30,6 +30,7 @@
 #include "common/error.h"
 #include "common/file_descriptor.h"
 #include "reduction_server/heartbeat.h"
+#include "transport/byte_stream.h"
 #include "transport/frame.h"
 #include "transport/frame_io.h"
 #include "transport/socket.h"
@@ -57,6 +58,7 @@ struct ReducerStat {
   bool alive;
   uint64_t bytes_sent;
   uint64_t bytes_received;
+  std::string transport;  // what the frames go over: "tcp" or "ucx"
 };
 
 class ReducerChannels {
@@ -64,10 +66,12 @@ class ReducerChannels {
   // links[r]: the connected, authenticated socket to reducer r (owned from here on). At most
   // `inflight` chunks per reducer are unanswered at a time. `log` tells the user of a
   // reducer's failure (called from the progress thread). `groups`, where not empty: every
-  // worker's contributing group, told each reducer first (a kGroups frame, server.h).
+  // worker's contributing group, told each reducer first (a kGroups frame, server.h). `ucx`:
+  // the frames go over UCX streams, whose addresses the links carry first (server.h); UCX
+  // must be loaded (load_ucx).
   ReducerChannels(std::vector<Link> links, std::vector<std::string> names, int inflight,
                   double heartbeat_timeout, std::function<void(const std::string&)> log,
-                  const std::vector<uint32_t>& groups = {});
+                  const std::vector<uint32_t>& groups = {}, bool ucx = false);
   ~ReducerChannels();
   ReducerChannels(const ReducerChannels&) = delete;
   ReducerChannels& operator=(const ReducerChannels&) = delete;
@@ -121,12 +125,17 @@ class ReducerChannels {
   void abandon_locked(Reducer& reducer, std::optional<FrameKind> farewell, const std::string& reason = "");
   void say_farewell(Reducer& reducer, FrameKind kind, const std::string& reason);
   void update_interest(Reducer& reducer);
+  // Sends each reducer this worker's UCX address and moves its frames to a UCX stream to the
+  // address it answers with.
+  void switch_to_ucx();
+  void drive_ucx();
   void fail(const std::string& reason);
   void wake();
 
   const int inflight_;
   const double heartbeat_timeout_;
   const std::function<void(const std::string&)> log_;
+  std::unique_ptr<StreamWorker> ucx_;  // null unless over UCX; outlives the streams
   std::vector<std::unique_ptr<Reducer>> reducers_;
   Poller poller_;
 

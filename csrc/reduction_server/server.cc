@@ -23,6 +23,7 @@
 #include "kernels/reduce.h"
 #include "reduction_server/heartbeat.h"
 #include "transport/frame.h"
+#include "transport/byte_stream.h"
 #include "transport/frame_io.h"
 #include "transport/socket.h"
 
@@ -41,6 +42,9 @@ constexpr int kKeepIdle = 30, kKeepInterval = 5, kKeepCount = 3;
 // Bytes of chunks one worker may have here when --max-memory is not given: two windows of
 // the largest default chunks (4 x 4M each) fit four times over.
 constexpr uint64_t kDefaultWorkerShare = 128 << 20;
+// With workers over UCX: how long the loop sleeps on the UCX worker's descriptor alone while
+// chunks are here or sums are being written, and while not (heartbeats are due only then).
+constexpr int kUcxBusyMillis = 2, kUcxIdleMillis = 50;
 
 // The job cannot go on; every worker is told `what`.
 struct JobFailure {
@@ -77,9 +81,12 @@ struct OutFrame {
 
 struct WorkerConnection {
   WorkerConnection(int rank, const Link& link, std::string name)
-      : fd(link.fd), rank(rank), name(std::move(name)), reader(receiving_protection(link)),
-        writer(sending_protection(link)) {}
-  FileDescriptor fd;
+      : fd(link.fd), stream(std::make_unique<SocketStream>(link.fd)), rank(rank), name(std::move(name)),
+        reader(receiving_protection(link)), writer(sending_protection(link)) {}
+  FileDescriptor fd;  // the authenticated TCP link
+  // What the frames go over: the link, or a UCX stream once the worker asked for one (its
+  // kUcxAddress frame, the first on the link); the link then stays open, unwatched.
+  std::unique_ptr<ByteStream> stream;
   int rank = 0;
   std::string name;
   FrameReader reader;
@@ -210,6 +217,9 @@ struct ReductionServer::State {
   void close(WorkerConnection& w);
   void tell_everyone(const std::string& reason);
   void take_groups(WorkerConnection& w);
+  void switch_to_ucx(WorkerConnection& w);
+  void drive_ucx();
+  int ucx_sleep_millis();
   bool member(const WorkerConnection& w, const Slot& slot) const { return group_of[w.rank] == slot.header.root; }
   std::string describe_chunk(const FrameHeader& h) const;
   // What a chunk costs its sender's share of memory: its bytes and the slot's bookkeeping,
@@ -219,6 +229,7 @@ struct ReductionServer::State {
   }
 
   const ReducerOptions options;
+  std::unique_ptr<StreamWorker> ucx;  // made when the first worker asks for UCX; outlives the streams
   std::vector<WorkerConnection> workers;
   uint64_t per_worker_budget;
   Poller poller;
@@ -236,7 +247,8 @@ struct ReductionServer::State {
   std::atomic<bool> stop_requested{false};
   std::atomic<uint64_t> bytes_received{0}, bytes_sent{0}, chunks_reduced{0},
       elements_reduced{0};
-  std::atomic<int> connected{0};
+  std::atomic<int> connected{0}, over_ucx{0};
+  std::vector<char> sink;  // what is read and dropped after a failure (a UCX receive may be under way into it)
 };
 
 ReductionServer::State::State(const std::vector<Link>& links, const std::vector<std::string>& names,
@@ -276,7 +288,7 @@ std::string ReductionServer::State::describe_chunk(const FrameHeader& h) const {
 
 void ReductionServer::State::update_interest(WorkerConnection& w) {
   uint32_t wanted = 0;
-  if (!w.closed) {
+  if (!w.closed && w.stream->poll_fd() >= 0) {
     wanted |= EPOLLIN;
     if (!w.out.empty()) wanted |= EPOLLOUT;
   }
@@ -287,6 +299,7 @@ void ReductionServer::State::close(WorkerConnection& w) {
   if (w.closed) return;
   w.closed = true;
   update_interest(w);
+  w.stream.reset();  // first: a UCX send under way may still read a frame of `out`
   w.out.clear();
   w.fd.reset();
   --open_connections;
@@ -298,9 +311,10 @@ void ReductionServer::State::serve() {
       std::max(1, static_cast<int>(options.heartbeat_interval_seconds * 1000));
   Deadline next_heartbeat = deadline_after(options.heartbeat_interval_seconds);
   std::vector<epoll_event> events(workers.size() + 1);
+  int sleep_millis = heartbeat_millis;
   while (open_connections > 0) {
     bool woken;
-    int n = poller.wait(events.data(), static_cast<int>(events.size()), heartbeat_millis, &woken);
+    int n = poller.wait(events.data(), static_cast<int>(events.size()), sleep_millis, &woken);
     if (n < 0 && errno != EINTR) throw std::runtime_error("epoll_wait: " + errno_text(errno));
     if (stop_requested) {
       for (auto& w : workers) close(w);
@@ -310,22 +324,74 @@ void ReductionServer::State::serve() {
       for (auto& slot : pool->done()) answer(slot);
     }
     for (int i = 0; i < n; ++i) {
+      if (events[i].data.ptr == this) continue;  // the UCX worker's descriptor: driven below
       auto* w = static_cast<WorkerConnection*>(events[i].data.ptr);
       if (w->closed) continue;
       if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) read_from(*w);
       if (!w->closed && (events[i].events & EPOLLOUT)) flush(*w);
     }
+    if (ucx) drive_ucx();
     if (Clock::now() >= next_heartbeat) {
       send_heartbeats();
       next_heartbeat = deadline_after(options.heartbeat_interval_seconds);
     }
+    sleep_millis = ucx ? ucx_sleep_millis() : heartbeat_millis;
   }
+}
+
+// Every stream over UCX is tried on each turn: they share the UCX worker's one descriptor.
+void ReductionServer::State::drive_ucx() {
+  ucx->progress();
+  for (auto& w : workers) {
+    if (w.closed || w.stream->poll_fd() >= 0) continue;
+    read_from(w);
+    if (!w.closed) flush(w);
+  }
+}
+
+int ReductionServer::State::ucx_sleep_millis() {
+  if (!ucx->arm()) return 0;  // events came meanwhile
+  const bool busy = std::any_of(workers.begin(), workers.end(), [](const WorkerConnection& w) {
+    return !w.closed && w.stream->poll_fd() < 0 && (w.held > 0 || !w.out.empty());
+  });
+  return busy ? kUcxBusyMillis : kUcxIdleMillis;
+}
+
+/*
+ * A worker's kUcxAddress frame (in w.abort_reason), the first on its authenticated link: it
+ * moves its frames to a UCX stream. This reducer answers with its own address, the last frame
+ * on the link, and reads and writes that worker's frames over UCX from then on: the frames go
+ * on with the same protection and count, so none can be dropped or replayed across the switch.
+ */
+void ReductionServer::State::switch_to_ucx(WorkerConnection& w) {
+  if (w.stream->poll_fd() < 0 || w.held > 0 || w.declared) {
+    throw JobFailure{w.name + " asked for UCX after its first frame"};
+  }
+  std::unique_ptr<ByteStream> stream;
+  try {
+    if (!ucx) {
+      ucx = make_ucx_stream_worker(options.ucx_library);
+      poller.watch(ucx->fd(), 0, EPOLLIN, this);
+    }
+    stream = ucx->connect(w.abort_reason, w.name);
+  } catch (const CollectiveError& e) {
+    throw JobFailure{w.name + " runs over UCX (COLLECTIVES_TRANSPORT=ucx), but this reducer cannot: " + e.what()};
+  }
+  FrameHeader reply;
+  reply.kind = static_cast<uint8_t>(FrameKind::kUcxAddress);
+  reply.nbytes = ucx->address().size();
+  if (!write_frame(*w.stream, w.writer, reply, ucx->address(), deadline_after(kAbortNoticeMillis / 1000.0))) {
+    return connection_lost(w, "did not take this reducer's UCX address (" + errno_text(errno) + ")");
+  }
+  w.interest = poller.watch(w.fd.get(), w.interest, 0, &w);
+  w.stream = std::move(stream);
+  ++over_ucx;
 }
 
 void ReductionServer::State::read_from(WorkerConnection& w) {
   uint64_t budget = kFairnessBudget;
   while (budget > 0 && !w.closed) {
-    ssize_t n = ::recv(w.fd.get(), w.reader.next(), w.reader.wanted(budget), 0);
+    ssize_t n = w.stream->read_some(w.reader.next(), w.reader.wanted(budget));
     if (n == 0) return connection_lost(w, "closed its connection");
     if (n < 0) {
       if (would_block(errno)) return;
@@ -360,9 +426,11 @@ void ReductionServer::State::on_header(WorkerConnection& w) {
     case FrameKind::kGoodbye:
     case FrameKind::kAbort:
     case FrameKind::kGroups:
+    case FrameKind::kUcxAddress:
       // Control frames are acted on once whole and checked (on_frame).
-      if (static_cast<FrameKind>(h.kind) == FrameKind::kGroups ? h.nbytes != 4 * workers.size()
-                                                               : h.nbytes > kMaxAbortReason) {
+      if (static_cast<FrameKind>(h.kind) == FrameKind::kGroups       ? h.nbytes != 4 * workers.size()
+          : static_cast<FrameKind>(h.kind) == FrameKind::kUcxAddress ? h.nbytes == 0 || h.nbytes > kMaxUcxAddress
+                                                                     : h.nbytes > kMaxAbortReason) {
         throw JobFailure{w.name + " sent a control frame of " + std::to_string(h.nbytes) + " bytes"};
       }
       w.abort_reason.assign(h.nbytes, '\0');
@@ -445,6 +513,7 @@ void ReductionServer::State::on_frame(WorkerConnection& w) {
   const auto kind = static_cast<FrameKind>(w.reader.header().kind);
   w.reader.next_frame();
   if (kind == FrameKind::kHeartbeat) return;
+  if (kind == FrameKind::kUcxAddress) return switch_to_ucx(w);
   if (kind == FrameKind::kGoodbye) {
     w.goodbye = true;
     if (goodbye_from.empty()) goodbye_from = w.name;
@@ -457,7 +526,9 @@ void ReductionServer::State::on_frame(WorkerConnection& w) {
       if (left_because.empty()) left_because = w.abort_reason;
       throw JobFailure{""};
     }
-    return;
+    // It sends nothing more and is owed nothing: done with (the end of its stream need not
+    // be waited for, which a UCX stream does not announce).
+    return close(w);
   }
   if (kind == FrameKind::kAbort) throw JobFailure{w.name + " aborted the job: " + w.abort_reason};
   if (kind == FrameKind::kGroups) return take_groups(w);
@@ -487,7 +558,7 @@ void ReductionServer::State::answer(const std::shared_ptr<Slot>& slot) {
 void ReductionServer::State::flush(WorkerConnection& w) {
   while (!w.out.empty()) {
     if (!w.writer.busy()) w.writer.start(w.out.front().header, w.out.front().payload());
-    ssize_t n = w.writer.write_some(w.fd.get());
+    ssize_t n = w.writer.write_some(*w.stream);
     if (n < 0) return connection_lost(w, "lost its connection (" + errno_text(errno) + ")");
     if (n == 0) break;
     bytes_sent += n;
@@ -587,22 +658,19 @@ void ReductionServer::State::tell_everyone(const std::string& reason) {
     // the end of the connection tells the worker enough.
     if (!w.writer.mid_frame()) {
       w.writer.discard();
-      write_frame(w.fd.get(), w.writer, notice, text, deadline_after(kAbortNoticeMillis / 1000.0));
+      write_frame(*w.stream, w.writer, notice, text, deadline_after(kAbortNoticeMillis / 1000.0));
     }
-    ::shutdown(w.fd.get(), SHUT_WR);
+    w.stream->end_writes();
   }
   // Closing with unread data would reset the connections, and a reset can destroy the notice
   // before the worker reads it: read (and drop) what they still send until they close.
   Deadline until = deadline_after(kAbortNoticeMillis / 1000.0);
-  std::vector<char> sink(64 << 10);
+  sink.resize(64 << 10);
   for (auto& w : workers) {
     while (!w.closed && Clock::now() < until) {
-      ssize_t n = ::recv(w.fd.get(), sink.data(), sink.size(), 0);
+      ssize_t n = w.stream->read_some(sink.data(), sink.size());
       if (n == 0 || (n < 0 && !would_block(errno))) break;
-      if (n < 0) {
-        pollfd pfd{w.fd.get(), POLLIN, 0};
-        poll(&pfd, 1, 10);
-      }
+      if (n < 0) w.stream->wait(POLLIN, 10);
     }
   }
 }
@@ -645,6 +713,7 @@ ReducerStats ReductionServer::stats() const {
   s.chunks_reduced = state_->chunks_reduced;
   s.elements_reduced = state_->elements_reduced;
   s.workers_connected = state_->connected;
+  s.workers_over_ucx = state_->over_ucx;
   return s;
 }
 

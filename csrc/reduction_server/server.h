@@ -1,6 +1,10 @@
 // The reducer: a CPU process that sums all-reduce chunks for the N workers of one job.
 //
 // Protocol (each worker has one authenticated connection to each reducer):
+//  - UCX. A worker whose job runs over UCX first sends a kUcxAddress frame: its UCX worker's
+//    address. The reducer answers with its own, and from then on that worker's frames (all
+//    those below, protected and counted on as before) go over a UCX stream between the two
+//    addresses instead of the link (transport/ucx/ucx_stream.h); the link stays open, idle.
 //  - Groups. The workers fall into contributing groups: by default one group of all N (the
 //    flat plan: every worker sends its whole buffer). Under the host plan
 //    (algorithms/reduction_server.h) each worker first sends a kGroups frame: N little-endian
@@ -49,6 +53,8 @@ struct ReducerOptions {
   size_t max_memory_bytes = 0;
   double heartbeat_interval_seconds = 0.25;
   bool debug = false;  // log each chunk on stderr
+  // The libucp to load if a worker asks for UCX (a kUcxAddress frame); empty: none is.
+  std::string ucx_library;
 };
 
 struct ReducerStats {
@@ -57,6 +63,7 @@ struct ReducerStats {
   uint64_t chunks_reduced = 0;
   uint64_t elements_reduced = 0;
   int workers_connected = 0;
+  int workers_over_ucx = 0;  // workers whose frames come and go over UCX, not their TCP links
 };
 
 class ReductionServer {

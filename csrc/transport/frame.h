@@ -16,6 +16,9 @@ constexpr uint32_t kFrameMagic = 0x54434c43;  // "CLCT" in little-endian byte or
 constexpr uint16_t kProtocolVersion = 7;
 // An abort frame carries a reason of at most this many bytes; larger ones are refused.
 constexpr uint64_t kMaxAbortReason = 4096;
+// A UCX worker address (kUcxAddress): some hundred bytes over TCP and shared memory, more with
+// several RDMA devices.
+constexpr uint64_t kMaxUcxAddress = 64 << 10;
 
 // kGoodbye: the sender closed its communicator; it will send nothing more, and the end of
 // its stream that follows is not a failure. kAbort: the sender failed; the payload says why.
@@ -31,7 +34,7 @@ constexpr uint64_t kMaxAbortReason = 4096;
 // which workers contribute to which chunks (reduction_server/server.h).
 enum class FrameKind : uint8_t {
   kData = 0, kAbort = 1, kGoodbye = 2, kHeartbeat = 3, kNotice = 4, kStalled = 5, kWaitingOn = 6, kByReference = 7,
-  kGroups = 8
+  kGroups = 8, kUcxAddress = 9
 };
 constexpr uint32_t kWaitsForNobody = UINT32_MAX;
 

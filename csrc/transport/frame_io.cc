@@ -2,8 +2,6 @@
 
 #include <errno.h>
 #include <poll.h>
-#include <sys/socket.h>
-#include <sys/uio.h>
 
 #include <chrono>
 #include <exception>
@@ -64,6 +62,11 @@ void FrameWriter::discard() {
 }
 
 ssize_t FrameWriter::write_some(int fd, uint64_t budget) {
+  SocketStream stream(fd);
+  return write_some(stream, budget);
+}
+
+ssize_t FrameWriter::write_some(ByteStream& stream, uint64_t budget) {
   if (!busy_) return 0;
   const uint64_t payload_bytes = header_.nbytes;
   if (!sealed_frame_) {
@@ -95,34 +98,69 @@ ssize_t FrameWriter::write_some(int fd, uint64_t budget) {
     const uint64_t tag_from = std::max(sent_, kHeaderBytes + payload_bytes) - kHeaderBytes - payload_bytes;
     iov[parts++] = {tag_ + tag_from, protection_.tag_bytes() - tag_from};
   }
-  msghdr message{};
-  message.msg_iov = iov;
-  message.msg_iovlen = parts;
-  const ssize_t n = ::sendmsg(fd, &message, MSG_NOSIGNAL);
-  if (n < 0) return would_block(errno) ? 0 : -1;
+  const ssize_t n = stream.write_some(iov, parts);
+  held_ = stream.holding();
+  if (n <= 0) return n;
   sent_ += n;
   if (sent_ == frame_bytes()) busy_ = false;
   return n;
 }
 
-bool finish_frame(int fd, FrameWriter& writer, Deadline deadline) {
+bool finish_frame(ByteStream& stream, FrameWriter& writer, Deadline deadline) {
   while (writer.busy()) {
-    const ssize_t n = writer.write_some(fd);
+    const ssize_t n = writer.write_some(stream);
     if (n < 0) return false;
     if (n > 0) continue;
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     if (left.count() <= 0) return false;
-    pollfd pfd{fd, POLLOUT, 0};
-    poll(&pfd, 1, static_cast<int>(left.count()));
+    stream.wait(POLLOUT, static_cast<int>(left.count()));
   }
   return true;
 }
 
+bool write_frame(ByteStream& stream, FrameWriter& writer, const FrameHeader& header, const std::string& payload,
+                 Deadline deadline) {
+  if (!finish_frame(stream, writer, deadline)) return false;
+  writer.start(header, payload.data());
+  return finish_frame(stream, writer, deadline);
+}
+
 bool write_frame(int fd, FrameWriter& writer, const FrameHeader& header, const std::string& payload,
                  Deadline deadline) {
-  if (!finish_frame(fd, writer, deadline)) return false;
-  writer.start(header, payload.data());
-  return finish_frame(fd, writer, deadline);
+  SocketStream stream(fd);
+  return write_frame(stream, writer, header, payload, deadline);
+}
+
+std::string read_frame(ByteStream& stream, FrameReader& reader, std::string* payload, uint64_t max_payload,
+                       Deadline deadline) {
+  for (;;) {
+    const ssize_t n = stream.read_some(reader.next(), reader.wanted(UINT64_MAX));
+    if (n == 0) return "closed the connection";
+    if (n < 0) {
+      if (!would_block(errno)) return "lost the connection (" + errno_text(errno) + ")";
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      if (left.count() <= 0) return "sent nothing in time";
+      stream.wait(POLLIN, static_cast<int>(left.count()));
+      continue;
+    }
+    switch (reader.advance(n)) {
+      case FrameReader::Event::kNone: continue;
+      case FrameReader::Event::kHeader:
+        if (reader.header().magic != kFrameMagic || reader.header().version != kProtocolVersion ||
+            reader.header().nbytes > max_payload) {
+          return "sent a frame that is not collectives protocol " + std::to_string(kProtocolVersion) +
+                 (reader.checks() ? kUncheckedHeader : "");
+        }
+        payload->assign(reader.header().nbytes, '\0');
+        if (!reader.read_payload_into(payload->data())) continue;
+        break;
+      case FrameReader::Event::kFrame: break;
+    }
+    const bool authentic = reader.authentic();
+    reader.next_frame();
+    return authentic ? "" : "sent a frame that failed its integrity check (COLLECTIVES_WIRE_SECURITY=" +
+                                std::string(to_string(reader.security())) + ")";
+  }
 }
 
 }  // namespace collectives

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "transport/byte_stream.h"
 #include "transport/frame.h"
 #include "transport/wire_security.h"
 
@@ -29,7 +30,7 @@ inline uint64_t wire_bytes(const FrameHeader& header, const FrameProtection& pro
   return sizeof(FrameHeader) + header.nbytes + protection.tag_bytes();
 }
 
-// The reading end of one socket: first a header, then its payload into memory the caller
+// The reading end of one byte stream (a socket's, a UCX stream's): first a header, then its payload into memory the caller
 // names once it has seen the header, then the tag; the bytes arrive in pieces of any size.
 class FrameReader {
  public:
@@ -64,7 +65,7 @@ class FrameReader {
   uint64_t read_ = 0;  // bytes of the current frame read so far
 };
 
-// The writing end of one socket: one frame at a time, written as the socket takes it. The
+// The writing end of one byte stream: one frame at a time, written as the stream takes it. The
 // frame is sealed when its first byte goes out, so a frame started but not yet written can be
 // dropped (discard) without a gap in the frame count.
 class FrameWriter {
@@ -75,9 +76,11 @@ class FrameWriter {
   void start(const FrameHeader& header, const char* payload);
   // Writes what the socket takes now, at most about `budget` payload bytes: the bytes
   // written, 0 if the socket is full, -1 (errno set) if it failed.
+  ssize_t write_some(ByteStream& stream, uint64_t budget = UINT64_MAX);
   ssize_t write_some(int fd, uint64_t budget = UINT64_MAX);
   bool busy() const { return busy_; }
-  bool mid_frame() const { return busy_ && sent_ > 0; }
+  // Whether some of the frame under way may be on the wire (then it cannot be dropped).
+  bool mid_frame() const { return busy_ && (sent_ > 0 || held_); }
   // Whether the frame under way has been written whole (and the writer is free again).
   bool done() const { return !busy_; }
   // Drops the frame under way, of which no byte may have been written; nothing if none is.
@@ -93,15 +96,23 @@ class FrameWriter {
   unsigned char tag_[kTagBytes];
   uint64_t sent_ = 0;
   bool sealed_frame_ = false;  // the tag (and kAead's payload) of the frame under way are made
+  bool held_ = false;          // the stream holds bytes of it that it has not reported written
   bool busy_ = false;
 };
 
 // Writes the frame under way, if any, then this small one (goodbye, abort), waiting until
 // `deadline` for room; false if the socket failed or stayed full. For the rare frames sent
 // outside the data path.
+bool write_frame(ByteStream& stream, FrameWriter& writer, const FrameHeader& header, const std::string& payload,
+                 Deadline deadline);
 bool write_frame(int fd, FrameWriter& writer, const FrameHeader& header, const std::string& payload,
                  Deadline deadline);
 // Writes the rest of the frame under way, waiting until `deadline`; false as above.
-bool finish_frame(int fd, FrameWriter& writer, Deadline deadline);
+bool finish_frame(ByteStream& stream, FrameWriter& writer, Deadline deadline);
+// Reads one whole frame of at most `max_payload` bytes into `reader`'s header and `payload`,
+// waiting until `deadline`: "" once it is in and authentic, else why not. For the rare frames
+// read outside an event loop (a greeting).
+std::string read_frame(ByteStream& stream, FrameReader& reader, std::string* payload, uint64_t max_payload,
+                       Deadline deadline);
 
 }  // namespace collectives

@@ -61,6 +61,9 @@ const UcxLibrary& load_ucx(const std::string& path) {
   resolve(handle, "ucp_tag_send_nbx", l.tag_send_nbx);
   resolve(handle, "ucp_tag_recv_nbx", l.tag_recv_nbx);
   resolve(handle, "ucp_tag_recv_request_test", l.tag_recv_request_test);
+  resolve(handle, "ucp_stream_send_nbx", l.stream_send_nbx);
+  resolve(handle, "ucp_stream_recv_nbx", l.stream_recv_nbx);
+  resolve(handle, "ucp_stream_recv_request_test", l.stream_recv_request_test);
   resolve(handle, "ucp_request_check_status", l.request_check_status);
   resolve(handle, "ucp_request_cancel", l.request_cancel);
   resolve(handle, "ucp_request_free", l.request_free);

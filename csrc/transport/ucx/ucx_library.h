@@ -34,6 +34,9 @@ struct UcxLibrary {
   decltype(&ucp_tag_send_nbx) tag_send_nbx;
   decltype(&ucp_tag_recv_nbx) tag_recv_nbx;
   decltype(&ucp_tag_recv_request_test) tag_recv_request_test;
+  decltype(&ucp_stream_send_nbx) stream_send_nbx;
+  decltype(&ucp_stream_recv_nbx) stream_recv_nbx;
+  decltype(&ucp_stream_recv_request_test) stream_recv_request_test;
   decltype(&ucp_request_check_status) request_check_status;
   decltype(&ucp_request_cancel) request_cancel;
   decltype(&ucp_request_free) request_free;
