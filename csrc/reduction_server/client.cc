@@ -371,10 +371,11 @@ std::vector<ReducerStat> ReducerChannels::stats() const {
 }
 
 void ReducerChannels::update_interest(Reducer& reducer) {
+  // Over UCX, the link is watched only for its end: it ends the moment the reducer's process does.
   uint32_t wanted = 0;
-  if (reducer.alive && reducer.stream->poll_fd() >= 0) {
+  if (reducer.alive) {
     if (!reducer.queue.empty() || !reducer.waiting.empty()) wanted = EPOLLIN;
-    if (reducer.may_send(inflight_)) wanted |= EPOLLOUT;
+    if (reducer.stream->poll_fd() >= 0 && reducer.may_send(inflight_)) wanted |= EPOLLOUT;
   }
   reducer.interest = poller_.watch(reducer.fd.get(), reducer.interest, wanted, &reducer);
 }
@@ -536,6 +537,12 @@ void ReducerChannels::progress_loop() {
       auto* reducer = static_cast<Reducer*>(events[i].data.ptr);
       if (!reducer->alive) continue;
       if ((events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !read_some(*reducer)) continue;
+      if (reducer->stream->poll_fd() < 0) {
+        // Its link over UCX stirred: what it sent over UCX before its end is read first.
+        drive_ucx();
+        if (reducer->alive && idle_link_stirred(reducer->fd.get())) lose(*reducer, "closed the connection");
+        continue;
+      }
       if (events[i].events & EPOLLOUT) write_some(*reducer);
     }
   }

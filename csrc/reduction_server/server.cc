@@ -287,10 +287,11 @@ std::string ReductionServer::State::describe_chunk(const FrameHeader& h) const {
 }
 
 void ReductionServer::State::update_interest(WorkerConnection& w) {
+  // Over UCX, the link is watched only for its end: it ends the moment the worker's process does.
   uint32_t wanted = 0;
-  if (!w.closed && w.stream->poll_fd() >= 0) {
+  if (!w.closed) {
     wanted |= EPOLLIN;
-    if (!w.out.empty()) wanted |= EPOLLOUT;
+    if (w.stream->poll_fd() >= 0 && !w.out.empty()) wanted |= EPOLLOUT;
   }
   w.interest = poller.watch(w.fd.get(), w.interest, wanted, &w);
 }
@@ -327,6 +328,12 @@ void ReductionServer::State::serve() {
       if (events[i].data.ptr == this) continue;  // the UCX worker's descriptor: driven below
       auto* w = static_cast<WorkerConnection*>(events[i].data.ptr);
       if (w->closed) continue;
+      if (w->stream->poll_fd() < 0) {
+        // Its link over UCX stirred: what it sent over UCX before its end is read first.
+        drive_ucx();
+        if (!w->closed && idle_link_stirred(w->fd.get())) connection_lost(*w, "closed its connection");
+        continue;
+      }
       if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) read_from(*w);
       if (!w->closed && (events[i].events & EPOLLOUT)) flush(*w);
     }
@@ -383,8 +390,8 @@ void ReductionServer::State::switch_to_ucx(WorkerConnection& w) {
   if (!write_frame(*w.stream, w.writer, reply, ucx->address(), deadline_after(kAbortNoticeMillis / 1000.0))) {
     return connection_lost(w, "did not take this reducer's UCX address (" + errno_text(errno) + ")");
   }
-  w.interest = poller.watch(w.fd.get(), w.interest, 0, &w);
   w.stream = std::move(stream);
+  update_interest(w);
   ++over_ucx;
 }
 

@@ -44,6 +44,12 @@ double seconds_since_peer_acked(int fd) {
   return info.tcpi_last_ack_recv / 1000.0;
 }
 
+bool idle_link_stirred(int fd) {
+  char byte;
+  const ssize_t n = ::recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n >= 0 || !would_block(errno);
+}
+
 Poller::Poller()
     : epoll_fd_(epoll_create1(EPOLL_CLOEXEC)), wake_fd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
   if (epoll_fd_.get() < 0 || wake_fd_.get() < 0) {

@@ -22,6 +22,9 @@ void set_keepalive(int fd, int idle_seconds, int interval_seconds, int count);
 // Seconds since the peer's TCP last acknowledged anything on fd (its kernel, not its
 // process: a stopped process's host still answers), or a negative value if unknown.
 double seconds_since_peer_acked(int fd);
+// Whether a link that should carry nothing more (its frames moved to another stream) has
+// ended, or carries something after all: either way the peer is gone or broke the protocol.
+bool idle_link_stirred(int fd);
 
 // An epoll set for one event loop, with an eventfd through which other threads wake it.
 class Poller {

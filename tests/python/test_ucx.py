@@ -98,3 +98,44 @@ def test_info_shows_ucx_version_and_devices():
     assert ucx["version"][0].isdigit(), ucx
     assert any(device.startswith("tcp/") for device in ucx["devices"]), ucx  # loopback at least
     assert Path(ucx["library"]).resolve() == Path(_ucx.library_path()).resolve()
+
+
+# Three all-reduces through two reducers, checked against numpy bit for bit, then what the
+# channels to the reducers say they went over.
+THROUGH_REDUCERS = r"""
+import json
+import numpy as np
+import collectives as cc
+with cc.init() as comm:
+    rng = np.random.default_rng(7)
+    inputs = [rng.uniform(-1, 1, (comm.size, n)).astype(np.float32) for n in (1, 1000, 300007)]
+    for every in inputs:
+        x = every[comm.rank].copy()
+        comm.allreduce(x)
+        expected = every[0].copy()
+        for r in range(1, comm.size):
+            expected += every[r]
+        assert np.array_equal(x, expected), "the sums differ from numpy's left fold"
+    print(json.dumps({"algorithm": comm.algorithm, "reducers": comm.reducer_stats()}))
+"""
+
+
+@pytest.mark.parametrize("security", ["none", "mac", "aead"])
+def test_reducers_move_the_data_over_ucx(run_ranks, tmp_path, security):
+    """Under COLLECTIVES_TRANSPORT=ucx the reducers (started without it: they follow the workers)
+    take the chunks and send the sums over UCX streams, with each wire security; the TCP links
+    carry the handshake and the UCX addresses only."""
+    results = run_ranks(THROUGH_REDUCERS, 3, reducers=2, timeout=120,
+                        env={**UCX, "COLLECTIVES_WIRE_SECURITY": security, "COLLECTIVES_RS_CHUNK_BYTES": "65536"},
+                        reducer_args=lambda index: ["--stats-json", tmp_path / f"reducer-{index}.json"])
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    for result in results[:3]:
+        report = result.report()
+        assert report["algorithm"] == "reduction_server", report
+        assert [r["transport"] for r in report["reducers"]] == ["ucx", "ucx"], report
+        assert all(r["alive"] and r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in report["reducers"]), report
+    chunk_bytes = 4 * 300007
+    totals = [json.loads((tmp_path / f"reducer-{index}.json").read_text())["totals"] for index in range(2)]
+    assert all(t["workers_over_ucx"] == 3 for t in totals), totals
+    assert sum(t["bytes_received"] for t in totals) >= 3 * chunk_bytes, totals

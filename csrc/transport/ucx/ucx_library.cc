@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <mutex>
+#include <cstdlib>
 #include <sstream>
 
 #include "common/error.h"
@@ -79,6 +80,30 @@ ucs_status_t UcxLibrary::init(const ucp_params_t* params, const ucp_config_t* co
   get_version(&major, &minor, &release);
   if (major == UCP_API_MAJOR && minor < UCP_API_MINOR) return init_version(major, minor, params, config, context);
   return init_version(UCP_API_MAJOR, UCP_API_MINOR, params, config, context);
+}
+
+void start_ucx_worker(const UcxLibrary& ucx, uint64_t features,
+                      const std::vector<std::pair<std::string, std::string>>& settings, ucp_context_h* context,
+                      ucp_worker_h* worker, int* fd) {
+  ucp_config_t* config = nullptr;
+  ucs_status_t status = ucx.config_read(nullptr, nullptr, &config);
+  if (status != UCS_OK) throw CollectiveError("UCX could not read its configuration: " + ucx.describe(status));
+  for (const auto& [name, value] : settings) {
+    if (std::getenv(("UCX_" + name).c_str()) == nullptr) ucx.config_modify(config, name.c_str(), value.c_str());
+  }
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES;
+  params.features = features | UCP_FEATURE_WAKEUP;
+  status = ucx.init(&params, config, context);
+  ucx.config_release(config);
+  if (status != UCS_OK) throw CollectiveError("UCX could not start: " + ucx.describe(status));
+  ucp_worker_params_t worker_params{};
+  worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  worker_params.thread_mode = UCS_THREAD_MODE_SERIALIZED;
+  status = ucx.worker_create(*context, &worker_params, worker);
+  if (status != UCS_OK) throw CollectiveError("UCX could not create a worker: " + ucx.describe(status));
+  status = ucx.worker_get_efd(*worker, fd);
+  if (status != UCS_OK) throw CollectiveError("UCX gave no wake-up descriptor: " + ucx.describe(status));
 }
 
 const UcxLibrary& loaded_ucx() {

@@ -5,7 +5,9 @@
 // the system's libucp.so.0).
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ucp/api/ucp.h>
@@ -59,6 +61,15 @@ struct UcxLibrary {
 const UcxLibrary& load_ucx(const std::string& path);
 // The library load_ucx loaded; throws CollectiveError if none was.
 const UcxLibrary& loaded_ucx();
+
+// Starts a UCX context with `features` and UCP_FEATURE_WAKEUP, and a worker of it used by one
+// thread at a time (UCS_THREAD_MODE_SERIALIZED) with its wake-up descriptor. Each of `settings`
+// (a UCX setting's name without UCX_, a value) is set unless UCX's environment sets it.
+// CollectiveError if UCX cannot; what was made is in *context and *worker, for the caller to
+// release either way.
+void start_ucx_worker(const UcxLibrary& ucx, uint64_t features,
+                      const std::vector<std::pair<std::string, std::string>>& settings, ucp_context_h* context,
+                      ucp_worker_h* worker, int* fd);
 
 // What UCX says of itself on this host: its version, and each device it can use as
 // "transport/device" (tcp/eth0, posix/memory, rc_mlx5/mlx5_0:1, ...).

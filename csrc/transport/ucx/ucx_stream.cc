@@ -19,25 +19,10 @@ constexpr double kCloseSeconds = 2.0;
 
 UcxStreamWorker::UcxStreamWorker(const UcxLibrary& ucx) : ucx_(ucx) {
   try {
-    ucp_config_t* config = nullptr;
-    ucs_status_t status = ucx_.config_read(nullptr, nullptr, &config);
-    if (status != UCS_OK) throw CollectiveError("UCX could not read its configuration: " + ucx_.describe(status));
-    ucp_params_t params{};
-    params.field_mask = UCP_PARAM_FIELD_FEATURES;
-    params.features = UCP_FEATURE_STREAM | UCP_FEATURE_WAKEUP;
-    status = ucx_.init(&params, config, &context_);
-    ucx_.config_release(config);
-    if (status != UCS_OK) throw CollectiveError("UCX could not start: " + ucx_.describe(status));
-    ucp_worker_params_t worker_params{};
-    worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-    worker_params.thread_mode = UCS_THREAD_MODE_SERIALIZED;  // one thread at a time (the owner's lock)
-    status = ucx_.worker_create(context_, &worker_params, &worker_);
-    if (status != UCS_OK) throw CollectiveError("UCX could not create a worker: " + ucx_.describe(status));
-    status = ucx_.worker_get_efd(worker_, &fd_);
-    if (status != UCS_OK) throw CollectiveError("UCX gave no wake-up descriptor: " + ucx_.describe(status));
+    start_ucx_worker(ucx_, UCP_FEATURE_STREAM, {}, &context_, &worker_, &fd_);
     ucp_address_t* address = nullptr;
     size_t address_bytes = 0;
-    status = ucx_.worker_get_address(worker_, &address, &address_bytes);
+    const ucs_status_t status = ucx_.worker_get_address(worker_, &address, &address_bytes);
     if (status != UCS_OK) throw CollectiveError("UCX gave no worker address: " + ucx_.describe(status));
     address_.assign(reinterpret_cast<const char*>(address), address_bytes);
     ucx_.worker_release_address(worker_, address);

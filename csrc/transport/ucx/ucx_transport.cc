@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <stdexcept>
@@ -115,26 +114,11 @@ UcxTransport::UcxTransport(int rank, int size, std::vector<std::vector<Link>> co
     if (size > (1 << kSenderBits)) {
       throw CollectiveError("the UCX transport takes at most " + std::to_string(1 << kSenderBits) + " ranks");
     }
-    ucp_config_t* config = nullptr;
-    ucs_status_t status = ucx_.config_read(nullptr, nullptr, &config);
-    if (status != UCS_OK) throw CollectiveError("UCX could not read its configuration: " + ucx_.describe(status));
     // Large messages by zero-copy writes into the receiver's buffer, unless UCX_RNDV_SCHEME
     // says otherwise: over TCP UCX's default copies every byte into and out of bounce buffers
-    // (benchmarks/RESULTS.md, issue 16), which on loopback cost 12-34% of the time.
-    if (std::getenv("UCX_RNDV_SCHEME") == nullptr) ucx_.config_modify(config, "RNDV_SCHEME", "put_zcopy");
-    ucp_params_t params{};
-    params.field_mask = UCP_PARAM_FIELD_FEATURES;
-    params.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
-    status = ucx_.init(&params, config, &context_);
-    ucx_.config_release(config);
-    if (status != UCS_OK) throw CollectiveError("UCX could not start: " + ucx_.describe(status));
-    ucp_worker_params_t worker_params{};
-    worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-    worker_params.thread_mode = UCS_THREAD_MODE_SERIALIZED;  // every call holds mutex_
-    status = ucx_.worker_create(context_, &worker_params, &worker_);
-    if (status != UCS_OK) throw CollectiveError("UCX could not create a worker: " + ucx_.describe(status));
-    status = ucx_.worker_get_efd(worker_, &worker_fd_);
-    if (status != UCS_OK) throw CollectiveError("UCX gave no wake-up descriptor: " + ucx_.describe(status));
+    // (benchmarks/RESULTS.md, issue 16), which on loopback cost 12-34% of the time. Every UCX
+    // call holds mutex_.
+    start_ucx_worker(ucx_, UCP_FEATURE_TAG, {{"RNDV_SCHEME", "put_zcopy"}}, &context_, &worker_, &worker_fd_);
     poller_.watch(worker_fd_, 0, EPOLLIN, this);
     peers_.resize(size);
     for (int p = 0; p < size; ++p) {
