@@ -68,6 +68,7 @@ struct ReducerChannels::Reducer {
   int index = 0;
   FileDescriptor fd;  // the authenticated TCP link; its keepalive answers tell a cut from a stop
   std::unique_ptr<ByteStream> stream;  // what the frames go over: the link, or a UCX stream
+  const char* transport = "tcp";       // the stream's kind (the stream goes when abandoned)
   std::string name;
   std::atomic<bool> alive{true};
   std::atomic<uint64_t> bytes_sent{0}, bytes_received{0};
@@ -174,6 +175,7 @@ void ReducerChannels::switch_to_ucx() {
       abandon_locked(*reducer, std::nullopt);
     } else {
       reducer->stream = ucx_->connect(answer, reducer->name);
+      reducer->transport = reducer->stream->kind();
     }
   }
 }
@@ -210,6 +212,8 @@ ShardBatchHandle ReducerChannels::post(std::vector<ShardTransfer> transfers) {
     reducer.queue.insert(after, Ref{batch, i});
     update_interest(reducer);
   }
+  // Streams over UCX have no descriptor whose interest wakes the progress thread to send.
+  if (ucx_) wake();
   return batch;
 }
 
@@ -365,7 +369,7 @@ std::vector<ReducerStat> ReducerChannels::stats() const {
   std::vector<ReducerStat> result;
   for (const auto& reducer : reducers_) {
     result.push_back({reducer->name, reducer->alive, reducer->bytes_sent, reducer->bytes_received,
-                      ucx_ ? "ucx" : "tcp"});
+                      reducer->transport});
   }
   return result;
 }
@@ -525,8 +529,9 @@ void ReducerChannels::progress_loop() {
     int sleep_millis = kPollMillis;
     if (ucx_) {
       drive_ucx();
-      const bool owed = std::any_of(reducers_.begin(), reducers_.end(),
-                                    [](const auto& r) { return r->alive && !r->waiting.empty(); });
+      const bool owed = std::any_of(reducers_.begin(), reducers_.end(), [](const auto& r) {
+        return r->alive && !(r->waiting.empty() && r->queue.empty());
+      });
       sleep_millis = !ucx_->arm() ? 0 : owed ? kUcxBusyMillis : kPollMillis;
     }
     lock.unlock();
