@@ -139,3 +139,18 @@ def test_reducers_move_the_data_over_ucx(run_ranks, tmp_path, security):
     totals = [json.loads((tmp_path / f"reducer-{index}.json").read_text())["totals"] for index in range(2)]
     assert all(t["workers_over_ucx"] == 3 for t in totals), totals
     assert sum(t["bytes_received"] for t in totals) >= 3 * chunk_bytes, totals
+
+
+def test_reducers_that_ucx_cannot_reach_fail_every_rank_saying_why(run_ranks):
+    """UCX's shared memory cannot report a peer's death, which the reducers' streams need: with
+    UCX_TLS holding nothing else, every worker and reducer fails at once, naming the cause."""
+    script = ("import json\nimport numpy as np\nimport collectives as cc\ntry:\n"
+              "    cc.init().allreduce(np.ones(10, np.float32))\n    print(json.dumps({'ok': True}))\n"
+              "except cc.CollectiveError as e:\n    print(json.dumps({'message': str(e)}))\n")
+    results = run_ranks(script, 2, reducers=2, timeout=60,
+                        env={**UCX, "UCX_TLS": "posix,sysv,cma,self", "COLLECTIVES_TIMEOUT": "20"})
+    for result in results[:2]:
+        message = result.report().get("message", "")
+        assert "cannot" in message and "reports a peer's death" in message, result.stdout + result.stderr[-2000:]
+    for reducer in results[2:]:
+        assert reducer.returncode != 0 and "reports a peer's death" in reducer.stderr, reducer.stderr[-2000:]

@@ -48,7 +48,11 @@ std::unique_ptr<ByteStream> UcxStreamWorker::connect(const std::string& address,
   params.err_handler.cb = &UcxStream::endpoint_failed;
   params.err_handler.arg = stream.get();
   const ucs_status_t status = ucx_.ep_create(worker_, &params, &stream->ep_);
-  if (status != UCS_OK) throw CollectiveError("UCX could not reach " + peer_name + ": " + ucx_.describe(status));
+  if (status != UCS_OK) {
+    throw CollectiveError("UCX could not reach " + peer_name + ": " + ucx_.describe(status) +
+                          " (a stream to a reducer needs a UCX transport that reports a peer's death: tcp or an "
+                          "RDMA one, not shared memory alone; see UCX_TLS)");
+  }
   return stream;
 }
 
