@@ -375,11 +375,13 @@ std::vector<ReducerStat> ReducerChannels::stats() const {
 }
 
 void ReducerChannels::update_interest(Reducer& reducer) {
-  // Over UCX, the link is watched only for its end: it ends the moment the reducer's process does.
+  // Over UCX the link is watched for its end only, at all times: it ends the moment the
+  // reducer's process does, which this worker then tells the others, rather than hear it from them.
   uint32_t wanted = 0;
   if (reducer.alive) {
-    if (!reducer.queue.empty() || !reducer.waiting.empty()) wanted = EPOLLIN;
-    if (reducer.stream->poll_fd() >= 0 && reducer.may_send(inflight_)) wanted |= EPOLLOUT;
+    const bool over_ucx = reducer.stream->poll_fd() < 0;
+    if (!reducer.queue.empty() || !reducer.waiting.empty() || over_ucx) wanted = EPOLLIN;
+    if (!over_ucx && reducer.may_send(inflight_)) wanted |= EPOLLOUT;
   }
   reducer.interest = poller_.watch(reducer.fd.get(), reducer.interest, wanted, &reducer);
 }
