@@ -104,8 +104,10 @@ class Communicator:
     def __init__(self, boot: Bootstrap, config: Config):
         self._core = None
         self._boot = boot
-        # Under mpirun the reducers were counted at launch, not by COLLECTIVES_NUM_REDUCERS.
-        self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_links))
+        # Under mpirun the reducers were counted at launch, not by COLLECTIVES_NUM_REDUCERS;
+        # auto's transport is UCX where the workers chose it at bootstrap.
+        self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_links),
+                                                    transport=boot.transport)
         self._pid = os.getpid()
         self._pending: List[Work] = []
         self._plan = _hierarchy(config, boot.topology)
