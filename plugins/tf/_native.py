@@ -7,7 +7,8 @@ numpy functions), "custom" (the custom ops or an error) or "numpy". One INFO lin
 "collectives" logger says which path is in use and why.
 
 The build is cached in $COLLECTIVES_CACHE (default ~/.cache/collectives), under a name made of
-TensorFlow's version, Python's ABI and a hash of the sources and flags; ranks that start
+TensorFlow's version, Python's ABI and a hash of the sources, the flags and the compiler ($CXX
+or g++, and the first line of its --version: a compiler upgraded builds anew); ranks that start
 together build it once (a file lock), and a library is renamed into place only once complete.
 
 The ops queue collectives through collectives' C API (collectives.c_api): nothing of the core
@@ -95,7 +96,7 @@ def cache_path() -> str:
     for path in (SOURCE, os.path.join(c_api.include_dir(), "collectives", "c_api.h")):
         with open(path, "rb") as source:
             digest.update(source.read())
-    digest.update("\0".join(flags).encode())
+    digest.update("\0".join(flags + [_compiler(), _compiler_version()]).encode())
     root = os.environ.get("COLLECTIVES_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "collectives")
     name = f"tf{tf.__version__}-{sys.implementation.cache_tag}-{digest.hexdigest()[:16]}"
@@ -123,8 +124,22 @@ def _load():
     return module, how
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX") or "g++"
+
+
+def _compiler_version() -> str:
+    """The first line of the compiler's --version ("g++ (Debian 12.2.0-14) 12.2.0"); "" where it
+    does not run (_build says why)."""
+    try:
+        result = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return result.stdout.partition("\n")[0].strip()
+
+
 def _build(path: str) -> None:
-    compiler = os.environ.get("CXX") or "g++"
+    compiler = _compiler()
     if shutil.which(compiler) is None:
         raise OpBuildError(f"no C++ compiler: {compiler} is not on the PATH (set CXX)")
     log = os.path.join(os.path.dirname(path), "build.log")

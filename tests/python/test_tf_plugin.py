@@ -338,6 +338,23 @@ def test_without_a_compiler_auto_falls_back_to_numpy_functions_and_custom_refuse
     assert re.match(r"OpBuildError: false failed", custom.report()["error"]), custom.report()
 
 
+def test_the_ops_cache_is_keyed_by_the_compilers_version(tmp_path, monkeypatch):
+    """A compiler upgraded in place (same CXX, another --version) builds the ops anew."""
+    from collectives.tf import _native
+
+    compiler = tmp_path / "c++"
+    monkeypatch.setenv("COLLECTIVES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    paths = []
+    for version in ("12.2.0", "12.2.0", "13.1.0"):
+        compiler.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "g++ (Debian {version}) {version}" || exec g++ "$@"\n')
+        compiler.chmod(0o755)
+        paths.append(_native.cache_path())
+    assert paths[0] == paths[1] != paths[2], paths
+    monkeypatch.delenv("CXX")
+    assert _native.cache_path() not in paths  # g++ itself
+
+
 def test_bad_arguments_are_refused_before_anything_is_sent():
     import keras
 
