@@ -306,6 +306,52 @@ def test_a_rank_that_raises_mid_training_makes_the_others_raise(run_ranks, op_ca
             assert re.search(r"collectives\.errors\.(CollectiveError|TimeoutError)", report["error"]), report
 
 
+# A step that fails between its collectives' start and wait: eagerly (the sparse gradient's
+# all-gather refuses complex64 after the dense bucket started) and in a tf.function (an op that
+# needs the start's handle fails, and the wait depends on it). Neither leaves its collective in
+# the custom ops' registry; the communicator goes on.
+FAILED_STEP_SCRIPT = r'''
+import json
+import tensorflow as tf
+import collectives.tf as ctf
+from collectives.tf import _fusion, _native
+
+ctf.init()
+comm = ctf.communicator()
+report = {"ops": ctf.ops_in_use()}
+sparse = tf.IndexedSlices(tf.ones([1, 2], tf.complex64), tf.constant([0]), tf.constant([3, 2]))
+try:
+    _fusion.reduce_gradients([tf.ones([4]), sparse])
+except TypeError as e:
+    report["eager_error"] = str(e)
+report["after_eager"] = _native.in_flight()
+
+@tf.function
+def step(x):
+    handle = _native.start(comm, x, "allreduce")
+    failing = tf.debugging.assert_less(handle, tf.constant(-1, tf.int64), message="fails on purpose")
+    with tf.control_dependencies([failing]):
+        return _native.wait(handle, x.dtype)
+
+for _ in range(2):
+    try:
+        step(tf.ones([8]))
+    except tf.errors.InvalidArgumentError as e:
+        report["graph_error"] = "fails on purpose" in str(e)
+report["after_graph"] = _native.in_flight()
+report["total"] = ctf.allreduce(tf.ones([3])).numpy().tolist()
+print(json.dumps(report))
+'''
+
+
+def test_a_failed_step_leaves_no_collective_in_the_ops_registry(run_ranks, op_cache):
+    for result in run_ranks(FAILED_STEP_SCRIPT, 2, env=tf_env(op_cache, "custom"), timeout=150):
+        report = result.report()
+        assert report["ops"] == "custom" and "complex64" in report["eager_error"] and report["graph_error"], report
+        assert report["after_eager"] == 0 and report["after_graph"] == 0, report
+        assert report["total"] == [2.0, 2.0, 2.0], report
+
+
 # One process, with a "compiler" that always fails: auto falls back to the numpy functions and
 # says why in one log line; custom refuses to go on.
 FALLBACK_SCRIPT = r'''
