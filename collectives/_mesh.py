@@ -53,7 +53,7 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
     ``exchange``, checks that all agree, and builds the mesh."""
     label = own_label(config.topology)
     if size == 1:
-        return Mesh([[]], [f"rank {rank} (this process)"], [label])
+        return Mesh([[]], [f"rank {rank} (this process)"], [label], transport=config.transport)
     # A worker that cannot listen still publishes (why), so that every worker fails alike
     # rather than one raising while the others wait for its address.
     listener = unix_listener = None
