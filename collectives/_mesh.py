@@ -108,11 +108,13 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
 
 def chosen_transport(asked: str, records: List[Dict[str, Any]]) -> Tuple[str, str]:
     """The transport that the job's workers run over, and, for auto, why: asked (the
-    configured one), but UCX for auto where every worker's UCX sees an RDMA-capable device
-    (the records' "rdma", from _ucx.rdma_devices); one host without keeps the whole job off
-    UCX. Every worker decides alike from the same records."""
+    configured one), but UCX for auto where the job spans hosts and every worker's UCX sees an
+    RDMA-capable device (the records' "rdma", from _ucx.rdma_devices); one host without keeps
+    the whole job off UCX. Every worker decides alike from the same records."""
     if asked != "auto":
         return asked, ""
+    if len({r["hostname"] for r in records}) == 1:  # RDMA would not carry a byte: the host's own memory does
+        return "auto", "shared memory: every worker runs on one host"
     lacking: Dict[str, List[int]] = {}  # why -> ranks
     for p, r in enumerate(records):
         if not r.get("rdma"):

@@ -33,7 +33,8 @@ def _auto_transport() -> str:
     """What COLLECTIVES_TRANSPORT=auto runs over, as far as this host decides it."""
     devices, why = _ucx.rdma_devices()
     if devices:
-        return f"UCX where every worker's UCX sees an RDMA-capable device, as here: {', '.join(devices)}"
+        return f"UCX for a job across hosts where every worker's UCX sees an RDMA-capable device, as here: " \
+               f"{', '.join(devices)}"
     return f"shared memory within a host, TCP between hosts (not UCX: {why})"
 
 

@@ -1,7 +1,7 @@
-"""COLLECTIVES_TRANSPORT=auto: UCX where every worker's UCX sees an RDMA-capable device, else
-shared memory within a host and TCP between hosts. The device test runs on this machine's own
-UCX devices and on lists of real machines' (`ucx_info -d`'s transport/device pairs); the job
-decision on every worker's record; and a real job here, where there is no RDMA device."""
+"""COLLECTIVES_TRANSPORT=auto: UCX for a job across hosts where every worker's UCX sees an
+RDMA-capable device, else shared memory within a host and TCP between hosts. The device test
+runs on this machine's own UCX devices and on lists of real machines' (`ucx_info -d`'s
+transport/device pairs); the job decision on every worker's record; and a real job here."""
 
 import os
 
@@ -44,9 +44,9 @@ def test_this_machine_has_no_rdma_device_and_says_why():
     assert describe_installation()["auto_transport"] == f"shared memory within a host, TCP between hosts (not UCX: {why})"
 
 
-def _records(*devices):
-    return [{"rdma": d, "no_rdma_why": "" if d else "no RDMA device (/sys/class/infiniband lists none)"}
-            for d in devices]
+def _records(*devices, hosts=None):
+    return [{"rdma": d, "no_rdma_why": "" if d else "no RDMA device (/sys/class/infiniband lists none)",
+             "hostname": f"node{p}" if hosts is None else hosts[p]} for p, d in enumerate(devices)]
 
 
 def test_the_job_runs_ucx_only_where_every_worker_sees_rdma():
@@ -59,6 +59,8 @@ def test_the_job_runs_ucx_only_where_every_worker_sees_rdma():
     transport, why = chosen_transport("auto", _records([], []))
     assert transport == "auto" and "every rank: no RDMA device" in why, why
     assert chosen_transport("tcp", _records(rdma, rdma)) == ("tcp", "")  # asked for: never overridden
+    # One host: its own shared memory, whatever NIC it has.
+    assert chosen_transport("auto", _records(rdma, rdma, hosts=["node0", "node0"]))[0] == "auto"
 
 
 AUTO_JOB = r"""
@@ -75,11 +77,10 @@ print(json.dumps({"ok": bool((out == sum(range(1, comm.size + 1))).all()), "ucx_
 
 
 @without_rdma
-def test_a_job_under_auto_here_runs_shared_memory_and_tcp(run_ranks):
+def test_a_job_under_auto_on_one_host_runs_its_own_shared_memory(run_ranks):
     results = run_ranks(AUTO_JOB, 3, env={"COLLECTIVES_TRANSPORT": "auto"}, timeout=60)
     reports = [r.report() for r in results]
     assert all(r["ok"] for r in reports), reports
     assert not any(r["ucx_loaded"] for r in reports), reports  # no RDMA device: libucp is left alone
     logged = results[0].stderr
-    assert "COLLECTIVES_TRANSPORT=auto: shared memory within a host, TCP between hosts; not UCX: every rank: " \
-        "no RDMA device" in logged, logged
+    assert "COLLECTIVES_TRANSPORT=auto: shared memory: every worker runs on one host" in logged, logged
