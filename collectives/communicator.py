@@ -32,9 +32,10 @@ def op_code(op: str, dtype: str) -> int:
     "float32", ...), or ValueError saying why not: for the plugins' collectives too."""
     if op not in OPS:
         raise ValueError(f"op {op!r} is not one of {', '.join(OPS)}")
-    if op == "avg" and dtype not in _buffers.FLOATING:
-        raise ValueError(f"op 'avg' needs a floating dtype, not {dtype}: use 'sum' and divide")
-    return OPS.index(op)
+    code = OPS.index(op)
+    if dtype in _buffers.DTYPES:  # another is refused where its buffer is taken
+        _core.check_reducible(_buffers.DTYPES.index(dtype), code)
+    return code
 # How often a waiting thread returns to Python, so that Ctrl-C is handled promptly.
 _WAIT_SLICE_SECONDS = 0.1
 # recv's src for a message from any rank (MPI_ANY_SOURCE).
@@ -104,8 +105,10 @@ class Communicator:
     def __init__(self, boot: Bootstrap, config: Config):
         self._core = None
         self._boot = boot
-        # Under mpirun the reducers were counted at launch, not by COLLECTIVES_NUM_REDUCERS.
-        self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_links))
+        # Under mpirun the reducers were counted at launch, not by COLLECTIVES_NUM_REDUCERS;
+        # auto's transport is UCX where the workers chose it at bootstrap.
+        self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_links),
+                                                    transport=boot.transport)
         self._pid = os.getpid()
         self._pending: List[Work] = []
         self._plan = _hierarchy(config, boot.topology)

@@ -25,7 +25,17 @@ def describe() -> dict:
         },
         "settings": Config.from_env().as_dict(),
         "auto": ring.choices(),
+        "auto_transport": _auto_transport(),
     }
+
+
+def _auto_transport() -> str:
+    """What COLLECTIVES_TRANSPORT=auto runs over, as far as this host decides it."""
+    devices, why = _ucx.rdma_devices()
+    if devices:
+        return f"UCX for a job across hosts where every worker's UCX sees an RDMA-capable device, as here: " \
+               f"{', '.join(devices)}"
+    return f"shared memory within a host, TCP between hosts (not UCX: {why})"
 
 
 def main(argv=None) -> int:
@@ -56,6 +66,7 @@ def main(argv=None) -> int:
     print("effective settings:")
     for key, value in info["settings"].items():
         print(f"  {key:<32} {value}")
+    print(f"auto transport: {info['auto_transport']}")
     model = info["auto"]["cost_model"]
     print(f"auto on a flat group, without reducers (cost model: {model['alpha_seconds'] * 1e6:g} us per message, "
           f"{model['beta_seconds_per_byte'] * 1e9:g} ns per byte; {model['source']}):")

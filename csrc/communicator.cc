@@ -355,6 +355,7 @@ MemoryRange bytes_of(const void* data, size_t count, DataType dtype) {
 
 std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
                                               Interruption* caller) {
+  check_reducible(dtype, op);
   Task task;
   task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
   task.memory = {bytes_of(data, count, dtype)};
@@ -393,6 +394,7 @@ std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType
 
 std::shared_ptr<Work> Communicator::reduce_scatter(const void* input, void* output, size_t count,
                                                    DataType dtype, ReduceOp op, Interruption* caller) {
+  check_reducible(dtype, op);
   Task task;
   task.tag = {CollectiveKind::kReduceScatter, 0, count, dtype, op};
   task.memory = {bytes_of(input, count * size(), dtype), bytes_of(output, count, dtype)};
@@ -420,6 +422,7 @@ void Communicator::check_root(int root) const {
 std::shared_ptr<Work> Communicator::reduce(void* data, size_t count, DataType dtype, ReduceOp op, int root,
                                            Interruption* caller) {
   check_root(root);
+  check_reducible(dtype, op);
   Task task;
   task.tag = {CollectiveKind::kReduce, 0, count, dtype, op, static_cast<uint32_t>(root)};
   task.memory = {bytes_of(data, count, dtype)};
