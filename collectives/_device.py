@@ -46,9 +46,13 @@ def find(x: Any, what: str = "buffer") -> Optional[DeviceBuffer]:
                         "it was built): move it to the CPU first, or rebuild collectives where nvcc is found")
     if _core.cuda.devices() == 0:
         raise TypeError(f"{what} lives on a CUDA device, but this process sees no GPU (driver missing?)")
-    # The export synchronises the producer's stream with the legacy default stream, which the
-    # staging stream waits for (DLPack's stream=None).
-    address, count, dtype_code, _, contiguous, owner = _core.dlpack_info(x.__dlpack__())
+    # DLPack's stream 1, the legacy default stream: the producer orders its work before it, and
+    # each call's copies wait for what was queued there before (cuda_copy_engine.h).
+    try:
+        capsule = x.__dlpack__(stream=1)
+    except TypeError:  # an exporter older than DLPack's stream argument
+        capsule = x.__dlpack__()
+    address, count, dtype_code, _, contiguous, owner = _core.dlpack_info(capsule)
     if not contiguous:
         raise TypeError(f"{what} must be contiguous; pass x.contiguous() and copy back")
     device = _core.cuda.device_of(address) if count else 0

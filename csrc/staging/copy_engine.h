@@ -24,6 +24,10 @@ class CopyEngine {
   // returns. Copies run one after another in the order issued, and their `done` calls follow in
   // that order, on the engine's own thread: a `done` may issue more copies, and must not block.
   virtual void copy(void* dst, const void* src, size_t bytes, Done done) = 0;
+  // Orders the copies issued from now on after the work the calling thread queued on the
+  // device before (CUDA: on the legacy default stream); nothing to do for host memory.
+  // CollectiveError if it cannot.
+  virtual void follow_caller() {}
   // Waits for every copy issued and its `done`; none may be issued after.
   virtual void stop() = 0;
 };

@@ -56,6 +56,7 @@ std::shared_ptr<Work> StagedAllreduce::allreduce(Communicator& comm, void* buffe
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_) throw CollectiveError("the communicator is closed");
+    engine_->follow_caller();
     while (slots_.size() < slot_count_) slots_.push_back(static_cast<char*>(engine_->allocate_host(piece_bytes_)));
     first = next_piece_;
     next_piece_ += pieces;

@@ -39,12 +39,14 @@ class CudaCopyEngine : public CopyEngine {
  public:
   explicit CudaCopyEngine(int device) : device_(device) {
     OnDevice on(device_);
-    check(cudaStreamCreate(&stream_), "cudaStreamCreate");
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    check(cudaEventCreateWithFlags(&caller_done_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   }
 
   ~CudaCopyEngine() override {
     stop();
     for (cudaEvent_t event : events_) cudaEventDestroy(event);
+    cudaEventDestroy(caller_done_);
     cudaStreamDestroy(stream_);
   }
 
@@ -79,6 +81,12 @@ class CudaCopyEngine : public CopyEngine {
     });
   }
 
+  void follow_caller() override {
+    OnDevice on(device_);
+    check(cudaEventRecord(caller_done_, cudaStreamLegacy), "cudaEventRecord on the legacy default stream");
+    check(cudaStreamWaitEvent(stream_, caller_done_, 0), "cudaStreamWaitEvent");
+  }
+
   void stop() override { worker_.stop(); }
 
  private:
@@ -105,6 +113,7 @@ class CudaCopyEngine : public CopyEngine {
 
   const int device_;
   cudaStream_t stream_ = nullptr;
+  cudaEvent_t caller_done_ = nullptr;  // recorded on the legacy default stream at each call
   std::mutex mutex_;
   std::vector<cudaEvent_t> events_, idle_events_;  // all made; those not in flight
   OrderedWorker worker_;  // last: its jobs use the fields above

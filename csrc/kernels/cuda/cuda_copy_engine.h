@@ -1,7 +1,8 @@
-// The CopyEngine of a GPU's buffers: copies on a CUDA stream of their own, in pinned host memory,
-// each followed by an event that the engine's thread waits on before it calls the copy's Done.
-// The stream is a blocking one, so it waits for work queued before on the legacy default stream
-// (what torch's and cupy's __dlpack__() synchronise the caller's stream with). Not run on a
+// The CopyEngine of a GPU's buffers: copies on a CUDA stream of their own (non-blocking: the
+// caller's kernels go on beside it), to and from pinned host memory, each followed by an event
+// that the engine's thread waits on before it calls the copy's Done. A call's copies wait for
+// the work queued on the legacy default stream before it (follow_caller), with which DLPack's
+// __dlpack__(stream=1) synchronises the producer's stream (collectives/_device.py). Not run on a
 // machine without a GPU: tests/gpu/check_cuda.py runs it where there is one.
 #pragma once
 
