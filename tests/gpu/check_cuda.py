@@ -204,7 +204,7 @@ def check_ddp() -> None:
         return
     run_two_ranks("DDP over CUDA tensors", DDP_SCRIPT, [],
                   lambda r, port: {"RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                   "MASTER_PORT": str(port)})
+                                   "MASTER_PORT": str(port), "COLLECTIVES_TOKEN": "gpu-check-token-0123456789abcdef"})
 
 
 if __name__ == "__main__":
