@@ -604,12 +604,13 @@ def _close_all_at_exit() -> None:
 
 
 def _disown_in_child() -> None:
-    # The child must never destroy its copy of a parent's core object: that would join
-    # threads that do not exist in the child, and say goodbye on the parent's sockets. One
-    # reference that is never dropped keeps it alive until the child exits, even through
-    # interpreter finalisation.
+    # The child must never destroy its copy of a parent's core object, nor of its staging
+    # pipelines: that would join threads that do not exist in the child, and say goodbye on the
+    # parent's sockets. One reference that is never dropped keeps each alive until the child
+    # exits, even through interpreter finalisation.
     for comm in list(_live):
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(comm._core))
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(comm._staging))
     _live.clear()
 
 
