@@ -156,7 +156,8 @@ void test_copies_overlap_all_reduces() {
     engines.push_back(std::make_unique<ObservedEngine>(reinterpret_cast<char*>(data[r].data()), count * sizeof(float)));
     engines[r]->hold_from(1);  // piece 0's fill runs; piece 1's waits
   }
-  std::vector<bool> returned_early(2), drain_while_held(2), done_while_held(2, true), fills_first(2);
+  // char, not bool: each rank's thread writes its own element (vector<bool> packs them into one word).
+  std::vector<char> returned_early(2), drain_while_held(2), done_while_held(2, true), fills_first(2);
   auto errors = job.run([&](int r) {
     ObservedEngine& engine = *engines[r];
     StagedAllreduce staging(std::move(engines[r]), kPieceBytes, kSlots);
