@@ -87,18 +87,6 @@ class Work:
         return getattr(self._core_work, "source", -1)
 
 
-class _Finished:
-    """The core's side of a Work that finished before it was returned."""
-
-    @staticmethod
-    def wait_for(seconds: float) -> bool:
-        return True
-
-    @staticmethod
-    def done() -> bool:
-        return True
-
-
 class Communicator:
     """Collectives among `size` workers; create it with collectives.init()."""
 
@@ -111,6 +99,7 @@ class Communicator:
                                                     transport=boot.transport)
         self._pid = os.getpid()
         self._pending: List[Work] = []
+        self._staging = _device.Staging()
         self._plan = _hierarchy(config, boot.topology)
         self._reducer_plan = _reducer_plan(config, boot.rank, boot.topology)
         self._core = _core.Communicator(
@@ -143,6 +132,7 @@ class Communicator:
         self._config = dataclasses.replace(parent._config, algorithm=algorithm, num_reducers=0)
         self._pid = os.getpid()
         self._pending = []
+        self._staging = _device.Staging()
         self._topology = [parent._topology[m] for m in members]
         self._plan = _hierarchy(self._config, self._topology)  # from its members' labels
         self._reducer_plan = None
@@ -354,12 +344,11 @@ class Communicator:
         return self._complete(work, x, (buf,), blocking)
 
     def _allreduce_staged(self, x, device: _device.DeviceBuffer, op: str, blocking: bool):
-        """A CUDA buffer, reduced in a host copy that is then copied back: done before this
-        returns, an async call's too (its Work is finished)."""
-        host = _device.to_host(device)
-        self._allreduce(host, op, blocking=True)
-        _device.to_device(host, device)
-        return x if blocking else Work(self, _Finished(), x, ())
+        """A CUDA buffer, staged through pinned host memory piece by piece (_device.Staging):
+        an async call returns before the copies are done."""
+        code = op_code(op, device.dtype)
+        work = self._staging.allreduce(self._live_core(), device, _core.DTYPES.index(device.dtype), code)
+        return self._complete(work, x, (device,), blocking)
 
     def _allgather(self, x, blocking: bool):
         buf = _buffers.view(x, writable=False)
@@ -465,6 +454,7 @@ class Communicator:
         core, self._core = self._core, None
         _live.discard(self)
         core.close()
+        self._staging.close()  # after the core: what it still queued has failed
         self._pending.clear()
         if self._boot is not None:
             self._boot.close()
@@ -614,12 +604,13 @@ def _close_all_at_exit() -> None:
 
 
 def _disown_in_child() -> None:
-    # The child must never destroy its copy of a parent's core object: that would join
-    # threads that do not exist in the child, and say goodbye on the parent's sockets. One
-    # reference that is never dropped keeps it alive until the child exits, even through
-    # interpreter finalisation.
+    # The child must never destroy its copy of a parent's core object, nor of its staging
+    # pipelines: that would join threads that do not exist in the child, and say goodbye on the
+    # parent's sockets. One reference that is never dropped keeps each alive until the child
+    # exits, even through interpreter finalisation.
     for comm in list(_live):
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(comm._core))
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(comm._staging))
     _live.clear()
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import __version__, _core, _topology, _ucx, ring
+from . import __version__, _core, _device, _topology, _ucx, ring
 from ._config import TRANSPORTS, Config
 
 
@@ -19,8 +19,7 @@ def describe() -> dict:
             "simd_level": _core.SIMD_LEVEL,
             "simd_levels_supported": list(_core.kernels.levels()),
             "transports": list(TRANSPORTS),
-            "cuda": ({"built": True, "runtime": _core.cuda.runtime_version(), "devices": _core.cuda.devices()}
-                     if _core.cuda.BUILT else {"built": False}),
+            "cuda": cuda(),
             "ucx": _ucx.describe(),
         },
         "settings": Config.from_env().as_dict(),
@@ -36,6 +35,17 @@ def _auto_transport() -> str:
         return f"UCX for a job across hosts where every worker's UCX sees an RDMA-capable device, as here: " \
                f"{', '.join(devices)}"
     return f"shared memory within a host, TCP between hosts (not UCX: {why})"
+
+
+def cuda() -> dict:
+    """This build's CUDA path: {"built": False} without one; else the runtime, the GPUs this
+    process sees, and how device buffers are all-reduced (staged through pinned host memory)."""
+    if not _core.cuda.BUILT:
+        return {"built": False}
+    return {"built": True, "runtime": _core.cuda.runtime_version(), "devices": _core.cuda.devices(),
+            "staging": f"pinned host pieces of {_device.PIECE_BYTES >> 20} MiB, {_device.SLOTS} per GPU: the copy of "
+                       "piece k+1 overlaps the all-reduce of piece k (the CUDA copies are tested only where a GPU "
+                       "is: tests/gpu/check_cuda.py)"}
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@
 #include "bindings/c_api.h"
 #include "bindings/cuda.h"
 #include "bindings/kernels.h"
+#include "bindings/staging.h"
 #include "communicator.h"
 #include "kernels/reduce.h"
 #include "reduction_server/server.h"
@@ -122,6 +123,7 @@ PYBIND11_MODULE(_core, m) {
   bind_c_api(m);
   bind_kernels(m);
   bind_cuda(m);
+  bind_staging(m);
   m.def(
       "ring_family_choice",
       [](size_t bytes, int group_size, double alpha_seconds, double beta_seconds_per_byte) {

@@ -33,16 +33,6 @@ template <> DataType dtype_of<double>() { return DataType::kFloat64; }
 template <> DataType dtype_of<int32_t>() { return DataType::kInt32; }
 template <> DataType dtype_of<int8_t>() { return DataType::kInt8; }
 
-// Small integers: every sum, product and average is exact or rounded once, identically.
-template <typename T>
-std::vector<T> rank_data(int rank, size_t count, unsigned seed) {
-  std::mt19937 gen(seed * 131 + rank);
-  std::uniform_int_distribution<int> dist(-3, 3);
-  std::vector<T> v(count);
-  for (auto& x : v) x = static_cast<T>(dist(gen));
-  return v;
-}
-
 template <typename T>
 void test_allreduce(Job& job, ReduceOp op, size_t count, unsigned seed) {
   const int size = static_cast<int>(job.comms.size());
