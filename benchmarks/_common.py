@@ -121,18 +121,19 @@ def link_counters(ifname):
 class LinkTimeline:
     """When this host's link carried a step's bulk traffic, read from its counters every
     `period_s` by a thread between start() and stop(): out_s, when the bytes sent since start()
-    first passed `threshold` (a barrier's or an acknowledgement's few bytes do not count), and
-    in_s, the end of the last period in which more than `threshold_in` bytes came in (a final
-    control message does not count); seconds after start(), None where it never happened."""
+    first passed `threshold` (a barrier's or an acknowledgement's few bytes do not count),
+    out_end_s and in_s, the end of the last period in which more than `threshold_in` bytes went
+    out and came in (a final control message does not count); seconds after start(), None where
+    it never happened."""
 
     def __init__(self, ifname, period_s=0.001, threshold=64 << 10, threshold_in=4 << 10):
         self._ifname, self._period, self._threshold, self._threshold_in = ifname, period_s, threshold, threshold_in
         self._thread = None
         self._stopping = threading.Event()
-        self.out_s = self.in_s = None
+        self.out_s = self.out_end_s = self.in_s = None
 
     def start(self):
-        self.out_s = self.in_s = None
+        self.out_s = self.out_end_s = self.in_s = None
         self._stopping.clear()
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="link-timeline", daemon=True)
@@ -146,15 +147,18 @@ class LinkTimeline:
 
     def _run(self):
         first_tx, last_rx = link_counters(self._ifname)
+        last_tx = first_tx
         while True:
             stopping = self._stopping.wait(self._period)
             tx, rx = link_counters(self._ifname)
             now = time.perf_counter() - self._started
             if self.out_s is None and tx - first_tx > self._threshold:
                 self.out_s = now
+            if tx - last_tx > self._threshold_in:
+                self.out_end_s = now
             if rx - last_rx > self._threshold_in:
                 self.in_s = now
-            last_rx = rx
+            last_tx, last_rx = tx, rx
             if stopping:
                 return
 

@@ -22,7 +22,7 @@ def timed_rounds(args, systems, step, barrier, rank, what, extra=None, switch=""
     """--warmup then --steps rounds of one step(name) per system, the order rotating from round
     to round, every step between two barrier()s; ({system: {figure: [per timed round]}},
     {system: [[machine CPU use, step seconds] per timed round]}); with --timeline, each step's
-    link timeline too (wire_out_s, wire_in_s: _common.LinkTimeline). step(name) returns its
+    link timeline too (wire_out_s, wire_out_end_s, wire_in_s: _common.LinkTimeline). step(name) returns its
     figures (step_s and any others); extra(name), if given, more figures of a communicating
     system's step (read after it). switch: with racks, the switch namespace's pid whose uplink
     counters worker 0 reads around each step. Rank 0 prints each round's step times after
@@ -44,7 +44,8 @@ def timed_rounds(args, systems, step, barrier, rank, what, extra=None, switch=""
             sampler.stop()
             if timeline:
                 timeline.stop()
-                figures["wire_out_s"], figures["wire_in_s"] = timeline.out_s, timeline.in_s
+                figures["wire_out_s"], figures["wire_out_end_s"], figures["wire_in_s"] = \
+                    timeline.out_s, timeline.out_end_s, timeline.in_s
             barrier()
             link_after = _common.link_counters(args.link)
             uplinks_after = testbed.uplink_counters(switch) if switch else None

@@ -83,10 +83,13 @@ each worker reads its host's link counters every millisecond during the step (a 
 worker: it costs some CPU, so the run's other figures are not the plain run's), and per round
 the step's wire time runs from the last worker's first bulk bytes out (its first bucket's
 all-reduce started) to the last bulk bytes into any worker (the last bucket's result is in).
-Per system a line gives its median, the floor, and the step's time before the wire (forward
+Per system a line gives its median, the floor, the step's time before the wire (forward
 and the backward pass up to the first bucket, on the slowest worker) and after it (DDP's
-finishing and the optimizer), and the ratio to gloo that the reduction server would reach with
-both systems at their floors and those times.
+finishing and the optimizer), and how long the last worker to start took to send its bytes
+(first bulk bytes out to last): the floor over that time is the rate its payload crossed its
+link at, as a fraction of the goodput B (below 100%: the link idled or carried more than the
+payload: frame headers, tags, acknowledgements); and the ratio to gloo that the reduction
+server would reach with both systems at their floors and those times.
 
 --framework tf (train_tf.py; a Python with TensorFlow and collectives, e.g. the venv
 scripts/test makes, .venv-tf): the same MLP, batch, learning rate and testbed in Keras 3, each
@@ -418,19 +421,26 @@ def rows_from_report(report, setting):
     return rows
 
 
+WIRE_KEYS = ("wire_s", "before_wire_s", "after_wire_s", "sending_s")
+
+
 def _wire_times(ranks, name, step_times):
     """--timeline: the medians over rounds of the step's time on the wire (the last worker's
     first bulk bytes out to the last bulk bytes in), of the time before it (from the step's
-    start) and of the time after it (to the slowest worker's end of the step)."""
+    start), of the time after it (to the slowest worker's end of the step), and of how long the
+    last worker to start took to send (its first bulk bytes out to its last: the others could
+    send only what the algorithm lets a worker send ahead of the slowest, so its sending is
+    what the links' rate bounds)."""
     rounds = []
-    for outs, ins, step in zip(zip(*(r[name]["wire_out_s"] for r in ranks)),
-                               zip(*(r[name]["wire_in_s"] for r in ranks)), step_times):
-        if None not in (*outs, *ins):
-            rounds.append((max(ins) - max(outs), max(outs), step - max(ins)))
+    for outs, out_ends, ins, step in zip(zip(*(r[name]["wire_out_s"] for r in ranks)),
+                                         zip(*(r[name]["wire_out_end_s"] for r in ranks)),
+                                         zip(*(r[name]["wire_in_s"] for r in ranks)), step_times):
+        if None not in (*outs, *out_ends, *ins):
+            last = outs.index(max(outs))
+            rounds.append((max(ins) - max(outs), max(outs), step - max(ins), out_ends[last] - outs[last]))
     if not rounds:
-        return {"wire_s": None, "before_wire_s": None, "after_wire_s": None}
-    return {key: statistics.median(r[i] for r in rounds)
-            for i, key in enumerate(("wire_s", "before_wire_s", "after_wire_s"))}
+        return dict.fromkeys(WIRE_KEYS)
+    return {key: statistics.median(r[i] for r in rounds) for i, key in enumerate(WIRE_KEYS)}
 
 
 def timeline_lines(rows):
@@ -439,7 +449,9 @@ def timeline_lines(rows):
     timed = [row for row in rows if row.get("wire_s") is not None]
     lines = [f"{label(row)} at bucket_cap_mb {row['bucket_cap_mb']:g}: on the wire {_ms(row['wire_s'])} ms "
              f"(floor {_ms(row['comm_floor_s'])}, {(row['wire_s'] - row['comm_floor_s']) * 1e3:+.0f} ms), "
-             f"before it {_ms(row['before_wire_s'])} ms, after it {_ms(row['after_wire_s'])} ms" for row in timed]
+             f"before it {_ms(row['before_wire_s'])} ms, after it {_ms(row['after_wire_s'])} ms; the last worker to "
+             f"start sent for {_ms(row['sending_s'])} ms ({row['comm_floor_s'] / row['sending_s']:.1%} of the links' "
+             f"goodput B)" for row in timed]
     for row in timed:
         gloo = next((r for r in timed if r["algorithm"] == "gloo" and not r.get("compress")
                      and r["bucket_cap_mb"] == row["bucket_cap_mb"]), None)

@@ -64,6 +64,7 @@ class Bootstrap:
     reducer_names: List[str] = dataclasses.field(default_factory=list)  # "reducer i (host:port)"
     topology: List[str] = dataclasses.field(default_factory=list)  # each worker's label (collectives._topology)
     shm: SharedMemory = SharedMemory()  # with same-host workers; the core owns its fds once handed
+    transport: str = "auto"  # what the peer links carry: config.transport, or "ucx" where auto chose it
 
     def close(self) -> None:
         """Closes the store client and server (not the fds: the core owns those). Idempotent."""
@@ -113,7 +114,8 @@ def bootstrap(rank: Optional[int] = None, size: Optional[int] = None, rendezvous
 
 def _alone(config: Config) -> Bootstrap:
     return Bootstrap(0, 1, [[]], ["rank 0 (this process)"], None, None, None,
-                     secrets.token_bytes(SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES), topology=[own_label(config.topology)])
+                     secrets.token_bytes(SECRET_BYTES), secrets.token_bytes(JOB_ID_BYTES), topology=[own_label(config.topology)],
+                     transport=config.transport)
 
 
 def bootstrap_with_store(store: Store, rank: int, size: int, secret: bytes, config: Config, *,
@@ -167,7 +169,7 @@ def bootstrap_with_store(store: Store, rank: int, size: int, secret: bytes, conf
         exchange.publish_failure(e)
         raise
     return Bootstrap(rank, size, peer_links, peer_names, meeting, server, None, secret, job_id, reducer_links,
-                     reducer_names, mesh.topology, mesh.shm)
+                     reducer_names, mesh.topology, mesh.shm, mesh.transport)
 
 
 def _bootstrap_mpi(launch: Launch, config: Config, env: Mapping[str, str]) -> Bootstrap:
@@ -204,4 +206,4 @@ def _bootstrap_mpi(launch: Launch, config: Config, env: Mapping[str, str]) -> Bo
                 closable.close()
         raise
     return Bootstrap(rank, size, peer_links, peer_names, store, server, mpi_comm, secret, job_id, reducer_links,
-                     reducer_names, mesh.topology, mesh.shm)
+                     reducer_names, mesh.topology, mesh.shm, mesh.transport)

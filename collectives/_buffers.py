@@ -15,7 +15,6 @@ import numpy as np
 from . import _core
 
 DTYPES: Tuple[str, ...] = tuple(_core.DTYPES)
-FLOATING = ("float16", "bfloat16", "float32", "float64")
 
 # DLPack device types that are host memory the CPU can read and write: CPU, CUDA pinned host.
 _DLPACK_HOST_DEVICES = frozenset({1, 3})

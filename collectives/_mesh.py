@@ -27,7 +27,7 @@ from ._rendezvous import ABORT_POLL_S, Exchange, plural
 from ._topology import own_label
 from .errors import CollectiveError, ProtocolVersionError, TimeoutError
 
-__all__ = ["Mesh", "connect_workers", "check_protocol", "dial", "close_links"]
+__all__ = ["Mesh", "connect_workers", "chosen_transport", "check_protocol", "dial", "close_links"]
 
 log = logging.getLogger("collectives")
 
@@ -44,6 +44,7 @@ class Mesh(NamedTuple):
     names: List[str]
     topology: List[str]
     shm: _shm.SharedMemory = _shm.SharedMemory()  # with same-host workers
+    transport: str = "auto"  # config.transport, or "ucx" where auto chose it (chosen_transport)
 
 
 def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id: bytes, deadline: float,
@@ -52,7 +53,7 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
     ``exchange``, checks that all agree, and builds the mesh."""
     label = own_label(config.topology)
     if size == 1:
-        return Mesh([[]], [f"rank {rank} (this process)"], [label])
+        return Mesh([[]], [f"rank {rank} (this process)"], [label], transport=config.transport)
     # A worker that cannot listen still publishes (why), so that every worker fails alike
     # rather than one raising while the others wait for its address.
     listener = unix_listener = None
@@ -66,6 +67,8 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
         record = {"host": address, "port": port, "hostname": socket.gethostname(), "topology": label,
                   "protocol": _handshake.PROTOCOL_VERSION, "settings": (("size", size),) + config.must_match(),
                   **_shm.record_fields(unix_listener)}
+        if config.transport == "auto":
+            record["rdma"], record["no_rdma_why"] = _ucx.rdma_devices()
     except (OSError, ValueError, CollectiveError) as e:
         local_failure = e
         record = {"failed": f"{type(e).__name__}: {e}"}
@@ -77,6 +80,12 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
         if failed:
             raise CollectiveError("workers could not start: " + "; ".join(failed))
         _check_records(records)
+        transport, why = chosen_transport(config.transport, records)
+        if rank == 0 and config.transport == "auto":
+            log.info("COLLECTIVES_TRANSPORT=auto: %s", why)
+        if transport == "ucx" and unix_listener is not None:  # UCX has its own shared memory
+            unix_listener.close()
+            unix_listener = None
         names = [f"rank {p} ({r['host']}:{r['port']})" if p != rank else f"rank {p} (this process)"
                  for p, r in enumerate(records)]
         started = time.monotonic()
@@ -94,7 +103,27 @@ def connect_workers(rank: int, size: int, config: Config, secret: bytes, job_id:
                 closable.close()
     log.info("rank %d of %d (%s:%d): connected to %d peers, %d connection(s) each, in %.2f s",
              rank, size, address, port, size - 1, config.connections_per_peer, time.monotonic() - started)
-    return Mesh(peer_links, names, [r["topology"] for r in records], shm)
+    return Mesh(peer_links, names, [r["topology"] for r in records], shm, transport)
+
+
+def chosen_transport(asked: str, records: List[Dict[str, Any]]) -> Tuple[str, str]:
+    """The transport that the job's workers run over, and, for auto, why: asked (the
+    configured one), but UCX for auto where the job spans hosts and every worker's UCX sees an
+    RDMA-capable device (the records' "rdma", from _ucx.rdma_devices); one host without keeps
+    the whole job off UCX. Every worker decides alike from the same records."""
+    if asked != "auto":
+        return asked, ""
+    if len({r["hostname"] for r in records}) == 1:  # RDMA would not carry a byte: the host's own memory does
+        return "auto", "shared memory: every worker runs on one host"
+    lacking: Dict[str, List[int]] = {}  # why -> ranks
+    for p, r in enumerate(records):
+        if not r.get("rdma"):
+            lacking.setdefault(r.get("no_rdma_why") or "no RDMA device", []).append(p)
+    if not lacking:
+        return "ucx", f"UCX, since every worker's UCX sees an RDMA-capable device (rank 0: {', '.join(records[0]['rdma'])})"
+    return "auto", ("shared memory within a host, TCP between hosts; not UCX: " +
+                    "; ".join(f"{'every rank' if len(ranks) == len(records) else plural(ranks, 'rank', 'ranks')}: {why}"
+                              for why, ranks in lacking.items()))
 
 
 def _check_records(records: List[Dict[str, Any]]) -> None:

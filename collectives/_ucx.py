@@ -10,14 +10,21 @@ system (``libucp.so.0`` on the loader's path: Debian's libucx0, MOFED, a module)
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, List, Tuple
 
 from . import _core
 from .errors import CollectiveError
 
-__all__ = ["built", "library_path", "load", "describe"]
+__all__ = ["built", "library_path", "load", "describe", "RDMA_TRANSPORTS", "rdma_capable", "rdma_devices"]
 
 _SYSTEM_LIBRARY = "libucp.so.0"
+# UCX's transports between hosts over RDMA-capable NICs (InfiniBand, RoCE, AWS EFA): those of
+# its "ib" alias (UCX_TLS=ib; src/ucp/core/ucp_context.c) less gga_mlx5 (copies within a host)
+# and rc_gda (started by a GPU). Only the first part of a device's name: "rc_mlx5/mlx5_0:1".
+RDMA_TRANSPORTS = frozenset({"rc_verbs", "rc_mlx5", "dc_mlx5", "ud_verbs", "ud_mlx5", "srd"})
+# Where the kernel lists its RDMA devices (verbs: InfiniBand, RoCE, EFA); absent or empty
+# without one, and then libucp is not even loaded.
+_KERNEL_RDMA_DEVICES = "/sys/class/infiniband"
 
 
 def built() -> bool:
@@ -57,3 +64,32 @@ def describe() -> Dict[str, Any]:
         return {"built": True, "loaded": False, "why": str(e)}
     path, version, devices = _core.describe_ucx()
     return {"built": True, "loaded": True, "library": path, "version": version, "devices": list(devices)}
+
+
+def rdma_capable(devices: Iterable[str]) -> List[str]:
+    """Those of UCX's ``devices`` ("transport/device", as describe() lists them) that run over
+    an RDMA-capable NIC."""
+    return [device for device in devices if device.split("/", 1)[0] in RDMA_TRANSPORTS]
+
+
+def rdma_devices() -> Tuple[List[str], str]:
+    """UCX's RDMA-capable devices on this host, for COLLECTIVES_TRANSPORT=auto, and where
+    there are none, why: the kernel lists no RDMA device, this build has no UCX, libucp does
+    not load, or UCX sees none (UCX_TLS is obeyed). Never raises: UCX only ever adds to auto's
+    choices."""
+    try:
+        kernel_has_rdma = bool(os.listdir(_KERNEL_RDMA_DEVICES))
+    except OSError:
+        kernel_has_rdma = False
+    if not kernel_has_rdma:
+        return [], f"no RDMA device ({_KERNEL_RDMA_DEVICES} lists none)"
+    try:
+        info = describe()
+    except Exception as e:  # noqa: BLE001 - a UCX that breaks leaves auto as it was
+        return [], f"UCX could not list its devices ({type(e).__name__}: {e})"
+    if not info["built"]:
+        return [], "RDMA devices, but this build of collectives has no UCX transport"
+    if not info["loaded"]:
+        return [], f"RDMA devices, but {info['why']}"
+    found = rdma_capable(info["devices"])
+    return found, "" if found else f"RDMA devices, but UCX runs on none of them (it sees {', '.join(info['devices'])})"

@@ -32,9 +32,10 @@ def op_code(op: str, dtype: str) -> int:
     "float32", ...), or ValueError saying why not: for the plugins' collectives too."""
     if op not in OPS:
         raise ValueError(f"op {op!r} is not one of {', '.join(OPS)}")
-    if op == "avg" and dtype not in _buffers.FLOATING:
-        raise ValueError(f"op 'avg' needs a floating dtype, not {dtype}: use 'sum' and divide")
-    return OPS.index(op)
+    code = OPS.index(op)
+    if dtype in _buffers.DTYPES:  # another is refused where its buffer is taken
+        _core.check_reducible(_buffers.DTYPES.index(dtype), code)
+    return code
 # How often a waiting thread returns to Python, so that Ctrl-C is handled promptly.
 _WAIT_SLICE_SECONDS = 0.1
 # recv's src for a message from any rank (MPI_ANY_SOURCE).
@@ -86,28 +87,19 @@ class Work:
         return getattr(self._core_work, "source", -1)
 
 
-class _Finished:
-    """The core's side of a Work that finished before it was returned."""
-
-    @staticmethod
-    def wait_for(seconds: float) -> bool:
-        return True
-
-    @staticmethod
-    def done() -> bool:
-        return True
-
-
 class Communicator:
     """Collectives among `size` workers; create it with collectives.init()."""
 
     def __init__(self, boot: Bootstrap, config: Config):
         self._core = None
         self._boot = boot
-        # Under mpirun the reducers were counted at launch, not by COLLECTIVES_NUM_REDUCERS.
-        self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_links))
+        # Under mpirun the reducers were counted at launch, not by COLLECTIVES_NUM_REDUCERS;
+        # auto's transport is UCX where the workers chose it at bootstrap.
+        self._config = config = dataclasses.replace(config, num_reducers=len(boot.reducer_links),
+                                                    transport=boot.transport)
         self._pid = os.getpid()
         self._pending: List[Work] = []
+        self._staging = _device.Staging()
         self._plan = _hierarchy(config, boot.topology)
         self._reducer_plan = _reducer_plan(config, boot.rank, boot.topology)
         self._core = _core.Communicator(
@@ -140,6 +132,7 @@ class Communicator:
         self._config = dataclasses.replace(parent._config, algorithm=algorithm, num_reducers=0)
         self._pid = os.getpid()
         self._pending = []
+        self._staging = _device.Staging()
         self._topology = [parent._topology[m] for m in members]
         self._plan = _hierarchy(self._config, self._topology)  # from its members' labels
         self._reducer_plan = None
@@ -351,12 +344,11 @@ class Communicator:
         return self._complete(work, x, (buf,), blocking)
 
     def _allreduce_staged(self, x, device: _device.DeviceBuffer, op: str, blocking: bool):
-        """A CUDA buffer, reduced in a host copy that is then copied back: done before this
-        returns, an async call's too (its Work is finished)."""
-        host = _device.to_host(device)
-        self._allreduce(host, op, blocking=True)
-        _device.to_device(host, device)
-        return x if blocking else Work(self, _Finished(), x, ())
+        """A CUDA buffer, staged through pinned host memory piece by piece (_device.Staging):
+        an async call returns before the copies are done."""
+        code = op_code(op, device.dtype)
+        work = self._staging.allreduce(self._live_core(), device, _core.DTYPES.index(device.dtype), code)
+        return self._complete(work, x, (device,), blocking)
 
     def _allgather(self, x, blocking: bool):
         buf = _buffers.view(x, writable=False)
@@ -462,6 +454,7 @@ class Communicator:
         core, self._core = self._core, None
         _live.discard(self)
         core.close()
+        self._staging.close()  # after the core: what it still queued has failed
         self._pending.clear()
         if self._boot is not None:
             self._boot.close()
@@ -611,12 +604,13 @@ def _close_all_at_exit() -> None:
 
 
 def _disown_in_child() -> None:
-    # The child must never destroy its copy of a parent's core object: that would join
-    # threads that do not exist in the child, and say goodbye on the parent's sockets. One
-    # reference that is never dropped keeps it alive until the child exits, even through
-    # interpreter finalisation.
+    # The child must never destroy its copy of a parent's core object, nor of its staging
+    # pipelines: that would join threads that do not exist in the child, and say goodbye on the
+    # parent's sockets. One reference that is never dropped keeps each alive until the child
+    # exits, even through interpreter finalisation.
     for comm in list(_live):
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(comm._core))
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(comm._staging))
     _live.clear()
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import __version__, _core, _topology, _ucx, ring
+from . import __version__, _core, _device, _topology, _ucx, ring
 from ._config import TRANSPORTS, Config
 
 
@@ -19,13 +19,33 @@ def describe() -> dict:
             "simd_level": _core.SIMD_LEVEL,
             "simd_levels_supported": list(_core.kernels.levels()),
             "transports": list(TRANSPORTS),
-            "cuda": ({"built": True, "runtime": _core.cuda.runtime_version(), "devices": _core.cuda.devices()}
-                     if _core.cuda.BUILT else {"built": False}),
+            "cuda": cuda(),
             "ucx": _ucx.describe(),
         },
         "settings": Config.from_env().as_dict(),
         "auto": ring.choices(),
+        "auto_transport": _auto_transport(),
     }
+
+
+def _auto_transport() -> str:
+    """What COLLECTIVES_TRANSPORT=auto runs over, as far as this host decides it."""
+    devices, why = _ucx.rdma_devices()
+    if devices:
+        return f"UCX for a job across hosts where every worker's UCX sees an RDMA-capable device, as here: " \
+               f"{', '.join(devices)}"
+    return f"shared memory within a host, TCP between hosts (not UCX: {why})"
+
+
+def cuda() -> dict:
+    """This build's CUDA path: {"built": False} without one; else the runtime, the GPUs this
+    process sees, and how device buffers are all-reduced (staged through pinned host memory)."""
+    if not _core.cuda.BUILT:
+        return {"built": False}
+    return {"built": True, "runtime": _core.cuda.runtime_version(), "devices": _core.cuda.devices(),
+            "staging": f"pinned host pieces of {_device.PIECE_BYTES >> 20} MiB, {_device.SLOTS} per GPU: the copy of "
+                       "piece k+1 overlaps the all-reduce of piece k (the CUDA copies are tested only where a GPU "
+                       "is: tests/gpu/check_cuda.py)"}
 
 
 def main(argv=None) -> int:
@@ -56,6 +76,7 @@ def main(argv=None) -> int:
     print("effective settings:")
     for key, value in info["settings"].items():
         print(f"  {key:<32} {value}")
+    print(f"auto transport: {info['auto_transport']}")
     model = info["auto"]["cost_model"]
     print(f"auto on a flat group, without reducers (cost model: {model['alpha_seconds'] * 1e6:g} us per message, "
           f"{model['beta_seconds_per_byte'] * 1e9:g} ns per byte; {model['source']}):")

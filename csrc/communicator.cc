@@ -95,6 +95,27 @@ void Work::finish(std::exception_ptr error) {
   }
 }
 
+void InputGate::open(std::exception_ptr error) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (open_) return;
+  open_ = true;
+  error_ = error;
+  opened_.notify_all();
+}
+
+bool InputGate::is_open() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return open_;
+}
+
+void InputGate::wait(Deadline deadline) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (!opened_.wait_until(lock, deadline, [&] { return open_; })) {
+    throw TimeoutError("its input was not ready (the copy into host memory did not finish) before the deadline");
+  }
+  if (error_) std::rethrow_exception(error_);
+}
+
 Communicator::Communicator(std::unique_ptr<Transport> transport, CommunicatorOptions options,
                            std::vector<Link> reducer_links, std::vector<std::string> reducer_names,
                            bool board_expected, std::unique_ptr<ShmBoard> board)
@@ -222,8 +243,8 @@ std::shared_ptr<Work> Communicator::enqueue(Task task, Interruption* caller) {
   // A caller that blocks on this collective runs it on its own thread when it is next in line:
   // no hand-off to the executor and back, which would cost a small message more than its
   // exchange. Its waits must all go through the context to be interruptible.
-  const bool on_caller =
-      caller && queue_.empty() && !running_ && (!task.call || task.allreduce->waits_through_context());
+  const bool on_caller = caller && queue_.empty() && !running_ && !task.ready &&
+                         (!task.call || task.allreduce->waits_through_context());
   if (!on_caller) {
     queue_.push_back(std::move(task));
     start_ahead_locked();
@@ -239,7 +260,7 @@ std::shared_ptr<Work> Communicator::enqueue(Task task, Interruption* caller) {
 }
 
 // An all-reduce call may start (send ahead of its turn) once no earlier unfinished collective
-// reads or writes its buffer; calls start in queue order.
+// reads or writes its buffer, and its input is ready; calls start in queue order.
 void Communicator::start_ahead_locked() {
   if (!failure_.empty()) return;
   std::vector<MemoryRange> earlier = running_memory_;
@@ -248,7 +269,8 @@ void Communicator::start_ahead_locked() {
       return std::any_of(task.memory.begin(), task.memory.end(),
                          [&](const MemoryRange& mine) { return mine.overlaps(m); });
     });
-    if (task.call && task.call->waits_to_start() && !(clear && task.call->start())) return;
+    const bool ready = !task.ready || task.ready->is_open();
+    if (task.call && task.call->waits_to_start() && !(clear && ready && task.call->start())) return;
     earlier.insert(earlier.end(), task.memory.begin(), task.memory.end());
   }
 }
@@ -262,7 +284,8 @@ std::exception_ptr Communicator::aborted_earlier_locked(const Task& task) const 
 void Communicator::begin_locked(Task& task) {
   running_ = true;
   running_memory_ = task.memory;
-  if (task.call && task.call->waits_to_start()) task.call->start();
+  // One whose input is not ready yet starts in execute(), once it is.
+  if (task.call && task.call->waits_to_start() && (!task.ready || task.ready->is_open())) task.call->start();
 }
 
 void Communicator::execute_loop() {
@@ -300,6 +323,11 @@ void Communicator::execute(Task& task, Transport& transport, Interruption* calle
   if (board_) board_->announce(task.tag);
   try {
     if (ctx.debug) ctx.log(task.call ? std::string("start (") + task.allreduce->name() + ")" : "start");
+    if (task.ready) {
+      task.ready->wait(ctx.deadline);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (task.call->waits_to_start()) task.call->start();
+    }
     if (task.call) {
       task.call->run(ctx);
     } else {
@@ -354,8 +382,11 @@ MemoryRange bytes_of(const void* data, size_t count, DataType dtype) {
 }  // namespace
 
 std::shared_ptr<Work> Communicator::allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
-                                              Interruption* caller) {
+                                              Interruption* caller, std::shared_ptr<InputGate> ready) {
+  if (ready && caller) throw std::invalid_argument("an all-reduce waiting for its input is never run on the caller's thread");
+  check_reducible(dtype, op);
   Task task;
+  task.ready = std::move(ready);
   task.tag = {CollectiveKind::kAllreduce, 0, count, dtype, op};
   task.memory = {bytes_of(data, count, dtype)};
   task.allreduce = &choose_allreduce(count, dtype, /*with_board=*/true);
@@ -393,6 +424,7 @@ std::shared_ptr<Work> Communicator::broadcast(void* data, size_t count, DataType
 
 std::shared_ptr<Work> Communicator::reduce_scatter(const void* input, void* output, size_t count,
                                                    DataType dtype, ReduceOp op, Interruption* caller) {
+  check_reducible(dtype, op);
   Task task;
   task.tag = {CollectiveKind::kReduceScatter, 0, count, dtype, op};
   task.memory = {bytes_of(input, count * size(), dtype), bytes_of(output, count, dtype)};
@@ -420,6 +452,7 @@ void Communicator::check_root(int root) const {
 std::shared_ptr<Work> Communicator::reduce(void* data, size_t count, DataType dtype, ReduceOp op, int root,
                                            Interruption* caller) {
   check_root(root);
+  check_reducible(dtype, op);
   Task task;
   task.tag = {CollectiveKind::kReduce, 0, count, dtype, op, static_cast<uint32_t>(root)};
   task.memory = {bytes_of(data, count, dtype)};

@@ -72,6 +72,7 @@ class Work {
 
  private:
   friend class Communicator;
+  friend class StagedAllreduce;  // a staged call's Work: done once its last piece is copied back
   void finish(std::exception_ptr error);
 
   // A point-to-point message is not queued: the Work waits on its transport request itself,
@@ -92,6 +93,24 @@ class Work {
   std::exception_ptr error_;
   std::vector<std::function<void(std::exception_ptr)>> callbacks_;  // when_done's, until finished
   std::atomic<int> source_{-1};
+};
+
+// When a queued all-reduce's input is ready: a staged copy (staging/staged_allreduce.h) opens
+// it once the data is in place. The communicator starts the all-reduce no earlier (nor sends any
+// of it ahead of its turn); opened with an error, the all-reduce fails with it, and aborts the
+// communicator as any failure does (the peers are told).
+class InputGate {
+ public:
+  void open(std::exception_ptr error);
+  bool is_open();
+  // Returns once open, or rethrows the error it was opened with; TimeoutError past `deadline`.
+  void wait(Deadline deadline);
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable opened_;
+  bool open_ = false;
+  std::exception_ptr error_;
 };
 
 class Communicator {
@@ -128,9 +147,10 @@ class Communicator {
   // on the Work at once, and lends its thread: if no other collective is queued or running,
   // the collective runs on it (the Work is done on return), asking `caller` between waits
   // whether to give up (Interrupted). Otherwise, and without `caller`, the communicator's
-  // thread runs it.
+  // thread runs it. An all-reduce with `ready` waits for that gate at its turn (never with a
+  // `caller`).
   std::shared_ptr<Work> allreduce(void* data, size_t count, DataType dtype, ReduceOp op,
-                                  Interruption* caller = nullptr);
+                                  Interruption* caller = nullptr, std::shared_ptr<InputGate> ready = nullptr);
   std::shared_ptr<Work> allgather(const void* input, void* output, size_t count, DataType dtype,
                                   Interruption* caller = nullptr);
   std::shared_ptr<Work> broadcast(void* data, size_t count, DataType dtype, int root,
@@ -183,6 +203,7 @@ class Communicator {
     AllreduceAlgorithm* allreduce = nullptr;
     void* data = nullptr;
     std::unique_ptr<AllreduceCall> call;
+    std::shared_ptr<InputGate> ready;  // null: its input is ready when queued
     std::shared_ptr<Work> work;
     std::vector<MemoryRange> memory;
   };

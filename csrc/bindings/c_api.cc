@@ -56,12 +56,7 @@ Communicator& communicator(void* handle) { return *static_cast<Communicator*>(ha
 void allreduce(void* comm, void* data, size_t count, int dtype, int op, int blocking, collectives_done_fn done,
                void* context) {
   queue(blocking, done, context, [&](Interruption* caller) {
-    DataType type = checked_dtype(dtype);
-    ReduceOp reduce_op = checked_op(op);
-    if (reduce_op == ReduceOp::kAvg && !is_floating(type)) {
-      throw std::invalid_argument("op 'avg' needs a floating dtype: use 'sum' and divide");
-    }
-    return communicator(comm).allreduce(data, count, type, reduce_op, caller);
+    return communicator(comm).allreduce(data, count, checked_dtype(dtype), checked_op(op), caller);
   });
 }
 

@@ -6,6 +6,7 @@
 #include "common/types.h"
 
 #ifdef COLLECTIVES_HAVE_CUDA
+#include "kernels/cuda/cuda_copy_engine.h"
 #include "kernels/cuda/reduce_cuda.h"
 #endif
 
@@ -30,13 +31,12 @@ void bind_cuda(py::module_& m) {
       py::arg("dst_address"), py::arg("src_address"), py::arg("count"), py::arg("dtype"), py::arg("op"),
       "dst[i] = dst[i] (op) src[i] for count elements of device memory (dtype, op: codes of DTYPES, OPS).");
   c.def(
-      "copy",
-      [](uintptr_t dst, uintptr_t src, uint64_t bytes) {
+      "device_of",
+      [](uintptr_t address) {
         py::gil_scoped_release release;
-        cuda_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
+        return cuda_device_of(reinterpret_cast<const void*>(address));
       },
-      py::arg("dst_address"), py::arg("src_address"), py::arg("bytes"),
-      "Copies bytes between host and device memory, either way, and waits for it.");
+      py::arg("address"), "The GPU that the device memory at address is on.");
 #else
   c.attr("BUILT") = false;
 #endif

@@ -13,6 +13,7 @@
 #include "bindings/c_api.h"
 #include "bindings/cuda.h"
 #include "bindings/kernels.h"
+#include "bindings/staging.h"
 #include "communicator.h"
 #include "kernels/reduce.h"
 #include "reduction_server/server.h"
@@ -96,6 +97,11 @@ PYBIND11_MODULE(_core, m) {
   m.attr("DTYPES") = py::make_tuple("float16", "bfloat16", "float32", "float64", "int8",
                                     "uint8", "int32", "int64");  // index = DataType code
   m.attr("OPS") = py::make_tuple("sum", "avg", "min", "max", "prod");  // index = ReduceOp code
+  m.def(
+      "check_reducible", [](int dtype, int op) { check_reducible(checked_dtype(dtype), checked_op(op)); },
+      py::arg("dtype"), py::arg("op"),
+      "ValueError where reduce op code `op` cannot reduce elements of dtype code `dtype`: the check "
+      "that the communicator's reductions make, for a refusal before a collective is built.");
   m.attr("SIMD_LEVEL") = to_string(best_simd_level());
 
   // Held for the life of the process on purpose: a static py::object would be destroyed
@@ -117,6 +123,7 @@ PYBIND11_MODULE(_core, m) {
   bind_c_api(m);
   bind_kernels(m);
   bind_cuda(m);
+  bind_staging(m);
   m.def(
       "ring_family_choice",
       [](size_t bytes, int group_size, double alpha_seconds, double beta_seconds_per_byte) {

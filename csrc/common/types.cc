@@ -67,4 +67,11 @@ ReduceOp checked_op(int value) {
   return static_cast<ReduceOp>(value);
 }
 
+void check_reducible(DataType dtype, ReduceOp op) {
+  if (op == ReduceOp::kAvg && !is_floating(dtype)) {
+    throw std::invalid_argument(std::string("op 'avg' needs a floating dtype, not ") + to_string(dtype) +
+                                ": use 'sum' and divide");
+  }
+}
+
 }  // namespace collectives

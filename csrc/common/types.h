@@ -36,5 +36,8 @@ const char* to_string(ReduceOp op);
 // Throw std::invalid_argument on a value outside the enum (it came off the wire or from Python).
 DataType checked_dtype(int value);
 ReduceOp checked_op(int value);
+// Throws std::invalid_argument where `op` cannot reduce elements of `dtype` (an average of
+// integers): the one check of the Communicator's reductions, whichever entry queued them.
+void check_reducible(DataType dtype, ReduceOp op);
 
 }  // namespace collectives

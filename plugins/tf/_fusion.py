@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -63,16 +63,24 @@ def reduce_gradients(grads: Sequence[Optional[tf.Tensor]], op: str = "avg",
     dense = [i for i in reversed(range(len(grads))) if grads[i] is not None
              and not isinstance(grads[i], tf.IndexedSlices)]
     buckets = _buckets([grads[i] for i in dense], bucket_bytes)
-    started = [_start(comm, [grads[dense[j]] for j in bucket], op) for bucket in buckets]
+    started: List[Any] = []  # handles not yet finished
     reduced = list(grads)
-    for i, grad in enumerate(grads):
-        if isinstance(grad, tf.IndexedSlices):
-            reduced[i] = _reduce_sparse(comm, grad, op)
-    for bucket, handle in zip(buckets, started):
-        members = [tf.convert_to_tensor(grads[dense[j]]) for j in bucket]
-        flat = _finish(handle, members)
-        for j, value in zip(bucket, split_like(flat, members)):
-            reduced[dense[j]] = value
+    try:
+        for bucket in buckets:
+            started.append(_start(comm, [grads[dense[j]] for j in bucket], op))
+        for i, grad in enumerate(grads):
+            if isinstance(grad, tf.IndexedSlices):
+                reduced[i] = _reduce_sparse(comm, grad, op)
+        for bucket in buckets:
+            members = [tf.convert_to_tensor(grads[dense[j]]) for j in bucket]
+            flat = _finish(started[0], members)
+            started.pop(0)
+            for j, value in zip(bucket, split_like(flat, members)):
+                reduced[dense[j]] = value
+    except BaseException:
+        if tf.executing_eagerly():  # in a graph the step's end forgets them (ops/collectives_ops.cc)
+            _forget(started)
+        raise
     return reduced
 
 
@@ -128,6 +136,17 @@ def _finish(handle, members: Sequence[tf.Tensor]) -> tf.Tensor:
     count = sum(m.shape.num_elements() or 0 for m in members)
     static = all(m.shape.is_fully_defined() for m in members)
     return tf.ensure_shape(flat, [count if static else None])
+
+
+def _forget(handles: Sequence[Any]) -> None:
+    """Drops the started collectives that a failed eager step will not finish (the communicator
+    holds their buffers until they end), rather than keep them, and their results, for ever."""
+    for handle in handles:
+        if _native.ops():
+            _native.forget(handle)
+        else:
+            with _lock:
+                _in_flight.pop(int(handle), None)
 
 
 def _reduce_sparse(comm: cc.Communicator, grad: tf.IndexedSlices, op: str) -> tf.IndexedSlices:

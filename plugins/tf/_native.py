@@ -7,7 +7,8 @@ numpy functions), "custom" (the custom ops or an error) or "numpy". One INFO lin
 "collectives" logger says which path is in use and why.
 
 The build is cached in $COLLECTIVES_CACHE (default ~/.cache/collectives), under a name made of
-TensorFlow's version, Python's ABI and a hash of the sources and flags; ranks that start
+TensorFlow's version, Python's ABI and a hash of the sources, the flags and the compiler ($CXX
+or g++, and the first line of its --version: a compiler upgraded builds anew); ranks that start
 together build it once (a file lock), and a library is renamed into place only once complete.
 
 The ops queue collectives through collectives' C API (collectives.c_api): nothing of the core
@@ -47,17 +48,29 @@ _ERROR = re.compile(r"collectives\.errors\.(CollectiveError|TimeoutError): (.*?)
 _lock = threading.Lock()
 _chosen = False
 _ops = None  # the loaded op module, or None: numpy functions
+_library = None  # the same library's C functions (ctypes)
 
 
 def ops():
     """The custom ops' module, or None where collectives run in numpy functions; chosen once per
     process (COLLECTIVES_TF_OPS), with one log line."""
-    global _chosen, _ops
+    global _chosen, _ops, _library
     with _lock:
         if not _chosen:
-            _ops = _choose(os.environ.get(MODE_ENV, "auto"))
+            _ops, _library = _choose(os.environ.get(MODE_ENV, "auto"))
             _chosen = True
         return _ops
+
+
+def in_flight() -> int:
+    """How many collectives the start ops began that no wait op has taken yet."""
+    return _library.collectives_tf_in_flight()
+
+
+def forget(handle: tf.Tensor) -> None:
+    """Drops a start op's collective that no wait op will take (an eager step that failed before
+    its wait; in a graph the step's end drops them): its buffers are freed once it ends."""
+    _library.collectives_tf_forget(ctypes.c_int64(int(handle)))
 
 
 def ops_in_use() -> str:
@@ -71,16 +84,16 @@ def _choose(mode: str):
         raise ValueError(f"{MODE_ENV}={mode!r}: choose one of {', '.join(MODES)}")
     if mode == "numpy":
         logger.info("collectives.tf: collectives run in tf.numpy_function (%s=numpy)", MODE_ENV)
-        return None
+        return None, None
     try:
-        module, how = _load()
+        module, library, how = _load()
     except OpBuildError as error:
         if mode == "custom":
             raise
         logger.info("collectives.tf: collectives run in tf.numpy_function: its TensorFlow ops are unavailable (%s)", error)
-        return None
+        return None, None
     logger.info("collectives.tf: collectives run in TensorFlow custom ops (%s)", how)
-    return module
+    return module, library
 
 
 class OpBuildError(RuntimeError):
@@ -95,7 +108,7 @@ def cache_path() -> str:
     for path in (SOURCE, os.path.join(c_api.include_dir(), "collectives", "c_api.h")):
         with open(path, "rb") as source:
             digest.update(source.read())
-    digest.update("\0".join(flags).encode())
+    digest.update("\0".join(flags + [_compiler(), _compiler_version()]).encode())
     root = os.environ.get("COLLECTIVES_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "collectives")
     name = f"tf{tf.__version__}-{sys.implementation.cache_tag}-{digest.hexdigest()[:16]}"
@@ -103,7 +116,7 @@ def cache_path() -> str:
 
 
 def _load():
-    """(the loaded op module, how it was had)."""
+    """(the loaded op module, its library's C functions, how it was had)."""
     path = cache_path()
     how = f"loaded {path}"
     if not os.path.exists(path):
@@ -115,16 +128,32 @@ def _load():
                 how = f"built {path}"
     try:
         module = tf.load_op_library(path)
-        bound = ctypes.CDLL(path).collectives_tf_bind(ctypes.c_void_p(c_api.table_address()))
+        library = ctypes.CDLL(path)
+        library.collectives_tf_in_flight.restype = ctypes.c_int64
+        bound = library.collectives_tf_bind(ctypes.c_void_p(c_api.table_address()))
     except (tf.errors.OpError, OSError, AttributeError) as error:
         raise OpBuildError(f"{path} did not load: {error}") from None
     if bound != 0:
         raise OpBuildError(f"{path} was built for another version of collectives' C API than {c_api.VERSION}")
-    return module, how
+    return module, library, how
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or "g++"
+
+
+def _compiler_version() -> str:
+    """The first line of the compiler's --version ("g++ (Debian 12.2.0-14) 12.2.0"); "" where it
+    does not run (_build says why)."""
+    try:
+        result = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return result.stdout.partition("\n")[0].strip()
 
 
 def _build(path: str) -> None:
-    compiler = os.environ.get("CXX") or "g++"
+    compiler = _compiler()
     if shutil.which(compiler) is None:
         raise OpBuildError(f"no C++ compiler: {compiler} is not on the PATH (set CXX)")
     log = os.path.join(os.path.dirname(path), "build.log")
@@ -149,7 +178,9 @@ def _attrs(comm: cc.Communicator, dtype: tf.DType, kind: str, op: str, root: int
 
 def start(comm: cc.Communicator, flat: tf.Tensor, kind: str, op: str = "sum", root: int = 0) -> tf.Tensor:
     """Queues ``kind`` (allreduce, allgather, broadcast) of the 1-D ``flat``: its handle."""
-    return _ops.collectives_start(flat, **_attrs(comm, flat.dtype, kind, op, root))
+    # In a graph the step's end forgets a start that no wait op took (a failed step's).
+    return _ops.collectives_start(flat, forget_at_step_end=not tf.executing_eagerly(),
+                                  **_attrs(comm, flat.dtype, kind, op, root))
 
 
 def wait(handle: tf.Tensor, dtype: tf.DType) -> tf.Tensor:

@@ -6,6 +6,7 @@ has)."""
 from __future__ import annotations
 
 import datetime
+import functools
 import queue
 import threading
 from typing import Any, Callable, List, Optional, Tuple
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import collectives as cc
+import collectives.info
 
 # One collective: the core's Work, and what to do with its result once it is done (copy it
 # into the caller's tensors), or None.
@@ -217,7 +219,8 @@ _COMPLEX = {torch.complex64, torch.complex128}
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor the core reads and writes: ``tensor`` itself on the CPU; for a CUDA tensor a
-    copy in pinned host memory (the core is not built against CUDA here)."""
+    copy in pinned host memory, made before this returns (all-reduces take CUDA tensors as they
+    are instead: :func:`reduced`)."""
     if tensor.device.type == "cpu":
         return tensor.detach()  # the same memory; a parameter that requires grad may not be exported
     if tensor.device.type == "cuda" and torch.cuda.is_available():
@@ -276,6 +279,8 @@ def reduced(tensor: torch.Tensor, op: str, collective: str) -> Tuple[torch.Tenso
     wrap alike once cast back), complex as pairs of reals (sum and avg only); any other dtype
     and op raise a TypeError naming them."""
     dtype = tensor.dtype
+    if _staged_by_the_communicator(tensor, op, collective):
+        return tensor.detach(), op, None  # the same memory; a parameter that requires grad may not be exported
     host = _contiguous_host(tensor)
     if dtype in _CORE_DTYPES:
         if op == "avg" and not dtype.is_floating_point:
@@ -301,6 +306,23 @@ def reduced(tensor: torch.Tensor, op: str, collective: str) -> Tuple[torch.Tenso
     raise TypeError(f"collectives' torch backend does not reduce {dtype} ({collective}); it reduces float16, "
                     "bfloat16, float32, float64, int8, uint8, int16, uint16, int32, uint32, int64, bool and complex "
                     "(sum, avg)")
+
+
+def _staged_by_the_communicator(tensor: torch.Tensor, op: str, collective: str) -> bool:
+    """Whether ``tensor`` goes to the communicator as it is, on its GPU: an all-reduce of a
+    contiguous CUDA tensor of a dtype the core has, where collectives has its CUDA path. It is
+    staged through pinned host memory piece by piece, the copy of piece k+1 (and of DDP's bucket
+    k+1) overlapping the all-reduce of piece k."""
+    return (collective == "allreduce" and tensor.device.type == "cuda" and tensor.is_contiguous()
+            and tensor.dtype in _CORE_DTYPES and not (op == "avg" and not tensor.dtype.is_floating_point)
+            and _cuda_path_built())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_path_built() -> bool:
+    """Whether this collectives stages CUDA buffers itself (built where nvcc was found); without
+    it, CUDA tensors are copied to pinned host memory by torch (:func:`to_host`) before."""
+    return collectives.info.cuda()["built"]
 
 
 def unreduced(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -333,6 +333,16 @@ struct Job {
   }
 };
 
+// Small integers: every sum, product and average is exact or rounded once, identically.
+template <typename T>
+std::vector<T> rank_data(int rank, size_t count, unsigned seed) {
+  std::mt19937 gen(seed * 131 + rank);
+  std::uniform_int_distribution<int> dist(-3, 3);
+  std::vector<T> v(count);
+  for (auto& x : v) x = static_cast<T>(dist(gen));
+  return v;
+}
+
 inline void wait(const std::shared_ptr<Work>& work) {
   while (!work->wait_for(1.0)) {
   }

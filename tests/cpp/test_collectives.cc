@@ -33,16 +33,6 @@ template <> DataType dtype_of<double>() { return DataType::kFloat64; }
 template <> DataType dtype_of<int32_t>() { return DataType::kInt32; }
 template <> DataType dtype_of<int8_t>() { return DataType::kInt8; }
 
-// Small integers: every sum, product and average is exact or rounded once, identically.
-template <typename T>
-std::vector<T> rank_data(int rank, size_t count, unsigned seed) {
-  std::mt19937 gen(seed * 131 + rank);
-  std::uniform_int_distribution<int> dist(-3, 3);
-  std::vector<T> v(count);
-  for (auto& x : v) x = static_cast<T>(dist(gen));
-  return v;
-}
-
 template <typename T>
 void test_allreduce(Job& job, ReduceOp op, size_t count, unsigned seed) {
   const int size = static_cast<int>(job.comms.size());
@@ -407,6 +397,27 @@ bool names_only(const std::string& error, int culprit) {
 // The last rank never calls the all-reduce. On the ring, rank 0 waits on it, rank 1 waits on
 // rank 0, rank 2 on rank 1, and so on: nobody may blame a healthy rank that waits too; every
 // rank names the silent one, whichever times out first and however far along the chain.
+// An average of integers: refused by the communicator itself (the one check, whichever entry
+// queues it: Python, the C API), before anything is sent.
+void test_average_of_integers_is_refused() {
+  Job job(2);
+  int32_t data[4] = {}, part[2] = {};
+  const std::string expected = "op 'avg' needs a floating dtype, not int32: use 'sum' and divide";
+  const std::vector<std::pair<std::string, std::function<void()>>> calls{
+      {"allreduce", [&] { job.comms[0]->allreduce(data, 4, DataType::kInt32, ReduceOp::kAvg); }},
+      {"reduce_scatter", [&] { job.comms[0]->reduce_scatter(data, part, 2, DataType::kInt32, ReduceOp::kAvg); }},
+      {"reduce", [&] { job.comms[0]->reduce(data, 4, DataType::kInt32, ReduceOp::kAvg, 0); }}};
+  for (const auto& [name, call] : calls) {
+    std::string said;
+    try {
+      call();
+    } catch (const std::invalid_argument& e) {
+      said = e.what();
+    }
+    check(said == expected, name + " of int32 by avg: said '" + said + "'");
+  }
+}
+
 void test_silent_rank_is_named_not_its_neighbour(int size) {
   Job job(size, 1, 0, 1.0, always_ring());
   const int silent = size - 1;
@@ -794,6 +805,7 @@ void run_all() {
       refused = true;
     }
     check(refused, "recv_any over a transport that cannot must be refused");
+    test_average_of_integers_is_refused();
   } else {
     for (int size : {2, 4}) {
       for (size_t count : {size_t{1}, size_t{5000}, size_t{100003}}) test_receive_from_any_source(size, count, 4);

@@ -41,6 +41,16 @@ def test_without_a_gpu_the_device_calls_fail_with_cudas_reason():
         _core.cuda.reduce_into(8, 8, 1, _core.DTYPES.index("float32"), _core.OPS.index("sum"))
 
 
+@pytest.mark.skipif(not _core.cuda.BUILT or _core.cuda.devices() > 0, reason="a GPU is present")
+def test_without_a_gpu_the_staging_engine_names_the_cuda_call_that_failed():
+    """The CUDA copy engine of the staged all-reduce (csrc/kernels/cuda/cuda_copy_engine.cu)
+    cannot run here; making it fails with CollectiveError naming CUDA's call and reason."""
+    import collectives
+
+    with pytest.raises(collectives.CollectiveError, match=r"cuda\w+ failed: "):
+        _core.StagedAllreduce.cuda(0, 4 << 20, 4)
+
+
 @pytest.mark.skipif(not _core.cuda.BUILT or _core.cuda.devices() == 0, reason=NO_GPU)
 def test_the_gpu_script_passes():
     script = Path(__file__).resolve().parents[1] / "gpu" / "check_cuda.py"

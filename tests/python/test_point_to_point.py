@@ -234,10 +234,10 @@ ALLREDUCE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_si
 version = ctypes.c_uint32.from_address(c_api.table_address()).value
 allreduce = ALLREDUCE(ctypes.c_void_p.from_address(c_api.table_address() + ctypes.sizeof(ctypes.c_void_p)).value)
 
-def through_the_c_api(handle, data):
+def through_the_c_api(handle, data, dtype=2, op=0):  # float32, sum
     ended = []
     done = DONE(lambda context, status, message: ended.append((status, message and message.decode())))
-    allreduce(handle, data.ctypes.data, data.size, 2, 0, 1, done, None)  # float32, sum, blocking
+    allreduce(handle, data.ctypes.data, data.size, dtype, op, 1, done, None)  # blocking
     deadline = time.monotonic() + 20  # done may come from the communicator's thread
     while not ended and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -245,6 +245,18 @@ def through_the_c_api(handle, data):
 
 comm = cc.init(timeout=30)
 handle, rank = comm.c_handle, comm.rank
+# An average of integers, refused by the core's one check whichever entry asks (nothing is sent:
+# the all-reduce below still sums right).
+ints = np.ones(2 * comm.size, np.int32)
+avg_of_ints = {"c_api": through_the_c_api(handle, ints, 6, 1)}  # int32, avg
+for name, call in (("allreduce", lambda: comm.allreduce(ints, op="avg")),
+                   ("reduce_scatter", lambda: comm.reduce_scatter(ints, op="avg")),
+                   ("reduce", lambda: comm.reduce(ints, root=0, op="avg"))):
+    try:
+        call()
+        avg_of_ints[name] = "nothing"
+    except ValueError as error:
+        avg_of_ints[name] = str(error)
 data = np.full(1000, rank + 1, np.float32)
 open_status = through_the_c_api(handle, data)
 total = float(data[0])
@@ -254,13 +266,14 @@ gc.collect()
 # What the heap gives out next overwrites anything freed (a freed communicator would be garbage).
 filler = [bytes([255]) * size for size in range(64, 8192, 16) for _ in range(8)]
 closed_status = through_the_c_api(handle, np.ones(10, np.float32))
-print(json.dumps({"version": version, "open": open_status, "total": total, "closed": closed_status}))
+print(json.dumps({"version": version, "open": open_status, "total": total, "closed": closed_status,
+                  "avg_of_ints": avg_of_ints}))
 """
 
 
 def test_the_c_api_reduces_and_a_handle_outliving_its_communicator_is_refused(run_ranks):
     """collectives' C API (what collectives.tf's ops call) from ctypes: an all-reduce through a
-    communicator's c_handle, and the same handle after the communicator was closed and dropped
+    communicator's c_handle (an average of integers refused there as from Python, alike), and the same handle after the communicator was closed and dropped
     (a tf.function traced before ctf.shutdown()): a clear error, never freed memory."""
     for result in run_ranks(C_API_SCRIPT, 2, timeout=60):
         assert result.returncode == 0, result.stderr[-3000:]
@@ -268,3 +281,6 @@ def test_the_c_api_reduces_and_a_handle_outliving_its_communicator_is_refused(ru
         assert report["version"] == 1 and report["open"] == [0, None] and report["total"] == 3.0, report
         status, message = report["closed"]
         assert status == 1 and "closed" in message, report
+        refused = "op 'avg' needs a floating dtype, not int32: use 'sum' and divide"
+        assert report["avg_of_ints"] == {"c_api": [3, refused], "allreduce": refused, "reduce_scatter": refused,
+                                         "reduce": refused}, report  # 3: COLLECTIVES_INVALID_ARGUMENT

@@ -306,6 +306,52 @@ def test_a_rank_that_raises_mid_training_makes_the_others_raise(run_ranks, op_ca
             assert re.search(r"collectives\.errors\.(CollectiveError|TimeoutError)", report["error"]), report
 
 
+# A step that fails between its collectives' start and wait: eagerly (the sparse gradient's
+# all-gather refuses complex64 after the dense bucket started) and in a tf.function (an op that
+# needs the start's handle fails, and the wait depends on it). Neither leaves its collective in
+# the custom ops' registry; the communicator goes on.
+FAILED_STEP_SCRIPT = r'''
+import json
+import tensorflow as tf
+import collectives.tf as ctf
+from collectives.tf import _fusion, _native
+
+ctf.init()
+comm = ctf.communicator()
+report = {"ops": ctf.ops_in_use()}
+sparse = tf.IndexedSlices(tf.ones([1, 2], tf.complex64), tf.constant([0]), tf.constant([3, 2]))
+try:
+    _fusion.reduce_gradients([tf.ones([4]), sparse])
+except TypeError as e:
+    report["eager_error"] = str(e)
+report["after_eager"] = _native.in_flight()
+
+@tf.function
+def step(x):
+    handle = _native.start(comm, x, "allreduce")
+    failing = tf.debugging.assert_less(handle, tf.constant(-1, tf.int64), message="fails on purpose")
+    with tf.control_dependencies([failing]):
+        return _native.wait(handle, x.dtype)
+
+for _ in range(2):
+    try:
+        step(tf.ones([8]))
+    except tf.errors.InvalidArgumentError as e:
+        report["graph_error"] = "fails on purpose" in str(e)
+report["after_graph"] = _native.in_flight()
+report["total"] = ctf.allreduce(tf.ones([3])).numpy().tolist()
+print(json.dumps(report))
+'''
+
+
+def test_a_failed_step_leaves_no_collective_in_the_ops_registry(run_ranks, op_cache):
+    for result in run_ranks(FAILED_STEP_SCRIPT, 2, env=tf_env(op_cache, "custom"), timeout=150):
+        report = result.report()
+        assert report["ops"] == "custom" and "complex64" in report["eager_error"] and report["graph_error"], report
+        assert report["after_eager"] == 0 and report["after_graph"] == 0, report
+        assert report["total"] == [2.0, 2.0, 2.0], report
+
+
 # One process, with a "compiler" that always fails: auto falls back to the numpy functions and
 # says why in one log line; custom refuses to go on.
 FALLBACK_SCRIPT = r'''
@@ -336,6 +382,23 @@ def test_without_a_compiler_auto_falls_back_to_numpy_functions_and_custom_refuse
     assert re.search(r"false failed \(exit 1\): its output is in \S+build.log", report["log"][0]), report
     custom, = run_ranks(FALLBACK_SCRIPT, 1, launcher=None, env={**env, "COLLECTIVES_TF_OPS": "custom"}, timeout=120)
     assert re.match(r"OpBuildError: false failed", custom.report()["error"]), custom.report()
+
+
+def test_the_ops_cache_is_keyed_by_the_compilers_version(tmp_path, monkeypatch):
+    """A compiler upgraded in place (same CXX, another --version) builds the ops anew."""
+    from collectives.tf import _native
+
+    compiler = tmp_path / "c++"
+    monkeypatch.setenv("COLLECTIVES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    paths = []
+    for version in ("12.2.0", "12.2.0", "13.1.0"):
+        compiler.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "g++ (Debian {version}) {version}" || exec g++ "$@"\n')
+        compiler.chmod(0o755)
+        paths.append(_native.cache_path())
+    assert paths[0] == paths[1] != paths[2], paths
+    monkeypatch.delenv("CXX")
+    assert _native.cache_path() not in paths  # g++ itself
 
 
 def test_bad_arguments_are_refused_before_anything_is_sent():

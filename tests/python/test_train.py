@@ -283,15 +283,18 @@ def test_rows_on_a_layout_carry_the_plans_and_are_checked_per_level():
 
 def test_the_timeline_splits_each_step_at_the_wire():
     """--timeline: per round, the wire runs from the last worker's first bytes out to the last
-    bytes in; before it is the step's start to then, after it the rest of the slowest step."""
+    bytes in; before it is the step's start to then, after it the rest of the slowest step;
+    the last worker to start sends from its first bulk bytes out to its last."""
     times = {"none": [[0.2, 0.2]] * 2, "gloo": [[3.0, 2.9], [3.2, 3.0]],
              "reduction_server": [[2.0, 2.1], [2.2, 2.0]]}
     report = _report(times)
-    wire = {"gloo": ([[0.2, 0.1], [0.1, 0.3]], [[2.8, 2.7], [3.0, 2.9]]),  # [round][rank]: out, in
-            "reduction_server": ([[0.2, 0.25], [0.3, 0.2]], [[1.9, 1.95], [2.1, 2.0]])}
-    for name, (outs, ins) in wire.items():
+    # [round][rank]: first bulk bytes out, last bulk bytes out, last bulk bytes in
+    wire = {"gloo": ([[0.2, 0.1], [0.1, 0.3]], [[2.7, 2.6], [2.9, 2.8]], [[2.8, 2.7], [3.0, 2.9]]),
+            "reduction_server": ([[0.2, 0.25], [0.3, 0.2]], [[1.8, 1.9], [2.0, 1.9]], [[1.9, 1.95], [2.1, 2.0]])}
+    for name, (outs, out_ends, ins) in wire.items():
         for rank, record in enumerate(report["phases"][0]["ranks"]):
             record[name]["wire_out_s"] = [per_round[rank] for per_round in outs]
+            record[name]["wire_out_end_s"] = [per_round[rank] for per_round in out_ends]
             record[name]["wire_in_s"] = [per_round[rank] for per_round in ins]
     by = {r["algorithm"]: r for r in train.rows_from_report(report, SETTING)}
     # gloo: wires 2.8 - 0.2 = 2.6 and 3.0 - 0.3 = 2.7; before 0.2 and 0.3; after 3.0 - 2.8, 3.2 - 3.0.
@@ -299,15 +302,20 @@ def test_the_timeline_splits_each_step_at_the_wire():
     assert by["gloo"]["before_wire_s"] == pytest.approx(0.25)
     assert by["gloo"]["after_wire_s"] == pytest.approx(0.2)
     assert by["reduction_server"]["wire_s"] == pytest.approx((1.7 + 1.8) / 2)
+    # The last to start: gloo's rank 0 (2.7 - 0.2), then rank 1 (2.8 - 0.3); the reduction
+    # server's rank 1 (1.9 - 0.25), then rank 0 (2.0 - 0.3).
+    assert by["gloo"]["sending_s"] == pytest.approx(2.5)
+    assert by["reduction_server"]["sending_s"] == pytest.approx(1.675)
     assert "wire_s" not in by["none"]
     lines = train.timeline_lines(list(by.values()))
-    assert lines[0].startswith("gloo at bucket_cap_mb 25: on the wire 2650 ms (floor 17, +2633 ms), before it "
-                               "250 ms, after it 200 ms")
+    floor = 1e6 / 0.06e9
+    assert lines[0] == ("gloo at bucket_cap_mb 25: on the wire 2650 ms (floor 17, +2633 ms), before it 250 ms, "
+                        f"after it 200 ms; the last worker to start sent for 2500 ms ({floor / 2.5:.1%} of the "
+                        "links' goodput B)")
     # Both at their floors (1e6 B / 0.06 GB/s = 16.7 ms each) with their times outside the wire.
     assert (by["reduction_server"]["before_wire_s"], by["reduction_server"]["after_wire_s"]) == pytest.approx(
         ((0.25 + 0.3) / 2, (0.15 + 0.1) / 2))
     outside = {"gloo": 0.25 + 0.2, "reduction_server": 0.275 + 0.125}
-    floor = 1e6 / 0.06e9
     cap = (outside["gloo"] + floor) / (outside["reduction_server"] + floor)
     assert lines[-1].endswith(f"{cap:.2f}x gloo")
     # A round where a worker saw no bulk traffic (None) is left out.

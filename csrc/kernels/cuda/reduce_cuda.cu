@@ -96,8 +96,4 @@ void cuda_reduce_into(void* dst, const void* src, size_t count, DataType dtype, 
   check(cudaDeviceSynchronize(), "the CUDA reduction");
 }
 
-void cuda_copy(void* dst, const void* src, size_t bytes) {
-  if (bytes > 0) check(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "cudaMemcpy");
-}
-
 }  // namespace collectives

@@ -26,8 +26,4 @@ bool cuda_reduces(DataType dtype, ReduceOp op);
 // and waits for it. CollectiveError if CUDA fails or cuda_reduces() is false.
 void cuda_reduce_into(void* dst, const void* src, size_t count, DataType dtype, ReduceOp op);
 
-// Copies between host and device memory (either way: the runtime tells them apart by
-// address), waiting for the copy; CollectiveError if CUDA fails.
-void cuda_copy(void* dst, const void* src, size_t bytes);
-
 }  // namespace collectives

@@ -24,6 +24,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "tensorflow/core/framework/cancellation.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
@@ -63,6 +64,10 @@ class Registry {
     entries_.erase(it);
     return entry;
   }
+  size_t size() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return entries_.size();
+  }
 
  private:
   std::mutex mutex_;
@@ -73,6 +78,19 @@ class Registry {
 Registry& registry() {
   static Registry* instance = new Registry();  // never destroyed: callbacks may outlive exit
   return *instance;
+}
+
+// In a graph or tf.function the cancellation manager is the step's: cancelled when the step
+// fails, and on its destruction at the step's end. Then `handle` leaves the registry if no wait
+// op took it (a failed step's), so its buffers are freed once the collective ends. (Eagerly each
+// op runs with a manager of its own, gone when the op returns: there the start op is told not to
+// (forget_at_step_end), and an eager caller forgets a start it will not wait for through
+// collectives_tf_forget.)
+void forget_at_step_end(OpKernelContext* context, int64_t handle) {
+  CancellationManager* manager = context->cancellation_manager();
+  if (manager == nullptr) return;
+  auto forget = [handle] { registry().take(handle); };  // a handle is never reused: no-op once taken
+  if (!manager->RegisterCallback(manager->get_cancellation_token(), forget)) forget();  // already cancelled
 }
 
 // The C API's done: the collective's status, then the wait op's completion if it waits already.
@@ -176,7 +194,9 @@ void complete(OpKernelContext* context, const InFlight& entry, const AsyncOpKern
 // Queues the collective and returns its handle at once (for the gradient buckets).
 class CollectivesStartOp : public OpKernel {
  public:
-  explicit CollectivesStartOp(OpKernelConstruction* context) : OpKernel(context), collective_(context) {}
+  explicit CollectivesStartOp(OpKernelConstruction* context) : OpKernel(context), collective_(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("forget_at_step_end", &forget_at_step_end_));
+  }
 
   void Compute(OpKernelContext* context) override {
     auto entry = std::make_shared<InFlight>();
@@ -184,12 +204,15 @@ class CollectivesStartOp : public OpKernel {
     OP_REQUIRES_OK(context, collective_.prepare(context, *entry));
     Tensor* handle = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({}), &handle));
-    handle->scalar<int64_t>()() = registry().add(entry);
+    const int64_t id = registry().add(entry);
+    handle->scalar<int64_t>()() = id;
+    if (forget_at_step_end_) forget_at_step_end(context, id);
     collective_.queue(std::move(entry), /*blocking=*/0);
   }
 
  private:
   Collective collective_;
+  bool forget_at_step_end_;
 };
 
 // Outputs the result of the collective that a start op's handle stands for, once done.
@@ -255,6 +278,7 @@ absl::Status result_shape(shape_inference::InferenceContext* c) {
 REGISTER_OP("CollectivesStart")
     .Input("tensor: T").Output("handle: int64")
     .Attr(kTypes).Attr(kKind).Attr(kCommunicator).Attr(kReduceOp).Attr(kRoot)
+    .Attr("forget_at_step_end: bool = false")  // in a graph: see forget_at_step_end()
     .SetIsStateful().SetShapeFn(shape_inference::ScalarShape);
 REGISTER_OP("CollectivesWait")
     .Input("handle: int64").Output("output: T")
@@ -270,6 +294,13 @@ REGISTER_KERNEL_BUILDER(Name("CollectivesStart").Device(DEVICE_CPU), Collectives
 REGISTER_KERNEL_BUILDER(Name("CollectivesWait").Device(DEVICE_CPU), CollectivesWaitOp);
 
 }  // namespace
+
+// Collectives started and not yet taken by a wait op (collectives.tf's tests look).
+extern "C" int64_t collectives_tf_in_flight() { return static_cast<int64_t>(registry().size()); }
+
+// An eager caller's start that no wait op will take (its step failed): its buffers are freed once
+// the collective ends (finished() holds them until then).
+extern "C" void collectives_tf_forget(int64_t handle) { registry().take(handle); }
 
 // Called once by Python after loading: 0, or -1 if the core's C API is of another version.
 extern "C" int collectives_tf_bind(const collectives_c_api* table) {
