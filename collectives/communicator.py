@@ -453,8 +453,10 @@ class Communicator:
             return
         core, self._core = self._core, None
         _live.discard(self)
-        core.close()
-        self._staging.close()  # after the core: what it still queued has failed
+        try:
+            core.close()
+        finally:
+            self._staging.close()  # after the core: what it still queued has failed
         self._pending.clear()
         if self._boot is not None:
             self._boot.close()

@@ -1,4 +1,5 @@
 #include "bindings/cuda.h"
+#include "bindings/gil.h"
 
 #include <cstdint>
 #include <string>
@@ -24,7 +25,7 @@ void bind_cuda(py::module_& m) {
   c.def(
       "reduce_into",
       [](uintptr_t dst, uintptr_t src, uint64_t count, int dtype, int op) {
-        py::gil_scoped_release release;
+        ReleasedGil release;
         cuda_reduce_into(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), count,
                          checked_dtype(dtype), checked_op(op));
       },
@@ -33,7 +34,7 @@ void bind_cuda(py::module_& m) {
   c.def(
       "device_of",
       [](uintptr_t address) {
-        py::gil_scoped_release release;
+        ReleasedGil release;
         return cuda_device_of(reinterpret_cast<const void*>(address));
       },
       py::arg("address"), "The GPU that the device memory at address is on.");

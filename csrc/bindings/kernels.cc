@@ -1,4 +1,5 @@
 #include "bindings/kernels.h"
+#include "bindings/gil.h"
 
 #include <cstdint>
 #include <string>
@@ -61,7 +62,7 @@ void bind_kernels(py::module_& m) {
         const auto l = parse_name<SimdLevel>(level, kNumSimdLevels, "SIMD level");
         void* d = address_of(dst, count);
         const void* s = address_of(src, count);
-        py::gil_scoped_release release;
+        ReleasedGil release;
         reduce_into(d, s, count, t, o, l);
       },
       py::arg("dst_address"), py::arg("src_address"), py::arg("count"), py::arg("dtype"),
@@ -75,7 +76,7 @@ void bind_kernels(py::module_& m) {
         const auto t = parse_name<DataType>(dtype, kNumDataTypes, "dtype");
         const auto l = parse_name<SimdLevel>(level, kNumSimdLevels, "SIMD level");
         void* d = address_of(address, count);
-        py::gil_scoped_release release;
+        ReleasedGil release;
         divide(d, count, t, divisor, l);
       },
       py::arg("address"), py::arg("count"), py::arg("dtype"), py::arg("divisor"),

@@ -12,6 +12,7 @@
 #include "bindings/buffers.h"
 #include "bindings/c_api.h"
 #include "bindings/cuda.h"
+#include "bindings/gil.h"
 #include "bindings/kernels.h"
 #include "bindings/staging.h"
 #include "communicator.h"
@@ -46,6 +47,7 @@ template <typename Collective>
 py::object submit(bool blocking, Collective collective) {
   std::optional<py::error_already_set> raised;
   Interruption interrupted([&raised] {
+    if (shut_out_by_finalization()) park_for_good();
     py::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() == 0) return false;
     raised.emplace();  // takes the handler's exception from the interpreter
@@ -53,7 +55,7 @@ py::object submit(bool blocking, Collective collective) {
   });
   std::shared_ptr<Work> work;
   {
-    py::gil_scoped_release released;
+    ReleasedGil released;
     work = collective(blocking ? &interrupted : nullptr);
   }
   if (raised) throw *raised;
@@ -93,6 +95,7 @@ std::unique_ptr<Transport> make_ucx_transport(int rank, int size, std::vector<st
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "collectives: the compiled data plane";
+  python_main_thread() = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
   m.attr("PROTOCOL_VERSION") = kProtocolVersion;
   m.attr("DTYPES") = py::make_tuple("float16", "bfloat16", "float32", "float64", "int8",
                                     "uint8", "int32", "int64");  // index = DataType code
@@ -196,9 +199,9 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Work, std::shared_ptr<Work>>(m, "Work")
       .def("wait_for", &Work::wait_for, py::arg("seconds"),
-           py::call_guard<py::gil_scoped_release>(),
+           py::call_guard<ReleasedGil>(),
            "True once finished (raising its error); False if `seconds` passed first.")
-      .def("done", &Work::done, py::call_guard<py::gil_scoped_release>())
+      .def("done", &Work::done, py::call_guard<ReleasedGil>())
       .def_property_readonly("source", &Work::source,
                              "The rank a received message came from (from any source: once done); -1 for anything else.");
 
@@ -259,10 +262,10 @@ PYBIND11_MODULE(_core, m) {
   py::class_<ReductionServer>(m, "ReductionServer")
       .def(py::init<std::vector<Link>, std::vector<std::string>, ReducerOptions>(),
            py::arg("worker_links"), py::arg("worker_names"), py::arg("options"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("serve", &ReductionServer::serve, py::call_guard<py::gil_scoped_release>(),
+           py::call_guard<ReleasedGil>())
+      .def("serve", &ReductionServer::serve, py::call_guard<ReleasedGil>(),
            "Serve the job until every worker has said goodbye; CollectiveError if it fails.")
-      .def("stop", &ReductionServer::stop, py::call_guard<py::gil_scoped_release>())
+      .def("stop", &ReductionServer::stop, py::call_guard<ReleasedGil>())
       .def("stats", [](const ReductionServer& s) {
         ReducerStats st = s.stats();
         py::dict d;
@@ -306,7 +309,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("reducer_names") = std::vector<std::string>{}, py::arg("doorbell_fd") = -1,
            py::arg("shm_links") = std::vector<ShmLink>{}, py::arg("board_fd") = -1, py::arg("board_expected") = false,
            py::arg("ucx") = false,
-           py::call_guard<py::gil_scoped_release>())
+           py::call_guard<ReleasedGil>())
       .def("reducer_stats", [](const Communicator& c) {
         py::list result;
         for (const auto& st : c.reducer_stats()) {
@@ -331,7 +334,7 @@ PYBIND11_MODULE(_core, m) {
           [](Communicator& c, const std::vector<int>& ranks, const CommunicatorOptions& options) {
             return c.subgroup(ranks, options.cost, options.hierarchy);
           },
-          py::arg("ranks"), py::arg("options"), py::call_guard<py::gil_scoped_release>())
+          py::arg("ranks"), py::arg("options"), py::call_guard<ReleasedGil>())
       .def(
           "allreduce",
           [](Communicator& c, uintptr_t data, size_t count, int dtype, int op, bool blocking) {
@@ -416,22 +419,22 @@ PYBIND11_MODULE(_core, m) {
             return c.send(as_pointer(data), count, checked_dtype(dtype), peer, tag);
           },
           py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("peer"), py::arg("tag"),
-          py::call_guard<py::gil_scoped_release>())
+          py::call_guard<ReleasedGil>())
       .def(
           "recv",
           [](Communicator& c, uintptr_t data, size_t count, int dtype, int peer, uint32_t tag) {
             return c.recv(as_pointer(data), count, checked_dtype(dtype), peer, tag);
           },
           py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("peer"), py::arg("tag"),
-          py::call_guard<py::gil_scoped_release>())
+          py::call_guard<ReleasedGil>())
       .def(
           "recv_any",
           [](Communicator& c, uintptr_t data, size_t count, int dtype, uint32_t tag) {
             return c.recv_any(as_pointer(data), count, checked_dtype(dtype), tag);
           },
           py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("tag"),
-          py::call_guard<py::gil_scoped_release>())
+          py::call_guard<ReleasedGil>())
       .def("abort", &Communicator::abort, py::arg("reason"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>());
+           py::call_guard<ReleasedGil>())
+      .def("close", &Communicator::close, py::call_guard<ReleasedGil>());
 }

@@ -1,4 +1,5 @@
 #include "bindings/staging.h"
+#include "bindings/gil.h"
 
 #include <cstdint>
 #include <memory>
@@ -46,12 +47,12 @@ void bind_staging(py::module_& m) {
           [](StagedAllreduce& staging, Communicator& comm, uintptr_t data, size_t count, int dtype, int op) {
             const DataType type = checked_dtype(dtype);
             const ReduceOp reduce_op = checked_op(op);
-            py::gil_scoped_release release;
+            ReleasedGil release;
             return staging.allreduce(comm, reinterpret_cast<void*>(data), count, type, reduce_op);
           },
           py::arg("comm"), py::arg("data"), py::arg("count"), py::arg("dtype"), py::arg("op"),
           "Queues the staged all-reduce on `comm` and returns its Work at once.")
-      .def("close", &StagedAllreduce::close, py::call_guard<py::gil_scoped_release>(),
+      .def("close", &StagedAllreduce::close, py::call_guard<ReleasedGil>(),
            "Waits for the calls in flight, then frees the host slots.");
 }
 

@@ -7,6 +7,8 @@ paired with the same job without the fault and the same timeout, which must comp
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -242,3 +244,33 @@ def test_bad_arguments_raise_before_anything_is_sent(run_ranks):
         report = result.report()
         assert all(v == "ok" for v in report["raised"].values()), report
         assert report["sum_ok"]
+
+
+# A daemon thread that comes back from the core while the interpreter finalizes (the torch
+# backend's completer, whose Work the exit's close() just finished) used to end the process
+# with "terminate called without an active exception" (CPython ends such a thread with
+# pthread_exit, inside the destructor that took the GIL back). Here a daemon thread keeps
+# calling a kernel that releases the GIL while the main thread exits: every run hit it.
+EXIT_WHILE_A_THREAD_IS_IN_THE_CORE = r"""
+import sys, threading, time
+import numpy as np
+from collectives import _core
+
+n = 2_000_000
+a, b = np.ones(n, np.float32), np.ones(n, np.float32)
+
+def keep_reducing():
+    while True:
+        _core.kernels.reduce_into(a.ctypes.data, b.ctypes.data, n, "float32", "prod", "scalar")
+
+threading.Thread(target=keep_reducing, daemon=True).start()
+time.sleep(0.05)
+sys.exit(3)
+"""
+
+
+def test_exiting_while_a_daemon_thread_is_in_the_core_exits_cleanly(tmp_path):
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", EXIT_WHILE_A_THREAD_IS_IN_THE_CORE], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 3 and "terminate" not in done.stderr, (done.returncode, done.stderr[-2000:])

@@ -51,6 +51,7 @@ class CudaCopyEngine : public CopyEngine {
   }
 
   void* allocate_host(size_t bytes) override {
+    OnDevice on(device_);  // else a first call on another thread makes a context on device 0
     void* host = nullptr;
     check(cudaHostAlloc(&host, bytes, cudaHostAllocPortable),
           "cudaHostAlloc of " + std::to_string(bytes) + " bytes of pinned staging memory");
