@@ -36,10 +36,13 @@ inline bool shut_out_by_finalization() {
 
 // The GIL released for a call that may block, as pybind11's gil_scoped_release, but taken back
 // only by a thread that finalization does not shut out (above). Usable as a py::call_guard.
+// Finalization may still begin between that check and the taking: then CPython's pthread_exit
+// unwinds from this destructor, which is why it may throw (noexcept(false)): the unwinding goes
+// on through pybind11, which lets it pass, and ends the thread instead of the process.
 class ReleasedGil {
  public:
   ReleasedGil() : state_(PyEval_SaveThread()) {}
-  ~ReleasedGil() {
+  ~ReleasedGil() noexcept(false) {
     if (shut_out_by_finalization()) park_for_good();
     PyEval_RestoreThread(state_);
   }
