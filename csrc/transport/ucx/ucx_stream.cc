@@ -15,6 +15,12 @@ namespace {
 constexpr int kSleepMillis = 2;
 constexpr double kCloseSeconds = 2.0;
 
+// What read_some and write_some return once the stream has failed: as a socket reset.
+ssize_t connection_reset() {
+  errno = ECONNRESET;
+  return -1;
+}
+
 }  // namespace
 
 UcxStreamWorker::UcxStreamWorker(const UcxLibrary& ucx) : ucx_(ucx) {
@@ -102,10 +108,7 @@ ssize_t UcxStream::read_some(char* into, size_t n) {
     size_t length = 0;
     void* request = ucx_.stream_recv_nbx(ep_, into, n, &length, &param);
     if (request == nullptr) return static_cast<ssize_t>(length);
-    if (UCS_PTR_IS_ERR(request)) {
-      errno = ECONNRESET;
-      return -1;
-    }
+    if (UCS_PTR_IS_ERR(request)) return connection_reset();
     receiving_ = request;
   }
   size_t length = 0;
@@ -114,12 +117,7 @@ ssize_t UcxStream::read_some(char* into, size_t n) {
     errno = failure_ == UCS_OK ? EAGAIN : ECONNRESET;
     return -1;
   }
-  ucx_.request_free(receiving_);
-  receiving_ = nullptr;
-  if (status != UCS_OK) {
-    errno = ECONNRESET;
-    return -1;
-  }
+  if (!finish(receiving_, status)) return connection_reset();
   return static_cast<ssize_t>(length);
 }
 
@@ -127,10 +125,7 @@ ssize_t UcxStream::write_some(const iovec* iov, int parts) {
   // UCX takes the whole of what it is offered at once and reads it until the send is done:
   // the bytes count as written only then.
   if (sending_ == nullptr) {
-    if (failure_ != UCS_OK) {
-      errno = ECONNRESET;
-      return -1;
-    }
+    if (failure_ != UCS_OK) return connection_reset();
     sending_bytes_ = 0;
     for (int i = 0; i < parts; ++i) {
       iov_[i] = {iov[i].iov_base, iov[i].iov_len};
@@ -141,21 +136,19 @@ ssize_t UcxStream::write_some(const iovec* iov, int parts) {
     param.datatype = ucp_dt_make_iov();
     void* request = ucx_.stream_send_nbx(ep_, iov_.data(), parts, &param);
     if (request == nullptr) return static_cast<ssize_t>(sending_bytes_);
-    if (UCS_PTR_IS_ERR(request)) {
-      errno = ECONNRESET;
-      return -1;
-    }
+    if (UCS_PTR_IS_ERR(request)) return connection_reset();
     sending_ = request;
   }
   const ucs_status_t status = ucx_.request_check_status(sending_);
   if (status == UCS_INPROGRESS) return 0;
-  ucx_.request_free(sending_);
-  sending_ = nullptr;
-  if (status != UCS_OK) {
-    errno = ECONNRESET;
-    return -1;
-  }
+  if (!finish(sending_, status)) return connection_reset();
   return static_cast<ssize_t>(sending_bytes_);
+}
+
+bool UcxStream::finish(void*& request, ucs_status_t status) {
+  ucx_.request_free(request);
+  request = nullptr;
+  return status == UCS_OK;
 }
 
 void UcxStream::wait(short, int millis) {

@@ -55,6 +55,8 @@ class UcxStream : public ByteStream {
   const char* kind() const override { return "ucx"; }
 
  private:
+  // Frees a request that is no longer in progress (and forgets it); whether it went well.
+  bool finish(void*& request, ucs_status_t status);
   friend class UcxStreamWorker;
   static void endpoint_failed(void* arg, ucp_ep_h ep, ucs_status_t status);
 
