@@ -279,13 +279,14 @@ def reduced(tensor: torch.Tensor, op: str, collective: str) -> Tuple[torch.Tenso
     wrap alike once cast back), complex as pairs of reals (sum and avg only); any other dtype
     and op raise a TypeError naming them."""
     dtype = tensor.dtype
-    if _staged_by_the_communicator(tensor, op, collective):
-        return tensor.detach(), op, None  # the same memory; a parameter that requires grad may not be exported
-    host = _contiguous_host(tensor)
     if dtype in _CORE_DTYPES:
         if op == "avg" and not dtype.is_floating_point:
             raise TypeError(f"{collective} with ReduceOp.AVG needs a floating dtype, not {dtype}")
+        if _staged_by_the_communicator(tensor, collective):
+            return tensor.detach(), op, None  # the same memory; a parameter that requires grad may not be exported
+        host = _contiguous_host(tensor)
         return host, op, _copy_back(tensor, host)
+    host = _contiguous_host(tensor)
     if dtype == torch.bool:
         if op == "avg":
             raise TypeError(f"{collective} with ReduceOp.AVG needs a floating dtype, not {dtype}")
@@ -308,13 +309,12 @@ def reduced(tensor: torch.Tensor, op: str, collective: str) -> Tuple[torch.Tenso
                     "(sum, avg)")
 
 
-def _staged_by_the_communicator(tensor: torch.Tensor, op: str, collective: str) -> bool:
-    """Whether ``tensor`` goes to the communicator as it is, on its GPU: an all-reduce of a
-    contiguous CUDA tensor of a dtype the core has, where collectives has its CUDA path. It is
-    staged through pinned host memory piece by piece, the copy of piece k+1 (and of DDP's bucket
-    k+1) overlapping the all-reduce of piece k."""
+def _staged_by_the_communicator(tensor: torch.Tensor, collective: str) -> bool:
+    """Whether ``tensor`` (of a dtype the core has, its op one the core takes for it) goes to
+    the communicator as it is, on its GPU: an all-reduce of a contiguous CUDA tensor, where
+    collectives has its CUDA path. It is staged through pinned host memory piece by piece, the
+    copy of piece k+1 (and of DDP's bucket k+1) overlapping the all-reduce of piece k."""
     return (collective == "allreduce" and tensor.device.type == "cuda" and tensor.is_contiguous()
-            and tensor.dtype in _CORE_DTYPES and not (op == "avg" and not tensor.dtype.is_floating_point)
             and _cuda_path_built())
 
 
